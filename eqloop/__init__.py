@@ -1,0 +1,46 @@
+"""eqloop: looped language models treated as equilibrium (fixed-point) models.
+
+Public names are imported lazily so that ``import eqloop`` stays cheap: the data and
+tuning modules pull in ``datasets`` and ``optuna`` only when they are used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # model
+    "LoopLM": "eqloop.model",
+    "LoopLMConfig": "eqloop.model",
+    # implicit differentiation through a fixed point
+    "fixed_point": "eqloop.implicit",
+    "BACKWARD_MODES": "eqloop.implicit",
+    # STARS
+    "spectral_radius": "eqloop.stars",
+    "jsrr_penalty": "eqloop.stars",
+    # depth samplers
+    "DepthSampler": "eqloop.depth",
+    "make_depth_sampler": "eqloop.depth",
+    # data
+    "CharTokenizer": "eqloop.data",
+    "make_arithmetic_dataset": "eqloop.data",
+    "load_qa_jsonl": "eqloop.data",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'eqloop' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

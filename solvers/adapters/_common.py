@@ -1,0 +1,45 @@
+"""What the adapters share: hyperparameter checking and the wrapped map."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from .._base import Problem
+
+
+def merge_hyperparameters(
+    solver_name: str, defaults: dict[str, Any], given: dict[str, Any]
+) -> dict[str, Any]:
+    """Defaults overridden by ``given``; unknown names raise ``ValueError``."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for solver {solver_name!r}; "
+            f"its hyperparameters are {sorted(defaults)}"
+        )
+    return {**defaults, **given}
+
+
+def reject_compaction(problem: Problem, solver_name: str) -> None:
+    """The adapters own their loops, so they cannot pass a subset of samples to f."""
+    if problem.compact:
+        raise ValueError(
+            f"compact=True is not supported by {solver_name!r}, which runs its own loop; "
+            "use one of eqloop's solvers ('fixed_point', 'anderson', 'broyden')"
+        )
+
+
+class CountingMap:
+    """Calls ``f(z, *args)`` and counts the calls (a plain integer: no host sync)."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.f: Callable[..., Tensor] = problem.f
+        self.args = problem.args
+        self.calls = 0
+
+    def __call__(self, z: Tensor) -> Tensor:
+        self.calls += 1
+        return self.f(z, *self.args)

@@ -1,0 +1,72 @@
+"""torchdeq's solvers behind the ``solvers.solve`` interface, for comparison.
+
+torchdeq is imported when a solve runs, not when eqloop is imported. torchdeq checks
+its stopping criterion on the host at every step and stops when the whole batch is
+below tolerance; per-sample step counts are taken from its trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from .._base import Problem, Solver
+from .._driver import result_from_trace
+from .._result import SolveResult
+from ._common import CountingMap, merge_hyperparameters, reject_compaction
+
+
+class TorchDEQSolver(Solver):
+    """One of torchdeq's solvers (``fixed_point_iter``, ``anderson``, ``broyden``).
+
+    Args:
+        kind: which torchdeq solver.
+        **hyperparameters: passed to it under torchdeq's names (see ``KINDS``).
+    """
+
+    #: torchdeq solver name -> its hyperparameters and their torchdeq defaults.
+    KINDS: ClassVar[dict[str, dict[str, Any]]] = {
+        "fixed_point_iter": {"tau": 1.0},
+        "anderson": {"m": 6, "lam": 1e-4, "tau": 1.0},
+        "broyden": {"LBFGS_thres": None, "ls": False},
+    }
+
+    def __init__(self, kind: str, **hyperparameters: Any) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown torchdeq solver {kind!r}; choose from {sorted(self.KINDS)}")
+        self.kind = kind
+        self.name = f"torchdeq.{kind}"
+        self.options = merge_hyperparameters(self.name, self.KINDS[kind], hyperparameters)
+
+    @classmethod
+    def factory(cls, kind: str) -> Callable[..., TorchDEQSolver]:
+        """A registry factory for ``kind``."""
+
+        def make(**hyperparameters: Any) -> TorchDEQSolver:
+            return cls(kind, **hyperparameters)
+
+        return make
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def run(self, problem: Problem) -> SolveResult:
+        reject_compaction(problem, self.name)
+        from torchdeq.solver import get_solver
+
+        fn = CountingMap(problem)
+        solver = get_solver(self.kind)
+        # torchdeq's anderson spends two evaluations before its loop starts.
+        max_iter = max(problem.max_iter, 3) if self.kind == "anderson" else problem.max_iter
+        z, _, info = solver(
+            fn, problem.z0, max_iter=max_iter, tol=problem.tol,
+            stop_mode=problem.stop_mode, **self.options,
+        )
+        # torchdeq's traces start with a 1e8 placeholder and are padded after an early stop.
+        steps = fn.calls
+        abs_trace = info["abs_trace"][:, 1:][:, :steps].to(problem.z0.dtype)
+        rel_trace = info["rel_trace"][:, 1:][:, :steps].to(problem.z0.dtype)
+        return result_from_trace(
+            problem, self.name, z.reshape(problem.z0.shape), abs_trace, rel_trace, fn.calls
+        )
+

@@ -1,0 +1,36 @@
+"""Naive fixed-point iteration with optional damping: z <- (1 - tau) z + tau f(z)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import IterativeSolver
+
+
+class FixedPointIteration(IterativeSolver):
+    """Picard iteration, optionally damped.
+
+    Args:
+        tau: damping in (0, 1]; ``tau=1`` is the plain iteration ``z <- f(z)``.
+    """
+
+    name = "fixed_point"
+
+    def __init__(self, tau: float = 1.0) -> None:
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"tau must lie in (0, 1], got {tau}")
+        self.tau = float(tau)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"tau": self.tau}
+
+    def init(self, z0: Tensor) -> None:
+        return None
+
+    def step(self, state: None, z: Tensor, fz: Tensor, k: int) -> tuple[None, Tensor]:
+        if self.tau == 1.0:
+            return None, fz
+        return None, torch.lerp(z, fz, self.tau)

@@ -1,0 +1,531 @@
+"""Tests for eqloop.model: the looped LM, its fixed-point map and its error messages."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import types
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from eqloop.model import (
+    INIT_STATES,
+    INJECTIONS,
+    NORM_PLACEMENTS,
+    NORMS,
+    POSITIONS,
+    LoopInfo,
+    LoopLM,
+    LoopLMConfig,
+    Sublayer,
+    apply_rotary,
+    rotary_tables,
+    sdpa_math,
+)
+
+VOCAB, D, HEADS, SEQ = 16, 32, 2, 8
+
+
+def tiny_config(**overrides: Any) -> LoopLMConfig:
+    base: dict[str, Any] = dict(
+        vocab_size=VOCAB, d_model=D, n_heads=HEADS, d_ff=64, max_seq_len=SEQ, default_loops=3
+    )
+    base.update(overrides)
+    return LoopLMConfig(**base)
+
+
+def tokens_for(batch: int = 3, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, SEQ), generator=g)
+
+
+def contractive_model(**overrides: Any) -> LoopLM:
+    """A float64 model whose core is a strong contraction (about 0.3 per loop).
+
+    Concat injection with the state's half of the adapter shrunk and large embeddings:
+    the injected input dominates the normalised sublayers, so z barely moves f(z).
+    """
+    torch.manual_seed(0)
+    cfg = tiny_config(injection="concat", norm_placement="post_sandwich", **overrides)
+    model = LoopLM(cfg).double().eval()
+    with torch.no_grad():
+        model.injection.adapter.weight[:, :D] *= 0.2
+        model.tok_emb.weight *= 50.0
+    return model
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_round_trip() -> None:
+    cfg = tiny_config(positions="rope", norm="rmsnorm", injection="concat", n_prelude=1)
+    data = cfg.to_dict()
+    assert data["positions"] == "rope" and data["n_prelude"] == 1
+    assert LoopLMConfig.from_dict(data) == cfg
+
+
+def test_config_from_dict_rejects_unknown_keys() -> None:
+    with pytest.raises(ValueError, match=r"unknown LoopLMConfig keys: \['bogus', 'n_layer'\]"):
+        LoopLMConfig.from_dict({"bogus": 1, "n_layer": 2, "d_model": 32})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("vocab_size", 0),
+        ("d_model", 2.5),
+        ("n_heads", 0),
+        ("n_core", 0),
+        ("n_prelude", -1),
+        ("default_loops", -1),
+        ("dropout", 1.0),
+        ("init_std", 0.0),
+        ("positions", "alibi"),
+        ("injection", "gate"),
+        ("init_state", "ones"),
+        ("norm", "batchnorm"),
+        ("norm_placement", "middle"),
+        ("bias", "yes"),
+        ("tie_embeddings", 1),
+    ],
+)
+def test_config_rejects_bad_field(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**{field: value})
+
+
+def test_config_rejects_heads_not_dividing_width_and_odd_rope_heads() -> None:
+    with pytest.raises(ValueError, match="n_heads"):
+        tiny_config(n_heads=3)
+    with pytest.raises(ValueError, match="rope"):
+        tiny_config(d_model=6, n_heads=2, positions="rope")  # head size 3
+
+
+def test_model_revalidates_a_mutated_config_and_keeps_a_copy() -> None:
+    cfg = tiny_config()
+    cfg.norm_placement = "sideways"
+    with pytest.raises(ValueError, match="norm_placement"):
+        LoopLM(cfg)
+    cfg = tiny_config()
+    model = LoopLM(cfg)
+    cfg.default_loops = 99
+    assert model.config.default_loops == 3
+
+
+# ---------------------------------------------------------------------- blocks and rope
+
+
+class _Double(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return 2.0 * x + 1.0
+
+
+@pytest.mark.parametrize("placement", NORM_PLACEMENTS)
+def test_sublayer_implements_its_placement_formula(placement: str) -> None:
+    cfg = tiny_config(norm_placement=placement)
+    layer = Sublayer(_Double(), cfg)
+    x = torch.randn(2, 5, D) * 3 + 1
+
+    def norm(t: Tensor) -> Tensor:
+        return torch.nn.functional.layer_norm(t, (D,), eps=1e-5)
+
+    def fn(t: Tensor) -> Tensor:
+        return 2.0 * t + 1.0
+
+    expected = {
+        "pre": x + fn(norm(x)),
+        "post": norm(x + fn(x)),
+        "pre_sandwich": x + norm(fn(norm(x))),
+        "post_sandwich": norm(x + fn(norm(x))),
+    }[placement]
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_rotary_scores_depend_only_on_relative_position() -> None:
+    torch.manual_seed(0)
+    head_dim, seq = 8, 12
+    cos, sin = rotary_tables(
+        seq, head_dim, 10000.0, device=torch.device("cpu"), dtype=torch.float64
+    )
+    q, k = torch.randn(head_dim, dtype=torch.float64), torch.randn(head_dim, dtype=torch.float64)
+    qs = apply_rotary(q.expand(seq, head_dim), cos, sin)
+    ks = apply_rotary(k.expand(seq, head_dim), cos, sin)
+    scores = qs @ ks.T  # scores[m, n] = <R_m q, R_n k>
+    for shift in (1, 3):
+        torch.testing.assert_close(scores[shift:, shift:], scores[:-shift, :-shift])
+    torch.testing.assert_close(qs.norm(dim=-1), q.norm().expand(seq))  # rotations
+    torch.testing.assert_close(qs[0], q)  # position 0 is not rotated
+
+
+# --------------------------------------------------------------- every architecture variant
+
+VARIANTS = list(itertools.product(NORM_PLACEMENTS, INJECTIONS, POSITIONS, NORMS))
+
+
+@pytest.mark.parametrize(("placement", "injection", "positions", "norm"), VARIANTS)
+def test_variant_forward_backward_and_causal(
+    placement: str, injection: str, positions: str, norm: str
+) -> None:
+    torch.manual_seed(0)
+    cfg = tiny_config(
+        norm_placement=placement,
+        injection=injection,
+        positions=positions,
+        norm=norm,
+        n_prelude=1,
+        n_core=2,
+        n_coda=1,
+        init_state="input",
+    )
+    model = LoopLM(cfg)
+    tokens = tokens_for()
+    logits = model(tokens, loops=2)
+    assert logits.shape == (3, SEQ, VOCAB)
+    assert torch.isfinite(logits).all()
+
+    logits.logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        if name.startswith("pos_emb"):
+            continue  # rows past SEQ are never used here
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert any(p.grad.abs().sum() > 0 for p in model.core.parameters())
+
+    # Causality: changing token 5 leaves positions 0..4 alone and moves position 5.
+    changed = tokens.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % VOCAB
+    with torch.no_grad():
+        before, after = model(tokens, loops=2), model(changed, loops=2)
+    torch.testing.assert_close(after[:, :5], before[:, :5], rtol=0, atol=1e-6)
+    assert not torch.allclose(after[:, 5], before[:, 5])
+
+
+@pytest.mark.parametrize("init_state", INIT_STATES)
+def test_initial_states(init_state: str) -> None:
+    model = LoopLM(tiny_config(init_state=init_state))
+    x = model.inject(tokens_for())
+    z0 = model.initial_state(x, generator=torch.Generator().manual_seed(1))
+    assert z0.shape == x.shape
+    if init_state == "zeros":
+        assert not z0.any()
+    elif init_state == "input":
+        assert z0 is x
+    else:
+        again = model.initial_state(x, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(z0, again)
+        std = model.config.init_std
+        assert 0.5 * std < z0.std() < 2 * std
+    assert model(tokens_for(), loops=2).shape == (3, SEQ, VOCAB)
+
+
+def test_tied_head_is_stored_once_and_untied_head_is_separate() -> None:
+    tied = LoopLM(tiny_config())
+    assert tied.lm_head is None
+    assert not any(k.startswith("lm_head") for k in tied.state_dict())
+    untied = LoopLM(tiny_config(tie_embeddings=False))
+    assert untied.lm_head is not None
+    assert untied.num_parameters() == tied.num_parameters() + VOCAB * D
+
+
+def test_dropout_is_active_only_in_training() -> None:
+    model = LoopLM(tiny_config(dropout=0.3))
+    tokens = tokens_for()
+    model.train()
+    assert not torch.equal(model(tokens, loops=2), model(tokens, loops=2))
+    model.eval()
+    assert torch.equal(model(tokens, loops=2), model(tokens, loops=2))
+
+
+# ---------------------------------------------------------------- loops, map, trajectory
+
+
+def test_loop_counts_and_stages_compose() -> None:
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(init_state="input", n_prelude=1, n_coda=1)).double().eval()
+    tokens = tokens_for()
+    states = model.unroll(tokens, 4, return_states=True)
+    assert isinstance(states, list) and len(states) == 5
+    x = model.inject(tokens)
+    torch.testing.assert_close(states[0], x)  # init_state="input"
+    for t in range(5):
+        logits = model(tokens, loops=t)
+        assert logits.shape == (3, SEQ, VOCAB) and logits.dtype == torch.float64
+        torch.testing.assert_close(logits, model.readout(states[t]))
+    for t in range(4):
+        torch.testing.assert_close(states[t + 1], model.core_step(states[t], x))
+    torch.testing.assert_close(model.unroll(x, 4), states[-1])  # x instead of tokens
+    torch.testing.assert_close(model(tokens), model(tokens, loops=3))  # default_loops
+    logits, info = model(tokens, loops=4, return_info=True)
+    assert isinstance(info, LoopInfo)
+    torch.testing.assert_close(info.z, states[-1])
+    torch.testing.assert_close(info.x, x)
+    assert info.loops_used.tolist() == [4, 4, 4]
+
+
+def test_core_map_matches_core_step_and_never_mixes_sequences() -> None:
+    model = LoopLM(tiny_config(positions="rope", init_state="random")).double().eval()
+    tokens = tokens_for(batch=5)
+    torch.manual_seed(3)
+    f, z0 = model.core_map(tokens)
+    x = model.inject(tokens)
+    torch.testing.assert_close(f(z0), model.core_step(z0, x))
+    rows = torch.tensor([4, 1])  # what a compacting solver does
+    torch.testing.assert_close(model.core_step(z0[rows], x[rows]), f(z0)[rows])
+    # the gradient of one sequence's output reaches no other sequence's state
+    z = z0.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(z)[2].sum(), z)
+    assert g[2].abs().sum() > 0
+    assert not g[[0, 1, 3, 4]].any()
+
+
+def test_gradcheck_core_step_in_float64() -> None:
+    cfg = tiny_config(d_model=8, n_heads=2, d_ff=16, positions="rope", injection="concat")
+    model = LoopLM(cfg).double().eval()
+    z = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(model.core_step, (z, x))
+
+
+# ------------------------------------------------------------------------- early exit
+
+
+def test_early_exit_with_zero_threshold_equals_plain_unrolling() -> None:
+    model = LoopLM(tiny_config()).eval()
+    tokens = tokens_for(batch=4)
+    plain = model(tokens, loops=6)
+    logits, info = model(tokens, loops=6, exit_threshold=0.0, return_info=True)
+    torch.testing.assert_close(logits, plain, rtol=0, atol=0)
+    assert info.loops_used.tolist() == [6, 6, 6, 6]
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 100])
+def test_early_exit_matches_per_sequence_reference(check_every: int) -> None:
+    model = contractive_model()
+    model.exit_check_every = check_every
+    loops, eps = 30, 1e-6
+    batch = torch.cat([tokens_for(batch=4, seed=1), torch.zeros(1, SEQ, dtype=torch.long)])
+    logits, info = model(batch, loops=loops, exit_threshold=eps, return_info=True)
+
+    states = model.unroll(batch, loops, return_states=True)
+    for b in range(batch.shape[0]):
+        expected = loops
+        for t in range(1, loops + 1):
+            step = (states[t][b] - states[t - 1][b]).norm() / states[t][b].norm()
+            if step < eps:
+                expected = t
+                break
+        assert int(info.loops_used[b]) == expected
+        torch.testing.assert_close(info.z[b], states[expected][b])
+        torch.testing.assert_close(logits[b], model.readout(states[expected][b : b + 1])[0])
+    assert int(info.loops_used.max()) < loops  # every sequence exited
+
+
+def test_early_exit_is_differentiable() -> None:
+    model = contractive_model()
+    logits = model(tokens_for(), loops=20, exit_threshold=1e-4)
+    logits.sum().backward()
+    assert model.injection.adapter.weight.grad is not None
+
+
+# ------------------------------------------------------------------ equilibrium mode
+
+
+def test_equilibrium_mode_calls_fixed_point_with_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wiring only: a stub stands in for eqloop.implicit."""
+    calls: list[dict[str, Any]] = []
+
+    def fake_fixed_point(f: Any, z0: Tensor, **kwargs: Any) -> Tensor:
+        calls.append(kwargs)
+        z = z0
+        for _ in range(5):
+            z = f(z)
+        return z
+
+    stub = types.ModuleType("eqloop.implicit")
+    stub.fixed_point = fake_fixed_point  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "eqloop.implicit", stub)
+
+    model = LoopLM(tiny_config()).eval()
+    tokens = tokens_for()
+    logits, info = model(tokens, solver="anderson", return_info=True)
+    assert calls[-1] == dict(
+        solver="anderson", backward="ift", max_iter=64, tol=1e-4, stop_mode="rel"
+    )
+    assert info.loops_used is None
+    torch.testing.assert_close(logits, model(tokens, loops=5))
+    model(tokens, solver="broyden", tol=1e-6, max_iter=9, backward="phantom", stop_mode="abs", m=6)
+    assert calls[-1] == dict(
+        solver="broyden", backward="phantom", max_iter=9, tol=1e-6, stop_mode="abs", m=6
+    )
+
+
+def _implicit_fixed_point() -> Any:
+    try:
+        from eqloop.implicit import fixed_point
+    except ImportError as exc:
+        pytest.skip(f"eqloop.implicit is not available yet ({exc})")
+    return fixed_point
+
+
+def test_equilibrium_mode_reaches_the_unrolled_limit() -> None:
+    _implicit_fixed_point()
+    model = contractive_model()
+    tokens = tokens_for()
+    deep = model(tokens, loops=200)
+    for solver in ("fixed_point", "anderson"):
+        logits = model(tokens, solver=solver, tol=1e-11, max_iter=200)
+        torch.testing.assert_close(logits, deep, rtol=1e-7, atol=1e-7)
+
+
+def test_equilibrium_mode_gradient_matches_deep_unrolling() -> None:
+    _implicit_fixed_point()
+    model = contractive_model()
+    tokens = tokens_for()
+    weight = model.injection.adapter.weight
+
+    def grad_of(**kwargs: Any) -> Tensor:
+        model.zero_grad()
+        model(tokens, **kwargs).logsumexp(-1).sum().backward()
+        return weight.grad.clone()
+
+    torch.testing.assert_close(
+        grad_of(solver="anderson", tol=1e-11, max_iter=200, backward="ift"),
+        grad_of(loops=60),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+
+
+def test_solvers_package_finds_the_unrolled_limit() -> None:
+    solvers = pytest.importorskip("solvers", reason="the solvers package is not importable yet")
+    if not hasattr(solvers, "solve"):
+        pytest.skip("solvers.solve is not available yet")
+    model = contractive_model()
+    tokens = tokens_for(batch=4)
+    with torch.no_grad():
+        deep = model.unroll(tokens, 200)
+        f, z0 = model.core_map(tokens)
+        res = solvers.solve(f, z0, "fixed_point", max_iter=200, tol=1e-12)
+        torch.testing.assert_close(res.z, deep, rtol=1e-9, atol=1e-9)
+        # core_step with x as a per-sample argument lets the driver compact the batch
+        x = model.inject(tokens)
+        res = solvers.solve(
+            model.core_step, z0, "anderson", max_iter=100, tol=1e-12, args=(x,), compact=True
+        )
+        torch.testing.assert_close(res.z, deep, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------- higher-order autodiff
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_double_backward_through_the_core_with_sdpa_math(positions: str) -> None:
+    """The STARS pattern: a VJP with create_graph, then backward of its square norm."""
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(positions=positions, n_core=2))
+    tokens = tokens_for()
+    with torch.no_grad():
+        z = model.unroll(tokens, 3)
+    x = model.inject(tokens)
+    z = z.detach().requires_grad_(True)
+    v = torch.randn_like(z)
+    with sdpa_math():
+        fz = model.core_step(z, x)
+    (vjp,) = torch.autograd.grad(fz, z, v, create_graph=True)
+    vjp.pow(2).sum().backward()
+    qkv = model.core[0].attn.fn.qkv.weight.grad
+    assert qkv is not None and torch.isfinite(qkv).all() and qkv.abs().sum() > 0
+
+
+def test_gradgradcheck_core_step_with_sdpa_math() -> None:
+    cfg = tiny_config(d_model=8, n_heads=2, d_ff=16, positions="rope")
+    model = LoopLM(cfg).double().eval()
+    z = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 3, 8, dtype=torch.float64)
+
+    def f(z: Tensor) -> Tensor:
+        with sdpa_math():
+            return model.core_step(z, x)
+
+    assert torch.autograd.gradgradcheck(f, (z,))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_forward_mode_jvp_with_sdpa_math() -> None:
+    model = LoopLM(tiny_config()).double().eval()
+    f, z0 = model.core_map(tokens_for())
+    z = torch.randn_like(z0)
+    v = torch.randn_like(z0)
+    with sdpa_math():
+        _, jv = torch.func.jvp(f, (z,), (v,))
+    h = 1e-6
+    central = (f(z + h * v) - f(z - h * v)) / (2 * h)
+    torch.testing.assert_close(jv, central, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def model() -> LoopLM:
+    return LoopLM(tiny_config())
+
+
+def test_float_tokens_raise_type_error(model: LoopLM) -> None:
+    with pytest.raises(TypeError, match="tokens"):
+        model(torch.zeros(2, SEQ))
+    with pytest.raises(TypeError, match="tokens"):
+        model(torch.zeros(2, SEQ, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    ("tokens", "match"),
+    [
+        (torch.full((2, SEQ), VOCAB), r"tokens must lie in \[0, vocab_size=16\)"),
+        (torch.full((2, SEQ), -1), "tokens must lie in"),
+        (torch.zeros(2, SEQ + 1, dtype=torch.long), "max_seq_len"),
+        (torch.zeros(SEQ, dtype=torch.long), "tokens must have shape"),
+        (torch.zeros(2, 0, dtype=torch.long), "tokens must have shape"),
+    ],
+)
+def test_bad_tokens_raise_value_error(model: LoopLM, tokens: Tensor, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        model(tokens)
+
+
+def test_bad_loops(model: LoopLM) -> None:
+    tokens = tokens_for()
+    with pytest.raises(ValueError, match="loops must be >= 0"):
+        model(tokens, loops=-1)
+    with pytest.raises(TypeError, match="loops"):
+        model(tokens, loops=1.5)
+    with pytest.raises(TypeError, match="loops"):
+        model(tokens, loops=True)
+    with pytest.raises(ValueError, match="loops"):
+        model.unroll(tokens, -2)
+
+
+def test_bad_states(model: LoopLM) -> None:
+    x = model.inject(tokens_for())
+    with pytest.raises(ValueError, match="z must have shape"):
+        model.core_step(x[..., :-1], x)
+    with pytest.raises(ValueError, match="x has shape"):
+        model.core_step(x, x[:2])
+    with pytest.raises(ValueError, match="z must have shape"):
+        model.readout(x[0])
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        model.core_step(x, x.long())
+
+
+def test_mode_mixing_is_rejected(model: LoopLM) -> None:
+    tokens = tokens_for()
+    with pytest.raises(ValueError, match="loops and solver"):
+        model(tokens, loops=3, solver="anderson")
+    with pytest.raises(ValueError, match="exit_threshold"):
+        model(tokens, solver="anderson", exit_threshold=1e-3)
+    with pytest.raises(ValueError, match="exit_threshold must be >= 0"):
+        model(tokens, loops=3, exit_threshold=-1.0)
+    with pytest.raises(TypeError, match=r"\['m', 'tol'\].*solver="):
+        model(tokens, loops=3, tol=1e-3, m=5)
