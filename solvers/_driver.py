@@ -100,24 +100,25 @@ def iterate(solver: IterativeSolver, problem: Problem) -> SolveResult:
     state = solver.init(z)
     active = torch.ones(batch, dtype=torch.bool, device=z.device)
     best_res = torch.full((batch,), math.inf, dtype=z.dtype, device=z.device)
-    best_ar = torch.full((batch, 2), math.nan, dtype=z.dtype, device=z.device)
+    best_step = torch.zeros(batch, dtype=torch.long, device=z.device)
     best_z = z
-    trace = z.new_empty(problem.max_iter, batch, 2)
+    abs_buf = z.new_empty(problem.max_iter, batch)
+    rel_buf = z.new_empty(problem.max_iter, batch)
     diverge_limit = best_res  # replaced after the first evaluation
 
     n_eval = 0
     for k in range(problem.max_iter):
         fz = evaluate(z)
         abs_r, rel_r = residuals(z, fz, problem.eps)
-        ar = torch.stack((abs_r, rel_r), dim=1)
-        trace[k] = ar
+        abs_buf[k] = abs_r
+        rel_buf[k] = rel_r
         res = rel_r if rel_mode else abs_r
         if k == 0:
             # Clamped so that an infinite first residual also counts as a stop.
             diverge_limit = (abs_r * problem.diverge_ratio).clamp(max=torch.finfo(z.dtype).max)
         improved = res < best_res
-        best_res = torch.where(improved, res, best_res)
-        best_ar = torch.where(improved.unsqueeze(1), ar, best_ar)
+        best_res = torch.fmin(res, best_res)
+        best_step.masked_fill_(improved, k)
         best_z = torch.where(improved.unsqueeze(1), z, best_z)
         # NaN compares false both ways, so a non-finite residual stops the sample too.
         active = active & (res > tol) & (abs_r <= diverge_limit)
@@ -125,15 +126,19 @@ def iterate(solver: IterativeSolver, problem: Problem) -> SolveResult:
         if n_eval == problem.max_iter:
             break
         state, z_next = solver.step(state, z, fz, k)
-        z = torch.where(active.unsqueeze(1), z_next, z)
+        # Freeze stopped samples. lerp with a 0/1 weight is exact and cheaper than where;
+        # a non-finite proposal can only turn an already stopped sample's z into NaN,
+        # which never becomes its best iterate and leaves its status unchanged.
+        z = torch.lerp(z, z_next, active.unsqueeze(1).to(z.dtype))
         if problem.check_every is not None and n_eval % problem.check_every == 0:
             if not bool(active.any()):
                 break
             if problem.compact:
                 evaluate.compact_to(active)
 
-    abs_trace = trace[:n_eval, :, 0].T
-    rel_trace = trace[:n_eval, :, 1].T
+    abs_trace = abs_buf[:n_eval].T
+    rel_trace = rel_buf[:n_eval].T
+    best = best_step.unsqueeze(1)
     nstep, status = _stopping(rel_trace if rel_mode else abs_trace, abs_trace, diverge_limit, tol)
     return finish(
         problem,
@@ -141,8 +146,8 @@ def iterate(solver: IterativeSolver, problem: Problem) -> SolveResult:
             z=best_z.view(z0.shape),
             converged=status == Status.CONVERGED,
             nstep=nstep,
-            abs_residual=best_ar[:, 0],
-            rel_residual=best_ar[:, 1],
+            abs_residual=abs_trace.gather(1, best).squeeze(1),
+            rel_residual=rel_trace.gather(1, best).squeeze(1),
             abs_trace=abs_trace,
             rel_trace=rel_trace,
             nfe=evaluate.calls,

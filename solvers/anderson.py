@@ -16,16 +16,18 @@ class AndersonState:
     """Ring buffers of the last ``m`` iterates.
 
     Attributes:
-        zs: (B, m, n) iterates z_i.
+        zs: (B, m, n) iterates z_i (empty when ``tau == 1``: then they are not needed).
         fzs: (B, m, n) images f(z_i).
         gs: (B, m, n) residual vectors g_i = f(z_i) - z_i.
         gram: (B, m, m) Gram matrix of the residuals, kept up to date row by row.
+        eye: (m, m) identity; its rows are the one-hot fallback weights.
     """
 
     zs: Tensor
     fzs: Tensor
     gs: Tensor
     gram: Tensor
+    eye: Tensor
 
 
 class Anderson(IterativeSolver):
@@ -62,29 +64,38 @@ class Anderson(IterativeSolver):
 
     def init(self, z0: Tensor) -> AndersonState:
         b, n = z0.shape
-        buf = z0.new_zeros(b, self.m, n)
-        return AndersonState(buf, buf.clone(), buf.clone(), z0.new_zeros(b, self.m, self.m))
+        # With tau = 1 the step only mixes images, so the iterates need no storage.
+        zs = z0.new_zeros(b, self.m, n) if self.tau != 1.0 else z0.new_zeros(b, 0, n)
+        return AndersonState(
+            zs=zs,
+            fzs=z0.new_zeros(b, self.m, n),
+            gs=z0.new_zeros(b, self.m, n),
+            gram=z0.new_zeros(b, self.m, self.m),
+            eye=torch.eye(self.m, dtype=z0.dtype, device=z0.device),
+        )
 
     def step(self, state: AndersonState, z: Tensor, fz: Tensor, k: int) -> tuple[Any, Tensor]:
         i, used = k % self.m, min(k + 1, self.m)
         g = fz - z
-        state.zs[:, i] = z
+        if self.tau != 1.0:
+            state.zs[:, i] = z
         state.fzs[:, i] = fz
         state.gs[:, i] = g
         if used == 1:
             return state, self._mix(z, fz)
-        row = torch.bmm(state.gs[:, :used], g.unsqueeze(2)).squeeze(2)  # (B, used)
+        # Broadcast-and-sum beats bmm for these (B, m, n) x (B, n) products on CPU.
+        row = (state.gs[:, :used] * g.unsqueeze(1)).sum(dim=2)  # (B, used)
         state.gram[:, i, :used] = row
         state.gram[:, :used, i] = row
-        alpha = self._weights(state.gram[:, :used, :used], i)  # (B, used)
-        zs, fzs = state.zs[:, :used], state.fzs[:, :used]
-        mixed = fzs if self.tau == 1.0 else torch.lerp(zs, fzs, self.tau)
-        return state, torch.bmm(alpha.unsqueeze(1), mixed).squeeze(1)
+        alpha = self._weights(state.gram[:, :used, :used], state.eye[i, :used], i)
+        fzs = state.fzs[:, :used]
+        mixed = fzs if self.tau == 1.0 else torch.lerp(state.zs[:, :used], fzs, self.tau)
+        return state, (alpha.unsqueeze(2) * mixed).sum(dim=1)
 
     def _mix(self, z: Tensor, fz: Tensor) -> Tensor:
         return fz if self.tau == 1.0 else torch.lerp(z, fz, self.tau)
 
-    def _weights(self, gram: Tensor, newest: int) -> Tensor:
+    def _weights(self, gram: Tensor, newest_hot: Tensor, newest: int) -> Tensor:
         """Mixing weights from the residual Gram matrix.
 
         Solves ``min_gamma ||g_k - sum_i gamma_i (g_k - g_i)||^2 + ridge ||gamma||^2``
@@ -94,24 +105,23 @@ class Anderson(IterativeSolver):
 
         Args:
             gram: (B, h, h) Gram matrix of the residuals in memory.
+            newest_hot: (h,) one-hot vector of the newest slot.
             newest: slot of the newest residual ``g_k``.
 
         Returns:
             (B, h) weights summing to one.
         """
-        b, h, _ = gram.shape
+        h = gram.shape[1]
         h_k = gram[:, newest]  # (B, h): g_k . g_i
         h_kk = h_k[:, newest : newest + 1]  # (B, 1)
         # (g_k - g_i) . (g_k - g_j); the newest row and column are zero.
-        diff_gram = h_kk.unsqueeze(2) - h_k.unsqueeze(1) - h_k.unsqueeze(2) + gram
+        diff_gram = gram - h_k.unsqueeze(1) - h_k.unsqueeze(2) + h_kk.unsqueeze(2)
         rhs = (h_kk - h_k).unsqueeze(2)  # (g_k - g_i) . g_k
-        scale = diff_gram.diagonal(dim1=1, dim2=2).sum(dim=1) / (h - 1)
-        ridge = self.lam * scale + torch.finfo(gram.dtype).tiny
-        eye = torch.eye(h, dtype=gram.dtype, device=gram.device)
-        gamma, _ = torch.linalg.solve_ex(diff_gram + ridge.view(b, 1, 1) * eye, rhs)
-        gamma = gamma.squeeze(2)  # gamma[newest] is 0: its row holds only the ridge
-        newest_hot = torch.zeros_like(gamma)
-        newest_hot[:, newest] = 1.0
-        alpha = gamma + newest_hot * (1.0 - gamma.sum(dim=1, keepdim=True))
+        diagonal = diff_gram.diagonal(dim1=1, dim2=2)
+        ridge = diagonal.sum(dim=1, keepdim=True) * (self.lam / (h - 1))
+        diagonal.add_(ridge.clamp_(min=torch.finfo(gram.dtype).tiny))  # diff_gram is fresh
+        gamma, _ = torch.linalg.solve_ex(diff_gram, rhs)  # no error check: no host sync
+        alpha = gamma.squeeze(2)  # alpha[newest] is 0 here: its row holds only the ridge
+        alpha[:, newest] += 1.0 - alpha.sum(dim=1)
         # A singular system (e.g. a frozen sample repeating itself) falls back to f(z_k).
-        return torch.where(torch.isfinite(alpha).all(dim=1, keepdim=True), alpha, newest_hot)
+        return torch.where(torch.isfinite(alpha.sum(dim=1, keepdim=True)), alpha, newest_hot)

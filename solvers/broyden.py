@@ -20,6 +20,7 @@ class BroydenState:
         vs: (B, m, n) right factors v_j.
         z: (B, n) previous iterate (None before the first step).
         g: (B, n) previous residual vector.
+        h_g: (B, n) ``H g`` for the previous point and the current ``H``.
         rank: number of filled slots (pairs in use).
     """
 
@@ -27,6 +28,7 @@ class BroydenState:
     vs: Tensor
     z: Tensor | None = None
     g: Tensor | None = None
+    h_g: Tensor | None = None
     rank: int = 0
 
 
@@ -63,40 +65,41 @@ class Broyden(IterativeSolver):
 
     def step(self, state: BroydenState, z: Tensor, fz: Tensor, k: int) -> tuple[Any, Tensor]:
         g = fz - z
-        if state.z is not None:
-            self._update(state, z - state.z, g - state.g)
-        state.z, state.g = z, g
-        return state, z - self.tau * _apply(state.us, state.vs, state.rank, g)
-
-    def _update(self, state: BroydenState, s: Tensor, y: Tensor) -> None:
-        """Rank-one update so that the new H maps y to s (Sherman-Morrison)."""
-        if state.rank == self.m:
-            state.rank = 0  # restart from -I (see the class docstring)
-        r = state.rank
-        h_y = _apply(state.us, state.vs, r, y)
-        v = _apply_transposed(state.us, state.vs, r, s)  # H^T s, i.e. the row s^T H
-        denom = (v * y).sum(dim=1, keepdim=True)
-        # Frozen or stalled samples have s = 0: skip their update instead of dividing by 0.
-        safe = denom.abs() > torch.finfo(denom.dtype).tiny
-        u = (s - h_y) / torch.where(safe, denom, torch.ones_like(denom)) * safe
-        state.us[:, r] = u
-        state.vs[:, r] = v
-        state.rank = r + 1
+        if state.z is None:
+            h_g = -g
+        else:
+            if state.rank == self.m:  # restart from -I (see the class docstring)
+                state.rank = 0
+                state.h_g = -state.g
+            h_g = _apply(state.us, state.vs, state.rank, g)
+            s, y = z - state.z, g - state.g
+            # H y = H g_new - H g_old, reusing the product kept from the previous step.
+            v = _apply_transposed(state.us, state.vs, state.rank, s)  # H^T s
+            denom = (v * y).sum(dim=1, keepdim=True)
+            # Frozen or stalled samples have s = y = 0: skip their update, don't divide by 0.
+            safe = denom.abs() > torch.finfo(denom.dtype).tiny
+            u = (s - (h_g - state.h_g)) / torch.where(safe, denom, torch.ones_like(denom)) * safe
+            state.us[:, state.rank] = u
+            state.vs[:, state.rank] = v
+            state.rank += 1
+            # The updated H applied to g, without another pass over the factors.
+            h_g = h_g + u * (v * g).sum(dim=1, keepdim=True)
+        state.z, state.g, state.h_g = z, g, h_g
+        return state, z - self.tau * h_g
 
 
 def _apply(us: Tensor, vs: Tensor, rank: int, x: Tensor) -> Tensor:
     """(-I + U^T V) x for the first ``rank`` pairs; x is (B, n)."""
-    r = rank  # pairs in use
-    if r == 0:
+    if rank == 0:
         return -x
-    coef = torch.bmm(vs[:, :r], x.unsqueeze(2))  # (B, r, 1)
-    return torch.baddbmm(-x.unsqueeze(1), coef.transpose(1, 2), us[:, :r]).squeeze(1)
+    # Broadcast-and-sum beats bmm for these thin batched products on CPU.
+    coef = (vs[:, :rank] * x.unsqueeze(1)).sum(dim=2, keepdim=True)  # (B, r, 1)
+    return (coef * us[:, :rank]).sum(dim=1) - x
 
 
 def _apply_transposed(us: Tensor, vs: Tensor, rank: int, x: Tensor) -> Tensor:
     """(-I + U^T V)^T x = -x + V^T (U x) for the first ``rank`` pairs; x is (B, n)."""
-    r = rank  # pairs in use
-    if r == 0:
+    if rank == 0:
         return -x
-    coef = torch.bmm(us[:, :r], x.unsqueeze(2))
-    return torch.baddbmm(-x.unsqueeze(1), coef.transpose(1, 2), vs[:, :r]).squeeze(1)
+    coef = (us[:, :rank] * x.unsqueeze(1)).sum(dim=2, keepdim=True)
+    return (coef * vs[:, :rank]).sum(dim=1) - x
