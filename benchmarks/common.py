@@ -1,0 +1,136 @@
+"""Helpers shared by the benchmark scripts: timing, memory, tables, atomic output."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated by the ops run inside the block.
+
+    Device-independent: every op output is attributed to its storage, and the storage's
+    bytes count as live until the last tensor object using it is garbage collected.
+    Inputs created before the block do not count, so the figure is the extra memory the
+    measured code needed. Dispatch adds overhead: do not time code while measuring.
+
+    Example:
+        >>> with PeakMemory() as mem:   # doctest: +SKIP
+        ...     solve(...)
+        >>> mem.peak_bytes
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._storages: dict[tuple[str, int], list[int]] = {}  # key -> [nbytes, refs]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for t in _tensors(out):
+            self._track(t)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr())
+        entry = self._storages.get(key)
+        if entry is None:
+            entry = self._storages[key] = [storage.nbytes(), 0]
+            self.live_bytes += entry[0]
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        entry[1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: tuple[str, int]) -> None:
+        entry = self._storages.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live_bytes -= entry[0]
+            del self._storages[key]
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Render rows as an aligned plain-text table.
+
+    Args:
+        rows: one dict per row.
+        columns: (key, header, format spec) per column, e.g. ``("nfe", "f-evals", "d")``.
+    """
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        cells.append([_fmt(row.get(key), spec) for key, _, spec in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and spec and not spec.endswith("s"):
+        return format(value, spec)
+    return format(value, spec) if spec else str(value)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import platform
+
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
