@@ -273,7 +273,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     cols = min(3, len(problems))
     nrows = math.ceil(len(problems) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
-    for ax, name in zip(axes.flat, problems):
+    for ax, name in zip(axes.flat, problems, strict=False):
         for row in (r for r in rows if r["problem"] == name):
             trace = row["median_rel_trace"]
             ax.semilogy(range(1, len(trace) + 1), trace, label=row["solver"], lw=1.2)

@@ -165,6 +165,8 @@ def result_from_trace(
     abs_trace: Tensor,
     rel_trace: Tensor,
     nfe: int,
+    *,
+    unrecorded: int = 0,
 ) -> SolveResult:
     """Assemble a result for a solver that ran its own loop (the adapters).
 
@@ -178,6 +180,8 @@ def result_from_trace(
         abs_trace: (B, N) absolute residual per evaluation, as the solver recorded it.
         rel_trace: (B, N) relative residual per evaluation.
         nfe: calls of ``f`` the solver made.
+        unrecorded: evaluations the solver made before its trace starts; the returned
+            traces get that many leading NaN columns, so column j is evaluation j + 1.
     """
     batch = z.shape[0]
     fz = problem.f(z, *problem.args).reshape(batch, -1)
@@ -185,6 +189,10 @@ def result_from_trace(
     res_trace = rel_trace if problem.stop_mode == "rel" else abs_trace
     diverge_limit = abs_trace[:, 0] * problem.diverge_ratio if abs_trace.shape[1] else abs_r
     nstep, _ = _stopping(res_trace, abs_trace, diverge_limit, problem.tol)
+    nstep = nstep + unrecorded
+    if unrecorded:
+        pad = abs_trace.new_full((batch, unrecorded), math.nan)
+        abs_trace, rel_trace = torch.cat((pad, abs_trace), 1), torch.cat((pad, rel_trace), 1)
     final_res = rel_r if problem.stop_mode == "rel" else abs_r
     status = torch.full((batch,), int(Status.MAX_ITER), dtype=torch.int8, device=z.device)
     status[abs_r > diverge_limit] = int(Status.DIVERGED)

@@ -33,7 +33,7 @@ def reject_compaction(problem: Problem, solver_name: str) -> None:
 
 
 class CountingMap:
-    """Calls ``f(z, *args)`` and counts the calls (a plain integer: no host sync)."""
+    """Calls ``f(z, *args)``, checks the output's shape and counts the calls (no host sync)."""
 
     def __init__(self, problem: Problem) -> None:
         self.f: Callable[..., Tensor] = problem.f
@@ -42,4 +42,13 @@ class CountingMap:
 
     def __call__(self, z: Tensor) -> Tensor:
         self.calls += 1
-        return self.f(z, *self.args)
+        fz = self.f(z, *self.args)
+        # The adapters' libraries would reshape or broadcast a wrong output silently.
+        if not isinstance(fz, Tensor):
+            raise TypeError(f"f must return a Tensor, got {type(fz).__name__}")
+        if fz.shape != z.shape:
+            raise ValueError(
+                f"f changed the shape: it maps {tuple(z.shape)} to {tuple(fz.shape)}; "
+                "a fixed-point map must return a tensor of its input's shape"
+            )
+        return fz

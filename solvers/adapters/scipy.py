@@ -67,7 +67,11 @@ class SciPySolver(Solver):
         def g(x: np.ndarray) -> np.ndarray:
             z = torch.from_numpy(x).to(device=z0.device, dtype=z0.dtype).view(shape)
             with torch.no_grad():
-                fz = fn(z).reshape(batch, -1)
+                try:
+                    fz = fn(z).reshape(batch, -1)
+                except Exception as error:  # re-raised below; SciPy must not swallow it
+                    last["error"] = error
+                    raise
             abs_r, rel_r = residuals(z.reshape(batch, -1), fz, problem.eps)
             abs_rows.append(abs_r)
             rel_rows.append(rel_r)
@@ -90,6 +94,8 @@ class SciPySolver(Solver):
         except scipy.optimize.NoConvergence as stopped:
             x = stopped.args[0]
         except (ValueError, FloatingPointError, np.linalg.LinAlgError):
+            if "error" in last:  # raised by f (e.g. a wrong output shape), not by SciPy
+                raise last["error"] from None
             # SciPy gives up on non-finite or singular steps; report the best point seen.
             x = last.get("x", x0)
         z = torch.as_tensor(np.asarray(x), dtype=z0.dtype, device=z0.device).view(shape)

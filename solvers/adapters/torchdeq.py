@@ -63,10 +63,15 @@ class TorchDEQSolver(Solver):
             stop_mode=problem.stop_mode, **self.options,
         )
         # torchdeq's traces start with a 1e8 placeholder and are padded after an early stop.
-        steps = fn.calls
-        abs_trace = info["abs_trace"][:, 1:][:, :steps].to(problem.z0.dtype)
-        rel_trace = info["rel_trace"][:, 1:][:, :steps].to(problem.z0.dtype)
-        return result_from_trace(
-            problem, self.name, z.reshape(problem.z0.shape), abs_trace, rel_trace, fn.calls
+        # Its anderson records no residual for the two evaluations before its loop.
+        lead = 2 if self.kind == "anderson" else 0
+        steps = fn.calls - lead
+        abs_trace, rel_trace = (
+            info[key][:, 1:][:, :steps].to(problem.z0.dtype) for key in ("abs_trace", "rel_trace")
         )
+        return result_from_trace(
+            problem, self.name, z.reshape(problem.z0.shape), abs_trace, rel_trace, fn.calls,
+            unrecorded=lead,
+        )
+
 

@@ -1,0 +1,61 @@
+"""The benchmark scripts run end to end in their --quick mode and write valid output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import solvers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark script as a user would, single-threaded to keep CI steady."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+
+
+def test_solve_compare_quick_writes_json_and_plot(tmp_path: Path) -> None:
+    out_json, out_png = tmp_path / "compare.json", tmp_path / "compare.png"
+    proc = run_script("solve_compare.py", "--quick", "--json", str(out_json),
+                      "--plot", str(out_png))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out_json.read_text())
+    rows = data["results"]
+    problems = {r["problem"] for r in rows}
+    assert {"sym-0.99", "sym-0.99-weak", "affine", "looplm"} <= problems
+    assert {r["solver"] for r in rows} == set(solvers.available())
+    for row in rows:
+        assert row["nfe"] >= 1 and 0.0 <= row["converged"] <= 1.0
+        assert row["wall_ms"] > 0 and row["peak_mem_mb"] > 0
+    # eqloop's own solvers converge on every quick problem, and find the affine answer.
+    for row in rows:
+        own = row["solver"] in ("fixed_point", "anderson", "broyden")
+        if own and row["problem"] != "sym-0.99-weak":
+            assert row["converged"] == 1.0, row
+        if row["problem"] == "affine" and row["converged"] == 1.0:
+            assert row["max_error_vs_answer"] < 1e-3
+    assert out_png.stat().st_size > 10_000
+    assert "f-evals" in proc.stdout  # the table was printed
+
+
+def test_solve_compare_rejects_unknown_solver() -> None:
+    proc = run_script("solve_compare.py", "--quick", "--solvers", "newton")
+    assert proc.returncode != 0
+    assert "unknown solver" in proc.stderr and "anderson" in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--problems=nonsense"])
+def test_solve_compare_rejects_unknown_problem(flag: str) -> None:
+    proc = run_script("solve_compare.py", "--quick", flag)
+    assert proc.returncode != 0
+    assert "unknown problem" in proc.stderr

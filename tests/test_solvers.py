@@ -1,0 +1,850 @@
+"""Tests of the ``solvers`` package: every solver on a catalogue of problems with known
+answers, per-sample stopping and freezing, compaction, sync-freedom, bad input, the
+registry, and the safeguards of Anderson and Broyden.
+
+Problems and their answers live in ``tests/problems.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from problems import DOTTIE, PROBLEMS, FixedPointProblem, make_problem
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import solvers
+from solvers import Status
+
+OURS = ("fixed_point", "anderson", "broyden")
+ADAPTERS = (
+    "torchdeq.fixed_point_iter",
+    "torchdeq.anderson",
+    "torchdeq.broyden",
+    "scipy.anderson",
+    "scipy.broyden1",
+)
+ALL_SOLVERS = OURS + ADAPTERS
+DTYPES = {"f32": torch.float32, "f64": torch.float64}
+#: Relative tolerance per dtype for the catalogue runs.
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+#: torchdeq's Anderson uses an absolute ridge (lam=1e-4) that dominates once residuals
+#: are tiny; on the slowest sample of ``mixed_rates`` it stalls above 1e-10 in float64.
+TOL_OVERRIDE = {("torchdeq.anderson", torch.float64): 1e-8}
+MAX_ITER = 400
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+@functools.lru_cache(maxsize=None)
+def solved(solver: str, problem: str, dtype: torch.dtype) -> tuple[FixedPointProblem, Any]:
+    """Solve catalogue ``problem`` with ``solver`` once and cache (problem, result)."""
+    p = make_problem(problem, dtype)
+    tol = TOL_OVERRIDE.get((solver, dtype), TOL[dtype])
+    res = solvers.solve(p.f, p.z0, solver, max_iter=MAX_ITER, tol=tol, args=p.args)
+    return p, res
+
+
+def _catalogue_tol(solver: str, dtype: torch.dtype) -> float:
+    return TOL_OVERRIDE.get((solver, dtype), TOL[dtype])
+
+
+CATALOGUE = [
+    pytest.param(s, p, d, id=f"{s}-{p}-{dn}")
+    for s in ALL_SOLVERS
+    for p in PROBLEMS
+    for dn, d in DTYPES.items()
+]
+
+
+# ---------------------------------------------------------------------------------------
+# The catalogue itself
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_catalogue_answers_are_fixed_points(name: str) -> None:
+    """Each catalogue answer satisfies z* = f(z*) to float64 rounding."""
+    p = make_problem(name, torch.float64)
+    scale = torch.linalg.vector_norm(p.z_star.flatten(1), dim=1)
+    assert (p.residual(p.z_star) <= 1e-13 * (1 + scale)).all()
+    assert p.z0.shape == p.z_star.shape
+    assert 0 < p.lipschitz < 1
+
+
+def test_cosine_answer_is_the_dottie_number() -> None:
+    """The cos problem's answer is the Dottie number, 0.739085133215..."""
+    assert math.isclose(math.cos(DOTTIE), DOTTIE, rel_tol=0, abs_tol=1e-15)
+    assert str(DOTTIE).startswith("0.739085133215")
+
+
+# ---------------------------------------------------------------------------------------
+# Every solver x every problem x dtype
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("solver", "problem", "dtype"), CATALOGUE)
+def test_solves_to_known_answer(solver: str, problem: str, dtype: torch.dtype) -> None:
+    """The returned z is within the residual-implied bound of the known answer."""
+    p, res = solved(solver, problem, dtype)
+    tol = _catalogue_tol(solver, dtype)
+    assert res.status == "converged"
+    assert res.converged.dtype == torch.bool and bool(res.converged.all())
+    assert res.z.shape == p.z0.shape and res.z.dtype == dtype
+    assert res.solver == solver
+    # ||z - z*|| <= ||f(z) - z|| / (1 - L) and ||f(z) - z|| <= tol * (||f(z)|| + eps).
+    scale = torch.linalg.vector_norm(p.z_star.flatten(1), dim=1)
+    bound = 2 * tol * scale / (1 - p.lipschitz) + 100 * _eps(dtype) * scale
+    err = p.error(res.z)
+    assert (err <= bound).all(), f"error {err.tolist()} exceeds bound {bound.tolist()}"
+
+
+@pytest.mark.parametrize(("solver", "problem", "dtype"), CATALOGUE)
+def test_result_bookkeeping(solver: str, problem: str, dtype: torch.dtype) -> None:
+    """nstep, nfe, traces and residual fields agree with each other and with f."""
+    p, res = solved(solver, problem, dtype)
+    tol = _catalogue_tol(solver, dtype)
+    b = p.z0.shape[0]
+    n = res.abs_trace.shape[1]
+    for name in ("converged", "nstep", "abs_residual", "rel_residual", "sample_status"):
+        assert getattr(res, name).shape == (b,), name
+    assert res.abs_trace.shape == res.rel_trace.shape == (b, n)
+    assert res.nstep.dtype == torch.int64
+    assert res.abs_trace.dtype == res.rel_trace.dtype == dtype
+
+    # nstep: 1 <= nstep <= N <= nfe, and it is the first trace index meeting tol, +1.
+    assert (res.nstep >= 1).all() and (res.nstep <= n).all() and n <= res.nfe
+    hits = res.rel_trace <= tol  # default stop_mode is "rel"
+    assert hits.any(dim=1).all()
+    first = hits.to(torch.uint8).argmax(dim=1)
+    assert torch.equal(res.nstep, first + 1)
+    if solver in OURS:
+        assert n == res.nfe  # one trace column per evaluation
+        assert res.nfe == int(res.nstep.max())  # stops as soon as the last sample does
+        assert res.sample_evals == res.nfe * b
+    else:
+        assert n == res.nfe - 1  # the adapters spend one evaluation measuring z
+
+    # Residual fields are those of the returned z, recomputed here.
+    fz = p.f(res.z, *p.args).flatten(1)
+    abs_r = torch.linalg.vector_norm(fz - res.z.flatten(1), dim=1)
+    rel_r = abs_r / (torch.linalg.vector_norm(fz, dim=1) + 1e-9)
+    slack = 50 * _eps(dtype) * torch.linalg.vector_norm(fz, dim=1)
+    assert ((res.abs_residual - abs_r).abs() <= 1e-3 * abs_r + slack).all()
+    assert torch.allclose(
+        res.rel_residual, res.abs_residual / (torch.linalg.vector_norm(fz, dim=1) + 1e-9),
+        rtol=1e-4, atol=0,
+    )
+    assert ((res.rel_residual - rel_r).abs() <= 1e-3 * rel_r + 50 * _eps(dtype)).all()
+    assert (res.rel_residual <= tol).all()
+    assert (res.sample_status == int(Status.CONVERGED)).all()
+    if solver in OURS:
+        # The returned z is the iterate at the best trace entry, which is the stopping one.
+        at_stop = res.abs_trace.gather(1, (res.nstep - 1).unsqueeze(1)).squeeze(1)
+        assert torch.equal(res.abs_residual, at_stop)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+@pytest.mark.parametrize("solver", OURS)
+def test_stop_modes(solver: str, stop_mode: str, dtype: torch.dtype) -> None:
+    """Both stop modes stop on their own residual, and the answer is right."""
+    p = make_problem("tanh_net", dtype)
+    tol = TOL[dtype]
+    res = solvers.solve(p.f, p.z0, solver, tol=tol, stop_mode=stop_mode, args=p.args)
+    trace = res.abs_trace if stop_mode == "abs" else res.rel_trace
+    reported = res.abs_residual if stop_mode == "abs" else res.rel_residual
+    assert res.status == "converged"
+    assert (reported <= tol).all()
+    at_stop = trace.gather(1, (res.nstep - 1).unsqueeze(1)).squeeze(1)
+    before = torch.arange(trace.shape[1]) < (res.nstep - 1).unsqueeze(1)
+    assert (at_stop <= tol).all() and (trace[before] > tol).all()
+    # abs: ||z - z*|| <= tol / (1 - L); rel: the same times ||f(z)|| (about ||z*||).
+    scale = torch.linalg.vector_norm(p.z_star.flatten(1), dim=1).clamp(min=1.0)
+    bound = 2 * tol * scale / (1 - p.lipschitz) + 100 * _eps(dtype) * scale
+    assert (p.error(res.z) <= bound).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Agreement with the reference implementations
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("problem", ["affine", "cosine", "tanh_net", "mixed_rates"])
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [("anderson", "scipy.anderson"), ("broyden", "scipy.broyden1")],
+    ids=["anderson-vs-scipy.anderson", "broyden-vs-scipy.broyden1"],
+)
+def test_agrees_with_scipy(ours: str, theirs: str, problem: str) -> None:
+    """eqloop's Anderson/Broyden and SciPy's find the same z on the same problem."""
+    p = make_problem(problem, torch.float64)
+    tol = 1e-11
+    a = solvers.solve(p.f, p.z0, ours, max_iter=MAX_ITER, tol=tol, args=p.args)
+    b = solvers.solve(p.f, p.z0, theirs, max_iter=MAX_ITER, tol=tol, args=p.args)
+    assert a.status == b.status == "converged"
+    scale = torch.linalg.vector_norm(a.z.flatten(1), dim=1)
+    gap = torch.linalg.vector_norm((a.z - b.z).flatten(1), dim=1)
+    assert (gap <= 4 * tol * scale / (1 - p.lipschitz)).all()
+
+
+@pytest.mark.parametrize("problem", ["affine", "cosine", "tanh_net", "mixed_rates"])
+def test_fixed_point_matches_torchdeq_step_for_step(problem: str) -> None:
+    """Plain iteration: same per-sample nstep and residual traces as torchdeq's."""
+    p = make_problem(problem, torch.float64)
+    ours = solvers.solve(p.f, p.z0, "fixed_point", max_iter=MAX_ITER, tol=1e-9, args=p.args)
+    theirs = solvers.solve(
+        p.f, p.z0, "torchdeq.fixed_point_iter", max_iter=MAX_ITER, tol=1e-9, args=p.args
+    )
+    assert torch.equal(ours.nstep, theirs.nstep)
+    for i, k in enumerate(ours.nstep.tolist()):
+        for trace in ("abs_trace", "rel_trace"):
+            torch.testing.assert_close(
+                getattr(ours, trace)[i, :k], getattr(theirs, trace)[i, :k],
+                rtol=1e-6, atol=1e-14,
+            )
+
+
+# ---------------------------------------------------------------------------------------
+# Per-sample stopping and freezing
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+@pytest.mark.parametrize("solver", OURS)
+def test_samples_stop_on_their_own_and_freeze(solver: str, stop_mode: str) -> None:
+    """Slow samples need more steps; a stopped sample's trace and z stay frozen."""
+    p = make_problem("mixed_rates", torch.float64)
+    res = solvers.solve(
+        p.f, p.z0, solver, max_iter=MAX_ITER, tol=1e-10, stop_mode=stop_mode, args=p.args
+    )
+    assert res.status == "converged"
+    nstep = res.nstep.tolist()
+    # rates are (0.02, 0.3, 0.7, 0.9): the fastest sample stops first, the slowest last.
+    assert nstep[0] < nstep[-1] and len(set(nstep)) > 1
+    if solver == "fixed_point":
+        assert nstep == sorted(nstep) and len(set(nstep)) == len(nstep)
+    assert res.nfe == max(nstep)
+    for i, k in enumerate(nstep):
+        for trace in (res.abs_trace, res.rel_trace):
+            tail = trace[i, k - 1 :]
+            assert torch.equal(tail, tail[:1].expand_as(tail)), f"sample {i} moved after stop"
+    # The returned z is the iterate at the stopping step: its residual is the trace's there.
+    fz = p.f(res.z, *p.args)
+    abs_r = torch.linalg.vector_norm((fz - res.z).flatten(1), dim=1)
+    at_stop = res.abs_trace.gather(1, (res.nstep - 1).unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(abs_r, at_stop, rtol=1e-6, atol=1e-15)
+
+
+def test_fixed_point_frozen_z_is_the_stopping_iterate() -> None:
+    """For plain iteration, sample i's z is exactly f applied nstep_i - 1 times to z0."""
+    p = make_problem("mixed_rates", torch.float64)
+    res = solvers.solve(p.f, p.z0, "fixed_point", max_iter=MAX_ITER, tol=1e-10, args=p.args)
+    iterates = [p.z0]
+    for _ in range(int(res.nstep.max())):
+        iterates.append(p.f(iterates[-1], *p.args))
+    for i, k in enumerate(res.nstep.tolist()):
+        torch.testing.assert_close(res.z[i], iterates[k - 1][i], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_fixed_point_nstep_closed_form(stop_mode: str) -> None:
+    """On f(z) = r z + 1 from z0 = 0 the residual after k steps is known in closed form.
+
+    ``z_k = (1 - r^k) / (1 - r)``, so ``abs_k = r^k`` and ``rel_k = r^k (1 - r) /
+    (1 - r^(k+1))``; nstep is one plus the first k with residual <= tol.
+    """
+    rates = [0.1, 0.5, 0.8, 0.95]
+    tol = 2e-7
+    r = torch.tensor(rates, dtype=torch.float64).unsqueeze(1)
+    res = solvers.solve(
+        lambda z, r: r * z + 1, torch.zeros(4, 1, dtype=torch.float64), "fixed_point",
+        max_iter=1000, tol=tol, stop_mode=stop_mode, args=(r,),
+    )
+
+    def residual(rate: float, k: int) -> float:
+        return rate**k if stop_mode == "abs" else rate**k * (1 - rate) / (1 - rate ** (k + 1))
+
+    expected = []
+    for rate in rates:
+        k = next(k for k in range(1000) if residual(rate, k) <= tol)
+        # Not a borderline case: rounding (~1e-15) cannot move the stopping step.
+        assert residual(rate, k) < 0.99 * tol < 1.01 * tol < residual(rate, k - 1)
+        expected.append(k + 1)
+    assert res.nstep.tolist() == expected
+    assert res.nfe == max(expected)
+
+
+@pytest.mark.parametrize("solver", OURS)
+def test_samples_are_independent(solver: str) -> None:
+    """Solving the batch gives each sample what solving it alone gives."""
+    p = make_problem("mixed_rates", torch.float64)
+    batch = solvers.solve(p.f, p.z0, solver, max_iter=MAX_ITER, tol=1e-10, args=p.args)
+    for i in range(p.z0.shape[0]):
+        alone = solvers.solve(
+            p.f, p.z0[i : i + 1], solver, max_iter=MAX_ITER, tol=1e-10,
+            args=tuple(a[i : i + 1] for a in p.args),
+        )
+        assert int(alone.nstep) == int(batch.nstep[i])
+        torch.testing.assert_close(alone.z[0], batch.z[i], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", OURS)
+def test_check_every_changes_only_the_cost(solver: str) -> None:
+    """Checking less often (or never) runs more evaluations but returns the same result."""
+    p = make_problem("mixed_rates", torch.float64)
+    kw: dict[str, Any] = {"max_iter": 300, "tol": 1e-10, "args": p.args}
+    every = solvers.solve(p.f, p.z0, solver, **kw)
+    sparse = solvers.solve(p.f, p.z0, solver, check_every=7, **kw)
+    never = solvers.solve(p.f, p.z0, solver, check_every=None, **kw)
+    assert never.nfe == 300 and never.abs_trace.shape == (4, 300)
+    assert sparse.nfe % 7 == 0 and every.nfe <= sparse.nfe < every.nfe + 7
+    for other in (sparse, never):
+        assert torch.equal(other.nstep, every.nstep)
+        assert torch.equal(other.converged, every.converged)
+        assert torch.equal(other.z, every.z)
+        assert torch.equal(other.abs_residual, every.abs_residual)
+
+
+# ---------------------------------------------------------------------------------------
+# Compaction
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("solver", OURS)
+def test_compaction_same_answer_fewer_evaluations(solver: str, dtype: torch.dtype) -> None:
+    """compact=True calls f on the active samples only; the answer does not change."""
+    p = make_problem("mixed_rates", dtype)
+    seen: list[int] = []
+
+    def f(z: Tensor, r: Tensor, b: Tensor) -> Tensor:
+        assert z.shape[0] == r.shape[0] == b.shape[0]
+        seen.append(z.shape[0])
+        return p.f(z, r, b)
+
+    kw: dict[str, Any] = {"max_iter": MAX_ITER, "tol": TOL[dtype], "args": p.args}
+    full = solvers.solve(f, p.z0, solver, **kw)
+    seen.clear()
+    compact = solvers.solve(f, p.z0, solver, compact=True, **kw)
+    assert compact.status == full.status == "converged"
+    torch.testing.assert_close(compact.z, full.z, rtol=100 * _eps(dtype), atol=100 * _eps(dtype))
+    assert torch.equal(compact.nstep, full.nstep)
+    assert compact.nfe == full.nfe
+    assert full.sample_evals == full.nfe * 4
+    # Each sample is evaluated exactly until it stops.
+    assert compact.sample_evals == int(compact.nstep.sum()) < full.sample_evals
+    assert seen == sorted(seen, reverse=True) and seen[0] == 4
+    assert seen[-1] == int((compact.nstep == compact.nstep.max()).sum())
+    assert sum(seen) == compact.sample_evals
+
+
+def test_compaction_needs_check_points() -> None:
+    """compact=True with check_every=None is an error (compaction reads the host)."""
+    p = make_problem("mixed_rates", torch.float64)
+    with pytest.raises(ValueError, match="check_every"):
+        solvers.solve(p.f, p.z0, "anderson", compact=True, check_every=None, args=p.args)
+
+
+@pytest.mark.parametrize("solver", ADAPTERS)
+def test_adapters_reject_compaction(solver: str) -> None:
+    """Adapters own their loops, so compact=True is refused, naming the solver."""
+    p = make_problem("mixed_rates", torch.float64)
+    with pytest.raises(ValueError, match=re.escape(solver)):
+        solvers.solve(p.f, p.z0, solver, compact=True, args=p.args)
+
+
+# ---------------------------------------------------------------------------------------
+# Sync-freedom
+# ---------------------------------------------------------------------------------------
+
+
+class _SyncSpy(TorchDispatchMode):
+    """Records aten ops that read tensor values on the host (a device sync on CUDA)."""
+
+    SYNC_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        if func.__name__.split(".")[0] in self.SYNC_OPS:
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("tol", [0.0, 1e-6], ids=["tol0", "tol1e-6"])
+@pytest.mark.parametrize("shape", [(4, 3, 2), (1, 5)], ids=["B4x3x2", "B1x5"])
+@pytest.mark.parametrize("solver", OURS)
+def test_runs_on_meta_device(solver: str, shape: tuple[int, ...], tol: float) -> None:
+    """check_every=None reads no values, so the solve runs on 'meta' with right shapes."""
+    z0 = torch.empty(shape, device=torch.device("meta"))
+    x = torch.empty(shape, device="meta")
+    res = solvers.solve(
+        lambda z, x: torch.tanh(0.5 * z + x), z0, solver, max_iter=9, tol=tol,
+        check_every=None, args=(x,),
+    )
+    b = shape[0]
+    assert res.z.shape == shape and res.z.device.type == "meta"
+    assert res.converged.shape == (b,) and res.converged.dtype == torch.bool
+    assert res.nstep.shape == (b,) and res.nstep.dtype == torch.int64
+    assert res.abs_residual.shape == res.rel_residual.shape == (b,)
+    assert res.abs_trace.shape == res.rel_trace.shape == (b, 9)
+    assert res.sample_status.shape == (b,)
+    assert all(
+        t.device.type == "meta"
+        for t in (res.converged, res.nstep, res.abs_trace, res.rel_trace, res.sample_status)
+    )
+    assert res.nfe == 9 and res.sample_evals == 9 * b
+
+
+@pytest.mark.parametrize("solver", OURS)
+def test_no_host_reads_without_check_points(solver: str) -> None:
+    """With check_every=None no aten op reads a value on the host (CPU dispatch spy)."""
+    p = make_problem("tanh_net", torch.float32)
+    with _SyncSpy() as spy:
+        res = solvers.solve(p.f, p.z0, solver, max_iter=12, tol=1e-5, check_every=None,
+                            args=p.args)
+    assert spy.syncs == []
+    assert res.nfe == 12
+    # The spy does see host reads: the default check_every=1 makes some.
+    with _SyncSpy() as spy:
+        solvers.solve(p.f, p.z0, solver, max_iter=12, tol=1e-5, args=p.args)
+    assert spy.syncs
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------
+
+
+def _affine() -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    return (lambda z: 0.5 * z + 1), torch.zeros(3, 4)
+
+
+BAD_CALLS: list[Any] = [
+    pytest.param({"f": 3}, TypeError, r"\bf\b.*callable", id="f-not-callable"),
+    pytest.param({"z0": [0.0, 1.0]}, TypeError, "z0", id="z0-not-tensor"),
+    pytest.param({"z0": torch.zeros(3, 4, dtype=torch.long)}, TypeError, "floating",
+                 id="z0-integer"),
+    pytest.param({"z0": torch.zeros(0, 4)}, ValueError, "batch", id="empty-batch"),
+    pytest.param({"z0": torch.tensor(1.0)}, ValueError, "batch", id="z0-scalar"),
+    pytest.param({"z0": torch.tensor([[0.0, math.nan]])}, ValueError, "NaN or Inf",
+                 id="z0-nan"),
+    pytest.param({"z0": torch.tensor([[0.0], [math.inf]])}, ValueError, "NaN or Inf",
+                 id="z0-inf"),
+    pytest.param({"solver": "newton"}, ValueError, "unknown solver 'newton'",
+                 id="unknown-solver"),
+    pytest.param({"solver": 3}, TypeError, "solver", id="solver-wrong-type"),
+    pytest.param({"solver": "anderson", "mem": 3}, ValueError, r"'mem'.*'lam'.*'m'.*'tau'",
+                 id="unknown-option"),
+    pytest.param({"solver": "scipy.anderson", "m": 3}, ValueError, r"\['m'\].*'M'",
+                 id="unknown-option-adapter"),
+    pytest.param({"solver": solvers.Anderson(m=3), "lam": 0.1}, ValueError, "lam",
+                 id="options-with-solver-object"),
+    pytest.param({"tol": -1e-6}, ValueError, "tol", id="negative-tol"),
+    pytest.param({"tol": math.nan}, ValueError, "tol", id="nan-tol"),
+    pytest.param({"tol": "1e-5"}, ValueError, "tol", id="string-tol"),
+    pytest.param({"stop_mode": "max"}, ValueError, "stop_mode", id="bad-stop-mode"),
+    pytest.param({"max_iter": 0}, ValueError, "max_iter", id="max-iter-0"),
+    pytest.param({"max_iter": -3}, ValueError, "max_iter", id="max-iter-negative"),
+    pytest.param({"max_iter": 2.5}, ValueError, "max_iter", id="max-iter-float"),
+    pytest.param({"max_iter": True}, ValueError, "max_iter", id="max-iter-bool"),
+    pytest.param({"check_every": 0}, ValueError, "check_every", id="check-every-0"),
+    pytest.param({"eps": 0.0}, ValueError, "eps", id="eps-0"),
+    pytest.param({"diverge_ratio": 1.0}, ValueError, "diverge_ratio", id="diverge-ratio-1"),
+    pytest.param({"args": (torch.zeros(2, 4),)}, ValueError, r"args\[0\]",
+                 id="args-wrong-batch"),
+    pytest.param({"args": (1.0,)}, ValueError, r"args\[0\]", id="args-not-tensor"),
+    pytest.param({"solver": "anderson", "m": 0}, ValueError, "m", id="anderson-m-0"),
+    pytest.param({"solver": "anderson", "lam": -1.0}, ValueError, "lam",
+                 id="anderson-negative-lam"),
+    pytest.param({"solver": "broyden", "tau": 1.5}, ValueError, "tau", id="broyden-tau-1.5"),
+    pytest.param({"solver": "fixed_point", "tau": 0.0}, ValueError, "tau",
+                 id="fixed-point-tau-0"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "error", "pattern"), BAD_CALLS)
+def test_bad_input_raises(overrides: dict[str, Any], error: type, pattern: str) -> None:
+    """Bad arguments raise TypeError/ValueError whose message names the culprit."""
+    f, z0 = _affine()
+    call: dict[str, Any] = {"f": f, "z0": z0, "solver": "anderson", **overrides}
+    with pytest.raises(error, match=pattern):
+        solvers.solve(call.pop("f"), call.pop("z0"), call.pop("solver"), **call)
+
+
+def test_unknown_solver_lists_every_available_name() -> None:
+    """The error for an unknown solver name lists every registered name."""
+    f, z0 = _affine()
+    with pytest.raises(ValueError) as info:
+        solvers.solve(f, z0, "anderzon")
+    for name in solvers.available():
+        assert name in str(info.value)
+
+
+def test_unknown_option_lists_driver_options() -> None:
+    """The error for an unknown option also lists the driver options."""
+    f, z0 = _affine()
+    with pytest.raises(ValueError) as info:
+        solvers.solve(f, z0, "broyden", lam=0.1)
+    message = str(info.value)
+    assert "'lam'" in message and "'m'" in message and "'tau'" in message
+    for option in solvers.DRIVER_OPTIONS:
+        assert option in message
+
+
+@pytest.mark.parametrize(
+    ("f", "error", "pattern"),
+    [
+        pytest.param(lambda z: z[:, :2] + 1, ValueError, "shape", id="drops-columns"),
+        pytest.param(lambda z: (0.5 * z + 1).reshape(4, 3), ValueError, "shape",
+                     id="same-numel-reshaped"),
+        pytest.param(lambda z: (0.5 * z + 1).unsqueeze(1), ValueError, "shape", id="adds-dim"),
+        pytest.param(lambda z: 1.0, TypeError, "Tensor", id="returns-float"),
+    ],
+)
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
+def test_bad_map_output_raises(
+    solver: str, f: Callable[[Tensor], Any], error: type, pattern: str
+) -> None:
+    """A map that changes the shape (or returns no tensor) is refused by every solver."""
+    with pytest.raises(error, match=pattern):
+        solvers.solve(f, torch.zeros(3, 4), solver, max_iter=5)
+
+
+# ---------------------------------------------------------------------------------------
+# Failures: divergence, non-finite values, max_iter
+# ---------------------------------------------------------------------------------------
+
+DIVERGING = [
+    pytest.param("fixed_point", id="fixed_point"),
+    pytest.param(solvers.FixedPointIteration(tau=0.5), id="fixed_point-tau0.5"),
+    pytest.param(solvers.Anderson(m=1), id="anderson-m1"),  # m=1 is plain iteration
+    pytest.param("torchdeq.fixed_point_iter", id="torchdeq.fixed_point_iter"),
+]
+
+
+@pytest.mark.parametrize("solver", DIVERGING)
+def test_diverging_map_reports_diverged(solver: Any) -> None:
+    """Iterating f(z) = 2z + 1 blows up: status 'diverged', and no exception."""
+    res = solvers.solve(lambda z: 2 * z + 1, torch.zeros(3, 2), solver, max_iter=60)
+    assert res.status == "diverged"
+    assert not bool(res.converged.any())
+    assert (res.sample_status == int(Status.DIVERGED)).all()
+    assert torch.isfinite(res.z).all()
+    assert res.status_counts()["diverged"] == 3
+
+
+@pytest.mark.parametrize(("stop_mode", "best"), [("abs", 0.0), ("rel", 2.0**14 - 1)])
+def test_divergence_step_closed_form(stop_mode: str, best: float) -> None:
+    """Iterating 2z + 1 from 0: z_k = 2^k - 1 and abs residual 2^k, which passes 1e4 x
+    its first value at k = 14. The best iterate is z0 for the abs residual, but the last
+    one for the rel residual (z_k + 1) / (2 z_k + 1), which decreases towards 1/2.
+    """
+    res = solvers.solve(lambda z: 2 * z + 1, torch.zeros(2, 1, dtype=torch.float64),
+                        "fixed_point", max_iter=200, stop_mode=stop_mode)
+    assert res.status == "diverged"
+    assert res.nstep.tolist() == [15, 15] and res.nfe == 15
+    assert res.abs_trace[0].tolist() == [2.0**k for k in range(15)]
+    assert res.z.flatten().tolist() == [best, best]
+
+
+@pytest.mark.parametrize("solver", DIVERGING)
+def test_diverging_map_raises_on_request(solver: Any) -> None:
+    """raise_on_failure=True turns a diverged solve into SolveError with the counts."""
+    with pytest.raises(solvers.SolveError, match="diverged"):
+        solvers.solve(lambda z: 2 * z + 1, torch.zeros(3, 2), solver, max_iter=60,
+                      raise_on_failure=True)
+
+
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
+def test_raise_on_failure_is_silent_when_converged(solver: str) -> None:
+    """raise_on_failure=True does not raise when every sample converges."""
+    p = make_problem("cosine", torch.float64)
+    res = solvers.solve(p.f, p.z0, solver, max_iter=MAX_ITER, tol=1e-8, raise_on_failure=True)
+    assert res.status == "converged"
+
+
+@pytest.mark.parametrize("solver", OURS)
+def test_mixed_batch_statuses(solver: str) -> None:
+    """One sample converges while another diverges: per-sample statuses, worst overall."""
+    a = torch.tensor([[0.5], [2.0], [0.1]])
+    solver_obj = solvers.Anderson(m=1) if solver == "anderson" else solver
+    if solver == "broyden":
+        pytest.skip("Broyden solves 2z + 1 = z (a linear root) instead of diverging")
+    res = solvers.solve(lambda z, a: a * z + 1, torch.zeros(3, 1), solver_obj,
+                        max_iter=200, args=(a,))
+    assert res.converged.tolist() == [True, False, True]
+    assert res.sample_status.tolist() == [Status.CONVERGED, Status.DIVERGED, Status.CONVERGED]
+    assert res.status == "diverged"
+    assert res.status_counts() == {"converged": 2, "max_iter": 0, "diverged": 1,
+                                   "non-finite": 0}
+    torch.testing.assert_close(res.z[[0, 2]], torch.tensor([[2.0], [1 / 0.9]]),
+                               rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
+def test_nan_map_reports_non_finite(solver: str) -> None:
+    """A map whose first value is NaN gives status 'non-finite' and no exception."""
+    res = solvers.solve(lambda z: z * math.nan, torch.ones(3, 2), solver, max_iter=20)
+    assert res.status == "non-finite"
+    assert not bool(res.converged.any())
+    assert (res.sample_status == int(Status.NON_FINITE)).all()
+
+
+@pytest.mark.parametrize("solver", OURS)
+def test_map_turning_nan_later(solver: str) -> None:
+    """log(z) from 0.5 goes negative, then NaN: stop at step 2, keep the finite best z."""
+    res = solvers.solve(torch.log, torch.full((3, 2), 0.5), solver, max_iter=20)
+    assert res.status == "non-finite"
+    assert res.nstep.tolist() == [2, 2, 2] and res.nfe == 2
+    assert torch.isfinite(res.z).all()
+    torch.testing.assert_close(res.z, torch.full((3, 2), 0.5))
+    assert torch.isfinite(res.abs_trace[:, 0]).all() and torch.isnan(res.abs_trace[:, 1]).all()
+    with pytest.raises(solvers.SolveError, match="non-finite"):
+        solvers.solve(torch.log, torch.full((3, 2), 0.5), solver, raise_on_failure=True)
+
+
+@pytest.mark.parametrize("solver", OURS)
+def test_nan_in_one_sample_leaves_others_alone(solver: str) -> None:
+    """A sample whose map returns NaN stops; the others still converge to their answer."""
+    bad = torch.tensor([[False], [True], [False]])
+    res = solvers.solve(lambda z: torch.where(bad, math.nan, torch.cos(z)),
+                        torch.zeros(3, 1, dtype=torch.float64), solver, max_iter=200,
+                        tol=1e-10)
+    assert res.sample_status.tolist() == [Status.CONVERGED, Status.NON_FINITE,
+                                          Status.CONVERGED]
+    assert res.status == "non-finite"
+    torch.testing.assert_close(res.z[[0, 2]], torch.full((2, 1), DOTTIE, dtype=torch.float64),
+                               rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
+def test_budget_exhausted_reports_max_iter(solver: str) -> None:
+    """Too small a budget: status 'max_iter', converged all false, nstep = the trace length."""
+    p = make_problem("cosine", torch.float64)
+    res = solvers.solve(p.f, p.z0, solver, max_iter=4, tol=1e-12)
+    assert res.status == "max_iter"
+    assert not bool(res.converged.any())
+    assert (res.nstep == res.abs_trace.shape[1]).all()
+    if solver in OURS:
+        assert res.nfe == 4
+
+
+# ---------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------
+
+CONTRACT_NAMES = (
+    "fixed_point", "anderson", "broyden", "torchdeq.fixed_point_iter", "torchdeq.anderson",
+    "torchdeq.broyden", "scipy.anderson", "scipy.broyden1",
+)
+
+
+class HalfStep(solvers.IterativeSolver):
+    """A third-party solver: z <- z + step (f(z) - z)."""
+
+    name = "half_step"
+
+    def __init__(self, step: float = 0.5) -> None:
+        self.step_size = step
+
+    def init(self, z0: Tensor) -> None:
+        return None
+
+    def step(self, state: None, z: Tensor, fz: Tensor, k: int) -> tuple[None, Tensor]:
+        return None, z + self.step_size * (fz - z)
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A private copy of the registry, restored after the test."""
+    from solvers import _registry
+
+    copy = dict(_registry._REGISTRY)
+    monkeypatch.setattr(_registry, "_REGISTRY", copy)
+    return copy
+
+
+def test_available_has_the_contract_names() -> None:
+    """available() is a tuple holding the 8 names DESIGN.md promises."""
+    names = solvers.available()
+    assert isinstance(names, tuple)
+    assert set(CONTRACT_NAMES) <= set(names)
+
+
+@pytest.mark.usefixtures("registry")
+def test_register_third_party_solver() -> None:
+    """A registered IterativeSolver subclass is usable by name, with its options."""
+    solvers.register("half_step", HalfStep)
+    assert "half_step" in solvers.available()
+    p = make_problem("cosine", torch.float64)
+    res = solvers.solve(p.f, p.z0, "half_step", step=0.8, max_iter=200, tol=1e-10)
+    assert res.status == "converged" and res.solver == "half_step"
+    assert (p.error(res.z) < 1e-8).all()
+    with pytest.raises(ValueError, match=r"'stride'.*'step'"):
+        solvers.solve(p.f, p.z0, "half_step", stride=0.8)
+
+
+@pytest.mark.usefixtures("registry")
+def test_register_duplicate_name_errors() -> None:
+    """Registering a taken name raises unless overwrite=True."""
+    with pytest.raises(ValueError, match="already registered"):
+        solvers.register("anderson", HalfStep)
+    solvers.register("half_step", HalfStep)
+    with pytest.raises(ValueError, match="half_step"):
+        solvers.register("half_step", HalfStep)
+    solvers.register("anderson", HalfStep, overwrite=True)
+    f, z0 = _affine()
+    assert solvers.solve(f, z0, "anderson").solver == "half_step"
+
+
+@pytest.mark.usefixtures("registry")
+@pytest.mark.parametrize(("name", "factory"), [("", HalfStep), (3, HalfStep), ("x", 3)],
+                         ids=["empty-name", "int-name", "non-callable-factory"])
+def test_register_bad_arguments(name: Any, factory: Any) -> None:
+    """register() refuses empty or non-string names and non-callable factories."""
+    with pytest.raises(TypeError):
+        solvers.register(name, factory)
+
+
+def test_registry_fixture_restores(registry: dict) -> None:
+    """Sanity: the fixture isolates registrations from other tests."""
+    from solvers import _registry
+
+    assert _registry._REGISTRY is registry
+    assert "half_step" not in solvers.available()
+
+
+# ---------------------------------------------------------------------------------------
+# Solver objects and hyperparameters
+# ---------------------------------------------------------------------------------------
+
+SOLVER_OBJECTS = [
+    pytest.param(solvers.FixedPointIteration(tau=0.7), id="fixed_point-tau0.7"),
+    pytest.param(solvers.Anderson(m=2), id="anderson-m2"),
+    pytest.param(solvers.Anderson(m=8, lam=0.0), id="anderson-m8-lam0"),
+    pytest.param(solvers.Anderson(m=4, tau=0.6), id="anderson-tau0.6"),
+    pytest.param(solvers.Broyden(m=2), id="broyden-m2"),
+    pytest.param(solvers.Broyden(m=30, tau=0.8), id="broyden-m30-tau0.8"),
+]
+
+
+@pytest.mark.parametrize("solver", SOLVER_OBJECTS)
+def test_solver_objects_with_hyperparameters(solver: solvers.Solver) -> None:
+    """Solver objects with non-default hyperparameters still find the answer."""
+    p = make_problem("tanh_net", torch.float64)
+    res = solvers.solve(p.f, p.z0, solver, max_iter=MAX_ITER, tol=1e-10, args=p.args)
+    assert res.status == "converged" and res.solver == solver.name
+    assert (p.error(res.z) <= 1e-8).all()
+    assert solver.hyperparameters()
+
+
+def test_solve_result_is_frozen_and_summarised() -> None:
+    """SolveResult is a frozen dataclass whose repr is a one-line summary."""
+    f, z0 = _affine()
+    res = solvers.solve(f, z0, "anderson")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        res.nfe = 0  # type: ignore[misc]
+    text = repr(res)
+    assert "anderson" in text and "converged" in text and "\n" not in text
+
+
+# ---------------------------------------------------------------------------------------
+# Safeguards and memory
+# ---------------------------------------------------------------------------------------
+
+SINGULAR_HISTORY = [
+    pytest.param(solvers.Anderson(), id="anderson"),
+    pytest.param(solvers.Anderson(lam=0.0), id="anderson-lam0"),
+    pytest.param(solvers.Anderson(m=3, tau=0.5), id="anderson-tau0.5"),
+    pytest.param(solvers.Broyden(), id="broyden"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("start", ["at-c", "at-0"])
+@pytest.mark.parametrize("solver", SINGULAR_HISTORY)
+def test_singular_history_stays_finite(solver: solvers.Solver, start: str,
+                                       dtype: torch.dtype) -> None:
+    """A constant map repeats its iterates (zero residual differences): no NaN appears."""
+    c = torch.tensor([[1.0, -2.0, 3.0], [0.0, 0.0, 0.0]], dtype=dtype)
+    z0 = c.clone() if start == "at-c" else torch.zeros_like(c)
+    res = solvers.solve(lambda z: c.clone(), z0, solver, max_iter=12, tol=0.0,
+                        check_every=None)
+    assert torch.isfinite(res.z).all()
+    assert torch.isfinite(res.abs_trace).all() and torch.isfinite(res.rel_trace).all()
+    torch.testing.assert_close(res.z, c)
+    assert res.status == "converged"
+
+
+@pytest.mark.parametrize("solver", SINGULAR_HISTORY)
+def test_frozen_samples_repeat_without_nan(solver: solvers.Solver) -> None:
+    """Stopped samples keep being stepped (check_every=None) on repeated iterates: no NaN."""
+    p = make_problem("mixed_rates", torch.float64)
+    res = solvers.solve(p.f, p.z0, solver, max_iter=MAX_ITER, tol=1e-10, check_every=None,
+                        args=p.args)
+    assert torch.isfinite(res.abs_trace).all() and torch.isfinite(res.z).all()
+    assert res.status == "converged"
+    scale = torch.linalg.vector_norm(p.z_star, dim=1)
+    assert (p.error(res.z) <= 2e-10 * scale / (1 - p.lipschitz)).all()
+
+
+class _Recording:
+    """Mixin that records the shapes of the solver state at every step."""
+
+    shapes: list[tuple[tuple[int, ...], ...]]
+
+    def step(self, state: Any, z: Tensor, fz: Tensor, k: int) -> tuple[Any, Tensor]:
+        state, z_next = super().step(state, z, fz, k)  # type: ignore[misc]
+        tensors = [v for v in vars(state).values() if isinstance(v, Tensor)]
+        self.shapes.append(tuple(tuple(t.shape) for t in tensors))
+        if isinstance(state.__dict__.get("rank"), int):
+            assert 0 <= state.rank <= self.m  # type: ignore[attr-defined]
+        return state, z_next
+
+
+class RecordingBroyden(_Recording, solvers.Broyden):
+    """Broyden that records its state shapes."""
+
+
+class RecordingAnderson(_Recording, solvers.Anderson):
+    """Anderson that records its state shapes."""
+
+
+@pytest.mark.parametrize("max_iter", [10, 80])
+@pytest.mark.parametrize("cls", [RecordingBroyden, RecordingAnderson],
+                         ids=["broyden", "anderson"])
+def test_memory_is_bounded(cls: type, max_iter: int) -> None:
+    """State tensors hold m slots whatever max_iter is; a full memory still converges."""
+    m = 3
+    solver = cls(m=m)
+    solver.shapes = []
+    p = make_problem("tanh_net", torch.float64)
+    b, n = p.z0.shape
+    res = solvers.solve(p.f, p.z0, solver, max_iter=max_iter, tol=0.0, check_every=None,
+                        args=p.args)
+    assert res.nfe == max_iter and len(solver.shapes) == max_iter - 1
+    first = solver.shapes[0]
+    assert all(s == first for s in solver.shapes)  # nothing grows
+    # (B, m, n) histories and (B, m, m) Gram matrices; Anderson keeps no iterates
+    # (a (B, 0, n) buffer) when tau == 1.
+    big = [s for s in first if len(s) == 3 and s[1] > 0]
+    assert big and all(s[0] == b and s[1] == m and s[2] in (n, m) for s in big)
+    assert all(s[1] in (0, m) for s in first if len(s) == 3)
+    if max_iter == 80:  # m = 3 is far fewer than the steps taken; it still converges
+        assert (res.abs_residual <= 1e-12).all()
+        assert (p.error(res.z) <= 1e-10).all()
