@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -126,7 +126,7 @@ def cosine(dtype: torch.dtype, device: str = "cpu") -> FixedPointProblem:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tanh_net_float64() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Weights, inputs and the float64 fixed point of the tanh network (cached)."""
     g = _generator(2)

@@ -1,0 +1,58 @@
+"""benchmarks/memory_depth.py runs end to end in --quick mode and shows the memory laws."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_memory_depth(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the script as a user would, single-threaded to keep CI steady."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "memory_depth.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def test_memory_depth_quick_writes_json_and_plot(tmp_path: Path) -> None:
+    out_json, out_png = tmp_path / "memory.json", tmp_path / "memory.png"
+    proc = run_memory_depth("--quick", "--json", str(out_json), "--plot", str(out_png))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out_json.read_text())
+    saved = {(r["mode"], r["loops"]): r["saved_bytes"] for r in data["depth"]}
+    assert {m for m, _ in saved} == {"ift", "phantom", "truncated", "unroll"}
+    assert {n for _, n in saved} == {4, 8, 16, 32, 64}
+    for mode in ("ift", "phantom"):
+        assert saved[mode, 64] <= 1.1 * saved[mode, 4], mode
+    assert saved["truncated", 64] <= 1.1 * saved["truncated", 8]
+    # unroll grows linearly: equal increments per loop
+    per_loop = (saved["unroll", 8] - saved["unroll", 4]) / 4
+    assert saved["unroll", 64] - saved["unroll", 4] == pytest.approx(60 * per_loop, rel=1e-3)
+    for row in data["depth"]:
+        assert row["time_s"] > 0 and row["peak_bytes"] > 0
+    agreement = {r["mode"]: r for r in data["agreement"]}
+    assert agreement["ift"]["cos_vs_unroll"] >= 0.9999
+    assert agreement["ift"]["rel_err_vs_unroll"] < 1e-4
+    assert agreement["phantom"]["cos_vs_ift"] > 0.99
+    assert data["summary"]["unroll_over_ift_at_64"]["saved_bytes"] > 10
+    assert out_png.stat().st_size > 10_000
+    assert "saved MiB" in proc.stdout and "cos vs unroll" in proc.stdout
+
+
+def test_memory_depth_rejects_unknown_mode() -> None:
+    proc = run_memory_depth("--quick", "--modes", "ift,adjoint")
+    assert proc.returncode != 0
+    assert "unknown mode(s) ['adjoint']" in proc.stderr and "phantom" in proc.stderr

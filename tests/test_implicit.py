@@ -1,0 +1,523 @@
+"""Tests for eqloop.implicit: gradients of fixed points under the four backward modes.
+
+References are exact: the affine map ``f(z) = z A^T + x U^T + c`` has the closed-form
+fixed point ``z* = (I - A)^{-1} (U x + c)`` (differentiated by autograd through
+``torch.linalg.solve``), and for ``f(z) = tanh(z W^T + x U^T)`` the dense implicit
+gradient ``(I - J)^{-T} v`` is built from per-sample Jacobians.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import eqloop
+import solvers
+from eqloop.implicit import (
+    BACKWARD_MODES,
+    DEFAULT_BACKWARD_MAX_ITER,
+    ConvergenceWarning,
+    FixedPointInfo,
+    default_backward_tol,
+    fixed_point,
+)
+from eqloop.model import LoopLM, LoopLMConfig
+
+F64 = torch.float64
+D, B = 5, 3
+
+# Settings under which every mode computes the exact implicit gradient (to ~1e-12).
+EXACT: dict[str, dict[str, Any]] = {
+    "ift": dict(solver="anderson", tol=1e-13, max_iter=200, backward_tol=1e-13),
+    "phantom": dict(solver="anderson", tol=1e-13, max_iter=200, phantom_steps=80),
+    "truncated": dict(solver="anderson", tol=1e-13, max_iter=200, truncate_k=80),
+    "unroll": dict(solver="fixed_point", tol=1e-14, max_iter=400),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Problems with known answers
+# ---------------------------------------------------------------------------------------
+
+
+def tanh_params(seed: int = 0, scale: float = 0.8) -> tuple[Tensor, Tensor, Tensor]:
+    """``W`` (D, D) with spectral norm ``scale``, ``U`` (D, D) and inputs ``x`` (B, D)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(D, D, generator=g, dtype=F64)
+    w = w * scale / torch.linalg.matrix_norm(w, ord=2)
+    u = torch.randn(D, D, generator=g, dtype=F64) / math.sqrt(D)
+    x = torch.randn(B, D, generator=g, dtype=F64)
+    return w.requires_grad_(), u.requires_grad_(), x.requires_grad_()
+
+
+def tanh_map(w: Tensor, u: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """``f(z, x) = tanh(z W^T + x U^T)``: (B, D), (B, D) -> (B, D)."""
+
+    def f(z: Tensor, x: Tensor) -> Tensor:
+        return torch.tanh(z @ w.T + x @ u.T)
+
+    return f
+
+
+def dense_implicit_grads(
+    f: Callable[[Tensor, Tensor], Tensor],
+    z_star: Tensor,
+    x: Tensor,
+    v: Tensor,
+    inputs: tuple[Tensor, ...],
+) -> tuple[Tensor, ...]:
+    """Exact ``v^T dz*/d(inputs)`` from per-sample Jacobians: ``g = (I - J)^{-T} v``."""
+    jac = torch.stack(
+        [
+            torch.autograd.functional.jacobian(
+                lambda z, b=b: f(z[None], x[b : b + 1])[0], z_star[b]
+            )
+            for b in range(z_star.shape[0])
+        ]
+    )  # (B, D, D)
+    eye = torch.eye(z_star.shape[1], dtype=z_star.dtype)
+    g = torch.linalg.solve((eye - jac).transpose(1, 2), v.unsqueeze(2)).squeeze(2)
+    return torch.autograd.grad(f(z_star.detach(), x), inputs, g)
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def flat(grads: tuple[Tensor, ...]) -> Tensor:
+    return torch.cat([g.flatten() for g in grads])
+
+
+def tiny_looplm() -> LoopLM:
+    """A float64 LoopLM whose core contracts (concat injection, large embeddings)."""
+    torch.manual_seed(0)
+    cfg = LoopLMConfig(
+        vocab_size=11, d_model=16, n_heads=2, d_ff=32, max_seq_len=4, injection="concat"
+    )
+    model = LoopLM(cfg).double()
+    with torch.no_grad():
+        model.injection.adapter.weight[:, :16] *= 0.3
+        model.tok_emb.weight *= 50.0
+    return model
+
+
+def saved_bytes(fn: Callable[[], Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn`` builds its graph."""
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+# ---------------------------------------------------------------------------------------
+# ift against exact gradients
+# ---------------------------------------------------------------------------------------
+
+
+def test_ift_passes_gradcheck() -> None:
+    w, u, x = tanh_params()
+    z0 = torch.zeros(B, D, dtype=F64)
+
+    def solve(w: Tensor, u: Tensor, x: Tensor) -> Tensor:
+        return fixed_point(
+            tanh_map(w, u), z0, args=(x,), tol=1e-14, max_iter=300, backward_tol=1e-14
+        )
+
+    assert torch.autograd.gradcheck(solve, (w, u, x), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden"])
+def test_ift_matches_closed_form_on_affine_map(solver: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(D, D, generator=g, dtype=F64)
+    a = (0.7 * a / torch.linalg.matrix_norm(a, ord=2)).requires_grad_()
+    u = torch.randn(D, D, generator=g, dtype=F64, requires_grad=True)
+    c = torch.randn(D, generator=g, dtype=F64, requires_grad=True)
+    x = torch.randn(B, D, generator=g, dtype=F64, requires_grad=True)
+    v = torch.randn(B, D, generator=g, dtype=F64)
+    inputs = (a, u, c, x)
+
+    def f(z: Tensor) -> Tensor:
+        return z @ a.T + x @ u.T + c
+
+    z = fixed_point(
+        f,
+        torch.zeros(B, D, dtype=F64),
+        solver=solver,
+        tol=1e-14,
+        max_iter=500,
+        backward_tol=1e-14,
+        backward_max_iter=500,
+    )
+    got = torch.autograd.grad((z * v).sum(), inputs)
+    eye = torch.eye(D, dtype=F64)
+    exact = torch.linalg.solve(eye - a, (x @ u.T + c).T).T  # z* = (I - A)^{-1} (U x + c)
+    torch.testing.assert_close(z, exact.detach(), rtol=1e-12, atol=1e-12)
+    want = torch.autograd.grad((exact * v).sum(), inputs)
+    assert rel_err(flat(got), flat(want)) <= 1e-10
+
+
+@pytest.mark.parametrize("backward_solver", [None, "fixed_point", "broyden"])
+def test_ift_matches_dense_implicit_gradient(backward_solver: str | None) -> None:
+    w, u, x = tanh_params(seed=2, scale=0.9)
+    f = tanh_map(w, u)
+    v = torch.randn(B, D, generator=torch.Generator().manual_seed(3), dtype=F64)
+    z = fixed_point(
+        f,
+        torch.zeros(B, D, dtype=F64),
+        args=(x,),
+        tol=1e-14,
+        max_iter=300,
+        backward_solver=backward_solver,
+        backward_tol=1e-14,
+        backward_max_iter=500,
+    )
+    got = torch.autograd.grad((z * v).sum(), (w, u, x))
+    want = dense_implicit_grads(f, z.detach(), x, v, (w, u, x))
+    assert rel_err(flat(got), flat(want)) <= 1e-10  # the target is 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+# The modes agree at convergence
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", BACKWARD_MODES)
+def test_every_mode_reaches_the_implicit_gradient_at_convergence(mode: str) -> None:
+    w, u, x = tanh_params(seed=4)
+    f = tanh_map(w, u)
+    v = torch.randn(B, D, generator=torch.Generator().manual_seed(5), dtype=F64)
+    z = fixed_point(f, torch.zeros(B, D, dtype=F64), args=(x,), backward=mode, **EXACT[mode])
+    got = torch.autograd.grad((z * v).sum(), (w, u, x))
+    want = dense_implicit_grads(f, z.detach(), x, v, (w, u, x))
+    assert rel_err(flat(got), flat(want)) <= 1e-9
+
+
+def test_damped_phantom_steps_converge_to_the_implicit_gradient() -> None:
+    """tau * sum_i ((1 - tau) I + tau J)^i = (I - J)^{-1}: damping changes the rate only."""
+    w, u, x = tanh_params(seed=6)
+    f = tanh_map(w, u)
+    z0 = torch.zeros(B, D, dtype=F64)
+
+    def grads(**kwargs: Any) -> Tensor:
+        z = fixed_point(f, z0, args=(x,), tol=1e-13, max_iter=200, **kwargs)
+        return flat(torch.autograd.grad(z.sum(), (w, u)))
+
+    exact = grads(backward_tol=1e-13)
+    assert rel_err(grads(backward="phantom", phantom_steps=200, phantom_tau=0.5), exact) < 1e-9
+    few = grads(backward="phantom", phantom_steps=3, phantom_tau=0.5)
+    assert 1e-3 < rel_err(few, exact) < 1.0  # a biased but aligned approximation
+    assert F.cosine_similarity(few, exact, dim=0) > 0.9
+
+
+@pytest.mark.parametrize("mode", BACKWARD_MODES)
+def test_looplm_modes_agree_in_eval_mode_with_integer_inputs(mode: str) -> None:
+    """Eval mode, tokens that cannot require grad, parameters that do."""
+    model = tiny_looplm().eval()
+    tokens = torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(0))
+
+    def grads(**kwargs: Any) -> Tensor:
+        model.zero_grad()
+        model(tokens, **kwargs).logsumexp(-1).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    reference = grads(solver="fixed_point", backward="unroll", tol=1e-13, max_iter=300)
+    got = grads(backward=mode, **EXACT[mode])
+    assert torch.isfinite(got).all() and got.abs().sum() > 0
+    assert F.cosine_similarity(got, reference, dim=0) > 1 - 1e-9
+    assert rel_err(got, reference) < 1e-7
+
+
+def test_gradients_reach_parameters_when_inputs_do_not_require_grad() -> None:
+    w, u, x = tanh_params(seed=7)
+    x = x.detach()
+    f = tanh_map(w, u)
+    z = fixed_point(
+        f, torch.zeros(B, D, dtype=F64), args=(x,), tol=1e-14, max_iter=300, backward_tol=1e-14
+    )
+    assert z.requires_grad
+    (gw,) = torch.autograd.grad(z.sum(), (w,))
+    (want,) = dense_implicit_grads(f, z.detach(), x, torch.ones(B, D, dtype=F64), (w,))
+    assert rel_err(gw, want) < 1e-10
+
+
+@pytest.mark.parametrize("mode", BACKWARD_MODES)
+def test_nothing_requiring_grad_gives_a_constant(mode: str) -> None:
+    w, u, x = (t.detach() for t in tanh_params())
+    z, info = fixed_point(
+        tanh_map(w, u),
+        torch.zeros(B, D, dtype=F64),
+        args=(x,),
+        backward=mode,
+        return_result=True,
+        **EXACT[mode],
+    )
+    assert not z.requires_grad and info.grad_steps == 0
+
+
+def test_ift_map_that_ignores_z() -> None:
+    """J = 0: the adjoint is the incoming gradient itself."""
+    w = torch.randn(D, D, dtype=F64, requires_grad=True)
+    x = torch.randn(B, D, dtype=F64)
+    z = fixed_point(lambda z: x @ w.T + 0 * z.detach(), torch.zeros(B, D, dtype=F64))
+    (gw,) = torch.autograd.grad(z.sum(), (w,))
+    torch.testing.assert_close(gw, torch.ones(B, D, dtype=F64).T @ x)
+
+
+# ---------------------------------------------------------------------------------------
+# Values, no_grad, info
+# ---------------------------------------------------------------------------------------
+
+
+def test_values_of_each_mode() -> None:
+    w, u, x = tanh_params(seed=8)
+    f = tanh_map(w, u)
+    z0 = torch.zeros(B, D, dtype=F64)
+    z, info = fixed_point(f, z0, args=(x,), tol=1e-12, return_result=True)
+    assert torch.equal(z.detach(), info.forward.z)  # ift returns exactly the solver's z*
+    with torch.no_grad():
+        assert torch.equal(fixed_point(f, z0, args=(x,), tol=1e-12), info.forward.z)
+
+    z, info = fixed_point(
+        f,
+        z0,
+        args=(x,),
+        backward="unroll",
+        solver="fixed_point",
+        max_iter=7,
+        tol=0,
+        return_result=True,
+    )
+    manual = z0
+    for _ in range(7):
+        manual = f(manual, x)
+    assert torch.equal(z, manual) and info.grad_steps == 7 and info.forward.nfe == 7
+
+    z, info = fixed_point(
+        f,
+        z0,
+        args=(x,),
+        backward="truncated",
+        solver="fixed_point",
+        max_iter=10,
+        tol=0,
+        truncate_k=3,
+        return_result=True,
+    )
+    assert info.forward.nfe == 8 and info.grad_steps == 3  # 7 loops + 1 residual check
+    torch.testing.assert_close(z, _loops(f, x, z0, 10), rtol=0, atol=0)
+
+    z, info = fixed_point(
+        f, z0, args=(x,), backward="truncated", max_iter=2, tol=0, return_result=True
+    )  # max_iter <= k: every loop has a graph
+    assert info.forward is None and info.grad_steps == 2
+
+    z, info = fixed_point(
+        f, z0, args=(x,), backward="phantom", tol=1e-12, phantom_steps=4, return_result=True
+    )
+    assert info.grad_steps == 4 and info.backward is None
+
+
+def _loops(f: Callable[[Tensor, Tensor], Tensor], x: Tensor, z: Tensor, n: int) -> Tensor:
+    with torch.no_grad():
+        for _ in range(n):
+            z = f(z, x)
+    return z
+
+
+@pytest.mark.parametrize("mode", BACKWARD_MODES)
+def test_no_grad_builds_no_graph(mode: str) -> None:
+    w, u, x = tanh_params()
+    with torch.no_grad():
+        z, info = fixed_point(
+            tanh_map(w, u),
+            torch.zeros(B, D, dtype=F64),
+            args=(x,),
+            backward=mode,
+            return_result=True,
+            **EXACT[mode],
+        )
+    assert not z.requires_grad and z.grad_fn is None and info.grad_steps == 0
+
+
+def test_info_reports_the_adjoint_solve_after_backward() -> None:
+    w, u, x = tanh_params()
+    z, info = fixed_point(
+        tanh_map(w, u), torch.zeros(B, D, dtype=F64), args=(x,), return_result=True
+    )
+    assert isinstance(info, FixedPointInfo) and info.backward_mode == "ift"
+    assert info.forward.status == "converged" and info.backward is None and info.grad_steps == 1
+    z.sum().backward()
+    assert info.backward.status == "converged"
+    assert float(info.backward.rel_residual.max()) <= default_backward_tol(F64)
+    assert info.backward.nfe <= DEFAULT_BACKWARD_MAX_ITER
+
+
+def test_default_backward_tolerances() -> None:
+    assert default_backward_tol(torch.float64) == 1e-10
+    assert default_backward_tol(torch.float32) == pytest.approx(1.19e-6, rel=1e-2)
+
+
+def test_lazy_exports() -> None:
+    assert eqloop.fixed_point is fixed_point
+    assert eqloop.BACKWARD_MODES == ("ift", "phantom", "truncated", "unroll")
+
+
+# ---------------------------------------------------------------------------------------
+# Memory: bytes saved for backward against depth
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ift", "phantom", "truncated"])
+def test_saved_bytes_do_not_grow_with_depth(mode: str) -> None:
+    w, u, x = tanh_params()
+    f = tanh_map(w, u)
+    z0 = torch.zeros(B, D, dtype=F64)
+
+    def run(loops: int) -> int:
+        return saved_bytes(
+            lambda: fixed_point(f, z0, args=(x,), backward=mode, max_iter=loops, tol=0)
+        )
+
+    assert run(64) <= 1.1 * run(8)  # truncated keeps its k=8 loops either way
+
+
+def test_saved_bytes_grow_linearly_when_unrolled() -> None:
+    w, u, x = tanh_params()
+    f = tanh_map(w, u)
+    z0 = torch.zeros(B, D, dtype=F64)
+
+    def run(loops: int) -> int:
+        return saved_bytes(
+            lambda: fixed_point(
+                f, z0, args=(x,), backward="unroll", solver="fixed_point", max_iter=loops, tol=0
+            )
+        )
+
+    per_loop = (run(8) - run(4)) / 4
+    assert per_loop >= B * D * 8  # at least one (B, D) float64 state per loop
+    assert run(64) - run(4) == pytest.approx(60 * per_loop, rel=0.01)
+
+
+# ---------------------------------------------------------------------------------------
+# Failures are reported; bad arguments are named
+# ---------------------------------------------------------------------------------------
+
+
+def test_forward_non_convergence_warns_unless_tol_is_zero() -> None:
+    w, u, x = tanh_params()
+    f = tanh_map(w, u)
+    z0 = torch.zeros(B, D, dtype=F64)
+    with pytest.warns(ConvergenceWarning, match="forward solve .* 'max_iter'"):
+        fixed_point(f, z0, args=(x,), max_iter=2, tol=1e-12)
+    with pytest.warns(ConvergenceWarning, match="unroll"):
+        fixed_point(f, z0, args=(x,), backward="unroll", solver="fixed_point", max_iter=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fixed_point(f, z0, args=(x,), max_iter=2, tol=0)
+        fixed_point(f, z0, args=(x,), max_iter=2, tol=1e-12, check_every=None)
+
+
+def test_adjoint_non_convergence_warns() -> None:
+    w, u, x = tanh_params()
+    z = fixed_point(
+        tanh_map(w, u),
+        torch.zeros(B, D, dtype=F64),
+        args=(x,),
+        backward_max_iter=2,
+        backward_tol=1e-14,
+    )
+    with pytest.warns(ConvergenceWarning, match="adjoint"):
+        z.sum().backward()
+
+
+def test_raise_on_failure_covers_every_solve() -> None:
+    w, u, x = tanh_params()
+    f = tanh_map(w, u)
+    z0 = torch.zeros(B, D, dtype=F64)
+    with pytest.raises(solvers.SolveError):
+        fixed_point(f, z0, args=(x,), max_iter=2, raise_on_failure=True)
+    with pytest.raises(solvers.SolveError):
+        fixed_point(
+            f,
+            z0,
+            args=(x,),
+            backward="unroll",
+            solver="fixed_point",
+            max_iter=2,
+            raise_on_failure=True,
+        )
+    z = fixed_point(
+        f, z0, args=(x,), backward_max_iter=1, backward_tol=1e-14, raise_on_failure=True
+    )
+    with pytest.raises(solvers.SolveError):
+        z.sum().backward()
+
+
+def test_nans_are_not_hidden() -> None:
+    w = torch.full((D, D), math.nan, dtype=F64, requires_grad=True)
+    x = torch.randn(B, D, dtype=F64)
+    with pytest.warns(ConvergenceWarning, match="non-finite"):
+        z = fixed_point(lambda z: z @ w.T + x, torch.zeros(B, D, dtype=F64))
+    assert z.isnan().all()
+
+    w, u, x = tanh_params()
+    z = fixed_point(tanh_map(w, u), torch.zeros(B, D, dtype=F64), args=(x,))
+    with pytest.warns(ConvergenceWarning, match="NaN"):
+        (z * math.nan).sum().backward()
+    assert w.grad.isnan().all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(backward="adjoint"), r"backward must be one of \('ift', 'phantom'"),
+        (dict(solver="newton"), "unknown solver 'newton'"),
+        (dict(m=0), "m .* must be an integer >= 1"),
+        (dict(foo=1), r"unknown option\(s\) \['foo'\]"),
+        (dict(max_iter=0), "max_iter must be an integer >= 1"),
+        (dict(tol=-1.0), "tol must be a finite number >= 0"),
+        (dict(stop_mode="max"), "stop_mode must be 'abs' or 'rel'"),
+        (dict(backward_max_iter=0), "backward_max_iter must be an integer >= 1"),
+        (dict(backward_tol=math.inf), "backward_tol must be a finite number >= 0"),
+        (dict(backward_solver="nope"), "unknown solver 'nope'"),
+        (dict(backward="phantom", phantom_steps=0), "phantom_steps must be an integer >= 1"),
+        (dict(backward="phantom", phantom_steps=2.5), "phantom_steps must be an integer"),
+        (dict(backward="phantom", phantom_tau=0.0), r"phantom_tau must lie in \(0, 1\]"),
+        (dict(backward="phantom", phantom_tau=1.5), r"phantom_tau must lie in \(0, 1\]"),
+        (dict(backward="truncated", truncate_k=0), "truncate_k must be an integer >= 1"),
+        (dict(phantom_steps=3), "phantom_steps applies to backward='phantom' only"),
+        (dict(backward="phantom", truncate_k=3), "truncate_k applies to backward='truncated'"),
+        (dict(backward="unroll", backward_tol=1e-3), "backward_tol applies to backward='ift'"),
+        (dict(backward="unroll"), "backward='unroll' .* solver must be 'fixed_point'"),
+        (dict(backward="unroll", solver="fixed_point", compact=True), r"\['compact'\] do not"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict[str, Any], match: str) -> None:
+    w, u, x = tanh_params()
+    with pytest.raises(ValueError, match=match):
+        fixed_point(tanh_map(w, u), torch.zeros(B, D, dtype=F64), args=(x,), **kwargs)
+
+
+def test_bad_types_are_named() -> None:
+    z0 = torch.zeros(B, D)
+    with pytest.raises(TypeError, match="f must be callable"):
+        fixed_point("f", z0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="z0 must be a floating-point"):
+        fixed_point(lambda z: z, torch.zeros(B, D, dtype=torch.long))
+    with pytest.raises(TypeError, match="backward_solver must be"):
+        fixed_point(lambda z: z, z0, backward_solver=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="hyperparameters belong in its constructor"):
+        fixed_point(lambda z: z, z0, solver=solvers.Anderson(m=3), m=4)
