@@ -71,7 +71,6 @@ __all__ = [
 BACKWARD_MODES: tuple[str, ...] = ("ift", "phantom", "truncated", "unroll")
 """Valid values of ``backward`` in :func:`fixed_point`."""
 
-
 DEFAULT_BACKWARD_MAX_ITER = 100
 """Budget of the ``ift`` adjoint solve, in VJPs (``backward_max_iter=None``)."""
 
@@ -83,6 +82,18 @@ DEFAULT_PHANTOM_TAU = 1.0
 
 DEFAULT_TRUNCATE_K = 8
 """Loops with a graph in the ``truncated`` mode (``truncate_k=None``), Huginn's k."""
+
+
+def default_backward_tol(dtype: torch.dtype) -> float:
+    """Default relative tolerance of the ``ift`` adjoint solve for a state of ``dtype``.
+
+    ``max(1e-10, 10 * eps)``: 1e-10 in float64, about 1.2e-6 in float32, 9.8e-3 in
+    float16 and 7.8e-2 in bfloat16. Ten machine epsilons is about as far as an adjoint
+    residual computed in that precision goes down; float64 stops at 1e-10, where the
+    gradient error is already far below what a float64 comparison resolves.
+    """
+    return max(1e-10, 10 * torch.finfo(dtype).eps)
+
 
 # Driver options of solvers.solve that also configure the ift adjoint solve. ``args``
 # and ``compact`` belong to the forward solve only: the adjoint map is a VJP of the
@@ -157,9 +168,11 @@ def fixed_point(
             ``"fixed_point"`` or a ``solvers.FixedPointIteration`` (its ``tau`` damps
             the unrolled loops).
         backward: one of :data:`BACKWARD_MODES` (see the module docstring).
-        max_iter: budget of f-evaluations of the forward solve (for ``truncated``, of
-            the whole loop: ``max_iter - truncate_k`` without a graph, then
-            ``truncate_k`` with one; for ``unroll``, of the unrolled loop).
+        max_iter: budget of f-evaluations of the forward solve. For ``truncated``, the
+            depth of the whole loop: ``max_iter - truncate_k`` loops of the solver
+            without a graph (it is given one more evaluation to measure the residual of
+            the iterate it returns), then ``truncate_k`` with one. For ``unroll``, the
+            number of unrolled loops.
         tol: tolerance on the residual chosen by ``stop_mode``; ``0`` runs the whole
             budget. ``unroll`` checks it every ``check_every`` loops and stops once every
             sample meets it (samples are not frozen individually).
@@ -246,17 +259,6 @@ def fixed_point(
     return (z, info) if return_result else z
 
 
-def default_backward_tol(dtype: torch.dtype) -> float:
-    """Default relative tolerance of the ``ift`` adjoint solve for a state of ``dtype``.
-
-    ``max(1e-10, 10 * eps)``: 1e-10 in float64, about 1.2e-6 in float32, 9.8e-3 in
-    float16 and 7.8e-2 in bfloat16. Ten machine epsilons is about as far as an adjoint
-    residual computed in that precision goes down; float64 stops at 1e-10, where the
-    gradient error is already far below what a float64 comparison resolves.
-    """
-    return max(1e-10, 10 * torch.finfo(dtype).eps)
-
-
 # ------------------------------------------------------------------------ the four modes
 
 
@@ -312,16 +314,53 @@ def _ift(
     if not _reaches_other_leaves(fz, z_leaf):
         return z_star, info  # nothing in f requires grad: an ordinary constant
 
-    adjoint_driver = {k: run.driver[k] for k in _ADJOINT_DRIVER_OPTIONS if k in run.driver}
+    out = z_star + (fz - fz.detach())
+    # On ``out``, not on ``fz``: the VJPs inside the hook start at ``fz`` and must not
+    # run into the hook again.
+    driver = {k: run.driver[k] for k in _ADJOINT_DRIVER_OPTIONS if k in run.driver}
+    out.register_hook(_AdjointHook(fz, z_leaf, adjoint_solver, max_iter, tol, driver, info))
+    info.grad_steps = 1
+    return out, info
 
-    def vjp(g: Tensor) -> Tensor:
-        (out,) = torch.autograd.grad(fz, z_leaf, g, retain_graph=True, materialize_grads=True)
+
+class _AdjointHook:
+    """Replaces the gradient ``v`` arriving at ``z*`` by the solution of ``g = J^T g + v``.
+
+    Args:
+        fz: (B, ...) ``f(z*)`` with its graph; every VJP reuses it (``retain_graph``).
+        z_leaf: (B, ...) the detached ``z*`` that ``fz`` was computed from.
+        solver: solver of the adjoint fixed point.
+        max_iter: its budget in VJPs.
+        tol: its tolerance on the relative residual.
+        driver: ``solvers.solve`` driver options of the adjoint solve.
+        info: receives the adjoint ``SolveResult`` as ``info.backward``.
+    """
+
+    def __init__(
+        self,
+        fz: Tensor,
+        z_leaf: Tensor,
+        solver: Solver,
+        max_iter: int,
+        tol: float,
+        driver: dict[str, Any],
+        info: FixedPointInfo,
+    ) -> None:
+        self.fz, self.z_leaf, self.solver = fz, z_leaf, solver
+        self.max_iter, self.tol, self.driver, self.info = max_iter, tol, driver, info
+
+    def vjp(self, g: Tensor) -> Tensor:
+        """``J^T g`` for every sample: (B, ...) -> (B, ...)."""
+        (out,) = torch.autograd.grad(
+            self.fz, self.z_leaf, g, retain_graph=True, materialize_grads=True
+        )
         return out
 
-    def adjoint_hook(v: Tensor | None) -> Tensor | None:
+    def __call__(self, v: Tensor | None) -> Tensor | None:
         if v is None:  # an undefined gradient stays undefined
             return None
-        if adjoint_driver.get("check_every", 1) is not None and not bool(v.isfinite().all()):
+        reads_host = self.driver.get("check_every", solvers.Problem.check_every) is not None
+        if reads_host and not bool(v.isfinite().all()):
             warnings.warn(
                 "eqloop.fixed_point: the gradient arriving at z* contains NaN or Inf; "
                 "skipping the adjoint solve and passing it on unchanged",
@@ -330,24 +369,17 @@ def _ift(
             )
             return v
         adjoint = solvers.solve(
-            lambda g: vjp(g) + v,
+            lambda g: self.vjp(g) + v,
             v,
-            adjoint_solver,
-            max_iter=max_iter,
-            tol=tol,
+            self.solver,
+            max_iter=self.max_iter,
+            tol=self.tol,
             stop_mode="rel",
-            **adjoint_driver,
+            **self.driver,
         )
-        info.backward = adjoint
-        _warn_if_failed(adjoint, "adjoint (backward)", tol, adjoint_driver, stacklevel=2)
+        self.info.backward = adjoint
+        _warn_if_failed(adjoint, "adjoint (backward)", self.tol, self.driver, stacklevel=2)
         return adjoint.z
-
-    out = z_star + (fz - fz.detach())
-    # On ``out``, not on ``fz``: the VJPs inside the hook start at ``fz`` and must not
-    # run into the hook again.
-    out.register_hook(adjoint_hook)
-    info.grad_steps = 1
-    return out, info
 
 
 def _phantom(run: _Run, steps: int, tau: float) -> tuple[Tensor, FixedPointInfo]:
@@ -365,9 +397,14 @@ def _phantom(run: _Run, steps: int, tau: float) -> tuple[Tensor, FixedPointInfo]
 
 
 def _truncated(run: _Run, k: int) -> tuple[Tensor, FixedPointInfo]:
-    """``max_iter - k`` loops of the solver without a graph, then ``k`` plain loops."""
+    """``max_iter - k`` loops of the solver without a graph, then ``k`` plain loops.
+
+    The solver gets ``max_iter - k + 1`` evaluations: it returns an iterate whose residual
+    it has measured, so its last evaluation only checks the iterate it returns. With
+    ``solver="fixed_point"`` and ``tol=0`` the value is exactly ``f^max_iter(z0)``.
+    """
     free = run.max_iter - k
-    result = run.solve(free) if free >= 1 else None
+    result = run.solve(free + 1) if free >= 1 else None
     z = run.z0 if result is None else result.z
     tracked = min(k, run.max_iter)
     for _ in range(tracked):
@@ -382,8 +419,8 @@ def _unroll(run: _Run) -> tuple[Tensor, FixedPointInfo]:
     graph; the host reads it only every ``check_every`` loops and only when ``tol > 0``.
     """
     tau = run.solver.tau
-    check_every = run.driver.get("check_every", 1)
-    eps = run.driver.get("eps", 1e-9)
+    check_every = run.driver.get("check_every", solvers.Problem.check_every)
+    eps = run.driver.get("eps", solvers.Problem.eps)
     z = run.z0
     batch = z.shape[0]
     trace = z.new_empty(run.max_iter, batch, 2)
@@ -470,7 +507,7 @@ def _warn_if_failed(
     budget); ``diverged`` and ``non-finite`` always do. Skipped when ``check_every`` is
     ``None``, the caller's request for no host synchronisation.
     """
-    if driver.get("check_every", 1) is None:
+    if driver.get("check_every", solvers.Problem.check_every) is None:
         return
     status = result.status
     if status == Status.CONVERGED.label or (status == Status.MAX_ITER.label and tol == 0):

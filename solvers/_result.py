@@ -86,6 +86,8 @@ class SolveResult:
     def __repr__(self) -> str:
         # The default dataclass repr prints whole tensors; a summary is more useful.
         b = self.converged.shape[0]
+        if self.z.device.type == "meta":  # values cannot be read there
+            return f"SolveResult(solver={self.solver!r}, batch={b}, nfe={self.nfe}, device=meta)"
         return (
             f"SolveResult(solver={self.solver!r}, status={self.status!r}, "
             f"converged={int(self.converged.sum())}/{b}, nfe={self.nfe}, "

@@ -267,6 +267,31 @@ def test_nothing_requiring_grad_gives_a_constant(mode: str) -> None:
     assert not z.requires_grad and info.grad_steps == 0
 
 
+def test_ift_with_a_compacted_forward_solve_and_solver_objects() -> None:
+    """Driver options reach the forward solve; solver objects work on both sides."""
+    w, u, x = tanh_params(seed=9)
+    f = tanh_map(w, u)
+    z0 = torch.zeros(B, D, dtype=F64)
+    z = fixed_point(f, z0, args=(x,), tol=1e-13, max_iter=200, backward_tol=1e-13)
+    want = flat(torch.autograd.grad(z.sum(), (w, u, x)))
+    z, info = fixed_point(
+        f,
+        z0,
+        args=(x,),
+        solver=solvers.Anderson(m=3),
+        tol=1e-13,
+        max_iter=200,
+        compact=True,
+        backward_solver=solvers.Broyden(m=10),
+        backward_tol=1e-13,
+        return_result=True,
+    )
+    got = flat(torch.autograd.grad(z.sum(), (w, u, x)))
+    assert info.forward.sample_evals < info.forward.nfe * B  # the batch was compacted
+    assert info.backward.solver == "broyden"
+    assert rel_err(got, want) < 1e-10
+
+
 def test_ift_map_that_ignores_z() -> None:
     """J = 0: the adjoint is the incoming gradient itself."""
     w = torch.randn(D, D, dtype=F64, requires_grad=True)
