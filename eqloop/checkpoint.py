@@ -241,8 +241,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
             raise CheckpointError(f"checkpoint {ckpt} is incomplete: {name} is missing")
         if verify and _sha256(file) != expected:
             raise CheckpointError(
-                f"checkpoint {ckpt} is corrupted: {name} does not match its SHA-256 in "
-                f"{_MANIFEST}"
+                f"checkpoint {ckpt} is corrupted: {name} does not match its SHA-256 in {_MANIFEST}"
             )
     try:
         weights = load_file(str(ckpt / _WEIGHTS))
@@ -277,5 +276,7 @@ def load_model(
         model = LoopLM(LoopLMConfig.from_dict(model_config))
         model.load_state_dict(ckpt.weights)
     except (ValueError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint {ckpt.path} does not fit its model config: {err}") from err
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} does not fit its model config: {err}"
+        ) from err
     return model.to(device).eval(), ckpt

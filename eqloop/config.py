@@ -69,6 +69,7 @@ class TrainConfig:
     penalty_start: int = 400  # first step with the penalty (paper: after 20% of training)
     penalty_every: int = 1  # apply the penalty every n-th step from penalty_start on
     power_steps: int = 1  # Jacobian products per penalty (paper: 1)
+    penalty_target: float | None = None  # hinge relu(||J v|| - target)^2; None: ||J v||^2
     # -- evaluation, checkpoints, logging ------------------------------------------------
     eval_every: int = 250  # exact-match evaluation every n steps (0: only at the end)
     eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # loop counts
@@ -112,14 +113,21 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.n_train < self.batch_size:
             raise ValueError(f"n_train ({self.n_train}) must be >= batch_size ({self.batch_size})")
-        for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip", "lam"):
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)):
+            raise ValueError(f"lam must be a number in [0, 1], got {self.lam!r}")
+        if not 0 <= self.lam <= 1:
+            raise ValueError(f"lam must lie in [0, 1], got {self.lam!r}")
+        for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        target = self.penalty_target
+        if target is not None and (
+            isinstance(target, bool) or not isinstance(target, (int, float)) or not target >= 0
+        ):
+            raise ValueError(f"penalty_target must be None or a number >= 0, got {target!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not self.lam <= 1:
-            raise ValueError(f"lam must lie in [0, 1], got {self.lam!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.schedule not in SCHEDULES:

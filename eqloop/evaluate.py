@@ -216,7 +216,9 @@ def exact_match(
     predict: Predictor, data: EvalSet, *, decode: str = "greedy", batch_size: int = 1024
 ) -> float:
     """Share of test sequences answered exactly (see :func:`correct_answers`)."""
-    return float(correct_answers(predict, data, decode=decode, batch_size=batch_size).float().mean())
+    return float(
+        correct_answers(predict, data, decode=decode, batch_size=batch_size).float().mean()
+    )
 
 
 # --------------------------------------------------------------------------- diagnostics

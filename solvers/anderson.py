@@ -50,7 +50,7 @@ class Anderson(IterativeSolver):
 
     name = "anderson"
 
-    def __init__(self, m: int = 5, lam: float = 1e-2, tau: float = 1.0) -> None:
+    def __init__(self, m: int = 6, lam: float = 1e-2, tau: float = 1.0) -> None:
         if not isinstance(m, int) or m < 1:
             raise ValueError(f"m (Anderson memory) must be an integer >= 1, got {m!r}")
         if lam < 0:
@@ -81,12 +81,12 @@ class Anderson(IterativeSolver):
             state.zs[:, i] = z
         state.fzs[:, i] = fz
         state.gs[:, i] = g
-        if used == 1:
-            return state, self._mix(z, fz)
         # Broadcast-and-sum beats bmm for these (B, m, n) x (B, n) products on CPU.
         row = (state.gs[:, :used] * g.unsqueeze(1)).sum(dim=2)  # (B, used)
         state.gram[:, i, :used] = row
         state.gram[:, :used, i] = row
+        if used == 1:
+            return state, self._mix(z, fz)
         alpha = self._weights(state.gram[:, :used, :used], state.eye[i, :used], i)
         fzs = state.fzs[:, :used]
         mixed = fzs if self.tau == 1.0 else torch.lerp(state.zs[:, :used], fzs, self.tau)

@@ -1,0 +1,595 @@
+"""Train a LoopLM on arithmetic with STARS: random loop counts plus the Jacobian penalty.
+
+Single process (CPU or one GPU)::
+
+    eqloop train --config add3.json --set lam=0.1 --out-dir runs/stars
+
+Distributed data parallel on one machine, N processes (gloo on CPU, NCCL on GPU)::
+
+    torchrun --standalone --nproc_per_node=2 -m eqloop.cli train --config add3.json --out-dir ddp
+
+Every step draws one loop count ``t`` from the depth sampler (the same ``t`` on every
+rank, logged), runs the model ``t`` loops and minimises
+
+    loss = (1 - lam) * CE(answer tokens) + lam * JSRR(f, z_t.detach())
+
+with the penalty switched on from ``penalty_start`` (plain CE before), using AdamW with a
+linear warm-up, a cosine schedule and gradient clipping. Exact-match accuracy at a few
+loop counts is evaluated every ``eval_every`` steps; checkpoints are written every
+``checkpoint_every`` steps (see :mod:`eqloop.checkpoint`), metrics go to
+``out_dir/metrics.jsonl``.
+
+Data parallelism: the global batch of ``batch_size`` rows does not depend on the number of
+ranks; rank ``r`` of ``N`` trains on rows ``r, r + N, ...`` of it, so N ranks compute the
+gradient of one process (up to summation order and the penalty's random vectors). Only
+rank 0 evaluates, logs and writes; the evaluation metrics are broadcast so that
+``on_eval`` runs on every rank with the same values.
+
+DDP and the penalty: the CE forward goes through the DDP wrapper; the penalty applies the
+core of the underlying module to the detached state ``z_t`` with the injection ``x`` of
+that forward (so its gradient also reaches the embeddings). Both terms enter one backward,
+in which each parameter's gradient is accumulated once and then all-reduced by DDP's
+hooks; the penalty's inner ``autograd.grad`` (with respect to ``z`` only) never runs the
+parameters' accumulators. Every parameter is used by the CE forward, so
+``find_unused_parameters=False``.
+
+Exact resume: the data order, the dropout RNG and the penalty vectors of each step are
+derived from ``(seed, step, rank)``, and the optimiser, scheduler and depth-sampler states
+are checkpointed, so a run interrupted at step k and resumed reaches bit-identical
+weights to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+
+from eqloop.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+)
+from eqloop.config import TrainConfig
+from eqloop.data import IGNORE_INDEX, CharTokenizer, make_arithmetic_dataset, to_tensors
+from eqloop.depth import DepthSampler
+from eqloop.evaluate import EvalSet, evaluate_model, make_test_set
+from eqloop.model import LoopLM
+from eqloop.stars import PenaltySchedule, jsrr_penalty
+
+__all__ = [
+    "OnEval",
+    "batch_rows",
+    "lr_factor",
+    "make_train_tensors",
+    "penalty_overhead",
+    "train",
+    "train_step",
+]
+
+OnEval = Callable[[int, dict[str, Any]], None]
+"""Called as ``on_eval(step, metrics)`` after each periodic evaluation; may raise to stop."""
+
+# Options a resumed run may change; every other field must match the checkpoint's config.
+_RESUME_MAY_CHANGE = frozenset(
+    {"steps", "eval_every", "eval_loops", "n_test", "checkpoint_every", "out_dir", "resume",
+     "device", "progress", "data_cache_dir"}
+)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed that depends on every value (NumPy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence(list(values)).generate_state(2, np.uint64)[0] >> 1)
+
+
+def make_train_tensors(config: TrainConfig) -> tuple[Tensor, Tensor]:
+    """The training split as next-token tensors.
+
+    Returns:
+        ``inputs`` (N, S) and ``targets`` (N, S) int64; targets are -100 on the prompt.
+    """
+    dataset = make_arithmetic_dataset(
+        config.task,
+        config.digits,
+        config.n_train,
+        config.seed,
+        split="train",
+        cache_dir=config.data_cache_dir,
+    )
+    return to_tensors(dataset, CharTokenizer())
+
+
+def batch_rows(step: int, n: int, batch_size: int, seed: int) -> Tensor:
+    """Row indices of the global batch of ``step``: epochs of seeded random permutations.
+
+    Depends only on its arguments, so resuming needs no data-loader state.
+
+    Returns:
+        (batch_size,) int64 indices into the training set; the last ``n % batch_size``
+        rows of each epoch's permutation are skipped.
+    """
+    epoch, index = divmod(step, n // batch_size)
+    generator = torch.Generator().manual_seed(_mix(seed, epoch))
+    return torch.randperm(n, generator=generator)[index * batch_size : (index + 1) * batch_size]
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Learning rate of ``step`` (0-based) relative to ``config.lr``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (
+        1 + math.cos(math.pi * progress)
+    )
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+# ---------------------------------------------------------------------------- one step
+
+
+def _forward(net: nn.Module, inputs: Tensor, loops: int, config: TrainConfig) -> tuple[Tensor, Any]:
+    """Logits (B, S, V) and the LoopInfo of ``loops`` loops with the configured backward.
+
+    ``unroll`` backpropagates through every loop (the paper). The other modes run the
+    ``eqloop.fixed_point`` machinery with the sampled depth as the solver budget
+    (``max_iter``; ``tol=0`` by default, so exactly ``loops`` evaluations) and the
+    plain iteration unless ``backward_options`` names another ``solver``.
+    """
+    if config.backward == "unroll":
+        return net(inputs, loops=loops, return_info=True)
+    options = dict(config.backward_options)
+    solver = options.pop("solver", "fixed_point")
+    tol = options.pop("tol", 0.0)
+    return net(
+        inputs,
+        solver=solver,
+        max_iter=loops,
+        tol=tol,
+        backward=config.backward,
+        return_info=True,
+        **options,
+    )
+
+
+def train_step(
+    net: nn.Module,
+    model: LoopLM,
+    optimizer: torch.optim.Optimizer,
+    inputs: Tensor,
+    targets: Tensor,
+    loops: int,
+    config: TrainConfig,
+    *,
+    penalty_on: bool,
+    generator: torch.Generator | None = None,
+) -> dict[str, float | None]:
+    """One optimisation step; returns (rank-local) loss statistics.
+
+    Args:
+        net: the model to run forward (the DDP wrapper, or ``model`` itself).
+        model: the underlying LoopLM, whose core the penalty differentiates.
+        optimizer: steps ``model``'s parameters.
+        inputs: (B, S) token ids.
+        targets: (B, S) next tokens, -100 where no loss is taken.
+        loops: loop count of this batch.
+        config: supplies ``lam``, ``power_steps``, ``grad_clip`` and ``backward``.
+        penalty_on: add the STARS penalty (weight ``lam``) to the loss.
+        generator: random start vectors of the penalty.
+
+    Returns:
+        ``loss``, ``ce``, ``penalty`` and ``rho`` (the penalty's mean one-step estimate
+        ``||v^T J||``; None when the penalty is off) and the pre-clipping ``grad_norm``.
+    """
+    logits, info = _forward(net, inputs, loops, config)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    loss, penalty, rho = ce, None, None
+    if penalty_on:
+        x = info.x
+        result = jsrr_penalty(
+            lambda z: model.core_step(z, x),
+            info.z,
+            power_steps=config.power_steps,
+            target=config.penalty_target,
+            generator=generator,
+            return_details=True,
+        )
+        loss = (1 - config.lam) * ce + config.lam * result.penalty
+        penalty, rho = float(result.penalty.detach()), float(result.rho.mean())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+    optimizer.step()
+    return {
+        "loss": float(loss.detach()),
+        "ce": float(ce.detach()),
+        "penalty": penalty,
+        "rho": rho,
+        "grad_norm": float(grad_norm),
+    }
+
+
+# ---------------------------------------------------------------------- distributed setup
+
+
+@dataclass(frozen=True)
+class _Env:
+    """Where this process runs: rank, world size, device, and who owns the process group."""
+
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup(device: str) -> _Env:
+    """Join the process group torchrun describes (``WORLD_SIZE > 1``) or run alone."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or dist.is_initialized()
+    owns = distributed and not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    if not cuda:
+        return _Env(rank, world, torch.device("cpu"), owns)
+    if device.startswith("cuda:"):
+        index = torch.device(device).index
+    else:
+        index = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+    torch.cuda.set_device(index)
+    return _Env(rank, world, torch.device("cuda", index), owns)
+
+
+# ------------------------------------------------------------------------------ logging
+
+
+class _MetricsLog:
+    """Append-only JSONL log; on resume, records after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, keep_until: int) -> None:
+        kept = []
+        if keep_until > 0 and path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= keep_until:
+                    kept.append(line + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self._file = path.open("a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _average_over_ranks(stats: dict[str, float | None], env: _Env) -> dict[str, float | None]:
+    """Mean of each statistic over the ranks (None stays None: it is None on every rank)."""
+    keys = [k for k, v in stats.items() if v is not None]
+    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=env.device)
+    dist.all_reduce(values)
+    return {**stats, **dict(zip(keys, (values / env.world).tolist(), strict=True))}
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+    """Raise ``ValueError`` if ``config`` changes fields a resumed run must keep."""
+    current = config.to_dict()
+    changed = sorted(
+        key
+        for key in set(saved) | set(current)
+        if key not in _RESUME_MAY_CHANGE and saved.get(key) != current.get(key)
+    )
+    if changed:
+        raise ValueError(
+            f"cannot resume from {config.out_dir}: the config differs from the checkpoint's in "
+            f"{changed}; only {sorted(_RESUME_MAY_CHANGE)} may change (or use a new out_dir)"
+        )
+
+
+# -------------------------------------------------------------------------------- train
+
+
+@dataclass
+class _State:
+    """The objects a run carries from step to step."""
+
+    model: LoopLM
+    net: nn.Module
+    optimizer: torch.optim.AdamW
+    scheduler: LambdaLR
+    sampler: DepthSampler
+    step: int = 0
+    train_time: float = 0.0
+    last_eval: dict[str, Any] | None = None
+    last_train: dict[str, Any] | None = None
+
+    def metrics(self) -> dict[str, Any]:
+        """The metrics stored with a checkpoint and returned by :func:`train`."""
+        return {
+            "step": self.step,
+            "train_time": self.train_time,
+            "train": self.last_train,
+            "eval": self.last_eval,
+        }
+
+    def save(self, out_dir: Path, config: TrainConfig) -> Path:
+        """Checkpoint the current step (call on rank 0 only)."""
+        return save_checkpoint(
+            out_dir,
+            self.step,
+            weights=self.model.state_dict(),
+            config=config.to_dict(),
+            metrics=self.metrics(),
+            training_state={
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "train_time": self.train_time,
+            },
+        )
+
+
+def _build(config: TrainConfig, env: _Env) -> _State:
+    """Model, DDP wrapper, optimiser, scheduler and sampler, restored if resuming.
+
+    Raises:
+        ValueError: ``out_dir`` holds checkpoints but ``resume`` is off, or the config
+            differs from the checkpoint's in a field that must not change.
+        eqloop.checkpoint.CheckpointError: the checkpoint to resume from is corrupted.
+    """
+    latest = latest_checkpoint(config.out_dir)
+    if latest is not None and not config.resume:
+        raise ValueError(
+            f"{config.out_dir} already holds checkpoints (latest: {latest.name}); set "
+            "resume=true to continue that run or choose another out_dir"
+        )
+    ckpt = load_checkpoint(latest) if latest is not None else None
+    if ckpt is not None:
+        _check_resumable(ckpt.config, config)
+    torch.manual_seed(config.seed)
+    model = LoopLM(config.model).to(env.device)
+    optimizer = _optimizer(model, config)
+    scheduler = LambdaLR(optimizer, partial(lr_factor, config=config))
+    state = _State(model, model, optimizer, scheduler, config.make_sampler())
+    if ckpt is not None:
+        saved = ckpt.training_state(map_location=env.device)
+        model.load_state_dict(ckpt.weights)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state.sampler.load_state_dict(saved["sampler"])
+        state.step, state.train_time = ckpt.step, float(saved["train_time"])
+        state.last_eval, state.last_train = ckpt.metrics.get("eval"), ckpt.metrics.get("train")
+    if env.world > 1:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        state.net = DistributedDataParallel(model, device_ids=device_ids)
+    return state
+
+
+def _evaluate(state: _State, test: EvalSet, config: TrainConfig, env: _Env) -> dict[str, Any]:
+    """Exact match at ``config.eval_loops`` on rank 0, broadcast to every rank."""
+    metrics: list[dict[str, Any] | None] = [None]
+    if env.main:
+        start = time.perf_counter()
+        result = evaluate_model(
+            state.model, test, loops=config.eval_loops, decode="forced", diagnostics=False
+        )
+        accuracy = result["accuracy"]
+        metrics[0] = {
+            "step": state.step,
+            "accuracy": accuracy,
+            "mean_accuracy": sum(accuracy.values()) / len(accuracy),
+            "eval_time": time.perf_counter() - start,
+        }
+        state.model.train()
+    if env.world > 1:
+        dist.broadcast_object_list(metrics, src=0)
+    assert metrics[0] is not None
+    return metrics[0]
+
+
+def train(config: TrainConfig, *, on_eval: OnEval | None = None) -> dict[str, Any]:
+    """Train (or resume) a run; see the module docstring.
+
+    Run under ``torchrun`` for data parallelism; the process group is created here (and
+    destroyed at the end) unless the caller already initialised one.
+
+    Args:
+        config: the run; validated before anything is written.
+        on_eval: called as ``on_eval(step, metrics)`` after every periodic evaluation
+            (``metrics``: ``step``, ``accuracy`` per loop count, ``mean_accuracy``,
+            ``eval_time``). It may raise, e.g. ``optuna.TrialPruned``: the step is then
+            checkpointed and the exception propagates.
+
+    Returns:
+        Final metrics: ``step``, ``train_time`` (seconds, evaluations excluded), ``train``
+        (last step's ``loss``, ``ce``, ``penalty``, ``rho``, ``grad_norm``, ``loops``,
+        ``lr``), ``eval`` (last evaluation) and ``checkpoint`` (path of the last one).
+
+    Raises:
+        ValueError: invalid config (unknown task, ``digits < 1``, ``lam`` outside
+            [0, 1], ...), a model too small for the data, ``batch_size`` not divisible by
+            the number of ranks, or an existing run in ``out_dir`` without ``resume``.
+        eqloop.checkpoint.CheckpointError: the checkpoint to resume from is corrupted.
+    """
+    config.validate()
+    env = _setup(config.device)
+    try:
+        return _train(config, env, on_eval)
+    finally:
+        if env.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, env: _Env, on_eval: OnEval | None) -> dict[str, Any]:
+    if config.batch_size % env.world:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {env.world} ranks")
+    vocab = CharTokenizer().vocab_size
+    if config.model.vocab_size < vocab:
+        raise ValueError(f"model.vocab_size must be >= {vocab} (the tokenizer's vocabulary)")
+    train_x, train_y = make_train_tensors(config)
+    if train_x.shape[1] > config.model.max_seq_len:
+        raise ValueError(
+            f"model.max_seq_len must be >= {train_x.shape[1]} for {config.digits}-digit "
+            f"{config.task}, got {config.model.max_seq_len}"
+        )
+    train_x, train_y = train_x.to(env.device), train_y.to(env.device)
+    test = make_test_set(config).to(env.device)
+    state = _build(config, env)
+    out_dir = Path(config.out_dir)
+    if state.step >= config.steps:
+        return {**state.metrics(), "checkpoint": str(latest_checkpoint(out_dir))}
+
+    log = None
+    if env.main:  # nothing is written before this point
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "config.json", config.to_dict())
+        log = _MetricsLog(out_dir / "metrics.jsonl", keep_until=state.step)
+    schedule = PenaltySchedule(config.penalty_start, config.penalty_every)
+    bar = tqdm(
+        total=config.steps,
+        initial=state.step,
+        disable=not (env.main and config.progress),
+        desc=f"train {out_dir.name}",
+        dynamic_ncols=True,
+    )
+    checkpoint = None
+    try:
+        for step in range(state.step, config.steps):
+            start = time.perf_counter()
+            torch.manual_seed(_mix(config.seed, step, env.rank, 0))  # dropout, if any
+            generator = torch.Generator(env.device).manual_seed(
+                _mix(config.seed, step, env.rank, 1)
+            )
+            rows = batch_rows(step, len(train_x), config.batch_size, config.seed)
+            rows = rows[env.rank :: env.world].to(env.device)
+            loops = state.sampler.sample()
+            lr = state.scheduler.get_last_lr()[0]
+            state.model.train()
+            stats = train_step(
+                state.net,
+                state.model,
+                state.optimizer,
+                train_x[rows],
+                train_y[rows],
+                loops,
+                config,
+                penalty_on=config.lam > 0 and schedule.active(step),
+                generator=generator,
+            )
+            state.scheduler.step()
+            if env.world > 1:
+                stats = _average_over_ranks(stats, env)
+            state.step = step + 1
+            state.train_time += time.perf_counter() - start
+            state.last_train = {**stats, "loops": loops, "lr": lr}
+            if log is not None:
+                log.write({"step": state.step, **state.last_train, "time": state.train_time})
+            bar.update(1)
+            bar.set_postfix(ce=f"{stats['ce']:.3f}", loops=loops, refresh=False)
+
+            if (config.eval_every and state.step % config.eval_every == 0) or (
+                state.step == config.steps
+            ):
+                state.last_eval = _evaluate(state, test, config, env)
+                if log is not None:
+                    log.write({"event": "eval", **state.last_eval})
+                bar.set_postfix(
+                    ce=f"{stats['ce']:.3f}", acc=f"{state.last_eval['mean_accuracy']:.3f}"
+                )
+                if on_eval is not None:
+                    try:
+                        on_eval(state.step, state.last_eval)
+                    except BaseException:
+                        if env.main:
+                            state.save(out_dir, config)
+                        raise
+            if (config.checkpoint_every and state.step % config.checkpoint_every == 0) or (
+                state.step == config.steps
+            ):
+                checkpoint = state.save(out_dir, config) if env.main else None
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    return {**state.metrics(), "checkpoint": str(checkpoint) if checkpoint else None}
+
+
+# ------------------------------------------------------------------------ measurements
+
+
+def penalty_overhead(
+    config: TrainConfig, *, steps: int = 10, warmup: int = 2, loops: int | None = None
+) -> dict[str, float]:
+    """Median time of a training step with and without the STARS penalty.
+
+    Steps with and without the penalty alternate on the same model and batches, so load
+    changes on a shared machine hit both alike. Nothing is written to disk.
+
+    Args:
+        config: model, data and optimiser settings (``out_dir`` is not used).
+        steps: timed steps of each kind.
+        warmup: untimed steps of each kind first.
+        loops: loop count of every step (default: the median of the depth sampler).
+
+    Returns:
+        ``loops``, ``step_time_ce`` and ``step_time_stars`` (seconds) and their
+        ``ratio`` (STARS / CE).
+    """
+    config.validate()
+    loops = config.make_sampler().median() if loops is None else loops
+    train_x, train_y = make_train_tensors(config)
+    torch.manual_seed(config.seed)
+    model = LoopLM(config.model)
+    optimizer = _optimizer(model, config)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(warmup + steps):
+        for penalty_on in (False, True):
+            rows = batch_rows(2 * i + penalty_on, len(train_x), config.batch_size, config.seed)
+            start = time.perf_counter()
+            train_step(
+                model, model, optimizer, train_x[rows], train_y[rows], loops, config,
+                penalty_on=penalty_on,
+            )  # fmt: skip
+            if i >= warmup:
+                times[penalty_on].append(time.perf_counter() - start)
+    ce, stars = statistics.median(times[False]), statistics.median(times[True])
+    return {"loops": loops, "step_time_ce": ce, "step_time_stars": stars, "ratio": stars / ce}

@@ -1,0 +1,185 @@
+"""Tests for eqloop.evaluate and eqloop.checkpoint: exact match, diagnostics, corruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from eqloop.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from eqloop.config import TrainConfig
+from eqloop.evaluate import (
+    EvalSet,
+    correct_answers,
+    equilibrium,
+    equilibrium_diagnostics,
+    evaluate_checkpoint,
+    exact_match,
+    loop_diagnostics,
+    make_test_set,
+    plot_results,
+    quantiles,
+    unrolled,
+)
+from eqloop.model import LoopLM, LoopLMConfig
+
+MODEL = LoopLMConfig(vocab_size=19, d_model=32, n_heads=2, d_ff=64, max_seq_len=16)
+
+
+def reference_greedy(model: LoopLM, prompts: Tensor, n_new: int, loops: int) -> Tensor:
+    """Plain greedy decoding, one token at a time, no shortcuts: (N, n_new)."""
+    seq = prompts
+    with torch.no_grad():
+        for _ in range(n_new):
+            token = model(seq, loops=loops)[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat((seq, token), dim=1)
+    return seq[:, prompts.shape[1] :]
+
+
+def half_right_set(model: LoopLM, loops: int, n: int = 40) -> tuple[EvalSet, Tensor]:
+    """A test set whose references are the model's own greedy output on even rows only.
+
+    Odd rows get one wrong token at a row-dependent position, so the expected verdict is
+    known exactly.
+    """
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 19, (n, 6), generator=generator)
+    targets = reference_greedy(model, prompts, 4, loops)
+    expected = torch.arange(n) % 2 == 0
+    for i in range(1, n, 2):
+        j = i % 4
+        targets[i, j] = (targets[i, j] + 1 - 3) % 16 + 3
+    return EvalSet(prompts, targets), expected
+
+
+@pytest.fixture(scope="module")
+def model() -> LoopLM:
+    torch.manual_seed(0)
+    # A large init makes the untrained model's predictions depend on its input.
+    return LoopLM(LoopLMConfig(**{**MODEL.to_dict(), "init_std": 0.3})).eval()
+
+
+@pytest.mark.parametrize("loops", [1, 3])
+def test_greedy_and_forced_give_the_exact_verdicts(model: LoopLM, loops: int) -> None:
+    data, expected = half_right_set(model, loops)
+    for decode in ("greedy", "forced"):
+        got = correct_answers(unrolled(model, loops), data, decode=decode, batch_size=16)
+        assert torch.equal(got, expected), decode
+    assert exact_match(unrolled(model, loops), data) == 0.5
+
+
+def test_bad_decode_is_rejected(model: LoopLM) -> None:
+    data, _ = half_right_set(model, 1, n=4)
+    with pytest.raises(ValueError, match="unknown decode 'beam'"):
+        exact_match(unrolled(model, 1), data, decode="beam")
+
+
+def test_equilibrium_matches_many_loops_for_a_contractive_core() -> None:
+    torch.manual_seed(1)
+    model = LoopLM(MODEL).eval()  # small init: the core is a strong contraction
+    data, _ = half_right_set(model, 64)
+    many = correct_answers(unrolled(model, 64), data)
+    at_eq = correct_answers(equilibrium(model, "anderson", tol=1e-6), data)
+    assert torch.equal(many, at_eq)
+
+    inputs = data.inputs[:16]
+    diag = loop_diagnostics(model, inputs, [1, 2, 8])
+    assert [d["loops"] for d in diag] == [1, 2, 8]
+    assert diag[2]["step_norm"] < diag[1]["step_norm"]
+    assert all(0 <= d["rho"]["q50"] < 1 and d["rho"]["share_below_1"] == 1.0 for d in diag)
+    eq = equilibrium_diagnostics(model, inputs, "anderson", tol=1e-5)
+    assert eq["converged"] == 1.0 and eq["contraction"]["share_rho_below_1"] == 1.0
+    assert eq["contraction"]["rho"]["q100"] < 1
+
+
+def test_quantiles() -> None:
+    q = quantiles(torch.arange(11.0))
+    assert q["mean"] == 5 and q["q0"] == 0 and q["q50"] == 5 and q["q90"] == 9 and q["q100"] == 10
+
+
+# ------------------------------------------------------------------ checkpoints and eval
+
+
+def write_checkpoint(run: Path, cache: Path, step: int = 7) -> TrainConfig:
+    config = TrainConfig(
+        model=MODEL, digits=2, n_train=128, n_test=32, batch_size=32, out_dir=str(run),
+        data_cache_dir=str(cache),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    save_checkpoint(
+        run,
+        step,
+        weights=LoopLM(MODEL).state_dict(),
+        config=config.to_dict(),
+        metrics={"step": step},
+        training_state={"note": torch.zeros(2)},
+    )
+    return config
+
+
+def test_evaluate_checkpoint_json_and_plot(tmp_path: Path) -> None:
+    config = write_checkpoint(tmp_path / "run", tmp_path / "cache")
+    result = evaluate_checkpoint(
+        tmp_path / "run", loops=[1, 4], solver="anderson", diagnostic_samples=8, rho_iters=6
+    )
+    assert result["step"] == 7 and result["n_test"] == config.n_test
+    assert set(result["accuracy"]) == {"1", "4"}
+    assert [d["loops"] for d in result["diagnostics"]] == [1, 4]
+    eq = result["equilibrium"]
+    assert 0 <= eq["accuracy"] <= 1 and 0 <= eq["contraction"]["share_rho_below_1"] <= 1
+    json.dumps(result)  # serialisable
+    plot = tmp_path / "acc.png"
+    plot_results([result, result], plot)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert len(make_test_set(config)) == config.n_test
+
+
+def test_checkpoint_layout_and_resolution(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_checkpoint(run, tmp_path / "cache", step=3)
+    write_checkpoint(run, tmp_path / "cache", step=5)
+    write_checkpoint(run, tmp_path / "cache", step=5)  # the same step again: replaced
+    assert latest_checkpoint(run) == run / "checkpoints" / "step_00000005"
+    assert resolve_checkpoint(run / "checkpoints") == latest_checkpoint(run)
+    assert resolve_checkpoint(run / "checkpoints" / "step_00000003").name == "step_00000003"
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    ckpt = load_checkpoint(run)
+    assert ckpt.step == 5 and torch.equal(ckpt.training_state()["note"], torch.zeros(2))
+    model, _ = load_model(run)
+    assert not model.training
+    assert latest_checkpoint(tmp_path) is None
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        resolve_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest"])
+def test_damaged_checkpoint_raises_checkpoint_error(tmp_path: Path, damage: str) -> None:
+    run = tmp_path / "run"
+    write_checkpoint(run, tmp_path / "cache")
+    step = latest_checkpoint(run)
+    assert step is not None
+    weights = step / "model.safetensors"
+    if damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        weights.write_bytes(bytes(data))
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "delete":
+        weights.unlink()
+    else:
+        (step / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=str(step)):
+        load_checkpoint(run)
+    with pytest.raises(CheckpointError):
+        evaluate_checkpoint(run, loops=[1], diagnostics=False)

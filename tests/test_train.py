@@ -1,0 +1,319 @@
+"""Tests for eqloop.train: a tiny run, exact resume, bad input, DDP, penalty overhead."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from eqloop.checkpoint import CheckpointError, load_checkpoint
+from eqloop.config import TrainConfig, load_config
+from eqloop.train import batch_rows, lr_factor, penalty_overhead, train, train_step
+
+MODEL = dict(vocab_size=19, d_model=32, n_heads=2, d_ff=64, max_seq_len=16)
+
+
+def tiny_config(tmp: Path, cache: Path, **overrides: Any) -> TrainConfig:
+    """A 2-digit addition run that takes a few seconds on a CPU."""
+    base: dict[str, Any] = dict(
+        model=MODEL,
+        digits=2,
+        n_train=256,
+        n_test=64,
+        batch_size=32,
+        steps=24,
+        lr=3e-3,
+        warmup_steps=4,
+        depth={"kind": "lognormal", "mu": 1.0, "sigma": 0.5, "lo": 1, "hi": 3},
+        penalty_start=6,
+        eval_every=12,
+        eval_loops=[1, 2, 4],
+        checkpoint_every=0,
+        out_dir=str(tmp / "run"),
+        data_cache_dir=str(cache),
+        progress=False,
+    )
+    base.update(overrides)
+    return TrainConfig.from_dict(base)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data-cache")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_checkpoint(a).weights, load_checkpoint(b).weights
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class Stop(Exception):
+    """Raised by on_eval to interrupt a run."""
+
+
+# ------------------------------------------------------------------------ the main path
+
+
+def test_tiny_run_learns_checkpoints_and_resumes_bit_identically(
+    tmp_path: Path, cache: Path
+) -> None:
+    config = tiny_config(tmp_path / "a", cache, model={**MODEL, "dropout": 0.1})
+    seen: list[int] = []
+    result = train(config, on_eval=lambda step, metrics: seen.append(step))
+    assert seen == [12, 24]
+    assert result["step"] == 24 and set(result["eval"]["accuracy"]) == {"1", "2", "4"}
+
+    records = read_jsonl(Path(config.out_dir) / "metrics.jsonl")
+    steps = [r for r in records if "event" not in r]
+    assert [r["step"] for r in steps] == list(range(1, 25))
+    assert all(1 <= r["loops"] <= 3 for r in steps)  # one logged depth per batch
+    assert steps[0]["penalty"] is None and steps[10]["penalty"] is not None  # warm-up
+    first = sum(r["ce"] for r in steps[:3]) / 3
+    last = sum(r["ce"] for r in steps[-3:]) / 3
+    assert last < first - 0.3, (first, last)
+
+    ckpt = load_checkpoint(config.out_dir)
+    assert ckpt.path.name == "step_00000024" and ckpt.step == 24
+    assert {p.name for p in ckpt.path.iterdir()} == {
+        "model.safetensors",
+        "config.json",
+        "metrics.json",
+        "training_state.pt",
+        "manifest.json",
+    }
+    assert TrainConfig.from_dict(ckpt.config) == config
+
+    # Interrupt a second run at step 12 (on_eval raises after the evaluation) ...
+    interrupted = dataclasses.replace(config, out_dir=str(tmp_path / "b"))
+
+    def stop_at_12(step: int, metrics: dict[str, Any]) -> None:
+        if step == 12:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(interrupted, on_eval=stop_at_12)
+    assert load_checkpoint(interrupted.out_dir).step == 12  # saved before propagating
+    # ... and resume it: bit-identical weights and the same metrics history.
+    resumed = train(dataclasses.replace(interrupted, resume=True))
+    assert resumed["step"] == 24
+    assert same_weights(Path(config.out_dir), Path(interrupted.out_dir))
+    strip = [{k: v for k, v in r.items() if "time" not in k} for r in records]
+    again = read_jsonl(Path(interrupted.out_dir) / "metrics.jsonl")
+    assert strip == [{k: v for k, v in r.items() if "time" not in k} for r in again]
+
+    # A finished run resumed again does nothing.
+    assert train(dataclasses.replace(interrupted, resume=True))["step"] == 24
+
+
+def test_backward_modes_other_than_unroll_train(tmp_path: Path, cache: Path) -> None:
+    config = tiny_config(
+        tmp_path, cache, steps=6, eval_every=0, backward="truncated",
+        backward_options={"truncate_k": 1},
+    )  # fmt: skip
+    result = train(config)
+    assert math.isfinite(result["train"]["loss"])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"task": "division"}, "unknown task 'division'"),
+        ({"digits": 0}, "digits must be an integer >= 1"),
+        ({"lam": 1.5}, r"lam must lie in \[0, 1\]"),
+        ({"lam": -0.1}, r"lam must lie in \[0, 1\]"),
+        ({"bogus": 1}, "unknown TrainConfig keys: \\['bogus'\\]; valid keys are"),
+        ({"model": {"d_modle": 8}}, "unknown LoopLMConfig keys"),
+        ({"depth": {"kind": "gaussian"}}, "unknown depth sampler kind"),
+        ({"backward": "adjoint"}, "unknown backward"),
+        ({"eval_loops": []}, "eval_loops"),
+    ],
+)
+def test_bad_config_is_rejected_before_anything_is_written(
+    tmp_path: Path, cache: Path, override: dict[str, Any], message: str
+) -> None:
+    data = {**tiny_config(tmp_path, cache).to_dict(), **override}
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(data)
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [f"{k}={json.dumps(v)}" for k, v in override.items()])
+    ((key, value),) = override.items()
+    if key not in {"bogus", "model"}:  # train() validates a config changed after creation
+        config = tiny_config(tmp_path, cache)
+        setattr(config, key, value)
+        with pytest.raises(ValueError, match=message):
+            train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_and_overrides(tmp_path: Path) -> None:
+    file = tmp_path / "c.json"
+    file.write_text(
+        json.dumps({"lam": 0.2, "model": {"d_model": 32}, "depth": {"kind": "fixed", "t": 4}})
+    )
+    config = load_config(
+        file, ["model.n_heads=2", "depth.t=6", "task=addition", "eval_loops=[1,3]"]
+    )
+    assert (config.lam, config.model.d_model, config.model.n_heads) == (0.2, 32, 2)
+    assert config.depth == {"kind": "fixed", "t": 6} and config.eval_loops == [1, 3]
+    toml = tmp_path / "c.toml"
+    toml.write_text("lam = 0.3\n[model]\nd_model = 32\n")
+    assert load_config(toml).lam == 0.3
+    file.write_text(json.dumps({"lamda": 0.2}))
+    with pytest.raises(ValueError, match=r"unknown TrainConfig keys .*\['lamda'\]; valid keys"):
+        load_config(file)
+    with pytest.raises(ValueError, match="must look like key=value"):
+        load_config(None, ["lam"])
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path, cache: Path) -> None:
+    config = tiny_config(tmp_path, cache, steps=2, eval_every=0)
+    train(config)
+    before = {p: p.read_bytes() for p in Path(config.out_dir).rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(config)
+    with pytest.raises(ValueError, match=r"differs from the checkpoint's in \['lr'\]"):
+        train(dataclasses.replace(config, resume=True, lr=1e-2))
+    after = {p: p.read_bytes() for p in Path(config.out_dir).rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_corrupted_checkpoint_is_reported_and_nothing_is_overwritten(
+    tmp_path: Path, cache: Path
+) -> None:
+    config = tiny_config(tmp_path, cache, steps=2, eval_every=0)
+    train(config)
+    weights = load_checkpoint(config.out_dir).path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    before = {p: p.read_bytes() for p in Path(config.out_dir).rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="corrupted: model.safetensors"):
+        train(dataclasses.replace(config, resume=True, steps=4))
+    after = {p: p.read_bytes() for p in Path(config.out_dir).rglob("*") if p.is_file()}
+    assert before == after
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def test_batch_rows_are_deterministic_epochs() -> None:
+    n, batch = 100, 32  # 3 batches per epoch, 4 rows skipped
+    epoch = torch.cat([batch_rows(s, n, batch, seed=1) for s in range(3)])
+    assert len(set(epoch.tolist())) == 96
+    assert torch.equal(batch_rows(4, n, batch, seed=1), batch_rows(4, n, batch, seed=1))
+    assert not torch.equal(batch_rows(3, n, batch, seed=1), batch_rows(0, n, batch, seed=1))
+
+
+def test_lr_schedule_warms_up_then_decays(tmp_path: Path, cache: Path) -> None:
+    config = tiny_config(tmp_path, cache, steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, config) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+    constant = dataclasses.replace(config, schedule="constant")
+    assert lr_factor(50, constant) == 1.0
+
+
+def test_penalty_overhead_helper(tmp_path: Path, cache: Path) -> None:
+    config = tiny_config(tmp_path, cache)
+    result = penalty_overhead(config, steps=3, warmup=1, loops=2)
+    assert result["loops"] == 2 and result["ratio"] > 0
+    assert result["step_time_stars"] > 0 and result["step_time_ce"] > 0
+
+
+# ----------------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig, out: str) -> None:
+    """One rank: check DDP gradients with the penalty, then run train()."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from eqloop.model import LoopLM
+        from eqloop.train import _optimizer, make_train_tensors
+
+        torch.manual_seed(0)
+        model = LoopLM(config.model)
+        reference = LoopLM(config.model)
+        reference.load_state_dict(model.state_dict())
+        net = DistributedDataParallel(model)
+        x, y = make_train_tensors(config)
+        rows = slice(8 * rank, 8 * rank + 8)
+        step_config = dataclasses.replace(config, grad_clip=0.0, lam=0.3)
+        for module, runner in ((model, net), (reference, reference)):
+            optimizer = _optimizer(module, step_config)
+            generator = torch.Generator().manual_seed(100 + rank)
+            train_step(
+                runner, module, optimizer, x[rows], y[rows], 3, step_config,
+                penalty_on=True, generator=generator,
+            )  # fmt: skip
+        # DDP's gradient must be the mean over ranks of the local CE + penalty gradients.
+        ok = True
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            expected = q.grad.clone()
+            dist.all_reduce(expected)
+            ok &= torch.allclose(p.grad, expected / world, atol=1e-6, rtol=1e-5)
+        result = train(config)
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"grads_ok": bool(ok), **result}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_gloo(tmp_path: Path, cache: Path) -> None:
+    config = tiny_config(tmp_path, cache, steps=6, eval_every=3, lam=0.0)
+    single = train(dataclasses.replace(config, out_dir=str(tmp_path / "single")))
+    mp.spawn(_ddp_worker, args=(2, _free_port(), config, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["grads_ok"] for r in ranks)
+    assert ranks[0]["checkpoint"] and ranks[1]["checkpoint"] is None  # only rank 0 writes
+    assert ranks[0]["eval"] == ranks[1]["eval"]  # broadcast to every rank
+    # Without the penalty, 2 ranks x 16 rows compute the gradient of one process x 32 rows.
+    ddp = load_checkpoint(config.out_dir).weights
+    one = load_checkpoint(single["checkpoint"]).weights
+    assert all(torch.allclose(ddp[k], one[k], atol=1e-5) for k in ddp)
+
+
+@pytest.mark.slow
+def test_torchrun_command_from_the_docstring(tmp_path: Path, cache: Path) -> None:
+    config = tiny_config(tmp_path, cache, steps=4, eval_every=0)
+    file = tmp_path / "cfg.json"
+    file.write_text(json.dumps(config.to_dict()))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "eqloop.cli", "train", "--config", str(file), "--out-dir", str(tmp_path / "ddp"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "ddp").step == 4
