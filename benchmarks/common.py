@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from eqloop.checkpoint import write_json_atomic
+
+__all__ = ["PeakMemory", "format_table", "machine_info", "median_time", "write_json_atomic"]
 
 
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -105,21 +106,6 @@ def _fmt(value: Any, spec: str) -> str:
     if isinstance(value, float) and spec and not spec.endswith("s"):
         return format(value, spec)
     return format(value, spec) if spec else str(value)
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def machine_info() -> dict[str, Any]:

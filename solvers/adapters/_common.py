@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
-from .._base import Problem
+from .._base import Problem, Solver
 
 
 def merge_hyperparameters(
@@ -52,3 +52,38 @@ class CountingMap:
                 "a fixed-point map must return a tensor of its input's shape"
             )
         return fz
+
+
+class ExternalSolver(Solver):
+    """A solver from another package, picked by ``kind`` from the subclass's ``KINDS``.
+
+    Args:
+        kind: which of the package's solvers.
+        **hyperparameters: passed to it under the package's names.
+    """
+
+    #: the package's prefix in registered names, e.g. ``"torchdeq"``.
+    PACKAGE: ClassVar[str] = ""
+    #: solver name -> its hyperparameters and their defaults.
+    KINDS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, kind: str, **hyperparameters: Any) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(
+                f"unknown {self.PACKAGE} solver {kind!r}; choose from {sorted(self.KINDS)}"
+            )
+        self.kind = kind
+        self.name = f"{self.PACKAGE}.{kind}"
+        self.options = merge_hyperparameters(self.name, self.KINDS[kind], hyperparameters)
+
+    @classmethod
+    def factory(cls, kind: str) -> Callable[..., ExternalSolver]:
+        """A registry factory for ``kind``."""
+
+        def make(**hyperparameters: Any) -> ExternalSolver:
+            return cls(kind, **hyperparameters)
+
+        return make
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return dict(self.options)

@@ -8,19 +8,18 @@ reference for comparison, not a fast path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from .._base import Problem, Solver
+from .._base import Problem
 from .._driver import residuals, result_from_trace
 from .._result import SolveResult
-from ._common import CountingMap, merge_hyperparameters, reject_compaction
+from ._common import CountingMap, ExternalSolver, reject_compaction
 
 
-class SciPySolver(Solver):
+class SciPySolver(ExternalSolver):
     """``scipy.optimize.anderson`` or ``scipy.optimize.broyden1``.
 
     Args:
@@ -29,29 +28,11 @@ class SciPySolver(Solver):
             makes the initial Jacobian of ``g`` equal to ``-I``, right for a fixed point.
     """
 
+    PACKAGE = "scipy"
     KINDS: ClassVar[dict[str, dict[str, Any]]] = {
         "anderson": {"alpha": 1.0, "M": 5, "w0": 0.01, "line_search": "armijo"},
         "broyden1": {"alpha": 1.0, "max_rank": None, "line_search": "armijo"},
     }
-
-    def __init__(self, kind: str, **hyperparameters: Any) -> None:
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown SciPy solver {kind!r}; choose from {sorted(self.KINDS)}")
-        self.kind = kind
-        self.name = f"scipy.{kind}"
-        self.options = merge_hyperparameters(self.name, self.KINDS[kind], hyperparameters)
-
-    @classmethod
-    def factory(cls, kind: str) -> Callable[..., SciPySolver]:
-        """A registry factory for ``kind``."""
-
-        def make(**hyperparameters: Any) -> SciPySolver:
-            return cls(kind, **hyperparameters)
-
-        return make
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return dict(self.options)
 
     def run(self, problem: Problem) -> SolveResult:
         reject_compaction(problem, self.name)

@@ -7,16 +7,15 @@ below tolerance; per-sample step counts are taken from its trace.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
-from .._base import Problem, Solver
+from .._base import Problem
 from .._driver import result_from_trace
 from .._result import SolveResult
-from ._common import CountingMap, merge_hyperparameters, reject_compaction
+from ._common import CountingMap, ExternalSolver, reject_compaction
 
 
-class TorchDEQSolver(Solver):
+class TorchDEQSolver(ExternalSolver):
     """One of torchdeq's solvers (``fixed_point_iter``, ``anderson``, ``broyden``).
 
     Args:
@@ -24,31 +23,13 @@ class TorchDEQSolver(Solver):
         **hyperparameters: passed to it under torchdeq's names (see ``KINDS``).
     """
 
+    PACKAGE = "torchdeq"
     #: torchdeq solver name -> its hyperparameters and their torchdeq defaults.
     KINDS: ClassVar[dict[str, dict[str, Any]]] = {
         "fixed_point_iter": {"tau": 1.0},
         "anderson": {"m": 6, "lam": 1e-4, "tau": 1.0},
         "broyden": {"LBFGS_thres": None, "ls": False},
     }
-
-    def __init__(self, kind: str, **hyperparameters: Any) -> None:
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown torchdeq solver {kind!r}; choose from {sorted(self.KINDS)}")
-        self.kind = kind
-        self.name = f"torchdeq.{kind}"
-        self.options = merge_hyperparameters(self.name, self.KINDS[kind], hyperparameters)
-
-    @classmethod
-    def factory(cls, kind: str) -> Callable[..., TorchDEQSolver]:
-        """A registry factory for ``kind``."""
-
-        def make(**hyperparameters: Any) -> TorchDEQSolver:
-            return cls(kind, **hyperparameters)
-
-        return make
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return dict(self.options)
 
     def run(self, problem: Problem) -> SolveResult:
         reject_compaction(problem, self.name)
