@@ -134,6 +134,25 @@ def unrolled(model: LoopLM, loops: int) -> Predictor:
     return lambda tokens: model(tokens, loops=loops)
 
 
+def solve_core(
+    model: LoopLM,
+    x: Tensor,
+    solver: str,
+    max_iter: int,
+    tol: float,
+    stop_mode: str,
+    solver_options: dict[str, Any],
+) -> solvers.SolveResult:
+    """Solve the model's core to equilibrium for the injected input ``x`` (B, S, d).
+
+    Converged sequences leave the working batch early (``compact=True``).
+    """
+    return solvers.solve(
+        model.core_step, model.initial_state(x), solver, max_iter=max_iter, tol=tol,
+        stop_mode=stop_mode, args=(x,), compact=True, **solver_options,
+    )
+
+
 def equilibrium(
     model: LoopLM,
     solver: str,
@@ -150,17 +169,7 @@ def equilibrium(
 
     def predict(tokens: Tensor) -> Tensor:
         x = model.inject(tokens)
-        result = solvers.solve(
-            model.core_step,
-            model.initial_state(x),
-            solver,
-            max_iter=max_iter,
-            tol=tol,
-            stop_mode=stop_mode,
-            args=(x,),
-            compact=True,
-            **solver_options,
-        )
+        result = solve_core(model, x, solver, max_iter, tol, stop_mode, solver_options)
         return model.readout(result.z)
 
     return predict
@@ -321,17 +330,7 @@ def equilibrium_diagnostics(
     """
     with torch.no_grad():
         x = model.inject(inputs)
-        result = solvers.solve(
-            model.core_step,
-            model.initial_state(x),
-            solver,
-            max_iter=max_iter,
-            tol=tol,
-            stop_mode=stop_mode,
-            args=(x,),
-            compact=True,
-            **solver_options,
-        )
+        result = solve_core(model, x, solver, max_iter, tol, stop_mode, solver_options)
         rho = spectral_radius(
             lambda z: model.core_step(z, x), result.z, rho_method, rho_iters, generator=generator
         )
