@@ -8,6 +8,13 @@ Distributed data parallel on one machine, N processes (gloo on CPU, NCCL on GPU)
 
     torchrun --standalone --nproc_per_node=2 -m eqloop.cli train --config add3.json --out-dir ddp
 
+CPU recipe (3-digit addition, reversed answers; about 3-4 minutes on 2 cores, >= 98% exact
+match from 4 to 128 loops and at equilibrium): the TrainConfig defaults (d=64, 8 heads,
+prelude + one post-sandwich core block + coda, init_std 0.1, AdamW lr 3e-3, batch 64,
+1500 steps, lam 0.1 from step 400) with the sampler narrowed to what a CPU affords::
+
+    eqloop train --set 'depth={"kind": "lognormal", "mu": 2.0, "sigma": 0.7, "lo": 1, "hi": 16}'
+
 Every step draws one loop count ``t`` from the depth sampler (the same ``t`` on every
 rank, logged), runs the model ``t`` loops and minimises
 
