@@ -289,7 +289,6 @@ def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig, out: str)
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_ddp_two_ranks_gloo(tmp_path: Path, cache: Path) -> None:
     config = tiny_config(tmp_path, cache, steps=6, eval_every=3, lam=0.0)
     single = train(dataclasses.replace(config, out_dir=str(tmp_path / "single")))
