@@ -17,12 +17,32 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_parser", "main"]
+__all__ = ["add_config_arguments", "build_parser", "main"]
 
 # Copies of eqloop.evaluate.DECODES / DEFAULT_LOOPS (checked by the tests), so that
 # building the parser and --help do not import torch, datasets and the solvers.
 _DECODES = ("greedy", "forced")
 _DEFAULT_LOOPS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, file_help: str, example: str) -> None:
+    """Add the ``--config FILE`` and repeatable ``--set KEY=VALUE`` options to a CLI.
+
+    Args:
+        parser: the (sub)command's parser; ``--set`` values land in ``overrides``.
+        file_help: help text of ``--config``.
+        example: example overrides shown in the help of ``--set``.
+    """
+    parser.add_argument("--config", type=Path, help=file_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a field (JSON value or string); dotted keys reach nested fields, "
+        f"e.g. {example}",
+    )
 
 
 def _add_train(sub: Any) -> None:
@@ -36,15 +56,10 @@ def _add_train(sub: Any) -> None:
             "DistributedDataParallel."
         ),
     )
-    p.add_argument("--config", type=Path, help="JSON or TOML file with TrainConfig fields")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field (JSON value or string); dotted keys reach nested fields, "
-        'e.g. --set model.d_model=64 --set depth.hi=16 --set \'depth={"kind":"fixed","t":8}\'',
+    add_config_arguments(
+        p,
+        file_help="JSON or TOML file with TrainConfig fields",
+        example='--set model.d_model=64 --set depth.hi=16 --set \'depth={"kind":"fixed","t":8}\'',
     )
     p.add_argument("--out-dir", help="run directory (checkpoints, metrics.jsonl)")
     p.add_argument("--steps", type=int, help="optimisation steps")

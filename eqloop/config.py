@@ -23,7 +23,7 @@ from eqloop.depth import make_depth_sampler
 from eqloop.implicit import BACKWARD_MODES
 from eqloop.model import LoopLMConfig
 
-__all__ = ["SCHEDULES", "TrainConfig", "apply_overrides", "load_config"]
+__all__ = ["SCHEDULES", "TrainConfig", "apply_overrides", "load_config", "read_config_file"]
 
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
@@ -231,6 +231,39 @@ def _read_toml(file: Path) -> Any:
     return tomllib.loads(file.read_text())
 
 
+def read_config_file(
+    path: str | os.PathLike[str], valid: Mapping[str, Any], *, kind: str, toml: bool
+) -> dict[str, Any]:
+    """The top-level object of a config file, checked against the valid keys.
+
+    Args:
+        path: a ``.json`` file, or ``.toml`` when ``toml`` is true.
+        valid: the defaults; only their keys may appear in the file.
+        kind: the config's name in the unknown-keys message (``"TrainConfig"``).
+        toml: accept TOML files.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: unreadable file, not an object, or unknown keys.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no such config file: {file}")
+    try:
+        is_toml = toml and file.suffix == ".toml"
+        loaded = _read_toml(file) if is_toml else json.loads(file.read_text())
+    except ValueError as err:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ValueError(f"cannot parse config file {file}: {err}") from err
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {file} must hold an object{'/table' if toml else ''}")
+    unknown = sorted(set(loaded) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown {kind} keys in {file}: {unknown}; valid keys are {sorted(valid)}"
+        )
+    return loaded
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()
 ) -> TrainConfig:
@@ -248,20 +281,7 @@ def load_config(
     """
     data: dict[str, Any] = TrainConfig().to_dict()
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"no such config file: {file}")
-        try:
-            loaded = _read_toml(file) if file.suffix == ".toml" else json.loads(file.read_text())
-        except ValueError as err:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-            raise ValueError(f"cannot parse config file {file}: {err}") from err
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {file} must hold an object/table")
-        unknown = sorted(set(loaded) - set(data))
-        if unknown:
-            raise ValueError(
-                f"unknown TrainConfig keys in {file}: {unknown}; valid keys are {sorted(data)}"
-            )
+        loaded = read_config_file(path, data, kind="TrainConfig", toml=True)
         model = {**data["model"], **loaded.pop("model", {})}
         data.update(loaded, model=model)
     return TrainConfig.from_dict(apply_overrides(data, overrides))

@@ -98,7 +98,8 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from eqloop.checkpoint import CHECKPOINT_DIR, write_json_atomic
-from eqloop.config import TrainConfig, apply_overrides, load_config
+from eqloop.cli import add_config_arguments
+from eqloop.config import TrainConfig, apply_overrides, load_config, read_config_file
 
 __all__ = [
     "DEFAULT_RANGES",
@@ -510,21 +511,7 @@ def load_tune_config(
     """
     data = TuneConfig().to_dict()
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"no such tune config file: {file}")
-        try:
-            loaded = json.loads(file.read_text())
-        except ValueError as err:
-            raise ValueError(f"cannot parse tune config file {file}: {err}") from err
-        if not isinstance(loaded, dict):
-            raise ValueError(f"tune config file {file} must hold a JSON object")
-        unknown = sorted(set(loaded) - set(data))
-        if unknown:
-            raise ValueError(
-                f"unknown tune config keys in {file}: {unknown}; valid keys are {sorted(data)}"
-            )
-        data.update(loaded)
+        data.update(read_config_file(path, data, kind="tune config", toml=False))
     return TuneConfig.from_dict(apply_overrides(data, overrides))
 
 
@@ -1471,15 +1458,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", type=Path, help="JSON file with TuneConfig fields")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field, e.g. --set base.steps=300 --set space.lam.high=0.5 "
-        "--set loops=[8,16,32]",
+    add_config_arguments(
+        p,
+        file_help="JSON file with TuneConfig fields",
+        example="--set base.steps=300 --set space.lam.high=0.5 --set loops=[8,16,32]",
     )
     p.add_argument("--base-config", help="TrainConfig file (JSON/TOML) with the fixed settings")
     p.add_argument("--study-name", help="study name (default stars-lam)")
