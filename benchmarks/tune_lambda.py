@@ -1,14 +1,16 @@
 """A small real Optuna study of the STARS penalty weight lam on 3-digit addition.
 
-Every trial trains a small post-sandwich LoopLM (d=64, 4 heads, FFN 256) on 3-digit
-addition with the STARS loss ``(1 - lam) * CE + lam * JSRR`` (penalty from 25 % of the
-steps on) and random loop counts ``clamp(round(LogNormal(1.5, 0.5)), 1, 12)`` (median 4
-loops). The objective is the mean exact-match accuracy at 4, 8, 16 and 32 loops, i.e. up
-to 8x the typical training depth. The first trials are a log-spaced grid of lam over
-[1e-3, 1] (they also give the median pruner its reference); TPE proposes the rest, and
-the median pruner stops a trial whose accuracy falls below the median of the earlier
-trials at the same step. All trials share one seed (same data, initialisation and depth
-draws), so they differ only in lam.
+Every trial trains the CPU recipe of ``benchmarks/stars_scaling.py`` (the TrainConfig
+default LoopLM: d=64, 8 heads, FFN 256, prelude and coda around one post-sandwich core
+block, init std 0.1; AdamW lr 3e-3, batch 64, 1500 steps) on 3-digit addition with the
+STARS loss ``(1 - lam) * CE + lam * JSRR`` (penalty from step 300 on) and random loop
+counts ``clamp(round(LogNormal(2, 0.7)), 1, 16)``. The objective is the mean exact-match
+accuracy at 4, 8, ..., 128 loops, i.e. up to 8x the deepest training draw. The first
+trials are a log-spaced grid of lam over [1e-3, 1] (they also give the median pruner its
+reference); TPE proposes the rest, and the median pruner stops a trial whose accuracy
+falls below the median of the earlier trials at the same evaluation (from step 750 on).
+All trials share one seed (same data, initialisation and depth draws), so they differ
+only in lam.
 
 Prints the trials sorted by lam, names the best lam, and reports the compute saved by
 pruning (steps the pruned trials ran versus the steps they would have run). Writes a
@@ -17,7 +19,7 @@ plus the study's own outputs (best_params.json, trials.csv, history.png) from
 ``eqloop.tune``.
 
 Usage:
-    python benchmarks/tune_lambda.py                  # full: 12 trials x 1200 steps
+    python benchmarks/tune_lambda.py                  # full: 12 trials x 1500 steps
     python benchmarks/tune_lambda.py --quick --json out.json --plot out.png
     optuna-dashboard sqlite:///runs/bench/tune_lambda/study.db   # browse the study
 
@@ -48,22 +50,22 @@ from eqloop.tune import TuneConfig, load_study, pruning_savings, run_study
 FULL: dict[str, Any] = {
     "n_trials": 12,
     "grid": 4,
-    "loops": [4, 8, 16, 32],
-    "base": {
+    "loops": [4, 8, 16, 32, 64, 128],
+    "base": {  # the CPU recipe of benchmarks/stars_scaling.py (model: TrainConfig defaults)
         "digits": 3,
         "n_train": 20000,
         "n_test": 500,
         "batch_size": 64,
-        "steps": 1200,
-        "lr": 1e-3,
-        "warmup_steps": 100,
+        "steps": 1500,
+        "lr": 3e-3,
+        "warmup_steps": 75,
         "penalty_start": 300,
-        "eval_every": 200,
+        "eval_every": 250,
         "checkpoint_every": 0,
-        "depth": {"kind": "lognormal", "mu": 1.5, "sigma": 0.5, "lo": 1, "hi": 12},
-        "model": {"d_model": 64, "n_heads": 4, "d_ff": 256},
+        "seed": 2,
+        "depth": {"kind": "lognormal", "mu": 2.0, "sigma": 0.7, "lo": 1, "hi": 16},
     },
-    "pruner_options": {"n_startup_trials": 4, "n_warmup_steps": 200},
+    "pruner_options": {"n_startup_trials": 4, "n_warmup_steps": 750},
 }
 QUICK: dict[str, Any] = {
     "n_trials": 4,

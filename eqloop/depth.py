@@ -204,14 +204,8 @@ class DepthSampler(abc.ABC):
         return f"{type(self).__name__}({args}, seed={self.seed})"
 
 
-class LogNormalDepth(DepthSampler):
-    """``t = clamp(round(LogNormal(mu, sigma)), lo, hi)`` (STARS), rounding halves up.
-
-    ``mu`` and ``sigma`` are the mean and standard deviation of ``log X``; the unclamped
-    median is ``round(exp(mu))`` (7 for the STARS defaults ``mu=2, sigma=0.7``).
-    """
-
-    kind = "lognormal"
+class _LogNormalFamily(DepthSampler):
+    """Shared parameters of the samplers built on ``LogNormal(mu, sigma)``."""
 
     def __init__(
         self, *, mu: float = 2.0, sigma: float = 0.7, lo: int = 1, hi: int = 100, seed: int
@@ -220,6 +214,19 @@ class LogNormalDepth(DepthSampler):
         self.mu = _as_float("mu", mu)
         self.sigma = _as_float("sigma", sigma)
         _check_sigma(self.sigma)
+
+    def params(self) -> dict[str, Any]:
+        return {"mu": self.mu, "sigma": self.sigma, "lo": self.lo, "hi": self.hi}
+
+
+class LogNormalDepth(_LogNormalFamily):
+    """``t = clamp(round(LogNormal(mu, sigma)), lo, hi)`` (STARS), rounding halves up.
+
+    ``mu`` and ``sigma`` are the mean and standard deviation of ``log X``; the unclamped
+    median is ``round(exp(mu))`` (7 for the STARS defaults ``mu=2, sigma=0.7``).
+    """
+
+    kind = "lognormal"
 
     def _draw(self) -> int:
         x = self._rng.lognormal(self.mu, self.sigma)
@@ -230,11 +237,8 @@ class LogNormalDepth(DepthSampler):
         # round(X) <= k  <=>  X < k + 1/2  <=>  log X < log(k + 1/2)
         return special.ndtr((np.log(depths + 0.5) - self.mu) / self.sigma)
 
-    def params(self) -> dict[str, Any]:
-        return {"mu": self.mu, "sigma": self.sigma, "lo": self.lo, "hi": self.hi}
 
-
-class PoissonLogNormalDepth(DepthSampler):
+class PoissonLogNormalDepth(_LogNormalFamily):
     """``t = clamp(Poisson(LogNormal(mu, sigma)), lo, hi)`` (Huginn).
 
     The distribution has no closed form; it is integrated over the log-normal rate
@@ -243,14 +247,6 @@ class PoissonLogNormalDepth(DepthSampler):
     """
 
     kind = "poisson_lognormal"
-
-    def __init__(
-        self, *, mu: float = 2.0, sigma: float = 0.7, lo: int = 1, hi: int = 100, seed: int
-    ) -> None:
-        super().__init__(lo=lo, hi=hi, seed=seed)
-        self.mu = _as_float("mu", mu)
-        self.sigma = _as_float("sigma", sigma)
-        _check_sigma(self.sigma)
 
     def _draw(self) -> int:
         rate = min(self._rng.lognormal(self.mu, self.sigma), _MAX_POISSON_RATE)
@@ -298,9 +294,6 @@ class PoissonLogNormalDepth(DepthSampler):
             - rates * poisson.cdf(self.lo - 2)
         )
         return float(weights @ clamped_mean)
-
-    def params(self) -> dict[str, Any]:
-        return {"mu": self.mu, "sigma": self.sigma, "lo": self.lo, "hi": self.hi}
 
 
 class UniformDepth(DepthSampler):
