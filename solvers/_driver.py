@@ -241,14 +241,16 @@ def _stopping(
     """
     n = res_trace.shape[1]
     stopped = ~((res_trace > tol) & (abs_trace <= diverge_limit.unsqueeze(1)))
-    any_stop = stopped.any(dim=1)
-    first = stopped.to(torch.uint8).argmax(dim=1)
-    nstep = torch.where(any_stop, first + 1, torch.full_like(first, n))
-    res_at_stop = res_trace.gather(1, first.unsqueeze(1)).squeeze(1)
-    code = torch.full_like(first, int(Status.MAX_ITER))
-    code = torch.where(any_stop, torch.full_like(code, int(Status.DIVERGED)), code)
-    code = torch.where(any_stop & ~torch.isfinite(res_at_stop), int(Status.NON_FINITE), code)
-    code = torch.where(any_stop & (res_at_stop <= tol), int(Status.CONVERGED), code)
+    first = stopped.to(torch.uint8).argmax(dim=1, keepdim=True)  # 0 when never stopped
+    any_stop = stopped.gather(1, first).squeeze(1)
+    res_at_stop = res_trace.gather(1, first).squeeze(1)
+    nstep = torch.where(any_stop, first.squeeze(1) + 1, n)
+    code = torch.where(
+        res_at_stop <= tol,
+        int(Status.CONVERGED),
+        torch.where(torch.isfinite(res_at_stop), int(Status.DIVERGED), int(Status.NON_FINITE)),
+    )
+    code = torch.where(any_stop, code, int(Status.MAX_ITER))
     return nstep, code.to(torch.int8)
 
 
