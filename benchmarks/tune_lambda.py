@@ -5,12 +5,13 @@ default LoopLM: d=64, 8 heads, FFN 256, prelude and coda around one post-sandwic
 block, init std 0.1; AdamW lr 3e-3, batch 64, 1500 steps) on 3-digit addition with the
 STARS loss ``(1 - lam) * CE + lam * JSRR`` (penalty from step 300 on) and random loop
 counts ``clamp(round(LogNormal(2, 0.7)), 1, 16)``. The objective is the mean exact-match
-accuracy at 4, 8, ..., 128 loops, i.e. up to 8x the deepest training draw. The first
-trials are a log-spaced grid of lam over [1e-3, 1] (they also give the median pruner its
-reference); TPE proposes the rest, and the median pruner stops a trial whose accuracy
-falls below the median of the earlier trials at the same evaluation (from step 750 on).
-All trials share one seed (same data, initialisation and depth draws), so they differ
-only in lam.
+accuracy at 4, 8, ..., 128 loops, i.e. up to 8x the deepest training draw. The first six
+trials are a log-spaced grid of lam over [1e-3, 1]; TPE proposes the rest. A percentile
+pruner (10th percentile, from the fourth trial and step 500 on) stops a trial whose
+accuracy falls below nearly all earlier trials at the same evaluation: with these
+near-saturated curves a median pruner would also stop trials that are merely a little
+slower to leave the loss plateau. All trials share one seed (same data, initialisation
+and depth draws; identical until the penalty starts), so they differ only in lam.
 
 Prints the trials sorted by lam, names the best lam, and reports the compute saved by
 pruning (steps the pruned trials ran versus the steps they would have run). Writes a
@@ -49,7 +50,7 @@ from eqloop.tune import TuneConfig, load_study, pruning_savings, run_study
 
 FULL: dict[str, Any] = {
     "n_trials": 12,
-    "grid": 4,
+    "grid": 6,
     "loops": [4, 8, 16, 32, 64, 128],
     "base": {  # the CPU recipe of benchmarks/stars_scaling.py (model: TrainConfig defaults)
         "digits": 3,
@@ -65,7 +66,8 @@ FULL: dict[str, Any] = {
         "seed": 2,
         "depth": {"kind": "lognormal", "mu": 2.0, "sigma": 0.7, "lo": 1, "hi": 16},
     },
-    "pruner_options": {"n_startup_trials": 4, "n_warmup_steps": 750},
+    "pruner": "percentile",
+    "pruner_options": {"percentile": 10.0, "n_startup_trials": 3, "n_warmup_steps": 500},
 }
 QUICK: dict[str, Any] = {
     "n_trials": 4,
@@ -85,13 +87,14 @@ QUICK: dict[str, Any] = {
         "depth": {"kind": "lognormal", "mu": 1.0, "sigma": 0.5, "lo": 1, "hi": 4},
         "model": {"d_model": 16, "n_heads": 2, "d_ff": 32},
     },
+    "pruner": "median",
     "pruner_options": {"n_startup_trials": 3, "n_warmup_steps": 0},
 }
 LAM_RANGE = (1e-3, 1.0)
 
 
 def tune_config(preset: dict[str, Any], args: argparse.Namespace) -> TuneConfig:
-    """The study: lam log-uniform, median pruner, TPE, one shared training seed."""
+    """The study: lam log-uniform, the preset's pruner, TPE, one shared training seed."""
     base = {**preset["base"]}
     if args.steps is not None:
         base["steps"] = args.steps
@@ -109,7 +112,7 @@ def tune_config(preset: dict[str, Any], args: argparse.Namespace) -> TuneConfig:
         sampler="tpe",
         sampler_options={"n_startup_trials": preset["grid"]},
         sampler_seed=args.seed,
-        pruner="median",
+        pruner=preset["pruner"],
         pruner_options=dict(preset["pruner_options"]),
         progress=not args.no_progress,
     )

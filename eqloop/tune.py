@@ -131,7 +131,7 @@ __all__ = [
 ]
 
 OBJECTIVES: tuple[str, ...] = ("deep_accuracy", "multi")
-PRUNERS: tuple[str, ...] = ("median", "hyperband", "none")
+PRUNERS: tuple[str, ...] = ("median", "percentile", "hyperband", "none")
 SAMPLERS: tuple[str, ...] = ("tpe", "gp", "random")
 DIRECTIONS: dict[str, list[str]] = {
     "deep_accuracy": ["maximize"],
@@ -303,7 +303,7 @@ class TuneConfig:
     sampler: str = "tpe"  # "tpe" | "gp" (Gaussian process, needs scipy and torch) | "random"
     sampler_options: dict[str, Any] = field(default_factory=dict)  # sampler kwargs
     sampler_seed: int | None = None  # seeds the sampler (plus the trials already stored)
-    pruner: str | None = None  # "median" | "hyperband" | "none"; None: median or none (multi)
+    pruner: str | None = None  # median | percentile | hyperband | none; None: median (none: multi)
     pruner_options: dict[str, Any] = field(default_factory=dict)  # pruner kwargs
     # -- failures ------------------------------------------------------------------------
     heartbeat_interval: int = 60  # RDB storages: seconds between a running trial's heartbeats
@@ -441,10 +441,15 @@ class TuneConfig:
             reserved=("seed",),
         )
         pruner = self.resolved_pruner()
+        if pruner == "none" and self.pruner_options:
+            raise ValueError("pruner_options are given but the pruner is 'none'")
         if pruner != "none":
             _check_kwargs(_PRUNER_CLASSES[pruner], self.pruner_options, "pruner_options")
-        elif self.pruner_options:
-            raise ValueError("pruner_options are given but the pruner is 'none'")
+        if pruner == "percentile" and not 0 < self.pruner_options.get("percentile", -1) < 100:
+            raise ValueError(
+                "the percentile pruner needs pruner_options['percentile'] in (0, 100), e.g. "
+                "--set pruner_options.percentile=25 (prune trials in the bottom quarter)"
+            )
 
     def _validate_pruning(self, base: TrainConfig) -> None:
         pruner = self.resolved_pruner()
@@ -659,6 +664,7 @@ _SAMPLER_CLASSES: dict[str, type] = {
 }
 _PRUNER_CLASSES: dict[str, type] = {
     "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,  # needs pruner_options["percentile"]
     "hyperband": optuna.pruners.HyperbandPruner,
 }
 

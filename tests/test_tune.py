@@ -187,7 +187,7 @@ def fake_train(bad_above: float, steps_seen: list[int]) -> Callable[..., dict[st
     return run
 
 
-@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+@pytest.mark.parametrize("pruner", ["median", "percentile", "hyperband"])
 def test_pruning_stops_bad_trials_early(tmp_path: Path, cache_dir: Path, pruner: str) -> None:
     """Good trials (lam <= 0.01) first, then bad ones: every bad one stops at step 10."""
     good = [0.001, 0.002, 0.005]
@@ -197,7 +197,10 @@ def test_pruning_stops_bad_trials_early(tmp_path: Path, cache_dir: Path, pruner:
         cache_dir,
         n_trials=6,
         pruner=pruner,
-        pruner_options={"n_startup_trials": 3} if pruner == "median" else {},
+        pruner_options={
+            "median": {"n_startup_trials": 3},
+            "percentile": {"percentile": 25.0, "n_startup_trials": 3},
+        }.get(pruner, {}),
         space={"lam": {"choices": good + bad}},
         base={"steps": 100, "eval_every": 10},
     )
@@ -302,6 +305,7 @@ BAD_INPUTS = [
     ({"objective": "multi", "pruner": "median"}, "cannot be used with objective 'multi'"),
     ({"pruner": "median", "base": {"eval_every": 0}}, "pruning needs intermediate"),
     ({"pruner_options": {"n_startup": 2}, "pruner": "median"}, "unknown options"),
+    ({"pruner": "percentile"}, r"needs pruner_options\['percentile'\] in \(0, 100\)"),
     ({"sampler_options": {"bogus": 1}}, "unknown options"),
     ({"base": {"lamda": 0.1}}, "unknown TrainConfig keys in base"),
     ({"loops": []}, "loops must be a non-empty list"),
