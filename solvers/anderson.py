@@ -68,14 +68,15 @@ class Anderson(IterativeSolver):
 
     def init(self, z0: Tensor) -> AndersonState:
         b, n = z0.shape
-        # With tau = 1 the step only mixes images, so the iterates need no storage.
-        zs = z0.new_zeros(b, self.m, n) if self.tau != 1.0 else z0.new_zeros(b, 0, n)
+        # Slots are written before they are read, so the buffers need no zeroing. With
+        # tau = 1 the step only mixes images, so the iterates need no storage.
+        zs = z0.new_empty(b, self.m if self.tau != 1.0 else 0, n)
         eye = torch.eye(self.m, dtype=z0.dtype, device=z0.device)
         return AndersonState(
             zs=zs,
-            fzs=z0.new_zeros(b, self.m, n),
-            gs=z0.new_zeros(b, self.m, n),
-            gram=z0.new_zeros(b, self.m, self.m),
+            fzs=z0.new_empty(b, self.m, n),
+            gs=z0.new_empty(b, self.m, n),
+            gram=z0.new_empty(b, self.m, self.m),
             eye=eye,
             diff_t=eye.unsqueeze(2) - eye,  # diff_t[k, i, j] = [i == k] - [i == j]
         )

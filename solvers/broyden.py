@@ -61,7 +61,8 @@ class Broyden(IterativeSolver):
 
     def init(self, z0: Tensor) -> BroydenState:
         b, n = z0.shape
-        return BroydenState(z0.new_zeros(b, self.m, n), z0.new_zeros(b, self.m, n))
+        # Only the first ``rank`` pairs are ever read, and each is written first.
+        return BroydenState(z0.new_empty(b, self.m, n), z0.new_empty(b, self.m, n))
 
     def step(self, state: BroydenState, z: Tensor, fz: Tensor, k: int) -> tuple[Any, Tensor]:
         g = fz - z

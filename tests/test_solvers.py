@@ -847,6 +847,28 @@ def test_memory_is_bounded(cls: type, max_iter: int) -> None:
         assert (p.error(res.z) <= 1e-10).all()
 
 
+@pytest.mark.parametrize("cls", [solvers.Anderson, solvers.Broyden], ids=["anderson", "broyden"])
+def test_history_buffers_are_written_before_read(cls: type) -> None:
+    """The ring buffers start uninitialised (torch.empty); filling them with NaN first
+    must change nothing, so no step reads a slot it has not written."""
+
+    class Poisoned(cls):  # type: ignore[misc, valid-type]
+        def init(self, z0: Tensor) -> Any:
+            state = super().init(z0)
+            for value in vars(state).values():
+                if isinstance(value, Tensor) and value.dim() == 3 and value.shape[0] == z0.shape[0]:
+                    value.fill_(math.nan)
+            return state
+
+    p = make_problem("tanh_net", torch.float64)
+    kwargs = {"max_iter": 40, "tol": 1e-12, "args": p.args}
+    clean = solvers.solve(p.f, p.z0, cls(m=3), **kwargs)
+    poisoned = solvers.solve(p.f, p.z0, Poisoned(m=3), **kwargs)
+    assert clean.status == "converged"
+    torch.testing.assert_close(poisoned.z, clean.z, rtol=0, atol=0)
+    assert torch.equal(poisoned.nstep, clean.nstep)
+
+
 # ---------------------------------------------------------------------------------------
 # Heavier: many random problems (python -m pytest -m slow)
 # ---------------------------------------------------------------------------------------
