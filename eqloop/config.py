@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from eqloop.data import TASKS
+from eqloop.data import TASKS, make_arithmetic_dataset
 from eqloop.depth import make_depth_sampler
 from eqloop.implicit import BACKWARD_MODES
 from eqloop.model import LoopLMConfig
@@ -159,6 +159,18 @@ class TrainConfig:
         """A fresh depth sampler (seeded with ``seed``) from the ``depth`` dict."""
         params = {k: v for k, v in self.depth.items() if k != "kind"}
         return make_depth_sampler(self.depth["kind"], seed=self.seed, **params)
+
+    def make_dataset(self, split: str) -> Any:
+        """The run's ``"train"`` (``n_train`` rows) or ``"test"`` split, a ``datasets.Dataset``.
+
+        Both come from one seeded draw, so they are disjoint (see ``eqloop.data``).
+        """
+        n = {"train": self.n_train, "test": self.n_test}.get(split)
+        if n is None:
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        return make_arithmetic_dataset(
+            self.task, self.digits, n, self.seed, split=split, cache_dir=self.data_cache_dir
+        )
 
     # -- conversion ------------------------------------------------------------------------
 

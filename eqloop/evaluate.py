@@ -38,7 +38,7 @@ from torch import Tensor
 import solvers
 from eqloop.checkpoint import load_model
 from eqloop.config import TrainConfig
-from eqloop.data import CharTokenizer, eval_prompts, make_arithmetic_dataset
+from eqloop.data import CharTokenizer, eval_prompts
 from eqloop.model import LoopLM
 from eqloop.stars import spectral_radius
 
@@ -115,15 +115,7 @@ def make_eval_set(dataset: Any, tokenizer: CharTokenizer | None = None) -> EvalS
 
 def make_test_set(config: TrainConfig) -> EvalSet:
     """The ``n_test`` problems of the run's test split (disjoint from its training set)."""
-    dataset = make_arithmetic_dataset(
-        config.task,
-        config.digits,
-        config.n_test,
-        config.seed,
-        split="test",
-        cache_dir=config.data_cache_dir,
-    )
-    return make_eval_set(dataset)
+    return make_eval_set(config.make_dataset("test"))
 
 
 # ----------------------------------------------------------------------------- predictors

@@ -75,7 +75,7 @@ from eqloop.checkpoint import (
     write_json_atomic,
 )
 from eqloop.config import TrainConfig
-from eqloop.data import IGNORE_INDEX, CharTokenizer, make_arithmetic_dataset, to_tensors
+from eqloop.data import IGNORE_INDEX, CharTokenizer, to_tensors
 from eqloop.depth import DepthSampler
 from eqloop.evaluate import EvalSet, evaluate_model, make_test_set
 from eqloop.model import LoopLM
@@ -115,15 +115,7 @@ def make_train_tensors(config: TrainConfig) -> tuple[Tensor, Tensor]:
     Returns:
         ``inputs`` (N, S) and ``targets`` (N, S) int64; targets are -100 on the prompt.
     """
-    dataset = make_arithmetic_dataset(
-        config.task,
-        config.digits,
-        config.n_train,
-        config.seed,
-        split="train",
-        cache_dir=config.data_cache_dir,
-    )
-    return to_tensors(dataset, CharTokenizer())
+    return to_tensors(config.make_dataset("train"), CharTokenizer())
 
 
 def batch_rows(step: int, n: int, batch_size: int, seed: int) -> Tensor:
