@@ -120,9 +120,19 @@ def iterate(solver: IterativeSolver, problem: Problem) -> SolveResult:
             diverge_limit = (abs_r * problem.diverge_ratio).clamp(max=torch.finfo(z.dtype).max)
         improved = res < best_res
         best_res = torch.fmin(res, best_res)
-        best_z = torch.where(improved, z, best_z)
         # NaN compares false both ways, so a non-finite residual stops the sample too.
         active = active & (res > tol) & (abs_r <= diverge_limit)
+        if problem.check_every is not None and (k + 1) % problem.check_every == 0:
+            # One host read answers both "anyone left?" and "did every sample improve?";
+            # the latter (the usual case) makes the best-iterate update a free rebind.
+            any_active, all_improved = torch.stack((active.any(), improved.all())).tolist()
+            best_z = z if all_improved else torch.where(improved, z, best_z)
+            if not any_active:
+                break
+            if problem.compact:
+                evaluate.compact_to(active.squeeze(1))
+        else:
+            best_z = torch.where(improved, z, best_z)
         if k + 1 == problem.max_iter:
             break
         state, z_next = solver.step(state, z, fz, k)
@@ -130,11 +140,6 @@ def iterate(solver: IterativeSolver, problem: Problem) -> SolveResult:
         # a non-finite proposal can only turn an already stopped sample's z into NaN,
         # which never becomes its best iterate and leaves its status unchanged.
         z = torch.lerp(z, z_next, active.to(z.dtype))
-        if problem.check_every is not None and (k + 1) % problem.check_every == 0:
-            if not bool(active.any()):
-                break
-            if problem.compact:
-                evaluate.compact_to(active.squeeze(1))
 
     abs_trace = torch.cat(abs_cols, dim=1)
     rel_trace = torch.cat(rel_cols, dim=1)
