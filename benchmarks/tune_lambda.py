@@ -7,10 +7,10 @@ STARS loss ``(1 - lam) * CE + lam * JSRR`` (penalty from step 300 on) and random
 counts ``clamp(round(LogNormal(2, 0.7)), 1, 16)``. The objective is the mean exact-match
 accuracy at 4, 8, ..., 128 loops, i.e. up to 8x the deepest training draw. The first six
 trials are a log-spaced grid of lam over [1e-3, 1]; TPE proposes the rest. A percentile
-pruner (10th percentile, from the fourth trial and step 500 on) stops a trial whose
-accuracy falls below nearly all earlier trials at the same evaluation: with these
-near-saturated curves a median pruner would also stop trials that are merely a little
-slower to leave the loss plateau. All trials share one seed (same data, initialisation
+pruner that keeps the top 90 % (from the fourth trial and step 500 on) stops a trial whose
+accuracy falls into the bottom decile of the earlier trials at the same evaluation: with
+these near-saturated curves a median pruner would also stop trials that are merely a
+little slower to leave the loss plateau. All trials share one seed (same data, initialisation
 and depth draws; identical until the penalty starts), so they differ only in lam.
 
 Prints the trials sorted by lam, names the best lam, and reports the compute saved by
@@ -67,7 +67,7 @@ FULL: dict[str, Any] = {
         "depth": {"kind": "lognormal", "mu": 2.0, "sigma": 0.7, "lo": 1, "hi": 16},
     },
     "pruner": "percentile",
-    "pruner_options": {"percentile": 10.0, "n_startup_trials": 3, "n_warmup_steps": 500},
+    "pruner_options": {"percentile": 90.0, "n_startup_trials": 3, "n_warmup_steps": 500},
 }
 QUICK: dict[str, Any] = {
     "n_trials": 4,

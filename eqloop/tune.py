@@ -447,8 +447,9 @@ class TuneConfig:
             _check_kwargs(_PRUNER_CLASSES[pruner], self.pruner_options, "pruner_options")
         if pruner == "percentile" and not 0 < self.pruner_options.get("percentile", -1) < 100:
             raise ValueError(
-                "the percentile pruner needs pruner_options['percentile'] in (0, 100), e.g. "
-                "--set pruner_options.percentile=25 (prune trials in the bottom quarter)"
+                "the percentile pruner needs pruner_options['percentile'] in (0, 100), the "
+                "share of trials it keeps, e.g. --set pruner_options.percentile=75 (prune a "
+                "trial that is in the bottom quarter at an evaluation)"
             )
 
     def _validate_pruning(self, base: TrainConfig) -> None:
@@ -664,7 +665,7 @@ _SAMPLER_CLASSES: dict[str, type] = {
 }
 _PRUNER_CLASSES: dict[str, type] = {
     "median": optuna.pruners.MedianPruner,
-    "percentile": optuna.pruners.PercentilePruner,  # needs pruner_options["percentile"]
+    "percentile": optuna.pruners.PercentilePruner,  # keeps the top pruner_options["percentile"] %
     "hyperband": optuna.pruners.HyperbandPruner,
 }
 

@@ -199,7 +199,7 @@ def test_pruning_stops_bad_trials_early(tmp_path: Path, cache_dir: Path, pruner:
         pruner=pruner,
         pruner_options={
             "median": {"n_startup_trials": 3},
-            "percentile": {"percentile": 25.0, "n_startup_trials": 3},
+            "percentile": {"percentile": 75.0, "n_startup_trials": 3},  # keep the top 75%
         }.get(pruner, {}),
         space={"lam": {"choices": good + bad}},
         base={"steps": 100, "eval_every": 10},
