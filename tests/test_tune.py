@@ -403,8 +403,7 @@ def open_study(kind: str, tmp_path: Path) -> Any:
     return optuna.load_study(study_name="stars-lam", storage=storage)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+@pytest.mark.parametrize("kind", [pytest.param("sqlite", marks=pytest.mark.slow), "journal"])
 def test_two_workers_run_n_trials_in_total(tmp_path: Path, cache_dir: Path, kind: str) -> None:
     config = write_tune_config(
         tmp_path / "tune.json", cache_dir, n_trials=5, study_dir=str(tmp_path / "study")
