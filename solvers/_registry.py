@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +14,10 @@ from ._result import SolveResult
 
 SolverFactory = Callable[..., Solver]
 
-_REGISTRY: dict[str, SolverFactory] = {}
+#: name -> (factory, the keyword hyperparameters it accepts or None for ``**kwargs``).
+#: The names are read once here: ``inspect.signature`` costs ~50 us, a tenth of a small
+#: solve's fixed cost.
+_REGISTRY: dict[str, tuple[SolverFactory, frozenset[str] | None]] = {}
 
 #: Keyword options of ``solve`` that configure the driver rather than the solver.
 DRIVER_OPTIONS: dict[str, str] = {
@@ -43,7 +45,7 @@ def register(name: str, factory: SolverFactory, *, overwrite: bool = False) -> N
         raise TypeError(f"factory for {name!r} must be callable, got {type(factory).__name__}")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"a solver named {name!r} is already registered; pass overwrite=True")
-    _REGISTRY[name] = factory
+    _REGISTRY[name] = (factory, _keyword_names(factory))
 
 
 def available() -> tuple[str, ...]:
@@ -59,8 +61,7 @@ def make_solver(name: str, **hyperparameters: Any) -> Solver:
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown solver {name!r}; available: {', '.join(available())}")
-    factory = _REGISTRY[name]
-    valid = _keyword_names(factory)
+    factory, valid = _REGISTRY[name]
     unknown = sorted(set(hyperparameters) - valid) if valid is not None else []
     if unknown:
         raise ValueError(
@@ -71,23 +72,7 @@ def make_solver(name: str, **hyperparameters: Any) -> Solver:
 
 
 def _keyword_names(factory: SolverFactory) -> frozenset[str] | None:
-    """Keyword parameters a factory accepts, or None when it takes ``**kwargs``.
-
-    Cached for hashable factories: ``inspect.signature`` costs ~50 us, a tenth of a
-    small solve's fixed cost.
-    """
-    try:
-        return _cached_keyword_names(factory)
-    except TypeError:  # an unhashable callable object
-        return _signature_keyword_names(factory)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_keyword_names(factory: SolverFactory) -> frozenset[str] | None:
-    return _signature_keyword_names(factory)
-
-
-def _signature_keyword_names(factory: SolverFactory) -> frozenset[str] | None:
+    """Keyword parameters a factory accepts, or None when it takes ``**kwargs``."""
     params = inspect.signature(factory).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
