@@ -27,7 +27,8 @@ def residuals(z: Tensor, fz: Tensor, eps: float, *, keepdim: bool = False) -> tu
         keepdim: return (B, 1) columns instead of (B,) vectors.
 
     Returns:
-        ``abs = ||f(z) - z||_2`` and ``rel = abs / (||f(z)||_2 + eps)``, each (B,).
+        ``abs = ||f(z) - z||_2`` and ``rel = abs / (||f(z)||_2 + eps)``, each (B,), or
+        (B, 1) with ``keepdim``.
     """
     abs_r = torch.linalg.vector_norm(fz - z, dim=1, keepdim=keepdim)
     return abs_r, abs_r / (torch.linalg.vector_norm(fz, dim=1, keepdim=keepdim) + eps)
