@@ -82,6 +82,7 @@ from benchmarks.common import (
 )
 from eqloop.implicit import BACKWARD_MODES, fixed_point
 from eqloop.model import LoopLM, LoopLMConfig
+from eqloop.plotting import pyplot
 
 MiB = 2.0**20
 
@@ -392,10 +393,7 @@ def summarize(rows: list[dict[str, Any]], loops: list[int]) -> dict[str, Any]:
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
     """Saved MiB, peak MiB and step time against loops, one line per mode (log-log)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [
         ("saved_mib", "saved for backward (MiB)"),

@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import solvers
 from benchmarks.common import PeakMemory, format_table, machine_info, write_json_atomic
+from eqloop.plotting import pyplot
 
 #: eqloop solver -> the torchdeq solver of the same kind, for wall-time ratios.
 TORCHDEQ_TWIN = {
@@ -264,10 +265,7 @@ COLUMNS = [
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
     """Median relative residual vs f-evaluations, one panel per problem."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     problems = list(dict.fromkeys(row["problem"] for row in rows))
     cols = min(3, len(problems))

@@ -46,6 +46,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from benchmarks.common import format_table, machine_info, write_json_atomic
+from eqloop.plotting import pyplot, style_axis
 from eqloop.tune import TuneConfig, load_study, pruning_savings, run_study
 
 FULL: dict[str, Any] = {
@@ -169,10 +170,7 @@ def plot(
     rows: list[dict[str, Any]], loops: list[int], best: dict[str, Any] | None, path: Path
 ) -> None:
     """Objective vs lam (log axis) and accuracy per loop count vs lam."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_obj, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for state, marker, color in (("complete", "o", "C0"), ("pruned", "x", "C3")):
@@ -189,11 +187,7 @@ def plot(
             ax_acc.plot(*zip(*pts, strict=True), "o-", color=f"C{i}", label=f"{t} loops")
     for ax, ylabel in ((ax_obj, f"mean accuracy at loops {loops}"), (ax_acc, "accuracy")):
         ax.set_xscale("log")
-        ax.set_xlabel("STARS penalty weight lam")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        style_axis(ax, "STARS penalty weight lam", ylabel)
     ax_obj.set_title("objective vs lam")
     ax_acc.set_title("exact match per test-time loop count (complete trials)")
     fig.tight_layout()

@@ -40,6 +40,7 @@ from eqloop.checkpoint import load_model
 from eqloop.config import TrainConfig
 from eqloop.data import CharTokenizer, eval_prompts
 from eqloop.model import LoopLM
+from eqloop.plotting import pyplot, style_axis
 from eqloop.stars import spectral_radius
 
 __all__ = [
@@ -484,10 +485,7 @@ def plot_results(results: Sequence[dict[str, Any]], path: str | os.PathLike[str]
     Equilibrium accuracy and median ``rho(J(z*))`` appear as dashed horizontal lines in
     the colour of their checkpoint.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_acc, ax_rho) = plt.subplots(1, 2, figsize=(11, 4))
     for i, res in enumerate(results):
@@ -514,9 +512,7 @@ def plot_results(results: Sequence[dict[str, Any]], path: str | os.PathLike[str]
     ax_rho.axhline(1.0, color="k", lw=0.8, ls=":")
     for ax, ylabel in ((ax_acc, "exact-match accuracy"), (ax_rho, "spectral radius rho (median)")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("loops at test time")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
+        style_axis(ax, "loops at test time", ylabel, legend=False)
     ax_acc.set_ylim(-0.02, 1.02)
     ax_acc.legend(fontsize=8)
     ax_acc.set_title("accuracy vs loops (dashed: equilibrium)")

@@ -100,6 +100,7 @@ from tqdm.auto import tqdm
 from eqloop.checkpoint import CHECKPOINT_DIR, write_json_atomic
 from eqloop.cli import add_config_arguments
 from eqloop.config import TrainConfig, apply_overrides, load_config, read_config_file
+from eqloop.plotting import pyplot, style_axis
 
 __all__ = [
     "DEFAULT_RANGES",
@@ -1334,18 +1335,9 @@ def _last_intermediate(trial: FrozenTrial) -> float | None:
     return trial.intermediate_values[max(trial.intermediate_values)]
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_history(study: optuna.Study, names: Sequence[str], path: Path) -> None:
     """Objective value per trial number, the running best, pruned trials at their last value."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
@@ -1360,11 +1352,7 @@ def plot_history(study: optuna.Study, names: Sequence[str], path: Path) -> None:
             px = [(x, y) for x, y in px if y is not None]
             if px:
                 ax.plot(*zip(*px, strict=True), "x", color="C3", label="pruned (last report)")
-        ax.set_xlabel("trial")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        style_axis(ax, "trial", name)
     fig.suptitle(f"study {study.study_name}: optimization history")
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
@@ -1383,7 +1371,7 @@ def plot_objective_vs_params(
     study: optuna.Study, config: TuneConfig, names: Sequence[str], path: Path
 ) -> None:
     """One panel per (searched parameter, objective); log axis for log-scaled parameters."""
-    plt = _pyplot()
+    plt = pyplot()
     specs = config.param_specs()
     fig, axes = plt.subplots(
         len(names), len(specs), figsize=(5 * len(specs), 4 * len(names)), squeeze=False
@@ -1408,11 +1396,7 @@ def plot_objective_vs_params(
                     ax.plot(*zip(*px, strict=True), "x", color="C3", label="pruned (last report)")
             if spec.log:
                 ax.set_xscale("log")
-            ax.set_xlabel(spec.name)
-            ax.set_ylabel(name)
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
+            style_axis(ax, spec.name, name)
     fig.suptitle(f"study {study.study_name}: objective vs parameters (loops {config.loops})")
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
