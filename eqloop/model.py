@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 POSITIONS = ("learned", "rope")
-INJECTIONS = ("add", "concat")
+INJECTIONS = ("add", "concat", "none")
 INIT_STATES = ("zeros", "input", "random")
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post", "pre_sandwich", "post_sandwich")
@@ -93,8 +93,12 @@ class LoopLMConfig:
     n_prelude: int = 0  # blocks applied once before the loop: embedding -> x
     n_core: int = 1  # blocks in the shared recurrent core, applied `loops` times
     n_coda: int = 0  # blocks applied once after the loop: z -> final norm -> head
-    injection: str = "add"  # how x enters every loop: "add" z + x | "concat" W[z; x] (Huginn)
-    init_state: str = "zeros"  # z0: "zeros" | "input" (z0 = x) | "random" N(0, init_std^2)
+    # How x enters every loop: "add" z + x | "concat" W[z; x] (Huginn) | "none": f(z) = core(z),
+    # the input only sets z0 = x (the STARS paper's and Ouro's loop).
+    injection: str = "add"
+    # z0: "zeros" | "input" (z0 = x) | "random" N(0, init_std^2); None picks "input" for
+    # injection="none" (the only start through which the input reaches the loop), else "zeros".
+    init_state: str | None = None
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_placement: str = "post_sandwich"  # "pre" | "post" | "pre_sandwich" | "post_sandwich"
     bias: bool = True  # biases in Linear layers and LayerNorms
@@ -103,6 +107,8 @@ class LoopLMConfig:
     init_std: float = 0.02  # std of the normal init of Linear and Embedding weights
 
     def __post_init__(self) -> None:
+        if self.init_state is None:
+            self.init_state = "input" if self.injection == "none" else "zeros"
         self.validate()
 
     def validate(self) -> None:
@@ -131,6 +137,12 @@ class LoopLMConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"LoopLMConfig.{name} must be one of {choices}, got {value!r}")
+        if self.injection == "none" and self.init_state != "input":
+            raise ValueError(
+                "LoopLMConfig.injection='none' needs init_state='input' (or None): without "
+                f"injection the input reaches the loop only through z0 = x, got "
+                f"init_state={self.init_state!r}"
+            )
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LoopLMConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -300,7 +312,7 @@ class Block(nn.Module):
 
 
 class Injection(nn.Module):
-    """Combine the state z with the input x before the core: ``z + x`` or ``W [z; x]``."""
+    """Combine the state z with the input x before the core: ``z + x``, ``W [z; x]`` or ``z``."""
 
     def __init__(self, config: LoopLMConfig) -> None:
         super().__init__()
@@ -313,6 +325,8 @@ class Injection(nn.Module):
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
         """z, x: (B, S, d) -> (B, S, d)."""
+        if self.mode == "none":
+            return z
         if self.adapter is None:
             return z + x
         return self.adapter(torch.cat((z, x), dim=-1))
@@ -472,6 +486,9 @@ class LoopLM(nn.Module):
 
     def core_step(self, z: Tensor, x: Tensor) -> Tensor:
         """One application of the recurrent core: ``f(z; x) = core_blocks(inject(z, x))``.
+
+        With ``injection="none"`` the map is ``core_blocks(z)`` and ``x`` only fixes the
+        shape check (the input entered through ``z0 = x``).
 
         A pure function of ``(z, x)`` (in eval mode or with dropout 0) that treats every
         sequence independently.

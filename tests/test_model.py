@@ -529,3 +529,36 @@ def test_mode_mixing_is_rejected(model: LoopLM) -> None:
         model(tokens, loops=3, exit_threshold=-1.0)
     with pytest.raises(TypeError, match=r"\['m', 'tol'\].*solver="):
         model(tokens, loops=3, tol=1e-3, m=5)
+
+
+# ----------------------------------------------------------------- no input injection
+
+
+def test_no_injection_is_the_papers_loop() -> None:
+    """injection="none": z0 = x (embedding + prelude) and f(z) = core(z), blind to x."""
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(injection="none", n_prelude=1, n_coda=1)).double().eval()
+    assert model.config.init_state == "input"  # the default for no injection
+    tokens = tokens_for()
+    f, z0 = model.core_map(tokens)
+    x = model.inject(tokens)
+    torch.testing.assert_close(z0, x)
+    # The map ignores x: the same z under another input gives the same image.
+    other_x = model.inject(tokens_for(seed=1))
+    z = torch.randn_like(x)
+    torch.testing.assert_close(model.core_step(z, x), model.core_step(z, other_x))
+    h = z
+    for block in model.core:
+        h = block(h)
+    torch.testing.assert_close(f(z), h)
+    # loops=T is T plain applications of the core from x, then the readout.
+    expected = x
+    for _ in range(3):
+        expected = f(expected)
+    torch.testing.assert_close(model(tokens, loops=3), model.readout(expected))
+
+
+def test_no_injection_needs_the_input_as_start() -> None:
+    with pytest.raises(ValueError, match="injection='none' needs init_state='input'"):
+        tiny_config(injection="none", init_state="zeros")
+    assert tiny_config().init_state == "zeros"  # unchanged default with injection
