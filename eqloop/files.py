@@ -1,0 +1,81 @@
+"""Atomic file writing: every file eqloop produces appears whole or not at all.
+
+A file is written to a hidden temporary sibling (``.<name>-XXXX``) and renamed over the
+target with ``os.replace``, which is atomic on POSIX and Windows, so a crash or a kill
+never leaves a half-written file under the final name. Permissions follow the user's
+umask, as for any file the user's tools create (``tempfile`` would make it private).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "STAGING_PREFIX",
+    "atomic_path",
+    "umask_mode",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+]
+
+STAGING_PREFIX = "."
+"""Temporary siblings are named ``.<target name>-<random>`` (hidden, never the target)."""
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode a new file (0o666) or directory (0o777) gets under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside ``path``; renamed onto it when the block exits cleanly.
+
+    The parent directory is created if needed. On an exception the temporary file is
+    removed and ``path`` is left as it was.
+
+    Example:
+        >>> with atomic_path("plot.png") as tmp:    # doctest: +SKIP
+        ...     figure.savefig(tmp)
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(
+        prefix=f"{STAGING_PREFIX}{target.stem}-", suffix=target.suffix, dir=target.parent
+    )
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, umask_mode())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
+    """Write ``data`` as indented, key-sorted JSON (with a final newline) atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+

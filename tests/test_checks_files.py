@@ -1,0 +1,77 @@
+"""Tests for the shared argument checks (solvers.checks) and atomic writes (eqloop.files)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from eqloop.files import atomic_path, umask_mode, write_json_atomic, write_text_atomic
+from solvers import checks
+
+
+def test_integer_accepts_ints_and_rejects_bools_floats_and_out_of_range() -> None:
+    assert checks.integer("n", 3, low=1) == 3
+    with pytest.raises(TypeError, match="n must be an integer, got the bool True"):
+        checks.integer("n", True)
+    with pytest.raises(TypeError, match="n must be an integer, got float 2.0"):
+        checks.integer("n", 2.0)
+    with pytest.raises(ValueError, match=r"n must be an integer >= 1, got 0"):
+        checks.integer("n", 0, low=1)
+    with pytest.raises(ValueError, match=r"n must be an integer in \[1, 4\], got 5"):
+        checks.integer("n", 5, low=1, high=4)
+
+
+def test_number_bounds_finiteness_and_bools() -> None:
+    assert checks.number("tol", 0, low=0) == 0.0
+    with pytest.raises(TypeError, match="tol must be a number, got bool True"):
+        checks.number("tol", True, low=0)
+    with pytest.raises(ValueError, match="tol must be a finite number, got inf"):
+        checks.number("tol", math.inf, low=0)
+    with pytest.raises(ValueError, match="tol must be a finite number, got nan"):
+        checks.number("tol", math.nan)
+    assert checks.number("ratio", math.inf, low=1, low_open=True, finite=False) == math.inf
+    with pytest.raises(ValueError, match=r"tau must be a number > 0 and <= 1, got 0"):
+        checks.number("tau", 0, low=0, low_open=True, high=1)
+    with pytest.raises(TypeError, match="lr must be a number, got str '1e-3'"):
+        checks.number("lr", "1e-3")
+
+
+def test_boolean_choice_and_parse_bool() -> None:
+    assert checks.boolean("resume", False) is False
+    with pytest.raises(TypeError, match="resume must be true or false, got int 1"):
+        checks.boolean("resume", 1)
+    assert checks.choice("mode", "abs", ("abs", "rel")) == "abs"
+    with pytest.raises(ValueError, match="mode must be one of 'abs', 'rel'; got 'x'"):
+        checks.choice("mode", "x", ("abs", "rel"))
+    for word, value in [("yes", True), ("OFF", False), ("1", True), ("false", False)]:
+        assert checks.parse_bool("resume", word) is value
+    with pytest.raises(ValueError, match=r"resume must be a boolean \(true/false"):
+        checks.parse_bool("resume", "maybe")
+
+
+def test_atomic_write_replaces_whole_file_and_follows_umask(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "out.json"
+    write_json_atomic(target, {"b": 1, "a": [1, 2]})
+    assert json.loads(target.read_text()) == {"a": [1, 2], "b": 1}
+    assert target.read_text().endswith("\n")
+    old = os.umask(0o027)
+    try:
+        write_text_atomic(target, "x")
+        assert target.stat().st_mode & 0o777 == 0o640 == umask_mode()
+    finally:
+        os.umask(old)
+    assert [p.name for p in target.parent.iterdir()] == ["out.json"]
+
+
+def test_atomic_path_leaves_target_untouched_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "plot.png"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
