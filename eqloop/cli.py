@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from eqloop.finetune import cli as finetune_cli
+
 __all__ = ["add_config_arguments", "build_parser", "main"]
 
 # Copies of eqloop.evaluate.DECODES / DEFAULT_LOOPS (checked by the tests), so that
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_tune(sub)
+    finetune_cli.add_parser(sub)
     return parser
 
 
@@ -211,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(command="tune", args=argv[1:])
     else:
         args = parser.parse_args(argv)
-    handlers = {"train": _train, "eval": _eval, "tune": _tune}
+    handlers = {"train": _train, "eval": _eval, "tune": _tune, "finetune": finetune_cli.run}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError

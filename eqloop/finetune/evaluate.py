@@ -1,0 +1,254 @@
+"""Exact-match accuracy of a fine-tuned looped LM at loops 1..16 and at equilibrium.
+
+For every loop count ``t`` the model answers every prompt; an answer is right when the
+number it gives (:func:`eqloop.finetune.data.extract_answer`: after ``####``, else the
+last number) equals the reference. Two decodings:
+
+* ``"generate"`` (GSM8K-style free text): greedy decoding until the end token or
+  ``max_new_tokens``, cut at the first ``"Question:"`` (the next few-shot example, as
+  lm-eval's ``until``). A model with a ``generate`` method (Ouro, Huginn: KV cache per
+  loop and layer) decodes with it; otherwise each new token re-runs the model on the
+  whole sequence, prompts of equal length batched together.
+* ``"forced"`` (fixed-format answers such as arithmetic): one teacher-forced pass; right
+  when the argmax at every completion position (and the end token) is the reference
+  token. For unrolled loops this is the same verdict as greedy decoding (causal
+  attention: the logits at a position depend only on the tokens before it), at a
+  fraction of the cost.
+
+At equilibrium the model runs ``model(tokens, solver=..., tol=..., max_iter=...)``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import solvers
+from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_SOLVER, EQUILIBRIUM_TOL
+from eqloop.finetune.data import Example, PromptTemplate, encode_examples, extract_answer
+from eqloop.finetune.tokenizer import TextTokenizer
+from solvers import checks
+
+__all__ = ["DECODES", "accuracy_vs_loops", "answers_correct", "greedy_generate"]
+
+DECODES: tuple[str, ...] = ("generate", "forced")
+STOP_TEXT = "Question:"  # generation is cut here (the start of a next example)
+
+Predictor = Callable[[Tensor], Tensor]
+"""Token ids (B, S) -> logits (B, S, V)."""
+
+
+def greedy_generate(
+    predict: Predictor,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    batch_size: int = 32,
+) -> list[list[int]]:
+    """Greedy continuation of each prompt by re-running ``predict`` on the whole sequence.
+
+    Prompts of equal length share a batch (no padding is needed). A row stops at
+    ``eos_id`` (not included in its output) or after ``max_new_tokens``.
+
+    Returns:
+        The new token ids of every prompt, in input order.
+    """
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, prompt in enumerate(prompts):
+        by_length[len(prompt)].append(i)
+    out: list[list[int]] = [[] for _ in prompts]
+    device = None
+    for indices in by_length.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            seq = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long)
+            if device is None:
+                device = _device_of(predict)
+            seq = seq.to(device)
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=seq.device)
+            for _ in range(max_new_tokens):
+                token = predict(seq)[:, -1].argmax(-1)
+                token = token.masked_fill(done, eos_id)
+                seq = torch.cat((seq, token[:, None]), dim=1)
+                done = done | (token == eos_id)
+                if bool(done.all()):  # one host read per generated token
+                    break
+            for row, i in enumerate(chunk):
+                new = seq[row, len(prompts[i]) :].tolist()
+                out[i] = new[: new.index(eos_id)] if eos_id in new else new
+    return out
+
+
+def _device_of(predict: Predictor) -> torch.device:
+    module = getattr(predict, "model", None)
+    if isinstance(module, nn.Module):
+        return next(module.parameters()).device
+    return torch.device("cpu")
+
+
+class _Unrolled:
+    """Predictor running ``loops`` loops (keeps a handle on the model for its device)."""
+
+    def __init__(self, model: nn.Module, loops: int) -> None:
+        self.model, self.loops = model, loops
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens, loops=self.loops)
+
+
+class _Equilibrium:
+    """Predictor reading out at the fixed point ``solvers.solve`` finds for ``core_map``.
+
+    Counts the sequences solved and those that converged, so the share is reported next
+    to the accuracy instead of a warning per call.
+    """
+
+    def __init__(self, model: nn.Module, solver: str, tol: float, max_iter: int) -> None:
+        self.model, self.solver, self.tol, self.max_iter = model, solver, tol, max_iter
+        self.solved = 0
+        self.converged = 0
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        f, z0 = self.model.core_map(tokens)
+        result = solvers.solve(f, z0, self.solver, max_iter=self.max_iter, tol=self.tol)
+        self.solved += tokens.shape[0]
+        self.converged += int(result.converged.sum())
+        return self.model.readout(result.z)
+
+
+def _generated_answers(
+    model: nn.Module,
+    predict: Predictor,
+    loops: int | None,
+    prompts: list[list[int]],
+    tokenizer: TextTokenizer,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str | None]:
+    outputs = greedy_generate(
+        predict, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+        batch_size=batch_size,
+    )  # fmt: skip
+    texts = [tokenizer.decode(ids).split(STOP_TEXT)[0] for ids in outputs]
+    return [extract_answer(text) for text in texts]
+
+
+def answers_correct(
+    model: nn.Module,
+    tokenizer: TextTokenizer,
+    examples: Sequence[Example],
+    predict: Predictor,
+    *,
+    loops: int | None,
+    template: PromptTemplate | None = None,
+    decode: str = "generate",
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+) -> Tensor:
+    """Per-example exact match of one way of running the model.
+
+    Args:
+        model: the looped LM (its ``generate`` serves ``decode="generate"`` at fixed loops).
+        tokenizer: the model's tokenizer.
+        examples: examples with reference ``answer`` (rows without one count as wrong).
+        predict: token ids -> logits, e.g. ``loops`` loops or an equilibrium solve.
+        loops: the loop count ``predict`` runs (None at equilibrium).
+        template: prompt template.
+        decode: one of :data:`DECODES`.
+        max_new_tokens: generation budget.
+        batch_size: sequences per forward pass.
+
+    Returns:
+        (N,) bool tensor on the CPU.
+    """
+    checks.choice("decode", decode, DECODES)
+    template = template if template is not None else PromptTemplate()
+    if decode == "forced":
+        inputs, targets = encode_examples(examples, tokenizer, template, max_len=1 << 30)
+        device = _device_of(predict)
+        right = []
+        for start in range(0, len(examples), batch_size):
+            x = inputs[start : start + batch_size].to(device)
+            y = targets[start : start + batch_size].to(device)
+            hit = (predict(x).argmax(-1) == y) | (y < 0)
+            right.append(hit.all(dim=1).cpu())
+        return torch.cat(right)
+    prompts = [tokenizer.encode_prompt(template.format_prompt(e)) for e in examples]
+    answers = _generated_answers(
+        model, predict, loops, prompts, tokenizer, max_new_tokens, batch_size
+    )
+    return torch.tensor(
+        [e.answer is not None and a == e.answer for a, e in zip(answers, examples, strict=True)]
+    )
+
+
+def accuracy_vs_loops(
+    model: nn.Module,
+    tokenizer: TextTokenizer,
+    examples: Sequence[Example],
+    *,
+    loops: Iterable[int] = range(1, 17),
+    equilibrium: bool = True,
+    solver: str = EQUILIBRIUM_SOLVER,
+    tol: float = EQUILIBRIUM_TOL,
+    max_iter: int = EQUILIBRIUM_MAX_ITER,
+    template: PromptTemplate | None = None,
+    decode: str = "generate",
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Exact match at every loop count and at the equilibrium.
+
+    Returns:
+        ``accuracy`` (loop count as a string -> share of examples right), ``equilibrium``
+        (None, or ``accuracy`` at the solver's fixed point, ``converged``: the share of
+        solves that met ``tol``, and the solver settings), ``peak`` (best loop count and
+        its accuracy), ``n`` and ``decode``.
+
+    Raises:
+        ValueError: no examples, a loop count < 1, or an unknown ``decode``.
+    """
+    if not examples:
+        raise ValueError("accuracy_vs_loops needs at least one example")
+    loops = [checks.integer("loops", t, low=1) for t in loops]
+    checks.choice("decode", decode, DECODES)
+    was_training = model.training
+    model.eval()
+    common = dict(
+        template=template, decode=decode, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    accuracy: dict[str, float] = {}
+    eq = None
+    runs: list[int | None] = [*loops, *([None] if equilibrium else [])]
+    try:
+        with torch.no_grad():
+            for t in tqdm(runs, desc="eval loops", disable=not progress, leave=False):
+                if t is None:
+                    solve = _Equilibrium(model, solver, tol, max_iter)
+                    right = answers_correct(model, tokenizer, examples, solve, loops=t, **common)
+                    eq = {
+                        "accuracy": float(right.float().mean()),
+                        "converged": solve.converged / max(1, solve.solved),
+                        "solver": solver, "tol": tol, "max_iter": max_iter,
+                    }  # fmt: skip
+                    continue
+                predict = _Unrolled(model, t)
+                right = answers_correct(model, tokenizer, examples, predict, loops=t, **common)
+                accuracy[str(t)] = float(right.float().mean())
+    finally:
+        model.train(was_training)
+    best = max(accuracy, key=lambda k: (accuracy[k], -int(k)))
+    return {
+        "accuracy": accuracy,
+        "equilibrium": eq,
+        "peak": {"loops": int(best), "accuracy": accuracy[best]},
+        "n": len(examples),
+        "decode": decode,
+    }
