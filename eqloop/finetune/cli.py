@@ -42,7 +42,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, help="optimisation steps")
     p.add_argument("--lam", type=float, help="STARS penalty weight in [0, 1]")
     p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--lora", action="store_true", help="LoRA (default options unless the config sets them)")
+    p.add_argument(
+        "--lora", action="store_true", help="LoRA (default options unless the config sets them)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")

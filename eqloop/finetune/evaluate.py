@@ -34,7 +34,7 @@ from eqloop.finetune.data import Example, PromptTemplate, encode_examples, extra
 from eqloop.finetune.tokenizer import TextTokenizer
 from solvers import checks
 
-__all__ = ["DECODES", "accuracy_vs_loops", "answers_correct", "greedy_generate"]
+__all__ = ["DECODES", "accuracy_vs_loops", "answers_correct", "greedy_generate", "model_device"]
 
 DECODES: tuple[str, ...] = ("generate", "forced")
 STOP_TEXT = "Question:"  # generation is cut here (the start of a next example)
@@ -50,33 +50,41 @@ def greedy_generate(
     max_new_tokens: int,
     eos_id: int,
     batch_size: int = 32,
+    stop_texts: Sequence[str] = (),
+    decode: Callable[[Sequence[int]], str] | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[list[int]]:
     """Greedy continuation of each prompt by re-running ``predict`` on the whole sequence.
 
     Prompts of equal length share a batch (no padding is needed). A row stops at
-    ``eos_id`` (not included in its output) or after ``max_new_tokens``.
+    ``eos_id`` (not included in its output), once its decoded continuation contains one
+    of ``stop_texts`` (kept in the output: the caller cuts the text), or after
+    ``max_new_tokens``.
 
     Returns:
         The new token ids of every prompt, in input order.
     """
+    if stop_texts and decode is None:
+        raise ValueError("stop_texts need decode (ids -> text)")
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, prompt in enumerate(prompts):
         by_length[len(prompt)].append(i)
     out: list[list[int]] = [[] for _ in prompts]
-    device = None
     for indices in by_length.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
-            seq = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long)
-            if device is None:
-                device = _device_of(predict)
-            seq = seq.to(device)
+            seq = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=device)
             done = torch.zeros(len(chunk), dtype=torch.bool, device=seq.device)
             for _ in range(max_new_tokens):
                 token = predict(seq)[:, -1].argmax(-1)
                 token = token.masked_fill(done, eos_id)
                 seq = torch.cat((seq, token[:, None]), dim=1)
                 done = done | (token == eos_id)
+                if stop_texts:
+                    start = len(prompts[chunk[0]])
+                    texts = [decode(row) for row in seq[:, start:].tolist()]
+                    hits = [any(t in text for t in stop_texts) for text in texts]
+                    done = done | torch.tensor(hits, device=done.device)
                 if bool(done.all()):  # one host read per generated token
                     break
             for row, i in enumerate(chunk):
@@ -85,11 +93,10 @@ def greedy_generate(
     return out
 
 
-def _device_of(predict: Predictor) -> torch.device:
-    module = getattr(predict, "model", None)
-    if isinstance(module, nn.Module):
-        return next(module.parameters()).device
-    return torch.device("cpu")
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (CPU for a model without parameters)."""
+    first = next(model.parameters(), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 class _Unrolled:
@@ -133,7 +140,7 @@ def _generated_answers(
 ) -> list[str | None]:
     outputs = greedy_generate(
         predict, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-        batch_size=batch_size,
+        batch_size=batch_size, device=model_device(model),
     )  # fmt: skip
     texts = [tokenizer.decode(ids).split(STOP_TEXT)[0] for ids in outputs]
     return [extract_answer(text) for text in texts]
@@ -171,7 +178,7 @@ def answers_correct(
     template = template if template is not None else PromptTemplate()
     if decode == "forced":
         inputs, targets = encode_examples(examples, tokenizer, template, max_len=1 << 30)
-        device = _device_of(predict)
+        device = model_device(model)
         right = []
         for start in range(0, len(examples), batch_size):
             x = inputs[start : start + batch_size].to(device)

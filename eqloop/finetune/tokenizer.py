@@ -20,8 +20,8 @@ from typing import Any
 __all__ = ["TextTokenizer", "as_text_tokenizer", "special_ids"]
 
 # Names end-of-sequence and beginning-of-sequence tokens go by in public tokenizers.
-_EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
-_BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>")
+_EOS_NAMES = ("<|endoftext|>", "<|eos|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
+_BOS_NAMES = ("<|bos|>", "<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>")
 _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
 
 
@@ -82,6 +82,11 @@ def _from_char(tokenizer: Any) -> TextTokenizer:
     )
 
 
+def _adds_bos(ids: list[int], bos_id: int | None) -> bool:
+    """Whether a tokenizer's default encoding (``ids`` of some text) starts with ``bos_id``."""
+    return bos_id is not None and bool(ids) and ids[0] == bos_id
+
+
 def _from_tokenizers(tokenizer: Any, bos: bool) -> TextTokenizer:
     bos_id, eos_id, pad_id = special_ids(tokenizer)
     if eos_id is None:
@@ -94,7 +99,7 @@ def _from_tokenizers(tokenizer: Any, bos: bool) -> TextTokenizer:
         decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True),
         eos_id=eos_id,
         pad_id=eos_id if pad_id is None else pad_id,
-        bos_id=bos_id if bos else None,
+        bos_id=bos_id if bos and _adds_bos(tokenizer.encode("a").ids, bos_id) else None,
         vocab_size=tokenizer.get_vocab_size(),
         name="tokenizers.Tokenizer",
     )
@@ -110,7 +115,9 @@ def _from_transformers(tokenizer: Any, bos: bool) -> TextTokenizer:
         decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True),
         eos_id=int(eos_id),
         pad_id=int(eos_id if pad_id is None else pad_id),
-        bos_id=tokenizer.bos_token_id if bos else None,
+        bos_id=tokenizer.bos_token_id
+        if bos and _adds_bos(tokenizer.encode("a"), tokenizer.bos_token_id)
+        else None,
         vocab_size=len(tokenizer),
         name=getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
     )
@@ -121,8 +128,9 @@ def as_text_tokenizer(tokenizer: Any, *, bos: bool = True) -> TextTokenizer:
 
     Args:
         tokenizer: ``CharTokenizer``, ``tokenizers.Tokenizer`` or a transformers tokenizer.
-        bos: prepend the tokenizer's beginning-of-sequence token to prompts (if it has
-            one). ``CharTokenizer`` always uses its ``<bos>``.
+        bos: prepend the beginning-of-sequence token to prompts when the tokenizer's own
+            default encoding does (Hugging Face tokenizers); ``CharTokenizer`` always
+            uses its ``<bos>`` (eqloop's data convention).
 
     Raises:
         TypeError: an object of another kind.
