@@ -154,7 +154,7 @@ class HuginnForCausalLM(PretrainedLoopedLM):
         out_std = float(values.get("out_proj", std))
         with torch.no_grad():
             for name, param in self.named_parameters():
-                if name.endswith("norm_1.weight") or ".norm_" in name or name.endswith("ln_f.weight"):
+                if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
                     param.fill_(1.0)
                 elif name.endswith("qk_bias") or name.endswith(".bias"):
                     param.zero_()

@@ -216,6 +216,8 @@ def load(
             )
         del tensors[head]
     _check_keys(model, tensors, config)
+    for name in _RECOMPUTED.get(config.model_type, ()):
+        tensors.pop(name, None)
     target = _checkpoint_dtype(tensors) if dtype is None else dtype
     state = {
         name: tensors[name].to(device=device or "cpu", dtype=target if t.dtype.is_floating_point else t.dtype)
