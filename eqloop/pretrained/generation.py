@@ -63,12 +63,15 @@ class GenerateOutput:
         loops_used: (B, n) int64, loops behind each new token: the exit loop for Ouro's
             threshold exit, the steps run for Huginn's criteria, else ``loops``.
         finished: (B,) bool, rows that produced a stop token.
+        logits: (B, n, V) float32, the logits each new token was chosen from (after the
+            vocabulary cut, before the sampling filters).
     """
 
     sequences: Tensor
     attention_mask: Tensor
     loops_used: Tensor
     finished: Tensor
+    logits: Tensor
 
 
 # ------------------------------------------------------------------ exit criteria
@@ -362,6 +365,7 @@ def generate(
     full_mask = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.dtype)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     loops_used: list[Tensor] = []
+    step_logits: list[Tensor] = []
     cache = KVCache(batch, prompt_len + max_new_tokens) if use_cache else None
     step_tokens, step_mask = input_ids, mask
     with torch.no_grad():
@@ -382,6 +386,7 @@ def generate(
             logits = logits.float()
             if usable < logits.shape[-1]:
                 logits[:, usable:] = float("-inf")
+            step_logits.append(logits)
             token = _next_token(logits, do_sample, temperature, top_k, top_p, generator)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             loops_used.append(torch.where(finished, torch.zeros_like(used), used))
@@ -399,7 +404,19 @@ def generate(
         else torch.zeros(batch, 0, dtype=torch.long, device=input_ids.device)
     )
     if return_dict:
-        return GenerateOutput(sequences=sequences, attention_mask=full_mask, loops_used=used_all, finished=finished)
+        vocab = model.vocab_size
+        logits_all = (
+            torch.stack(step_logits, dim=1)
+            if step_logits
+            else torch.zeros(batch, 0, vocab, device=input_ids.device)
+        )
+        return GenerateOutput(
+            sequences=sequences,
+            attention_mask=full_mask,
+            loops_used=used_all,
+            finished=finished,
+            logits=logits_all,
+        )
     return sequences
 
 
