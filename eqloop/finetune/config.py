@@ -97,6 +97,7 @@ class FinetuneConfig:
     min_lr_ratio: float = 0.1  # final learning rate of the cosine schedule, relative to lr
     grad_clip: float = 1.0  # clip the global gradient norm; 0 disables clipping
     precision: str = "auto"  # "bf16" autocast | "fp32" | "auto": bf16 on CUDA if supported
+    backprop_loops: int | None = None  # backprop through the last k loops only (Huginn: 8)
     grad_checkpointing: bool = False  # recompute each loop in the backward (memory ~ 1 loop)
     parallel: str = "ddp"  # with torchrun: "ddp" | "fsdp" (shards every layer list's blocks)
     # -- evaluation, checkpoints, logging ------------------------------------------------
@@ -148,7 +149,7 @@ class FinetuneConfig:
             ("max_new_tokens", 1), ("checkpoint_every", 0),
         ):  # fmt: skip
             checks.integer(name, getattr(self, name), low=low)
-        for name in ("loops", "penalty_rows", "eval_limit"):
+        for name in ("loops", "penalty_rows", "eval_limit", "backprop_loops"):
             if getattr(self, name) is not None:
                 checks.integer(name, getattr(self, name), low=1)
         checks.number("lam", self.lam, low=0.0, high=1.0)

@@ -34,7 +34,14 @@ from eqloop.finetune.data import Example, PromptTemplate, encode_examples, extra
 from eqloop.finetune.tokenizer import TextTokenizer
 from solvers import checks
 
-__all__ = ["DECODES", "accuracy_vs_loops", "answers_correct", "greedy_generate", "model_device"]
+__all__ = [
+    "DECODES",
+    "accuracy_vs_loops",
+    "answers_correct",
+    "generate_continuations",
+    "greedy_generate",
+    "model_device",
+]
 
 DECODES: tuple[str, ...] = ("generate", "forced")
 STOP_TEXT = "Question:"  # generation is cut here (the start of a next example)
@@ -129,21 +136,85 @@ class _Equilibrium:
         return self.model.readout(result.z)
 
 
-def _generated_answers(
+def _cached_generate(
     model: nn.Module,
-    predict: Predictor,
+    prompts: Sequence[Sequence[int]],
+    *,
+    loops: int,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    batch_size: int,
+) -> list[list[int]]:
+    """Greedy decoding with a pretrained model's KV cache, prompts left-padded in batches."""
+    from eqloop.pretrained import generate
+
+    device = model_device(model)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(list(prompts[i]))
+            mask[row, width - len(prompts[i]) :] = 1
+        sequences = generate(
+            model, ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            loops=loops, stop_token_ids=[eos_id], pad_token_id=pad_id,
+        )  # fmt: skip
+        for row, i in enumerate(chunk):
+            new = sequences[row, width:].tolist()
+            out[i] = new[: new.index(eos_id)] if eos_id in new else new
+    return out
+
+
+def _has_kv_cache(model: nn.Module) -> bool:
+    """Whether ``model`` is an Ouro/Huginn model of :mod:`eqloop.pretrained` (cached decoding)."""
+    try:
+        from eqloop.pretrained.base import PretrainedLoopedLM
+    except ImportError:
+        return False
+    return isinstance(model, PretrainedLoopedLM)
+
+
+def generate_continuations(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
     loops: int | None,
-    prompts: list[list[int]],
+    predict: Predictor,
     tokenizer: TextTokenizer,
     max_new_tokens: int,
-    batch_size: int,
-) -> list[str | None]:
-    outputs = greedy_generate(
-        predict, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-        batch_size=batch_size, device=model_device(model),
-    )  # fmt: skip
-    texts = [tokenizer.decode(ids).split(STOP_TEXT)[0] for ids in outputs]
-    return [extract_answer(text) for text in texts]
+    stop_texts: Sequence[str] = (),
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy continuations of token-id prompts as text, cut at the first stop text.
+
+    At a fixed loop count an Ouro/Huginn model decodes with its KV cache (batched, left
+    padding; stop texts are applied to the finished text); otherwise ``predict`` is
+    re-run on the whole sequence per token (:func:`greedy_generate`, which also stops a
+    row as soon as a stop text appears).
+    """
+    if loops is not None and _has_kv_cache(model):
+        outputs = _cached_generate(
+            model, prompts, loops=loops, max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, batch_size=batch_size,
+        )  # fmt: skip
+    else:
+        outputs = greedy_generate(
+            predict, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+            batch_size=batch_size, stop_texts=stop_texts, decode=tokenizer.decode,
+            device=model_device(model),
+        )  # fmt: skip
+    texts = []
+    for ids in outputs:
+        text = tokenizer.decode(ids)
+        for stop in stop_texts:
+            text = text.split(stop)[0]
+        texts.append(text)
+    return texts
 
 
 def answers_correct(
@@ -187,9 +258,11 @@ def answers_correct(
             right.append(hit.all(dim=1).cpu())
         return torch.cat(right)
     prompts = [tokenizer.encode_prompt(template.format_prompt(e)) for e in examples]
-    answers = _generated_answers(
-        model, predict, loops, prompts, tokenizer, max_new_tokens, batch_size
-    )
+    texts = generate_continuations(
+        model, prompts, loops=loops, predict=predict, tokenizer=tokenizer,
+        max_new_tokens=max_new_tokens, stop_texts=(STOP_TEXT,), batch_size=batch_size,
+    )  # fmt: skip
+    answers = [extract_answer(text) for text in texts]
     return torch.tensor(
         [e.answer is not None and a == e.answer for a, e in zip(answers, examples, strict=True)]
     )

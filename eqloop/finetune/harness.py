@@ -39,7 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_TOL
-from eqloop.finetune.evaluate import greedy_generate
+from eqloop.finetune.evaluate import generate_continuations
 from eqloop.finetune.models import load_for_finetuning
 from solvers import checks
 
@@ -226,29 +226,39 @@ class EqloopLM(TemplateLM):
         return out
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuation of each context until a stop string or ``max_gen_toks``."""
-        out = []
-        for request in tqdm(requests, desc="generate_until", disable=disable_tqdm):
-            context, gen_kwargs = request.args
+        """Greedy continuation of each context until a stop string or ``max_gen_toks``.
+
+        Requests with the same generation settings are decoded together in batches
+        (Ouro/Huginn with their KV cache at a fixed loop count).
+        """
+        groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
+        for i, request in enumerate(requests):
+            _, gen_kwargs = request.args
             options = dict(gen_kwargs)
             until = options.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = (until,) if isinstance(until, str) else tuple(until)
             max_new = int(options.pop("max_gen_toks", 256))
             if options.pop("do_sample", False) and float(options.get("temperature", 0.0)) > 0:
                 raise ValueError(
                     "the eqloop lm-eval model decodes greedily; set do_sample=false for this task"
                 )
-            prompt = self.tok_encode(context)[-max(1, self.max_length - max_new) :]
-            (ids,) = greedy_generate(
-                self._logits, [prompt], max_new_tokens=max_new, eos_id=self.eot_token_id,
-                stop_texts=until, decode=self.tok_decode, device=self._device,
+            groups.setdefault((until, max_new), []).append(i)
+        out = [""] * len(requests)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
+        for (until, max_new), indices in groups.items():
+            budget = max(1, self.max_length - max_new)
+            prompts = [self.tok_encode(requests[i].args[0])[-budget:] for i in indices]
+            texts = generate_continuations(
+                self.model, prompts, loops=None if self.solver else self.loops,
+                predict=self._logits, tokenizer=self.text_tokenizer, max_new_tokens=max_new,
+                stop_texts=until, batch_size=self.batch_size,
             )  # fmt: skip
-            text = self.tok_decode(ids)
-            for stop in until:
-                text = text.split(stop)[0]
-            out.append(text)
-            if self.cache_hook is not None:
-                self.cache_hook.add_partial("generate_until", request.args, text)
+            for i, text in zip(indices, texts, strict=True):
+                out[i] = text
+                if self.cache_hook is not None:
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            bar.update(len(indices))
+        bar.close()
         return out
 
 

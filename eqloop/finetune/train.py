@@ -96,6 +96,8 @@ class Objective(nn.Module):
         lam: penalty weight in [0, 1].
         power_steps, target, product: passed to :func:`eqloop.jsrr_penalty`.
         penalty_rows: sequences of the micro-batch used by the penalty (None: all).
+        backprop_loops: backpropagate through the last this many loops only (Huginn's
+            truncated backprop, k=8); None: through every loop (the STARS paper).
         grad_checkpointing: recompute each loop in the backward.
         autocast: bf16 autocast of the forward (not of the penalty).
     """
@@ -109,6 +111,7 @@ class Objective(nn.Module):
         target: float | None = None,
         product: str = "vjp",
         penalty_rows: int | None = None,
+        backprop_loops: int | None = None,
         grad_checkpointing: bool = False,
         autocast: bool = False,
     ) -> None:
@@ -119,6 +122,7 @@ class Objective(nn.Module):
         self.target = target
         self.product = product
         self.penalty_rows = penalty_rows
+        self.backprop_loops = backprop_loops
         self.grad_checkpointing = grad_checkpointing
         self.autocast = autocast
 
@@ -151,7 +155,11 @@ class Objective(nn.Module):
         device = inputs.device.type
         with torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast):
             f, z = self.model.core_map(inputs)
-            for _ in range(loops):
+            detached = 0 if self.backprop_loops is None else max(0, loops - self.backprop_loops)
+            with torch.no_grad():
+                for _ in range(detached):
+                    z = f(z)
+            for _ in range(loops - detached):
                 if self.grad_checkpointing and torch.is_grad_enabled():
                     z = checkpoint(f, z, use_reentrant=False)
                 else:
@@ -390,6 +398,7 @@ def _build(config: FinetuneConfig, env: _Env, loaded: LoadedModel | None) -> _Ru
         target=config.penalty_target,
         product=_product(config, env.world),
         penalty_rows=config.penalty_rows,
+        backprop_loops=config.backprop_loops,
         grad_checkpointing=config.grad_checkpointing,
         autocast=_autocast_on(config, env.device),
     )
@@ -649,7 +658,8 @@ def step_time_ratio(
     objective = Objective(
         loaded.model, lam=config.lam, power_steps=config.power_steps,
         target=config.penalty_target, product=_product(config, 1),
-        penalty_rows=config.penalty_rows, grad_checkpointing=config.grad_checkpointing,
+        penalty_rows=config.penalty_rows, backprop_loops=config.backprop_loops,
+        grad_checkpointing=config.grad_checkpointing,
     )  # fmt: skip
     optimizer = _optimizer(loaded.model, config)
     times: dict[bool, list[float]] = {False: [], True: []}
