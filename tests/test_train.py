@@ -135,14 +135,24 @@ def test_backward_modes_other_than_unroll_train(tmp_path: Path, cache: Path) -> 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"task": "division"}, "unknown task 'division'"),
+        ({"task": "division"}, "task must be one of 'addition', .*; got 'division'"),
         ({"digits": 0}, "digits must be an integer >= 1"),
-        ({"lam": 1.5}, r"lam must lie in \[0, 1\]"),
-        ({"lam": -0.1}, r"lam must lie in \[0, 1\]"),
+        ({"lam": 1.5}, "lam must be a number >= 0 and <= 1, got 1.5"),
+        ({"lam": -0.1}, "lam must be a number >= 0 and <= 1, got -0.1"),
+        ({"lam": "0.1"}, "lam must be a number, got str '0.1'"),
+        ({"resume": "no"}, "resume must be true or false, got str 'no'"),
+        ({"betas": 0.9}, r"betas must be two numbers like \(0.9, 0.98\)"),
+        ({"eval_loops": 5}, "eval_loops must be a non-empty list of integers"),
+        ({"device": 5}, "device must be a non-empty string"),
+        ({"device": "tpu"}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>'"),
+        ({"out_dir": 5}, "out_dir must be a non-empty string"),
+        ({"backward": "ift", "backward_options": {"solvr": 1}}, r"backward_options: .*\['solvr'\]"),
+        ({"backward": "truncated", "backward_options": {"truncate_k": 0}}, "truncate_k must be"),
+        ({"resume": True, "overwrite": True}, "resume and overwrite exclude each other"),
         ({"bogus": 1}, "unknown TrainConfig keys: \\['bogus'\\]; valid keys are"),
         ({"model": {"d_modle": 8}}, "unknown LoopLMConfig keys"),
         ({"depth": {"kind": "gaussian"}}, "unknown depth sampler kind"),
-        ({"backward": "adjoint"}, "unknown backward"),
+        ({"backward": "adjoint"}, "backward must be one of"),
         ({"eval_loops": []}, "eval_loops"),
     ],
 )
@@ -150,15 +160,13 @@ def test_bad_config_is_rejected_before_anything_is_written(
     tmp_path: Path, cache: Path, override: dict[str, Any], message: str
 ) -> None:
     data = {**tiny_config(tmp_path, cache).to_dict(), **override}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         TrainConfig.from_dict(data)
-    with pytest.raises(ValueError, match=message):
-        load_config(None, [f"{k}={json.dumps(v)}" for k, v in override.items()])
-    ((key, value),) = override.items()
-    if key not in {"bogus", "model"}:  # train() validates a config changed after creation
+    if not {"bogus", "model"} & set(override):  # train() validates a config changed later
         config = tiny_config(tmp_path, cache)
-        setattr(config, key, value)
-        with pytest.raises(ValueError, match=message):
+        for key, value in override.items():
+            setattr(config, key, value)
+        with pytest.raises((ValueError, TypeError), match=message):
             train(config)
     assert not (tmp_path / "run").exists()
 
@@ -187,9 +195,9 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path, cache: P
     config = tiny_config(tmp_path, cache, steps=2, eval_every=0)
     train(config)
     before = {p: p.read_bytes() for p in Path(config.out_dir).rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(ValueError, match="already holds a training run"):
         train(config)
-    with pytest.raises(ValueError, match=r"differs from the checkpoint's in \['lr'\]"):
+    with pytest.raises(ValueError, match=r"differs from .*step_00000002 in \['lr'\]"):
         train(dataclasses.replace(config, resume=True, lr=1e-2))
     after = {p: p.read_bytes() for p in Path(config.out_dir).rglob("*") if p.is_file()}
     assert before == after
