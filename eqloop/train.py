@@ -351,12 +351,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class _MetricsLog:
-    """Append-only JSONL log; on resume, records after the checkpoint's step are dropped."""
+    """Append-only JSONL log that starts with ``kept`` (a resumed run's earlier records)."""
 
-    def __init__(self, path: Path, keep_until: int) -> None:
-        kept = []
-        if keep_until > 0 and path.is_file():
-            kept = [r for r in read_metrics(path) if r.get("step", 0) <= keep_until]
+    def __init__(self, path: Path, kept: list[dict[str, Any]]) -> None:
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = path.open("a", buffering=1)
 
@@ -400,10 +397,14 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig, source: Path) -
 
 @dataclass(frozen=True)
 class _Plan:
-    """What a run does with its directory: start fresh (clearing ``clear``) or resume."""
+    """What a run does with its directory: start fresh (clearing ``clear``) or resume.
+
+    ``metrics`` are the records of ``metrics.jsonl`` up to the checkpoint's step.
+    """
 
     checkpoint: Checkpoint | None
     clear: tuple[Path, ...] = ()
+    metrics: tuple[dict[str, Any], ...] = ()
 
 
 def _plan_run_dir(config: TrainConfig) -> _Plan:
@@ -414,6 +415,7 @@ def _plan_run_dir(config: TrainConfig) -> _Plan:
             neither ``resume`` nor ``overwrite`` is set, or the run it holds differs from
             ``config`` in a field that a resumed run must keep.
         eqloop.checkpoint.CheckpointError: the checkpoint to resume from is damaged.
+        ValueError: ``metrics.jsonl`` is damaged other than in its last line.
     """
     out_dir = Path(config.out_dir)
     for parent in (out_dir, *out_dir.parents):
@@ -439,7 +441,9 @@ def _plan_run_dir(config: TrainConfig) -> _Plan:
     if latest is not None:
         ckpt = load_checkpoint(latest)
         _check_resumable(ckpt.config, config, ckpt.path)
-        return _Plan(ckpt)
+        log = out_dir / "metrics.jsonl"
+        records = read_metrics(log) if log.is_file() else []
+        return _Plan(ckpt, metrics=tuple(r for r in records if r.get("step", 0) <= ckpt.step))
     saved = out_dir / "config.json"  # killed before its first checkpoint: start it again
     if not saved.is_file():
         raise ValueError(
@@ -653,7 +657,7 @@ def _train(config: TrainConfig, env: _Env, on_eval: OnEval | None) -> dict[str, 
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_staging(out_dir)
         write_json_atomic(out_dir / "config.json", config.to_dict())
-        log = _MetricsLog(out_dir / "metrics.jsonl", keep_until=state.step)
+        log = _MetricsLog(out_dir / "metrics.jsonl", list(plan.metrics))
     schedule = PenaltySchedule(config.penalty_start, config.penalty_every)
     bar = tqdm(
         total=config.steps,
@@ -725,6 +729,8 @@ def _train(config: TrainConfig, env: _Env, on_eval: OnEval | None) -> dict[str, 
                     state.step == config.steps
                 ):
                     save()
+                if env.world == 1:  # ranks agree on the value reduced above; alone, read it now
+                    stop = received[0]
                 if stop and state.step < config.steps:
                     raise TrainingInterrupted(state.step, save(), stop)
     finally:
