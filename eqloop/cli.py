@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_TOL
+from eqloop.overrides import add_config_arguments  # re-exported for eqloop.tune
 
 __all__ = ["add_config_arguments", "build_parser", "main"]
 
@@ -42,27 +43,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, *, file_help: str, example: str) -> None:
-    """Add the ``--config FILE`` and repeatable ``--set KEY=VALUE`` options to a CLI.
-
-    Args:
-        parser: the (sub)command's parser; ``--set`` values land in ``overrides``.
-        file_help: help text of ``--config``.
-        example: example overrides shown in the help of ``--set``.
-    """
-    parser.add_argument("--config", type=Path, help=file_help)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field; the value is read by the field's type (true/false, yes/no, "
-        "on/off, 1/0 for booleans; comma-separated items or a JSON array for lists; a JSON "
-        f"object for dicts); dotted keys reach nested fields, e.g. {example}",
-    )
 
 
 def _loop_counts(text: str) -> list[int]:

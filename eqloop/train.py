@@ -18,8 +18,8 @@ with the sampler narrowed to what a CPU affords::
 The run directory belongs to one run: a directory that already holds a run's files
 (``config.json``, ``metrics.jsonl``, ``checkpoints/``) is continued with ``resume``,
 replaced with ``overwrite``, or refused. SIGINT (Ctrl-C) and SIGTERM end a run cleanly:
-the step in progress finishes, a checkpoint is written and :class:`TrainingInterrupted`
-says where it is.
+the step in progress (with its evaluation, if due) finishes, a checkpoint is written and
+:class:`TrainingInterrupted` says where it is.
 
 Every step draws one loop count ``t`` from the depth sampler (the same ``t`` on every
 rank, logged), runs the model ``t`` loops and minimises

@@ -330,3 +330,68 @@ def test_tune_hook_forwards_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("eqloop.tune", fake, raising=False)
     assert main(["tune", "--n-trials", "3", "--storage", "sqlite:///x.db"]) == 0
     assert seen == [["--n-trials", "3", "--storage", "sqlite:///x.db"]]
+
+
+# ------------------------------------------------------- issue 9: extras are optional
+
+
+_WITHOUT_EXTRAS = """
+import contextlib, io, json, sys
+for name in ("datasets", "pyarrow", "pandas", "optuna", "matplotlib"):
+    sys.modules[name] = None  # importing it now raises ModuleNotFoundError
+from eqloop.cli import main
+outcomes = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = exit.code
+    outcomes.append([code, err.getvalue()])
+print(json.dumps(outcomes))
+"""
+
+
+def test_train_and_eval_work_without_the_extras(tmp_path: Path) -> None:
+    run, cache = tmp_path / "run", ["--set", f"data_cache_dir={tmp_path / 'cache'}"]
+    commands = [
+        ["train", *TINY, *cache, "--steps", "2", "--out-dir", str(run), "--no-progress"],
+        ["eval", "--checkpoint", str(run), *EVAL_QUICK],
+        ["eval", "--checkpoint", str(run), "--plot", str(tmp_path / "p.png")],
+        ["tune", "--n-trials", "1"],
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EXTRAS, json.dumps(commands)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (train, _), (evaluate, _), (plot, plot_err), (tune, tune_err) = json.loads(done.stdout)
+    assert (train, evaluate) == (0, 0) and load_checkpoint(run).step == 2
+    assert plot == 2 and plot_err.strip().endswith("pip install 'eqloop[plots]'")
+    assert tune == 2 and tune_err.strip().endswith("pip install 'eqloop[tune]'")
+
+
+@pytest.mark.slow
+def test_a_fresh_venv_without_extras_trains(tmp_path: Path) -> None:
+    """The check of issue 9 for real: install eqloop with no extras into a new venv."""
+    venv, root = tmp_path / "venv", Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    torch_pin = f"torch=={torch.__version__.split('+')[0]}"  # the CPU build already here
+    subprocess.run([*pip, torch_pin], check=True, timeout=1800)
+    subprocess.run([*pip, str(root)], check=True, timeout=900)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", EQLOOP_CACHE_DIR=str(tmp_path / "cache"))
+    listed = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "list"], capture_output=True, text=True
+    ).stdout
+    assert not {"datasets", "optuna", "matplotlib"} & {
+        line.split()[0] for line in listed.split("\n")[2:] if line
+    }
+    done = subprocess.run(
+        [str(venv / "bin" / "eqloop"), "train", "--steps", "2", "--out-dir", str(tmp_path / "x")],
+        capture_output=True, text=True, env=env, timeout=1200, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["step"] == 2
