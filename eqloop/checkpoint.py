@@ -51,6 +51,7 @@ from eqloop.files import (
     write_json_atomic,
     write_text_atomic,
 )
+from solvers import checks
 
 if TYPE_CHECKING:
     from eqloop.model import LoopLM
@@ -276,9 +277,10 @@ def _saved_step(weights: Path) -> int | None:
 
 def _check_step(ckpt: Path, manifest: dict[str, Any]) -> int:
     """The checkpoint's step, once the manifest, directory name and weights agree on it."""
-    step = manifest.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"{ckpt / _MANIFEST} has no valid step, got {step!r}")
+    try:
+        step = checks.integer("step", manifest.get("step"), low=0)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{ckpt / _MANIFEST}: {err}") from None
     claims = {"the weights' step": _saved_step(ckpt / _WEIGHTS)}
     if (match := _STEP_DIR.fullmatch(ckpt.name)) is not None:
         claims["the directory name's step"] = int(match.group(1))

@@ -244,6 +244,7 @@ def _eval(args: argparse.Namespace) -> int:
     from eqloop.config import check_device
     from eqloop.evaluate import check_options, evaluate_checkpoint, format_result, plot_results
     from eqloop.files import write_text_atomic
+    from solvers import checks
 
     solver_options = {"max_iter": args.max_iter, "tol": args.tol}
     settings = dict(
@@ -255,8 +256,8 @@ def _eval(args: argparse.Namespace) -> int:
         rho_iters=args.rho_iters,
     )
     check_options(**settings)
-    if args.n_test is not None and args.n_test < 1:
-        raise ValueError(f"--n-test must be >= 1, got {args.n_test}")
+    if args.n_test is not None:
+        checks.integer("--n-test", args.n_test, low=1)
     device = check_device(args.device)
     paths = [resolve_checkpoint(path) for path in args.checkpoint]
 

@@ -78,3 +78,4 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented, key-sorted JSON (with a final newline) atomically."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
