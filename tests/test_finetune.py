@@ -292,7 +292,7 @@ def test_cli_runs_and_reports_bad_settings_in_one_line(
         return lines[0]
 
     assert error([*base, "--train-file", str(files["train"]), "--set", "lam=2"]) == (
-        "eqloop finetune: error: lam must be a number >= 0 and <= 1, got 2"
+        "eqloop finetune: error: lam must be a number >= 0 and <= 1, got 2.0"
     )
     assert "must be an integer" in error([*base, "--train-file", "x", "--set", "steps=1.5"])
     assert "unknown FinetuneConfig keys: ['lamb']" in error([*base, "--set", "lamb=1"])

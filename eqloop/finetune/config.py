@@ -15,7 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from eqloop.config import SCHEDULES, apply_overrides, read_config_file
+from eqloop.config import SCHEDULES
+from eqloop.overrides import apply_overrides, read_config_file
 from eqloop.depth import make_depth_sampler
 from solvers import checks
 
@@ -234,4 +235,4 @@ def load_finetune_config(
     overrides = list(overrides)
     if any(item.strip().startswith("lora.") for item in overrides) and data.get("lora") is None:
         data["lora"] = asdict(LoraOptions())
-    return FinetuneConfig.from_dict(apply_overrides(data, overrides))
+    return FinetuneConfig.from_dict(apply_overrides(data, overrides, schema=FinetuneConfig))

@@ -68,7 +68,7 @@ from eqloop.finetune.data import Example, PromptTemplate, encode_examples, load_
 from eqloop.finetune.lora import DEFAULT_TARGETS, attach_lora, merge_lora
 from eqloop.finetune.models import LoadedModel, load_for_finetuning, save_model
 from eqloop.stars import PenaltySchedule, jsrr_penalty
-from eqloop.train import _Env, _MetricsLog, _mix, _setup, batch_rows, lr_factor
+from eqloop.train import _Env, _MetricsLog, _mix, _setup, batch_rows, lr_factor, read_metrics
 
 __all__ = ["Objective", "OnStep", "finetune", "make_sampler", "prepare_model", "step_time_ratio"]
 
@@ -547,7 +547,9 @@ def _finetune(
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "config.json", config.to_dict())
-        log = _MetricsLog(out_dir / "metrics.jsonl", keep_until=run.step)
+        log_path = out_dir / "metrics.jsonl"
+        kept = read_metrics(log_path) if run.step and log_path.is_file() else []
+        log = _MetricsLog(log_path, [r for r in kept if r.get("step", 0) <= run.step])
     schedule = PenaltySchedule(config.penalty_start, 1)
     checkpoint_path = latest_checkpoint(out_dir) if run.step >= config.steps else None
     bar = tqdm(
