@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from eqloop.config import SCHEDULES
-from eqloop.overrides import apply_overrides, read_config_file
 from eqloop.depth import make_depth_sampler
+from eqloop.overrides import apply_overrides, read_config_file
 from solvers import checks
 
 __all__ = [
