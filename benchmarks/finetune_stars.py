@@ -155,10 +155,10 @@ def stage_config(name: str, init: Path, train: Path, out: Path, args: argparse.N
 def evaluate_stage(model_dir: Path, test: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Exact match at loops 1..max_loops and at equilibrium, cached next to the model."""
     cache = model_dir.parent / "benchmark_eval.json"
-    loops = [str(t) for t in range(1, args.max_loops + 1)]
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if list(cached["accuracy"]) == loops and cached["n"] == args.n_test:
+        loops = sorted(int(t) for t in cached["accuracy"])
+        if loops == list(range(1, args.max_loops + 1)) and cached["n"] == args.n_test:
             return cached
     loaded = load_for_finetuning(model_dir)
     result = accuracy_vs_loops(
