@@ -299,6 +299,8 @@ def plot(per_seed: list[dict[str, Any]], path: str) -> None:
             ax.scatter([loops[-1] + 1.5], [statistics.fmean(100 * e["accuracy"] for e in eq)],
                        marker="*", s=80, color=colors[name])  # fmt: skip
     ax.axvline(TRAINED_LOOPS, color="k", lw=0.6, ls=":")
+    ax.set_ylim(-3, 103)
+    ax.set_xticks([*loops, loops[-1] + 1.5], [*map(str, loops), "eq"])
     ax.set_title("exact match vs loops (star: Anderson equilibrium); trained at 4 loops")
     style_axis(ax, "loops at test time", "exact match (%)")
     fig.tight_layout()
