@@ -103,7 +103,12 @@ def test_ouro_keys_and_shapes_follow_the_spec(models):
         assert shapes[p + "mlp.gate_proj.weight"] == (ffn, d)
         assert shapes[p + "mlp.up_proj.weight"] == (ffn, d)
         assert shapes[p + "mlp.down_proj.weight"] == (d, ffn)
-        for norm in ("input_layernorm", "input_layernorm_2", "post_attention_layernorm", "post_attention_layernorm_2"):
+        for norm in (
+            "input_layernorm",
+            "input_layernorm_2",
+            "post_attention_layernorm",
+            "post_attention_layernorm_2",
+        ):
             assert shapes[p + norm + ".weight"] == (d,)
     assert shapes["model.norm.weight"] == (d,)
     assert shapes["model.early_exit_gate.weight"] == (1, d)
@@ -122,7 +127,12 @@ def test_huginn_keys_and_shapes_follow_the_spec(models):
     assert shapes["transformer.wte.weight"] == (128, d)
     assert shapes["transformer.adapter.weight"] == (d, 2 * d)
     assert shapes["transformer.ln_f.weight"] == (d,)
-    for prefix in ("transformer.prelude.0.", "transformer.core_block.0.", "transformer.core_block.1.", "transformer.coda.0."):
+    for prefix in (
+        "transformer.prelude.0.",
+        "transformer.core_block.0.",
+        "transformer.core_block.1.",
+        "transformer.coda.0.",
+    ):
         assert shapes[prefix + "attn.Wqkv.weight"] == (3 * d, d)
         assert shapes[prefix + "attn.qk_bias"] == (2, 1, heads, e)
         assert shapes[prefix + "attn.proj.weight"] == (d, d)
@@ -298,7 +308,9 @@ def test_masked_batch_agrees_with_each_sequence_alone(models, name, side):
 
 def test_all_ones_mask_changes_nothing(models):
     model, ids = models["ouro_variant"], tokens()
-    assert torch.allclose(run(model, ids, 3), run(model, ids, 3, attention_mask=torch.ones_like(ids)), atol=1e-6)
+    assert torch.allclose(
+        run(model, ids, 3), run(model, ids, 3, attention_mask=torch.ones_like(ids)), atol=1e-6
+    )
 
 
 def test_sliding_window_limits_what_a_query_sees(tmp_path):
@@ -307,8 +319,12 @@ def test_sliding_window_limits_what_a_query_sees(tmp_path):
     common = dict(num_hidden_layers=1, total_ut_steps=1, initializer_range=0.3)
     sliding = pretrained.load(
         pretrained.write_tiny_checkpoint(
-            tmp_path / "s", "ouro", use_sliding_window=True, sliding_window=window,
-            layer_types=["sliding_attention"], **common,
+            tmp_path / "s",
+            "ouro",
+            use_sliding_window=True,
+            sliding_window=window,
+            layer_types=["sliding_attention"],
+            **common,
         )
     )
     ids = tokens(1, 8)
@@ -338,7 +354,9 @@ def test_solvers_and_spectral_tools_run_on_the_core(models, name):
         # The per-sample form lets the solver drop converged rows.
         x = model.inject(ids)
         mask = torch.ones_like(ids)
-        compact = solvers.solve(model.core_step, z0, "fixed_point", args=(x, mask), compact=True, max_iter=5, tol=0.0)
+        compact = solvers.solve(
+            model.core_step, z0, "fixed_point", args=(x, mask), compact=True, max_iter=5, tol=0.0
+        )
         closed = solvers.solve(f, z0, "fixed_point", max_iter=5, tol=0.0)
         assert torch.allclose(compact.z, closed.z, atol=1e-5)
     rho = eqloop.spectral_radius(f, res.z, method="arnoldi", iters=10)
@@ -359,7 +377,11 @@ def test_fixed_point_backward_modes_reach_the_parameters(models, name, backward)
     solver = "fixed_point" if backward == "unroll" else "anderson"
     z = eqloop.fixed_point(f, z0, solver=solver, backward=backward, max_iter=12, tol=1e-4)
     model.readout(z).logsumexp(-1).mean().backward()
-    layer = model.model.layers[0].mlp.up_proj if name == "ouro" else model.transformer.core_block[0].mlp.fc
+    layer = (
+        model.model.layers[0].mlp.up_proj
+        if name == "ouro"
+        else model.transformer.core_block[0].mlp.fc
+    )
     assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
     assert float(layer.weight.grad.abs().sum()) > 0
     model.zero_grad()
@@ -390,7 +412,9 @@ def test_save_then_load_is_exact(models, dirs, name, tmp_path):
     out = model.save_pretrained(tmp_path / "saved")
     again = pretrained.load(out)
     a, b = model.state_dict(), again.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a
+    )
     saved = json.loads((out / "config.json").read_text())
     original = json.loads((dirs[name] / "config.json").read_text())
     assert saved == original
@@ -418,7 +442,9 @@ def test_save_fixture_round_trip_keeps_upstream_files_loadable(tmp_path):
     upstream = load_file(fixture / "model.safetensors")
     assert files.keys() == upstream.keys()  # freqs_cis included, lm_head tied away
     assert torch.allclose(files["freqs_cis"], upstream["freqs_cis"], atol=1e-5)
-    assert json.loads((out / "config.json").read_text()) == json.loads((fixture / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (fixture / "config.json").read_text()
+    )
 
 
 def test_save_refuses_to_overwrite_without_permission(models, tmp_path):
@@ -464,7 +490,9 @@ def test_missing_files_raise_clear_errors(dirs, tmp_path):
         pretrained.load(empty)
     no_weights = _copy(dirs["ouro"], tmp_path / "noweights")
     (no_weights / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model.safetensors or model.safetensors.index.json"):
+    with pytest.raises(
+        FileNotFoundError, match="model.safetensors or model.safetensors.index.json"
+    ):
         pretrained.load(no_weights)
     no_shard = _copy(dirs["ouro_sharded"], tmp_path / "noshard")
     next(no_shard.glob("model-00002-*.safetensors")).unlink()
@@ -609,7 +637,9 @@ def test_core_import_stays_light():
     fixture = Path("/work/shared/fixtures/ouro-tiny")
     if not fixture.is_dir():
         pytest.skip("no upstream fixtures")
-    done = subprocess.run([sys.executable, "-c", code, str(fixture)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(fixture)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "GenerateOutput": "eqloop.pretrained.generation",
     "diagnose": "eqloop.pretrained.diagnostics",
     "Diagnostics": "eqloop.pretrained.diagnostics",
+    "diagnose_checkpoint": "eqloop.pretrained.diagnostics",
+    "adaptive_forward": "eqloop.pretrained.generation",
     "OuroConfig": "eqloop.pretrained.config",
     "HuginnConfig": "eqloop.pretrained.config",
     "ARCHITECTURES": "eqloop.pretrained.config",

@@ -122,7 +122,9 @@ class ExitCriterion:
         if self.name == "none":
             return torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
         if self.name == "latent-diff":
-            change = (z - self.prev).norm(dim=-1) / z.norm(dim=-1).clamp_min(torch.finfo(z.dtype).tiny)
+            change = (z - self.prev).norm(dim=-1) / z.norm(dim=-1).clamp_min(
+                torch.finfo(z.dtype).tiny
+            )
             self.prev = z
             return change.mean(dim=1) < self.threshold
         log_p = F.log_softmax(logits.float(), dim=-1)
@@ -159,7 +161,13 @@ def _ouro_exit(model: Any, exit: str, exit_threshold: float | None) -> tuple[str
 
 
 def _ouro_call(
-    model: Any, tokens: Tensor, mask: Tensor | None, cache: KVCache, loops: int, exit: str, threshold: float | None
+    model: Any,
+    tokens: Tensor,
+    mask: Tensor | None,
+    cache: KVCache,
+    loops: int,
+    exit: str,
+    threshold: float | None,
 ) -> tuple[Tensor, Tensor]:
     """Last-position logits (B, V) and the loop they came from (B,) of a cached call."""
     from eqloop.pretrained.ouro import exit_distribution, threshold_exit
@@ -373,15 +381,29 @@ def generate(
             if use_cache:
                 if is_huginn:
                     logits, used = _huginn_call(
-                        model, step_tokens, step_mask, cache, loops, criterion, init_scale, generator
+                        model,
+                        step_tokens,
+                        step_mask,
+                        cache,
+                        loops,
+                        criterion,
+                        init_scale,
+                        generator,
                     )
                 else:
-                    logits, used = _ouro_call(model, step_tokens, step_mask, cache, loops, ouro_exit, threshold)
+                    logits, used = _ouro_call(
+                        model, step_tokens, step_mask, cache, loops, ouro_exit, threshold
+                    )
             else:
                 logits, used = _recompute(
-                    model, sequences, full_mask if mask is not None else None, loops,
-                    None if is_huginn else ouro_exit, None if is_huginn else threshold,
-                    init_scale, generator,
+                    model,
+                    sequences,
+                    full_mask if mask is not None else None,
+                    loops,
+                    None if is_huginn else ouro_exit,
+                    None if is_huginn else threshold,
+                    init_scale,
+                    generator,
                 )
             logits = logits.float()
             if usable < logits.shape[-1]:
@@ -433,11 +455,24 @@ def _recompute(
     """Last-position logits of a full forward pass over ``sequences`` (no cache)."""
     batch = sequences.shape[0]
     if ouro_exit is None:
-        logits = model(sequences, loops, attention_mask=mask, init_scale=init_scale, generator=generator)
+        logits = model(
+            sequences, loops, attention_mask=mask, init_scale=init_scale, generator=generator
+        )
         used = torch.full((batch,), loops, device=sequences.device)
         return logits[:, -1], used
-    logits, info = model(sequences, loops, attention_mask=mask, exit=ouro_exit, exit_threshold=threshold, return_info=True)
-    used = info.exit_loop[:, -1] if info.exit_loop is not None else torch.full((batch,), loops, device=sequences.device)
+    logits, info = model(
+        sequences,
+        loops,
+        attention_mask=mask,
+        exit=ouro_exit,
+        exit_threshold=threshold,
+        return_info=True,
+    )
+    used = (
+        info.exit_loop[:, -1]
+        if info.exit_loop is not None
+        else torch.full((batch,), loops, device=sequences.device)
+    )
     return logits[:, -1], used
 
 
