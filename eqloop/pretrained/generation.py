@@ -326,7 +326,9 @@ def generate(
         init_scale: Huginn's initial-state scale (0: zeros, deterministic).
         generator: random generator for sampling and Huginn's initial states.
         use_cache: ``False`` recomputes the whole sequence for every token (the
-            reference the cache is tested against; not with a Huginn exit criterion).
+            reference the cache is tested against; not with a Huginn exit criterion,
+            and equal to the cached result for Huginn only with ``init_scale=0``, since
+            a recompute draws new random initial states for every position).
         return_dict: return a :class:`GenerateOutput` instead of the sequences.
 
     Returns:
