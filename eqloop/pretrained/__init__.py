@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "PretrainedLoopedLM": "eqloop.pretrained.base",
     "LoopOutput": "eqloop.pretrained.base",
     "KVCache": "eqloop.pretrained.layers",
+    "register_auto_classes": "eqloop.pretrained.hf",
 }
 
 __all__ = sorted(_EXPORTS)
