@@ -118,23 +118,35 @@ class Diagnostics:
         from eqloop.plotting import pyplot, style_axis
 
         plt = pyplot()
-        panels = [("residual", True), ("state_norm", False), ("rho", False), ("kl", True)]
+        panels = [
+            ("residual", True),
+            ("state_norm", False),
+            ("rho", False),
+            ("kl", True),
+            ("entropy", False),
+        ]
         if self.exit_pdf is not None:
             panels.append(("exit_pdf", False))
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2))
-        for ax, (key, log) in zip(axes, panels, strict=True):
+        fig, grid = plt.subplots(2, 3, figsize=(11, 6))
+        axes = list(grid.flat)
+        for ax in axes[len(panels) :]:
+            ax.set_visible(False)
+        titles = {k: t for k, t, _ in _COLUMNS}
+        for ax, (key, log) in zip(axes, panels, strict=False):
             values = [math.nan if v is None else v for v in getattr(self, key)]
             if key == "exit_pdf":
                 ax.bar(self.loops, values, color="tab:purple")
             else:
-                ax.plot(self.loops, values, marker=".", label=self.model_type)
+                ax.plot(self.loops, values, marker=".")
             if log and any(v > 0 for v in values if math.isfinite(v)):
                 ax.set_yscale("log")
+            else:
+                ax.ticklabel_format(axis="y", useOffset=False)
+                ax.set_ylim(bottom=0)
             if key == "rho":
                 ax.axhline(1.0, color="grey", lw=0.8, ls=":")
             ax.axvline(self.trained_loops, color="tab:red", lw=0.8, ls="--")
-            title = dict((k, t) for k, t, _ in _COLUMNS)[key]
-            style_axis(ax, "loop", title, legend=False)
+            style_axis(ax, "loop", titles[key], legend=False)
         fig.suptitle(f"{self.model_type}: trained depth {self.trained_loops} (dashed)")
         fig.tight_layout()
         with atomic_path(path) as tmp:
