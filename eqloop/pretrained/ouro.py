@@ -20,6 +20,14 @@ injection: ``f(z) = norm(layers(z))`` and the tokens only set ``z_0``.
 whose cumulative exit probability reaches ``exit_threshold`` (the last loop if none
 does); ``exit="expected"`` returns ``sum_t p_t * lm_head(z_t)`` (upstream's
 ``use_weighted_exit``, also its training logits). All T loops are computed either way.
+
+Defaults differ from upstream's on purpose: ``model(tokens)`` decodes the state after
+``total_ut_steps`` loops, whereas upstream's forward decodes by the config's
+``early_exit_threshold`` (or ``early_exit_step``) when they are set; with the usual
+threshold 1.0 both give the last loop. ``exit="threshold"`` without a value uses the
+config's threshold. Upstream's ``use_weighted_exit=True`` is shadowed by a configured
+threshold (its "weighted" logits are then the threshold logits); ``exit="expected"`` is
+always the weighted sum.
 """
 
 from __future__ import annotations
