@@ -650,3 +650,22 @@ def test_direct_construction_and_init(models):
     assert model.state_dict().keys() == models["ouro"].state_dict().keys()
     with pytest.raises(TypeError, match="OuroConfig"):
         OuroForCausalLM(models["huginn"].config)
+
+
+@pytest.mark.parametrize("model_type", ["ouro", "huginn_raven"])
+def test_loops_and_solves_never_read_the_host(model_type):
+    # The meta device raises on any host read: the loop, the masks and a solve with
+    # check_every=None must run without one.
+    from eqloop.pretrained.config import config_from_dict
+    from eqloop.pretrained.tiny import TINY_DEFAULTS
+
+    config = config_from_dict({"model_type": model_type, **TINY_DEFAULTS[model_type]})
+    cls = OuroForCausalLM if model_type == "ouro" else HuginnForCausalLM
+    with torch.device("meta"):
+        model = cls(config)
+        ids = torch.zeros(2, 5, dtype=torch.long)
+        mask = torch.ones(2, 5, dtype=torch.long)
+    kw = {} if model_type == "ouro" else {"init_scale": 0.0}
+    assert model(ids, 3, attention_mask=mask, **kw).device.type == "meta"
+    f, z0 = model.core_map(ids, attention_mask=mask, **kw)
+    assert solvers.solve(f, z0, "anderson", max_iter=5, tol=1e-4, check_every=None).z.is_meta
