@@ -223,13 +223,15 @@ def diagnose(
     rho_iters = checks.integer("rho_iters", rho_iters, low=1)
     rho_every = checks.integer("rho_every", rho_every, low=1)
     rho_batch = checks.integer("rho_batch", rho_batch, low=1)
-    if model.model_type == "huginn_raven" and init_scale is None:
-        init_scale = 0.0
+    stage: dict[str, Any] = {"attention_mask": attention_mask}
+    if model.model_type == "huginn_raven":
+        init_scale = 0.0 if init_scale is None else init_scale
+        stage.update(init_scale=init_scale, generator=generator)
+    elif init_scale is not None:
+        raise TypeError("init_scale is a Huginn option: Ouro's loop starts from the embeddings")
     started = time.perf_counter()
     with torch.no_grad():
-        f, z = model.core_map(
-            input_ids, attention_mask=attention_mask, init_scale=init_scale, generator=generator
-        )
+        f, z = model.core_map(input_ids, **stage)
     mask = model._check_mask(attention_mask, input_ids.shape)
     valid = (torch.ones(input_ids.shape) if mask is None else mask).to(z.device, torch.float32)
     is_ouro = model.model_type == "ouro"
@@ -254,7 +256,7 @@ def diagnose(
             size = z.flatten(1).norm(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
             per["residual"].append((step / size).tolist())
             per["state_norm"].append(_masked_mean(z.float().norm(dim=-1), valid).tolist())
-            log_p = F.log_softmax(model.readout(z, attention_mask).float(), dim=-1)
+            log_p = F.log_softmax(model.readout(z, attention_mask=attention_mask).float(), dim=-1)
             per["entropy"].append(_masked_mean(-(log_p.exp() * log_p).sum(-1), valid).tolist())
             top = log_p.argmax(dim=-1)
             if prev_log_p is None:
@@ -302,8 +304,7 @@ def diagnose(
         equilibrium = _equilibrium(
             model,
             input_ids,
-            attention_mask,
-            init_scale,
+            stage,
             solver,
             max_iter,
             tol,
@@ -358,13 +359,13 @@ def _batched_rho(
     from eqloop.stars import spectral_radius
 
     k, batch = len(states), input_ids.shape[0]
-    mask = None if attention_mask is None else attention_mask.repeat(k, 1)
+    stage: dict[str, Any] = {}
+    if attention_mask is not None:
+        stage["attention_mask"] = attention_mask.repeat(k, 1)
+    if model.model_type == "huginn_raven":
+        stage["init_scale"] = 0.0  # the map does not depend on the start
     with torch.no_grad():
-        f, _ = model.core_map(
-            input_ids.repeat(k, 1),
-            attention_mask=mask,
-            init_scale=0.0 if model.model_type == "huginn_raven" else None,
-        )
+        f, _ = model.core_map(input_ids.repeat(k, 1), **stage)
     stacked = torch.cat([z for _, z in states], dim=0)
     radius = spectral_radius(f, stacked, method="arnoldi", iters=iters, generator=generator)
     return [
@@ -375,8 +376,7 @@ def _batched_rho(
 def _equilibrium(
     model: PretrainedLoopedLM,
     input_ids: Tensor,
-    attention_mask: Tensor | None,
-    init_scale: float | None,
+    stage: dict[str, Any],
     solver: str,
     max_iter: int | None,
     tol: float | None,
@@ -390,9 +390,7 @@ def _equilibrium(
     from eqloop.stars import spectral_radius
 
     with torch.no_grad():
-        f, z0 = model.core_map(
-            input_ids, attention_mask=attention_mask, init_scale=init_scale, generator=generator
-        )
+        f, z0 = model.core_map(input_ids, **stage)
         result = solvers.solve(
             f,
             z0,
@@ -401,7 +399,9 @@ def _equilibrium(
             tol=defaults.EQUILIBRIUM_TOL if tol is None else tol,
             stop_mode=defaults.EQUILIBRIUM_STOP_MODE,
         )
-        log_p = F.log_softmax(model.readout(result.z, attention_mask).float(), dim=-1)
+        log_p = F.log_softmax(
+            model.readout(result.z, attention_mask=stage["attention_mask"]).float(), dim=-1
+        )
     out: dict[str, Any] = {
         "solver": solver,
         "status": result.status,

@@ -456,7 +456,7 @@ def _recompute(
 ) -> tuple[Tensor, Tensor]:
     """Last-position logits of a full forward pass over ``sequences`` (no cache)."""
     batch = sequences.shape[0]
-    if ouro_exit is None:
+    if ouro_exit is None:  # Huginn
         logits = model(
             sequences, loops, attention_mask=mask, init_scale=init_scale, generator=generator
         )
@@ -470,9 +470,10 @@ def _recompute(
         exit_threshold=threshold,
         return_info=True,
     )
+    exit_loop = getattr(info, "exit_loop", None)  # set by the threshold exit only
     used = (
-        info.exit_loop[:, -1]
-        if info.exit_loop is not None
+        exit_loop[:, -1]
+        if exit_loop is not None
         else torch.full((batch,), loops, device=sequences.device)
     )
     return logits[:, -1], used
