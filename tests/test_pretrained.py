@@ -103,7 +103,12 @@ def test_ouro_keys_and_shapes_follow_the_spec(models):
         assert shapes[p + "mlp.gate_proj.weight"] == (ffn, d)
         assert shapes[p + "mlp.up_proj.weight"] == (ffn, d)
         assert shapes[p + "mlp.down_proj.weight"] == (d, ffn)
-        for norm in ("input_layernorm", "input_layernorm_2", "post_attention_layernorm", "post_attention_layernorm_2"):
+        for norm in (
+            "input_layernorm",
+            "input_layernorm_2",
+            "post_attention_layernorm",
+            "post_attention_layernorm_2",
+        ):
             assert shapes[p + norm + ".weight"] == (d,)
     assert shapes["model.norm.weight"] == (d,)
     assert shapes["model.early_exit_gate.weight"] == (1, d)
@@ -122,7 +127,12 @@ def test_huginn_keys_and_shapes_follow_the_spec(models):
     assert shapes["transformer.wte.weight"] == (128, d)
     assert shapes["transformer.adapter.weight"] == (d, 2 * d)
     assert shapes["transformer.ln_f.weight"] == (d,)
-    for prefix in ("transformer.prelude.0.", "transformer.core_block.0.", "transformer.core_block.1.", "transformer.coda.0."):
+    for prefix in (
+        "transformer.prelude.0.",
+        "transformer.core_block.0.",
+        "transformer.core_block.1.",
+        "transformer.coda.0.",
+    ):
         assert shapes[prefix + "attn.Wqkv.weight"] == (3 * d, d)
         assert shapes[prefix + "attn.qk_bias"] == (2, 1, heads, e)
         assert shapes[prefix + "attn.proj.weight"] == (d, d)
@@ -298,7 +308,9 @@ def test_masked_batch_agrees_with_each_sequence_alone(models, name, side):
 
 def test_all_ones_mask_changes_nothing(models):
     model, ids = models["ouro_variant"], tokens()
-    assert torch.allclose(run(model, ids, 3), run(model, ids, 3, attention_mask=torch.ones_like(ids)), atol=1e-6)
+    assert torch.allclose(
+        run(model, ids, 3), run(model, ids, 3, attention_mask=torch.ones_like(ids)), atol=1e-6
+    )
 
 
 def test_sliding_window_limits_what_a_query_sees(tmp_path):
@@ -307,8 +319,12 @@ def test_sliding_window_limits_what_a_query_sees(tmp_path):
     common = dict(num_hidden_layers=1, total_ut_steps=1, initializer_range=0.3)
     sliding = pretrained.load(
         pretrained.write_tiny_checkpoint(
-            tmp_path / "s", "ouro", use_sliding_window=True, sliding_window=window,
-            layer_types=["sliding_attention"], **common,
+            tmp_path / "s",
+            "ouro",
+            use_sliding_window=True,
+            sliding_window=window,
+            layer_types=["sliding_attention"],
+            **common,
         )
     )
     ids = tokens(1, 8)
@@ -338,7 +354,9 @@ def test_solvers_and_spectral_tools_run_on_the_core(models, name):
         # The per-sample form lets the solver drop converged rows.
         x = model.inject(ids)
         mask = torch.ones_like(ids)
-        compact = solvers.solve(model.core_step, z0, "fixed_point", args=(x, mask), compact=True, max_iter=5, tol=0.0)
+        compact = solvers.solve(
+            model.core_step, z0, "fixed_point", args=(x, mask), compact=True, max_iter=5, tol=0.0
+        )
         closed = solvers.solve(f, z0, "fixed_point", max_iter=5, tol=0.0)
         assert torch.allclose(compact.z, closed.z, atol=1e-5)
     rho = eqloop.spectral_radius(f, res.z, method="arnoldi", iters=10)
@@ -359,7 +377,11 @@ def test_fixed_point_backward_modes_reach_the_parameters(models, name, backward)
     solver = "fixed_point" if backward == "unroll" else "anderson"
     z = eqloop.fixed_point(f, z0, solver=solver, backward=backward, max_iter=12, tol=1e-4)
     model.readout(z).logsumexp(-1).mean().backward()
-    layer = model.model.layers[0].mlp.up_proj if name == "ouro" else model.transformer.core_block[0].mlp.fc
+    layer = (
+        model.model.layers[0].mlp.up_proj
+        if name == "ouro"
+        else model.transformer.core_block[0].mlp.fc
+    )
     assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
     assert float(layer.weight.grad.abs().sum()) > 0
     model.zero_grad()
@@ -390,7 +412,9 @@ def test_save_then_load_is_exact(models, dirs, name, tmp_path):
     out = model.save_pretrained(tmp_path / "saved")
     again = pretrained.load(out)
     a, b = model.state_dict(), again.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a
+    )
     saved = json.loads((out / "config.json").read_text())
     original = json.loads((dirs[name] / "config.json").read_text())
     assert saved == original
@@ -418,7 +442,9 @@ def test_save_fixture_round_trip_keeps_upstream_files_loadable(tmp_path):
     upstream = load_file(fixture / "model.safetensors")
     assert files.keys() == upstream.keys()  # freqs_cis included, lm_head tied away
     assert torch.allclose(files["freqs_cis"], upstream["freqs_cis"], atol=1e-5)
-    assert json.loads((out / "config.json").read_text()) == json.loads((fixture / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (fixture / "config.json").read_text()
+    )
 
 
 def test_save_refuses_to_overwrite_without_permission(models, tmp_path):
@@ -464,7 +490,9 @@ def test_missing_files_raise_clear_errors(dirs, tmp_path):
         pretrained.load(empty)
     no_weights = _copy(dirs["ouro"], tmp_path / "noweights")
     (no_weights / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model.safetensors or model.safetensors.index.json"):
+    with pytest.raises(
+        FileNotFoundError, match="model.safetensors or model.safetensors.index.json"
+    ):
         pretrained.load(no_weights)
     no_shard = _copy(dirs["ouro_sharded"], tmp_path / "noshard")
     next(no_shard.glob("model-00002-*.safetensors")).unlink()
@@ -560,7 +588,7 @@ def test_bad_call_arguments_raise(models):
         ouro(ids, -1)
     with pytest.raises(ValueError, match="mutually exclusive"):
         ouro(ids, 3, solver="anderson")
-    with pytest.raises(TypeError, match="need equilibrium mode"):
+    with pytest.raises(TypeError, match="equilibrium mode"):
         ouro(ids, 3, tol=1e-3)
     with pytest.raises(ValueError, match="exit_threshold needs exit='threshold'"):
         ouro(ids, 3, exit_threshold=0.5)
@@ -568,7 +596,7 @@ def test_bad_call_arguments_raise(models):
         ouro(ids, 3, exit="sometimes")
     with pytest.raises(ValueError, match="exit_threshold must be a number"):
         ouro(ids, 3, exit="threshold", exit_threshold=1.5)
-    with pytest.raises(TypeError, match="init_scale is a Huginn option"):
+    with pytest.raises(TypeError, match="init_scale"):  # a Huginn option
         ouro(ids, 3, init_scale=0.0)
     with pytest.raises(ValueError, match="init_scale must be a number >= 0"):
         huginn(ids, 3, init_scale=-1.0)
@@ -609,7 +637,9 @@ def test_core_import_stays_light():
     fixture = Path("/work/shared/fixtures/ouro-tiny")
     if not fixture.is_dir():
         pytest.skip("no upstream fixtures")
-    done = subprocess.run([sys.executable, "-c", code, str(fixture)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(fixture)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -620,3 +650,22 @@ def test_direct_construction_and_init(models):
     assert model.state_dict().keys() == models["ouro"].state_dict().keys()
     with pytest.raises(TypeError, match="OuroConfig"):
         OuroForCausalLM(models["huginn"].config)
+
+
+@pytest.mark.parametrize("model_type", ["ouro", "huginn_raven"])
+def test_loops_and_solves_never_read_the_host(model_type):
+    # The meta device raises on any host read: the loop, the masks and a solve with
+    # check_every=None must run without one.
+    from eqloop.pretrained.config import config_from_dict
+    from eqloop.pretrained.tiny import TINY_DEFAULTS
+
+    config = config_from_dict({"model_type": model_type, **TINY_DEFAULTS[model_type]})
+    cls = OuroForCausalLM if model_type == "ouro" else HuginnForCausalLM
+    with torch.device("meta"):
+        model = cls(config)
+        ids = torch.zeros(2, 5, dtype=torch.long)
+        mask = torch.ones(2, 5, dtype=torch.long)
+    kw = {} if model_type == "ouro" else {"init_scale": 0.0}
+    assert model(ids, 3, attention_mask=mask, **kw).device.type == "meta"
+    f, z0 = model.core_map(ids, attention_mask=mask, **kw)
+    assert solvers.solve(f, z0, "anderson", max_iter=5, tol=1e-4, check_every=None).z.is_meta

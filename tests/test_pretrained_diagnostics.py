@@ -16,7 +16,9 @@ from eqloop.stars import jacobian_eigvals
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("diag")
     return {
-        "ouro": pretrained.load(pretrained.write_tiny_checkpoint(root / "o", "ouro", initializer_range=0.2)),
+        "ouro": pretrained.load(
+            pretrained.write_tiny_checkpoint(root / "o", "ouro", initializer_range=0.2)
+        ),
         "huginn": pretrained.load(pretrained.write_tiny_checkpoint(root / "h", "huginn_raven")),
     }
 
@@ -86,19 +88,25 @@ def test_padded_batch_gives_each_sequence_its_own_diagnostics(models, name):
     # Padded positions add zero blocks to the Jacobian, so rho is the sequence's own
     # (exact here: more Krylov vectors than the real tokens' state has dimensions).
     dim = 2 * 32
-    rho_padded = pretrained.diagnose(model, batch, attention_mask=mask, loops=3, rho_iters=dim + 1, rho_every=3)
+    rho_padded = pretrained.diagnose(
+        model, batch, attention_mask=mask, loops=3, rho_iters=dim + 1, rho_every=3
+    )
     rho_alone = pretrained.diagnose(model, short[None], loops=3, rho_iters=dim, rho_every=3)
-    assert rho_padded.per_sequence["rho"][2][1] == pytest.approx(rho_alone.per_sequence["rho"][2][0], rel=1e-3)
+    assert rho_padded.per_sequence["rho"][2][1] == pytest.approx(
+        rho_alone.per_sequence["rho"][2][0], rel=1e-3
+    )
 
 
 def test_equilibrium_table_json_and_plot(models, tmp_path):
     model = models["huginn"]
-    diag = pretrained.diagnose(model, ids(), loops=6, rho_iters=6, solver="anderson", tol=1e-4, max_iter=80)
+    diag = pretrained.diagnose(
+        model, ids(), loops=6, rho_iters=6, solver="anderson", tol=1e-4, max_iter=80
+    )
     eq = diag.equilibrium
     assert eq["solver"] == "anderson" and eq["status"] in ("converged", "max_iter")
     if eq["status"] == "converged":
         assert eq["rel_residual"] <= 1e-4
-    assert 0 < eq["rho"] and eq["kl_from_last"] >= 0
+    assert eq["rho"] > 0 and eq["kl_from_last"] >= 0
     table = diag.table()
     lines = table.splitlines()
     assert lines[0].split()[0] == "loop" and len(lines) == 2 + 6 + 1

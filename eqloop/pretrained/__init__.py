@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "GenerateOutput": "eqloop.pretrained.generation",
     "diagnose": "eqloop.pretrained.diagnostics",
     "Diagnostics": "eqloop.pretrained.diagnostics",
+    "diagnose_checkpoint": "eqloop.pretrained.diagnostics",
+    "adaptive_forward": "eqloop.pretrained.generation",
     "OuroConfig": "eqloop.pretrained.config",
     "HuginnConfig": "eqloop.pretrained.config",
     "ARCHITECTURES": "eqloop.pretrained.config",
@@ -33,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "PretrainedLoopedLM": "eqloop.pretrained.base",
     "LoopOutput": "eqloop.pretrained.base",
     "KVCache": "eqloop.pretrained.layers",
+    "register_auto_classes": "eqloop.pretrained.hf",
 }
 
 __all__ = sorted(_EXPORTS)

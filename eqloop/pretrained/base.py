@@ -70,7 +70,8 @@ def split_loops(loops: Any, default: int) -> tuple[int, int]:
     if isinstance(loops, (tuple, list)):
         if len(loops) != 2:
             raise ValueError(
-                f"loops must be an int or a pair (steps without grad, steps with grad), got {loops!r}"
+                "loops must be an int or a pair (steps without grad, steps with grad), "
+                f"got {loops!r}"
             )
         return (
             checks.integer("loops[0] (steps without grad)", loops[0], low=0),
@@ -142,7 +143,8 @@ class PretrainedLoopedLM(nn.Module):
             raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(
-                f"tokens must have shape (batch, seq_len) with seq_len >= 1, got {tuple(tokens.shape)}"
+                "tokens must have shape (batch, seq_len) with seq_len >= 1, "
+                f"got {tuple(tokens.shape)}"
             )
         if tokens.device.type != "meta" and tokens.numel():
             low, high = int(tokens.min()), int(tokens.max())  # one host sync per call
@@ -157,7 +159,8 @@ class PretrainedLoopedLM(nn.Module):
             return None
         if not isinstance(attention_mask, Tensor):
             raise TypeError(
-                f"attention_mask must be a tensor of 0/1 (or bool), got {type(attention_mask).__name__}"
+                "attention_mask must be a tensor of 0/1 (or bool), "
+                f"got {type(attention_mask).__name__}"
             )
         if tuple(attention_mask.shape) != tuple(shape):
             raise ValueError(
@@ -197,7 +200,9 @@ class PretrainedLoopedLM(nn.Module):
         if t.dim() != 3 or t.shape[-1] != d:
             raise ValueError(f"{name} must have shape (batch, seq_len, {d}), got {tuple(t.shape)}")
         if like is not None and t.shape != like.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but x has shape {tuple(like.shape)}")
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but x has shape {tuple(like.shape)}"
+            )
         return t
 
     # ------------------------------------------------------------ public stage methods
@@ -401,12 +406,16 @@ class PretrainedLoopedLM(nn.Module):
         if solver is None:
             extra = {
                 k: v
-                for k, v in dict(tol=tol, max_iter=max_iter, backward=backward, stop_mode=stop_mode).items()
+                for k, v in dict(
+                    tol=tol, max_iter=max_iter, backward=backward, stop_mode=stop_mode
+                ).items()
                 if v is not None
             }
             extra.update(solver_options)
             if extra:
-                raise TypeError(f"solver options {sorted(extra)} need equilibrium mode (pass solver=...)")
+                raise TypeError(
+                    f"solver options {sorted(extra)} need equilibrium mode (pass solver=...)"
+                )
         elif loops is not None:
             raise ValueError("loops and solver are mutually exclusive: pass one of them")
         ctx, x, z = self._prepare(tokens, attention_mask, init_scale, generator)
@@ -416,7 +425,9 @@ class PretrainedLoopedLM(nn.Module):
             z = self._iterate(z, x, ctx, no_grad, with_grad)
             count: int | None = no_grad + with_grad
         else:
-            z, result = self._solve(z, x, ctx, solver, tol, max_iter, backward, stop_mode, solver_options)
+            z, result = self._solve(
+                z, x, ctx, solver, tol, max_iter, backward, stop_mode, solver_options
+            )
             count = None
         logits = self._readout(z, ctx)
         if return_info:
@@ -432,7 +443,11 @@ class PretrainedLoopedLM(nn.Module):
         return generate(self, input_ids, **options)
 
     def save_pretrained(
-        self, path: str | os.PathLike[str], *, max_shard_size: int | str = "5GB", overwrite: bool = False
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_shard_size: int | str = "5GB",
+        overwrite: bool = False,
     ) -> Path:
         """Write config.json and the weights (upstream key names) to a directory.
 

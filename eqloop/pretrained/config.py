@@ -110,11 +110,15 @@ class OuroConfig:
                 f"hidden_size ({self.hidden_size}) when head_dim is not given"
             )
         if self.head_size % 2:
-            raise ValueError(f"{name}: rotary embeddings need an even head_dim, got {self.head_size}")
+            raise ValueError(
+                f"{name}: rotary embeddings need an even head_dim, got {self.head_size}"
+            )
         checks.choice(f"{name}.hidden_act", self.hidden_act, ("silu",))
         checks.number(f"{name}.rms_norm_eps", self.rms_norm_eps, low=0.0, low_open=True)
         checks.number(f"{name}.rope_theta", self.rope_theta, low=1.0, low_open=True)
-        checks.number(f"{name}.attention_dropout", self.attention_dropout, low=0.0, high=1.0, high_open=True)
+        checks.number(
+            f"{name}.attention_dropout", self.attention_dropout, low=0.0, high=1.0, high_open=True
+        )
         if self.rope_scaling is not None and dict(self.rope_scaling) not in (
             {"rope_type": "default"},
             {"type": "default"},
@@ -130,13 +134,18 @@ class OuroConfig:
             _check_int(name, "sliding_window", self.sliding_window, 1)
         _check_int(name, "max_window_layers", self.max_window_layers, 0)
         if self.layer_types is not None:
-            if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers:
+            if (
+                not isinstance(self.layer_types, list)
+                or len(self.layer_types) != self.num_hidden_layers
+            ):
                 raise ValueError(
                     f"{name}.layer_types must be a list of num_hidden_layers="
                     f"{self.num_hidden_layers} entries, got {self.layer_types!r}"
                 )
             for i, kind in enumerate(self.layer_types):
-                checks.choice(f"{name}.layer_types[{i}]", kind, ("full_attention", "sliding_attention"))
+                checks.choice(
+                    f"{name}.layer_types[{i}]", kind, ("full_attention", "sliding_attention")
+                )
             if "sliding_attention" in self.layer_types and not (
                 self.use_sliding_window and self.sliding_window is not None
             ):
@@ -146,7 +155,9 @@ class OuroConfig:
                     "or mark every layer 'full_attention'"
                 )
         if self.early_exit_threshold is not None:
-            checks.number(f"{name}.early_exit_threshold", self.early_exit_threshold, low=0.0, high=1.0)
+            checks.number(
+                f"{name}.early_exit_threshold", self.early_exit_threshold, low=0.0, high=1.0
+            )
         if self.early_exit_step is not None:
             checks.integer(
                 f"{name}.early_exit_step", self.early_exit_step, low=0, high=self.total_ut_steps - 1
@@ -155,7 +166,11 @@ class OuroConfig:
     @property
     def head_size(self) -> int:
         """Per-head width: ``head_dim`` if given, else ``hidden_size // num_attention_heads``."""
-        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+        return (
+            self.head_dim
+            if self.head_dim is not None
+            else self.hidden_size // self.num_attention_heads
+        )
 
     @property
     def attention_kinds(self) -> list[str]:
@@ -248,7 +263,9 @@ class HuginnConfig:
                 f"n_embd // n_heads = {self.n_embd // self.n_heads}"
             )
         if self.head_size % 2:
-            raise ValueError(f"{name}: rotary embeddings need an even head_dim, got {self.head_size}")
+            raise ValueError(
+                f"{name}: rotary embeddings need an even head_dim, got {self.head_size}"
+            )
         if self.n_heads % self.num_key_value_heads:
             raise ValueError(
                 f"{name}: num_key_value_heads ({self.num_key_value_heads}) must divide n_heads "
@@ -290,7 +307,7 @@ class HuginnConfig:
 
     @property
     def embed_scale(self) -> float:
-        """Factor on the embeddings and the initial state: ``init_values.embed_scale`` or sqrt(d)."""
+        """Factor on the embeddings and the initial state (``init_values.embed_scale``, sqrt(d))."""
         values = self.init_values or {}
         return float(values.get("embed_scale", math.sqrt(self.n_embd)))
 

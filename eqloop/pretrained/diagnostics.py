@@ -23,7 +23,6 @@ start, not a certified unique fixed point: the report says what happened.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -96,7 +95,9 @@ class Diagnostics:
             cells = [f"{loop}{mark}"]
             for key, _, spec in columns:
                 value = getattr(self, key)[i]
-                cells.append("-" if value is None or not math.isfinite(value) else format(value, spec))
+                cells.append(
+                    "-" if value is None or not math.isfinite(value) else format(value, spec)
+                )
             rows.append(cells)
         widths = [max(len(r[j]) for r in rows) for j in range(len(header))]
         lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
@@ -117,23 +118,35 @@ class Diagnostics:
         from eqloop.plotting import pyplot, style_axis
 
         plt = pyplot()
-        panels = [("residual", True), ("state_norm", False), ("rho", False), ("kl", True)]
+        panels = [
+            ("residual", True),
+            ("state_norm", False),
+            ("rho", False),
+            ("kl", True),
+            ("entropy", False),
+        ]
         if self.exit_pdf is not None:
             panels.append(("exit_pdf", False))
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2))
-        for ax, (key, log) in zip(axes, panels, strict=True):
+        fig, grid = plt.subplots(2, 3, figsize=(11, 6))
+        axes = list(grid.flat)
+        for ax in axes[len(panels) :]:
+            ax.set_visible(False)
+        titles = {k: t for k, t, _ in _COLUMNS}
+        for ax, (key, log) in zip(axes, panels, strict=False):
             values = [math.nan if v is None else v for v in getattr(self, key)]
             if key == "exit_pdf":
                 ax.bar(self.loops, values, color="tab:purple")
             else:
-                ax.plot(self.loops, values, marker=".", label=self.model_type)
+                ax.plot(self.loops, values, marker=".")
             if log and any(v > 0 for v in values if math.isfinite(v)):
                 ax.set_yscale("log")
+            else:
+                ax.ticklabel_format(axis="y", useOffset=False)
+                ax.set_ylim(bottom=0)
             if key == "rho":
                 ax.axhline(1.0, color="grey", lw=0.8, ls=":")
             ax.axvline(self.trained_loops, color="tab:red", lw=0.8, ls="--")
-            title = dict((k, t) for k, t, _ in _COLUMNS)[key]
-            style_axis(ax, "loop", title, legend=False)
+            style_axis(ax, "loop", titles[key], legend=False)
         fig.suptitle(f"{self.model_type}: trained depth {self.trained_loops} (dashed)")
         fig.tight_layout()
         with atomic_path(path) as tmp:
@@ -171,6 +184,7 @@ def diagnose(
     rho: bool = True,
     rho_iters: int = 20,
     rho_every: int = 1,
+    rho_batch: int = 32,
     solver: str | None = None,
     max_iter: int | None = None,
     tol: float | None = None,
@@ -189,6 +203,9 @@ def diagnose(
             vector products per estimate).
         rho_iters: Krylov dimension of each Arnoldi estimate.
         rho_every: estimate rho every k loops (and at the last); others are None.
+        rho_batch: states of that many loops share one batched Arnoldi run (each
+            Jacobian-vector product then serves ``rho_batch x B`` sequences, which is
+            several times faster than one run per loop; memory grows with it).
         solver: also solve to equilibrium with this solver (e.g. ``"anderson"``).
         max_iter, tol: of that solve (defaults in ``eqloop.defaults``).
         init_scale: Huginn's initial-state scale; default 0 (zeros), so the
@@ -199,29 +216,33 @@ def diagnose(
     Returns:
         A :class:`Diagnostics`.
     """
-    from eqloop.stars import spectral_radius
-
     if not isinstance(model, PretrainedLoopedLM):
         raise TypeError(f"model must be an eqloop pretrained looped LM, got {type(model).__name__}")
     n = 4 * model.trained_loops if loops is None else checks.integer("loops", loops, low=1)
     checks.boolean("rho", rho)
     rho_iters = checks.integer("rho_iters", rho_iters, low=1)
     rho_every = checks.integer("rho_every", rho_every, low=1)
-    if model.model_type == "huginn_raven" and init_scale is None:
-        init_scale = 0.0
+    rho_batch = checks.integer("rho_batch", rho_batch, low=1)
+    stage: dict[str, Any] = {"attention_mask": attention_mask}
+    if model.model_type == "huginn_raven":
+        init_scale = 0.0 if init_scale is None else init_scale
+        stage.update(init_scale=init_scale, generator=generator)
+    elif init_scale is not None:
+        raise TypeError("init_scale is a Huginn option: Ouro's loop starts from the embeddings")
     started = time.perf_counter()
     with torch.no_grad():
-        f, z = model.core_map(
-            input_ids, attention_mask=attention_mask, init_scale=init_scale, generator=generator
-        )
+        f, z = model.core_map(input_ids, **stage)
     mask = model._check_mask(attention_mask, input_ids.shape)
     valid = (torch.ones(input_ids.shape) if mask is None else mask).to(z.device, torch.float32)
     is_ouro = model.model_type == "ouro"
 
-    per: dict[str, list[Any]] = {k: [] for k in ("residual", "state_norm", "rho", "kl", "entropy", "argmax_changed")}
+    per: dict[str, list[Any]] = {
+        k: [] for k in ("residual", "state_norm", "rho", "kl", "entropy", "argmax_changed")
+    }
     gates: list[Tensor] = []
     prev_log_p: Tensor | None = None
     prev_top: Tensor | None = None
+    pending: list[tuple[int, Tensor]] = []  # (loop, state) waiting for the batched rho
     bar = None
     if progress:
         from tqdm import tqdm
@@ -235,7 +256,7 @@ def diagnose(
             size = z.flatten(1).norm(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
             per["residual"].append((step / size).tolist())
             per["state_norm"].append(_masked_mean(z.float().norm(dim=-1), valid).tolist())
-            log_p = F.log_softmax(model.readout(z, attention_mask).float(), dim=-1)
+            log_p = F.log_softmax(model.readout(z, attention_mask=attention_mask).float(), dim=-1)
             per["entropy"].append(_masked_mean(-(log_p.exp() * log_p).sum(-1), valid).tolist())
             top = log_p.argmax(dim=-1)
             if prev_log_p is None:
@@ -244,16 +265,21 @@ def diagnose(
             else:
                 kl = (prev_log_p.exp() * (prev_log_p - log_p)).sum(-1)
                 per["kl"].append(_masked_mean(kl, valid).tolist())
-                per["argmax_changed"].append(_masked_mean((top != prev_top).float(), valid).tolist())
+                per["argmax_changed"].append(
+                    _masked_mean((top != prev_top).float(), valid).tolist()
+                )
             prev_log_p, prev_top = log_p, top
             if is_ouro:
                 gates.append(model.gate_logits(z).float())
+            per["rho"].append(None)
             if rho and (t % rho_every == 0 or t == n):
-                with torch.enable_grad():
-                    radius = spectral_radius(f, z, method="arnoldi", iters=rho_iters, generator=generator)
-                per["rho"].append(radius.tolist())
-            else:
-                per["rho"].append(None)
+                pending.append((t, z))
+                if len(pending) == rho_batch or t == n:
+                    for loop, radius in _batched_rho(
+                        model, input_ids, attention_mask, pending, rho_iters, generator
+                    ):
+                        per["rho"][loop - 1] = radius
+                    pending = []
             z = z_next
             if bar is not None:
                 bar.update(1)
@@ -275,7 +301,19 @@ def diagnose(
         gate_mean, exit_mean = mean(per["gate"]), mean(per["exit_pdf"])
     equilibrium = None
     if solver is not None:
-        equilibrium = _equilibrium(model, input_ids, attention_mask, init_scale, solver, max_iter, tol, rho, rho_iters, generator, prev_log_p, valid)
+        equilibrium = _equilibrium(
+            model,
+            input_ids,
+            stage,
+            solver,
+            max_iter,
+            tol,
+            rho,
+            rho_iters,
+            generator,
+            prev_log_p,
+            valid,
+        )
     return Diagnostics(
         model_type=model.model_type,
         trained_loops=model.trained_loops,
@@ -296,6 +334,7 @@ def diagnose(
             "rho_method": "arnoldi",
             "rho_iters": rho_iters,
             "rho_every": rho_every,
+            "rho_batch": rho_batch,
             "init_scale": init_scale,
             "dtype": str(z.dtype).removeprefix("torch."),
             "seconds": time.perf_counter() - started,
@@ -303,11 +342,41 @@ def diagnose(
     )
 
 
-def _equilibrium(
+def _batched_rho(
     model: PretrainedLoopedLM,
     input_ids: Tensor,
     attention_mask: Tensor | None,
-    init_scale: float | None,
+    states: list[tuple[int, Tensor]],
+    iters: int,
+    generator: torch.Generator | None,
+) -> list[tuple[int, list[float]]]:
+    """rho(J(z_t)) per sequence for several loops t in one Arnoldi run.
+
+    f treats sequences independently, so the states of k loops stacked along the batch
+    are k x B independent problems of the same map (built for the tokens repeated k
+    times; Huginn's x does not depend on the initial state, which is ignored here).
+    """
+    from eqloop.stars import spectral_radius
+
+    k, batch = len(states), input_ids.shape[0]
+    stage: dict[str, Any] = {}
+    if attention_mask is not None:
+        stage["attention_mask"] = attention_mask.repeat(k, 1)
+    if model.model_type == "huginn_raven":
+        stage["init_scale"] = 0.0  # the map does not depend on the start
+    with torch.no_grad():
+        f, _ = model.core_map(input_ids.repeat(k, 1), **stage)
+    stacked = torch.cat([z for _, z in states], dim=0)
+    radius = spectral_radius(f, stacked, method="arnoldi", iters=iters, generator=generator)
+    return [
+        (loop, radius[i * batch : (i + 1) * batch].tolist()) for i, (loop, _) in enumerate(states)
+    ]
+
+
+def _equilibrium(
+    model: PretrainedLoopedLM,
+    input_ids: Tensor,
+    stage: dict[str, Any],
     solver: str,
     max_iter: int | None,
     tol: float | None,
@@ -321,7 +390,7 @@ def _equilibrium(
     from eqloop.stars import spectral_radius
 
     with torch.no_grad():
-        f, z0 = model.core_map(input_ids, attention_mask=attention_mask, init_scale=init_scale, generator=generator)
+        f, z0 = model.core_map(input_ids, **stage)
         result = solvers.solve(
             f,
             z0,
@@ -330,7 +399,9 @@ def _equilibrium(
             tol=defaults.EQUILIBRIUM_TOL if tol is None else tol,
             stop_mode=defaults.EQUILIBRIUM_STOP_MODE,
         )
-        log_p = F.log_softmax(model.readout(result.z, attention_mask).float(), dim=-1)
+        log_p = F.log_softmax(
+            model.readout(result.z, attention_mask=stage["attention_mask"]).float(), dim=-1
+        )
     out: dict[str, Any] = {
         "solver": solver,
         "status": result.status,
@@ -345,12 +416,87 @@ def _equilibrium(
         kl = (last_log_p.exp() * (last_log_p - log_p)).sum(-1)
         out["kl_from_last"] = float(_masked_mean(kl, valid).mean())
     if rho:
-        radius = spectral_radius(f, result.z, method="arnoldi", iters=rho_iters, generator=generator)
+        radius = spectral_radius(
+            f, result.z, method="arnoldi", iters=rho_iters, generator=generator
+        )
         out["rho"] = float(radius.mean())
         out["rho_per_sequence"] = radius.tolist()
     return out
 
 
-def load_diagnostics(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a JSON file written by :meth:`Diagnostics.to_json`."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+DEFAULT_PROMPTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: what is 12 + 30? Answer:",
+)
+"""Texts :func:`diagnose_checkpoint` uses when none are given."""
+
+
+def diagnose_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    prompts: list[str] | tuple[str, ...] | None = None,
+    loops: int | None = None,
+    rho: bool = True,
+    rho_iters: int = 20,
+    solver: str | None = None,
+    max_iter: int | None = None,
+    tol: float | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    json_path: str | os.PathLike[str] | None = None,
+    plot_path: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+) -> Diagnostics:
+    """Load a checkpoint directory, tokenize ``prompts`` and run :func:`diagnose`.
+
+    What ``eqloop eval --pretrained DIR`` calls. The prompts are tokenized with the
+    directory's tokenizer (left-padded into one batch); without a tokenizer.json they
+    are encoded as bytes modulo the vocabulary, which is enough for dynamics.
+
+    Returns:
+        The :class:`Diagnostics`; also written to ``json_path`` / ``plot_path`` if given.
+    """
+    from eqloop.pretrained.io import load
+
+    model = load(path, dtype=dtype, device=device)
+    texts = list(DEFAULT_PROMPTS if prompts is None else prompts)
+    if not texts or not all(isinstance(t, str) and t for t in texts):
+        raise ValueError("prompts must be non-empty strings")
+    ids, mask = _encode(path, texts, model.vocab_size)
+    device = model._embedding().weight.device
+    result = diagnose(
+        model,
+        ids.to(device),
+        attention_mask=mask.to(device),
+        loops=loops,
+        rho=rho,
+        rho_iters=rho_iters,
+        solver=solver,
+        max_iter=max_iter,
+        tol=tol,
+        progress=progress,
+    )
+    result.settings["checkpoint"] = str(path)
+    result.settings["prompts"] = texts
+    if json_path is not None:
+        result.to_json(json_path)
+    if plot_path is not None:
+        result.plot(plot_path)
+    return result
+
+
+def _encode(path: str | os.PathLike[str], texts: list[str], vocab: int) -> tuple[Tensor, Tensor]:
+    """Left-padded (ids, mask) from the checkpoint's tokenizer, or bytes without one."""
+    if (Path(path) / "tokenizer.json").is_file():
+        from eqloop.pretrained.tokenizer import load_tokenizer
+
+        batch = load_tokenizer(path)(texts, padding=True, return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"]
+    rows = [list(t.encode("utf-8")) for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row) % vocab
+        mask[i, width - len(row) :] = 1
+    return ids, mask

@@ -122,7 +122,9 @@ class ExitCriterion:
         if self.name == "none":
             return torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
         if self.name == "latent-diff":
-            change = (z - self.prev).norm(dim=-1) / z.norm(dim=-1).clamp_min(torch.finfo(z.dtype).tiny)
+            change = (z - self.prev).norm(dim=-1) / z.norm(dim=-1).clamp_min(
+                torch.finfo(z.dtype).tiny
+            )
             self.prev = z
             return change.mean(dim=1) < self.threshold
         log_p = F.log_softmax(logits.float(), dim=-1)
@@ -159,7 +161,13 @@ def _ouro_exit(model: Any, exit: str, exit_threshold: float | None) -> tuple[str
 
 
 def _ouro_call(
-    model: Any, tokens: Tensor, mask: Tensor | None, cache: KVCache, loops: int, exit: str, threshold: float | None
+    model: Any,
+    tokens: Tensor,
+    mask: Tensor | None,
+    cache: KVCache,
+    loops: int,
+    exit: str,
+    threshold: float | None,
 ) -> tuple[Tensor, Tensor]:
     """Last-position logits (B, V) and the loop they came from (B,) of a cached call."""
     from eqloop.pretrained.ouro import exit_distribution, threshold_exit
@@ -318,7 +326,9 @@ def generate(
         init_scale: Huginn's initial-state scale (0: zeros, deterministic).
         generator: random generator for sampling and Huginn's initial states.
         use_cache: ``False`` recomputes the whole sequence for every token (the
-            reference the cache is tested against; not with a Huginn exit criterion).
+            reference the cache is tested against; not with a Huginn exit criterion,
+            and equal to the cached result for Huginn only with ``init_scale=0``, since
+            a recompute draws new random initial states for every position).
         return_dict: return a :class:`GenerateOutput` instead of the sequences.
 
     Returns:
@@ -373,15 +383,29 @@ def generate(
             if use_cache:
                 if is_huginn:
                     logits, used = _huginn_call(
-                        model, step_tokens, step_mask, cache, loops, criterion, init_scale, generator
+                        model,
+                        step_tokens,
+                        step_mask,
+                        cache,
+                        loops,
+                        criterion,
+                        init_scale,
+                        generator,
                     )
                 else:
-                    logits, used = _ouro_call(model, step_tokens, step_mask, cache, loops, ouro_exit, threshold)
+                    logits, used = _ouro_call(
+                        model, step_tokens, step_mask, cache, loops, ouro_exit, threshold
+                    )
             else:
                 logits, used = _recompute(
-                    model, sequences, full_mask if mask is not None else None, loops,
-                    None if is_huginn else ouro_exit, None if is_huginn else threshold,
-                    init_scale, generator,
+                    model,
+                    sequences,
+                    full_mask if mask is not None else None,
+                    loops,
+                    None if is_huginn else ouro_exit,
+                    None if is_huginn else threshold,
+                    init_scale,
+                    generator,
                 )
             logits = logits.float()
             if usable < logits.shape[-1]:
@@ -432,12 +456,26 @@ def _recompute(
 ) -> tuple[Tensor, Tensor]:
     """Last-position logits of a full forward pass over ``sequences`` (no cache)."""
     batch = sequences.shape[0]
-    if ouro_exit is None:
-        logits = model(sequences, loops, attention_mask=mask, init_scale=init_scale, generator=generator)
+    if ouro_exit is None:  # Huginn
+        logits = model(
+            sequences, loops, attention_mask=mask, init_scale=init_scale, generator=generator
+        )
         used = torch.full((batch,), loops, device=sequences.device)
         return logits[:, -1], used
-    logits, info = model(sequences, loops, attention_mask=mask, exit=ouro_exit, exit_threshold=threshold, return_info=True)
-    used = info.exit_loop[:, -1] if info.exit_loop is not None else torch.full((batch,), loops, device=sequences.device)
+    logits, info = model(
+        sequences,
+        loops,
+        attention_mask=mask,
+        exit=ouro_exit,
+        exit_threshold=threshold,
+        return_info=True,
+    )
+    exit_loop = getattr(info, "exit_loop", None)  # set by the threshold exit only
+    used = (
+        exit_loop[:, -1]
+        if exit_loop is not None
+        else torch.full((batch,), loops, device=sequences.device)
+    )
     return logits[:, -1], used
 
 

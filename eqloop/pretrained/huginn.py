@@ -109,7 +109,9 @@ class HuginnTransformer(nn.Module):
         super().__init__()
         d = config.n_embd
         self.wte = nn.Embedding(config.padded_vocab_size, d)
-        self.prelude = nn.ModuleList(SandwichBlock(config) for _ in range(config.n_layers_in_prelude))
+        self.prelude = nn.ModuleList(
+            SandwichBlock(config) for _ in range(config.n_layers_in_prelude)
+        )
         self.adapter = nn.Linear(2 * d, d, bias=config.bias)
         self.core_block = nn.ModuleList(
             SandwichBlock(config) for _ in range(config.n_layers_in_recurrent_block)
@@ -159,7 +161,11 @@ class HuginnForCausalLM(PretrainedLoopedLM):
                 elif name.endswith("qk_bias") or name.endswith(".bias"):
                     param.zero_()
                 else:
-                    scale = out_std if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight") else std
+                    scale = (
+                        out_std
+                        if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight")
+                        else std
+                    )
                     _trunc_normal_(param, scale, generator)
 
     # ------------------------------------------------------------------- the stages
@@ -209,4 +215,6 @@ class HuginnForCausalLM(PretrainedLoopedLM):
 def _trunc_normal_(t: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
     """Fill ``t`` in place with N(0, std^2) truncated at +-3 std (upstream's state init)."""
     with torch.no_grad():
-        return nn.init.trunc_normal_(t, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
+        return nn.init.trunc_normal_(
+            t, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator
+        )

@@ -78,7 +78,9 @@ def load_config(path: str | os.PathLike[str], *, strict: bool = True) -> OuroCon
     directory = _directory(path)
     file = directory / CONFIG_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"{str(directory)!r} has no {CONFIG_FILE}: not a checkpoint directory")
+        raise FileNotFoundError(
+            f"{str(directory)!r} has no {CONFIG_FILE}: not a checkpoint directory"
+        )
     return config_from_dict(_read_json(file), strict=strict)
 
 
@@ -97,7 +99,9 @@ def weight_files(path: str | os.PathLike[str]) -> dict[str, Path]:
         data = _read_json(index)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} has no 'weight_map' object mapping tensor keys to shard files")
+            raise ValueError(
+                f"{index} has no 'weight_map' object mapping tensor keys to shard files"
+            )
         files = {key: directory / name for key, name in weight_map.items()}
         missing = sorted({str(p.name) for p in files.values() if not p.is_file()})
         if missing:
@@ -109,7 +113,7 @@ def weight_files(path: str | os.PathLike[str]) -> dict[str, Path]:
             f"{str(directory)!r} has no weights: expected {SINGLE_FILE} or {INDEX_FILE}"
         )
     with safe_open(single, framework="pt") as handle:
-        return {key: single for key in handle.keys()}
+        return {key: single for key in handle.keys()}  # noqa: SIM118 (not a dict)
 
 
 def _read_tensors(files: dict[str, Path]) -> dict[str, Tensor]:
@@ -124,7 +128,9 @@ def _read_tensors(files: dict[str, Path]) -> dict[str, Tensor]:
             present = set(handle.keys())
             absent = sorted(set(keys) - present)
             if absent:
-                raise ValueError(f"the index places {absent} in {file.name}, which does not hold them")
+                raise ValueError(
+                    f"the index places {absent} in {file.name}, which does not hold them"
+                )
             for key in keys:
                 tensors[key] = handle.get_tensor(key)
     return tensors
@@ -160,7 +166,9 @@ def _check_keys(
 def _tied_head(config: OuroConfig | HuginnConfig) -> tuple[str, str] | None:
     """(head key, embedding key) when the config ties them, else None."""
     if isinstance(config, OuroConfig):
-        return ("lm_head.weight", "model.embed_tokens.weight") if config.tie_word_embeddings else None
+        return (
+            ("lm_head.weight", "model.embed_tokens.weight") if config.tie_word_embeddings else None
+        )
     return ("lm_head.weight", "transformer.wte.weight") if config.tie_embeddings else None
 
 
@@ -199,7 +207,9 @@ def load(
             the architecture (all listed in one message).
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+        raise TypeError(
+            f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}"
+        )
     directory = _directory(path)
     config = load_config(directory, strict=strict_config)
     tensors = _read_tensors(weight_files(directory))
@@ -220,7 +230,9 @@ def load(
         tensors.pop(name, None)
     target = _checkpoint_dtype(tensors) if dtype is None else dtype
     state = {
-        name: tensors[name].to(device=device or "cpu", dtype=target if t.dtype.is_floating_point else t.dtype)
+        name: tensors[name].to(
+            device=device or "cpu", dtype=target if t.dtype.is_floating_point else t.dtype
+        )
         for name, t in model.state_dict().items()
     }
     model.load_state_dict(state, strict=True, assign=True)
@@ -231,8 +243,18 @@ def load(
 
 # ------------------------------------------------------------------------------ save
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -347,7 +369,9 @@ def save_pretrained(
             weight_map.update(dict.fromkeys(shard, name))
             written.append(directory / name)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        write_json_atomic(directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json_atomic(
+            directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
         written.append(directory / INDEX_FILE)
     for stale in old:
         if stale not in written:

@@ -165,7 +165,9 @@ class KVCache:
         self.padded = self.padded or explicit
         self._grow(self.length + valid.shape[1])
         if self.key_mask is None:
-            self.key_mask = torch.zeros(self.batch, self.capacity, dtype=torch.bool, device=valid.device)
+            self.key_mask = torch.zeros(
+                self.batch, self.capacity, dtype=torch.bool, device=valid.device
+            )
         self.key_mask[:, self.length : self.length + valid.shape[1]] = valid
 
     def update(self, name: Hashable, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -307,7 +309,9 @@ def make_context(
     full: Tensor | None = None  # None: SDPA's own causal mask (no cache, no padding)
     if padded:
         allowed = causal[None] & key_valid[:, None, :]
-        full = (allowed | (key_index == query_index)[None])[:, None]  # padded queries see themselves
+        full = (allowed | (key_index == query_index)[None])[
+            :, None
+        ]  # padded queries see themselves
     elif past > 0:
         full = causal[None, None]
     masks: dict[str, Tensor | None] = {"full_attention": full}
@@ -318,14 +322,10 @@ def make_context(
     return Context(cos=cos, sin=sin, masks=masks, valid=valid, cache=cache, n_new=seq_len)
 
 
-
-
 # ------------------------------------------------------------------------ attention
 
 
-def attend(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, dropout: float = 0.0
-) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, dropout: float = 0.0) -> Tensor:
     """Scaled dot-product attention with grouped key/value heads.
 
     Args:

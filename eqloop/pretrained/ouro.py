@@ -20,6 +20,14 @@ injection: ``f(z) = norm(layers(z))`` and the tokens only set ``z_0``.
 whose cumulative exit probability reaches ``exit_threshold`` (the last loop if none
 does); ``exit="expected"`` returns ``sum_t p_t * lm_head(z_t)`` (upstream's
 ``use_weighted_exit``, also its training logits). All T loops are computed either way.
+
+Defaults differ from upstream's on purpose: ``model(tokens)`` decodes the state after
+``total_ut_steps`` loops, whereas upstream's forward decodes by the config's
+``early_exit_threshold`` (or ``early_exit_step``) when they are set; with the usual
+threshold 1.0 both give the last loop. ``exit="threshold"`` without a value uses the
+config's threshold. Upstream's ``use_weighted_exit=True`` is shadowed by a configured
+threshold (its "weighted" logits are then the threshold logits); ``exit="expected"`` is
+always the weighted sum.
 """
 
 from __future__ import annotations
@@ -119,7 +127,9 @@ class OuroModel(nn.Module):
     def __init__(self, config: OuroConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(OuroDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            OuroDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.early_exit_gate = nn.Linear(config.hidden_size, 1)
 
@@ -181,10 +191,14 @@ class OuroForCausalLM(PretrainedLoopedLM):
         self.generation_config: dict = {}  # generation_config.json, kept for saving
         self.model = OuroModel(config)
         self.lm_head = (
-            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
 
-    def init_weights(self, generator: torch.Generator | None = None, std: float | None = None) -> None:
+    def init_weights(
+        self, generator: torch.Generator | None = None, std: float | None = None
+    ) -> None:
         """Random weights: N(0, std^2) matrices (``initializer_range``, 0.02), unit norms,
         zero gate bias."""
         std = float(self.config.extra.get("initializer_range", 0.02)) if std is None else std
@@ -279,11 +293,14 @@ class OuroForCausalLM(PretrainedLoopedLM):
             )
         if options:
             raise TypeError(
-                f"exit={exit!r} decodes from every loop of an unrolled run; options {sorted(options)} "
+                f"exit={exit!r} decodes from every loop of an unrolled run; "
+                f"options {sorted(options)} "
                 "do not apply (equilibrium mode uses exit='last')"
             )
         if exit == "threshold":
-            threshold = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
+            threshold = (
+                self.config.early_exit_threshold if exit_threshold is None else exit_threshold
+            )
             if threshold is None:
                 raise ValueError("exit='threshold' needs exit_threshold (the config sets none)")
             threshold = checks.number("exit_threshold", threshold, low=0.0, high=1.0)

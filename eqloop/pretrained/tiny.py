@@ -25,7 +25,12 @@ from solvers import checks
 
 __all__ = ["SPECIAL_TOKENS", "TINY_DEFAULTS", "write_tiny_checkpoint"]
 
-SPECIAL_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>", "unk_token": "<|unk|>"}
+SPECIAL_TOKENS = {
+    "pad_token": "<|pad|>",
+    "bos_token": "<|bos|>",
+    "eos_token": "<|eos|>",
+    "unk_token": "<|unk|>",
+}
 """The tiny tokenizer's special tokens; their ids are 0, 1, 2, 3 in this order."""
 
 _CHARACTERS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
@@ -72,7 +77,12 @@ _ARCH_ALIASES = {"ouro": "ouro", "huginn": "huginn_raven", "huginn_raven": "hugi
 def _huginn_init_values(n_embd: int, depth: int) -> dict[str, float]:
     """Upstream's "takase" scales for width d and expected depth."""
     std = math.sqrt(2 / (5 * n_embd))
-    return {"std": std, "out_proj": std / math.sqrt(2 * depth), "embedding": std, "embed_scale": math.sqrt(n_embd)}
+    return {
+        "std": std,
+        "out_proj": std / math.sqrt(2 * depth),
+        "embedding": std,
+        "embed_scale": math.sqrt(n_embd),
+    }
 
 
 def _tokenizer_vocab() -> dict[str, int]:
@@ -132,15 +142,27 @@ def write_tiny_checkpoint(
         >>> model = pretrained.load(path)
     """
     checks.integer("seed", seed, low=0)
+    try:
+        import tokenizers  # noqa: F401  (checked before anything is written)
+    except ImportError as err:
+        raise ImportError(
+            "write_tiny_checkpoint needs tokenizers: pip install 'eqloop[hf]'"
+        ) from err
     model_type = _ARCH_ALIASES.get(arch) if isinstance(arch, str) else None
     if model_type is None:
         raise ValueError(f"arch must be 'ouro' or 'huginn_raven', got {arch!r}")
-    data: dict[str, Any] = {"model_type": model_type, **TINY_DEFAULTS[model_type], **config_overrides}
+    data: dict[str, Any] = {
+        "model_type": model_type,
+        **TINY_DEFAULTS[model_type],
+        **config_overrides,
+    }
     data.update({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
     if model_type == "huginn_raven":
         if "init_values" not in config_overrides:
-            depth = data["n_layers_in_prelude"] + data["n_layers_in_coda"] + (
-                data["n_layers_in_recurrent_block"] * data["mean_recurrence"]
+            depth = (
+                data["n_layers_in_prelude"]
+                + data["n_layers_in_coda"]
+                + (data["n_layers_in_recurrent_block"] * data["mean_recurrence"])
             )
             data["init_values"] = _huginn_init_values(data["n_embd"], depth)
         if "padded_vocab_size" not in config_overrides and "vocab_size" in config_overrides:

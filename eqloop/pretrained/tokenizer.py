@@ -86,7 +86,9 @@ def load_tokenizer(path: str | os.PathLike[str], *, padding_side: str = "left") 
         kwargs["chat_template"] = settings["chat_template"]
     if isinstance(settings.get("model_max_length"), int):
         kwargs["model_max_length"] = settings["model_max_length"]
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(file), padding_side=padding_side, **kwargs)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(file), padding_side=padding_side, **kwargs
+    )
     _warn_on_disagreement(directory, tokenizer)
     return tokenizer
 
