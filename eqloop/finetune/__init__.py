@@ -10,7 +10,8 @@ Modules, each small:
 * ``lora``: peft adapters on named modules, merged back exactly;
 * ``train``: the fine-tuning loop (SFT / STARS, DDP / FSDP, resumable);
 * ``evaluate``: exact match at loops 1..16 and at equilibrium;
-* ``lm_eval``: the ``eqloop`` model class for lm-evaluation-harness.
+* ``harness``: the ``eqloop`` model class for lm-evaluation-harness, ``eqloop-lm-eval``;
+* ``cli``: the ``eqloop finetune`` subcommand.
 
 Names are imported lazily so that ``import eqloop.finetune`` does not load torch or peft.
 """

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from eqloop.checkpoint import load_model, save_checkpoint
+from eqloop.files import umask_mode
 from eqloop.finetune.tokenizer import TextTokenizer, as_text_tokenizer
 from eqloop.model import LoopLM
 
@@ -151,20 +153,30 @@ def save_model(
     ``source``. LoopLMs: an eqloop checkpoint under ``path`` (load it with
     ``eqloop.checkpoint.load_model(path)``).
 
+    The directory appears whole or not at all (written beside it, then renamed).
+
     Raises:
         ValueError: ``path`` exists and is not empty (nothing is overwritten).
     """
     target = Path(path)
-    if target.exists() and any(target.iterdir()):
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ValueError(f"{target} exists and is not empty; choose another output directory")
-    if isinstance(model, LoopLM):
-        save_checkpoint(
-            target, 0, weights=model.state_dict(), config={"model": model.config.to_dict()},
-            metrics=metrics or {}, training_state={},
-        )  # fmt: skip
-        return target
-    model.save_pretrained(target)
-    for name in TOKENIZER_FILES:
-        if (Path(source) / name).is_file() and not (target / name).exists():
-            shutil.copy2(Path(source) / name, target / name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written into a hidden sibling and renamed, so a crash never leaves a partial model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        if isinstance(model, LoopLM):
+            save_checkpoint(
+                staging, 0, weights=model.state_dict(), config={"model": model.config.to_dict()},
+                metrics=metrics or {}, training_state={},
+            )  # fmt: skip
+        else:
+            model.save_pretrained(staging)
+            for name in TOKENIZER_FILES:
+                if (Path(source) / name).is_file() and not (staging / name).exists():
+                    shutil.copy2(Path(source) / name, staging / name)
+        os.chmod(staging, umask_mode(directory=True))
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target
