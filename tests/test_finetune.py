@@ -310,3 +310,22 @@ def test_cli_runs_and_reports_bad_settings_in_one_line(
     assert "already holds checkpoints" in error(argv)
     config = load_finetune_config(None, ["lora.r=4", "init_from=x", "train_file=y"])
     assert config.lora == LoraOptions(r=4)
+
+
+def test_bf16_autocast_forward_with_a_float32_penalty(files: dict[str, Path]) -> None:
+    loaded = load_for_finetuning(files["base"])
+    inputs, targets = encode_examples(
+        load_jsonl(files["train"])[:8], loaded.tokenizer, PromptTemplate(), max_len=64
+    )
+    seen: list[torch.dtype] = []
+    qkv = loaded.model.core[0].attn.fn.qkv
+    hook = qkv.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    objective = Objective(loaded.model, lam=0.5, autocast=True, grad_checkpointing=True)
+    loss, ce, penalty, rho = objective(inputs, targets, 3, True, torch.Generator().manual_seed(0))
+    hook.remove()
+    loss.backward()
+    # three loops in bf16 (checkpointed), then the penalty's application of the map in float32
+    assert seen == [torch.bfloat16] * 3 + [torch.float32]
+    assert penalty.dtype == torch.float32 and torch.isfinite(loss)
+    grads = [p.grad for p in loaded.model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
