@@ -205,6 +205,9 @@ def test_eval_writes_finished_results_when_a_checkpoint_fails(
     assert set(results[0]["accuracy"]) == {"1", "2"}
     assert results[1]["checkpoint"].startswith(str(bad)) and "corrupted" in results[1]["error"]
     assert out_png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", "--checkpoint", str(bad), *EVAL_QUICK]) == 2  # alone: one line
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "is corrupted: model.safetensors" in err
 
 
 # ------------------------------------------------------------------- row 13: the report
