@@ -234,7 +234,7 @@ def test_eval_prints_a_table_per_checkpoint_with_a_progress_bar(
     assert len(row1.split()) == len(eq_row.split()) == 7 and row1.split()[-1].endswith("%")
     assert eq_line.startswith("  eq: anderson, max_iter 20, tol 0.0001;")
     assert "of sequences converged" in eq_line
-    assert "diagnostics per depth" in err and "6/6" in err  # 2 + 2 + 2 units of work
+    assert "diagnostics per depth" in err and "0/6" in err  # 2 + 2 + 2 units of work
     assert list(tmp_path.iterdir()) == []  # no --json, no --plot: nothing written
 
     # The table's numbers are those of the JSON results.
