@@ -61,9 +61,13 @@ def norms(z: Tensor, fz: Tensor, *, keepdim: bool = False) -> tuple[Tensor, Tens
     Returns (B,) tensors, or (B, 1) with ``keepdim``; float32 for 16-bit inputs, whose
     own resolution (1e-3 for float16) would swamp any useful tolerance.
     """
-    dtype = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else None
-    abs_r = torch.linalg.vector_norm(fz - z, dim=1, keepdim=keepdim, dtype=dtype)
-    return abs_r, torch.linalg.vector_norm(fz, dim=1, keepdim=keepdim, dtype=dtype)
+    return _norm(fz - z, keepdim), _norm(fz, keepdim)
+
+
+def _norm(x: Tensor, keepdim: bool = False) -> Tensor:
+    """Per-row 2-norm of a flat (B, n) batch, float32 for 16-bit dtypes."""
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+    return torch.linalg.vector_norm(x, dim=1, keepdim=keepdim, dtype=dtype)
 
 
 def relative(abs_r: Tensor, norm_fz: Tensor, eps: float) -> Tensor:
@@ -289,12 +293,16 @@ def result_from_trace(
     rel_trace: Tensor,
     nfe: int,
     *,
+    fz: Tensor | None = None,
     unrecorded: int = 0,
 ) -> SolveResult:
     """Assemble a result for a solver that ran its own loop (the adapters).
 
-    The residuals of the returned point are measured here with one more call of ``f``
-    (counted in ``nfe``), so every solver reports residuals by the same definition.
+    The returned point's residuals are measured here by the driver's definitions and
+    its status follows the driver's rules (see :func:`stopping`), judged on that point:
+    unless ``fz`` is given, one more call of ``f`` measures it (counted in ``nfe``, and
+    its residual becomes the trace's last column). A sample whose recorded residual
+    went non-finite and whose returned point did not converge is ``non-finite``.
 
     Args:
         problem: the problem that was solved.
@@ -303,26 +311,34 @@ def result_from_trace(
         abs_trace: (B, N) absolute residual per evaluation, as the solver recorded it.
         rel_trace: (B, N) relative residual per evaluation.
         nfe: calls of ``f`` the solver made.
+        fz: (B, ...) ``f(z)`` when the solver evaluated ``z`` itself (no measurement).
         unrecorded: evaluations the solver made before its trace starts; the returned
             traces get that many leading NaN columns, so column j is evaluation j + 1.
     """
     batch = z.shape[0]
-    fz = problem.f(z, *problem.args).reshape(batch, -1)
-    abs_r, rel_r = residuals(z.reshape(batch, -1), fz, problem.eps)
-    res_trace = rel_trace if problem.stop_mode == "rel" else abs_trace
-    diverge = abs_trace[:, 0] * problem.diverge_ratio if abs_trace.shape[1] else abs_r
-    n = res_trace.shape[1]
-    stopped = ~((res_trace > problem.tol) & (abs_trace <= diverge.unsqueeze(1)))
-    first = stopped.to(torch.uint8).argmax(dim=1)
-    nstep = torch.where(stopped.any(dim=1), first + 1, n) + unrecorded
-    if unrecorded:
-        pad = abs_trace.new_full((batch, unrecorded), math.nan)
-        abs_trace, rel_trace = torch.cat((pad, abs_trace), 1), torch.cat((pad, rel_trace), 1)
-    final_res = rel_r if problem.stop_mode == "rel" else abs_r
-    status = torch.full((batch,), int(Status.MAX_ITER), dtype=torch.int8, device=z.device)
-    status[abs_r > diverge] = int(Status.DIVERGED)
-    status[~torch.isfinite(final_res)] = int(Status.NON_FINITE)
-    status[final_res <= problem.tol] = int(Status.CONVERGED)
+    measure = fz is None
+    if measure:
+        fz = check_image(problem.f(z, *problem.args), z.shape, problem.z0.dtype,
+                         problem.z0.device)
+        nfe += 1
+    abs_r, norm_fz = norms(z.reshape(batch, -1), fz.reshape(batch, -1))
+    rel_r = relative(abs_r, norm_fz, problem.eps)
+    rel_mode = problem.stop_mode == "rel"
+    recorded_abs = torch.cat((abs_trace, abs_r[:, None]), 1) if measure else abs_trace
+    recorded_rel = torch.cat((rel_trace, rel_r[:, None]), 1) if measure else rel_trace
+    recorded_res = recorded_rel if rel_mode else recorded_abs
+    first_abs = recorded_abs[:, 0] if recorded_abs.shape[1] else abs_r
+    limit = diverge_limit(first_abs, problem.diverge_ratio)
+    keep = recorded_abs <= limit.unsqueeze(1)
+    stopped, first = first_stop(keep & (recorded_res > problem.tol) if problem.tol > 0 else keep)
+    nstep = torch.where(stopped, first.squeeze(1) + 1, keep.shape[1]) + unrecorded
+    start = _size(problem.z0) + first_abs
+    status = status_of(rel_r if rel_mode else abs_r, rel_r, norm_fz, start,
+                       stopped=abs_r > limit, problem=problem)
+    died = ~recorded_res.isfinite().all(dim=1)
+    status = torch.where(died & (status == int(Status.MAX_ITER)), int(Status.NON_FINITE),
+                         status).to(torch.int8)
+    pad = recorded_abs.new_full((batch, unrecorded), math.nan)
     return finish(
         problem,
         SolveResult(
@@ -331,12 +347,12 @@ def result_from_trace(
             nstep=nstep,
             abs_residual=abs_r,
             rel_residual=rel_r,
-            abs_trace=abs_trace,
-            rel_trace=rel_trace,
-            nfe=nfe + 1,
+            abs_trace=torch.cat((pad, recorded_abs), 1),
+            rel_trace=torch.cat((pad, recorded_rel), 1),
+            nfe=nfe,
             sample_status=status,
             solver=solver_name,
-            sample_evals=(nfe + 1) * batch,
+            sample_evals=nfe * batch,
         ),
     )
 
@@ -360,7 +376,7 @@ def stopping(
     last one if it never stopped): ``converged`` when the residual met ``tol``, unless
     the image's norm overflowed (``non-finite``) or the iterate ran away (``diverged``:
     a residual within :data:`ROUNDING_ULPS` of rounding while ``||f(z)||`` exceeds
-    ``diverge_ratio`` times the start's size ``||f(z0)|| + ||f(z0) - z0||``, i.e.
+    ``diverge_ratio`` times the start's size ``||z0|| + ||f(z0) - z0||``, i.e.
     ``f(z)`` and ``z`` agree only because the dtype cannot tell them apart);
     ``non-finite`` for a NaN/Inf residual; ``diverged`` for one past ``limit``;
     ``max_iter`` when the budget ran out first.
@@ -378,15 +394,29 @@ def stopping(
     rel_trace = relative(abs_trace, norm_trace, problem.eps)
     res_trace = rel_trace if problem.stop_mode == "rel" else abs_trace
     keep = (abs_trace <= limit.unsqueeze(1)) & (norm_trace <= torch.finfo(norm_trace.dtype).max)
-    stopped = ~(keep & (res_trace > problem.tol) if problem.tol > 0 else keep)
-    first = stopped.to(torch.uint8).argmax(dim=1, keepdim=True)  # 0 when never stopped
-    any_stop = stopped.gather(1, first).squeeze(1)
+    any_stop, first = first_stop(keep & (res_trace > problem.tol) if problem.tol > 0 else keep)
     at = torch.where(any_stop.unsqueeze(1), first, n - 1)
     res, rel, norm_fz = (t.gather(1, at).squeeze(1) for t in (res_trace, rel_trace, norm_trace))
-    start = norm_trace[:, 0] + abs_trace[:, 0]
+    start = _size(problem.z0) + abs_trace[:, 0]
     return torch.where(any_stop, first.squeeze(1) + 1, n), status_of(
         res, rel, norm_fz, start, stopped=any_stop, problem=problem
     )
+
+
+def first_stop(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Where each sample first stopped, from its (B, N) "keeps iterating" mask.
+
+    Returns:
+        ``stopped`` (B,) bool and ``first`` (B, 1), the index of the first ``False``
+        (0 for a sample that never stopped).
+    """
+    first = (~keep).to(torch.uint8).argmax(dim=1, keepdim=True)
+    return ~keep.gather(1, first).squeeze(1), first
+
+
+def _size(z0: Tensor) -> Tensor:
+    """Per-sample ``||z0||_2`` (B,), in the traces' dtype."""
+    return _norm(z0.detach().reshape(z0.shape[0], -1))
 
 
 def status_of(
@@ -399,7 +429,7 @@ def status_of(
         res: (B,) residual in the stop mode.
         rel: (B,) relative residual.
         norm_fz: (B,) ``||f(z)||``.
-        start: (B,) the start's size ``||f(z0)|| + ||f(z0) - z0||``.
+        start: (B,) the start's size ``||z0|| + ||f(z0) - z0||``.
         stopped: (B,) bool, the sample stopped here (rather than running out of budget).
         problem: for ``tol``, the dtype and ``diverge_ratio``.
     """
