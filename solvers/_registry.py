@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -249,7 +250,7 @@ def make_problem(
     # Reading values synchronises; skipped when the caller asked for no host reads. The
     # extremes are NaN or infinite exactly when some entry is (one pass, no temporary).
     readable = check_every is not None and z0.device.type != "meta" and z0.numel() > 0
-    if readable and not bool(torch.isfinite(torch.stack(torch.aminmax(z0))).all()):
+    if readable and not math.isfinite(torch.stack(torch.aminmax(z0)).abs().amax().item()):
         raise ValueError("z0 contains NaN or Inf; start the solve from a finite guess")
     return Problem(
         f=f, z0=z0, args=args, max_iter=max_iter, tol=tol, stop_mode=stop_mode, eps=eps,
