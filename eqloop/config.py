@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from eqloop.backward import BACKWARD_MODES, Backward, make_backward
 from eqloop.data import TASKS, make_arithmetic_dataset
 from eqloop.depth import make_depth_sampler
-from eqloop.implicit import BACKWARD_MODES
 from eqloop.model import LoopLMConfig
 
 __all__ = ["SCHEDULES", "TrainConfig", "apply_overrides", "load_config", "read_config_file"]
@@ -70,7 +70,7 @@ class TrainConfig:
     # -- loops ---------------------------------------------------------------------------
     depth: dict[str, Any] = field(default_factory=_default_depth)  # make_depth_sampler kwargs
     backward: str = "unroll"  # "unroll" (paper: through all loops) | ift | phantom | truncated
-    backward_options: dict[str, Any] = field(default_factory=dict)  # extra fixed_point kwargs
+    backward_options: dict[str, Any] = field(default_factory=dict)  # its fields, e.g. {"k": 4}
     # -- STARS penalty -------------------------------------------------------------------
     lam: float = 0.1  # loss = (1 - lam) * CE + lam * JSRR once the penalty is on; in [0, 1]
     penalty_start: int = 400  # first step with the penalty (paper: after 20% of training)
@@ -141,10 +141,10 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: {list(SCHEDULES)}")
         if self.backward not in BACKWARD_MODES:
             raise ValueError(f"unknown backward {self.backward!r}; valid: {list(BACKWARD_MODES)}")
-        if self.backward == "unroll" and self.backward_options:
-            raise ValueError(
-                f"backward_options {sorted(self.backward_options)} need backward != 'unroll'"
-            )
+        try:
+            self.make_backward()
+        except TypeError as exc:  # a field the mode does not have
+            raise ValueError(f"backward_options: {exc}") from None
         if not self.eval_loops or not all(
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.eval_loops
         ):
@@ -154,6 +154,10 @@ class TrainConfig:
         self.make_sampler()  # raises ValueError on bad kinds and parameters
         if not self.device.startswith(("auto", "cpu", "cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}")
+
+    def make_backward(self) -> Backward:
+        """The backward mode object (``eqloop.backward``) of ``backward`` and its options."""
+        return make_backward(self.backward, **self.backward_options)
 
     def make_sampler(self) -> Any:
         """A fresh depth sampler (seeded with ``seed``) from the ``depth`` dict."""

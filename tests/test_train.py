@@ -123,7 +123,7 @@ def test_tiny_run_learns_checkpoints_and_resumes_bit_identically(
 def test_backward_modes_other_than_unroll_train(tmp_path: Path, cache: Path) -> None:
     config = tiny_config(
         tmp_path, cache, steps=6, eval_every=0, backward="truncated",
-        backward_options={"truncate_k": 1},
+        backward_options={"k": 1},
     )  # fmt: skip
     result = train(config)
     assert math.isfinite(result["train"]["loss"])
