@@ -6,8 +6,11 @@ gets one persistent worker process that imports its own copy of ``eqloop`` and
 ``solvers`` (through ``PYTHONPATH``), builds the same model from the same seed and warms
 up. The parent then asks the workers in turn, round after round (alternating which tree
 goes first), for ``--repeats`` timed runs of each workload, so that both trees see the
-same machine load. Reported per workload: the median time of each tree over all runs,
-their ratio (current / baseline) and the median of the per-round ratios.
+same machine load. Every run records the process's CPU time and the wall time; on a
+machine shared with other jobs the wall time mostly measures the scheduler, while the
+CPU time of a single-threaded run measures the code. Reported per workload: the median
+CPU time of each tree over all runs, their ratio (current / baseline), the median of the
+per-round ratios, and the ratio of the median wall times.
 
 Workloads (the TrainConfig-default LoopLM: d=64, 8 heads, FFN 256, prelude + one
 post-sandwich core block + coda; a batch of ``--batch`` random sequences of the length
@@ -49,15 +52,16 @@ DEFAULT_BASELINE = "99a4b31"  # main before the issue-9 redesign of the loop and
 
 COLUMNS = [
     ("workload", "workload", ""),
-    ("baseline_ms", "baseline ms", ".2f"),
-    ("current_ms", "current ms", ".2f"),
+    ("baseline_ms", "baseline CPU ms", ".2f"),
+    ("current_ms", "current CPU ms", ".2f"),
     ("ratio", "current / baseline", ".3f"),
     ("paired_ratio", "median round ratio", ".3f"),
+    ("wall_ratio", "wall-time ratio", ".3f"),
     ("runs", "runs per tree", "d"),
 ]
 
 # The worker: builds the workloads from the tree on its PYTHONPATH, then answers one
-# JSON request per line ({"workload": ..., "repeats": n}) with the list of n times.
+# JSON request per line ({"workload": ..., "repeats": n}) with n [cpu, wall] times.
 WORKER = r"""
 import json, sys, time
 import torch
@@ -94,9 +98,9 @@ for line in sys.stdin:
     request = json.loads(line)
     fn, times = work[request["workload"]], []
     for _ in range(request["repeats"]):
-        start = time.perf_counter()
+        cpu, wall = time.process_time(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append([time.process_time() - cpu, time.perf_counter() - wall])
     print(json.dumps(times), flush=True)
 """
 
@@ -120,8 +124,8 @@ class Worker:
             raise RuntimeError(f"a timing worker exited with code {self.proc.wait()}")
         return json.loads(line)
 
-    def time(self, workload: str, repeats: int) -> list[float]:
-        """``repeats`` wall times (seconds) of ``workload``."""
+    def time(self, workload: str, repeats: int) -> list[list[float]]:
+        """``repeats`` pairs of CPU and wall time (seconds) of ``workload``."""
         self.stdin.write(json.dumps({"workload": workload, "repeats": repeats}) + "\n")
         self.stdin.flush()
         return self._read()
@@ -165,7 +169,9 @@ def measure(trees: dict[str, Path], args: argparse.Namespace) -> list[dict[str, 
         warmup=args.warmup,
     )  # fmt: skip
     workers = {name: Worker(tree, settings) for name, tree in trees.items()}
-    times: dict[tuple[str, str], list[float]] = {(name, w): [] for name in trees for w in WORKLOADS}
+    times: dict[tuple[str, str], list[list[float]]] = {
+        (name, w): [] for name in trees for w in WORKLOADS
+    }
     round_ratios: dict[str, list[float]] = {w: [] for w in WORKLOADS}
     try:
         for r in range(args.rounds):
@@ -175,7 +181,7 @@ def measure(trees: dict[str, Path], args: argparse.Namespace) -> list[dict[str, 
                 for name in order:
                     got = workers[name].time(workload, args.repeats)
                     times[name, workload] += got
-                    medians[name] = statistics.median(got)
+                    medians[name] = statistics.median(cpu for cpu, _ in got)
                 round_ratios[workload].append(medians["current"] / medians["baseline"])
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
@@ -183,18 +189,23 @@ def measure(trees: dict[str, Path], args: argparse.Namespace) -> list[dict[str, 
             worker.close()
     rows = []
     for workload in WORKLOADS:
-        base = statistics.median(times["baseline", workload])
-        current = statistics.median(times["current", workload])
+        (base_cpu, base_wall), (cur_cpu, cur_wall) = (
+            [[t[i] for t in times[name, workload]] for i in (0, 1)]
+            for name in ("baseline", "current")
+        )
         rows.append(
             {
                 "workload": workload,
-                "baseline_ms": 1e3 * base,
-                "current_ms": 1e3 * current,
-                "ratio": current / base,
+                "baseline_ms": 1e3 * statistics.median(base_cpu),
+                "current_ms": 1e3 * statistics.median(cur_cpu),
+                "ratio": statistics.median(cur_cpu) / statistics.median(base_cpu),
                 "paired_ratio": statistics.median(round_ratios[workload]),
-                "runs": len(times["current", workload]),
-                "baseline_times_s": times["baseline", workload],
-                "current_times_s": times["current", workload],
+                "wall_ratio": statistics.median(cur_wall) / statistics.median(base_wall),
+                "runs": len(cur_cpu),
+                "baseline_cpu_s": base_cpu,
+                "current_cpu_s": cur_cpu,
+                "baseline_wall_s": base_wall,
+                "current_wall_s": cur_wall,
             }
         )
     return rows

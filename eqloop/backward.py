@@ -32,7 +32,7 @@ Values returned (shapes as ``z0``):
   application ``f(z*)`` that carries a hook.
 * ``Phantom``: the result of the ``steps`` damped steps from ``z*``.
 * ``Truncated``: ``f^k`` of the solver's result (``f^max_iter(z0)`` when ``max_iter <= k``).
-* ``Unroll``: per sample, the image ``f(z)`` of the last loop it ran.
+* ``Unroll``: per sample, the state after the last loop it ran (``f^T(z0)`` undamped).
 
 Inside ``torch.no_grad()`` no graph is built: ``IFT`` and ``Phantom`` return ``z*``,
 ``Truncated`` and ``Unroll`` the value above. Higher-order derivatives through ``IFT``
@@ -356,7 +356,7 @@ class Unroll(Backward):
 
     The forward solver must be ``"fixed_point"`` (its ``tau`` damps the loops); each
     sample stops on its own when it meets ``tol`` (driver options apply as in
-    ``solvers.solve``) and returns the image ``f(z)`` of its last loop.
+    ``solvers.solve``) and returns its state after the last loop it ran.
     """
 
     name: ClassVar[str] = "unroll"

@@ -36,9 +36,15 @@ def test_speed_regression_quick_against_head(tmp_path: Path) -> None:
     rows = {r["workload"]: r for r in data["results"]}
     assert set(rows) == {"train", "solve"}
     for row in rows.values():
-        assert len(row["baseline_times_s"]) == len(row["current_times_s"]) == row["runs"] == 4
-        assert min(row["baseline_times_s"] + row["current_times_s"]) > 0
+        runs = [
+            row[f"{tree}_{clock}_s"]
+            for tree in ("baseline", "current")
+            for clock in ("cpu", "wall")
+        ]
+        assert [len(r) for r in runs] == [row["runs"]] * 4 and row["runs"] == 4
+        assert min(min(r) for r in runs) > 0
         assert row["ratio"] == pytest.approx(row["current_ms"] / row["baseline_ms"])
+        assert row["wall_ratio"] > 0
     assert "current / baseline" in proc.stdout
 
 
