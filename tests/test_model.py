@@ -327,6 +327,16 @@ def test_loops_run_through_the_driver_and_equal_a_hand_loop() -> None:
     assert info.result is None and info.loops_used.tolist() == [0] * 4
 
 
+def test_unrolled_loops_never_read_the_host() -> None:
+    """On the meta device any host read raises: the plain loop and its result make none."""
+    model = LoopLM(tiny_config(positions="rope", injection="concat")).to("meta")
+    x = torch.randn(3, SEQ, D, device="meta")
+    f, z0 = model.core_map(x)
+    result = model.loop(f, z0, 5)
+    assert result.z.device.type == "meta" and result.z.shape == (3, SEQ, D)
+    assert result.nfe == 5 and model.unroll(x, 5).device.type == "meta"
+
+
 def test_unrolled_gradient_equals_the_hand_loop_gradient() -> None:
     torch.manual_seed(0)
     model = LoopLM(tiny_config(injection="concat")).double()
