@@ -308,6 +308,32 @@ class LoopedLM(nn.Module, abc.ABC):
 
     # -- argument checks -----------------------------------------------------------------
 
+    @staticmethod
+    def check_tokens(tokens: Tensor, vocab_size: int, max_seq_len: int | None = None) -> None:
+        """Raise ``TypeError``/``ValueError`` unless ``tokens`` are (B, S) ids of the model.
+
+        Args:
+            tokens: what the caller passed as token ids.
+            vocab_size: ids must lie in ``[0, vocab_size)`` (one host read per call).
+            max_seq_len: the longest sequence the model accepts; ``None`` for no limit.
+        """
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(
+                f"tokens must have shape (batch, seq_len) with seq_len >= 1, "
+                f"got {tuple(tokens.shape)}"
+            )
+        if max_seq_len is not None and tokens.shape[1] > max_seq_len:
+            raise ValueError(f"tokens has seq_len {tokens.shape[1]} > max_seq_len {max_seq_len}")
+        if tokens.numel() and bool(((tokens < 0) | (tokens >= vocab_size)).any()):
+            raise ValueError(
+                f"tokens must lie in [0, vocab_size={vocab_size}), got values in "
+                f"[{int(tokens.min())}, {int(tokens.max())}]"
+            )
+
     def _check_unrolled_options(self, named: dict[str, Any], options: dict[str, Any]) -> None:
         """Unrolled mode takes no solver settings; anything else is unknown."""
         if options:

@@ -422,7 +422,7 @@ class LoopLM(LoopedLM):
         Returns:
             x: (B, S, d), the input injected into every loop.
         """
-        self._check_tokens(tokens)
+        self.check_tokens(tokens, self.config.vocab_size, self.config.max_seq_len)
         seq_len = tokens.shape[1]
         h = self.tok_emb(tokens.long())
         if self.pos_emb is not None:
@@ -494,27 +494,6 @@ class LoopLM(LoopedLM):
 
     def _rope(self, seq_len: int) -> tuple[Tensor, Tensor] | None:
         return None if self.rotary is None else self.rotary(seq_len)
-
-    def _check_tokens(self, tokens: Tensor) -> None:
-        if not isinstance(tokens, Tensor):
-            raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
-        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-            raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
-        if tokens.dim() != 2 or tokens.shape[1] == 0:
-            raise ValueError(
-                f"tokens must have shape (batch, seq_len) with seq_len >= 1, "
-                f"got {tuple(tokens.shape)}"
-            )
-        if tokens.shape[1] > self.config.max_seq_len:
-            raise ValueError(
-                f"tokens has seq_len {tokens.shape[1]} > max_seq_len {self.config.max_seq_len}"
-            )
-        # One host sync per call, not per loop.
-        if tokens.numel() and bool(((tokens < 0) | (tokens >= self.config.vocab_size)).any()):
-            raise ValueError(
-                f"tokens must lie in [0, vocab_size={self.config.vocab_size}), got values in "
-                f"[{int(tokens.min())}, {int(tokens.max())}]"
-            )
 
     def _check_state(self, name: str, t: Tensor, like: Tensor | None = None) -> None:
         if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
