@@ -15,6 +15,7 @@ or ``max_iter`` while ``tol > 0``, emits a :class:`ConvergenceWarning` with its 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from eqloop.backward import (
     ConvergenceWarning,
     FixedPointInfo,
     FixedPointProblem,
+    IFT,
     default_backward_tol,
     make_backward,
     warn_if_failed,
@@ -43,9 +45,6 @@ __all__ = [
 
 # Keywords of earlier versions and what replaced them, for a helpful error.
 _REPLACED = {
-    "backward_solver": "backward=eqloop.IFT(solver=...)",
-    "backward_max_iter": "backward=eqloop.IFT(max_iter=...)",
-    "backward_tol": "backward=eqloop.IFT(tol=...)",
     "phantom_steps": "backward=eqloop.Phantom(steps=...)",
     "phantom_tau": "backward=eqloop.Phantom(tau=...)",
     "truncate_k": "backward=eqloop.Truncated(k=...)",
@@ -61,6 +60,9 @@ def fixed_point(
     max_iter: int = 50,
     tol: float = 1e-5,
     stop_mode: str = "rel",
+    backward_solver: str | Solver | None = None,
+    backward_max_iter: int | None = None,
+    backward_tol: float | None = None,
     args: Sequence[Tensor] = (),
     return_result: bool = False,
     **solver_options: Any,
@@ -85,6 +87,11 @@ def fixed_point(
         tol: tolerance on the residual chosen by ``stop_mode``; ``0`` runs the whole
             budget.
         stop_mode: ``"rel"`` or ``"abs"``, as in ``solvers.solve``.
+        backward_solver, backward_max_iter, backward_tol: shorthand for the fields
+            ``solver``, ``max_iter`` and ``tol`` of an ``IFT`` backward (the public API
+            of earlier versions): ``backward="ift", backward_tol=1e-8`` is
+            ``backward=IFT(tol=1e-8)``. Only with an IFT backward; given with an ``IFT``
+            object they replace its fields.
         args: extra per-sample tensors (batch dimension 0) passed to ``f`` after ``z``;
             they receive gradients like captured inputs.
         return_result: also return a :class:`FixedPointInfo`.
@@ -114,7 +121,10 @@ def fixed_point(
         raise TypeError(f"z0 must be a floating-point torch.Tensor, got {_describe(z0)}")
     if z0.dim() < 1 or z0.shape[0] == 0:
         raise ValueError(f"z0 must have a non-empty batch dimension 0, got shape {tuple(z0.shape)}")
-    mode = make_backward(backward)
+    mode = _with_ift_fields(
+        make_backward(backward),
+        {"solver": backward_solver, "max_iter": backward_max_iter, "tol": backward_tol},
+    )
     checks.boolean("return_result", return_result)
     driver = {k: solver_options.pop(k) for k in list(solver_options) if k in solvers.DRIVER_OPTIONS}
     problem = FixedPointProblem(
@@ -132,6 +142,20 @@ def fixed_point(
     if info.forward is not None and problem.reads_host:
         warn_if_failed(info.forward, "forward", mode.name, problem.tol)
     return (z, info) if return_result else z
+
+
+def _with_ift_fields(mode: Backward, given: dict[str, Any]) -> Backward:
+    """``mode`` with the ``backward_*`` shorthand keywords applied to its IFT fields."""
+    given = {name: value for name, value in given.items() if value is not None}
+    if not given:
+        return mode
+    if not isinstance(mode, IFT):
+        keywords = sorted(f"backward_{name}" for name in given)
+        raise TypeError(
+            f"{keywords} configure the IFT adjoint solve, but backward is {mode.name!r}; "
+            "drop them or use backward='ift'"
+        )
+    return dataclasses.replace(mode, **given)
 
 
 def _forward_solver(solver: str | Solver, hyperparameters: dict[str, Any]) -> Solver:

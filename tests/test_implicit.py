@@ -541,10 +541,28 @@ def test_bad_types_are_named() -> None:
 
 def test_removed_keywords_name_their_replacement() -> None:
     z0 = torch.zeros(B, D)
-    with pytest.raises(TypeError, match=r"backward_tol.*backward=eqloop.IFT\(tol=\.\.\.\)"):
-        fixed_point(lambda z: 0.5 * z, z0, backward_tol=1e-6)
     with pytest.raises(TypeError, match=r"backward=eqloop.Truncated\(k=\.\.\.\)"):
         fixed_point(lambda z: 0.5 * z, z0, truncate_k=3)
+
+
+def test_backward_keywords_are_shorthand_for_ift_fields() -> None:
+    """The public backward_* keywords of DESIGN.md set the IFT adjoint solve's fields."""
+    w, u, x = tanh_params(seed=11)
+    f = tanh_map(w, u)
+    z0 = torch.zeros(B, D, dtype=F64)
+
+    def adjoint(**kwargs: Any) -> tuple[Tensor, Any]:
+        z, info = fixed_point(f, z0, args=(x,), tol=1e-12, max_iter=300, return_result=True,
+                              **kwargs)  # fmt: skip
+        (grad,) = torch.autograd.grad(z.sum(), w)
+        return grad, info.backward
+
+    short, short_info = adjoint(backward_solver="broyden", backward_max_iter=7, backward_tol=0.0)
+    full, full_info = adjoint(backward=IFT(solver="broyden", max_iter=7, tol=0.0))
+    assert torch.equal(short, full)
+    assert short_info.nfe == full_info.nfe == 7 and short_info.solver == "broyden"
+    with pytest.raises(TypeError, match=r"\['backward_tol'\] configure the IFT.*'phantom'"):
+        fixed_point(f, z0, args=(x,), backward="phantom", backward_tol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------
