@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_TOL
-from eqloop.overrides import add_config_arguments  # re-exported for eqloop.tune
+from eqloop.overrides import add_config_arguments
 
 __all__ = ["add_config_arguments", "build_parser", "main"]
 

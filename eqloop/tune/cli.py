@@ -8,12 +8,12 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import optuna
 
+from eqloop.overrides import add_config_arguments
 from eqloop.tune.config import DEFAULT_RANGES, OBJECTIVES, TuneConfig, load_tune_config
-from eqloop.tune.report import REPORT_FILES, write_report
+from eqloop.tune.report import REPORT_FILES
 from eqloop.tune.study import load_study, requeue, run_study
 
 _DESCRIPTION = """\
@@ -22,9 +22,6 @@ log-uniform in [1e-3, 1]). Settings: defaults, then --config, then --set, then t
 More workers: run the same command again (elsewhere with a PostgreSQL storage); --n-trials
 is the total for the study. Watch it: optuna-dashboard sqlite:///<study-dir>/study.db
 """
-
-
-_RANGED = ", ".join(DEFAULT_RANGES)
 
 
 def trial_numbers(text: str) -> list[int]:
@@ -36,20 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``eqloop tune`` argument parser."""
     p = argparse.ArgumentParser(prog="eqloop tune", description=_DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p, file_help="JSON file with TuneConfig fields",
+                         example="--set base.steps=300 --set space.lam.high=0.5")
     add = p.add_argument
-    add("--config", type=Path, help="JSON file with TuneConfig fields")
-    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a field, e.g. --set base.steps=300 --set space.lam.high=0.5")
     add("--study-name", help="study name (default stars-lam)")
     add("--study-dir", help="directory of the default storage, the trial runs and the outputs")
     add("--storage", help="sqlite:///PATH, postgresql://USER:PW@HOST/DB or journal:PATH")
     add("--n-trials", type=int, help="trials in total for the study (not per worker)")
     add("--objective", help=f"one of {', '.join(OBJECTIVES)} (default deep_accuracy)")
-    add("--search", help=f"parameters to search, e.g. lam,lr (with default ranges: {_RANGED})")
+    add("--search", help=f"parameters to search, e.g. lam,lr (ranges: {', '.join(DEFAULT_RANGES)})")
     add("--requeue", type=trial_numbers, metavar="N,..",
         help="first fail these RUNNING trials of a killed worker and queue them again (journal)")
     add("--no-progress", action="store_true", help="no training progress bars or trial lines")
-    add("--report-only", action="store_true", help="run no trials; rewrite the JSON, CSV and plots")
     add("--print-config", action="store_true", help="print the config and exit")
     return p
 
@@ -81,13 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.validate()
             print(json.dumps({**config.to_dict(), "space": config.param_space()}, indent=2))
             return 0
-        if args.report_only:
-            study, storage, base = load_study(config)
-            write_report(study, config, storage, base)
-        else:
-            if args.requeue:
-                requeue(load_study(config)[0], args.requeue, config.max_retry)
-            run_study(config)
+        if args.requeue:
+            requeue(load_study(config)[0], args.requeue, config.max_retry)
+        run_study(config)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"eqloop tune: error: {err}", file=sys.stderr)
         return 2
@@ -95,8 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("eqloop tune: interrupted; the running trial was queued again", file=sys.stderr)
         return 130
     summary = json.loads((config.out_dir / REPORT_FILES["best_params"]).read_text())
-    keys = ("trials", "pruning", "best", "pareto_front")
-    print(json.dumps({key: summary[key] for key in keys if key in summary}, indent=2))
+    shown = ("trials", "pruning", "best", "pareto_front")
+    print(json.dumps({key: summary[key] for key in shown if key in summary}, indent=2))
     written = [config.out_dir / name for name in REPORT_FILES.values()]
     print("\n".join(f"wrote {path}" for path in written if path.exists()))
     return 0

@@ -8,7 +8,7 @@ import inspect
 import json
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,8 @@ import optuna
 from optuna import distributions as od
 from optuna import pruners, samplers
 
-from eqloop.config import TrainConfig, apply_overrides, load_config, read_config_file
+from eqloop.config import TrainConfig, load_config
+from eqloop.overrides import apply_overrides, read_config_file
 from solvers import checks
 
 OBJECTIVES = {"deep_accuracy": {"deep_accuracy": "maximize"},  # value name: direction
@@ -26,10 +27,8 @@ PRUNERS = {"median": pruners.MedianPruner, "percentile": pruners.PercentilePrune
 PRUNERS.update(hyperband=pruners.HyperbandPruner, none=pruners.NopPruner)
 DEFAULT_RANGES: dict[str, dict[str, Any]] = {  # for parameters searched without a range
     "lam": {"low": 1e-3, "high": 1.0, "log": True}, "lr": {"low": 1e-4, "high": 1e-2, "log": True},
-    "penalty_target": {"low": 0.1, "high": 1.0},
-    "depth.mu": {"low": 1.0, "high": 3.0}, "depth.sigma": {"low": 0.2, "high": 1.0},
-}
-_SPEC_KEYS = frozenset({"low", "high", "log", "step", "type", "choices"})
+    "penalty_target": {"low": 0.1, "high": 1.0}, "depth.mu": {"low": 1.0, "high": 3.0},
+    "depth.sigma": {"low": 0.2, "high": 1.0}}
 _SET_BY_STUDY = ("seed", "out_dir", "resume", "eval_loops", "progress")
 _INTEGERS = {"n_trials": 1, "max_retry": 0, "heartbeat_interval": 1}  # field: lowest value
 _OPTIONAL = {"grace_period": 1, "max_failed": 1, "sampler_seed": 0}  # or None
@@ -45,28 +44,18 @@ def experimental_api() -> Iterator[None]:
 
 def distribution(name: str, spec: Mapping[str, Any]) -> od.BaseDistribution:
     """Optuna's distribution for ``space.<name>``: ``{"low", "high", "log", "step", "type":
-    "float" | "int"}`` or ``{"choices": [...]}``; raises ValueError naming the mistake."""
-    where = f"space.{name}"
-    if unknown := sorted(set(spec) - _SPEC_KEYS):
-        raise ValueError(f"{where}: unknown keys {unknown}; valid: {sorted(_SPEC_KEYS)}")
-    if "choices" in spec:
-        if set(spec) != {"choices"} or not isinstance(spec["choices"], (list, tuple)):
-            raise ValueError(f"{where}: 'choices' must be a list and cannot have a range")
-        return od.CategoricalDistribution(spec["choices"])
-    kind = checks.choice(f"{where}.type", spec.get("type", "float"), ("float", "int"))
-    check = checks.integer if kind == "int" else checks.number
-    low, high = (check(f"{where}.{key}", spec.get(key)) for key in ("low", "high"))
-    log = checks.boolean(f"{where}.log", spec.get("log", False))
-    if not low < high:
-        raise ValueError(f"{where}: empty or inverted range, low={low} >= high={high}")
-    if log and not low > 0:
-        raise ValueError(f"{where}: a log-scaled range needs low > 0, got low={low}")
-    try:  # Optuna checks the step
-        if kind == "int":
-            return od.IntDistribution(low, high, log=log, step=spec.get("step", 1))
-        return od.FloatDistribution(low, high, log=log, step=spec.get("step"))
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{where}: {err}") from err
+    "float" | "int"}`` or ``{"choices": [...]}``, checked by Optuna and for an empty range."""
+    spec = dict(spec)
+    try:
+        if "choices" in spec:
+            return od.CategoricalDistribution(**spec)
+        kind = checks.choice(f"space.{name}.type", spec.pop("type", "float"), ("float", "int"))
+        dist = (od.IntDistribution if kind == "int" else od.FloatDistribution)(**spec)
+    except (TypeError, ValueError) as err:  # unknown keys, inverted range, step with log, ...
+        raise ValueError(f"space.{name}: {err}") from err
+    if not dist.low < dist.high:
+        raise ValueError(f"space.{name}: the range [{dist.low}, {dist.high}] is empty")
+    return dist
 
 
 def suggest(trial: optuna.Trial, name: str, dist: od.BaseDistribution) -> Any:
@@ -120,8 +109,7 @@ class TuneConfig:
             spec = self.space[name]
             if not isinstance(spec, Mapping):
                 raise ValueError(f"space.{name} must be an object like {{'low': .., 'high': ..}}")
-            is_range = "choices" not in spec
-            out[name] = {"log": False, **DEFAULT_RANGES.get(name, {}), **spec} if is_range else spec
+            out[name] = spec if "choices" in spec else {**DEFAULT_RANGES.get(name, {}), **spec}
         return out
 
     def distributions(self) -> dict[str, od.BaseDistribution]:
@@ -189,14 +177,6 @@ class TuneConfig:
         """All fields as a JSON-serialisable dict."""
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TuneConfig:
-        """Build a config (checked later by :meth:`validate`); unknown keys raise ValueError."""
-        known = {f.name for f in fields(cls)}
-        if unknown := sorted(set(data) - known):
-            raise ValueError(f"unknown tune config keys: {unknown}; valid keys are {sorted(known)}")
-        return cls(**copy.deepcopy(dict(data)))
-
 
 def _check_kwargs(cls: type, options: Mapping[str, Any], what: str, *reserved: str) -> None:
     accepted = sorted(set(inspect.signature(cls).parameters) - set(reserved))
@@ -206,11 +186,11 @@ def _check_kwargs(cls: type, options: Mapping[str, Any], what: str, *reserved: s
 
 def load_tune_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TuneConfig:
     """A :class:`TuneConfig` from defaults, an optional JSON file and ``key=value`` overrides
-    (as in :func:`eqloop.config.apply_overrides`: ``base.steps=300``, ``loops=[8,16]``)."""
+    read by field type (:func:`eqloop.overrides.apply_overrides`); unknown keys are errors."""
     data = TuneConfig().to_dict()
     if path is not None:
         data.update(read_config_file(path, data, kind="tune config", toml=False))
-    return TuneConfig.from_dict(apply_overrides(data, overrides))
+    return TuneConfig(**apply_overrides(data, overrides, schema=TuneConfig))
 
 
 def trial_train_config(base: TrainConfig, settings: Mapping[str, Any]) -> TrainConfig:

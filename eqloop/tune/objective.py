@@ -1,12 +1,10 @@
-"""One trial: parameters, seed and run directory, a training run that reports to the
-pruner, and the objective value(s)."""
+"""One trial: parameters, seed, run directory, a training run reporting to the pruner."""
 
 from __future__ import annotations
 
 import os
 import socket
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +33,8 @@ def count(study: optuna.Study, *states: TrialState) -> int:
 
 def stored_trial(study: optuna.Study, number: int) -> FrozenTrial:
     """Trial ``number`` as stored (a running ``Trial`` does not show its system attributes)."""
-    for trial in study.get_trials(deepcopy=False):
-        if trial.number == number:
-            return trial
+    if found := [t for t in study.get_trials(deepcopy=False) if t.number == number]:
+        return found[0]
     raise ValueError(f"study {study.study_name!r} has no trial {number}")
 
 
@@ -52,9 +49,8 @@ def objective_values(accuracy: Mapping[str, float], loops: Sequence[int], kind: 
 
 @dataclass
 class Objective:
-    """What ``study.optimize`` calls: one trial is one training run. A retry (a trial queued
-    again after its worker was killed or interrupted) trains with the original trial's seed
-    in its run directory, resuming from its last checkpoint."""
+    """What ``study.optimize`` calls: one trial is one training run; a retry (of a killed or
+    interrupted trial) resumes the original trial's run from its last checkpoint."""
 
     config: TuneConfig
     base: TrainConfig
@@ -73,22 +69,15 @@ class Objective:
         params = {name: suggest(trial, name, d) for name, d in self.config.distributions().items()}
         seed = self.base.seed + (number if self.config.seed_per_trial else 0)
         run_dir = self.config.out_dir / "trials" / f"trial_{number:05d}"
-        if origin is None and run_dir.exists():  # left by a study whose storage was reset
-            aside = run_dir.with_name(f"{run_dir.name}.old{time.time_ns()}")
-            os.replace(run_dir, aside)
-            warnings.warn(f"{run_dir} held an older run; moved it to {aside}", stacklevel=2)
         fixed = {"seed": seed, "out_dir": str(run_dir), "progress": self.config.progress}
         config = trial_train_config(self.base, {**params, **fixed, "resume": origin is not None})
         attrs = {"seed": seed, "run_dir": str(run_dir), "retry_of": origin, "error": None}
-        attrs.update(config_path=str(run_dir / "config.json"), steps=config.steps)
-        attrs.update(checkpoint_dir=str(run_dir / CHECKPOINT_DIR))
-        attrs.update(metrics_path=str(run_dir / "metrics.jsonl"))
+        attrs.update(config_path=str(run_dir / "config.json"), steps=config.steps,
+                     checkpoint_dir=str(run_dir / CHECKPOINT_DIR),
+                     metrics_path=str(run_dir / "metrics.jsonl"))
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        return self._train(trial, config, stored.intermediate_values)
-
-    def _train(self, trial: optuna.Trial, config: TrainConfig, reported: Mapping[int, Any]) -> Any:
-        loops, start = self.config.loops, time.time()
+        loops, start, reported = self.config.loops, time.time(), stored.intermediate_values
         single = self.config.objective == "deep_accuracy"
 
         def on_eval(step: int, metrics: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from eqloop.files import atomic_path, write_json_atomic
 from eqloop.plotting import pyplot
 from eqloop.tune.config import OBJECTIVES, TuneConfig, experimental_api
 from eqloop.tune.objective import count
-from eqloop.tune.storage import default_storage, display_storage
+from eqloop.tune.storage import redact
 
 REPORT_FILES = {
     "best_params": "best_params.json",  # the best trial (Pareto front for "multi"), savings
@@ -47,23 +47,21 @@ def _record(trial: FrozenTrial, names: list[str]) -> dict[str, Any]:
     return record
 
 
-def write_report(study: optuna.Study, config: TuneConfig, storage: str | None = None,
-                 base: TrainConfig | None = None) -> None:
+def write_report(study: optuna.Study, config: TuneConfig, storage: str, base: TrainConfig) -> None:
     """Write the :data:`REPORT_FILES` into ``config.out_dir`` (the plots with
     ``config.plots`` once two trials are complete)."""
-    storage = storage or config.storage or default_storage(config.study_dir)
     names, complete = list(OBJECTIVES[config.objective]), count(study, TrialState.COMPLETE)
     best: Any = [_record(t, names) for t in sorted(study.best_trials, key=lambda t: t.number)]
     if len(names) == 1:
         best = _record(study.best_trial, names) if complete else None
-    shown = display_storage(storage)
+    shown = redact(storage)
     summary = {"study_name": study.study_name, "storage": shown,
                "dashboard": f"optuna-dashboard {shown.removeprefix('journal:')}",
                "objectives": OBJECTIVES[config.objective], "loops": config.loops,
                "space": config.param_space(), "pruning": pruning_savings(study),
                "trials": {s.name.lower(): n for s in TrialState if (n := count(study, s))},
                "best" if len(names) == 1 else "pareto_front": best,
-               "base": None if base is None else base.to_dict()}
+               "base": base.to_dict()}
     paths = {key: config.out_dir / name for key, name in REPORT_FILES.items()}
     write_json_atomic(paths["best_params"], summary)
     with atomic_path(paths["trials_csv"]) as tmp:

@@ -13,12 +13,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from eqloop.tune.config import TuneConfig, experimental_api
 
 
-def default_storage(study_dir: str | Path) -> str:
-    """``sqlite:///<absolute study_dir>/study.db``."""
-    return f"sqlite:///{Path(study_dir).resolve() / 'study.db'}"
-
-
-def parse_storage(storage: str) -> tuple[str, Path | None]:
+def parse(storage: str) -> tuple[str, Path | None]:
     """Check a storage's syntax; return it with local paths made absolute, and its local
     file (journal or SQLite database; None for a server). A ``postgresql://`` URL without
     a driver gets psycopg2 when psycopg 3 (SQLAlchemy 2.1's default) is not installed."""
@@ -45,7 +40,7 @@ def parse_storage(storage: str) -> tuple[str, Path | None]:
     return url.render_as_string(hide_password=False), file
 
 
-def display_storage(storage: str) -> str:
+def redact(storage: str) -> str:
     """``storage`` without its password, for messages and reports."""
     from sqlalchemy.engine import make_url
 
@@ -60,15 +55,14 @@ def retry_callback(max_retry: int) -> RetryHeartbeatStaleTrialCallback:
         return RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
 
 
-def open_storage(config: TuneConfig) -> tuple[BaseStorage, str]:
-    """Open (creating if needed) the study's storage; return it and its normalised name. An
-    RDB storage records a running trial's heartbeat every ``heartbeat_interval`` s; once it is
-    older than ``grace_period`` the next worker to start a trial fails the trial and
-    :func:`retry_callback` queues it again. Errors (bad URL, driver, server, file) are
-    ValueErrors."""
+def connect(config: TuneConfig) -> tuple[BaseStorage, str]:
+    """Open (creating if needed) the storage; return it and its normalised name. RDB storages
+    get heartbeats: a trial silent for ``grace_period`` s is failed by the next worker to start
+    a trial and queued again by :func:`retry_callback`. Errors are ValueErrors."""
     from sqlalchemy.exc import DBAPIError
 
-    storage, file = parse_storage(config.storage or default_storage(config.study_dir))
+    default = f"sqlite:///{Path(config.study_dir).resolve() / 'study.db'}"
+    storage, file = parse(config.storage or default)
     for attempt in range(3):  # workers starting together on a new database race to create it
         try:
             if file is not None:
@@ -84,6 +78,6 @@ def open_storage(config: TuneConfig) -> tuple[BaseStorage, str]:
             return rdb, storage
         except Exception as err:  # driver import errors, connection errors, bad files
             if attempt == 2 or not isinstance(err, DBAPIError):
-                raise ValueError(f"cannot open storage {display_storage(storage)}: {err}") from err
+                raise ValueError(f"cannot open storage {redact(storage)}: {err}") from err
             time.sleep(random.uniform(0.2, 1.0))
     raise AssertionError("unreachable")

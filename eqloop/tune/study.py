@@ -1,5 +1,4 @@
-"""The study loop: create or resume the study, then run trials until the study-wide budget
-is used up, however many workers share it."""
+"""The study loop: create or resume a study, run trials until the study-wide budget is used."""
 
 from __future__ import annotations
 
@@ -18,15 +17,14 @@ from eqloop.config import TrainConfig
 from eqloop.tune.config import OBJECTIVES, PRUNERS, SAMPLERS, TuneConfig, experimental_api
 from eqloop.tune.objective import BUDGET_STATES, Objective, TrainFn, count, stored_trial
 from eqloop.tune.report import write_report
-from eqloop.tune.storage import open_storage, retry_callback
+from eqloop.tune.storage import connect, retry_callback
 
 _SIGNATURE = "eqloop_tune"  # study user attribute: the settings a resumed study must share
 _NOT_COMPARED = ("out_dir", "resume", "progress", "device", "data_cache_dir", "eval_loops")
 
 
 class _Budget(MaxTrialsCallback):
-    """Optuna's MaxTrialsCallback (over complete, pruned, running and waiting trials) that
-    lets the worker run queued trials even once they fill the budget."""
+    """Optuna's MaxTrialsCallback, except that it lets the worker run the queued trials."""
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if not count(study, TrialState.WAITING):
@@ -41,16 +39,14 @@ def _check_compatible(study: optuna.Study, config: TuneConfig, base: TrainConfig
     if (stored := study.user_attrs.get(_SIGNATURE)) is None:  # a new study
         return study.set_user_attr(_SIGNATURE, signature)
     if differ := sorted(k for k in signature | stored if stored.get(k) != signature.get(k)):
-        raise ValueError(f"study {study.study_name!r} in this storage was created with a "
-                         f"different {', '.join(differ)}; resume it with its settings or use "
-                         "another --study-name")
+        raise ValueError(f"study {study.study_name!r} was created with a different "
+                         f"{', '.join(differ)}; resume it as it was or use another --study-name")
 
 
 def load_study(config: TuneConfig) -> tuple[optuna.Study, str, TrainConfig]:
-    """Validate ``config``, open the storage, create or load the study (nothing is trained);
-    return the study, its storage (normalised) and the base TrainConfig."""
+    """Validate, open the storage, create or load the study: ``(study, storage, base)``."""
     base = config.validate()
-    storage, name = open_storage(config)
+    storage, name = connect(config)
     pruner, options = config.resolved_pruner(), dict(config.pruner_options)
     if pruner == "hyperband":  # its resources are training steps
         options = {"min_resource": base.eval_every, "max_resource": base.steps, **options}
@@ -65,8 +61,7 @@ def load_study(config: TuneConfig) -> tuple[optuna.Study, str, TrainConfig]:
 
 
 def requeue(study: optuna.Study, numbers: Sequence[int], max_retry: int) -> None:
-    """Fail the RUNNING trials ``numbers`` and queue them again: for a worker known to be
-    gone on a storage without heartbeats (a journal file)."""
+    """Fail and queue again the RUNNING trials of a dead worker (journal: no heartbeats)."""
     for number in numbers:
         trial = stored_trial(study, number)
         if trial.state != TrialState.RUNNING:
@@ -95,8 +90,11 @@ def run_study(config: TuneConfig, *, train_fn: TrainFn | None = None) -> optuna.
             print(f"stopping: the study has {max_failed} failed trials", file=sys.stderr)
             study.stop()
 
+    def interrupt(signum: int, frame: Any) -> None:  # SIGTERM: Optuna fails the running trial
+        raise KeyboardInterrupt(f"signal {signum}")
+
     main = threading.current_thread() is threading.main_thread()  # signals reach it only
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    previous = signal.signal(signal.SIGTERM, interrupt) if main else None
     try:
         with experimental_api():  # marked experimental since Optuna 2.9
             optuna.storages.fail_stale_trials(study)  # a killed worker's trial, first
@@ -110,8 +108,3 @@ def run_study(config: TuneConfig, *, train_fn: TrainFn | None = None) -> optuna.
             signal.signal(signal.SIGTERM, previous)
         write_report(study, config, storage, base)
     return study
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    """The SIGTERM handler: a KeyboardInterrupt, so that Optuna fails the running trial."""
-    raise KeyboardInterrupt(f"signal {signum}")
