@@ -46,10 +46,10 @@ def distribution(name: str, spec: Mapping[str, Any]) -> od.BaseDistribution:
     """Optuna's distribution for ``space.<name>``: ``{"low", "high", "log", "step", "type":
     "float" | "int"}`` or ``{"choices": [...]}``, checked by Optuna and for an empty range."""
     spec = dict(spec)
+    kind = checks.choice(f"space.{name}.type", spec.pop("type", "float"), ("float", "int"))
     try:
         if "choices" in spec:
             return od.CategoricalDistribution(**spec)
-        kind = checks.choice(f"space.{name}.type", spec.pop("type", "float"), ("float", "int"))
         dist = (od.IntDistribution if kind == "int" else od.FloatDistribution)(**spec)
     except (TypeError, ValueError) as err:  # unknown keys, inverted range, step with log, ...
         raise ValueError(f"space.{name}: {err}") from err

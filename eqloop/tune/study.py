@@ -97,7 +97,7 @@ def run_study(config: TuneConfig, *, train_fn: TrainFn | None = None) -> optuna.
     previous = signal.signal(signal.SIGTERM, interrupt) if main else None
     try:
         with experimental_api():  # marked experimental since Optuna 2.9
-            optuna.storages.fail_stale_trials(study)  # a killed worker's trial, first
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial holds no place
         room = count(study, *BUDGET_STATES) < config.n_trials or count(study, TrialState.WAITING)
         if room and failures(study) < max_failed:
             budget = _Budget(config.n_trials, states=BUDGET_STATES)
