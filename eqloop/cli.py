@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_TOL
+from eqloop.finetune import cli as finetune_cli
 from eqloop.overrides import add_config_arguments
+from eqloop.pretrained.cli import add_arguments as add_pretrained_arguments
 
 __all__ = ["add_config_arguments", "build_parser", "main"]
 
@@ -106,9 +108,7 @@ def _add_eval(sub: Any) -> None:
         ),
     )
     what = p.add_argument_group("what to evaluate")
-    what.add_argument(
-        "--checkpoint", nargs="+", required=True, help="step_* or run directories (newest)"
-    )
+    what.add_argument("--checkpoint", nargs="+", help="step_* or run directories (newest)")
     what.add_argument("--n-test", type=int, help="test problems (default: the run's n_test)")
     loops = p.add_argument_group("loops and equilibrium")
     loops.add_argument(
@@ -144,6 +144,7 @@ def _add_eval(sub: Any) -> None:
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument("--json", type=Path, help="write the results (a JSON list) here")
     run.add_argument("--plot", type=Path, help="write the accuracy/rho plot here (PNG)")
+    add_pretrained_arguments(p)  # eqloop eval --pretrained DIR: eqloop.pretrained.cli
 
 
 def _add_tune(sub: Any) -> None:
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_tune(sub)
+    finetune_cli.add_parser(sub)
     return parser
 
 
@@ -240,6 +242,12 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("--json and --plot name the same file")
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib: pip install 'eqloop[plots]'")
+    if (args.checkpoint is None) == (args.pretrained is None):
+        raise ValueError("give --checkpoint (eqloop runs) or --pretrained DIR (Ouro, Huginn)")
+    if args.pretrained is not None:
+        from eqloop.pretrained.cli import run
+
+        return run(args)
     from eqloop.checkpoint import CheckpointError, resolve_checkpoint
     from eqloop.config import check_device
     from eqloop.evaluate import check_options, evaluate_checkpoint, format_result, plot_results
@@ -292,11 +300,12 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"eqloop eval: interrupted; {len(results)} results kept", file=sys.stderr)
         return 130
     if failures:
-        written = f"; the other results are in {args.json}" if args.json and results else ""
-        print(
-            f"eqloop eval: error: {len(failures)} of {len(paths)} checkpoints failed{written}",
-            file=sys.stderr,
-        )
+        if len(paths) > 1:
+            written = f"; the other results are in {args.json}" if args.json and results else ""
+            print(
+                f"eqloop eval: error: {len(failures)} of {len(paths)} checkpoints failed{written}",
+                file=sys.stderr,
+            )
         return 2
     return 0
 
@@ -331,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     args.argv = argv
     prefix = f"eqloop {args.command}"
-    handlers = {"train": _train, "eval": _eval, "tune": _tune}
+    handlers = {"train": _train, "eval": _eval, "tune": _tune, "finetune": finetune_cli.run}
 
     def show(message: Any, category: type[Warning], *rest: Any, **options: Any) -> None:
         print(f"{prefix}: warning: {message}", file=sys.stderr)
