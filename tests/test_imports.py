@@ -107,10 +107,6 @@ def test_the_graph_reader_sees_cycles_and_deferred_imports() -> None:
 
 def test_no_import_cycles() -> None:
     graph = import_graph(discover())
-    if (ROOT / "eqloop" / "tune.py").exists():
-        # The one-file tune module and the CLI import each other until the eqloop/tune/
-        # package (issue 9, item 1) replaces it; every other edge is checked meanwhile.
-        graph["eqloop.tune"].discard("eqloop.cli")
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
