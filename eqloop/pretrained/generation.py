@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eqloop.pretrained.base import PretrainedLoopedLM, split_loops
+from eqloop.pretrained.base import PretrainedLoopedLM
 from eqloop.pretrained.layers import Context, KVCache
 from solvers import checks
 
@@ -342,9 +342,7 @@ def generate(
     if mask is not None:
         _check_left_padded(mask)
     max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, low=0)
-    _, loops = split_loops(loops, model.trained_loops)
-    if loops < 1:
-        raise ValueError("generate needs loops >= 1")
+    loops = model.trained_loops if loops is None else checks.integer("loops", loops, low=1)
     checks.boolean("do_sample", do_sample)
     temperature = checks.number("temperature", temperature, low=0.0, low_open=True)
     if top_k is not None:
@@ -504,7 +502,7 @@ def adaptive_forward(
     tokens = model._check_tokens(tokens)
     mask = model._check_mask(attention_mask, tokens.shape)
     criterion = ExitCriterion(exit, exit_threshold)
-    _, loops = split_loops(loops, model.trained_loops)
+    loops = model.trained_loops if loops is None else checks.integer("loops", loops, low=1)
     cache = KVCache(tokens.shape[0], tokens.shape[1])
     outputs, steps = [], []
     for i in range(tokens.shape[1]):
