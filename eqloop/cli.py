@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_TOL
+from eqloop.finetune import cli as finetune_cli
 from eqloop.overrides import add_config_arguments  # re-exported for eqloop.tune
 from eqloop.pretrained.cli import add_arguments as add_pretrained_arguments
 
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_tune(sub)
+    finetune_cli.add_parser(sub)
     return parser
 
 
@@ -337,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     args.argv = argv
     prefix = f"eqloop {args.command}"
-    handlers = {"train": _train, "eval": _eval, "tune": _tune}
+    handlers = {"train": _train, "eval": _eval, "tune": _tune, "finetune": finetune_cli.run}
 
     def show(message: Any, category: type[Warning], *rest: Any, **options: Any) -> None:
         print(f"{prefix}: warning: {message}", file=sys.stderr)
