@@ -300,11 +300,12 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"eqloop eval: interrupted; {len(results)} results kept", file=sys.stderr)
         return 130
     if failures:
-        written = f"; the other results are in {args.json}" if args.json and results else ""
-        print(
-            f"eqloop eval: error: {len(failures)} of {len(paths)} checkpoints failed{written}",
-            file=sys.stderr,
-        )
+        if len(paths) > 1:
+            written = f"; the other results are in {args.json}" if args.json and results else ""
+            print(
+                f"eqloop eval: error: {len(failures)} of {len(paths)} checkpoints failed{written}",
+                file=sys.stderr,
+            )
         return 2
     return 0
 

