@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_TOL
 from eqloop.finetune import cli as finetune_cli
-from eqloop.overrides import add_config_arguments  # re-exported for eqloop.tune
+from eqloop.overrides import add_config_arguments
 from eqloop.pretrained.cli import add_arguments as add_pretrained_arguments
 
 __all__ = ["add_config_arguments", "build_parser", "main"]
