@@ -33,7 +33,7 @@ _EXPORTS: dict[str, str] = {
     "OuroForCausalLM": "eqloop.pretrained.ouro",
     "HuginnForCausalLM": "eqloop.pretrained.huginn",
     "PretrainedLoopedLM": "eqloop.pretrained.base",
-    "LoopOutput": "eqloop.pretrained.base",
+    "PretrainedLoopInfo": "eqloop.pretrained.base",
     "KVCache": "eqloop.pretrained.layers",
     "register_auto_classes": "eqloop.pretrained.hf",
 }

@@ -175,7 +175,7 @@ def _ouro_call(
     ctx = model._context(*tokens.shape, tokens, mask, cache)
     x = model._inject(tokens, ctx)
     states: list[Tensor] = []
-    model._iterate(x, x, ctx, 0, loops, on_state=lambda t, s: states.append(s[:, -1]))
+    model._cached_loops(x, x, ctx, loops, on_state=lambda t, s: states.append(s[:, -1]))
     cache.advance(tokens.shape[1])
     stacked = torch.stack(states, dim=1)  # (B, T, d): the last position after each loop
     batch = tokens.shape[0]
@@ -208,7 +208,7 @@ def _huginn_call(
     z = model._initial_state(x, ctx, init_scale, generator)
     batch = tokens.shape[0]
     if criterion.name == "none" or tokens.shape[1] > 1:
-        z = model._iterate(z, x, ctx, 0, loops)
+        z = model._cached_loops(z, x, ctx, loops)
         used = torch.full((batch,), loops, device=tokens.device)
     else:
         z, used = _adaptive_loop(model, z, x, ctx, loops, criterion)

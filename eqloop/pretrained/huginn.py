@@ -134,6 +134,8 @@ class HuginnForCausalLM(PretrainedLoopedLM):
         torch.Size([2, 5, 64])
     """
 
+    stage_options = ("attention_mask", "init_scale", "generator")
+
     def __init__(self, config: HuginnConfig) -> None:
         super().__init__()
         if not isinstance(config, HuginnConfig):

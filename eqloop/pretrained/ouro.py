@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eqloop.pretrained.base import LoopOutput, PretrainedLoopedLM, split_loops
+from eqloop.pretrained.base import PretrainedLoopedLM, PretrainedLoopInfo, split_loops
 from eqloop.pretrained.config import OuroConfig
 from eqloop.pretrained.layers import Context, RMSNorm, attend, rotate_half_pairs
 from solvers import checks
@@ -265,21 +265,22 @@ class OuroForCausalLM(PretrainedLoopedLM):
         attention_mask: Tensor | None = None,
         return_info: bool = False,
         **options: Any,
-    ) -> Tensor | tuple[Tensor, LoopOutput]:
+    ) -> Tensor | tuple[Tensor, PretrainedLoopInfo]:
         """Logits after ``loops`` loops, with Ouro's exit rules (see the module docstring).
 
         Args:
             tokens: (B, S) token ids.
-            loops: as in :meth:`PretrainedLoopedLM.forward` (T, a pair (n, k), or None
-                for ``total_ut_steps``).
+            loops: T, a pair (n, k) (n loops without a graph, then k with one), or None
+                for ``total_ut_steps``.
             exit: ``"last"`` decodes z_T; ``"threshold"`` decodes each token from its
                 exit loop; ``"expected"`` returns the exit-probability-weighted logits.
             exit_threshold: for ``"threshold"``; default ``early_exit_threshold`` of the
                 config.
             attention_mask: (B, S) 1 for real tokens, 0 for padding.
-            return_info: also return a :class:`LoopOutput` (with the exit distribution
-                for the gated modes).
-            **options: as in :meth:`PretrainedLoopedLM.forward` (``solver=...`` etc.).
+            return_info: also return a :class:`PretrainedLoopInfo` (with the exit
+                distribution for the gated modes).
+            **options: as in :meth:`eqloop.looped.LoopedLM.forward` (``solver=...`` etc.),
+                with ``exit="last"`` only.
 
         Returns:
             logits (B, S, V), or ``(logits, info)``.
@@ -294,8 +295,7 @@ class OuroForCausalLM(PretrainedLoopedLM):
         if options:
             raise TypeError(
                 f"exit={exit!r} decodes from every loop of an unrolled run; "
-                f"options {sorted(options)} "
-                "do not apply (equilibrium mode uses exit='last')"
+                f"options {sorted(options)} do not apply (equilibrium mode uses exit='last')"
             )
         if exit == "threshold":
             threshold = (
@@ -306,12 +306,15 @@ class OuroForCausalLM(PretrainedLoopedLM):
             threshold = checks.number("exit_threshold", threshold, low=0.0, high=1.0)
         elif exit_threshold is not None:
             raise ValueError("exit_threshold needs exit='threshold'")
-        no_grad, with_grad = split_loops(loops, self.trained_loops)
+        no_grad, with_grad = split_loops(loops, self.default_loops)
         if no_grad + with_grad < 1:
             raise ValueError(f"exit={exit!r} needs at least one loop")
-        ctx, x, z = self._prepare(tokens, attention_mask, None, None)
-        states: list[Tensor] = []
-        z = self._iterate(z, x, ctx, no_grad, with_grad, on_state=lambda t, s: states.append(s))
+        x, f, z = self._prepare(tokens, {"attention_mask": attention_mask}, tokens_only=True)
+        states = []  # z_1 .. z_T: every loop is decoded or weighted
+        for t in range(no_grad + with_grad):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= no_grad):
+                z = f(z)
+            states.append(z)
         stacked = torch.stack(states, dim=2)  # (B, S, T, d)
         pdf = exit_distribution(self.gate_logits(stacked))
         exit_loop = None
@@ -323,6 +326,7 @@ class OuroForCausalLM(PretrainedLoopedLM):
         else:
             logits = (self.head(stacked) * pdf[..., None].to(stacked.dtype)).sum(dim=2)
         if return_info:
-            info = LoopOutput(z=z, x=x, loops=len(states), exit_pdf=pdf, exit_loop=exit_loop)
+            used = torch.full((z.shape[0],), len(states), device=z.device)
+            info = PretrainedLoopInfo(z, x, f, used, None, exit_pdf=pdf, exit_loop=exit_loop)
             return logits, info
         return logits
