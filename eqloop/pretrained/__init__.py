@@ -18,7 +18,7 @@ from typing import Any
 _EXPORTS: dict[str, str] = {
     "load": "eqloop.pretrained.io",
     "load_config": "eqloop.pretrained.io",
-    "save_pretrained": "eqloop.pretrained.io",
+    "save_pretrained": "eqloop.pretrained.saving",
     "load_tokenizer": "eqloop.pretrained.tokenizer",
     "write_tiny_checkpoint": "eqloop.pretrained.tiny",
     "generate": "eqloop.pretrained.generation",

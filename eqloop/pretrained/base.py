@@ -19,14 +19,14 @@ compact=True)``). Generation calls the private stages directly, with one context
 KV cache for a whole call.
 
 Beyond the base class: ``loops=(n, k)`` runs n loops without a graph and then k with one
-(Huginn's training split), and :meth:`generate` / :meth:`save_pretrained`.
+(Huginn's training split). The concrete models add ``generate`` and ``save_pretrained``
+through the mixins of :mod:`eqloop.pretrained.generation` and
+:mod:`eqloop.pretrained.saving` (which import this module, never the reverse).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -286,26 +286,3 @@ class PretrainedLoopedLM(LoopedLM):
             if on_state is not None:
                 on_state(t + 1, z)
         return z
-
-    # ------------------------------------------------------------- generation, saving
-
-    def generate(self, input_ids: Tensor, **options: Any) -> Any:
-        """Autoregressive decoding with a KV cache; see :func:`eqloop.pretrained.generate`."""
-        from eqloop.pretrained.generation import generate
-
-        return generate(self, input_ids, **options)
-
-    def save_pretrained(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        max_shard_size: int | str = "5GB",
-        overwrite: bool = False,
-    ) -> Path:
-        """Write config.json and the weights (upstream key names) to a directory.
-
-        See :func:`eqloop.pretrained.save_pretrained`.
-        """
-        from eqloop.pretrained.io import save_pretrained
-
-        return save_pretrained(self, path, max_shard_size=max_shard_size, overwrite=overwrite)

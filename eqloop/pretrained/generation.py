@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from eqloop.pretrained.base import PretrainedLoopedLM
+from eqloop.pretrained.exits import EXIT_MODES, exit_distribution, threshold_exit
 from eqloop.pretrained.layers import Context, KVCache
 from solvers import checks
 
-__all__ = ["HUGINN_EXITS", "GenerateOutput", "adaptive_forward", "generate"]
+__all__ = ["HUGINN_EXITS", "GenerateOutput", "GenerationMixin", "adaptive_forward", "generate"]
 
 HUGINN_EXITS: dict[str, float] = {
     "none": 0.0,
@@ -147,8 +148,6 @@ class ExitCriterion:
 
 
 def _ouro_exit(model: Any, exit: str, exit_threshold: float | None) -> tuple[str, float | None]:
-    from eqloop.pretrained.ouro import EXIT_MODES
-
     checks.choice("exit", exit, EXIT_MODES)
     if exit != "threshold":
         if exit_threshold is not None:
@@ -170,8 +169,6 @@ def _ouro_call(
     threshold: float | None,
 ) -> tuple[Tensor, Tensor]:
     """Last-position logits (B, V) and the loop they came from (B,) of a cached call."""
-    from eqloop.pretrained.ouro import exit_distribution, threshold_exit
-
     ctx = model._context(*tokens.shape, tokens, mask, cache)
     x = model._inject(tokens, ctx)
     states: list[Tensor] = []
@@ -513,3 +510,11 @@ def adaptive_forward(
         outputs.append(logits)
         steps.append(used)
     return torch.stack(outputs, dim=1), torch.stack(steps, dim=1)
+
+
+class GenerationMixin:
+    """Gives the pretrained models :meth:`generate`."""
+
+    def generate(self, input_ids: Tensor, **options: Any) -> Tensor | GenerateOutput:
+        """Autoregressive decoding with a KV cache; see :func:`generate` for the options."""
+        return generate(self, input_ids, **options)

@@ -40,13 +40,13 @@ from torch import Tensor, nn
 
 from eqloop.pretrained.base import PretrainedLoopedLM, PretrainedLoopInfo, split_loops
 from eqloop.pretrained.config import OuroConfig
+from eqloop.pretrained.exits import EXIT_MODES, exit_distribution, threshold_exit
+from eqloop.pretrained.generation import GenerationMixin
 from eqloop.pretrained.layers import Context, RMSNorm, attend, rotate_half_pairs
+from eqloop.pretrained.saving import SaveMixin
 from solvers import checks
 
-__all__ = ["EXIT_MODES", "OuroForCausalLM", "exit_distribution", "threshold_exit"]
-
-EXIT_MODES = ("last", "threshold", "expected")
-"""Values of ``exit`` in :meth:`OuroForCausalLM.forward`."""
+__all__ = ["OuroForCausalLM"]
 
 
 class OuroAttention(nn.Module):
@@ -134,40 +134,7 @@ class OuroModel(nn.Module):
         self.early_exit_gate = nn.Linear(config.hidden_size, 1)
 
 
-def exit_distribution(gates: Tensor) -> Tensor:
-    """Per-token exit probabilities over the loops from the gate logits.
-
-    Args:
-        gates: (B, S, T) gate logits ``early_exit_gate(z_t)`` for t = 1..T.
-
-    Returns:
-        (B, S, T) float32, ``p_t = lam_t prod_{j<t}(1 - lam_j)`` for t < T and the
-        remaining mass at t = T, so every token's row sums to 1.
-    """
-    lam = torch.sigmoid(gates.float())
-    survive = torch.cumprod(1.0 - lam, dim=-1)  # prod_{j<=t} (1 - lam_j)
-    before = torch.cat((torch.ones_like(survive[..., :1]), survive[..., :-1]), dim=-1)
-    pdf = lam * before
-    return torch.cat((pdf[..., :-1], before[..., -1:]), dim=-1)
-
-
-def threshold_exit(pdf: Tensor, threshold: float) -> Tensor:
-    """The 0-based loop each token exits at: the first whose cumulative probability
-    reaches ``threshold``, or the last loop if none does.
-
-    Args:
-        pdf: (B, S, T) from :func:`exit_distribution`.
-        threshold: in [0, 1].
-
-    Returns:
-        (B, S) int64 in [0, T).
-    """
-    reached = torch.cumsum(pdf, dim=-1) >= threshold
-    first = reached.float().argmax(dim=-1)
-    return torch.where(reached.any(dim=-1), first, torch.full_like(first, pdf.shape[-1] - 1))
-
-
-class OuroForCausalLM(PretrainedLoopedLM):
+class OuroForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
     """An Ouro checkpoint as a looped LM (see the module docstring).
 
     Build it with :func:`eqloop.pretrained.load` (weights from a directory) or from an
