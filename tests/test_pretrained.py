@@ -580,7 +580,7 @@ def test_tied_head_in_the_file_must_equal_the_embedding(dirs, tmp_path):
 
 def test_bad_call_arguments_raise(models):
     ouro, huginn, ids = models["ouro"], models["huginn"], tokens()
-    with pytest.raises(ValueError, match=r"\[0, 128\)"):
+    with pytest.raises(ValueError, match=r"\[0, vocab_size=128\)"):
         ouro(torch.full((1, 3), 500))
     with pytest.raises(TypeError, match="integer tensor"):
         ouro(torch.zeros(1, 3))

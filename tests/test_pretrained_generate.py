@@ -275,4 +275,6 @@ def test_generation_rejects_bad_arguments(models):
         ouro.generate(ids, max_new_tokens=2, init_scale=0.0)
     with pytest.raises(ValueError, match="exit_threshold must be an integer"):
         huginn.generate(ids, max_new_tokens=2, exit="argmax-stability", exit_threshold=0)
+    with pytest.raises(TypeError, match="loops must be an integer"):
+        ouro.generate(ids, max_new_tokens=2, loops=(1, 2))
     assert ouro.generate(ids, attention_mask=mask, max_new_tokens=0).shape == ids.shape

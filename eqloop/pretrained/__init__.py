@@ -18,7 +18,7 @@ from typing import Any
 _EXPORTS: dict[str, str] = {
     "load": "eqloop.pretrained.io",
     "load_config": "eqloop.pretrained.io",
-    "save_pretrained": "eqloop.pretrained.io",
+    "save_pretrained": "eqloop.pretrained.saving",
     "load_tokenizer": "eqloop.pretrained.tokenizer",
     "write_tiny_checkpoint": "eqloop.pretrained.tiny",
     "generate": "eqloop.pretrained.generation",
@@ -33,7 +33,7 @@ _EXPORTS: dict[str, str] = {
     "OuroForCausalLM": "eqloop.pretrained.ouro",
     "HuginnForCausalLM": "eqloop.pretrained.huginn",
     "PretrainedLoopedLM": "eqloop.pretrained.base",
-    "LoopOutput": "eqloop.pretrained.base",
+    "PretrainedLoopInfo": "eqloop.pretrained.base",
     "KVCache": "eqloop.pretrained.layers",
     "register_auto_classes": "eqloop.pretrained.hf",
 }

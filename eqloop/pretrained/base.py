@@ -1,61 +1,57 @@
-"""What the pretrained looped LMs share: the LoopLM protocol on top of four stages.
+"""What the pretrained looped LMs share: eqloop's looped-LM protocol over four stages.
 
-Every architecture implements four stages on a :class:`~eqloop.pretrained.layers.Context`
-(positions, masks and KV cache of one call)::
+:class:`PretrainedLoopedLM` is a :class:`eqloop.looped.LoopedLM`: the loop itself
+(unrolled through the solvers driver, or to equilibrium through ``eqloop.fixed_point``),
+``core_map`` and ``unroll`` are the base class's. Each architecture implements four
+private stages on a :class:`~eqloop.pretrained.layers.Context` (the positions, masks and
+KV cache of one call)::
 
     tokens (B, S) -> _inject -> x (B, S, d)          embedding (+ Huginn's prelude)
     x -> _initial_state -> z0 (B, S, d)              Ouro: z0 = x; Huginn: noise or zeros
     z_{t+1} = _core(z_t, x, loop=t)                  one loop: f(z; x)
     z_T -> _readout -> logits (B, S, V)              head (+ Huginn's ln_f, coda, ln_f)
 
-and this class turns them into the protocol of :class:`eqloop.LoopLM`: ``model(tokens,
-loops=T)``, ``model(tokens, solver="anderson", ...)``, ``core_map``, ``unroll``, plus
-``generate``, ``save_pretrained`` and the public stage methods ``inject``,
-``initial_state``, ``core_step`` and ``readout`` (each builds its own context; the
-loops build it once).
+and this class exposes them as the protocol's public stages (``inject``,
+``initial_state``, ``core_step``, ``readout``), which take the ``attention_mask`` as a
+stage option; ``core_step(z, x, attention_mask)`` gets the mask as a per-sample argument,
+so a solver may drop converged sequences (``solvers.solve(f.step, z0, args=f.args,
+compact=True)``). Generation calls the private stages directly, with one context and a
+KV cache for a whole call.
+
+Beyond the base class: ``loops=(n, k)`` runs n loops without a graph and then k with one
+(Huginn's training split). The concrete models add ``generate`` and ``save_pretrained``
+through the mixins of :mod:`eqloop.pretrained.generation` and
+:mod:`eqloop.pretrained.saving` (which import this module, never the reverse).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from eqloop import defaults
+from eqloop.looped import LoopedLM, LoopInfo
 from eqloop.pretrained.config import HuginnConfig, OuroConfig
 from eqloop.pretrained.layers import Context, KVCache, make_context
 from solvers import checks
 
-__all__ = ["LoopOutput", "PretrainedLoopedLM"]
+__all__ = ["PretrainedLoopInfo", "PretrainedLoopedLM", "split_loops"]
 
 
 @dataclass(frozen=True)
-class LoopOutput:
-    """What ``model(..., return_info=True)`` returns besides the logits.
+class PretrainedLoopInfo(LoopInfo):
+    """:class:`eqloop.looped.LoopInfo` plus Ouro's exit gate.
 
     Attributes:
-        z: (B, S, d) the state read out (z_T, or z* in equilibrium mode).
-        x: (B, S, d) the input of the loop (Ouro: the embeddings; Huginn: the prelude's
-            output e that every step concatenates with the state).
-        loops: loops run (``None`` in equilibrium mode, where the count lives in
-            ``result``).
-        exit_pdf: Ouro only: (B, S, T) exit distribution over the T loops.
-        exit_loop: Ouro threshold exit only: (B, S) int64, the 1-based loop each token
+        exit_pdf: Ouro's gated exits only: (B, S, T) exit distribution over the T loops.
+        exit_loop: Ouro's threshold exit only: (B, S) int64, the 1-based loop each token
             was decoded from.
-        result: equilibrium mode: the ``FixedPointInfo`` of the solve.
     """
 
-    z: Tensor
-    x: Tensor
-    loops: int | None
     exit_pdf: Tensor | None = None
     exit_loop: Tensor | None = None
-    result: Any = None
 
 
 def split_loops(loops: Any, default: int) -> tuple[int, int]:
@@ -80,15 +76,16 @@ def split_loops(loops: Any, default: int) -> tuple[int, int]:
     return 0, checks.integer("loops", loops, low=0)
 
 
-class PretrainedLoopedLM(nn.Module):
+class PretrainedLoopedLM(LoopedLM):
     """Base class of :class:`OuroForCausalLM` and :class:`HuginnForCausalLM`.
 
     Subclasses set ``config`` and implement ``_inject``, ``_initial_state``, ``_core``,
-    ``_readout`` and ``_sliding_window``. Parameter names are upstream's, so
+    ``_readout``, ``_embedding`` and ``_rope_base``. Parameter names are upstream's, so
     ``state_dict()`` keys are the safetensors keys of the published checkpoints.
     """
 
     config: OuroConfig | HuginnConfig
+    stage_options = ("attention_mask",)
 
     # ------------------------------------------------------------ subclass interface
 
@@ -106,6 +103,12 @@ class PretrainedLoopedLM(nn.Module):
     def _readout(self, z: Tensor, ctx: Context) -> Tensor:
         raise NotImplementedError
 
+    def _embedding(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def _rope_base(self) -> float:
+        raise NotImplementedError
+
     def _sliding_window(self) -> int | None:
         return None
 
@@ -119,16 +122,18 @@ class PretrainedLoopedLM(nn.Module):
     @property
     def trained_loops(self) -> int:
         """Loops the checkpoint was trained with (Ouro ``total_ut_steps``, Huginn
-        ``mean_recurrence``); the default of ``loops``."""
+        ``mean_recurrence``)."""
         return self.config.trained_loops
+
+    @property
+    def default_loops(self) -> int:
+        """Loops ``forward`` runs when ``loops`` is not given: :attr:`trained_loops`."""
+        return self.trained_loops
 
     @property
     def vocab_size(self) -> int:
         """Columns of the logits (Huginn: ``padded_vocab_size``)."""
         return self._embedding().weight.shape[0]
-
-    def _embedding(self) -> nn.Embedding:
-        raise NotImplementedError
 
     def num_parameters(self) -> int:
         """Number of scalars in the parameters (a tied head counted once)."""
@@ -137,21 +142,12 @@ class PretrainedLoopedLM(nn.Module):
     # ----------------------------------------------------------------- context, checks
 
     def _check_tokens(self, tokens: Any) -> Tensor:
-        if not isinstance(tokens, Tensor):
-            raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
-        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-            raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
-        if tokens.dim() != 2 or tokens.shape[1] == 0:
-            raise ValueError(
-                "tokens must have shape (batch, seq_len) with seq_len >= 1, "
-                f"got {tuple(tokens.shape)}"
-            )
-        if tokens.device.type != "meta" and tokens.numel():
-            low, high = int(tokens.min()), int(tokens.max())  # one host sync per call
-            if low < 0 or high >= self.vocab_size:
-                raise ValueError(
-                    f"tokens must lie in [0, {self.vocab_size}), got values in [{low}, {high}]"
-                )
+        """``LoopedLM.check_tokens`` against the embedding's rows. On the meta device,
+        where values cannot be read, only the type and shape are checked."""
+        if isinstance(tokens, Tensor) and tokens.is_meta:
+            self.check_tokens(torch.zeros(tokens.shape, dtype=tokens.dtype), self.vocab_size)
+        else:
+            self.check_tokens(tokens, self.vocab_size)
         return tokens
 
     def _check_mask(self, attention_mask: Any, shape: tuple[int, ...]) -> Tensor | None:
@@ -169,30 +165,6 @@ class PretrainedLoopedLM(nn.Module):
             )
         return attention_mask
 
-    def _context(
-        self,
-        batch: int,
-        seq_len: int,
-        like: Tensor,
-        attention_mask: Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> Context:
-        param = self._embedding().weight
-        return make_context(
-            seq_len,
-            batch=batch,
-            head_dim=self.config.head_size,
-            rope_base=self._rope_base(),
-            device=like.device,
-            dtype=param.dtype,
-            attention_mask=attention_mask,
-            cache=cache,
-            sliding_window=self._sliding_window(),
-        )
-
-    def _rope_base(self) -> float:
-        raise NotImplementedError
-
     def _check_state(self, name: str, t: Any, like: Tensor | None = None) -> Tensor:
         d = self._embedding().weight.shape[1]
         if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
@@ -205,10 +177,34 @@ class PretrainedLoopedLM(nn.Module):
             )
         return t
 
-    # ------------------------------------------------------------ public stage methods
+    def _context(
+        self,
+        batch: int,
+        seq_len: int,
+        like: Tensor,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Context:
+        """Rotary angles, masks and cache for ``seq_len`` new tokens of ``batch`` rows."""
+        return make_context(
+            seq_len,
+            batch=batch,
+            head_dim=self.config.head_size,
+            rope_base=self._rope_base(),
+            device=like.device,
+            dtype=self._embedding().weight.dtype,
+            attention_mask=attention_mask,
+            cache=cache,
+            sliding_window=self._sliding_window(),
+        )
 
-    def inject(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """The input of the loop, x (B, S, d), from token ids (B, S)."""
+    # ------------------------------------------------------- the protocol's stages
+
+    def inject(self, tokens: Tensor, *, attention_mask: Tensor | None = None, **_: Any) -> Tensor:
+        """The input of the loop, x (B, S, d), from token ids (B, S).
+
+        Other stage options (Huginn's ``init_scale``, ``generator``) do not concern it.
+        """
         tokens = self._check_tokens(tokens)
         mask = self._check_mask(attention_mask, tokens.shape)
         return self._inject(tokens, self._context(*tokens.shape, tokens, mask))
@@ -221,238 +217,72 @@ class PretrainedLoopedLM(nn.Module):
         init_scale: float | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """The state z0 (B, S, d) the loop starts from (see the subclass)."""
+        """The state z0 (B, S, d) the loop starts from (Ouro: x; Huginn: see its class)."""
         x = self._check_state("x", x)
         mask = self._check_mask(attention_mask, x.shape[:2])
         return self._initial_state(x, self._context(*x.shape[:2], x, mask), init_scale, generator)
 
-    def core_step(self, z: Tensor, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """One loop ``f(z; x)``: (B, S, d) -> (B, S, d); sequences never mix.
+    def step_args(
+        self, x: Tensor, *, attention_mask: Tensor | None = None, **_: Any
+    ) -> tuple[Tensor, ...]:
+        """``(x,)``, or ``(x, attention_mask)`` for a padded batch: per-sample tensors."""
+        return (x,) if attention_mask is None else (x, attention_mask)
 
-        ``attention_mask`` (B, S) may be passed as a per-sample solver argument:
-        ``solvers.solve(model.core_step, z0, args=(x, mask), compact=True)``.
-        """
+    def core_step(self, z: Tensor, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """One loop ``f(z; x)``: (B, S, d) -> (B, S, d); sequences never mix."""
         z = self._check_state("z", z)
         x = self._check_state("x", x, like=z)
         mask = self._check_mask(attention_mask, z.shape[:2])
         return self._core(z, x, self._context(*z.shape[:2], z, mask))
 
-    def readout(self, z: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def readout(self, z: Tensor, *, attention_mask: Tensor | None = None, **_: Any) -> Tensor:
         """Logits (B, S, V) decoded from a state z (B, S, d)."""
         z = self._check_state("z", z)
         mask = self._check_mask(attention_mask, z.shape[:2])
         return self._readout(z, self._context(*z.shape[:2], z, mask))
 
-    # ---------------------------------------------------------- the map f and its loops
+    # ------------------------------------------------------------------------ forward
 
-    def _prepare(
-        self,
-        tokens: Tensor,
-        attention_mask: Tensor | None,
-        init_scale: float | None,
-        generator: torch.Generator | None,
-        cache: KVCache | None = None,
-    ) -> tuple[Context, Tensor, Tensor]:
-        tokens = self._check_tokens(tokens)
-        mask = self._check_mask(attention_mask, tokens.shape)
-        ctx = self._context(*tokens.shape, tokens, mask, cache)
-        x = self._inject(tokens, ctx)
-        return ctx, x, self._initial_state(x, ctx, init_scale, generator)
+    def forward(
+        self, tokens: Tensor, loops: int | tuple[int, int] | None = None, **options: Any
+    ) -> Tensor | tuple[Tensor, LoopInfo]:
+        """Logits after ``loops`` loops or at the loop's equilibrium (``LoopedLM.forward``).
 
-    def core_map(
-        self,
-        tokens: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        init_scale: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-        """The fixed-point map of a batch and its starting point, for ``solvers.solve``.
-
-        Args:
-            tokens: (B, S) token ids.
-            attention_mask: (B, S) 1 for real tokens, 0 for padding.
-            init_scale: Huginn only: scale of the random initial state (0: zeros).
-            generator: Huginn only: random generator of the initial state.
-
-        Returns:
-            ``(f, z0)``: ``f`` maps (B, S, d) -> (B, S, d) and closes over the whole
-            batch (call it on full batches); ``z0`` is (B, S, d).
+        Besides the base class's arguments: ``loops=(n, k)`` runs n loops without a graph
+        and then k with one; ``attention_mask`` (B, S) marks real tokens (1) and padding
+        (0) anywhere (logits at padded positions are meaningless); Huginn also takes
+        ``init_scale`` and ``generator`` for its initial state.
         """
-        ctx, x, z0 = self._prepare(tokens, attention_mask, init_scale, generator)
-
-        def f(z: Tensor) -> Tensor:
-            return self._core(z, x, ctx)
-
-        return f, z0
-
-    def unroll(
-        self,
-        tokens: Tensor,
-        loops: int,
-        *,
-        attention_mask: Tensor | None = None,
-        init_scale: float | None = None,
-        generator: torch.Generator | None = None,
-        return_states: bool = False,
-    ) -> Tensor | list[Tensor]:
-        """Apply the loop ``loops`` times from z0.
-
-        Returns:
-            z_T (B, S, d), or the list ``[z_0, ..., z_T]`` with ``return_states``.
-        """
-        loops = checks.integer("loops", loops, low=0)
-        ctx, x, z = self._prepare(tokens, attention_mask, init_scale, generator)
-        states = [z]
-        for t in range(loops):
-            z = self._core(z, x, ctx, t)
-            if return_states:
-                states.append(z)
-        return states if return_states else z
-
-    def _iterate(
-        self,
-        z: Tensor,
-        x: Tensor,
-        ctx: Context,
-        no_grad: int,
-        with_grad: int,
-        on_state: Callable[[int, Tensor], None] | None = None,
-    ) -> Tensor:
-        """``no_grad`` loops without a graph, then ``with_grad`` loops with one.
-
-        ``on_state(t, z_t)`` is called after every loop t = 1..T.
-        """
+        if not isinstance(loops, (tuple, list)):
+            return super().forward(tokens, loops, **options)
+        no_grad, with_grad = split_loops(loops, self.default_loops)
+        stage = {k: options.pop(k) for k in self.stage_options if k in options}
+        return_info = checks.boolean("return_info", options.pop("return_info", False))
+        self._check_unrolled_options({}, options)
+        x, f, z = self._prepare(tokens, stage, tokens_only=True)
         with torch.no_grad():
-            for t in range(no_grad):
-                z = self._core(z, x, ctx, t)
-                if on_state is not None:
-                    on_state(t + 1, z)
-        for t in range(no_grad, no_grad + with_grad):
+            first = self.loop(f, z, no_grad)
+        if first is not None:
+            z = first.z
+        result = self.loop(f, z, with_grad)
+        if result is None:
+            result = first
+        else:
+            z = result.z
+        logits = self.readout(z, **stage)
+        if return_info:
+            used = torch.full((z.shape[0],), no_grad + with_grad, device=z.device)
+            return logits, PretrainedLoopInfo(z, x, f, used, result)
+        return logits
+
+    def _cached_loops(
+        self, z: Tensor, x: Tensor, ctx: Context, loops: int, on_state: Any = None
+    ) -> Tensor:
+        """``loops`` loops on one context: the KV-cache path of generation, which the
+        protocol's ``core_step`` cannot take (each loop writes its own cache slots).
+        ``on_state(t, z_t)`` is called after loop t = 1..T."""
+        for t in range(loops):
             z = self._core(z, x, ctx, t)
             if on_state is not None:
                 on_state(t + 1, z)
         return z
-
-    def _solve(
-        self,
-        z0: Tensor,
-        x: Tensor,
-        ctx: Context,
-        solver: Any,
-        tol: float | None,
-        max_iter: int | None,
-        backward: Any,
-        stop_mode: str | None,
-        options: dict[str, Any],
-    ) -> tuple[Tensor, Any]:
-        from eqloop.implicit import fixed_point  # lazy: the model does not need the solvers
-
-        def f(z: Tensor) -> Tensor:
-            return self._core(z, x, ctx)
-
-        return fixed_point(
-            f,
-            z0,
-            solver=solver,
-            backward="ift" if backward is None else backward,
-            max_iter=defaults.EQUILIBRIUM_MAX_ITER if max_iter is None else max_iter,
-            tol=defaults.EQUILIBRIUM_TOL if tol is None else tol,
-            stop_mode=defaults.EQUILIBRIUM_STOP_MODE if stop_mode is None else stop_mode,
-            return_result=True,
-            **options,
-        )
-
-    # ------------------------------------------------------------------------ forward
-
-    def forward(
-        self,
-        tokens: Tensor,
-        loops: int | tuple[int, int] | None = None,
-        *,
-        attention_mask: Tensor | None = None,
-        solver: Any = None,
-        tol: float | None = None,
-        max_iter: int | None = None,
-        backward: Any = None,
-        stop_mode: str | None = None,
-        init_scale: float | None = None,
-        generator: torch.Generator | None = None,
-        return_info: bool = False,
-        **solver_options: Any,
-    ) -> Tensor | tuple[Tensor, LoopOutput]:
-        """Logits of every position after ``loops`` loops, or at the loop's equilibrium.
-
-        Args:
-            tokens: (B, S) token ids.
-            loops: T loops, all differentiable; a pair ``(n, k)`` runs n loops without a
-                graph and then k with one; ``None`` means :attr:`trained_loops`.
-            attention_mask: (B, S) 1 for real tokens, 0 for padding (anywhere); logits
-                at padded positions are meaningless.
-            solver: a registered solver name or object: solve ``z* = f(z*)`` with
-                ``eqloop.fixed_point`` instead of unrolling (``loops`` must be None).
-            tol, max_iter, stop_mode: of the solve (defaults in ``eqloop.defaults``).
-            backward: gradient of the solve: ``"ift"`` (default), ``"phantom"``,
-                ``"truncated"``, ``"unroll"`` or a backward object.
-            init_scale: Huginn: scale of the random initial state (default 1, upstream's;
-                0 gives zeros). Ouro has no such option (z0 is the embedding).
-            generator: random generator of Huginn's initial state.
-            return_info: also return a :class:`LoopOutput`.
-            **solver_options: passed to ``eqloop.fixed_point`` (e.g. ``m=6``).
-
-        Returns:
-            logits (B, S, V), or ``(logits, info)``.
-        """
-        if solver is None:
-            extra = {
-                k: v
-                for k, v in dict(
-                    tol=tol, max_iter=max_iter, backward=backward, stop_mode=stop_mode
-                ).items()
-                if v is not None
-            }
-            extra.update(solver_options)
-            if extra:
-                raise TypeError(
-                    f"solver options {sorted(extra)} need equilibrium mode (pass solver=...)"
-                )
-        elif loops is not None:
-            raise ValueError("loops and solver are mutually exclusive: pass one of them")
-        ctx, x, z = self._prepare(tokens, attention_mask, init_scale, generator)
-        result = None
-        if solver is None:
-            no_grad, with_grad = split_loops(loops, self.trained_loops)
-            z = self._iterate(z, x, ctx, no_grad, with_grad)
-            count: int | None = no_grad + with_grad
-        else:
-            z, result = self._solve(
-                z, x, ctx, solver, tol, max_iter, backward, stop_mode, solver_options
-            )
-            count = None
-        logits = self._readout(z, ctx)
-        if return_info:
-            return logits, LoopOutput(z=z, x=x, loops=count, result=result)
-        return logits
-
-    # ------------------------------------------------------------- generation, saving
-
-    def generate(self, input_ids: Tensor, **options: Any) -> Any:
-        """Autoregressive decoding with a KV cache; see :func:`eqloop.pretrained.generate`."""
-        from eqloop.pretrained.generation import generate
-
-        return generate(self, input_ids, **options)
-
-    def save_pretrained(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        max_shard_size: int | str = "5GB",
-        overwrite: bool = False,
-    ) -> Path:
-        """Write config.json and the weights (upstream key names) to a directory.
-
-        See :func:`eqloop.pretrained.save_pretrained`.
-        """
-        from eqloop.pretrained.io import save_pretrained
-
-        return save_pretrained(self, path, max_shard_size=max_shard_size, overwrite=overwrite)

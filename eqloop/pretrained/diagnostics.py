@@ -37,6 +37,7 @@ from torch import Tensor
 from eqloop import defaults
 from eqloop.files import write_json_atomic
 from eqloop.pretrained.base import PretrainedLoopedLM
+from eqloop.pretrained.exits import exit_distribution
 from solvers import checks
 
 __all__ = ["Diagnostics", "diagnose"]
@@ -291,8 +292,6 @@ def diagnose(
 
     gate_mean = exit_mean = None
     if is_ouro:
-        from eqloop.pretrained.ouro import exit_distribution
-
         stacked = torch.stack(gates, dim=-1)  # (B, S, N)
         pdf = exit_distribution(stacked)
         lam = torch.sigmoid(stacked)

@@ -36,11 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eqloop.pretrained.base import PretrainedLoopedLM, split_loops
+from eqloop.pretrained.base import PretrainedLoopedLM
+from eqloop.pretrained.exits import EXIT_MODES, exit_distribution, threshold_exit
 from eqloop.pretrained.layers import Context, KVCache
 from solvers import checks
 
-__all__ = ["HUGINN_EXITS", "GenerateOutput", "adaptive_forward", "generate"]
+__all__ = ["HUGINN_EXITS", "GenerateOutput", "GenerationMixin", "adaptive_forward", "generate"]
 
 HUGINN_EXITS: dict[str, float] = {
     "none": 0.0,
@@ -147,8 +148,6 @@ class ExitCriterion:
 
 
 def _ouro_exit(model: Any, exit: str, exit_threshold: float | None) -> tuple[str, float | None]:
-    from eqloop.pretrained.ouro import EXIT_MODES
-
     checks.choice("exit", exit, EXIT_MODES)
     if exit != "threshold":
         if exit_threshold is not None:
@@ -170,12 +169,10 @@ def _ouro_call(
     threshold: float | None,
 ) -> tuple[Tensor, Tensor]:
     """Last-position logits (B, V) and the loop they came from (B,) of a cached call."""
-    from eqloop.pretrained.ouro import exit_distribution, threshold_exit
-
     ctx = model._context(*tokens.shape, tokens, mask, cache)
     x = model._inject(tokens, ctx)
     states: list[Tensor] = []
-    model._iterate(x, x, ctx, 0, loops, on_state=lambda t, s: states.append(s[:, -1]))
+    model._cached_loops(x, x, ctx, loops, on_state=lambda t, s: states.append(s[:, -1]))
     cache.advance(tokens.shape[1])
     stacked = torch.stack(states, dim=1)  # (B, T, d): the last position after each loop
     batch = tokens.shape[0]
@@ -208,7 +205,7 @@ def _huginn_call(
     z = model._initial_state(x, ctx, init_scale, generator)
     batch = tokens.shape[0]
     if criterion.name == "none" or tokens.shape[1] > 1:
-        z = model._iterate(z, x, ctx, 0, loops)
+        z = model._cached_loops(z, x, ctx, loops)
         used = torch.full((batch,), loops, device=tokens.device)
     else:
         z, used = _adaptive_loop(model, z, x, ctx, loops, criterion)
@@ -342,9 +339,7 @@ def generate(
     if mask is not None:
         _check_left_padded(mask)
     max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, low=0)
-    _, loops = split_loops(loops, model.trained_loops)
-    if loops < 1:
-        raise ValueError("generate needs loops >= 1")
+    loops = model.trained_loops if loops is None else checks.integer("loops", loops, low=1)
     checks.boolean("do_sample", do_sample)
     temperature = checks.number("temperature", temperature, low=0.0, low_open=True)
     if top_k is not None:
@@ -504,7 +499,7 @@ def adaptive_forward(
     tokens = model._check_tokens(tokens)
     mask = model._check_mask(attention_mask, tokens.shape)
     criterion = ExitCriterion(exit, exit_threshold)
-    _, loops = split_loops(loops, model.trained_loops)
+    loops = model.trained_loops if loops is None else checks.integer("loops", loops, low=1)
     cache = KVCache(tokens.shape[0], tokens.shape[1])
     outputs, steps = [], []
     for i in range(tokens.shape[1]):
@@ -515,3 +510,11 @@ def adaptive_forward(
         outputs.append(logits)
         steps.append(used)
     return torch.stack(outputs, dim=1), torch.stack(steps, dim=1)
+
+
+class GenerationMixin:
+    """Gives the pretrained models :meth:`generate`."""
+
+    def generate(self, input_ids: Tensor, **options: Any) -> Tensor | GenerateOutput:
+        """Autoregressive decoding with a KV cache; see :func:`generate` for the options."""
+        return generate(self, input_ids, **options)

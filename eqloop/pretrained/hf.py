@@ -60,6 +60,7 @@ def register_auto_classes() -> dict[str, type]:
 
     classes: dict[str, type] = {}
     for model_type, prefix in (("ouro", "Ouro"), ("huginn_raven", "Huginn")):
+
         def config_init(self: Any, rope_scaling: Any = None, **kwargs: Any) -> None:
             PretrainedConfig.__init__(self, **kwargs)
             # Kept out of transformers' rope handling (it would warn and rewrite the key).

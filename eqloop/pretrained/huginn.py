@@ -27,7 +27,9 @@ from torch import Tensor, nn
 
 from eqloop.pretrained.base import PretrainedLoopedLM
 from eqloop.pretrained.config import HuginnConfig
+from eqloop.pretrained.generation import GenerationMixin
 from eqloop.pretrained.layers import Context, RMSNorm, attend, rotate_interleaved_pairs
+from eqloop.pretrained.saving import SaveMixin
 from solvers import checks
 
 __all__ = ["HuginnForCausalLM"]
@@ -120,7 +122,7 @@ class HuginnTransformer(nn.Module):
         self.ln_f = RMSNorm(d, config.norm_eps)
 
 
-class HuginnForCausalLM(PretrainedLoopedLM):
+class HuginnForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
     """A Huginn checkpoint as a looped LM (see the module docstring).
 
     Example:
@@ -133,6 +135,8 @@ class HuginnForCausalLM(PretrainedLoopedLM):
         >>> model(torch.randint(0, 64, (2, 5)), loops=3, init_scale=0.0).shape
         torch.Size([2, 5, 64])
     """
+
+    stage_options = ("attention_mask", "init_scale", "generator")
 
     def __init__(self, config: HuginnConfig) -> None:
         super().__init__()

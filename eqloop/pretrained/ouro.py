@@ -38,15 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eqloop.pretrained.base import LoopOutput, PretrainedLoopedLM, split_loops
+from eqloop.pretrained.base import PretrainedLoopedLM, PretrainedLoopInfo, split_loops
 from eqloop.pretrained.config import OuroConfig
+from eqloop.pretrained.exits import EXIT_MODES, exit_distribution, threshold_exit
+from eqloop.pretrained.generation import GenerationMixin
 from eqloop.pretrained.layers import Context, RMSNorm, attend, rotate_half_pairs
+from eqloop.pretrained.saving import SaveMixin
 from solvers import checks
 
-__all__ = ["EXIT_MODES", "OuroForCausalLM", "exit_distribution", "threshold_exit"]
-
-EXIT_MODES = ("last", "threshold", "expected")
-"""Values of ``exit`` in :meth:`OuroForCausalLM.forward`."""
+__all__ = ["OuroForCausalLM"]
 
 
 class OuroAttention(nn.Module):
@@ -134,40 +134,7 @@ class OuroModel(nn.Module):
         self.early_exit_gate = nn.Linear(config.hidden_size, 1)
 
 
-def exit_distribution(gates: Tensor) -> Tensor:
-    """Per-token exit probabilities over the loops from the gate logits.
-
-    Args:
-        gates: (B, S, T) gate logits ``early_exit_gate(z_t)`` for t = 1..T.
-
-    Returns:
-        (B, S, T) float32, ``p_t = lam_t prod_{j<t}(1 - lam_j)`` for t < T and the
-        remaining mass at t = T, so every token's row sums to 1.
-    """
-    lam = torch.sigmoid(gates.float())
-    survive = torch.cumprod(1.0 - lam, dim=-1)  # prod_{j<=t} (1 - lam_j)
-    before = torch.cat((torch.ones_like(survive[..., :1]), survive[..., :-1]), dim=-1)
-    pdf = lam * before
-    return torch.cat((pdf[..., :-1], before[..., -1:]), dim=-1)
-
-
-def threshold_exit(pdf: Tensor, threshold: float) -> Tensor:
-    """The 0-based loop each token exits at: the first whose cumulative probability
-    reaches ``threshold``, or the last loop if none does.
-
-    Args:
-        pdf: (B, S, T) from :func:`exit_distribution`.
-        threshold: in [0, 1].
-
-    Returns:
-        (B, S) int64 in [0, T).
-    """
-    reached = torch.cumsum(pdf, dim=-1) >= threshold
-    first = reached.float().argmax(dim=-1)
-    return torch.where(reached.any(dim=-1), first, torch.full_like(first, pdf.shape[-1] - 1))
-
-
-class OuroForCausalLM(PretrainedLoopedLM):
+class OuroForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
     """An Ouro checkpoint as a looped LM (see the module docstring).
 
     Build it with :func:`eqloop.pretrained.load` (weights from a directory) or from an
@@ -265,21 +232,22 @@ class OuroForCausalLM(PretrainedLoopedLM):
         attention_mask: Tensor | None = None,
         return_info: bool = False,
         **options: Any,
-    ) -> Tensor | tuple[Tensor, LoopOutput]:
+    ) -> Tensor | tuple[Tensor, PretrainedLoopInfo]:
         """Logits after ``loops`` loops, with Ouro's exit rules (see the module docstring).
 
         Args:
             tokens: (B, S) token ids.
-            loops: as in :meth:`PretrainedLoopedLM.forward` (T, a pair (n, k), or None
-                for ``total_ut_steps``).
+            loops: T, a pair (n, k) (n loops without a graph, then k with one), or None
+                for ``total_ut_steps``.
             exit: ``"last"`` decodes z_T; ``"threshold"`` decodes each token from its
                 exit loop; ``"expected"`` returns the exit-probability-weighted logits.
             exit_threshold: for ``"threshold"``; default ``early_exit_threshold`` of the
                 config.
             attention_mask: (B, S) 1 for real tokens, 0 for padding.
-            return_info: also return a :class:`LoopOutput` (with the exit distribution
-                for the gated modes).
-            **options: as in :meth:`PretrainedLoopedLM.forward` (``solver=...`` etc.).
+            return_info: also return a :class:`PretrainedLoopInfo` (with the exit
+                distribution for the gated modes).
+            **options: as in :meth:`eqloop.looped.LoopedLM.forward` (``solver=...`` etc.),
+                with ``exit="last"`` only.
 
         Returns:
             logits (B, S, V), or ``(logits, info)``.
@@ -294,8 +262,7 @@ class OuroForCausalLM(PretrainedLoopedLM):
         if options:
             raise TypeError(
                 f"exit={exit!r} decodes from every loop of an unrolled run; "
-                f"options {sorted(options)} "
-                "do not apply (equilibrium mode uses exit='last')"
+                f"options {sorted(options)} do not apply (equilibrium mode uses exit='last')"
             )
         if exit == "threshold":
             threshold = (
@@ -306,12 +273,15 @@ class OuroForCausalLM(PretrainedLoopedLM):
             threshold = checks.number("exit_threshold", threshold, low=0.0, high=1.0)
         elif exit_threshold is not None:
             raise ValueError("exit_threshold needs exit='threshold'")
-        no_grad, with_grad = split_loops(loops, self.trained_loops)
+        no_grad, with_grad = split_loops(loops, self.default_loops)
         if no_grad + with_grad < 1:
             raise ValueError(f"exit={exit!r} needs at least one loop")
-        ctx, x, z = self._prepare(tokens, attention_mask, None, None)
-        states: list[Tensor] = []
-        z = self._iterate(z, x, ctx, no_grad, with_grad, on_state=lambda t, s: states.append(s))
+        x, f, z = self._prepare(tokens, {"attention_mask": attention_mask}, tokens_only=True)
+        states = []  # z_1 .. z_T: every loop is decoded or weighted
+        for t in range(no_grad + with_grad):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= no_grad):
+                z = f(z)
+            states.append(z)
         stacked = torch.stack(states, dim=2)  # (B, S, T, d)
         pdf = exit_distribution(self.gate_logits(stacked))
         exit_loop = None
@@ -323,6 +293,7 @@ class OuroForCausalLM(PretrainedLoopedLM):
         else:
             logits = (self.head(stacked) * pdf[..., None].to(stacked.dtype)).sum(dim=2)
         if return_info:
-            info = LoopOutput(z=z, x=x, loops=len(states), exit_pdf=pdf, exit_loop=exit_loop)
+            used = torch.full((z.shape[0],), len(states), device=z.device)
+            info = PretrainedLoopInfo(z, x, f, used, None, exit_pdf=pdf, exit_loop=exit_loop)
             return logits, info
         return logits
