@@ -1,0 +1,199 @@
+"""Hidden-state trajectories of a looped model, projected on their principal components.
+
+A looped model run for T loops traces ``z_0, z_1, ..., z_T`` per sequence. Whether the
+dynamics settle (a fixed point), wander or blow up is easiest to see by projecting the
+states of a few test problems onto the first principal components of all their states
+together (the STARS paper's Fig. on PCA trajectories): a converging model ends each
+trajectory on a point, a collapsing one drifts or spirals away.
+
+Example::
+
+    states = hidden_trajectory(model, tokens[:8], loops=128)      # (T + 1, B, S, d)
+    pca = trajectory_pca(states)                                   # fit on every state
+    pca.points                                                     # (B, T + 1, 2)
+    plot_trajectories({"stars": pca}, "pca.png")
+
+Which vector stands for the state: ``feature="sequence"`` flattens the whole ``(S, d)``
+state of a sequence (the space the Jacobian acts on), ``feature="last"`` takes the last
+position's ``d``-vector (the one that predicts the next token).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from eqloop.model import LoopLM
+from eqloop.plotting import pyplot, style_axis
+
+__all__ = ["FEATURES", "TrajectoryPCA", "hidden_trajectory", "plot_trajectories", "trajectory_pca"]
+
+FEATURES: tuple[str, ...] = ("sequence", "last")
+
+
+def hidden_trajectory(model: LoopLM, tokens: Tensor, loops: int) -> Tensor:
+    """The states ``z_0 .. z_T`` of the unrolled loop, without gradients.
+
+    Args:
+        model: the LoopLM (put it in eval mode for a deterministic trajectory).
+        tokens: (B, S) token ids.
+        loops: number of loops T >= 1.
+
+    Returns:
+        (T + 1, B, S, d) states; index 0 is ``z_0``.
+
+    Raises:
+        ValueError: ``loops < 1``.
+    """
+    if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
+        raise ValueError(f"loops must be an integer >= 1, got {loops!r}")
+    with torch.no_grad():
+        return torch.stack(model.unroll(tokens, loops, return_states=True))
+
+
+@dataclass(frozen=True)
+class TrajectoryPCA:
+    """Trajectories projected on the principal components of all their states.
+
+    Attributes:
+        points: (B, T + 1, k) coordinates of state ``t`` of sequence ``b``.
+        components: (k, n) orthonormal principal directions in feature space.
+        explained: (k,) share of the total variance each component explains.
+        mean: (n,) mean feature vector removed before projecting.
+        state_norm: (B, T + 1) Euclidean norm of each feature vector (before centring).
+    """
+
+    points: Tensor
+    components: Tensor
+    explained: Tensor
+    mean: Tensor
+    state_norm: Tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        """Points, explained variance and norms as JSON-serialisable lists."""
+        return {
+            "points": self.points.tolist(),
+            "explained": self.explained.tolist(),
+            "state_norm": self.state_norm.tolist(),
+        }
+
+
+def _features(states: Tensor, feature: str) -> Tensor:
+    """(T + 1, B, S, d) states -> (B, T + 1, n) feature vectors, float64."""
+    if feature not in FEATURES:
+        raise ValueError(f"unknown feature {feature!r}; valid: {list(FEATURES)}")
+    if states.dim() != 4:
+        raise ValueError(f"states must have shape (T + 1, B, S, d), got {tuple(states.shape)}")
+    picked = states.flatten(2) if feature == "sequence" else states[:, :, -1]
+    return picked.transpose(0, 1).double()
+
+
+def trajectory_pca(
+    states: Tensor, *, components: int = 2, feature: str = "sequence"
+) -> TrajectoryPCA:
+    """Principal components of every state of every trajectory, and the projections.
+
+    The components are fitted on all ``B * (T + 1)`` feature vectors at once (exact SVD
+    of the centred data, float64), so all trajectories share one coordinate system.
+    States that are not finite (a diverged model) are an error: PCA of them means nothing.
+
+    Args:
+        states: (T + 1, B, S, d) from :func:`hidden_trajectory`.
+        components: number of components k >= 1 to keep.
+        feature: ``"sequence"`` or ``"last"`` (see the module docstring).
+
+    Returns:
+        A :class:`TrajectoryPCA`.
+
+    Raises:
+        ValueError: bad shape, feature or ``components``, or non-finite states.
+    """
+    data = _features(states, feature)
+    batch, steps, n = data.shape
+    if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+        raise ValueError(f"components must be an integer >= 1, got {components!r}")
+    if components > min(batch * steps, n):
+        raise ValueError(
+            f"components={components} exceeds min(states, features) = {min(batch * steps, n)}"
+        )
+    if not bool(torch.isfinite(data).all()):
+        raise ValueError("states contain inf or NaN (the trajectory diverged); cannot fit PCA")
+    flat = data.reshape(batch * steps, n)
+    mean = flat.mean(dim=0)
+    centred = flat - mean
+    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+    variance = singular.pow(2)
+    total = variance.sum().clamp_min(torch.finfo(variance.dtype).tiny)
+    basis = vh[:components]
+    return TrajectoryPCA(
+        points=(centred @ basis.T).reshape(batch, steps, components),
+        components=basis,
+        explained=variance[:components] / total,
+        mean=mean,
+        state_norm=torch.linalg.vector_norm(data, dim=2),
+    )
+
+
+def plot_trajectories(
+    panels: Mapping[str, TrajectoryPCA],
+    path: str | os.PathLike[str],
+    *,
+    marks: Sequence[int] = (1, 4, 16, 128),
+) -> None:
+    """One panel per model: each sequence's trajectory on (PC1, PC2), coloured by loop.
+
+    Args:
+        panels: title -> projection (at least 2 components), e.g. a collapsing baseline
+            and STARS side by side.
+        path: PNG file to write.
+        marks: loop counts labelled on the first trajectory (those beyond T are skipped).
+
+    Raises:
+        ValueError: no panels, or a projection with fewer than 2 components.
+    """
+    if not panels:
+        raise ValueError("panels must hold at least one projection")
+    for title, pca in panels.items():
+        if pca.points.shape[2] < 2:
+            raise ValueError(f"panel {title!r} needs at least 2 components")
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    for ax, (title, pca) in zip(axes[0], panels.items(), strict=True):
+        points = pca.points.numpy()
+        steps = points.shape[1]
+        loop_of = [max(t, 1) for t in range(steps)]  # z_0 coloured like loop 1 (log scale)
+        for b in range(points.shape[0]):
+            ax.plot(points[b, :, 0], points[b, :, 1], "-", color="0.6", lw=0.7, zorder=1)
+            scatter = ax.scatter(
+                points[b, :, 0], points[b, :, 1], c=loop_of, cmap="viridis", s=9,
+                norm=_log_norm(steps), zorder=2,
+            )  # fmt: skip
+            ax.scatter(*points[b, 0, :2], marker="s", color="k", s=18, zorder=3)
+            ax.scatter(*points[b, -1, :2], marker="*", color="C3", s=60, zorder=3)
+        for t in marks:
+            if t < steps:
+                ax.annotate(str(t), points[0, t, :2], fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
+        share = pca.explained.tolist()
+        style_axis(
+            ax,
+            f"PC1 ({100 * share[0]:.0f}% of variance)",
+            f"PC2 ({100 * share[1]:.0f}%)",
+            legend=False,
+        )
+        ax.set_title(title)
+    fig.colorbar(scatter, ax=axes[0].tolist(), label="loop t (square: z_0, star: z_T)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _log_norm(steps: int) -> Any:
+    """Colour scale over loops 1..T on a log axis (z_0 gets the colour of loop 1)."""
+    from matplotlib.colors import LogNorm
+
+    return LogNorm(vmin=1, vmax=max(2, steps - 1), clip=True)
