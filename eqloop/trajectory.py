@@ -30,6 +30,7 @@ from torch import Tensor
 
 from eqloop.model import LoopLM
 from eqloop.plotting import pyplot, style_axis
+from solvers import checks
 
 __all__ = ["FEATURES", "TrajectoryPCA", "hidden_trajectory", "plot_trajectories", "trajectory_pca"]
 
@@ -49,9 +50,9 @@ def hidden_trajectory(model: LoopLM, tokens: Tensor, loops: int) -> Tensor:
 
     Raises:
         ValueError: ``loops < 1``.
+        TypeError: ``loops`` is not an integer.
     """
-    if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
-        raise ValueError(f"loops must be an integer >= 1, got {loops!r}")
+    loops = checks.integer("loops", loops, low=1)
     with torch.no_grad():
         return torch.stack(model.unroll(tokens, loops, return_states=True))
 
@@ -85,8 +86,7 @@ class TrajectoryPCA:
 
 def _features(states: Tensor, feature: str) -> Tensor:
     """(T + 1, B, S, d) states -> (B, T + 1, n) feature vectors, float64."""
-    if feature not in FEATURES:
-        raise ValueError(f"unknown feature {feature!r}; valid: {list(FEATURES)}")
+    checks.choice("feature", feature, FEATURES)
     if states.dim() != 4:
         raise ValueError(f"states must have shape (T + 1, B, S, d), got {tuple(states.shape)}")
     picked = states.flatten(2) if feature == "sequence" else states[:, :, -1]
@@ -115,8 +115,7 @@ def trajectory_pca(
     """
     data = _features(states, feature)
     batch, steps, n = data.shape
-    if isinstance(components, bool) or not isinstance(components, int) or components < 1:
-        raise ValueError(f"components must be an integer >= 1, got {components!r}")
+    components = checks.integer("components", components, low=1)
     if components > min(batch * steps, n):
         raise ValueError(
             f"components={components} exceeds min(states, features) = {min(batch * steps, n)}"

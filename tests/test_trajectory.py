@@ -65,7 +65,7 @@ def test_pca_features_and_errors(model: LoopLM) -> None:
     assert torch.all(last.explained[:-1] >= last.explained[1:])  # sorted by variance
     whole = trajectory_pca(states)
     assert whole.components.shape == (2, 5 * 16)
-    with pytest.raises(ValueError, match="unknown feature 'mean'"):
+    with pytest.raises(ValueError, match="feature must be one of 'sequence', 'last'; got 'mean'"):
         trajectory_pca(states, feature="mean")
     with pytest.raises(ValueError, match="components=99 exceeds"):
         trajectory_pca(states, feature="last", components=99)
