@@ -62,11 +62,13 @@ class TrajectoryPCA:
     """Trajectories projected on the principal components of all their states.
 
     Attributes:
-        points: (B, T + 1, k) coordinates of state ``t`` of sequence ``b``.
+        points: (B, T + 1 - first_loop, k) coordinates; ``points[b, i]`` is state
+            ``z_{first_loop + i}`` of sequence ``b``.
         components: (k, n) orthonormal principal directions in feature space.
         explained: (k,) share of the total variance each component explains.
         mean: (n,) mean feature vector removed before projecting.
-        state_norm: (B, T + 1) Euclidean norm of each feature vector (before centring).
+        state_norm: (B, T + 1 - first_loop) norm of each feature vector (before centring).
+        first_loop: the loop index of ``points[:, 0]``.
     """
 
     points: Tensor
@@ -74,10 +76,12 @@ class TrajectoryPCA:
     explained: Tensor
     mean: Tensor
     state_norm: Tensor
+    first_loop: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Points, explained variance and norms as JSON-serialisable lists."""
         return {
+            "first_loop": self.first_loop,
             "points": self.points.tolist(),
             "explained": self.explained.tolist(),
             "state_norm": self.state_norm.tolist(),
@@ -94,7 +98,7 @@ def _features(states: Tensor, feature: str) -> Tensor:
 
 
 def trajectory_pca(
-    states: Tensor, *, components: int = 2, feature: str = "sequence"
+    states: Tensor, *, components: int = 2, feature: str = "sequence", first_loop: int = 0
 ) -> TrajectoryPCA:
     """Principal components of every state of every trajectory, and the projections.
 
@@ -106,6 +110,9 @@ def trajectory_pca(
         states: (T + 1, B, S, d) from :func:`hidden_trajectory`.
         components: number of components k >= 1 to keep.
         feature: ``"sequence"`` or ``"last"`` (see the module docstring).
+        first_loop: leave out the states before this loop; 1 drops ``z_0``, which for a
+            normalising block is on another scale than every later state and would take
+            the first component for itself.
 
     Returns:
         A :class:`TrajectoryPCA`.
@@ -113,7 +120,8 @@ def trajectory_pca(
     Raises:
         ValueError: bad shape, feature or ``components``, or non-finite states.
     """
-    data = _features(states, feature)
+    first_loop = checks.integer("first_loop", first_loop, low=0, high=states.shape[0] - 1)
+    data = _features(states[first_loop:], feature)
     batch, steps, n = data.shape
     components = checks.integer("components", components, low=1)
     if components > min(batch * steps, n):
@@ -135,6 +143,7 @@ def trajectory_pca(
         explained=variance[:components] / total,
         mean=mean,
         state_norm=torch.linalg.vector_norm(data, dim=2),
+        first_loop=first_loop,
     )
 
 
@@ -165,19 +174,19 @@ def plot_trajectories(
     for ax, (title, pca) in zip(axes[0], panels.items(), strict=True):
         points = pca.points.numpy()
         steps = points.shape[1]
-        loop_of = [max(t, 1) for t in range(steps)]  # z_0 coloured like loop 1 (log scale)
+        loop_of = [max(pca.first_loop + i, 1) for i in range(steps)]  # log colour scale
         for b in range(points.shape[0]):
             ax.plot(points[b, :, 0], points[b, :, 1], "-", color="0.6", lw=0.7, zorder=1)
             scatter = ax.scatter(
                 points[b, :, 0], points[b, :, 1], c=loop_of, cmap="viridis", s=9,
-                norm=_log_norm(steps), zorder=2,
+                norm=_log_norm(pca.first_loop + steps - 1), zorder=2,
             )  # fmt: skip
             ax.scatter(*points[b, 0, :2], marker="s", color="k", s=18, zorder=3)
             ax.scatter(*points[b, -1, :2], marker="*", color="C3", s=60, zorder=3)
         for t in marks:
-            if t < steps:
-                ax.annotate(str(t), points[0, t, :2], fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")  # fmt: skip
+            if 0 <= t - pca.first_loop < steps:
+                ax.annotate(str(t), points[0, t - pca.first_loop, :2], fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")  # fmt: skip
         share = pca.explained.tolist()
         style_axis(
             ax,
@@ -186,13 +195,21 @@ def plot_trajectories(
             legend=False,
         )
         ax.set_title(title)
-    fig.colorbar(scatter, ax=axes[0].tolist(), label="loop t (square: z_0, star: z_T)")
+    bar = fig.colorbar(scatter, ax=axes[0].tolist(), label="loop t (square: first, star: last)")
+    bar.ax.yaxis.set_major_formatter(_plain_numbers())
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
-def _log_norm(steps: int) -> Any:
-    """Colour scale over loops 1..T on a log axis (z_0 gets the colour of loop 1)."""
+def _log_norm(last: int) -> Any:
+    """Colour scale over loops 1..last on a log axis (z_0 gets the colour of loop 1)."""
     from matplotlib.colors import LogNorm
 
-    return LogNorm(vmin=1, vmax=max(2, steps - 1), clip=True)
+    return LogNorm(vmin=1, vmax=max(2, last), clip=True)
+
+
+def _plain_numbers() -> Any:
+    """Tick labels 1, 10, 100 instead of 10^0, 10^1, 10^2."""
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda value, _: f"{value:g}")

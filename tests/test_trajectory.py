@@ -85,3 +85,13 @@ def test_plot_trajectories_writes_a_png(model: LoopLM, tmp_path: Path) -> None:
     assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 10_000
     with pytest.raises(ValueError, match="at least one"):
         plot_trajectories({}, out)
+
+
+def test_first_loop_leaves_out_the_start(model: LoopLM) -> None:
+    tokens = torch.randint(3, 19, (3, 5), generator=torch.Generator().manual_seed(5))
+    states = hidden_trajectory(model, tokens, 10)
+    later = trajectory_pca(states, first_loop=1)
+    assert later.first_loop == 1 and later.points.shape == (3, 10, 2)
+    assert torch.allclose(later.state_norm, trajectory_pca(states[1:]).state_norm)
+    with pytest.raises(ValueError, match="first_loop must be an integer in"):
+        trajectory_pca(states, first_loop=11)
