@@ -70,7 +70,7 @@ from eqloop.evaluate import evaluate_model, make_test_set
 from eqloop.files import write_json_atomic
 from eqloop.plotting import pyplot, style_axis
 from eqloop.train import penalty_overhead, train
-from eqloop.trajectory import hidden_trajectory, plot_trajectories, trajectory_pca
+from eqloop.trajectory import checkpoint_pca, plot_trajectories
 
 EVAL_LOOPS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -384,11 +384,8 @@ def plot_pca(variants: Sequence[str], args: argparse.Namespace, path: str | Path
     panels, summary = {}, {}
     for variant in variants:
         seed = args.seeds[0]
-        config = run_config(variant, seed, args)
-        model, _ = load_model(config.out_dir)
-        model.eval()
-        tokens = make_test_set(config).inputs[: args.pca_problems]
-        pca = trajectory_pca(hidden_trajectory(model, tokens, max(args.loops)), first_loop=1)
+        pca = checkpoint_pca(run_dir(variant, seed, args), problems=args.pca_problems,
+                             loops=max(args.loops))  # fmt: skip
         panels[f"{variant} (seed {seed})"] = pca
         summary[variant] = {"explained": pca.explained.tolist(),
                             "final_state_norm": pca.state_norm[:, -1].tolist()}  # fmt: skip

@@ -32,7 +32,14 @@ from eqloop.model import LoopLM
 from eqloop.plotting import pyplot, style_axis
 from solvers import checks
 
-__all__ = ["FEATURES", "TrajectoryPCA", "hidden_trajectory", "plot_trajectories", "trajectory_pca"]
+__all__ = [
+    "FEATURES",
+    "TrajectoryPCA",
+    "checkpoint_pca",
+    "hidden_trajectory",
+    "plot_trajectories",
+    "trajectory_pca",
+]
 
 FEATURES: tuple[str, ...] = ("sequence", "last")
 
@@ -145,6 +152,40 @@ def trajectory_pca(
         state_norm=torch.linalg.vector_norm(data, dim=2),
         first_loop=first_loop,
     )
+
+
+def checkpoint_pca(
+    path: str | os.PathLike[str],
+    *,
+    problems: int = 8,
+    loops: int = 128,
+    first_loop: int = 1,
+    feature: str = "sequence",
+    device: str = "cpu",
+) -> TrajectoryPCA:
+    """PCA trajectories of the first test problems of a checkpoint's own task.
+
+    Args:
+        path: a ``step_*`` checkpoint directory or a run directory (latest checkpoint).
+        problems: test problems to trace (teacher-forced inputs: prompt and answer).
+        loops: loops to run, T >= 1.
+        first_loop, feature: see :func:`trajectory_pca`.
+        device: where to run.
+
+    Raises:
+        eqloop.checkpoint.CheckpointError: missing or corrupted checkpoint.
+        ValueError: bad ``problems``, ``loops`` or ``first_loop``, or a diverged trajectory.
+    """
+    from eqloop.checkpoint import load_model
+    from eqloop.config import TrainConfig
+    from eqloop.evaluate import make_test_set
+
+    problems = checks.integer("problems", problems, low=1)
+    model, ckpt = load_model(path, device=device)
+    model.eval()
+    tokens = make_test_set(TrainConfig.from_dict(ckpt.config)).inputs[:problems].to(device)
+    states = hidden_trajectory(model, tokens, loops)
+    return trajectory_pca(states, first_loop=first_loop, feature=feature)
 
 
 def plot_trajectories(

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from eqloop.checkpoint import save_checkpoint
+from eqloop.config import TrainConfig
+from eqloop.evaluate import make_test_set
 from eqloop.model import LoopLM, LoopLMConfig
-from eqloop.trajectory import hidden_trajectory, plot_trajectories, trajectory_pca
+from eqloop.trajectory import checkpoint_pca, hidden_trajectory, plot_trajectories, trajectory_pca
 
 MODEL = dict(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=8, injection="none")
 
@@ -95,3 +98,21 @@ def test_first_loop_leaves_out_the_start(model: LoopLM) -> None:
     assert torch.allclose(later.state_norm, trajectory_pca(states[1:]).state_norm)
     with pytest.raises(ValueError, match="first_loop must be an integer in"):
         trajectory_pca(states, first_loop=11)
+
+
+def test_checkpoint_pca_traces_the_runs_own_test_problems(tmp_path: Path) -> None:
+    config = TrainConfig(
+        model=LoopLMConfig(**{**MODEL, "max_seq_len": 16}, init_std=0.3), digits=2, n_train=64,
+        n_test=16,
+        batch_size=8, out_dir=str(tmp_path / "run"), data_cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LoopLM(config.model)
+    save_checkpoint(tmp_path / "run", 3, weights=model.state_dict(), config=config.to_dict(),
+                    metrics={}, training_state={})  # fmt: skip
+    pca = checkpoint_pca(tmp_path / "run", problems=5, loops=12)
+    tokens = make_test_set(config).inputs[:5]
+    expected = trajectory_pca(hidden_trajectory(model.eval(), tokens, 12), first_loop=1)
+    assert pca.first_loop == 1 and torch.allclose(pca.state_norm, expected.state_norm)
+    with pytest.raises(ValueError, match="problems must be an integer >= 1"):
+        checkpoint_pca(tmp_path / "run", problems=0)
