@@ -56,6 +56,9 @@ class TrainConfig:
     n_train: int = 100000  # distinct training problems (of 900k 3-digit additions)
     n_test: int = 1000  # distinct test problems for exact-match evaluation
     seed: int = 0  # seeds the weights, data draw and order, depth draws and penalty vectors
+    # Start from the weights of this checkpoint or run directory (same model config) instead
+    # of a random init; optimiser, schedule and depth sampler start fresh. None: random init.
+    init_from: str | None = None
     data_cache_dir: str | None = None  # dataset cache (None: eqloop.data.default_cache_dir())
     # -- optimisation --------------------------------------------------------------------
     batch_size: int = 64  # global batch; DDP ranks each take batch_size / world_size rows
@@ -152,6 +155,8 @@ class TrainConfig:
         if not isinstance(self.depth, Mapping) or "kind" not in self.depth:
             raise ValueError(f"depth must be a dict with a 'kind' key, got {self.depth!r}")
         self.make_sampler()  # raises ValueError on bad kinds and parameters
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            raise ValueError(f"init_from must be a path string or None, got {self.init_from!r}")
         if not self.device.startswith(("auto", "cpu", "cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}")
 

@@ -367,6 +367,25 @@ class _State:
         )
 
 
+def _initial_weights(config: TrainConfig) -> dict[str, Tensor]:
+    """The weights of ``config.init_from``, checked to fit ``config.model``.
+
+    Raises:
+        ValueError: the checkpoint's model config differs from ``config.model``.
+        eqloop.checkpoint.CheckpointError: missing or corrupted checkpoint.
+    """
+    source = load_checkpoint(config.init_from)
+    theirs = source.config.get("model", {})
+    ours = config.model.to_dict()
+    changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if changed:
+        raise ValueError(
+            f"init_from {config.init_from}: its model config differs in {changed}; "
+            "a warm start needs the same model"
+        )
+    return source.weights
+
+
 def _build(config: TrainConfig, env: _Env) -> _State:
     """Model, DDP wrapper, optimiser, scheduler and sampler, restored if resuming.
 
@@ -389,6 +408,8 @@ def _build(config: TrainConfig, env: _Env) -> _State:
     optimizer = _optimizer(model, config)
     scheduler = LambdaLR(optimizer, partial(lr_factor, config=config))
     state = _State(model, model, optimizer, scheduler, config.make_sampler())
+    if ckpt is None and config.init_from is not None:
+        model.load_state_dict(_initial_weights(config))
     if ckpt is not None:
         saved = ckpt.training_state(map_location=env.device)
         model.load_state_dict(ckpt.weights)
