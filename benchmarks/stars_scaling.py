@@ -3,9 +3,17 @@
 Setup (the paper's Sec. 4 and its released code ``train_addition/``, scaled to a 2-core
 CPU): 4-digit addition with the answer written least-significant digit first, one shared
 block looped with NO input injection (``z <- block(z)`` from ``z0 = embedding + positions``),
-greedy exact match on held-out problems at loops 1, 2, 4, ..., 128 and at the equilibrium
-a solver finds. Every variant is trained with several seeds; tables report the mean and
-the worst seed.
+exact match on held-out problems at loops 1, 2, 4, ..., 128 and at the equilibrium that
+each of a few solvers finds. Every variant is trained with several seeds; tables report
+the mean and the worst seed.
+
+Depth curriculum (the one departure from the paper's recipe, needed at this scale):
+every run first learns the task with a fixed 4 loops for ``--warm-steps`` steps; the
+baselines continue with 4 loops for ``--steps`` more, every other variant starts from
+its baseline's checkpoint at the end of that phase (same seed) and trains ``--steps``
+steps with its own recipe (random loop counts, penalty from 20% of those steps). Trained
+from scratch, random loop counts kept this small model on the loss plateau of the
+untrained task for the whole budget (see the README).
 
 Variants (``--variants`` takes names or the group names in brackets):
 
@@ -49,6 +57,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import statistics
 import sys
@@ -64,9 +73,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from benchmarks.common import format_table, machine_info
-from eqloop.checkpoint import latest_checkpoint, load_model, step_dir_name
+from eqloop.checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_model, step_dir_name
 from eqloop.config import TrainConfig, apply_overrides
-from eqloop.evaluate import evaluate_model, make_test_set
+from eqloop.evaluate import equilibrium, evaluate_model, exact_match, make_test_set
 from eqloop.files import write_json_atomic
 from eqloop.plotting import pyplot, style_axis
 from eqloop.train import penalty_overhead, train
@@ -80,7 +89,6 @@ RECIPE: dict[str, Any] = {
     "digits": 4,
     "n_train": 50000,
     "n_test": 1000,
-    "steps": 3000,
     "batch_size": 128,
     "lr": 3e-3,
     "warmup_steps": 150,
@@ -96,6 +104,9 @@ RECIPE: dict[str, Any] = {
     "depth": {"kind": "fixed", "t": 4},
     "lam": 0.0,
 }
+WARM_STEPS = 2000  # the fixed-loop phase every variant starts with (the depth curriculum)
+STEPS = 1000  # the phase after it: fixed loops for baselines, the variant's recipe otherwise
+FINETUNE = {"warmup_steps": 50}  # learning-rate warm-up of a run that starts warm
 FIXED = {"depth": {"kind": "fixed", "t": 4}, "lam": 0.0}
 RANDOM = {"depth": {"kind": "lognormal", "mu": 2.0, "sigma": 0.7, "lo": 1, "hi": 100}}
 PENALTY = {"lam": 0.1}
@@ -103,35 +114,44 @@ PENALTY = {"lam": 0.1}
 
 @dataclass(frozen=True)
 class Variant:
-    """One training recipe: ``overrides`` on top of :data:`RECIPE`."""
+    """One training recipe: ``overrides`` on top of :data:`RECIPE`.
+
+    A variant with ``warm_from`` starts from that variant's checkpoint after
+    ``WARM_STEPS`` (same seed) and trains ``STEPS`` more; one without it trains
+    ``WARM_STEPS + STEPS`` from a random init.
+    """
 
     name: str
     group: str
     description: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    warm_from: str | None = None
 
 
 def _variants() -> dict[str, Variant]:
     stars = {**RANDOM, **PENALTY}
     add = {"model.injection": "add", "model.init_state": None}
+    pre, pre_sandwich = ({"model.norm_placement": p} for p in ("pre", "pre_sandwich"))
     table = [
         Variant("baseline", "norms", "post-sandwich, fixed 4 loops", FIXED),
-        Variant("baseline_pre", "norms", "pre-norm, fixed 4 loops",
-                {**FIXED, "model.norm_placement": "pre"}),
+        Variant("baseline_pre", "norms", "pre-norm, fixed 4 loops", {**FIXED, **pre}),
         Variant("baseline_post", "norms", "post-norm, fixed 4 loops",
                 {**FIXED, "model.norm_placement": "post"}),
         Variant("baseline_pre_sandwich", "norms", "pre-sandwich, fixed 4 loops",
-                {**FIXED, "model.norm_placement": "pre_sandwich"}),
-        Variant("random_loops", "random", "post-sandwich, random loops", {**RANDOM, "lam": 0.0}),
+                {**FIXED, **pre_sandwich}),
+        Variant("random_loops", "random", "post-sandwich, random loops",
+                {**RANDOM, "lam": 0.0}, "baseline"),
         Variant("penalty_only", "random", "post-sandwich, fixed 4 loops + penalty",
-                {**FIXED, **PENALTY}),
-        Variant("stars", "random", "post-sandwich, random loops + penalty (the paper)", stars),
+                {**FIXED, **PENALTY}, "baseline"),
+        Variant("stars", "random", "post-sandwich, random loops + penalty (the paper)",
+                stars, "baseline"),
         Variant("baseline_add", "injection", "baseline with input injection", {**FIXED, **add}),
-        Variant("stars_add", "injection", "STARS with input injection", {**stars, **add}),
-        Variant("stars_pre", "internal", "STARS on a pre-norm block",
-                {**stars, "model.norm_placement": "pre"}),
+        Variant("stars_add", "injection", "STARS with input injection", {**stars, **add},
+                "baseline_add"),
+        Variant("stars_pre", "internal", "STARS on a pre-norm block", {**stars, **pre},
+                "baseline_pre"),
         Variant("stars_pre_sandwich", "internal", "STARS on a pre-sandwich block",
-                {**stars, "model.norm_placement": "pre_sandwich"}),
+                {**stars, **pre_sandwich}, "baseline_pre_sandwich"),
     ]  # fmt: skip
     return {v.name: v for v in table}
 
@@ -149,17 +169,25 @@ GROUPS: dict[str, tuple[str, ...]] = {
 
 
 def run_config(variant: str, seed: int, args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of one (variant, seed): recipe, variant overrides, then CLI sizes."""
-    settings = {**RECIPE, **args.recipe_overrides, **VARIANTS[variant].overrides}
+    """The TrainConfig of one (variant, seed): recipe, CLI overrides, variant overrides."""
+    spec = VARIANTS[variant]
+    settings = {**RECIPE, **args.recipe_overrides, **spec.overrides}
     if settings["depth"]["kind"] == "lognormal":
         settings["depth"] = {**settings["depth"], "hi": args.depth_hi}
-    steps = settings["steps"]
+    if spec.warm_from is None:
+        steps = args.warm_steps + args.steps
+        checkpoint_every = math.gcd(args.warm_steps, steps)  # one at the end of the warm phase
+    else:
+        steps = checkpoint_every = args.steps
+        source = run_dir(spec.warm_from, seed, args) / CHECKPOINT_DIR
+        settings.update(FINETUNE, init_from=str(source / step_dir_name(args.warm_steps)))
     settings.update(
         seed=seed,
-        penalty_start=steps // 5,  # the paper: after 20% of training
+        steps=steps,
+        penalty_start=steps // 5,  # the paper: after 20% of training (here: of this run)
         eval_every=0,
         eval_loops=[4],
-        checkpoint_every=max(1, steps // 4),
+        checkpoint_every=checkpoint_every,
         out_dir=str(run_dir(variant, seed, args)),
         resume=True,
         progress=not args.no_progress and args.jobs == 1,
@@ -173,12 +201,17 @@ def run_dir(variant: str, seed: int, args: argparse.Namespace) -> Path:
     return Path(args.out_dir) / variant / f"seed{seed}"
 
 
+def _solvers(args: argparse.Namespace) -> list[str]:
+    """The equilibrium solvers of ``--solver`` (comma-separated; the first is the primary)."""
+    return [name for name in (args.solver or "").split(",") if name]
+
+
 def _eval_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the cached evaluation depends on besides the weights."""
     return {
         "loops": list(args.loops),
         "n_test": args.n_test,
-        "solver": args.solver,
+        "solvers": _solvers(args),
         "solver_options": {"max_iter": args.solver_max_iter, "tol": args.solver_tol},
         "diagnostic_samples": args.diagnostic_samples,
         "rho_iters": args.rho_iters,
@@ -237,12 +270,19 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     model, ckpt = load_model(checkpoint)
     config.n_test = args.n_test
     start = time.perf_counter()
+    test = make_test_set(config)
+    solvers = settings["solvers"]
     raw = evaluate_model(
-        model, make_test_set(config), loops=args.loops, solver=args.solver,
+        model, test, loops=args.loops, solver=solvers[0] if solvers else None,
         solver_options=settings["solver_options"], decode="forced",
         diagnostic_samples=args.diagnostic_samples, rho_iters=args.rho_iters, seed=seed,
     )  # fmt: skip
     result = summarize(variant, seed, config, raw)
+    result["equilibria"] = {
+        name: result["equilibrium"] if i == 0 else exact_match(
+            equilibrium(model, name, **settings["solver_options"]), test, decode="forced")
+        for i, name in enumerate(solvers)
+    }  # fmt: skip
     result["train_seconds"] = float(ckpt.metrics.get("train_time", train_wall))
     result["eval_seconds"] = time.perf_counter() - start
     result["final_ce"] = (ckpt.metrics.get("train") or {}).get("ce")
@@ -252,8 +292,24 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
 
 
 def run_all(pairs: Sequence[tuple[str, int]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every (variant, seed), ``args.jobs`` at a time; results in the order of ``pairs``."""
-    if args.jobs == 1:
+    """Every (variant, seed), ``args.jobs`` at a time; results in the order of ``pairs``.
+
+    Runs that others start from (``warm_from``) go first, in their own round, even when
+    they were not asked for (their results are then not returned).
+    """
+    sources = list(dict.fromkeys(
+        (VARIANTS[v].warm_from, s) for v, s in pairs if VARIANTS[v].warm_from is not None
+    ))  # fmt: skip
+    first = sources + [p for p in pairs if VARIANTS[p[0]].warm_from is None and p not in sources]
+    second = [p for p in pairs if VARIANTS[p[0]].warm_from is not None]
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    for round_ in (first, second):
+        done.update(zip(round_, _run_round(round_, args), strict=True))
+    return [done[p] for p in pairs]
+
+
+def _run_round(pairs: Sequence[tuple[str, int]], args: argparse.Namespace) -> list[dict]:
+    if args.jobs == 1 or len(pairs) <= 1:
         return [run_one(v, s, args) for v, s in pairs]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
@@ -281,14 +337,21 @@ def _mean_worst(values: Sequence[float | None]) -> tuple[float | None, float | N
     return (statistics.fmean(known), min(known)) if known else (None, None)
 
 
-def accuracy_table(results: Sequence[dict[str, Any]], loops: Sequence[int]) -> list[dict]:
-    """Per variant: mean and worst seed at every loop count and at equilibrium."""
+def accuracy_table(
+    results: Sequence[dict[str, Any]], loops: Sequence[int], solvers: Sequence[str] = ()
+) -> list[dict]:
+    """Per variant: mean and worst seed at every loop count and at each solver's z*.
+
+    ``eq`` is the primary solver's (``solvers[0]``), ``eq_<name>`` the others'.
+    """
     rows = []
     for variant, runs in _by_variant(results).items():
         row: dict[str, Any] = {"variant": variant, "seeds": len(runs)}
         for t in loops:
             row[f"L{t}"] = _mean_worst([r["accuracy"].get(t) for r in runs])
         row["eq"] = _mean_worst([r["equilibrium"] for r in runs])
+        for name in solvers[1:]:
+            row[f"eq_{name}"] = _mean_worst([(r.get("equilibria") or {}).get(name) for r in runs])
         rows.append(row)
     return rows
 
@@ -317,13 +380,17 @@ def _pair(value: tuple[float | None, float | None]) -> str:
     return "-" if mean is None else f"{mean:.3f}/{worst:.3f}"
 
 
-def print_tables(results: Sequence[dict[str, Any]], loops: Sequence[int]) -> None:
+def print_tables(
+    results: Sequence[dict[str, Any]], loops: Sequence[int], solvers: Sequence[str]
+) -> None:
     """Accuracy (mean/worst seed) and dynamics tables."""
     rows = [{k: (_pair(v) if isinstance(v, tuple) else v) for k, v in row.items()}
-            for row in accuracy_table(results, loops)]  # fmt: skip
+            for row in accuracy_table(results, loops, solvers)]  # fmt: skip
     columns = [("variant", "variant", ""), ("seeds", "seeds", "")]
-    columns += [(f"L{t}", f"L{t}", "") for t in loops] + [("eq", "equil.", "")]
-    print("exact match, mean/worst over seeds")
+    columns += [(f"L{t}", f"L{t}", "") for t in loops]
+    columns += [("eq" if i == 0 else f"eq_{name}", f"z* {name}", "")
+                for i, name in enumerate(solvers)]  # fmt: skip
+    print("exact match at t loops and at the equilibrium z* of each solver, mean/worst seed")
     print(format_table(rows, columns))
     print("\ndynamics (mean over seeds): state norm ||z_t||, step norm ||z_t - z_t-1||, "
           "median rho(J(z_t))")  # fmt: skip
@@ -411,7 +478,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default="headline",
                    help=f"variants or groups ({', '.join(GROUPS)}), comma-separated")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    p.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    p.add_argument("--warm-steps", type=int, default=WARM_STEPS,
+                   help="steps of the fixed-loop phase every variant starts with")
+    p.add_argument("--steps", type=int, default=STEPS,
+                   help="steps after it (the baselines' last ones, the others' own recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field for every variant, e.g. lr=1e-3 (the "
                         "fields a variant sets itself, such as depth and lam, stay)")
@@ -419,7 +489,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="largest loop count the random-depth variants sample (paper: 100)")
     p.add_argument("--n-test", type=int, default=1000, help="test problems per loop count")
     p.add_argument("--loops", default=",".join(map(str, EVAL_LOOPS)), help="eval loop counts")
-    p.add_argument("--solver", default="anderson", help="equilibrium solver ('' to skip)")
+    p.add_argument("--solver", default="anderson,fixed_point,broyden",
+                   help="equilibrium solvers, comma-separated, the first one primary (its "
+                        "accuracy is 'equilibrium', its diagnostics are reported); '' skips")
     p.add_argument("--solver-max-iter", type=int, default=100)
     p.add_argument("--solver-tol", type=float, default=1e-4)
     p.add_argument("--diagnostic-samples", type=int, default=256)
@@ -443,13 +515,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.recipe_overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             args.recipe_overrides[key] = value
-    if args.steps is not None:
-        args.recipe_overrides["steps"] = args.steps
     if args.quick:
-        args.recipe_overrides.update({
-            "steps": 10, "batch_size": 16, "n_train": 256, "digits": 2, "warmup_steps": 2,
+        args.recipe_overrides = {
+            "batch_size": 16, "n_train": 256, "digits": 2, "warmup_steps": 2,
             "model.d_model": 16, "model.n_heads": 2, "model.d_ff": 32,
-        } | {k: v for k, v in args.recipe_overrides.items() if k != "steps"})  # fmt: skip
+        } | args.recipe_overrides  # fmt: skip
+        args.warm_steps, args.steps = 6, 4
         args.depth_hi = 4
         args.n_test, args.diagnostic_samples, args.rho_iters = 32, 8, 4
         args.loops, args.solver_max_iter, args.pca_problems = "1,2,4,8", 20, 3
@@ -472,7 +543,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--loops needs loop counts >= 1")
     if not 1 <= args.jobs <= 8:
         p.error("--jobs must be between 1 and 8")
-    args.solver = args.solver or None
+    if args.solver:
+        from solvers import available
+
+        unknown = [name for name in _solvers(args) if name not in available()]
+        if unknown:
+            p.error(f"unknown solver(s) {unknown}; choose from {', '.join(available())}")
     return args
 
 
@@ -483,7 +559,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     pairs = [(v, s) for v in args.variants for s in args.seeds]
     results = run_all(pairs, args)
     wall = time.perf_counter() - start
-    print_tables(results, args.loops)
+    print_tables(results, args.loops, _solvers(args))
     print(f"\n{len(pairs)} runs, {wall:.0f} s wall ({args.jobs} at a time)")
     extra: dict[str, Any] = {}
     if "stars" in args.variants:
@@ -504,7 +580,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "recipe": {**RECIPE, **args.recipe_overrides},
             "variants": {n: {"group": VARIANTS[n].group, "description": VARIANTS[n].description,
                              "overrides": VARIANTS[n].overrides} for n in args.variants},
-            "accuracy_table": accuracy_table(results, args.loops),
+            "accuracy_table": accuracy_table(results, args.loops, _solvers(args)),
             "dynamics_table": dynamics_table(results, args.loops),
             "results": results, **extra,
         })  # fmt: skip

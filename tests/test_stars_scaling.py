@@ -32,7 +32,7 @@ def test_quick_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     proc = run_script(*args, "--json", str(files["json"]), "--plot", str(files["plot"]),
                       "--pca", str(files["pca"]))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "exact match, mean/worst over seeds" in proc.stdout
+    assert "exact match at t loops and at the equilibrium" in proc.stdout
     data = json.loads(files["json"].read_text())
     results = data["results"]
     assert [(r["variant"], r["seed"]) for r in results] == [
