@@ -23,9 +23,17 @@ from eqloop.depth import make_depth_sampler
 from eqloop.implicit import BACKWARD_MODES
 from eqloop.model import LoopLMConfig
 
-__all__ = ["SCHEDULES", "TrainConfig", "apply_overrides", "load_config", "read_config_file"]
+__all__ = [
+    "PENALTY_POINTS",
+    "SCHEDULES",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+    "read_config_file",
+]
 
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+PENALTY_POINTS: tuple[str, ...] = ("trajectory", "fixed_point")
 
 
 def _default_model() -> LoopLMConfig:
@@ -80,6 +88,12 @@ class TrainConfig:
     penalty_every: int = 1  # apply the penalty every n-th step from penalty_start on
     power_steps: int = 1  # Jacobian products per penalty (paper: 1)
     penalty_target: float | None = None  # hinge relu(||J v|| - target)^2; None: ||J v||^2
+    # Where the penalty's Jacobian is taken: "trajectory" (paper: the state after the sampled
+    # loops) | "fixed_point" (the core's equilibrium, solved from that state without a graph).
+    penalty_at: str = "trajectory"
+    # > 0: the product starts from the dominant Ritz vector of this many Arnoldi steps, so
+    # ||J v|| estimates rho(J) (forward-mode product); 0: a random vector (paper).
+    penalty_arnoldi: int = 0
     # -- evaluation, checkpoints, logging ------------------------------------------------
     eval_every: int = 500  # exact-match evaluation every n steps (0: only at the end)
     eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # loop counts
@@ -115,6 +129,7 @@ class TrainConfig:
             ("penalty_start", 0),
             ("penalty_every", 1),
             ("power_steps", 1),
+            ("penalty_arnoldi", 0),
             ("eval_every", 0),
             ("checkpoint_every", 0),
         ):
@@ -136,6 +151,10 @@ class TrainConfig:
             isinstance(target, bool) or not isinstance(target, (int, float)) or not target >= 0
         ):
             raise ValueError(f"penalty_target must be None or a number >= 0, got {target!r}")
+        if self.penalty_at not in PENALTY_POINTS:
+            raise ValueError(
+                f"unknown penalty_at {self.penalty_at!r}; valid: {list(PENALTY_POINTS)}"
+            )
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

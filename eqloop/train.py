@@ -68,6 +68,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+import solvers
 from eqloop.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -76,10 +77,16 @@ from eqloop.checkpoint import (
 )
 from eqloop.config import TrainConfig
 from eqloop.data import IGNORE_INDEX, CharTokenizer, to_tensors
+from eqloop.defaults import (
+    EQUILIBRIUM_MAX_ITER,
+    EQUILIBRIUM_SOLVER,
+    EQUILIBRIUM_STOP_MODE,
+    EQUILIBRIUM_TOL,
+)
 from eqloop.depth import DepthSampler
 from eqloop.evaluate import EvalSet, evaluate_model, make_test_set
 from eqloop.model import LoopLM
-from eqloop.stars import PenaltySchedule, jsrr_penalty
+from eqloop.stars import PenaltySchedule, jsrr_penalty, spectral_radius
 
 __all__ = [
     "OnEval",
@@ -87,6 +94,7 @@ __all__ = [
     "lr_factor",
     "make_train_tensors",
     "penalty_overhead",
+    "penalty_point",
     "train",
     "train_step",
 ]
@@ -182,6 +190,41 @@ def _forward(net: nn.Module, inputs: Tensor, loops: int, config: TrainConfig) ->
     )
 
 
+def penalty_point(
+    f: Callable[[Tensor], Tensor],
+    z: Tensor,
+    config: TrainConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Where the penalty takes the Jacobian, and the vector it starts from.
+
+    Args:
+        f: the core map of the batch, (B, S, d) -> (B, S, d).
+        z: (B, S, d) the state after the sampled loops.
+        config: ``penalty_at`` and ``penalty_arnoldi`` choose (see TrainConfig).
+        generator: random start vectors.
+
+    Returns:
+        ``(point, v)``: the detached (B, S, d) state, ``z`` or the fixed point solved from
+        it (``EQUILIBRIUM_SOLVER`` with its budget and tolerance, best iterate if it does
+        not converge), and the dominant Ritz vectors of ``J(point)`` (B, S, d), or None
+        for the paper's random vector.
+    """
+    point = z.detach()
+    if config.penalty_at == "fixed_point":
+        with torch.no_grad():
+            point = solvers.solve(
+                f, point, EQUILIBRIUM_SOLVER, max_iter=EQUILIBRIUM_MAX_ITER,
+                tol=EQUILIBRIUM_TOL, stop_mode=EQUILIBRIUM_STOP_MODE,
+            ).z  # fmt: skip
+    if not config.penalty_arnoldi:
+        return point, None
+    _, v = spectral_radius(
+        f, point, "arnoldi", config.penalty_arnoldi, return_vectors=True, generator=generator
+    )
+    return point, v
+
+
 def train_step(
     net: nn.Module,
     model: LoopLM,
@@ -216,10 +259,17 @@ def train_step(
     loss, penalty, rho = ce, None, None
     if penalty_on:
         x = info.x
+
+        def f(z: Tensor) -> Tensor:
+            return model.core_step(z, x)
+
+        point, start = penalty_point(f, info.z, config, generator)
         result = jsrr_penalty(
-            lambda z: model.core_step(z, x),
-            info.z,
+            f,
+            point,
+            product="jvp" if start is not None else "vjp",
             power_steps=config.power_steps,
+            v=start,
             target=config.penalty_target,
             generator=generator,
             return_details=True,
