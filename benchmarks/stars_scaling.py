@@ -28,8 +28,10 @@ Variants (``--variants`` takes names or the group names in brackets):
     stars                  random loops + penalty: the paper's recipe
   [injection]  the same two with the input added to every loop (z <- block(z + x))
     baseline_add, stars_add
-  [internal]   beyond the paper: STARS on internal-norm blocks, and penalty options
-    stars_pre, stars_pre_sandwich, ...  (see VARIANTS)
+  [internal]   beyond the paper: STARS on internal-norm blocks
+    stars_pre, stars_pre_sandwich
+  [options]    stars_pre with the penalty options: at the solver's fixed point, a hinge
+               target, more power steps, the Arnoldi direction (see VARIANTS)
 
 ``headline`` is ``baseline,stars``; ``all`` is every variant.
 
@@ -152,6 +154,14 @@ def _variants() -> dict[str, Variant]:
                 "baseline_pre"),
         Variant("stars_pre_sandwich", "internal", "STARS on a pre-sandwich block",
                 {**stars, **pre_sandwich}, "baseline_pre_sandwich"),
+        Variant("stars_pre_fixed_point", "options", "stars_pre, penalty at the fixed point",
+                {**stars, **pre, "penalty_at": "fixed_point"}, "baseline_pre"),
+        Variant("stars_pre_hinge", "options", "stars_pre, hinge relu(||Jv|| - 0.5)^2",
+                {**stars, **pre, "penalty_target": 0.5}, "baseline_pre"),
+        Variant("stars_pre_power", "options", "stars_pre, 5 power steps per penalty",
+                {**stars, **pre, "power_steps": 5}, "baseline_pre"),
+        Variant("stars_pre_arnoldi", "options", "stars_pre, product along an 8-step Ritz vector",
+                {**stars, **pre, "penalty_arnoldi": 8}, "baseline_pre"),
     ]  # fmt: skip
     return {v.name: v for v in table}
 
@@ -160,7 +170,7 @@ VARIANTS = _variants()
 GROUPS: dict[str, tuple[str, ...]] = {
     "headline": ("baseline", "stars"),
     **{g: tuple(v.name for v in VARIANTS.values() if v.group == g)
-       for g in ("norms", "random", "injection", "internal")},
+       for g in ("norms", "random", "injection", "internal", "options")},
     "all": tuple(VARIANTS),
 }  # fmt: skip
 
