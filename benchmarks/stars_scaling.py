@@ -33,7 +33,7 @@ Variants (``--variants`` takes names or the group names in brackets):
   [options]    stars_pre with the penalty options: at the solver's fixed point, a hinge
                target, more power steps, the Arnoldi direction (see VARIANTS)
 
-``headline`` is ``baseline,stars``; ``all`` is every variant.
+``headline`` is ``baseline,stars``; ``grid`` every group but ``options``; ``all`` everything.
 
 Runs are resumable: each (variant, seed) trains in ``out_dir/<variant>/seed<k>`` and
 caches its evaluation there (``eval.json``); rerunning skips whatever is finished and
@@ -171,6 +171,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "headline": ("baseline", "stars"),
     **{g: tuple(v.name for v in VARIANTS.values() if v.group == g)
        for g in ("norms", "random", "injection", "internal", "options")},
+    "grid": tuple(v.name for v in VARIANTS.values() if v.group != "options"),
     "all": tuple(VARIANTS),
 }  # fmt: skip
 
