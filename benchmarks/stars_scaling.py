@@ -77,7 +77,15 @@ import torch
 from benchmarks.common import format_table, machine_info
 from eqloop.checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_model, step_dir_name
 from eqloop.config import TrainConfig, apply_overrides
-from eqloop.evaluate import equilibrium, evaluate_model, exact_match, make_test_set
+from eqloop.data import make_arithmetic_dataset
+from eqloop.evaluate import (
+    equilibrium,
+    evaluate_model,
+    exact_match,
+    make_eval_set,
+    make_test_set,
+    unrolled,
+)
 from eqloop.files import write_json_atomic
 from eqloop.plotting import pyplot, style_axis
 from eqloop.train import penalty_overhead, train
@@ -320,16 +328,22 @@ def run_all(pairs: Sequence[tuple[str, int]], args: argparse.Namespace) -> list[
 
 
 def _run_round(pairs: Sequence[tuple[str, int]], args: argparse.Namespace) -> list[dict]:
+    return _run_round_of(run_one, pairs, args)
+
+
+def _run_round_of(
+    job: Any, pairs: Sequence[tuple[str, int]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """``job(variant, seed, args)`` for every pair, ``args.jobs`` processes at a time."""
     if args.jobs == 1 or len(pairs) <= 1:
-        return [run_one(v, s, args) for v, s in pairs]
+        return [job(v, s, args) for v, s in pairs]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        futures = {pool.submit(run_one, v, s, args): (v, s) for v, s in pairs}
+        futures = {pool.submit(job, v, s, args): (v, s) for v, s in pairs}
         for future in concurrent.futures.as_completed(futures):
             v, s = futures[future]
-            res = future.result()
-            print(f"done {v} seed {s}: L4 {res['accuracy'].get(4)}, eq {res['equilibrium']}",
-                  flush=True)  # fmt: skip
+            future.result()
+            print(f"done {job.__name__} {v} seed {s}", flush=True)
         return [future.result() for future in futures]
 
 
@@ -471,6 +485,119 @@ def plot_pca(variants: Sequence[str], args: argparse.Namespace, path: str | Path
     return summary
 
 
+# ---------------------------------------------------------------------- test-time scaling
+
+
+def carry_chain(question: str) -> int:
+    """Longest run of consecutive carries in the written addition ``"a+b"`` (equal widths)."""
+    a, b = question.split("+")
+    longest = run = carry = 0
+    for da, db in zip(reversed(a), reversed(b), strict=True):
+        carry = int(int(da) + int(db) + carry >= 10)
+        run = run + 1 if carry else 0
+        longest = max(longest, run)
+    return longest
+
+
+def scaling_sets(config: TrainConfig, n: int, min_chain: int) -> dict[str, Any]:
+    """The harder splits of the scaling study, ``n`` problems each.
+
+    ``long_carry``: held-out problems of the trained width whose carries run through at
+    least ``min_chain`` consecutive digits (rare in training); ``ood``: operands one digit
+    longer than trained (the data module's ``ood`` split).
+    """
+    drawn = make_arithmetic_dataset(config.task, config.digits, 20 * n, config.seed,
+                                    split="test", cache_dir=config.data_cache_dir)  # fmt: skip
+    hard = drawn.filter(lambda row: carry_chain(row["question"]) >= min_chain)
+    if len(hard) < n:
+        raise ValueError(f"only {len(hard)} of {len(drawn)} test problems have a carry chain "
+                         f">= {min_chain}; lower --scaling-chain or --scaling-n")  # fmt: skip
+    ood = make_arithmetic_dataset(config.task, config.digits, n, config.seed, split="ood",
+                                  cache_dir=config.data_cache_dir)  # fmt: skip
+    return {"long_carry": make_eval_set(hard.select(range(n))), "ood": make_eval_set(ood)}
+
+
+def training_depth(config: TrainConfig) -> float:
+    """Mean loop count of the run's own training (its depth sampler's mean)."""
+    return float(config.make_sampler().mean())
+
+
+def scaling_loops(depth: float, loops: Sequence[int]) -> list[int]:
+    """The evaluation grid plus 1x, 2x and 4x the training depth."""
+    return sorted(set(loops) | {max(1, round(k * depth)) for k in (1, 2, 4)})
+
+
+def scaling_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Accuracy vs loops of one run on the harder splits (cached in the run directory)."""
+    torch.set_num_threads(1)
+    folder = run_dir(variant, seed, args)
+    checkpoint = latest_checkpoint(folder)
+    config = run_config(variant, seed, args)
+    depth = training_depth(config)
+    loops = scaling_loops(depth, args.loops)
+    settings = {"n": args.scaling_n, "min_chain": args.scaling_chain, "loops": loops}
+    cache = folder / "scaling.json"
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("settings") == settings and cached.get("checkpoint") == checkpoint.name:
+            return cached["result"]
+    model, _ = load_model(checkpoint)
+    model.eval()
+    result = {"variant": variant, "seed": seed, "training_depth": depth, "splits": {}}
+    for split, data in scaling_sets(config, args.scaling_n, args.scaling_chain).items():
+        result["splits"][split] = {
+            str(t): exact_match(unrolled(model, t), data, decode="forced") for t in loops
+        }
+    write_json_atomic(cache, {"settings": settings, "checkpoint": checkpoint.name,
+                              "result": result})  # fmt: skip
+    return result
+
+
+def scaling_table(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant and split: accuracy at 1x, 2x, 4x the training depth (mean/worst)."""
+    rows = []
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == variant]
+        depth = mine[0]["training_depth"]
+        for split in mine[0]["splits"]:
+            row: dict[str, Any] = {"variant": variant, "split": split, "depth": depth}
+            for k in (1, 2, 4):
+                t = str(max(1, round(k * depth)))
+                row[f"x{k}"] = _mean_worst([r["splits"][split][t] for r in mine])
+            mean = {k: row[f"x{k}"][0] for k in (1, 2, 4)}
+            row["deeper_not_worse"] = mean[2] >= mean[1] and mean[4] >= mean[1]
+            rows.append(row)
+    return rows
+
+
+def plot_scaling(runs: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Accuracy vs loops on each harder split, mean and worst-to-best band per variant;
+    dotted verticals mark each variant's training depth."""
+    plt = pyplot()
+    splits = list(runs[0]["splits"])
+    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.3), squeeze=False)
+    for ax, split in zip(axes[0], splits, strict=True):
+        for i, variant in enumerate(dict.fromkeys(r["variant"] for r in runs)):
+            mine = [r for r in runs if r["variant"] == variant]
+            loops = sorted(int(t) for t in mine[0]["splits"][split])
+            acc = [[r["splits"][split][str(t)] for r in mine] for t in loops]
+            color = f"C{i % 10}"
+            ax.plot(loops, [statistics.fmean(a) for a in acc], "o-", ms=3, color=color,
+                    label=f"{variant} ({len(mine)} seeds)")  # fmt: skip
+            ax.fill_between(loops, [min(a) for a in acc], [max(a) for a in acc], color=color,
+                            alpha=0.15)  # fmt: skip
+            ax.axvline(mine[0]["training_depth"], color=color, ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        grid = [t for t in EVAL_LOOPS if t <= loops[-1]]
+        ax.set_xticks(grid, [str(t) for t in grid])
+        ax.set_ylim(-0.02, 1.02)
+        style_axis(ax, "loops at test time (dotted: training depth)", "exact match")
+        ax.set_title(split)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------ CLI
 
 
@@ -514,6 +641,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pca", default=None, help="PCA trajectory figure (PNG)")
     p.add_argument("--pca-variants", default="baseline,stars", help="variants in --pca")
     p.add_argument("--pca-problems", type=int, default=8, help="test problems in --pca")
+    p.add_argument("--scaling", default=None,
+                   help="test-time scaling figure (PNG): accuracy vs loops on harder splits")
+    p.add_argument("--scaling-variants", default="baseline,stars", help="variants in --scaling")
+    p.add_argument("--scaling-n", type=int, default=1000, help="problems per harder split")
+    p.add_argument("--scaling-chain", type=int, default=3,
+                   help="shortest carry chain of the long_carry split")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny runs in seconds (tests)")
     args = p.parse_args(argv)
@@ -535,6 +668,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.depth_hi = 4
         args.n_test, args.diagnostic_samples, args.rho_iters = 32, 8, 4
         args.loops, args.solver_max_iter, args.pca_problems = "1,2,4,8", 20, 3
+        args.scaling_n, args.scaling_chain = 16, 1
         if args.seeds == "0,1,2":
             args.seeds = "0,1"
     args.variants = _names(args.variants)
@@ -543,6 +677,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} "
                 f"or the groups {', '.join(GROUPS)}")  # fmt: skip
     args.pca_variants = _names(args.pca_variants)
+    args.scaling_variants = _names(args.scaling_variants)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s]
         args.loops = [int(t) for t in args.loops.split(",") if t]
@@ -584,6 +719,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.pca:
         extra["pca"] = plot_pca([v for v in args.pca_variants if v in args.variants], args,
                                 args.pca)  # fmt: skip
+    if args.scaling:
+        chosen = [(v, s) for v in args.scaling_variants if v in args.variants for s in args.seeds]
+        runs = _run_round_of(scaling_one, chosen, args)
+        table = scaling_table(runs)
+        print("\ntest-time scaling: exact match at 1x, 2x, 4x the training depth, mean/worst")
+        print(format_table([{k: (_pair(v) if isinstance(v, tuple) else v) for k, v in r.items()}
+                            for r in table], [
+            ("variant", "variant", ""), ("split", "split", ""), ("depth", "train depth", ".1f"),
+            ("x1", "1x", ""), ("x2", "2x", ""), ("x4", "4x", ""),
+            ("deeper_not_worse", "2x,4x >= 1x", ""),
+        ]))  # fmt: skip
+        plot_scaling(runs, args.scaling)
+        extra["scaling"] = {"table": table, "runs": runs}
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "recipe_overrides"}
         write_json_atomic(args.json, {

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.stars_scaling import GROUPS, VARIANTS, accuracy_table, dynamics_table
+from benchmarks.stars_scaling import (
+    GROUPS,
+    VARIANTS,
+    accuracy_table,
+    carry_chain,
+    dynamics_table,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,11 +32,10 @@ def run_script(*args: str) -> subprocess.CompletedProcess[str]:
 def test_quick_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     args = ("--quick", "--variants", "headline", "--out-dir", str(out), "--jobs", "2")
-    files = {
-        k: tmp_path / f"{k}.{ext}" for k, ext in (("json", "json"), ("plot", "png"), ("pca", "png"))
-    }
+    names = (("json", "json"), ("plot", "png"), ("pca", "png"), ("scaling", "png"))
+    files = {k: tmp_path / f"{k}.{ext}" for k, ext in names}
     proc = run_script(*args, "--json", str(files["json"]), "--plot", str(files["plot"]),
-                      "--pca", str(files["pca"]))  # fmt: skip
+                      "--pca", str(files["pca"]), "--scaling", str(files["scaling"]))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "exact match at t loops and at the equilibrium" in proc.stdout
     data = json.loads(files["json"].read_text())
@@ -51,7 +56,12 @@ def test_quick_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
         assert row["L8"] == pytest.approx([sum(values) / len(values), min(values)])
     assert data["variants"]["stars"]["overrides"]["lam"] == 0.1
     assert data["pca"]["stars"]["explained"][0] > 0
-    for key in ("plot", "pca"):
+    scaling = data["scaling"]["table"]
+    assert [(r["variant"], r["split"]) for r in scaling] == [
+        ("baseline", "long_carry"), ("baseline", "ood"), ("stars", "long_carry"), ("stars", "ood")
+    ]  # fmt: skip
+    assert scaling[0]["depth"] == 4.0 and 0 <= scaling[0]["x2"][0] <= 1
+    for key in ("plot", "pca", "scaling"):
         assert files[key].read_bytes()[:4] == b"\x89PNG"
 
     # Rerunning trains nothing and reuses every cached evaluation.
@@ -73,6 +83,13 @@ def test_groups_name_known_variants() -> None:
     assert GROUPS["headline"] == ("baseline", "stars")
     assert set(GROUPS["all"]) == set(VARIANTS)
     assert all(name in VARIANTS for names in GROUPS.values() for name in names)
+
+
+def test_carry_chain() -> None:
+    assert carry_chain("0000+0000") == 0
+    assert carry_chain("0195+0005") == 2  # 5+5 carries, 9+0+1 carries, 1+0+1 does not
+    assert carry_chain("9999+0001") == 4
+    assert carry_chain("5050+5050") == 1
 
 
 def test_tables_take_mean_and_worst_seed() -> None:
