@@ -1,4 +1,4 @@
-"""Step-numbered, atomic, verifiable training checkpoints.
+"""Step-numbered, atomic, verifiable training checkpoints, and the run directory around them.
 
 Layout of a run directory::
 
@@ -8,17 +8,23 @@ Layout of a run directory::
       checkpoints/
         latest                    text file naming the newest complete checkpoint
         step_00000500/
-          model.safetensors       weights (LoopLM state dict)
+          model.safetensors       weights (LoopLM state dict); its metadata holds the step
           config.json             the TrainConfig (with the nested LoopLMConfig)
           metrics.json            metrics at this step
           training_state.pt       optimizer, scheduler, depth sampler and RNG states
           manifest.json           step and SHA-256 of every file above (written last)
 
-A checkpoint is first written into a hidden temporary directory next to its final place
-and then renamed with ``os.replace``, so a crash never leaves a half-written
-``step_*`` directory; the ``latest`` pointer is replaced the same way after the rename.
-Loading checks every file against the manifest, so truncated or corrupted files raise
+A checkpoint is first written into a hidden staging directory (``.step_*-XXXX``) next to
+its final place and then renamed with ``os.replace``, so a crash never leaves a
+half-written ``step_*`` directory; a staging directory left by a killed process is removed
+by :func:`remove_staging` when the next run starts. Loading checks every file against the
+manifest and the manifest's step against the directory name and the step stored in the
+(checksummed) weights, so a truncated, corrupted or edited checkpoint raises
 :class:`CheckpointError` instead of silently resuming from garbage.
+
+The newest checkpoint of a run is the highest-numbered complete ``step_*`` directory;
+``latest`` names it for people and scripts. Files and directories get the permissions of
+the user's umask, like those of any other tool.
 """
 
 from __future__ import annotations
@@ -26,33 +32,51 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from eqloop.model import LoopLM, LoopLMConfig
+from eqloop.files import (
+    STAGING_PREFIX,
+    atomic_path,
+    umask_mode,
+    write_json_atomic,
+    write_text_atomic,
+)
+from solvers import checks
+
+if TYPE_CHECKING:
+    from eqloop.model import LoopLM
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "RUN_FILES",
     "Checkpoint",
     "CheckpointError",
+    "checkpoint_steps",
     "latest_checkpoint",
     "load_checkpoint",
     "load_model",
+    "remove_staging",
     "resolve_checkpoint",
+    "run_files",
     "save_checkpoint",
     "step_dir_name",
     "write_json_atomic",
 ]
 
 CHECKPOINT_DIR = "checkpoints"  # sub-directory of a run holding the step_* directories
+RUN_FILES: tuple[str, ...] = ("config.json", "metrics.jsonl", CHECKPOINT_DIR)
+"""What a training run writes into its directory (anything else there is left alone)."""
+
 _LATEST = "latest"
 _WEIGHTS = "model.safetensors"
 _CONFIG = "config.json"
@@ -60,10 +84,13 @@ _METRICS = "metrics.json"
 _STATE = "training_state.pt"
 _MANIFEST = "manifest.json"
 _FORMAT = 1
+_STEP_DIR = re.compile(r"step_(\d+)")
+# Temporary siblings of the run's own files (eqloop.files names them .<stem>-XXXX<suffix>).
+_RUN_STAGING = (re.compile(r"\.config-.+\.json"), re.compile(r"\.metrics-.+\.jsonl"))
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or corrupted (the message says which file)."""
+    """A checkpoint is missing, incomplete, inconsistent or corrupted (the message says which)."""
 
 
 @dataclass(frozen=True)
@@ -95,22 +122,6 @@ class Checkpoint:
 def step_dir_name(step: int) -> str:
     """Directory name of the checkpoint taken after ``step`` optimisation steps."""
     return f"step_{step:08d}"
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256(path: Path) -> str:
@@ -149,17 +160,20 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}-", dir=root))
     try:
+        os.chmod(staging, umask_mode(directory=True))  # mkdtemp makes it private
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-        save_file(cpu, str(staging / _WEIGHTS), metadata={"step": str(step)})
+        with atomic_path(staging / _WEIGHTS) as tmp:
+            save_file(cpu, str(tmp), metadata={"step": str(step)})
         write_json_atomic(staging / _CONFIG, config)
         write_json_atomic(staging / _METRICS, metrics)
-        torch.save(training_state, staging / _STATE)
+        with atomic_path(staging / _STATE) as tmp:
+            torch.save(training_state, tmp)
         files = {name: _sha256(staging / name) for name in (_WEIGHTS, _CONFIG, _METRICS, _STATE)}
         write_json_atomic(staging / _MANIFEST, {"format": _FORMAT, "step": step, "files": files})
-        if final.exists():  # same step written again (e.g. after an interrupted save)
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}-old-", dir=root))
+        if final.exists():  # the same step written again
+            old = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}-old-", dir=root))
             os.replace(final, old / final.name)
             os.replace(staging, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -167,28 +181,59 @@ def save_checkpoint(
             os.replace(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    pointer = root / _LATEST
-    fd, tmp = tempfile.mkstemp(prefix=f".{_LATEST}-", dir=root)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(final.name + "\n")
-    os.replace(tmp, pointer)
+    write_text_atomic(root / _LATEST, final.name + "\n")
     return final
 
 
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The checkpoint ``latest`` points at in ``run_dir``, or None if the run has none.
-
-    Raises:
-        CheckpointError: ``latest`` names a directory that does not exist.
-    """
+def checkpoint_steps(run_dir: str | os.PathLike[str]) -> dict[int, Path]:
+    """The complete checkpoints of a run (``step_*`` directories with a manifest), by step."""
     root = Path(run_dir) / CHECKPOINT_DIR
-    pointer = root / _LATEST
-    if not pointer.is_file():
-        return None
-    target = root / pointer.read_text().strip()
-    if not target.is_dir():
-        raise CheckpointError(f"{pointer} points at {target.name}, which does not exist")
-    return target
+    if not root.is_dir():
+        return {}
+    found = {}
+    for entry in root.iterdir():
+        match = _STEP_DIR.fullmatch(entry.name)
+        if match and (entry / _MANIFEST).is_file():
+            found[int(match.group(1))] = entry
+    return dict(sorted(found.items()))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint of ``run_dir``, or None if the run has none.
+
+    The highest step wins, whatever ``latest`` says: a process killed between renaming a
+    checkpoint into place and updating ``latest`` leaves the pointer one checkpoint
+    behind, and a run resumed from an older step would later overwrite the newer ones.
+    """
+    steps = checkpoint_steps(run_dir)
+    return steps[max(steps)] if steps else None
+
+
+def run_files(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """The files of :data:`RUN_FILES` present in ``run_dir`` (they belong to some run)."""
+    return [Path(run_dir) / name for name in RUN_FILES if (Path(run_dir) / name).exists()]
+
+
+def remove_staging(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete what interrupted writes left in a run directory; returns the removed paths.
+
+    These are the hidden staging directories and temporary files inside ``checkpoints/``
+    and the temporary siblings of ``config.json`` and ``metrics.jsonl``. Call it only when
+    no other process writes into the run (i.e. when a run starts).
+    """
+    run = Path(run_dir)
+    root = run / CHECKPOINT_DIR
+    stale = (
+        [p for p in root.iterdir() if p.name.startswith(STAGING_PREFIX)] if root.is_dir() else []
+    )
+    if run.is_dir():
+        stale += [p for p in run.iterdir() if any(r.fullmatch(p.name) for r in _RUN_STAGING)]
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return stale
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -196,7 +241,7 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 
     Args:
         path: a ``step_*`` checkpoint directory, a run directory or its ``checkpoints``
-            sub-directory (both resolve to the latest checkpoint).
+            sub-directory (both resolve to the newest checkpoint).
 
     Raises:
         CheckpointError: nothing resembling a checkpoint is found at ``path``.
@@ -209,7 +254,7 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
             return found
     raise CheckpointError(
         f"no checkpoint at {path}: expected a step_* directory with {_MANIFEST}, or a run "
-        f"directory with {CHECKPOINT_DIR}/{_LATEST}"
+        f"directory with {CHECKPOINT_DIR}/step_*"
     )
 
 
@@ -220,6 +265,34 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"cannot read {path}: {err}") from err
 
 
+def _saved_step(weights: Path) -> int | None:
+    """The step stored in the weights file's metadata (None if it has none)."""
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            text = (handle.metadata() or {}).get("step")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read {weights}: {err}") from err
+    return int(text) if text is not None and text.isdigit() else None
+
+
+def _check_step(ckpt: Path, manifest: dict[str, Any]) -> int:
+    """The checkpoint's step, once the manifest, directory name and weights agree on it."""
+    try:
+        step = checks.integer("step", manifest.get("step"), low=0)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{ckpt / _MANIFEST}: {err}") from None
+    claims = {"the weights' step": _saved_step(ckpt / _WEIGHTS)}
+    if (match := _STEP_DIR.fullmatch(ckpt.name)) is not None:
+        claims["the directory name's step"] = int(match.group(1))
+    differ = [f"{who} is {value}" for who, value in claims.items() if value not in (None, step)]
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {ckpt} is inconsistent: {_MANIFEST} says step {step}, but "
+            f"{' and '.join(differ)}"
+        )
+    return step
+
+
 def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Checkpoint:
     """Load weights, config and metrics of a checkpoint (see :func:`resolve_checkpoint`).
 
@@ -228,7 +301,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
         verify: check every file against the SHA-256 sums of the manifest.
 
     Raises:
-        CheckpointError: a file is missing, unreadable, or does not match the manifest.
+        CheckpointError: a file is missing, unreadable, or does not match the manifest, or
+            the manifest's step differs from the directory name or the weights' step.
     """
     ckpt = resolve_checkpoint(path)
     manifest_path = ckpt / _MANIFEST
@@ -237,6 +311,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
     manifest = _read_json(manifest_path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{manifest_path} is not a checkpoint manifest")
+    missing = sorted({_WEIGHTS, _CONFIG, _METRICS} - set(manifest["files"]))
+    if missing:
+        raise CheckpointError(f"{manifest_path} does not list {missing}")
     for name, expected in manifest["files"].items():
         file = ckpt / name
         if not file.is_file():
@@ -245,13 +322,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
             raise CheckpointError(
                 f"checkpoint {ckpt} is corrupted: {name} does not match its SHA-256 in {_MANIFEST}"
             )
+    step = _check_step(ckpt, manifest)
     try:
         weights = load_file(str(ckpt / _WEIGHTS))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read {ckpt / _WEIGHTS}: {err}") from err
     return Checkpoint(
         path=ckpt,
-        step=int(manifest["step"]),
+        step=step,
         config=_read_json(ckpt / _CONFIG),
         metrics=_read_json(ckpt / _METRICS),
         weights=weights,
@@ -270,6 +348,8 @@ def load_model(
     Raises:
         CheckpointError: missing or corrupted files, or weights that do not fit the config.
     """
+    from eqloop.model import LoopLM, LoopLMConfig
+
     ckpt = load_checkpoint(path)
     model_config = ckpt.config.get("model") if isinstance(ckpt.config, dict) else None
     if not isinstance(model_config, dict):
@@ -277,7 +357,7 @@ def load_model(
     try:
         model = LoopLM(LoopLMConfig.from_dict(model_config))
         model.load_state_dict(ckpt.weights)
-    except (ValueError, RuntimeError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(
             f"checkpoint {ckpt.path} does not fit its model config: {err}"
         ) from err

@@ -6,43 +6,58 @@ Examples::
     torchrun --standalone --nproc_per_node=2 -m eqloop.cli train --config add3.json
     eqloop eval --checkpoint runs/stars runs/fixed --solver anderson --json eval.json \\
         --plot eval.png
+
+Every error in the settings, the files or the checkpoints ends the command with one line
+on stderr and exit status 2, before any work when the input allows it; Ctrl-C ends it
+with status 130 (SIGTERM: 143), and a training run says where its checkpoint is and how
+to resume it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import shlex
+import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_TOL
+from eqloop.finetune import cli as finetune_cli
+from eqloop.overrides import add_config_arguments  # re-exported for eqloop.tune
+from eqloop.pretrained.cli import add_arguments as add_pretrained_arguments
 
 __all__ = ["add_config_arguments", "build_parser", "main"]
 
 # Copies of eqloop.evaluate.DECODES / DEFAULT_LOOPS (checked by the tests), so that
-# building the parser and --help do not import torch, datasets and the solvers.
+# building the parser and --help do not import torch and the solvers.
 _DECODES = ("greedy", "forced")
 _DEFAULT_LOOPS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, *, file_help: str, example: str) -> None:
-    """Add the ``--config FILE`` and repeatable ``--set KEY=VALUE`` options to a CLI.
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is in ``--help``)."""
 
-    Args:
-        parser: the (sub)command's parser; ``--set`` values land in ``overrides``.
-        file_help: help text of ``--config``.
-        example: example overrides shown in the help of ``--set``.
-    """
-    parser.add_argument("--config", type=Path, help=file_help)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override a field (JSON value or string); dotted keys reach nested fields, "
-        f"e.g. {example}",
-    )
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _loop_counts(text: str) -> list[int]:
+    """``--loops 1,2,4`` -> [1, 2, 4]."""
+    try:
+        counts = [int(item) for item in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated loop counts (integers >= 0) like 1,2,4,8; got {text!r}"
+        )
+    return counts
 
 
 def _add_train(sub: Any) -> None:
@@ -51,22 +66,29 @@ def _add_train(sub: Any) -> None:
         help="train a LoopLM with STARS (random loops + Jacobian penalty)",
         description=(
             "Train a LoopLM on an arithmetic task. Settings come from the defaults, then "
-            "--config, then --set overrides, then the explicit flags. Under torchrun "
-            "(torchrun --standalone --nproc_per_node=N -m eqloop.cli train ...) it runs "
-            "DistributedDataParallel."
+            "--config, then --set overrides, then the explicit flags. A run directory that "
+            "already holds a run is continued with --resume or replaced with --overwrite, "
+            "never silently reused. Ctrl-C or SIGTERM saves a checkpoint after the current "
+            "step and prints the command that resumes. Under torchrun (torchrun --standalone "
+            "--nproc_per_node=N -m eqloop.cli train ...) it runs DistributedDataParallel."
         ),
     )
     add_config_arguments(
         p,
-        file_help="JSON or TOML file with TrainConfig fields",
+        file_help="JSON (.json) or TOML (.toml) file with TrainConfig fields",
         example='--set model.d_model=64 --set depth.hi=16 --set \'depth={"kind":"fixed","t":8}\'',
     )
-    p.add_argument("--out-dir", help="run directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--out-dir", help="run directory (config.json, metrics.jsonl, checkpoints/)")
     p.add_argument("--steps", type=int, help="optimisation steps")
     p.add_argument("--lam", type=float, help="STARS penalty weight in [0, 1]")
     p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from out_dir's latest checkpoint"
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:<n>")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument(
+        "--resume", action="store_true", help="continue the run in --out-dir (newest checkpoint)"
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", help="delete the run in --out-dir and start over"
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
@@ -79,30 +101,50 @@ def _add_eval(sub: Any) -> None:
         description=(
             "Exact-match accuracy (greedy decoding) at each loop count and, with --solver, "
             "at the equilibrium; latent diagnostics per depth (||z_t - z_{t-1}||, ||z_t||, "
-            "spectral radius) and the share of test sequences whose estimated "
-            "rho(J(z*)) < 1. Writes JSON and a PNG plot."
+            "spectral radius rho) and the share of test sequences whose estimated "
+            "rho(J(z*)) < 1. Prints a table per checkpoint; --json writes the results, "
+            "--plot a PNG of accuracy and rho against loops. A checkpoint that fails is "
+            "reported and the others are still evaluated and written."
         ),
     )
-    p.add_argument(
-        "--checkpoint", nargs="+", required=True, help="step_* or run directories (latest)"
-    )
-    p.add_argument(
+    what = p.add_argument_group("what to evaluate")
+    what.add_argument("--checkpoint", nargs="+", help="step_* or run directories (newest)")
+    what.add_argument("--n-test", type=int, help="test problems (default: the run's n_test)")
+    loops = p.add_argument_group("loops and equilibrium")
+    loops.add_argument(
         "--loops",
-        type=lambda s: [int(t) for t in s.split(",")],
+        type=_loop_counts,
         default=list(_DEFAULT_LOOPS),
         help="comma-separated loop counts (default %(default)s)",
     )
-    p.add_argument("--solver", help="also solve to equilibrium, e.g. anderson, broyden")
-    p.add_argument("--max-iter", type=int, default=100, help="solver budget (default 100)")
-    p.add_argument("--tol", type=float, default=1e-4, help="solver tolerance (default 1e-4)")
-    p.add_argument("--n-test", type=int, help="test problems (default: the run's n_test)")
-    p.add_argument("--decode", choices=_DECODES, default="greedy", help="default greedy")
-    p.add_argument("--no-diagnostics", action="store_true", help="accuracy only")
-    p.add_argument("--diagnostic-samples", type=int, default=256, help="sequences for rho")
-    p.add_argument("--rho-iters", type=int, default=30, help="power-iteration steps")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument("--plot", type=Path, help="write the accuracy/rho plot here (PNG)")
+    loops.add_argument("--solver", help="also solve to equilibrium, e.g. anderson, broyden")
+    loops.add_argument(
+        "--max-iter",
+        type=int,
+        default=EQUILIBRIUM_MAX_ITER,
+        help="solver budget of f-evaluations (default %(default)s)",
+    )
+    loops.add_argument(
+        "--tol",
+        type=float,
+        default=EQUILIBRIUM_TOL,
+        help="solver tolerance on the relative residual (default %(default)s)",
+    )
+    loops.add_argument("--decode", choices=_DECODES, default="greedy", help="default greedy")
+    diagnostics = p.add_argument_group("diagnostics")
+    diagnostics.add_argument("--no-diagnostics", action="store_true", help="accuracy only")
+    diagnostics.add_argument(
+        "--diagnostic-samples", type=int, default=256, help="sequences for the diagnostics"
+    )
+    diagnostics.add_argument(
+        "--rho-iters", type=int, default=30, help="power-iteration steps per rho estimate"
+    )
+    run = p.add_argument_group("run and output")
+    run.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:<n> or auto")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("--json", type=Path, help="write the results (a JSON list) here")
+    run.add_argument("--plot", type=Path, help="write the accuracy/rho plot here (PNG)")
+    add_pretrained_arguments(p)  # eqloop eval --pretrained DIR: eqloop.pretrained.cli
 
 
 def _add_tune(sub: Any) -> None:
@@ -112,98 +154,183 @@ def _add_tune(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``eqloop`` argument parser with its subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="eqloop", description="Looped LMs as equilibrium models: train, evaluate, tune."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
     _add_tune(sub)
+    finetune_cli.add_parser(sub)
     return parser
+
+
+# -------------------------------------------------------------------------------- train
+
+
+def _resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues the run ``argv`` started."""
+    args = [a for a in argv if a != "--overwrite"]
+    args += [] if "--resume" in args else ["--resume"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        return shlex.join(
+            ["torchrun", "--standalone", f"--nproc_per_node={world}", "-m", "eqloop.cli", *args]
+        )
+    return shlex.join(["eqloop", *args])
 
 
 def _train(args: argparse.Namespace) -> int:
     from eqloop.config import load_config
-    from eqloop.train import train
+    from eqloop.train import TrainingInterrupted, train
 
     flags = {
         "out_dir": args.out_dir,
         "steps": args.steps,
         "lam": args.lam,
         "seed": args.seed,
-        "resume": True if args.resume else None,
+        "device": args.device,
         "progress": False if args.no_progress else None,
     }
-    overrides = list(args.overrides)
-    overrides += [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    config = load_config(args.config, overrides)
+    if args.resume or args.overwrite:  # the explicit flag decides over the config file
+        flags.update(resume=args.resume, overwrite=args.overwrite)
+    config = load_config(
+        args.config, args.overrides, {k: v for k, v in flags.items() if v is not None}
+    )
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    result = train(config)
+    try:
+        result = train(config)
+    except TrainingInterrupted as stop:
+        if stop.checkpoint is not None:  # rank 0
+            print(
+                f"eqloop train: {signal.Signals(stop.signum).name} at step {stop.step}: saved "
+                f"{stop.checkpoint}; resume with: {_resume_command(args.argv)}",
+                file=sys.stderr,
+            )
+        return 128 + stop.signum
     if result.get("checkpoint"):  # rank 0
         print(json.dumps(result, indent=2))
     return 0
 
 
-def _summary(result: dict[str, Any]) -> str:
-    acc = "  ".join(f"{t}:{a:.3f}" for t, a in result["accuracy"].items())
-    lines = [f"{result['checkpoint']} (step {result['step']})", f"  accuracy  {acc}"]
-    eq = result.get("equilibrium")
-    if eq is not None:
-        line = f"  equilibrium ({eq['solver']})  accuracy {eq['accuracy']:.3f}"
-        if "contraction" in eq:
-            c = eq["contraction"]
-            line += (
-                f"  converged {eq['converged']:.3f}  rho<1 share {c['share_rho_below_1']:.3f}"
-                f"  median rho {c['rho']['q50']:.3f}"
-            )
-        lines.append(line)
-    return "\n".join(lines)
+# --------------------------------------------------------------------------------- eval
+
+
+def _check_output(flag: str, path: Path | None) -> None:
+    """An output path must be writable before the evaluation starts."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write into {parent}")
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from eqloop.evaluate import evaluate_checkpoint, plot_results
+    _check_output("--json", args.json)
+    _check_output("--plot", args.plot)
+    if (
+        args.json is not None
+        and args.plot is not None
+        and args.json.resolve() == args.plot.resolve()
+    ):
+        raise ValueError("--json and --plot name the same file")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib: pip install 'eqloop[plots]'")
+    if (args.checkpoint is None) == (args.pretrained is None):
+        raise ValueError("give --checkpoint (eqloop runs) or --pretrained DIR (Ouro, Huginn)")
+    if args.pretrained is not None:
+        from eqloop.pretrained.cli import run
 
-    results = []
-    for path in args.checkpoint:
-        result = evaluate_checkpoint(
-            path,
-            loops=args.loops,
-            solver=args.solver,
-            solver_options={"max_iter": args.max_iter, "tol": args.tol},
-            n_test=args.n_test,
-            decode=args.decode,
-            diagnostics=not args.no_diagnostics,
-            diagnostic_samples=args.diagnostic_samples,
-            rho_iters=args.rho_iters,
-            device=args.device,
-        )
-        print(_summary(result))
+        return run(args)
+    from eqloop.checkpoint import CheckpointError, resolve_checkpoint
+    from eqloop.config import check_device
+    from eqloop.evaluate import check_options, evaluate_checkpoint, format_result, plot_results
+    from eqloop.files import write_text_atomic
+    from solvers import checks
+
+    solver_options = {"max_iter": args.max_iter, "tol": args.tol}
+    settings = dict(
+        loops=args.loops,
+        solver=args.solver,
+        solver_options=solver_options,
+        decode=args.decode,
+        diagnostic_samples=args.diagnostic_samples,
+        rho_iters=args.rho_iters,
+    )
+    check_options(**settings)
+    if args.n_test is not None:
+        checks.integer("--n-test", args.n_test, low=1)
+    device = check_device(args.device)
+    paths = [resolve_checkpoint(path) for path in args.checkpoint]
+
+    results: list[dict[str, Any]] = []
+    failures: list[dict[str, str]] = []
+    interrupted = False
+    for path in paths:
+        try:
+            result = evaluate_checkpoint(
+                path,
+                n_test=args.n_test,
+                diagnostics=not args.no_diagnostics,
+                device=device,
+                progress=not args.no_progress,
+                **settings,
+            )
+        except (CheckpointError, ValueError, TypeError) as err:
+            failures.append({"checkpoint": str(path), "error": str(err)})
+            print(f"eqloop eval: error: {err}", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:
+            failures.append({"checkpoint": str(path), "error": "interrupted"})
+            interrupted = True
+            break
+        print(format_result(result))
         results.append(result)
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    if args.plot is not None:
+        write_text_atomic(args.json, json.dumps([*results, *failures], indent=2) + "\n")
+    if args.plot is not None and results:
         plot_results(results, args.plot)
+    if interrupted:
+        print(f"eqloop eval: interrupted; {len(results)} results kept", file=sys.stderr)
+        return 130
+    if failures:
+        if len(paths) > 1:
+            written = f"; the other results are in {args.json}" if args.json and results else ""
+            print(
+                f"eqloop eval: error: {len(failures)} of {len(paths)} checkpoints failed{written}",
+                file=sys.stderr,
+            )
+        return 2
     return 0
+
+
+# --------------------------------------------------------------------------------- tune
 
 
 def _tune(args: argparse.Namespace) -> int:
     try:
         from eqloop import tune
     except ModuleNotFoundError as err:
+        if err.name == "optuna":
+            raise ValueError("eqloop tune needs Optuna: pip install 'eqloop[tune]'") from None
         if err.name != "eqloop.tune":
             raise
-        print("eqloop tune: eqloop.tune is not available in this installation", file=sys.stderr)
-        return 2
+        raise ValueError("eqloop.tune is not available in this installation") from None
     return int(tune.main(args.args) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``eqloop`` command; returns the exit status.
 
-    Invalid settings (unknown keys, bad values, corrupted checkpoints) end with a one-line
-    error message and status 2 instead of a traceback.
+    Invalid settings (unknown keys, bad values, unusable paths or devices, damaged
+    checkpoints) end with a one-line error message and status 2 instead of a traceback;
+    warnings are printed as one line each.
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -211,11 +338,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(command="tune", args=argv[1:])
     else:
         args = parser.parse_args(argv)
-    handlers = {"train": _train, "eval": _eval, "tune": _tune}
-    try:
-        return handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
-        parser.exit(2, f"eqloop {args.command}: error: {err}\n")
+    args.argv = argv
+    prefix = f"eqloop {args.command}"
+    handlers = {"train": _train, "eval": _eval, "tune": _tune, "finetune": finetune_cli.run}
+
+    def show(message: Any, category: type[Warning], *rest: Any, **options: Any) -> None:
+        print(f"{prefix}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            return handlers[args.command](args)
+        except KeyboardInterrupt:
+            parser.exit(130, f"{prefix}: interrupted\n")
+        except (ValueError, TypeError, OSError) as err:  # CheckpointError is a ValueError
+            parser.exit(2, f"{prefix}: error: {err}\n")
 
 
 if __name__ == "__main__":

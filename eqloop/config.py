@@ -5,35 +5,46 @@ Example::
     config = load_config("add3.json", overrides=["lam=0.1", "model.d_model=64",
                                                  'depth={"kind": "fixed", "t": 8}'])
 
-Every check runs in :meth:`TrainConfig.validate`, before a training run writes anything.
+Command-line values are parsed by the type of the field they set (see
+:mod:`eqloop.overrides`): ``resume=no`` is ``False``, ``betas=0.9,0.95`` a tuple,
+``eval_loops=1,2,4`` a list, and text that does not fit the type is an error naming the
+field. Every check runs in :meth:`TrainConfig.validate`, before a training run writes
+anything.
+
+This module imports the model, data and backward layers only inside the functions that
+need them, so reading and printing a configuration stays cheap.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from eqloop.data import TASKS, make_arithmetic_dataset
-from eqloop.depth import make_depth_sampler
-from eqloop.implicit import BACKWARD_MODES
-from eqloop.model import LoopLMConfig
+from eqloop.overrides import apply_overrides, read_config_file, register_type_names
+from solvers import checks
+
+if TYPE_CHECKING:
+    from eqloop.data import Examples
+    from eqloop.depth import DepthSampler
+    from eqloop.model import LoopLMConfig
 
 __all__ = [
     "PENALTY_POINTS",
     "SCHEDULES",
     "TrainConfig",
     "apply_overrides",
+    "check_device",
     "load_config",
-    "read_config_file",
 ]
 
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 PENALTY_POINTS: tuple[str, ...] = ("trajectory", "fixed_point")
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def _default_model() -> LoopLMConfig:
@@ -42,6 +53,8 @@ def _default_model() -> LoopLMConfig:
     (The paper's addition model is one d=512, 8-head, FFN-1024 block.) ``init_std=0.1``
     instead of 0.02 shortens the initial loss plateau of such a narrow model severalfold.
     """
+    from eqloop.model import LoopLMConfig
+
     return LoopLMConfig(
         vocab_size=19, d_model=64, n_heads=8, d_ff=256, max_seq_len=32, n_prelude=1,
         n_coda=1, init_std=0.1,
@@ -67,7 +80,7 @@ class TrainConfig:
     # Start from the weights of this checkpoint or run directory (same model config) instead
     # of a random init; optimiser, schedule and depth sampler start fresh. None: random init.
     init_from: str | None = None
-    data_cache_dir: str | None = None  # dataset cache (None: eqloop.data.default_cache_dir())
+    data_cache_dir: str | None = None  # example cache (None: eqloop.data.default_cache_dir())
     # -- optimisation --------------------------------------------------------------------
     batch_size: int = 64  # global batch; DDP ranks each take batch_size / world_size rows
     steps: int = 1500  # optimisation steps
@@ -99,100 +112,147 @@ class TrainConfig:
     eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # loop counts
     checkpoint_every: int = 500  # checkpoint every n steps (0: only at the end)
     out_dir: str = "runs/eqloop"  # run directory: config, metrics.jsonl, checkpoints/
-    resume: bool = False  # continue from out_dir's latest checkpoint if there is one
-    device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda"
+    resume: bool = False  # continue the run in out_dir from its newest checkpoint
+    overwrite: bool = False  # delete the run already in out_dir and start over
+    device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:<index>"
     progress: bool = True  # tqdm progress bar (rank 0)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Mapping):
+            from eqloop.model import LoopLMConfig
+
             self.model = LoopLMConfig.from_dict(self.model)
-        self.betas = tuple(self.betas)
-        self.eval_loops = list(self.eval_loops)
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        if isinstance(self.eval_loops, tuple):
+            self.eval_loops = list(self.eval_loops)
 
     # -- checks ----------------------------------------------------------------------------
 
     def validate(self) -> None:
-        """Check every field; raise ``ValueError`` naming the field and what is allowed."""
+        """Check every field.
+
+        Raises:
+            TypeError: a field of the wrong type (the message names it).
+            ValueError: a value out of range, an unknown choice or conflicting fields.
+        """
+        from eqloop.data import TASKS
+        from eqloop.model import LoopLMConfig
+
         if not isinstance(self.model, LoopLMConfig):
-            raise ValueError(f"model must be a LoopLMConfig or a dict, got {self.model!r}")
+            raise TypeError(f"model must be a LoopLMConfig or a dict, got {self.model!r}")
         self.model.validate()
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; valid tasks: {list(TASKS)}")
+        checks.choice("task", self.task, TASKS)
         for name, low in (
-            ("digits", 1),
-            ("n_train", 1),
-            ("n_test", 1),
-            ("seed", 0),
-            ("batch_size", 1),
-            ("steps", 1),
-            ("warmup_steps", 0),
-            ("penalty_start", 0),
-            ("penalty_every", 1),
-            ("power_steps", 1),
-            ("penalty_arnoldi", 0),
-            ("eval_every", 0),
+            ("digits", 1), ("n_train", 1), ("n_test", 1), ("seed", 0), ("batch_size", 1),
+            ("steps", 1), ("warmup_steps", 0), ("penalty_start", 0), ("penalty_every", 1),
+            ("power_steps", 1), ("penalty_arnoldi", 0), ("eval_every", 0),
             ("checkpoint_every", 0),
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        ):  # fmt: skip
+            checks.integer(name, getattr(self, name), low=low)
         if self.n_train < self.batch_size:
             raise ValueError(f"n_train ({self.n_train}) must be >= batch_size ({self.batch_size})")
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)):
-            raise ValueError(f"lam must be a number in [0, 1], got {self.lam!r}")
-        if not 0 <= self.lam <= 1:
-            raise ValueError(f"lam must lie in [0, 1], got {self.lam!r}")
-        for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        target = self.penalty_target
-        if target is not None and (
-            isinstance(target, bool) or not isinstance(target, (int, float)) or not target >= 0
-        ):
-            raise ValueError(f"penalty_target must be None or a number >= 0, got {target!r}")
-        if self.penalty_at not in PENALTY_POINTS:
-            raise ValueError(
-                f"unknown penalty_at {self.penalty_at!r}; valid: {list(PENALTY_POINTS)}"
+        checks.number("lam", self.lam, low=0, high=1)
+        checks.number("lr", self.lr, low=0, low_open=True)
+        checks.number("weight_decay", self.weight_decay, low=0)
+        checks.number("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        checks.number("grad_clip", self.grad_clip, low=0)
+        if self.penalty_target is not None:
+            checks.number("penalty_target", self.penalty_target, low=0)
+        checks.choice("penalty_at", self.penalty_at, PENALTY_POINTS)
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
+            raise TypeError(f"betas must be two numbers like (0.9, 0.98), got {self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            checks.number(f"betas[{i}]", beta, low=0, high=1, high_open=True)
+        checks.choice("schedule", self.schedule, SCHEDULES)
+        if not isinstance(self.eval_loops, list) or not self.eval_loops:
+            raise TypeError(
+                f"eval_loops must be a non-empty list of integers, got {self.eval_loops!r}"
             )
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {list(SCHEDULES)}")
-        if self.backward not in BACKWARD_MODES:
-            raise ValueError(f"unknown backward {self.backward!r}; valid: {list(BACKWARD_MODES)}")
-        if self.backward == "unroll" and self.backward_options:
-            raise ValueError(
-                f"backward_options {sorted(self.backward_options)} need backward != 'unroll'"
-            )
-        if not self.eval_loops or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.eval_loops
-        ):
-            raise ValueError(f"eval_loops must be integers >= 0, got {self.eval_loops!r}")
+        for t in self.eval_loops:
+            checks.integer("eval_loops entries", t, low=0)
         if not isinstance(self.depth, Mapping) or "kind" not in self.depth:
-            raise ValueError(f"depth must be a dict with a 'kind' key, got {self.depth!r}")
+            raise TypeError(f"depth must be a dict with a 'kind' key, got {self.depth!r}")
         self.make_sampler()  # raises ValueError on bad kinds and parameters
-        if self.init_from is not None and not isinstance(self.init_from, str):
-            raise ValueError(f"init_from must be a path string or None, got {self.init_from!r}")
-        if not self.device.startswith(("auto", "cpu", "cuda")):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}")
+        self._check_backward()
+        for name in ("out_dir", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise TypeError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("data_cache_dir", "init_from"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a path or None, got {getattr(self, name)!r}")
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(
+                f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', got {self.device!r}"
+            )
+        for name in ("resume", "overwrite", "progress"):
+            checks.boolean(name, getattr(self, name))
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "resume and overwrite exclude each other: resume continues the run in "
+                "out_dir, overwrite deletes it"
+            )
 
-    def make_sampler(self) -> Any:
+    def _check_backward(self) -> None:
+        """Check ``backward`` and ``backward_options`` before any step runs.
+
+        The options are given to the differentiable solve the training step makes, on a
+        one-element problem, so every check that step would make runs now.
+        """
+        from eqloop.implicit import BACKWARD_MODES
+
+        checks.choice("backward", self.backward, BACKWARD_MODES)
+        if not isinstance(self.backward_options, dict):
+            raise TypeError(f"backward_options must be a dict, got {self.backward_options!r}")
+        if self.backward == "unroll":
+            if self.backward_options:
+                raise ValueError(
+                    f"backward_options {sorted(self.backward_options)} need backward != 'unroll'"
+                )
+            return
+        if "max_iter" in self.backward_options:
+            raise ValueError(
+                "backward_options cannot set max_iter: the sampled depth is the solver budget"
+            )
+        import warnings
+
+        import torch
+
+        from eqloop.implicit import fixed_point
+
+        options = dict(self.backward_options)
+        solver = options.pop("solver", "fixed_point")
+        tol = options.pop("tol", 0.0)
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # one step of a toy map says nothing
+                fixed_point(
+                    lambda z: 0.5 * z, torch.zeros(1, 1), solver=solver, max_iter=1, tol=tol,
+                    backward=self.backward, **options,
+                )  # fmt: skip
+        except TypeError as err:  # unknown keyword arguments
+            raise TypeError(f"backward_options: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"backward_options: {err}") from None
+
+    def make_sampler(self) -> DepthSampler:
         """A fresh depth sampler (seeded with ``seed``) from the ``depth`` dict."""
+        from eqloop.depth import make_depth_sampler
+
         params = {k: v for k, v in self.depth.items() if k != "kind"}
         return make_depth_sampler(self.depth["kind"], seed=self.seed, **params)
 
-    def make_dataset(self, split: str) -> Any:
-        """The run's ``"train"`` (``n_train`` rows) or ``"test"`` split, a ``datasets.Dataset``.
+    def make_examples(self, split: str) -> Examples:
+        """The run's ``"train"`` (``n_train`` rows) or ``"test"`` split.
 
         Both come from one seeded draw, so they are disjoint (see ``eqloop.data``).
         """
+        from eqloop.data import make_arithmetic_examples
+
         n = {"train": self.n_train, "test": self.n_test}.get(split)
         if n is None:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        return make_arithmetic_dataset(
+        return make_arithmetic_examples(
             self.task, self.digits, n, self.seed, split=split, cache_dir=self.data_cache_dir
         )
 
@@ -210,6 +270,7 @@ class TrainConfig:
 
         Raises:
             ValueError: unknown keys (the valid ones are listed) or invalid values.
+            TypeError: values of the wrong type.
         """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -220,104 +281,72 @@ class TrainConfig:
         return config
 
 
-def _parse_value(text: str) -> Any:
-    """JSON if it parses (numbers, booleans, lists, objects, null), else the raw string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def _model_type_names() -> dict[str, Any]:
+    """The names TrainConfig's type hints use that this module imports lazily."""
+    from eqloop.model import LoopLMConfig
+
+    return {"LoopLMConfig": LoopLMConfig}
 
 
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``key=value`` overrides to a config dict; dotted keys reach nested dicts.
-
-    Values are parsed as JSON when possible (``lam=0.1``, ``resume=true``,
-    ``eval_loops=[1,4,16]``, ``depth={"kind":"fixed","t":8}``), else kept as strings
-    (``task=addition``). ``model.d_model=64`` and ``depth.hi=16`` set nested entries.
-
-    Returns:
-        A new dict; ``data`` is not modified.
-
-    Raises:
-        ValueError: an override without ``=`` or a dotted key whose parent is not a dict.
-    """
-    out = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} must look like key=value")
-        *parents, leaf = key.strip().split(".")
-        node = out
-        for i, part in enumerate(parents):
-            child = node.setdefault(part, {})
-            if isinstance(child, LoopLMConfig):
-                child = node[part] = child.to_dict()
-            if not isinstance(child, dict):
-                raise ValueError(f"override {item!r}: {'.'.join(parents[: i + 1])} is not a dict")
-            node = child
-        node[leaf] = _parse_value(text.strip())
-    return out
+register_type_names(TrainConfig, _model_type_names)
 
 
-def _read_toml(file: Path) -> Any:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        raise ValueError(f"reading {file} needs Python >= 3.11 (tomllib); use JSON") from None
-    return tomllib.loads(file.read_text())
-
-
-def read_config_file(
-    path: str | os.PathLike[str], valid: Mapping[str, Any], *, kind: str, toml: bool
-) -> dict[str, Any]:
-    """The top-level object of a config file, checked against the valid keys.
+def check_device(name: str) -> str:
+    """The torch device meant by ``name``, checked against this machine.
 
     Args:
-        path: a ``.json`` file, or ``.toml`` when ``toml`` is true.
-        valid: the defaults; only their keys may appear in the file.
-        kind: the config's name in the unknown-keys message (``"TrainConfig"``).
-        toml: accept TOML files.
+        name: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or
+            ``"cuda:<index>"``.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: unreadable file, not an object, or unknown keys.
+        ValueError: an unknown name, or CUDA asked for where torch cannot use it.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"no such config file: {file}")
-    try:
-        is_toml = toml and file.suffix == ".toml"
-        loaded = _read_toml(file) if is_toml else json.loads(file.read_text())
-    except ValueError as err:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-        raise ValueError(f"cannot parse config file {file}: {err}") from err
-    if not isinstance(loaded, dict):
-        raise ValueError(f"config file {file} must hold an object{'/table' if toml else ''}")
-    unknown = sorted(set(loaded) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"unknown {kind} keys in {file}: {unknown}; valid keys are {sorted(valid)}"
-        )
-    return loaded
+    import torch
+
+    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', got {name!r}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {name!r} requested but CUDA is not available (torch "
+                f"{torch.__version__}, {torch.cuda.device_count()} GPUs visible); use cpu"
+            )
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} requested but only {torch.cuda.device_count()} GPUs are visible"
+            )
+    return name
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()
+    path: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] = (),
+    values: Mapping[str, Any] | None = None,
 ) -> TrainConfig:
-    """A validated :class:`TrainConfig` from defaults, an optional file and overrides.
+    """A validated :class:`TrainConfig` from defaults, a file, overrides and values.
 
     Args:
         path: a ``.json`` or ``.toml`` file holding a (partial) config; nested tables or
             objects for ``model`` and ``depth``.
-        overrides: ``key=value`` strings applied after the file (see
-            :func:`apply_overrides`).
+        overrides: ``key=value`` strings applied after the file, parsed by field type
+            (see :func:`apply_overrides`).
+        values: typed values applied last (the command line's own flags).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: unreadable file, unknown keys or invalid values.
+        TypeError: values of the wrong type.
     """
     data: dict[str, Any] = TrainConfig().to_dict()
     if path is not None:
         loaded = read_config_file(path, data, kind="TrainConfig", toml=True)
-        model = {**data["model"], **loaded.pop("model", {})}
-        data.update(loaded, model=model)
-    return TrainConfig.from_dict(apply_overrides(data, overrides))
+        model = loaded.pop("model", {})
+        if not isinstance(model, dict):
+            raise TypeError(f"model in {path} must be an object/table, got {model!r}")
+        data.update(loaded, model={**data["model"], **model})
+    data = apply_overrides(data, overrides, schema=TrainConfig)
+    data.update(values or {})
+    return TrainConfig.from_dict(data)

@@ -1,4 +1,4 @@
-"""Arithmetic tasks as Hugging Face ``datasets.Dataset`` objects, and local QA files.
+"""Arithmetic tasks and local QA files in one common form of tokenized examples.
 
 Every example is one character sequence::
 
@@ -6,7 +6,7 @@ Every example is one character sequence::
 
 ``question`` is the problem (``0123+4567``), ``answer`` the target text (``09640``: the
 sum 4690 zero-padded to five digits and written least-significant digit first, as in
-STARS). Every dataset, generated or loaded, has the same columns:
+STARS). Every set of examples, generated or loaded, has the same columns:
 
 * ``question`` (str), ``answer`` (str);
 * ``input_ids`` (list[int32]): the whole sequence, ``<bos>`` to ``<eos>``;
@@ -14,38 +14,45 @@ STARS). Every dataset, generated or loaded, has the same columns:
   including ``=``), so the loss covers only the answer and ``<eos>``;
 * ``prompt_len`` (int32): the number of prompt tokens.
 
-With ``zero_pad=True`` (the default) every row of a generated dataset has the same length,
-so batches stack without padding. :func:`to_tensors` turns a dataset into shifted
-next-token ``(inputs, targets)`` tensors, and :func:`eval_prompts` gives the prompts and
-answer strings for greedy-decoding exact-match evaluation.
+They come in two containers holding the same rows: :class:`Examples` (NumPy arrays; what
+training and evaluation read, so neither needs more than NumPy and torch) and a Hugging
+Face ``datasets.Dataset`` (:func:`make_arithmetic_dataset`, :func:`load_qa_jsonl`,
+``Examples.to_dataset()``; needs the ``data`` extra: ``pip install 'eqloop[data]'``).
+:func:`to_tensors` turns either into shifted next-token ``(inputs, targets)`` tensors, and
+:func:`eval_prompts` gives the prompts and answer strings for exact-match evaluation.
 
-Generated datasets are deterministic in their configuration, carry a fingerprint derived
-from it and are cached on disk (``cache_dir``, by default ``$EQLOOP_CACHE_DIR``, else
-``$XDG_CACHE_HOME/eqloop``, else ``~/.cache/eqloop``). Nothing is ever downloaded.
+With ``zero_pad=True`` (the default) every generated row has the same length, so batches
+stack without padding. Generated examples are deterministic in their configuration, carry
+a fingerprint derived from it and are cached on disk as one ``.npz`` file (``cache_dir``, by
+default ``$EQLOOP_CACHE_DIR``, else ``$XDG_CACHE_HOME/eqloop``, else ``~/.cache/eqloop``).
+Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import io
 import itertools
 import json
 import math
 import os
-import shutil
 import string
-import tempfile
-from collections.abc import Iterable, Iterator
+import warnings
+import zipfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
-import pyarrow as pa
 import torch
-from datasets.table import InMemoryTable
 from torch import Tensor
+
+from eqloop.files import write_bytes_atomic
+from solvers import checks
+
+if TYPE_CHECKING:
+    import datasets
 
 __all__ = [
     "ARITHMETIC_CHARS",
@@ -55,10 +62,12 @@ __all__ = [
     "SPLITS",
     "TASKS",
     "CharTokenizer",
+    "Examples",
     "default_cache_dir",
     "eval_prompts",
     "load_qa_jsonl",
     "make_arithmetic_dataset",
+    "make_arithmetic_examples",
     "to_tensors",
 ]
 
@@ -71,15 +80,7 @@ SEPARATOR = "="  # between question and answer
 
 # Bump when the text or token layout of examples changes: it invalidates cached datasets.
 _FORMAT_VERSION = 1
-_FEATURES = datasets.Features(
-    {
-        "question": datasets.Value("string"),
-        "answer": datasets.Value("string"),
-        "input_ids": datasets.List(datasets.Value("int32")),
-        "labels": datasets.List(datasets.Value("int32")),
-        "prompt_len": datasets.Value("int32"),
-    }
-)
+_COLUMNS = ("question", "answer", "input_ids", "labels", "prompt_len")
 # Problem spaces up to this size are enumerated when the request is a large share of them.
 _ENUMERATION_LIMIT = 1_000_000
 # Candidate problems drawn per round of rejection sampling.
@@ -199,20 +200,156 @@ class CharTokenizer:
         return "".join(pieces)
 
 
-def _encode_examples(
-    tokenizer: CharTokenizer, examples: Iterable[tuple[str, str, str]]
-) -> dict[str, list[Any]]:
-    """Columns of the common dataset form (see the module docstring).
+def _datasets() -> Any:
+    """The Hugging Face ``datasets`` module, or an ImportError saying how to install it."""
+    try:
+        import datasets
+    except ModuleNotFoundError as err:
+        if err.name != "datasets":
+            raise
+        raise ModuleNotFoundError(
+            "this needs the Hugging Face datasets package: pip install 'eqloop[data]' "
+            "(training and evaluation on the arithmetic tasks do not)",
+            name="datasets",
+        ) from None
+    return datasets
 
-    Args:
-        tokenizer: the character tokenizer.
-        examples: ``(question, answer, where)`` triples; ``where`` locates the example in
-            error messages (e.g. ``"data.jsonl:12"``).
+
+@dataclass(frozen=True, eq=False)
+class Examples:
+    """Tokenized examples in the common form (see the module docstring), as NumPy arrays.
+
+    Row ``i`` has the token ids ``input_ids[starts[i]:starts[i + 1]]`` and the labels at
+    the same positions of ``labels``.
+
+    Attributes:
+        question: (N,) str, the problems.
+        answer: (N,) str, the reference answers.
+        input_ids: (T,) int32, the token ids of all rows, concatenated.
+        labels: (T,) int32, ``input_ids`` with ``-100`` on every prompt.
+        starts: (N + 1,) int64 row boundaries in ``input_ids`` and ``labels``.
+        prompt_len: (N,) int32 prompt tokens of each row.
+        fingerprint: hash of everything that decides the rows.
+        description: JSON text describing where the rows come from.
+        split: the split the rows belong to (None for loaded files).
+    """
+
+    question: np.ndarray
+    answer: np.ndarray
+    input_ids: np.ndarray
+    labels: np.ndarray
+    starts: np.ndarray
+    prompt_len: np.ndarray
+    fingerprint: str
+    description: str
+    split: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompt_len)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(N,) int64 tokens per row."""
+        return np.diff(self.starts)
+
+    def rows(self, flat: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """A (T,) array cut into rows: (N, L) if all rows have length L, else a list."""
+        lengths = self.lengths
+        if len(lengths) and (lengths == lengths[0]).all():
+            return flat.reshape(len(lengths), int(lengths[0]))
+        return np.split(flat, self.starts[1:-1])
+
+    def columns(self) -> dict[str, list[Any]]:
+        """The rows as Python lists, one list per column of the common form."""
+        return {
+            "question": self.question.tolist(),
+            "answer": self.answer.tolist(),
+            "input_ids": [row.tolist() for row in self.rows(self.input_ids)],
+            "labels": [row.tolist() for row in self.rows(self.labels)],
+            "prompt_len": self.prompt_len.tolist(),
+        }
+
+    def to_dataset(self) -> datasets.Dataset:
+        """The same rows as an in-memory ``datasets.Dataset`` with this fingerprint.
+
+        Needs the ``data`` extra (``pip install 'eqloop[data]'``).
+        """
+        hf = _datasets()
+        features = hf.Features(
+            {
+                "question": hf.Value("string"),
+                "answer": hf.Value("string"),
+                "input_ids": hf.List(hf.Value("int32")),
+                "labels": hf.List(hf.Value("int32")),
+                "prompt_len": hf.Value("int32"),
+            }
+        )
+        import pyarrow as pa  # a dependency of datasets
+        from datasets.table import InMemoryTable
+
+        table = InMemoryTable(pa.Table.from_pydict(self.columns(), schema=features.arrow_schema))
+        info = hf.DatasetInfo(description=self.description, features=features)
+        split = hf.NamedSplit(self.split) if self.split is not None else None
+        return hf.Dataset(table, info=info, split=split, fingerprint=self.fingerprint)
+
+    @classmethod
+    def from_dataset(cls, dataset: Any) -> Examples:
+        """The rows of a ``datasets.Dataset`` in the common form (filtered views included)."""
+        table = dataset.with_format("arrow", columns=list(_COLUMNS))[:]
+        ids, labels = (table[name].combine_chunks() for name in ("input_ids", "labels"))
+        starts = ids.offsets.to_numpy().astype(np.int64)
+        if not np.array_equal(starts, labels.offsets.to_numpy()):
+            raise ValueError("input_ids and labels have different lengths in some rows")
+        base = int(starts[0])
+        return cls(
+            question=np.array(table["question"].to_pylist(), dtype=str),
+            answer=np.array(table["answer"].to_pylist(), dtype=str),
+            input_ids=ids.values.to_numpy()[base : int(starts[-1])].astype(np.int32),
+            labels=labels.values.to_numpy()[base : int(starts[-1])].astype(np.int32),
+            starts=starts - base,
+            prompt_len=table["prompt_len"].to_numpy().astype(np.int32),
+            fingerprint=dataset._fingerprint,
+            description=dataset.info.description or "",
+            split=str(dataset.split) if dataset.split is not None else None,
+        )
+
+    def save(self, path: Path) -> None:
+        """Write the rows to one ``.npz`` file, atomically."""
+        buffer = io.BytesIO()
+        arrays = {name: getattr(self, name) for name in (*_ARRAYS, *_TEXTS)}
+        np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()}, split=self.split or "")
+        write_bytes_atomic(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> Examples:
+        """Rows written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as data:
+            fields = {name: data[name] for name in _ARRAYS}
+            texts = {name: str(data[name]) for name in _TEXTS}
+            split = str(data["split"]) or None
+        return cls(**fields, **texts, split=split)
+
+
+_ARRAYS = ("question", "answer", "input_ids", "labels", "starts", "prompt_len")
+_TEXTS = ("fingerprint", "description")
+
+
+def _encode_examples(
+    tokenizer: CharTokenizer,
+    examples: Iterable[tuple[str, str, str]],
+    *,
+    fingerprint: str,
+    description: str,
+    split: str | None,
+) -> Examples:
+    """Tokenize ``(question, answer, where)`` triples into :class:`Examples`.
+
+    ``where`` locates the example in error messages (e.g. ``"data.jsonl:12"``).
 
     Raises:
         ValueError: a character outside the vocabulary, reported with ``where`` and field.
     """
-    columns: dict[str, list[Any]] = {name: [] for name in _FEATURES}
+    questions, answers, ids, prompt_lens = [], [], [], []
     separator = tokenizer.encode(SEPARATOR)
     for question, answer, where in examples:
         try:
@@ -223,22 +360,27 @@ def _encode_examples(
             target = tokenizer.encode(answer) + [tokenizer.eos_id]
         except ValueError as err:
             raise ValueError(f"{where}: answer: {err}") from None
-        columns["question"].append(question)
-        columns["answer"].append(answer)
-        columns["input_ids"].append(prompt + target)
-        columns["labels"].append([IGNORE_INDEX] * len(prompt) + target)
-        columns["prompt_len"].append(len(prompt))
-    return columns
-
-
-def _build_dataset(
-    columns: dict[str, list[Any]], *, fingerprint: str, description: str, split: str | None
-) -> datasets.Dataset:
-    """A ``datasets.Dataset`` in the common form with the given fingerprint."""
-    table = InMemoryTable(pa.Table.from_pydict(columns, schema=_FEATURES.arrow_schema))
-    info = datasets.DatasetInfo(description=description, features=_FEATURES)
-    named_split = datasets.NamedSplit(split) if split is not None else None
-    return datasets.Dataset(table, info=info, split=named_split, fingerprint=fingerprint)
+        questions.append(question)
+        answers.append(answer)
+        ids.append(prompt + target)
+        prompt_lens.append(len(prompt))
+    starts = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum([len(row) for row in ids], out=starts[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(starts[-1]))
+    prompt_len = np.array(prompt_lens, dtype=np.int32)
+    on_prompt = np.arange(len(flat)) - np.repeat(starts[:-1], np.diff(starts))
+    labels = np.where(on_prompt < np.repeat(prompt_len, np.diff(starts)), IGNORE_INDEX, flat)
+    return Examples(
+        question=np.array(questions, dtype=str),
+        answer=np.array(answers, dtype=str),
+        input_ids=flat,
+        labels=labels.astype(np.int32),
+        starts=starts,
+        prompt_len=prompt_len,
+        fingerprint=fingerprint,
+        description=description,
+        split=split,
+    )
 
 
 def _digest(payload: str | bytes, *, size: int = 8) -> str:
@@ -407,15 +549,6 @@ def _format_problem(spec: _ArithmeticSpec, operands: tuple[int, ...]) -> tuple[s
     return question, answer[::-1] if spec.reverse_answer else answer
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    """``value`` as an int >= 1, or ``ValueError`` naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {name}={value}")
-    return int(value)
-
-
 def _make_spec(
     task: str,
     digits: int,
@@ -434,32 +567,34 @@ def _make_spec(
         raise ValueError(f"unknown task {task!r}; valid tasks: {list(TASKS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {list(SPLITS)}")
-    digits = _check_positive_int("digits", digits)
-    n = _check_positive_int("n", n)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    digits = checks.integer("digits", digits, low=1)
+    n = checks.integer("n", n, low=1)
+    seed = checks.integer("seed", seed, low=0)
     if task == "chain_addition":
-        terms = 3 if terms is None else _check_positive_int("terms", terms)
+        terms = 3 if terms is None else checks.integer("terms", terms, low=1)
         if terms < 2:
             raise ValueError(f"chain_addition needs terms >= 2, got terms={terms}")
     elif terms is not None:
         raise ValueError(f"terms applies only to task 'chain_addition', not {task!r}")
-    ood_digits = digits + 1 if ood_digits is None else _check_positive_int("ood_digits", ood_digits)
+    ood_digits = (
+        digits + 1 if ood_digits is None else checks.integer("ood_digits", ood_digits, low=1)
+    )
     if ood_digits <= digits:
         raise ValueError(f"ood_digits must exceed digits={digits}, got ood_digits={ood_digits}")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    test_fraction = checks.number(
+        "test_fraction", test_fraction, low=0, high=1, low_open=True, high_open=True
+    )
     return _ArithmeticSpec(
         task=task,
         digits=digits,
         n=n,
-        seed=int(seed),
+        seed=seed,
         split=split,
-        reverse_answer=bool(reverse_answer),
-        zero_pad=bool(zero_pad),
+        reverse_answer=checks.boolean("reverse_answer", reverse_answer),
+        zero_pad=checks.boolean("zero_pad", zero_pad),
         terms=terms if task == "chain_addition" else 2,
         ood_digits=ood_digits,
-        test_fraction=float(test_fraction),
+        test_fraction=test_fraction,
     )
 
 
@@ -476,53 +611,12 @@ def default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "eqloop"
 
 
-@contextlib.contextmanager
-def _progress_bars_off() -> Iterator[None]:
-    """Silence ``datasets`` progress bars inside the block, restoring the setting after."""
-    was_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            datasets.enable_progress_bars()
-
-
-def _save_atomically(dataset: datasets.Dataset, target: Path) -> None:
-    """Write ``dataset`` to ``target`` through a temporary directory and one rename.
-
-    If another process wrote ``target`` first, its copy is kept.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        with _progress_bars_off():
-            dataset.save_to_disk(str(staging / "data"))
-        try:
-            os.replace(staging / "data", target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _load_cached(path: Path, fingerprint: str) -> datasets.Dataset:
-    """A dataset saved by :func:`_save_atomically`, memory-mapped, with its fingerprint."""
-    with _progress_bars_off():
-        loaded = datasets.load_from_disk(str(path))
-    # load_from_disk re-derives the fingerprint through with_format; restore ours.
-    return datasets.Dataset(
-        loaded.data, info=loaded.info, split=loaded.split, fingerprint=fingerprint
-    )
-
-
 # ---------------------------------------------------------------------------------------
 # Public entry points
 # ---------------------------------------------------------------------------------------
 
 
-def make_arithmetic_dataset(
+def make_arithmetic_examples(
     task: str,
     digits: int,
     n: int,
@@ -535,8 +629,8 @@ def make_arithmetic_dataset(
     ood_digits: int | None = None,
     test_fraction: float = 0.1,
     cache_dir: str | os.PathLike[str] | None = None,
-) -> datasets.Dataset:
-    """``n`` distinct arithmetic problems as a ``datasets.Dataset`` in the common form.
+) -> Examples:
+    """``n`` distinct arithmetic problems as :class:`Examples` in the common form.
 
     Tasks (operands uniform on ``[0, 10**digits)``):
 
@@ -565,18 +659,18 @@ def make_arithmetic_dataset(
         terms: operands of ``chain_addition`` (>= 2; default 3); other tasks take none.
         ood_digits: operand length of the ``ood`` split (> ``digits``).
         test_fraction: share of all problems that belongs to ``test``, in (0, 1).
-        cache_dir: where datasets are cached; defaults to :func:`default_cache_dir`.
+        cache_dir: where examples are cached; defaults to :func:`default_cache_dir`.
 
     Returns:
-        A memory-mapped dataset with columns ``question``, ``answer``, ``input_ids``,
-        ``labels``, ``prompt_len`` (token ids from the default :class:`CharTokenizer`,
-        which every ``CharTokenizer`` shares). Its fingerprint is a hash of the
-        configuration, so the same arguments give the same fingerprint and rows.
+        The rows, with token ids from the default :class:`CharTokenizer` (which every
+        ``CharTokenizer`` shares). Their fingerprint is a hash of the configuration, so
+        the same arguments give the same fingerprint and rows.
 
     Raises:
         ValueError: unknown task or split, ``digits < 1``, ``n < 1``, a bad seed, terms,
             ood_digits or test_fraction, or fewer than ``n`` distinct problems in the
             split (the message gives the number available; nothing is capped silently).
+        TypeError: an argument of the wrong type (e.g. ``digits=2.5``).
     """
     spec = _make_spec(
         task,
@@ -592,19 +686,39 @@ def make_arithmetic_dataset(
     )
     fingerprint = spec.fingerprint()
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = root / "datasets" / f"{task}-d{spec.width}-{split}-n{n}-{fingerprint}"
-    if not path.is_dir():
-        examples = (
+    path = root / "datasets" / f"{task}-d{spec.width}-{split}-n{n}-{fingerprint}.npz"
+    if path.is_file():
+        try:
+            return Examples.load(path)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # rebuilt
+            warnings.warn(f"rebuilding the damaged cache file {path} ({err})", stacklevel=2)
+    examples = _encode_examples(
+        CharTokenizer(),
+        (
             (*_format_problem(spec, operands), f"problem {operands}")
             for operands in _sample_problems(spec)
-        )
-        columns = _encode_examples(CharTokenizer(), examples)
-        description = json.dumps({**asdict(spec), "format_version": _FORMAT_VERSION})
-        dataset = _build_dataset(
-            columns, fingerprint=fingerprint, description=description, split=split
-        )
-        _save_atomically(dataset, path)
-    return _load_cached(path, fingerprint)
+        ),
+        fingerprint=fingerprint,
+        description=json.dumps({**asdict(spec), "format_version": _FORMAT_VERSION}),
+        split=split,
+    )
+    examples.save(path)
+    return examples
+
+
+def make_arithmetic_dataset(
+    task: str, digits: int, n: int, seed: int, **options: Any
+) -> datasets.Dataset:
+    """The rows of :func:`make_arithmetic_examples` as a Hugging Face ``datasets.Dataset``.
+
+    Takes the same arguments; needs the ``data`` extra (``pip install 'eqloop[data]'``).
+
+    Returns:
+        An in-memory dataset with columns ``question``, ``answer``, ``input_ids``,
+        ``labels``, ``prompt_len`` whose fingerprint is that of the examples.
+    """
+    _datasets()  # fail before generating anything when the extra is missing
+    return make_arithmetic_examples(task, digits, n, seed, **options).to_dataset()
 
 
 def _qa_field(record: dict[str, Any], key: str, where: str) -> str:
@@ -645,10 +759,12 @@ def load_qa_jsonl(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        ModuleNotFoundError: the ``data`` extra (``datasets``) is not installed.
         ValueError: the file holds no records, or a line is not valid JSON, not an object,
             lacks a key, has a non-text value or a character outside the tokenizer's
             vocabulary (each message gives ``path:line``).
     """
+    _datasets()
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"no such JSONL file: {file}")
@@ -669,31 +785,34 @@ def load_qa_jsonl(
         examples.append((question, _qa_field(record, answer_key, where), where))
     if not examples:
         raise ValueError(f"{file} contains no records")
-    columns = _encode_examples(tokenizer, examples)
     config = {
         "file": _digest(raw, size=16),
         "keys": [question_key, answer_key],
         "chars": tokenizer.chars,
         "format_version": _FORMAT_VERSION,
     }
-    return _build_dataset(
-        columns,
+    return _encode_examples(
+        tokenizer,
+        examples,
         fingerprint=_digest(json.dumps(config, sort_keys=True)),
         description=json.dumps({"source": str(file), **config}),
         split=None,
-    )
+    ).to_dataset()
 
 
-def _numpy_column(dataset: datasets.Dataset, name: str) -> np.ndarray:
-    """One column as NumPy: 1-D for scalars; for lists, 2-D if all rows have one length,
-    else a 1-D object array of 1-D arrays (much faster than Python formatting)."""
-    return dataset.with_format("numpy", columns=[name])[:][name]
+def _as_examples(data: Examples | datasets.Dataset) -> Examples:
+    """``data`` as :class:`Examples` (a ``datasets.Dataset`` is read through Arrow)."""
+    if isinstance(data, Examples):
+        return data
+    if hasattr(data, "with_format") and hasattr(data, "_fingerprint"):
+        return Examples.from_dataset(data)
+    raise TypeError(f"expected eqloop.data.Examples or a datasets.Dataset, got {type(data)}")
 
 
 def to_tensors(
-    dataset: datasets.Dataset, tokenizer: CharTokenizer, seq_len: int | None = None
+    data: Examples | datasets.Dataset, tokenizer: CharTokenizer, seq_len: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Next-token training tensors from a dataset in the common form.
+    """Next-token training tensors from examples in the common form.
 
     Row ``i`` of length ``L`` gives ``inputs[i, :L-1] = input_ids[:-1]`` and
     ``targets[i, :L-1] = labels[1:]``; the rest is ``pad_id`` / ``-100``. So
@@ -701,7 +820,7 @@ def to_tensors(
     loss on the answer and ``<eos>`` only.
 
     Args:
-        dataset: rows with ``input_ids`` and ``labels``.
+        data: :class:`Examples` or a ``datasets.Dataset`` with ``input_ids`` and ``labels``.
         tokenizer: supplies ``pad_id``.
         seq_len: sequence length ``S``; defaults to the longest row minus one.
 
@@ -709,56 +828,56 @@ def to_tensors(
         ``inputs`` (N, S) int64 and ``targets`` (N, S) int64.
 
     Raises:
-        ValueError: empty dataset, or a row longer than ``seq_len + 1`` tokens.
+        ValueError: no rows, or a row longer than ``seq_len + 1`` tokens.
     """
-    if len(dataset) == 0:
+    examples = _as_examples(data)
+    if len(examples) == 0:
         raise ValueError("the dataset is empty")
-    ids, labels = _numpy_column(dataset, "input_ids"), _numpy_column(dataset, "labels")
-    lengths = [len(row) - 1 for row in ids]
-    longest = max(lengths)
+    lengths = examples.lengths - 1
+    longest = int(lengths.max())
     width = longest if seq_len is None else seq_len
     if longest > width:
         raise ValueError(f"a row needs {longest} positions but seq_len={seq_len}")
     inputs = torch.full((len(lengths), width), tokenizer.pad_id, dtype=torch.long)
     targets = torch.full((len(lengths), width), IGNORE_INDEX, dtype=torch.long)
-    if ids.ndim == 2:  # equal lengths: one copy
+    ids, labels = examples.rows(examples.input_ids), examples.rows(examples.labels)
+    if isinstance(ids, np.ndarray):  # equal lengths: one copy
         inputs[:, :longest] = torch.from_numpy(ids[:, :-1].astype(np.int64))
         targets[:, :longest] = torch.from_numpy(labels[:, 1:].astype(np.int64))
         return inputs, targets
     for i, (row_ids, row_labels, length) in enumerate(zip(ids, labels, lengths, strict=True)):
-        inputs[i, :length] = torch.as_tensor(row_ids[:-1], dtype=torch.long)
-        targets[i, :length] = torch.as_tensor(row_labels[1:], dtype=torch.long)
+        inputs[i, :length] = torch.from_numpy(row_ids[:-1].astype(np.int64))
+        targets[i, :length] = torch.from_numpy(row_labels[1:].astype(np.int64))
     return inputs, targets
 
 
-def eval_prompts(dataset: datasets.Dataset) -> tuple[Tensor, list[str]]:
+def eval_prompts(data: Examples | datasets.Dataset) -> tuple[Tensor, list[str]]:
     """Prompts and reference answers for greedy-decoding exact-match evaluation.
 
     Feed ``prompts``, generate ``len(answer) + 1`` tokens greedily, and compare
     ``tokenizer.decode(generated, stop_at_eos=True)`` with the answer string.
 
     Args:
-        dataset: rows in the common form, all with the same ``prompt_len`` (true for
-            generated datasets with ``zero_pad=True``; otherwise group rows by
-            ``prompt_len`` with ``dataset.filter`` first).
+        data: rows in the common form, all with the same ``prompt_len`` (true for
+            generated examples with ``zero_pad=True``; otherwise group rows by
+            ``prompt_len`` first, e.g. with ``dataset.filter``).
 
     Returns:
         ``prompts`` (N, P) int64, ``<bos>`` up to and including ``=``, and the N answers.
 
     Raises:
-        ValueError: empty dataset, or prompts of different lengths.
+        ValueError: no rows, or prompts of different lengths.
     """
-    if len(dataset) == 0:
+    examples = _as_examples(data)
+    if len(examples) == 0:
         raise ValueError("the dataset is empty")
-    prompt_lens = set(_numpy_column(dataset, "prompt_len").tolist())
+    prompt_lens = set(examples.prompt_len.tolist())
     if len(prompt_lens) > 1:
         raise ValueError(
             f"prompts have different lengths {sorted(prompt_lens)}; evaluate one length at a "
             "time (dataset.filter on prompt_len) or generate with zero_pad=True"
         )
     (length,) = prompt_lens
-    ids = _numpy_column(dataset, "input_ids")
-    # Rows of equal length come as one 2-D array; ragged rows as an array of arrays.
-    prompts = ids[:, :length] if ids.ndim == 2 else np.stack([row[:length] for row in ids])
-    answers = dataset.with_format("arrow", columns=["answer"])[:]["answer"].to_pylist()
-    return torch.from_numpy(prompts.astype(np.int64)), answers
+    positions = examples.starts[:-1, None] + np.arange(length)
+    prompts = examples.input_ids[positions]
+    return torch.from_numpy(prompts.astype(np.int64)), examples.answer.tolist()

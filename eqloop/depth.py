@@ -32,11 +32,12 @@ from __future__ import annotations
 import abc
 import copy
 import math
-import operator
 from typing import Any, ClassVar
 
 import numpy as np
 from scipy import special, stats
+
+from solvers import checks
 
 __all__ = [
     "DEPTH_KINDS",
@@ -59,39 +60,6 @@ _QUAD_MAX_POINTS = 200_001
 _QUAD_CHUNK_ELEMENTS = 4_000_000
 
 
-def _as_int(name: str, value: Any) -> int:
-    """Return ``value`` as a Python int, or raise ``ValueError`` naming the parameter."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-
-
-def _as_float(name: str, value: Any) -> float:
-    """Return ``value`` as a finite float, or raise ``ValueError`` naming the parameter."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
-def _check_bounds(lo: int, hi: int) -> None:
-    """Raise ``ValueError`` unless ``1 <= lo <= hi``."""
-    if lo < 1:
-        raise ValueError(f"lo must be >= 1 (a model needs at least one loop), got lo={lo}")
-    if lo > hi:
-        raise ValueError(f"lo must be <= hi, got lo={lo}, hi={hi}")
-
-
-def _check_sigma(sigma: float) -> None:
-    """Raise ``ValueError`` unless ``sigma > 0``."""
-    if sigma <= 0:
-        raise ValueError(f"sigma must be > 0, got sigma={sigma}")
-
-
 class DepthSampler(abc.ABC):
     """Base class: draws one loop count per call, seeded and resumable.
 
@@ -109,12 +77,11 @@ class DepthSampler(abc.ABC):
     kind: ClassVar[str]
 
     def __init__(self, *, lo: int, hi: int, seed: int) -> None:
-        self.lo = _as_int("lo", lo)
-        self.hi = _as_int("hi", hi)
-        _check_bounds(self.lo, self.hi)
-        self.seed = _as_int("seed", seed)
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.lo = checks.integer("lo", lo, low=1)  # a model needs at least one loop
+        self.hi = checks.integer("hi", hi)
+        if self.lo > self.hi:
+            raise ValueError(f"lo must be <= hi, got lo={lo}, hi={hi}")
+        self.seed = checks.integer("seed", seed, low=0)
         self._rng = np.random.default_rng(self.seed)
         self.history: list[int] = []
 
@@ -211,9 +178,8 @@ class _LogNormalFamily(DepthSampler):
         self, *, mu: float = 2.0, sigma: float = 0.7, lo: int = 1, hi: int = 100, seed: int
     ) -> None:
         super().__init__(lo=lo, hi=hi, seed=seed)
-        self.mu = _as_float("mu", mu)
-        self.sigma = _as_float("sigma", sigma)
-        _check_sigma(self.sigma)
+        self.mu = checks.number("mu", mu)
+        self.sigma = checks.number("sigma", sigma, low=0, low_open=True)
 
     def params(self) -> dict[str, Any]:
         return {"mu": self.mu, "sigma": self.sigma, "lo": self.lo, "hi": self.hi}
@@ -320,9 +286,7 @@ class FixedDepth(DepthSampler):
     kind = "fixed"
 
     def __init__(self, *, t: int, seed: int) -> None:
-        t = _as_int("t", t)
-        if t < 1:
-            raise ValueError(f"t must be >= 1 (a model needs at least one loop), got t={t}")
+        t = checks.integer("t", t, low=1)  # a model needs at least one loop
         super().__init__(lo=t, hi=t, seed=seed)
 
     def _draw(self) -> int:
@@ -364,7 +328,8 @@ def make_depth_sampler(kind: str, *, seed: int, **params: Any) -> DepthSampler:
 
     Raises:
         ValueError: unknown kind or parameter, missing required parameter, ``lo < 1``,
-            ``lo > hi``, ``sigma <= 0``, ``t < 1`` or a non-numeric value.
+            ``lo > hi``, ``sigma <= 0``, ``t < 1`` or a non-finite ``mu``.
+        TypeError: a parameter of the wrong type (e.g. ``lo=1.5``).
     """
     if kind not in _SAMPLERS:
         raise ValueError(f"unknown depth sampler kind {kind!r}; valid kinds: {list(DEPTH_KINDS)}")

@@ -22,6 +22,7 @@ what training uses for its periodic evaluations. (At an equilibrium the two can 
 slightly, because the solver's stopping test looks at the whole sequence.)
 
 Norms are taken per sequence over the whole ``(S, d)`` state; tables report their mean.
+:func:`format_result` renders one result as the table ``eqloop eval`` prints.
 """
 
 from __future__ import annotations
@@ -34,19 +35,24 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 import solvers
 from eqloop.checkpoint import load_model
-from eqloop.config import TrainConfig
-from eqloop.data import CharTokenizer, eval_prompts
+from eqloop.config import TrainConfig, check_device
+from eqloop.data import CharTokenizer, Examples, eval_prompts
+from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_STOP_MODE, EQUILIBRIUM_TOL
+from eqloop.files import atomic_path
 from eqloop.model import LoopLM
 from eqloop.plotting import pyplot, style_axis
 from eqloop.stars import spectral_radius
+from solvers import checks
 
 __all__ = [
     "DECODES",
     "DEFAULT_LOOPS",
     "EvalSet",
+    "check_options",
     "correct_answers",
     "Predictor",
     "equilibrium",
@@ -54,6 +60,7 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_model",
     "exact_match",
+    "format_result",
     "loop_diagnostics",
     "make_eval_set",
     "make_test_set",
@@ -95,12 +102,12 @@ class EvalSet:
         return EvalSet(self.prompts.to(device), self.targets.to(device))
 
 
-def make_eval_set(dataset: Any, tokenizer: CharTokenizer | None = None) -> EvalSet:
-    """Build an :class:`EvalSet` from a dataset in eqloop's common form.
+def make_eval_set(dataset: Examples | Any, tokenizer: CharTokenizer | None = None) -> EvalSet:
+    """Build an :class:`EvalSet` from examples in eqloop's common form.
 
     Args:
-        dataset: rows with equal prompt and answer lengths (generated with
-            ``zero_pad=True``).
+        dataset: :class:`eqloop.data.Examples` or a ``datasets.Dataset``, with equal prompt
+            and answer lengths (generated with ``zero_pad=True``).
         tokenizer: encodes the answers (default :class:`CharTokenizer`).
 
     Raises:
@@ -116,7 +123,7 @@ def make_eval_set(dataset: Any, tokenizer: CharTokenizer | None = None) -> EvalS
 
 def make_test_set(config: TrainConfig) -> EvalSet:
     """The ``n_test`` problems of the run's test split (disjoint from its training set)."""
-    return make_eval_set(config.make_dataset("test"))
+    return make_eval_set(config.make_examples("test"))
 
 
 # ----------------------------------------------------------------------------- predictors
@@ -141,8 +148,15 @@ def solve_core(
     Converged sequences leave the working batch early (``compact=True``).
     """
     return solvers.solve(
-        model.core_step, model.initial_state(x), solver, max_iter=max_iter, tol=tol,
-        stop_mode=stop_mode, args=(x,), compact=True, **solver_options,
+        model.core_step,
+        model.initial_state(x),
+        solver,
+        max_iter=max_iter,
+        tol=tol,
+        stop_mode=stop_mode,
+        args=(x,),
+        compact=True,
+        **solver_options,
     )
 
 
@@ -150,9 +164,9 @@ def equilibrium(
     model: LoopLM,
     solver: str,
     *,
-    max_iter: int = 100,
-    tol: float = 1e-4,
-    stop_mode: str = "rel",
+    max_iter: int = EQUILIBRIUM_MAX_ITER,
+    tol: float = EQUILIBRIUM_TOL,
+    stop_mode: str = EQUILIBRIUM_STOP_MODE,
     **solver_options: Any,
 ) -> Predictor:
     """Predictor reading out at the fixed point found by ``solvers.solve``.
@@ -248,6 +262,7 @@ def loop_diagnostics(
     rho_method: str = "power",
     rho_iters: int = 30,
     generator: torch.Generator | None = None,
+    on_record: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Latent dynamics along the unrolled trajectory, at each loop count of ``loops``.
 
@@ -257,6 +272,7 @@ def loop_diagnostics(
         loops: loop counts >= 1 at which to record.
         rho_method, rho_iters: passed to :func:`eqloop.stars.spectral_radius`.
         generator: random start vectors of the power iteration.
+        on_record: called with each loop count once its record is made (progress bars).
 
     Returns:
         One dict per loop count: ``loops``, ``step_norm`` (mean ``||z_t - z_{t-1}||``),
@@ -264,9 +280,9 @@ def loop_diagnostics(
         ``||z_t||``) and ``rho`` (:func:`quantiles` of the per-sequence estimates, plus
         ``share_below_1``).
     """
-    wanted = sorted(set(loops))
-    if not wanted or wanted[0] < 1:
-        raise ValueError(f"loops must be integers >= 1, got {list(loops)}")
+    wanted = sorted({checks.integer("loops", t, low=1) for t in loops})
+    if not wanted:
+        raise ValueError("loops must hold at least one loop count")
     out = []
     with torch.no_grad():
         x = model.inject(inputs)
@@ -290,6 +306,8 @@ def loop_diagnostics(
                     "rho": {**quantiles(rho), "share_below_1": float((rho < 1).float().mean())},
                 }
             )
+            if on_record is not None:
+                on_record(t)
     return out
 
 
@@ -298,9 +316,9 @@ def equilibrium_diagnostics(
     inputs: Tensor,
     solver: str,
     *,
-    max_iter: int = 100,
-    tol: float = 1e-4,
-    stop_mode: str = "rel",
+    max_iter: int = EQUILIBRIUM_MAX_ITER,
+    tol: float = EQUILIBRIUM_TOL,
+    stop_mode: str = EQUILIBRIUM_STOP_MODE,
     rho_method: str = "power",
     rho_iters: int = 30,
     generator: torch.Generator | None = None,
@@ -344,6 +362,41 @@ def equilibrium_diagnostics(
 # ------------------------------------------------------------------------------ drivers
 
 
+def check_options(
+    loops: Sequence[int],
+    solver: str | None = None,
+    solver_options: dict[str, Any] | None = None,
+    decode: str = "greedy",
+    diagnostic_samples: int = 256,
+    rho_iters: int = 30,
+    batch_size: int = 1024,
+) -> None:
+    """Check evaluation settings before any work (see :func:`evaluate_model`).
+
+    Raises:
+        ValueError, TypeError: a setting out of range or of the wrong type, an unknown
+            decode, solver or solver option (the message names it).
+    """
+    if isinstance(loops, (str, bytes)) or not isinstance(loops, Sequence) or not loops:
+        raise TypeError(f"loops must be a non-empty sequence of loop counts, got {loops!r}")
+    for t in loops:
+        checks.integer("loops", t, low=0)
+    checks.choice("decode", decode, DECODES)
+    checks.integer("diagnostic_samples", diagnostic_samples, low=1)
+    checks.integer("rho_iters", rho_iters, low=1)
+    checks.integer("batch_size", batch_size, low=1)
+    if solver is None:
+        return
+    if not isinstance(solver, str):
+        raise TypeError(f"solver must be a registered solver name, got {type(solver).__name__}")
+    options = dict(solver_options or {})
+    checks.integer("max_iter", options.pop("max_iter", EQUILIBRIUM_MAX_ITER), low=1)
+    checks.number("tol", options.pop("tol", EQUILIBRIUM_TOL), low=0)
+    checks.choice("stop_mode", options.pop("stop_mode", EQUILIBRIUM_STOP_MODE), ("abs", "rel"))
+    hyperparameters = {k: v for k, v in options.items() if k not in solvers.DRIVER_OPTIONS}
+    solvers.make_solver(solver, **hyperparameters)  # unknown names and options raise here
+
+
 def evaluate_model(
     model: LoopLM,
     data: EvalSet,
@@ -357,57 +410,78 @@ def evaluate_model(
     rho_iters: int = 30,
     batch_size: int = 1024,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Accuracy per loop count (and at equilibrium) plus latent diagnostics.
 
     Args:
         model: the LoopLM; it is switched to eval mode.
         data: the test set.
-        loops: loop counts to evaluate.
+        loops: loop counts to evaluate (diagnostics skip a loop count of 0).
         solver: also solve the core to equilibrium with this solver (e.g. ``"anderson"``).
-        solver_options: ``max_iter``, ``tol``, ``stop_mode`` and solver hyperparameters.
+        solver_options: ``max_iter``, ``tol``, ``stop_mode`` (defaults in
+            :mod:`eqloop.defaults`) and solver hyperparameters.
         decode: ``"greedy"`` or ``"forced"`` (identical verdicts for unrolled loops).
         diagnostics: compute the latent diagnostics and the contraction certificate.
         diagnostic_samples: test sequences used for the diagnostics (the first ones).
         rho_iters: power-iteration steps per spectral-radius estimate.
         batch_size: sequences per forward pass.
         seed: seed of the power-iteration start vectors.
+        progress: show a tqdm bar over the loop counts (and the equilibrium).
 
     Returns:
         ``{"n_test", "accuracy": {"<loops>": acc, ...}, "equilibrium": {...} | None,
         "diagnostics": [...] | None}``; ``equilibrium`` holds ``accuracy`` and, with
         ``diagnostics``, the output of :func:`equilibrium_diagnostics`.
+
+    Raises:
+        ValueError, TypeError: a setting out of range or of the wrong type, an unknown
+            decode, solver or solver option; raised before any evaluation.
     """
-    model.eval()
     options = dict(solver_options or {})
+    check_options(loops, solver, options, decode, diagnostic_samples, rho_iters, batch_size)
+    model.eval()
+    deep = [t for t in loops if t >= 1]
+    total = len(loops) + (solver is not None) * (1 + diagnostics) + diagnostics * len(deep)
+    bar = tqdm(total=total, disable=not progress, desc="eval", leave=False, dynamic_ncols=True)
     result: dict[str, Any] = {
         "n_test": len(data),
         "decode": decode,
-        "accuracy": {
-            str(t): exact_match(unrolled(model, t), data, decode=decode, batch_size=batch_size)
-            for t in loops
-        },
+        "accuracy": {},
         "equilibrium": None,
         "diagnostics": None,
     }
-    sample = data.inputs[:diagnostic_samples]
-    if solver is not None:
-        acc = exact_match(
-            equilibrium(model, solver, **options), data, decode=decode, batch_size=batch_size
-        )
-        result["equilibrium"] = {"accuracy": acc, "solver": solver, **options}
-        if diagnostics:
-            generator = torch.Generator(device=sample.device).manual_seed(seed)
-            result["equilibrium"].update(
-                equilibrium_diagnostics(
-                    model, sample, solver, rho_iters=rho_iters, generator=generator, **options
-                )
+    with bar:
+        for t in loops:
+            bar.set_description(f"accuracy, {t} loops")
+            result["accuracy"][str(t)] = exact_match(
+                unrolled(model, t), data, decode=decode, batch_size=batch_size
             )
-    if diagnostics:
-        generator = torch.Generator(device=sample.device).manual_seed(seed)
-        result["diagnostics"] = loop_diagnostics(
-            model, sample, loops, rho_iters=rho_iters, generator=generator
-        )
+            bar.update()
+        sample = data.inputs[:diagnostic_samples]
+        if solver is not None:
+            bar.set_description(f"accuracy at equilibrium ({solver})")
+            acc = exact_match(
+                equilibrium(model, solver, **options), data, decode=decode, batch_size=batch_size
+            )
+            result["equilibrium"] = {"accuracy": acc, "solver": solver, **options}
+            bar.update()
+            if diagnostics:
+                bar.set_description("contraction at equilibrium")
+                generator = torch.Generator(device=sample.device).manual_seed(seed)
+                result["equilibrium"].update(
+                    equilibrium_diagnostics(
+                        model, sample, solver, rho_iters=rho_iters, generator=generator, **options
+                    )
+                )
+                bar.update()
+        if diagnostics and deep:
+            bar.set_description("diagnostics per depth")
+            generator = torch.Generator(device=sample.device).manual_seed(seed)
+            result["diagnostics"] = loop_diagnostics(
+                model, sample, deep, rho_iters=rho_iters, generator=generator,
+                on_record=lambda t: bar.update(),
+            )  # fmt: skip
     return result
 
 
@@ -424,6 +498,7 @@ def evaluate_checkpoint(
     rho_iters: int = 30,
     batch_size: int = 1024,
     device: str = "cpu",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Load a checkpoint and run :func:`evaluate_model` on its task's test split.
 
@@ -431,27 +506,33 @@ def evaluate_checkpoint(
         path: a ``step_*`` checkpoint directory or a run directory (latest checkpoint).
         loops: loop counts to evaluate.
         solver: also evaluate at the equilibrium found by this solver.
-        solver_options: ``max_iter`` (default 100), ``tol`` (1e-4), ``stop_mode`` and
-            solver hyperparameters.
+        solver_options: ``max_iter``, ``tol``, ``stop_mode`` (defaults in
+            :mod:`eqloop.defaults`) and solver hyperparameters.
         n_test: test problems (default: the run's ``n_test``).
-        decode, diagnostics, diagnostic_samples, rho_iters, batch_size: see
+        decode, diagnostics, diagnostic_samples, rho_iters, batch_size, progress: see
             :func:`evaluate_model`.
-        device: where to run.
+        device: where to run: ``"cpu"``, ``"cuda[:n]"`` or ``"auto"``.
 
     Returns:
         The :func:`evaluate_model` dict plus ``checkpoint`` (path), ``step``, ``task``
         and ``digits``.
 
     Raises:
+        ValueError, TypeError: bad settings or an unusable device (before the checkpoint
+            is read).
         eqloop.checkpoint.CheckpointError: missing or corrupted checkpoint.
     """
+    options = {"max_iter": EQUILIBRIUM_MAX_ITER, "tol": EQUILIBRIUM_TOL, **(solver_options or {})}
+    check_options(loops, solver, options, decode, diagnostic_samples, rho_iters, batch_size)
+    if n_test is not None:
+        checks.integer("n_test", n_test, low=1)
+    device = check_device(device)
     model, ckpt = load_model(path, device=device)
     config = TrainConfig.from_dict(ckpt.config)
     if n_test is not None:
         config.n_test = n_test
         config.validate()
     data = make_test_set(config)
-    options = {"max_iter": 100, "tol": 1e-4, **(solver_options or {})}
     result = evaluate_model(
         model,
         data.to(device),
@@ -464,6 +545,7 @@ def evaluate_checkpoint(
         rho_iters=rho_iters,
         batch_size=batch_size,
         seed=config.seed,
+        progress=progress,
     )
     return {
         "checkpoint": str(ckpt.path),
@@ -472,6 +554,74 @@ def evaluate_checkpoint(
         "digits": config.digits,
         **result,
     }
+
+
+# ------------------------------------------------------------------------------- report
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Right-aligned columns, two spaces apart."""
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    return [
+        "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
+        for row in (header, *rows)
+    ]
+
+
+def _rho_cells(rho: dict[str, float], share: float) -> list[str]:
+    return [f"{rho['q50']:.3f}", f"{rho['q90']:.3f}", f"{share:.0%}"]
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """One checkpoint's result as the table ``eqloop eval`` prints.
+
+    One row per loop count (exact-match accuracy and, with diagnostics, the mean step
+    norm ``||z_t - z_{t-1}||``, the mean state norm ``||z_t||``, the median and 90%
+    quantile of ``rho(J(z_t))`` and the share of sequences with ``rho < 1``), an ``eq``
+    row for the equilibrium and a line on the solver's convergence.
+    """
+    title = (
+        f"{result['checkpoint']} (step {result['step']}; {result['digits']}-digit "
+        f"{result['task']}, {result['n_test']} test problems, {result['decode']} decoding)"
+    )
+    by_depth = {d["loops"]: d for d in result.get("diagnostics") or []}
+    eq = result.get("equilibrium")
+    detailed = bool(by_depth) or (eq is not None and "contraction" in eq)
+    header = ["loops", "accuracy"]
+    if detailed:
+        header += ["step norm", "state norm", "rho median", "rho q90", "rho < 1"]
+    rows = []
+    for t, acc in result["accuracy"].items():
+        row = [t, f"{acc:.3f}"]
+        if detailed:
+            d = by_depth.get(int(t))
+            row += ["-"] * 5 if d is None else [
+                f"{d['step_norm']:.3g}", f"{d['state_norm']:.3g}",
+                *_rho_cells(d["rho"], d["rho"]["share_below_1"]),
+            ]  # fmt: skip
+        rows.append(row)
+    lines = [title]
+    if eq is not None:
+        row = ["eq", f"{eq['accuracy']:.3f}"]
+        if detailed:
+            c = eq.get("contraction")
+            row += ["-", f"{eq['state_norm']:.3g}"] if c else ["-"] * 2
+            row += _rho_cells(c["rho"], c["share_rho_below_1"]) if c else ["-"] * 3
+        rows.append(row)
+    lines += ["  " + line for line in _table(header, rows)]
+    if eq is not None:
+        settings = f"{eq['solver']}, max_iter {eq['max_iter']}, tol {eq['tol']:g}"
+        if "status" in eq:
+            nstep, res = eq["nstep"], eq["rel_residual"]
+            lines.append(
+                f"  eq: {settings}; {eq['converged']:.0%} of sequences converged "
+                f"(status: {eq['status']}), "
+                f"f-evaluations median {nstep['q50']:.0f} max {nstep['q100']:.0f}, "
+                f"relative residual median {res['q50']:.2g} max {res['q100']:.2g}"
+            )
+        else:
+            lines.append(f"  eq: {settings}")
+    return "\n".join(lines)
 
 
 def _label(result: dict[str, Any]) -> str:
@@ -518,5 +668,6 @@ def plot_results(results: Sequence[dict[str, Any]], path: str | os.PathLike[str]
     ax_acc.set_title("accuracy vs loops (dashed: equilibrium)")
     ax_rho.set_title("rho(J(z_t)), 10-90% band (dashed: z*)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from solvers import checks
+
 Map = Callable[[Tensor], Tensor]
 """A batched map ``(B, ...) -> (B, ...)`` whose samples are independent along dim 0."""
 
@@ -75,10 +77,8 @@ class PenaltySchedule:
     every: int = 1
 
     def __post_init__(self) -> None:
-        if self.start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {self.start_step}")
-        if self.every < 1:
-            raise ValueError(f"every must be >= 1, got {self.every}")
+        checks.integer("start_step", self.start_step, low=0)
+        checks.integer("every", self.every, low=1)
 
     def active(self, step: int) -> bool:
         """Whether the penalty is applied at optimisation step ``step`` (0-based)."""
@@ -230,11 +230,11 @@ def spectral_radius(
     Raises:
         ValueError: Unknown ``method``, ``iters < 1``, ``v0`` of the wrong shape, or ``f``
             changing the shape of its input.
+        TypeError: ``iters`` is not an integer (or is a bool).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    if not _is_int_at_least(iters, 1):
-        raise ValueError(f"iters must be a positive integer, got {iters!r}")
+    checks.integer("iters", iters, low=1)
     if z.dim() < 1:
         raise ValueError("z must have a batch dimension: shape (B, ...)")
     z = z.detach()
@@ -245,11 +245,6 @@ def spectral_radius(
         else:
             rho, v = _arnoldi(f, z, v, iters, generator)
     return (rho, v) if return_vectors else rho
-
-
-def _is_int_at_least(value: object, low: int) -> bool:
-    """Whether ``value`` is an ``int`` (not a ``bool``) with ``value >= low``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def _power_iteration(f: Map, z: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Tensor]:
@@ -430,13 +425,13 @@ def jsrr_penalty(
     Raises:
         ValueError: Unknown ``product``, ``power_steps < 1``, negative ``target``, ``v``
             of the wrong shape, or ``f`` changing the shape of its input.
+        TypeError: ``power_steps`` or ``target`` of the wrong type.
     """
     if product not in PRODUCTS:
         raise ValueError(f"unknown product {product!r}; valid products: {', '.join(PRODUCTS)}")
-    if not _is_int_at_least(power_steps, 1):
-        raise ValueError(f"power_steps must be a positive integer, got {power_steps!r}")
-    if target is not None and not target >= 0:
-        raise ValueError(f"target must be >= 0 or None, got {target!r}")
+    checks.integer("power_steps", power_steps, low=1)
+    if target is not None:
+        checks.number("target", target, low=0)
     if z.dim() < 1:
         raise ValueError("z must have a batch dimension: shape (B, ...)")
 

@@ -8,12 +8,18 @@ Distributed data parallel on one machine, N processes (gloo on CPU, NCCL on GPU)
 
     torchrun --standalone --nproc_per_node=2 -m eqloop.cli train --config add3.json --out-dir ddp
 
-CPU recipe (3-digit addition, reversed answers; about 3-4 minutes on 2 cores, >= 98% exact
-match from 4 to 128 loops and at equilibrium): the TrainConfig defaults (d=64, 8 heads,
-prelude + one post-sandwich core block + coda, init_std 0.1, AdamW lr 3e-3, batch 64,
-1500 steps, lam 0.1 from step 400) with the sampler narrowed to what a CPU affords::
+CPU recipe (3-digit addition, reversed answers; its results are in the README's
+benchmarks): the TrainConfig defaults (d=64, 8 heads, prelude + one post-sandwich core
+block + coda, init_std 0.1, AdamW lr 3e-3, batch 64, 1500 steps, lam 0.1 from step 400)
+with the sampler narrowed to what a CPU affords::
 
     eqloop train --set 'depth={"kind": "lognormal", "mu": 2.0, "sigma": 0.7, "lo": 1, "hi": 16}'
+
+The run directory belongs to one run: a directory that already holds a run's files
+(``config.json``, ``metrics.jsonl``, ``checkpoints/``) is continued with ``resume``,
+replaced with ``overwrite``, or refused. SIGINT (Ctrl-C) and SIGTERM end a run cleanly:
+the step in progress (with its evaluation, if due) finishes, a checkpoint is written and
+:class:`TrainingInterrupted` says where it is.
 
 Every step draws one loop count ``t`` from the depth sampler (the same ``t`` on every
 rank, logged), runs the model ``t`` loops and minimises
@@ -43,17 +49,23 @@ parameters' accumulators. Every parameter is used by the CE forward, so
 Exact resume: the data order, the dropout RNG and the penalty vectors of each step are
 derived from ``(seed, step, rank)``, and the optimiser, scheduler and depth-sampler states
 are checkpointed, so a run interrupted at step k and resumed reaches bit-identical
-weights to an uninterrupted run.
+weights to an uninterrupted run. Resuming drops the metrics records written after the
+checkpoint (and a torn last line left by a crash, with a warning).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import signal
 import statistics
+import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -70,12 +82,15 @@ from tqdm.auto import tqdm
 
 import solvers
 from eqloop.checkpoint import (
+    Checkpoint,
+    CheckpointError,
     latest_checkpoint,
     load_checkpoint,
+    remove_staging,
+    run_files,
     save_checkpoint,
-    write_json_atomic,
 )
-from eqloop.config import TrainConfig
+from eqloop.config import TrainConfig, check_device
 from eqloop.data import IGNORE_INDEX, CharTokenizer, to_tensors
 from eqloop.defaults import (
     EQUILIBRIUM_MAX_ITER,
@@ -85,11 +100,13 @@ from eqloop.defaults import (
 )
 from eqloop.depth import DepthSampler
 from eqloop.evaluate import EvalSet, evaluate_model, make_test_set
+from eqloop.files import write_json_atomic, write_text_atomic
 from eqloop.model import LoopLM
 from eqloop.stars import PenaltySchedule, jsrr_penalty, spectral_radius
 
 __all__ = [
     "OnEval",
+    "TrainingInterrupted",
     "batch_rows",
     "lr_factor",
     "make_train_tensors",
@@ -105,8 +122,26 @@ OnEval = Callable[[int, dict[str, Any]], None]
 # Options a resumed run may change; every other field must match the checkpoint's config.
 _RESUME_MAY_CHANGE = frozenset(
     {"steps", "eval_every", "eval_loops", "n_test", "checkpoint_every", "out_dir", "resume",
-     "device", "progress", "data_cache_dir"}
+     "overwrite", "device", "progress", "data_cache_dir"}
 )  # fmt: skip
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM ended a run after a checkpoint of its last step was written.
+
+    A ``KeyboardInterrupt``, so that code which stops on Ctrl-C stops here too.
+
+    Attributes:
+        step: steps completed.
+        checkpoint: the checkpoint written (None on ranks other than 0).
+        signum: the signal received.
+    """
+
+    def __init__(self, step: int, checkpoint: Path | None, signum: int) -> None:
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "a checkpoint"
+        super().__init__(f"{signal.Signals(signum).name} at step {step}; saved {where}")
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -123,7 +158,7 @@ def make_train_tensors(config: TrainConfig) -> tuple[Tensor, Tensor]:
     Returns:
         ``inputs`` (N, S) and ``targets`` (N, S) int64; targets are -100 on the prompt.
     """
-    return to_tensors(config.make_dataset("train"), CharTokenizer())
+    return to_tensors(config.make_examples("train"), CharTokenizer())
 
 
 def batch_rows(step: int, n: int, batch_size: int, seed: int) -> Tensor:
@@ -308,9 +343,8 @@ class _Env:
 
 def _setup(device: str) -> _Env:
     """Join the process group torchrun describes (``WORLD_SIZE > 1``) or run alone."""
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if cuda and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    device = check_device(device)
+    cuda = device.startswith("cuda")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or dist.is_initialized()
     owns = distributed and not dist.is_initialized()
     if owns:
@@ -330,18 +364,47 @@ def _setup(device: str) -> _Env:
 # ------------------------------------------------------------------------------ logging
 
 
-class _MetricsLog:
-    """Append-only JSONL log; on resume, records after the checkpoint's step are dropped."""
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file.
 
-    def __init__(self, path: Path, keep_until: int) -> None:
-        kept = []
-        if keep_until > 0 and path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= keep_until:
-                    kept.append(line + "\n")
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+    A last line without its newline that is not valid JSON is what a crash in the middle
+    of a write leaves: it is dropped with a warning.
+
+    Raises:
+        ValueError: any other line that is not a JSON object (the message gives
+            ``path:line``).
+    """
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # no newline after it: a torn write
+                warnings.warn(
+                    f"{path}:{number}: dropped the incomplete last line (a write was cut off)",
+                    stacklevel=2,
+                )
+                break
+            raise ValueError(
+                f"{path}:{number}: not a JSON record ({err.msg}); repair or delete that line"
+            ) from None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}:{number}: expected a JSON object, got {type(record).__name__}"
+            )
+        records.append(record)
+    return records
+
+
+class _MetricsLog:
+    """Append-only JSONL log that starts with ``kept`` (a resumed run's earlier records)."""
+
+    def __init__(self, path: Path, kept: list[dict[str, Any]]) -> None:
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = path.open("a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -351,15 +414,22 @@ class _MetricsLog:
         self._file.close()
 
 
-def _average_over_ranks(stats: dict[str, float | None], env: _Env) -> dict[str, float | None]:
-    """Mean of each statistic over the ranks (None stays None: it is None on every rank)."""
+def _average_over_ranks(
+    stats: dict[str, float | None], stop: int, env: _Env
+) -> tuple[dict[str, float | None], int]:
+    """Mean of each statistic over the ranks (None stays None: it is None on every rank),
+    and the largest ``stop`` signal number of any rank, in one all-reduce."""
     keys = [k for k, v in stats.items() if v is not None]
     values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=env.device)
+    flags = torch.zeros(env.world, dtype=torch.float64, device=env.device)
+    flags[env.rank] = stop
+    values = torch.cat((values, flags))
     dist.all_reduce(values)
-    return {**stats, **dict(zip(keys, (values / env.world).tolist(), strict=True))}
+    means = (values[: len(keys)] / env.world).tolist()
+    return {**stats, **dict(zip(keys, means, strict=True))}, int(values[len(keys) :].max())
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, source: Path) -> None:
     """Raise ``ValueError`` if ``config`` changes fields a resumed run must keep."""
     current = config.to_dict()
     changed = sorted(
@@ -369,9 +439,112 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     )
     if changed:
         raise ValueError(
-            f"cannot resume from {config.out_dir}: the config differs from the checkpoint's in "
-            f"{changed}; only {sorted(_RESUME_MAY_CHANGE)} may change (or use a new out_dir)"
+            f"cannot resume the run in {config.out_dir}: the config differs from {source} in "
+            f"{changed}; only {sorted(_RESUME_MAY_CHANGE)} may change (or use a new out_dir, "
+            "or overwrite=true to replace that run)"
         )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a run does with its directory: start fresh (clearing ``clear``) or resume.
+
+    ``metrics`` are the records of ``metrics.jsonl`` up to the checkpoint's step.
+    """
+
+    checkpoint: Checkpoint | None
+    clear: tuple[Path, ...] = ()
+    metrics: tuple[dict[str, Any], ...] = ()
+
+
+def _plan_run_dir(config: TrainConfig) -> _Plan:
+    """Decide, before any work, how the run uses ``out_dir``; nothing is changed yet.
+
+    Raises:
+        ValueError: ``out_dir`` is not a usable directory, it holds another run and
+            neither ``resume`` nor ``overwrite`` is set, or the run it holds differs from
+            ``config`` in a field that a resumed run must keep.
+        eqloop.checkpoint.CheckpointError: the checkpoint to resume from is damaged.
+        ValueError: ``metrics.jsonl`` is damaged other than in its last line.
+    """
+    out_dir = Path(config.out_dir)
+    for parent in (out_dir, *out_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"out_dir {out_dir}: {parent} exists and is not a directory")
+        if parent.exists():
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"out_dir {out_dir}: cannot write into {parent}")
+            break
+    present = run_files(out_dir)
+    if not present:
+        return _Plan(None)
+    if config.overwrite:
+        return _Plan(None, clear=tuple(present))
+    latest = latest_checkpoint(out_dir)
+    if not config.resume:
+        what = f"checkpoints up to {latest.name}" if latest else ", ".join(p.name for p in present)
+        raise ValueError(
+            f"{out_dir} already holds a training run ({what}); resume it with --resume "
+            "(resume=true), train into a new --out-dir, or pass --overwrite "
+            "(overwrite=true) to delete that run and start over"
+        )
+    if latest is not None:
+        ckpt = load_checkpoint(latest)
+        _check_resumable(ckpt.config, config, ckpt.path)
+        log = out_dir / "metrics.jsonl"
+        records = read_metrics(log) if log.is_file() else []
+        return _Plan(ckpt, metrics=tuple(r for r in records if r.get("step", 0) <= ckpt.step))
+    saved = out_dir / "config.json"  # killed before its first checkpoint: start it again
+    if not saved.is_file():
+        raise ValueError(
+            f"cannot resume the run in {out_dir}: it has no checkpoint and no config.json; "
+            "pass --overwrite (overwrite=true) to delete it and start over"
+        )
+    try:
+        saved_config = json.loads(saved.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {saved}: {err}") from None
+    _check_resumable(saved_config, config, saved)
+    return _Plan(None, clear=tuple(present))
+
+
+def _clear(paths: tuple[Path, ...]) -> None:
+    """Delete the files and directories of a run being replaced."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[list[int]]:
+    """Record SIGINT and SIGTERM instead of dying, so the loop can stop after a step.
+
+    Yields a list holding the signal number received (0 until then). After the first
+    signal the previous handlers are back, so a second Ctrl-C interrupts at once. Only
+    the main thread can set handlers; elsewhere the signals act as before.
+    """
+    received = [0]
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+
+    def restore() -> None:
+        for sig, handler in previous.items():  # None: a handler not set from Python
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def handler(signum: int, frame: Any) -> None:
+        received[0] = signum
+        restore()
+
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, handler)
+    try:
+        yield received
+    finally:
+        restore()
 
 
 # -------------------------------------------------------------------------------- train
@@ -417,7 +590,7 @@ class _State:
         )
 
 
-def _initial_weights(config: TrainConfig) -> dict[str, Tensor]:
+def initial_weights(config: TrainConfig) -> dict[str, Tensor]:
     """The weights of ``config.init_from``, checked to fit ``config.model``.
 
     Raises:
@@ -436,32 +609,27 @@ def _initial_weights(config: TrainConfig) -> dict[str, Tensor]:
     return source.weights
 
 
-def _build(config: TrainConfig, env: _Env) -> _State:
-    """Model, DDP wrapper, optimiser, scheduler and sampler, restored if resuming.
+def _build(config: TrainConfig, env: _Env, ckpt: Checkpoint | None) -> _State:
+    """Model, DDP wrapper, optimiser, scheduler and sampler, restored from ``ckpt`` if given.
 
     Raises:
-        ValueError: ``out_dir`` holds checkpoints but ``resume`` is off, or the config
-            differs from the checkpoint's in a field that must not change.
-        eqloop.checkpoint.CheckpointError: the checkpoint to resume from is corrupted.
+        eqloop.checkpoint.CheckpointError: the training state does not match the step.
     """
-    latest = latest_checkpoint(config.out_dir)
-    if latest is not None and not config.resume:
-        raise ValueError(
-            f"{config.out_dir} already holds checkpoints (latest: {latest.name}); set "
-            "resume=true to continue that run or choose another out_dir"
-        )
-    ckpt = load_checkpoint(latest) if latest is not None else None
-    if ckpt is not None:
-        _check_resumable(ckpt.config, config)
     torch.manual_seed(config.seed)
     model = LoopLM(config.model).to(env.device)
     optimizer = _optimizer(model, config)
     scheduler = LambdaLR(optimizer, partial(lr_factor, config=config))
     state = _State(model, model, optimizer, scheduler, config.make_sampler())
     if ckpt is None and config.init_from is not None:
-        model.load_state_dict(_initial_weights(config))
+        model.load_state_dict(initial_weights(config))
     if ckpt is not None:
         saved = ckpt.training_state(map_location=env.device)
+        scheduled = saved["scheduler"].get("last_epoch")
+        if scheduled != ckpt.step:
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} is inconsistent: it is step {ckpt.step} but its "
+                f"training state has taken {scheduled} steps"
+            )
         model.load_state_dict(ckpt.weights)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -503,7 +671,7 @@ def train(config: TrainConfig, *, on_eval: OnEval | None = None) -> dict[str, An
     destroyed at the end) unless the caller already initialised one.
 
     Args:
-        config: the run; validated before anything is written.
+        config: the run; validated, and its run directory checked, before any work.
         on_eval: called as ``on_eval(step, metrics)`` after every periodic evaluation
             (``metrics``: ``step``, ``accuracy`` per loop count, ``mean_accuracy``,
             ``eval_time``). It may raise, e.g. ``optuna.TrialPruned``: the step is then
@@ -517,8 +685,11 @@ def train(config: TrainConfig, *, on_eval: OnEval | None = None) -> dict[str, An
     Raises:
         ValueError: invalid config (unknown task, ``digits < 1``, ``lam`` outside
             [0, 1], ...), a model too small for the data, ``batch_size`` not divisible by
-            the number of ranks, or an existing run in ``out_dir`` without ``resume``.
-        eqloop.checkpoint.CheckpointError: the checkpoint to resume from is corrupted.
+            the number of ranks, or a run already in ``out_dir`` without ``resume`` or
+            ``overwrite``.
+        TypeError: a config field of the wrong type.
+        eqloop.checkpoint.CheckpointError: the checkpoint to resume from is damaged.
+        TrainingInterrupted: SIGINT or SIGTERM arrived; the last step was checkpointed.
     """
     config.validate()
     env = _setup(config.device)
@@ -535,6 +706,9 @@ def _train(config: TrainConfig, env: _Env, on_eval: OnEval | None) -> dict[str, 
     vocab = CharTokenizer().vocab_size
     if config.model.vocab_size < vocab:
         raise ValueError(f"model.vocab_size must be >= {vocab} (the tokenizer's vocabulary)")
+    plan = _plan_run_dir(config)
+    if env.world > 1:
+        dist.barrier()  # every rank has looked at out_dir before rank 0 changes it
     train_x, train_y = make_train_tensors(config)
     if train_x.shape[1] > config.model.max_seq_len:
         raise ValueError(
@@ -543,16 +717,18 @@ def _train(config: TrainConfig, env: _Env, on_eval: OnEval | None) -> dict[str, 
         )
     train_x, train_y = train_x.to(env.device), train_y.to(env.device)
     test = make_test_set(config).to(env.device)
-    state = _build(config, env)
+    state = _build(config, env, plan.checkpoint)
     out_dir = Path(config.out_dir)
     if state.step >= config.steps:
         return {**state.metrics(), "checkpoint": str(latest_checkpoint(out_dir))}
 
     log = None
     if env.main:  # nothing is written before this point
+        _clear(plan.clear)
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_staging(out_dir)
         write_json_atomic(out_dir / "config.json", config.to_dict())
-        log = _MetricsLog(out_dir / "metrics.jsonl", keep_until=state.step)
+        log = _MetricsLog(out_dir / "metrics.jsonl", list(plan.metrics))
     schedule = PenaltySchedule(config.penalty_start, config.penalty_every)
     bar = tqdm(
         total=config.steps,
@@ -561,61 +737,73 @@ def _train(config: TrainConfig, env: _Env, on_eval: OnEval | None) -> dict[str, 
         desc=f"train {out_dir.name}",
         dynamic_ncols=True,
     )
-    checkpoint = None
-    try:
-        for step in range(state.step, config.steps):
-            start = time.perf_counter()
-            torch.manual_seed(_mix(config.seed, step, env.rank, 0))  # dropout, if any
-            generator = torch.Generator(env.device).manual_seed(
-                _mix(config.seed, step, env.rank, 1)
-            )
-            rows = batch_rows(step, len(train_x), config.batch_size, config.seed)
-            rows = rows[env.rank :: env.world].to(env.device)
-            loops = state.sampler.sample()
-            lr = state.scheduler.get_last_lr()[0]
-            state.model.train()
-            stats = train_step(
-                state.net,
-                state.model,
-                state.optimizer,
-                train_x[rows],
-                train_y[rows],
-                loops,
-                config,
-                penalty_on=config.lam > 0 and schedule.active(step),
-                generator=generator,
-            )
-            state.scheduler.step()
-            if env.world > 1:
-                stats = _average_over_ranks(stats, env)
-            state.step = step + 1
-            state.train_time += time.perf_counter() - start
-            state.last_train = {**stats, "loops": loops, "lr": lr}
-            if log is not None:
-                log.write({"step": state.step, **state.last_train, "time": state.train_time})
-            bar.update(1)
-            bar.set_postfix(ce=f"{stats['ce']:.3f}", loops=loops, refresh=False)
+    checkpoint, saved_step = None, -1
 
-            if (config.eval_every and state.step % config.eval_every == 0) or (
-                state.step == config.steps
-            ):
-                state.last_eval = _evaluate(state, test, config, env)
-                if log is not None:
-                    log.write({"event": "eval", **state.last_eval})
-                bar.set_postfix(
-                    ce=f"{stats['ce']:.3f}", acc=f"{state.last_eval['mean_accuracy']:.3f}"
+    def save() -> Path | None:
+        nonlocal checkpoint, saved_step
+        if env.main and saved_step != state.step:
+            checkpoint, saved_step = state.save(out_dir, config), state.step
+        return checkpoint
+
+    try:
+        with _stop_signals() as received:
+            for step in range(state.step, config.steps):
+                start = time.perf_counter()
+                torch.manual_seed(_mix(config.seed, step, env.rank, 0))  # dropout, if any
+                generator = torch.Generator(env.device).manual_seed(
+                    _mix(config.seed, step, env.rank, 1)
                 )
-                if on_eval is not None:
-                    try:
-                        on_eval(state.step, state.last_eval)
-                    except BaseException:
-                        if env.main:
-                            state.save(out_dir, config)
-                        raise
-            if (config.checkpoint_every and state.step % config.checkpoint_every == 0) or (
-                state.step == config.steps
-            ):
-                checkpoint = state.save(out_dir, config) if env.main else None
+                rows = batch_rows(step, len(train_x), config.batch_size, config.seed)
+                rows = rows[env.rank :: env.world].to(env.device)
+                loops = state.sampler.sample()
+                lr = state.scheduler.get_last_lr()[0]
+                state.model.train()
+                stats = train_step(
+                    state.net,
+                    state.model,
+                    state.optimizer,
+                    train_x[rows],
+                    train_y[rows],
+                    loops,
+                    config,
+                    penalty_on=config.lam > 0 and schedule.active(step),
+                    generator=generator,
+                )
+                state.scheduler.step()
+                stop = received[0]
+                if env.world > 1:
+                    stats, stop = _average_over_ranks(stats, stop, env)
+                state.step = step + 1
+                state.train_time += time.perf_counter() - start
+                state.last_train = {**stats, "loops": loops, "lr": lr}
+                if log is not None:
+                    log.write({"step": state.step, **state.last_train, "time": state.train_time})
+                bar.update(1)
+                bar.set_postfix(ce=f"{stats['ce']:.3f}", loops=loops, refresh=False)
+
+                if (config.eval_every and state.step % config.eval_every == 0) or (
+                    state.step == config.steps
+                ):
+                    state.last_eval = _evaluate(state, test, config, env)
+                    if log is not None:
+                        log.write({"event": "eval", **state.last_eval})
+                    bar.set_postfix(
+                        ce=f"{stats['ce']:.3f}", acc=f"{state.last_eval['mean_accuracy']:.3f}"
+                    )
+                    if on_eval is not None:
+                        try:
+                            on_eval(state.step, state.last_eval)
+                        except BaseException:
+                            save()
+                            raise
+                if (config.checkpoint_every and state.step % config.checkpoint_every == 0) or (
+                    state.step == config.steps
+                ):
+                    save()
+                if env.world == 1:  # ranks agree on the value reduced above; alone, read it now
+                    stop = received[0]
+                if stop and state.step < config.steps:
+                    raise TrainingInterrupted(state.step, save(), stop)
     finally:
         bar.close()
         if log is not None:

@@ -1,7 +1,8 @@
 """The small interface every solver implements.
 
-A solver is an object that holds hyperparameters. Solvers that run inside eqloop's
-driver loop (:func:`solvers._driver.iterate`) implement :class:`IterativeSolver`:
+A solver is an object that holds hyperparameters and receives a validated
+:class:`Problem`. Solvers that run inside eqloop's driver loop
+(:func:`solvers._driver.iterate`) implement :class:`IterativeSolver`:
 
 * ``init(z0)`` builds the solver's state for a flat batch ``z0`` of shape (B, n);
 * ``step(state, z, fz, k)`` receives the current iterate ``z`` and its image ``fz``
@@ -15,46 +16,15 @@ torchdeq and SciPy adapters) implement :class:`Solver` directly.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
+from ._driver import iterate
+from ._problem import Problem
 from ._result import SolveResult
 
-
-@dataclass(frozen=True)
-class Problem:
-    """A validated fixed-point problem and the driver settings for solving it.
-
-    Attributes:
-        f: the map; called as ``f(z, *args)`` with ``z`` of shape (B, ...).
-        z0: (B, ...) initial guess.
-        args: extra per-sample tensors (batch dimension 0) passed to ``f`` after ``z``.
-        max_iter: budget of f-evaluations.
-        tol: tolerance on the residual chosen by ``stop_mode``.
-        stop_mode: ``"abs"`` or ``"rel"``.
-        eps: added to ``||f(z)||`` in the relative residual.
-        check_every: host check for "all samples stopped" every this many
-            evaluations; ``None`` never checks (no host synchronisation at all).
-        compact: pass only the still-active samples to ``f`` (needs independent samples).
-        diverge_ratio: a sample diverges once its absolute residual exceeds this
-            multiple of its first absolute residual.
-        raise_on_failure: raise :class:`SolveError` when any sample fails to converge.
-    """
-
-    f: Callable[..., Tensor]
-    z0: Tensor
-    args: tuple[Tensor, ...] = ()
-    max_iter: int = 50
-    tol: float = 1e-5
-    stop_mode: str = "rel"
-    eps: float = 1e-9
-    check_every: int | None = 1
-    compact: bool = False
-    diverge_ratio: float = 1e4
-    raise_on_failure: bool = False
+__all__ = ["IterativeSolver", "Problem", "Solver"]
 
 
 class Solver(abc.ABC):
@@ -94,6 +64,4 @@ class IterativeSolver(Solver):
         """
 
     def run(self, problem: Problem) -> SolveResult:
-        from ._driver import iterate
-
         return iterate(self, problem)

@@ -10,12 +10,21 @@ from torch import Tensor
 
 
 class Status(enum.IntEnum):
-    """Why a sample stopped. The overall status of a solve is the worst over samples."""
+    """Why a sample stopped. The overall status of a solve is the worst over samples.
 
-    CONVERGED = 0  # the residual reached the tolerance
+    A map with no fixed point never ends ``CONVERGED``: a residual that is within a few
+    units of rounding of ``||f(z)||`` while ``||f(z)||`` has grown past ``diverge_ratio``
+    times the start's size ``||z0|| + ||f(z0) - z0||`` only says that the dtype can no
+    longer tell ``f(z)`` from ``z`` (``z + 1 == z`` in float32 once ``z > 2**24``), so such
+    a sample is ``DIVERGED``. A contraction with rate L has ``||z*|| <= (||z0|| +
+    ||f(z0) - z0||) / (1 - L)``, so the rule cannot fire on one unless L > 1 - 1 /
+    diverge_ratio.
+    """
+
+    CONVERGED = 0  # the residual reached the tolerance (and is not rounding of a runaway)
     MAX_ITER = 1  # the iteration budget ran out first
-    DIVERGED = 2  # the residual grew past ``diverge_ratio`` times its first value
-    NON_FINITE = 3  # f produced NaN or Inf
+    DIVERGED = 2  # the residual grew past diverge_ratio x its first value, or ran away
+    NON_FINITE = 3  # f produced NaN/Inf, or ||f(z)|| overflowed the dtype
 
     @property
     def label(self) -> str:
@@ -40,13 +49,18 @@ class SolveResult:
     """Outcome of a batched fixed-point solve of ``z = f(z)``.
 
     Attributes:
-        z: (B, ...) the best iterate of each sample (lowest residual in ``stop_mode``).
+        z: (B, ...) each sample's returned iterate: the best (lowest residual in
+            ``stop_mode``), or with ``output="last"`` the state after its stopping step.
         converged: (B,) bool, the sample's residual reached the tolerance.
         nstep: (B,) int64, f-evaluations the sample needed (up to and including the
             evaluation that met the tolerance; the whole budget otherwise).
-        abs_residual: (B,) ``||f(z) - z||_2`` at the returned ``z``.
-        rel_residual: (B,) ``abs_residual / (||f(z)||_2 + eps)`` at the returned ``z``.
-        abs_trace: (B, N) absolute residual after each of the N evaluations.
+        abs_residual: (B,) ``||f(z) - z||_2`` at the returned ``z`` (with
+            ``output="last"``: at the iterate whose step was returned).
+        rel_residual: (B,) ``abs_residual / (||f(z)||_2 + eps)``, NaN where ``||f(z)||``
+            overflowed.
+        abs_trace: (B, N) absolute residual after each of the N evaluations; entries
+            after a sample stopped repeat its stopping value, NaN marks an evaluation an
+            external solver made without recording it. float32 for 16-bit iterates.
         rel_trace: (B, N) relative residual after each of the N evaluations.
         nfe: total number of calls of ``f``.
         sample_status: (B,) int8 codes of :class:`Status`, one per sample.

@@ -8,12 +8,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import checks
 from ._base import IterativeSolver
 
 
 @dataclass
 class AndersonState:
     """Ring buffers of the last ``m`` iterates.
+
+    The residuals and everything computed from them are float32 for float16/bfloat16
+    iterates: their Gram matrix would overflow 16 bits, and torch.linalg has no 16-bit
+    solver.
 
     Attributes:
         zs: (B, m, n) iterates z_i (empty when ``tau == 1``: then they are not needed).
@@ -55,13 +60,9 @@ class Anderson(IterativeSolver):
     name = "anderson"
 
     def __init__(self, m: int = 6, lam: float = 1e-2, tau: float = 1.0) -> None:
-        if not isinstance(m, int) or m < 1:
-            raise ValueError(f"m (Anderson memory) must be an integer >= 1, got {m!r}")
-        if lam < 0:
-            raise ValueError(f"lam (relative ridge) must be >= 0, got {lam}")
-        if not 0.0 < tau <= 1.0:
-            raise ValueError(f"tau (mixing) must lie in (0, 1], got {tau}")
-        self.m, self.lam, self.tau = m, float(lam), float(tau)
+        self.m = checks.integer("m (Anderson memory)", m, low=1)
+        self.lam = checks.number("lam (relative ridge)", lam, low=0.0)
+        self.tau = checks.number("tau (mixing)", tau, low=0.0, low_open=True, high=1.0)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"m": self.m, "lam": self.lam, "tau": self.tau}
@@ -71,12 +72,13 @@ class Anderson(IterativeSolver):
         # Slots are written before they are read, so the buffers need no zeroing. With
         # tau = 1 the step only mixes images, so the iterates need no storage.
         zs = z0.new_empty(b, self.m if self.tau != 1.0 else 0, n)
-        eye = torch.eye(self.m, dtype=z0.dtype, device=z0.device)
+        work = torch.float32 if z0.dtype in (torch.float16, torch.bfloat16) else z0.dtype
+        eye = torch.eye(self.m, dtype=work, device=z0.device)
         return AndersonState(
             zs=zs,
             fzs=z0.new_empty(b, self.m, n),
-            gs=z0.new_empty(b, self.m, n),
-            gram=z0.new_empty(b, self.m, self.m),
+            gs=z0.new_empty(b, self.m, n, dtype=work),
+            gram=z0.new_empty(b, self.m, self.m, dtype=work),
             eye=eye,
             diff_t=eye.unsqueeze(2) - eye,  # diff_t[k, i, j] = [i == k] - [i == j]
         )
@@ -90,12 +92,12 @@ class Anderson(IterativeSolver):
         state.gs[:, i] = g
         # A (B, 1, n) x (B, n, h) bmm is ~2x faster than bmm against a column, or than
         # broadcast-and-sum, for these thin products on CPU.
-        row = torch.bmm(g.unsqueeze(1), state.gs[:, :used].mT)  # (B, 1, used)
+        row = torch.bmm(state.gs[:, i : i + 1], state.gs[:, :used].mT)  # (B, 1, used)
         state.gram[:, i : i + 1, :used] = row
         state.gram[:, :used, i : i + 1] = row.mT
         if used == 1:
             return state, self._mix(z, fz)
-        alpha = self._weights(state.gram[:, :used, :used], state, i, used)
+        alpha = self._weights(state.gram[:, :used, :used], state, i, used).to(fz.dtype)
         fzs = state.fzs[:, :used]
         mixed = fzs if self.tau == 1.0 else torch.lerp(state.zs[:, :used], fzs, self.tau)
         return state, torch.bmm(alpha, mixed).squeeze(1)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import checks
 from ._base import IterativeSolver
 
 
@@ -50,11 +51,8 @@ class Broyden(IterativeSolver):
     name = "broyden"
 
     def __init__(self, m: int = 20, tau: float = 1.0) -> None:
-        if not isinstance(m, int) or m < 1:
-            raise ValueError(f"m (Broyden memory) must be an integer >= 1, got {m!r}")
-        if not 0.0 < tau <= 1.0:
-            raise ValueError(f"tau (step length) must lie in (0, 1], got {tau}")
-        self.m, self.tau = m, float(tau)
+        self.m = checks.integer("m (Broyden memory)", m, low=1)
+        self.tau = checks.number("tau (step length)", tau, low=0.0, low_open=True, high=1.0)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"m": self.m, "tau": self.tau}

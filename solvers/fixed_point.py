@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import checks
 from ._base import IterativeSolver
 
 
@@ -20,9 +21,7 @@ class FixedPointIteration(IterativeSolver):
     name = "fixed_point"
 
     def __init__(self, tau: float = 1.0) -> None:
-        if not 0.0 < tau <= 1.0:
-            raise ValueError(f"tau must lie in (0, 1], got {tau}")
-        self.tau = float(tau)
+        self.tau = checks.number("tau (damping)", tau, low=0.0, low_open=True, high=1.0)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"tau": self.tau}

@@ -18,6 +18,7 @@ from eqloop.data import (
     eval_prompts,
     load_qa_jsonl,
     make_arithmetic_dataset,
+    make_arithmetic_examples,
     to_tensors,
 )
 
@@ -181,20 +182,66 @@ def test_large_digit_counts_are_exact(tmp_path: Path) -> None:
     ("kwargs", "message"),
     [
         ({"task": "subtraction"}, r"unknown task 'subtraction'; valid tasks: \['addition'"),
-        ({"digits": 0}, "digits must be >= 1"),
-        ({"n": 0}, "n must be >= 1"),
+        ({"digits": 0}, "digits must be an integer >= 1, got 0"),
+        ({"n": 0}, "n must be an integer >= 1, got 0"),
         ({"split": "validation"}, r"unknown split 'validation'; valid splits"),
-        ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
         ({"terms": 3}, "terms applies only to task 'chain_addition'"),
         ({"task": "chain_addition", "terms": 1}, "terms >= 2"),
         ({"ood_digits": 2}, "ood_digits must exceed digits=2"),
-        ({"test_fraction": 1.0}, r"test_fraction must lie in \(0, 1\)"),
+        ({"test_fraction": 1.0}, "test_fraction must be a number > 0 and < 1, got 1.0"),
     ],
 )
 def test_bad_arguments_raise(kwargs: dict, message: str, tmp_path: Path) -> None:
     args = {"task": "addition", "digits": 2, "n": 10, "seed": 0, **kwargs}
     with pytest.raises(ValueError, match=message):
-        make_arithmetic_dataset(**args, cache_dir=tmp_path)
+        make_arithmetic_examples(**args, cache_dir=tmp_path)
+    assert not tmp_path.joinpath("datasets").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"digits": 2.5}, "digits must be an integer, got float 2.5"),
+        ({"seed": True}, "seed must be an integer, got the bool True"),
+        ({"zero_pad": "no"}, "zero_pad must be true or false"),
+    ],
+)
+def test_arguments_of_the_wrong_type_raise_type_error(
+    kwargs: dict, message: str, tmp_path: Path
+) -> None:
+    args = {"task": "addition", "digits": 2, "n": 10, "seed": 0, **kwargs}
+    with pytest.raises(TypeError, match=message):
+        make_arithmetic_examples(**args, cache_dir=tmp_path)
+
+
+def test_examples_and_dataset_hold_the_same_rows(tmp_path: Path) -> None:
+    examples = make_arithmetic_examples("addition", 3, 50, seed=4, cache_dir=tmp_path)
+    dataset = make_arithmetic_dataset("addition", 3, 50, seed=4, cache_dir=tmp_path)
+    assert dataset._fingerprint == examples.fingerprint and len(dataset) == len(examples)
+    assert examples.columns() == dataset.to_dict()
+    for data in (examples, dataset):
+        inputs, targets = to_tensors(data, CharTokenizer())
+        prompts, answers = eval_prompts(data)
+        # <bos> 3 digits + 3 digits = 4 answer digits <eos>, minus the shift: 13 positions
+        assert answers == list(dataset["answer"]) and inputs.shape == (50, 13)
+    assert torch.equal(to_tensors(examples, CharTokenizer())[1], targets)
+    # A filtered view of a dataset is read through its indices, not the whole table.
+    odd = dataset.select(range(1, 50, 2))
+    assert eval_prompts(odd)[1] == answers[1::2]
+    assert torch.equal(to_tensors(odd, CharTokenizer())[0], inputs[1::2])
+
+
+def test_damaged_cache_file_is_rebuilt_with_a_warning(tmp_path: Path) -> None:
+    first = make_arithmetic_examples("addition", 2, 20, seed=0, cache_dir=tmp_path)
+    (entry,) = (tmp_path / "datasets").iterdir()
+    entry.write_bytes(entry.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="rebuilding the damaged cache file"):
+        again = make_arithmetic_examples("addition", 2, 20, seed=0, cache_dir=tmp_path)
+    assert again.columns() == first.columns()
+    assert make_arithmetic_examples("addition", 2, 20, seed=0, cache_dir=tmp_path).columns() == (
+        first.columns()
+    )
 
 
 # -- tensors for training and evaluation -------------------------------------------------

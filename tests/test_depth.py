@@ -156,16 +156,15 @@ def test_repr_names_the_parameters() -> None:
     ("kind", "params", "message"),
     [
         ("gaussian", {}, r"unknown depth sampler kind 'gaussian'; valid kinds: \['lognormal'"),
-        ("lognormal", {"lo": 0}, "lo must be >= 1"),
+        ("lognormal", {"lo": 0}, "lo must be an integer >= 1, got 0"),
         ("uniform", {"lo": 5, "hi": 4}, "lo must be <= hi"),
-        ("lognormal", {"sigma": 0.0}, "sigma must be > 0"),
-        ("poisson_lognormal", {"sigma": -1.0}, "sigma must be > 0"),
-        ("lognormal", {"mu": float("nan")}, "mu must be finite"),
-        ("lognormal", {"lo": 1.5}, "lo must be an integer"),
+        ("lognormal", {"sigma": 0.0}, "sigma must be a number > 0, got 0.0"),
+        ("poisson_lognormal", {"sigma": -1.0}, "sigma must be a number > 0, got -1.0"),
+        ("lognormal", {"mu": float("nan")}, "mu must be a finite number, got nan"),
         ("lognormal", {"t": 3}, r"unknown parameter\(s\) \['t'\].*valid parameters"),
         ("uniform", {}, r"requires parameter\(s\) \['hi'\]"),
         ("fixed", {}, r"requires parameter\(s\) \['t'\]"),
-        ("fixed", {"t": 0}, "t must be >= 1"),
+        ("fixed", {"t": 0}, "t must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_arguments_raise(kind: str, params: dict, message: str) -> None:
@@ -173,6 +172,19 @@ def test_bad_arguments_raise(kind: str, params: dict, message: str) -> None:
         make_depth_sampler(kind, seed=0, **params)
 
 
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"lo": 1.5}, "lo must be an integer, got float 1.5"),
+        ({"hi": True}, "hi must be an integer, got the bool True"),
+        ({"mu": "2"}, "mu must be a number, got str '2'"),
+    ],
+)
+def test_arguments_of_the_wrong_type_raise_type_error(params: dict, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        make_depth_sampler("lognormal", seed=0, **params)
+
+
 def test_bad_seed_raises() -> None:
-    with pytest.raises(ValueError, match="seed must be >= 0"):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
         make_depth_sampler("lognormal", seed=-1)

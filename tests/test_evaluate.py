@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ from eqloop.evaluate import (
     equilibrium_diagnostics,
     evaluate_checkpoint,
     exact_match,
+    format_result,
     loop_diagnostics,
     make_test_set,
     plot_results,
@@ -160,6 +164,59 @@ def test_checkpoint_layout_and_resolution(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path) is None
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         resolve_checkpoint(tmp_path)
+
+
+def test_checkpoint_step_must_agree_with_its_directory_and_weights(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_checkpoint(run, tmp_path / "cache", step=7)
+    step7 = run / "checkpoints" / "step_00000007"
+    manifest = json.loads((step7 / "manifest.json").read_text())
+    (step7 / "manifest.json").write_text(json.dumps({**manifest, "step": 5}))
+    message = (
+        "manifest.json says step 5, but the weights' step is 7 and the directory name's step is 7"
+    )
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(run)
+    with pytest.raises(CheckpointError, match=message):
+        evaluate_checkpoint(run, loops=[1], diagnostics=False)
+    # A checkpoint copied under another name is still readable: its weights hold the step.
+    (step7 / "manifest.json").write_text(json.dumps(manifest))
+    best = tmp_path / "best"
+    shutil.copytree(step7, best)
+    assert load_checkpoint(best).step == 7
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_permissions_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        write_checkpoint(tmp_path / "run", tmp_path / "cache")
+    finally:
+        os.umask(previous)
+    step = latest_checkpoint(tmp_path / "run")
+    assert step is not None
+    assert stat.S_IMODE(step.stat().st_mode) == 0o777 & ~umask
+    for file in [*step.iterdir(), step.parent / "latest"]:
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file
+
+
+def test_format_result_shows_every_loop_count_and_the_equilibrium(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "run", tmp_path / "cache")
+    result = evaluate_checkpoint(
+        tmp_path / "run", loops=[0, 1, 4], solver="anderson", diagnostic_samples=8, rho_iters=4
+    )
+    lines = format_result(result).split("\n")
+    assert lines[0].endswith("(step 7; 2-digit addition, 32 test problems, greedy decoding)")
+    rows = {line.split()[0]: line.split() for line in lines[2:-1]}
+    assert list(rows) == ["0", "1", "4", "eq"]
+    assert rows["0"][2:] == ["-"] * 5  # no diagnostics before the first loop
+    by_depth = {d["loops"]: d for d in result["diagnostics"]}
+    assert rows["4"][1] == f"{result['accuracy']['4']:.3f}"
+    assert rows["4"][3] == f"{by_depth[4]['state_norm']:.3g}"
+    assert rows["4"][-1] == f"{by_depth[4]['rho']['share_below_1']:.0%}"
+    assert lines[-1].startswith("  eq: anderson, max_iter 100, tol 0.0001;")
+    plain = evaluate_checkpoint(tmp_path / "run", loops=[1], diagnostics=False)
+    assert format_result(plain).split("\n")[1].split() == ["loops", "accuracy"]
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest"])

@@ -127,12 +127,10 @@ def test_result_bookkeeping(solver: str, problem: str, dtype: torch.dtype) -> No
     assert hits.any(dim=1).all()
     first = hits.to(torch.uint8).argmax(dim=1)
     assert torch.equal(res.nstep, first + 1)
+    assert n == res.nfe <= MAX_ITER  # one trace column per evaluation, within the budget
+    assert res.sample_evals == res.nfe * b
     if solver in OURS:
-        assert n == res.nfe  # one trace column per evaluation
         assert res.nfe == int(res.nstep.max())  # stops as soon as the last sample does
-        assert res.sample_evals == res.nfe * b
-    else:
-        assert n == res.nfe - 1  # the adapters spend one evaluation measuring z
 
     # Residual fields are those of the returned z, recomputed here.
     fz = p.f(res.z, *p.args).flatten(1)
@@ -364,6 +362,177 @@ def test_adapters_reject_compaction(solver: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Unrolled loops: output="last", gradients through the driver, no divergence stop
+# ---------------------------------------------------------------------------------------
+
+
+def _unroll_map(requires_grad: bool = True) -> tuple[Callable[..., Tensor], Tensor,
+                                                      tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """``f(z, r, x) = tanh(r * (z W^T) + x) + c`` in float64, ``||W||_2 = 1``.
+
+    Sample i contracts at rate at most r_i = (0.1, 0.4, 0.7, 0.9), so with a tolerance
+    the samples exit after very different numbers of steps. Returns ``(f, z0, args,
+    leaves)``: ``W`` and ``c`` are captured by ``f``, ``r`` and ``x`` are args; with
+    ``requires_grad`` every leaf (``z0`` included) requires grad.
+    """
+    g = torch.Generator().manual_seed(7)
+    d = 5
+    w = torch.randn(d, d, generator=g, dtype=torch.float64)
+    w = w / torch.linalg.matrix_norm(w, ord=2)
+    c = 0.1 * torch.randn(d, generator=g, dtype=torch.float64)
+    r = torch.tensor([[0.1], [0.4], [0.7], [0.9]], dtype=torch.float64)
+    x = torch.randn(4, d, generator=g, dtype=torch.float64)
+    z0 = torch.randn(4, d, generator=g, dtype=torch.float64)
+    leaves = tuple(t.requires_grad_(requires_grad) for t in (w, c, r, x, z0))
+
+    def f(z: Tensor, r: Tensor, x: Tensor) -> Tensor:
+        return torch.tanh(r * (z @ w.T) + x) + c
+
+    return f, z0, (r, x), leaves
+
+
+def _hand_loop(f: Callable[..., Tensor], z0: Tensor, args: tuple[Tensor, ...], loops: int,
+               tol: float, tau: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The plain loop with per-sequence early exit, written out: a sample takes its step
+    ``lerp(z, f(z), tau)`` until ``||f(z) - z|| / (||f(z)|| + 1e-9) <= tol`` (the step that
+    meets it included), then keeps its state. Returns ``(z, steps per sample)``."""
+    z = z0
+    active = torch.ones(z0.shape[0], 1, dtype=torch.bool)
+    steps = torch.zeros(z0.shape[0], dtype=torch.long)
+    for _ in range(loops):
+        fz = f(z, *args)
+        with torch.no_grad():
+            rel = torch.linalg.vector_norm(fz - z, dim=1, keepdim=True) / (
+                torch.linalg.vector_norm(fz, dim=1, keepdim=True) + 1e-9)
+        z = torch.where(active, fz if tau == 1.0 else torch.lerp(z, fz, tau), z)
+        steps += active.squeeze(1)
+        if tol > 0:
+            active = active & (rel > tol)
+    return z, steps
+
+
+@pytest.mark.parametrize("check_every", [1, 3, None], ids=["check1", "check3", "never"])
+@pytest.mark.parametrize("problem", ["tanh_net", "mixed_rates", "affine_2d"])
+def test_last_output_is_f_applied_max_iter_times(problem: str, check_every: int | None) -> None:
+    """fixed_point, tol=0, output="last": res.z is exactly f^T(z0), for every sample."""
+    p = make_problem(problem, torch.float64)
+    loops = 23
+    res = solvers.solve(p.f, p.z0, "fixed_point", max_iter=loops, tol=0.0, args=p.args,
+                        output="last", check_every=check_every)
+    z = p.z0
+    for _ in range(loops):
+        z = p.f(z, *p.args)
+    assert torch.equal(res.z, z)
+    assert res.nfe == loops and res.nstep.tolist() == [loops] * p.z0.shape[0]
+    # The residuals describe the final evaluation, at f^(T-1)(z0).
+    assert torch.equal(res.abs_residual, res.abs_trace[:, -1])
+    assert res.status == "max_iter"  # tol=0 asks for the budget; nothing stops early
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["full", "compact"])
+@pytest.mark.parametrize("tau", [1.0, 0.6])
+def test_last_output_early_exit(tau: float, compact: bool) -> None:
+    """With a tolerance, a sample keeps the state after the step that met it; its
+    residual fields describe that evaluation and later samples keep iterating."""
+    f, z0, args, _ = _unroll_map(requires_grad=False)
+    tol = 1e-6
+    res = solvers.solve(f, z0, solvers.FixedPointIteration(tau=tau), max_iter=200, tol=tol,
+                        args=args, output="last", compact=compact)
+    expected, steps = _hand_loop(f, z0, args, 200, tol, tau)
+    assert res.status == "converged"
+    assert res.nstep.tolist() == steps.tolist()
+    assert len(set(steps.tolist())) >= 3  # the rates exit at different steps
+    torch.testing.assert_close(res.z, expected, rtol=0, atol=0 if not compact else 1e-15)
+    # nstep counts the steps in res.z; the residual is that of the iterate before it.
+    before = z0
+    for k in range(int(res.nstep.max())):
+        fz = f(before, *args)
+        for i in torch.nonzero(res.nstep == k + 1).flatten().tolist():
+            abs_r = torch.linalg.vector_norm(fz[i] - before[i])
+            torch.testing.assert_close(res.abs_residual[i], abs_r, rtol=1e-12, atol=1e-14)
+            assert res.rel_residual[i] <= tol < res.rel_trace[i, k - 1]
+        before = torch.lerp(before, fz, tau)
+
+
+@pytest.mark.parametrize("solver", [solvers.Anderson(m=3), solvers.Broyden(m=4)],
+                         ids=["anderson", "broyden"])
+def test_last_output_is_the_solvers_next_iterate(solver: solvers.IterativeSolver) -> None:
+    """For any solver, "last" is its proposal after the final evaluation: the same
+    init/step sequence run by hand gives the same tensor."""
+    p = make_problem("tanh_net", torch.float64)
+    res = solvers.solve(p.f, p.z0, solver, max_iter=7, tol=0.0, args=p.args, output="last")
+    state, z = solver.init(p.z0), p.z0
+    for k in range(7):
+        state, z = solver.step(state, z, p.f(z, *p.args), k)
+    assert torch.equal(res.z, z)
+
+
+def _gradients(z: Tensor, leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    weights = torch.linspace(-1.0, 2.0, z.numel(), dtype=z.dtype).reshape(z.shape)
+    return torch.autograd.grad((z * weights).sum(), leaves)
+
+
+@pytest.mark.parametrize(
+    ("tol", "compact", "check_every"),
+    [(0.0, False, None), (0.0, False, 1), (1e-4, False, 1), (1e-4, True, 1),
+     (1e-4, True, 2), (1e-4, False, None)],
+    ids=["tol0-never", "tol0-check1", "exit-full", "exit-compact", "exit-compact-check2",
+         "exit-never"],
+)
+def test_gradient_through_the_driver_equals_the_hand_loop(
+    tol: float, compact: bool, check_every: int | None
+) -> None:
+    """Gradients from res.z reach f's captured parameters, args and z0 through every step
+    a sample took: equal to the hand-written loop's (float64), early exit included."""
+    f, z0, args, leaves = _unroll_map()
+    loops = 40 if tol > 0 else 12  # 12 loops keep d z / d z0 well above rounding
+    res = solvers.solve(f, z0, "fixed_point", max_iter=loops, tol=tol, args=args,
+                        output="last", compact=compact, check_every=check_every)
+    expected, steps = _hand_loop(f, z0, args, loops, tol)
+    assert res.nstep.tolist() == steps.tolist()
+    if tol > 0:
+        assert steps.min() < steps.max() < loops  # the samples exit early, at different steps
+    for ours, theirs in zip(_gradients(res.z, leaves), _gradients(expected, leaves),
+                            strict=True):
+        # Bit-identical; compaction evaluates f on sub-batches, which rounds differently.
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12 if compact else 0.0)
+        assert ours.abs().max() > 1e-6  # every leaf gets a real gradient
+    # The bookkeeping built no graph.
+    for name in ("abs_trace", "rel_trace", "abs_residual", "rel_residual"):
+        assert getattr(res, name).grad_fn is None and not getattr(res, name).requires_grad
+
+
+def test_gradcheck_through_unrolled_driver() -> None:
+    """torch.autograd.gradcheck of res.z (output="last", tol=0) w.r.t. args and z0."""
+    f, z0, args, _ = _unroll_map()
+    r, x = args
+
+    def run(r: Tensor, x: Tensor, z0: Tensor) -> Tensor:
+        return solvers.solve(f, z0, "fixed_point", max_iter=6, tol=0.0, args=(r, x),
+                             output="last", check_every=None).z
+
+    assert torch.autograd.gradcheck(run, (r, x, z0))
+
+
+def test_diverge_ratio_inf_runs_every_loop() -> None:
+    """diverge_ratio=inf: a growing residual never stops a sample, so T loops are T."""
+    z0 = torch.zeros(2, 3, dtype=torch.float64)
+    kw: dict[str, Any] = {"max_iter": 40, "tol": 0.0, "output": "last"}
+    cut = solvers.solve(lambda z: 2 * z + 1, z0, "fixed_point", **kw)
+    assert cut.status == "diverged" and cut.nstep.tolist() == [15, 15]  # 2^14 > 1e4 x 1
+    full = solvers.solve(lambda z: 2 * z + 1, z0, "fixed_point", diverge_ratio=math.inf, **kw)
+    assert full.nfe == 40 and full.nstep.tolist() == [40, 40]
+    assert full.status == "max_iter"
+    assert torch.equal(full.z, torch.full_like(z0, 2.0**40 - 1))  # z_k = 2^k - 1, exact
+    # NaN still stops a sample (and only that sample), whatever diverge_ratio says.
+    bad = torch.tensor([[True], [False]])
+    res = solvers.solve(lambda z: torch.where(bad, math.nan, 0.5 * z), z0 + 1, "fixed_point",
+                        diverge_ratio=math.inf, **kw)
+    assert res.sample_status.tolist() == [Status.NON_FINITE, Status.MAX_ITER]
+    assert res.nstep.tolist() == [1, 40]
+
+
+# ---------------------------------------------------------------------------------------
 # Sync-freedom
 # ---------------------------------------------------------------------------------------
 
@@ -385,16 +554,18 @@ class _SyncSpy(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("output", ["best", "last"])
 @pytest.mark.parametrize("tol", [0.0, 1e-6], ids=["tol0", "tol1e-6"])
 @pytest.mark.parametrize("shape", [(4, 3, 2), (1, 5)], ids=["B4x3x2", "B1x5"])
 @pytest.mark.parametrize("solver", OURS)
-def test_runs_on_meta_device(solver: str, shape: tuple[int, ...], tol: float) -> None:
+def test_runs_on_meta_device(solver: str, shape: tuple[int, ...], tol: float,
+                             output: str) -> None:
     """check_every=None reads no values, so the solve runs on 'meta' with right shapes."""
     z0 = torch.empty(shape, device=torch.device("meta"))
     x = torch.empty(shape, device="meta")
     res = solvers.solve(
         lambda z, x: torch.tanh(0.5 * z + x), z0, solver, max_iter=9, tol=tol,
-        check_every=None, args=(x,),
+        check_every=None, args=(x,), output=output,
     )
     b = shape[0]
     assert res.z.shape == shape and res.z.device.type == "meta"
@@ -410,13 +581,14 @@ def test_runs_on_meta_device(solver: str, shape: tuple[int, ...], tol: float) ->
     assert res.nfe == 9 and res.sample_evals == 9 * b
 
 
+@pytest.mark.parametrize("output", ["best", "last"])
 @pytest.mark.parametrize("solver", OURS)
-def test_no_host_reads_without_check_points(solver: str) -> None:
+def test_no_host_reads_without_check_points(solver: str, output: str) -> None:
     """With check_every=None no aten op reads a value on the host (CPU dispatch spy)."""
     p = make_problem("tanh_net", torch.float32)
     with _SyncSpy() as spy:
         res = solvers.solve(p.f, p.z0, solver, max_iter=12, tol=1e-5, check_every=None,
-                            args=p.args)
+                            args=p.args, output=output)
     assert spy.syncs == []
     assert res.nfe == 12
     # The spy does see host reads: the default check_every=1 makes some.
@@ -456,12 +628,12 @@ BAD_CALLS: list[Any] = [
                  id="options-with-solver-object"),
     pytest.param({"tol": -1e-6}, ValueError, "tol", id="negative-tol"),
     pytest.param({"tol": math.nan}, ValueError, "tol", id="nan-tol"),
-    pytest.param({"tol": "1e-5"}, ValueError, "tol", id="string-tol"),
+    pytest.param({"tol": "1e-5"}, TypeError, "tol", id="string-tol"),
     pytest.param({"stop_mode": "max"}, ValueError, "stop_mode", id="bad-stop-mode"),
     pytest.param({"max_iter": 0}, ValueError, "max_iter", id="max-iter-0"),
     pytest.param({"max_iter": -3}, ValueError, "max_iter", id="max-iter-negative"),
-    pytest.param({"max_iter": 2.5}, ValueError, "max_iter", id="max-iter-float"),
-    pytest.param({"max_iter": True}, ValueError, "max_iter", id="max-iter-bool"),
+    pytest.param({"max_iter": 2.5}, TypeError, "max_iter", id="max-iter-float"),
+    pytest.param({"max_iter": True}, TypeError, "max_iter", id="max-iter-bool"),
     pytest.param({"check_every": 0}, ValueError, "check_every", id="check-every-0"),
     pytest.param({"eps": 0.0}, ValueError, "eps", id="eps-0"),
     pytest.param({"diverge_ratio": 1.0}, ValueError, "diverge_ratio", id="diverge-ratio-1"),
@@ -474,6 +646,26 @@ BAD_CALLS: list[Any] = [
     pytest.param({"solver": "broyden", "tau": 1.5}, ValueError, "tau", id="broyden-tau-1.5"),
     pytest.param({"solver": "fixed_point", "tau": 0.0}, ValueError, "tau",
                  id="fixed-point-tau-0"),
+    # Issue 10 row 4: every argument goes through solvers.checks.
+    pytest.param({"tol": True}, TypeError, "tol.*bool", id="tol-bool"),
+    pytest.param({"tol": math.inf}, ValueError, "tol.*finite", id="tol-inf"),
+    pytest.param({"eps": math.inf}, ValueError, "eps", id="eps-inf"),
+    pytest.param({"check_every": True}, TypeError, "check_every", id="check-every-bool"),
+    pytest.param({"compact": 1}, TypeError, "compact", id="compact-int"),
+    pytest.param({"raise_on_failure": "yes"}, TypeError, "raise_on_failure",
+                 id="raise-on-failure-str"),
+    pytest.param({"diverge_ratio": math.nan}, ValueError, "diverge_ratio",
+                 id="diverge-ratio-nan"),
+    pytest.param({"output": "first"}, ValueError, "output.*'best'.*'last'", id="bad-output"),
+    pytest.param({"args": torch.zeros(3, 4)}, TypeError, "args.*tuple", id="args-bare-tensor"),
+    pytest.param({"args": (torch.zeros(3, 4, device="meta"),)}, ValueError,
+                 r"args\[0\].*meta.*cpu", id="args-other-device"),
+    pytest.param({"solver": "anderson", "m": True}, TypeError, "m", id="anderson-m-bool"),
+    pytest.param({"solver": "anderson", "m": 2.0}, TypeError, "m", id="anderson-m-float"),
+    pytest.param({"solver": "anderson", "lam": "0.1"}, TypeError, "lam", id="anderson-lam-str"),
+    pytest.param({"solver": "broyden", "m": 0}, ValueError, "m", id="broyden-m-0"),
+    pytest.param({"solver": "fixed_point", "tau": math.nan}, ValueError, "tau",
+                 id="fixed-point-tau-nan"),
 ]
 
 
@@ -514,6 +706,13 @@ def test_unknown_option_lists_driver_options() -> None:
                      id="same-numel-reshaped"),
         pytest.param(lambda z: (0.5 * z + 1).unsqueeze(1), ValueError, "shape", id="adds-dim"),
         pytest.param(lambda z: 1.0, TypeError, "Tensor", id="returns-float"),
+        # Issue 10 row 4: a wrong dtype or device is named, not a raw torch error later.
+        pytest.param(lambda z: (0.5 * z + 1).double(), TypeError, "dtype.*float64",
+                     id="returns-float64"),
+        pytest.param(lambda z: (0.5 * z + 1).long(), TypeError, "dtype.*int64",
+                     id="returns-integer"),
+        pytest.param(lambda z: torch.empty(z.shape, device="meta"), TypeError, "device.*meta",
+                     id="returns-other-device"),
     ],
 )
 @pytest.mark.parametrize("solver", ALL_SOLVERS)
@@ -615,12 +814,13 @@ def test_map_turning_nan_later(solver: str) -> None:
         solvers.solve(torch.log, torch.full((3, 2), 0.5), solver, raise_on_failure=True)
 
 
-@pytest.mark.parametrize("solver", OURS)
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
 def test_nan_in_one_sample_leaves_others_alone(solver: str) -> None:
-    """A sample whose map returns NaN stops; the others still converge to their answer."""
+    """A sample whose map returns NaN stops; the others still converge to their answer
+    (issue 10 row 3: SciPy's adapters used to end the healthy samples early)."""
     bad = torch.tensor([[False], [True], [False]])
     res = solvers.solve(lambda z: torch.where(bad, math.nan, torch.cos(z)),
-                        torch.zeros(3, 1, dtype=torch.float64), solver, max_iter=200,
+                        torch.zeros(3, 1, dtype=torch.float64), solver, max_iter=100,
                         tol=1e-10)
     assert res.sample_status.tolist() == [Status.CONVERGED, Status.NON_FINITE,
                                           Status.CONVERGED]
@@ -639,6 +839,116 @@ def test_budget_exhausted_reports_max_iter(solver: str) -> None:
     assert (res.nstep == res.abs_trace.shape[1]).all()
     if solver in OURS:
         assert res.nfe == 4
+
+
+# ---------------------------------------------------------------------------------------
+# No false "converged", hard budgets (issue 10, rows 1-3)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
+def test_norm_overflow_reports_non_finite(solver: str) -> None:
+    """Row 1: ||f(z)|| overflows float32 (2 * 4e18 in 16 entries), so rel = abs / inf would
+    read 0; the sample is non-finite, its relative residual NaN, never converged."""
+    res = solvers.solve(lambda z: 2 * z, torch.full((2, 16), 4e18), solver, max_iter=20)
+    assert res.status == "non-finite"
+    assert not bool(res.converged.any())
+    assert torch.isnan(res.rel_residual).all()
+
+
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
+def test_runaway_iterate_is_not_converged(solver: str) -> None:
+    """Row 2: z + 1 + 0.1 sin z has no fixed point, but Anderson and Broyden race z to
+    ~1e8, where z + 1 rounds to z in float32: a zero residual that is only rounding. A
+    residual at rounding level of an image grown past diverge_ratio times the start is
+    'diverged'; no solver may call it converged."""
+    res = solvers.solve(lambda z: z + 1 + 0.1 * torch.sin(z), torch.ones(4, 8), solver,
+                        max_iter=50, tol=1e-6, stop_mode="abs")
+    assert not bool(res.converged.any()), res.status_counts()
+    if solver in ("anderson", "broyden"):  # the rule itself, not only an exhausted budget
+        assert res.status == "diverged" and res.nfe < 50
+        assert (res.abs_residual == 0).all()  # what used to be reported as converged
+        assert (res.z.norm(dim=1) > 1e4 * 8**0.5 * 2).all()
+
+
+def test_doubling_map_is_never_converged() -> None:
+    """Row 2: plain iteration of 2z + 1 with divergence detection pushed out of reach
+    used to stop 'converged' at step 62 (||f(z)|| overflowed, rel = abs / inf = 0)."""
+    res = solvers.solve(lambda z: 2 * z + 1, torch.zeros(2, 16), "fixed_point", max_iter=200,
+                        diverge_ratio=1e300)
+    assert res.status == "non-finite" and res.nstep.tolist() == [62, 62]
+    assert not bool(res.converged.any())
+
+
+@pytest.mark.parametrize("solver", OURS)
+def test_far_fixed_point_at_rounding_level_still_converges(solver: str) -> None:
+    """Row 2's rule needs both symptoms: z* = 2e6 from z0 = 0 (1x its start's size) solved
+    to a residual of a few float32 ulps stays converged, with the right answer."""
+    tol = 4 * torch.finfo(torch.float32).eps
+    res = solvers.solve(lambda z: 0.5 * z + 1e6, torch.zeros(3, 4), solver, max_iter=200,
+                        tol=tol)
+    assert res.status == "converged"
+    assert (res.rel_residual <= tol).all()
+    torch.testing.assert_close(res.z, torch.full((3, 4), 2e6), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("max_iter", [1, 2, 3, 10, 50])
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
+def test_max_iter_is_a_hard_budget(solver: str, max_iter: int) -> None:
+    """Row 3: max_iter bounds the calls of f for every solver, line searches and the
+    adapters' measurement of their answer included (scipy.anderson made 155 for 50)."""
+    calls = 0
+
+    def f(z: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        return z + 1
+
+    res = solvers.solve(f, torch.zeros(2, 16), solver, max_iter=max_iter)
+    assert calls == res.nfe <= max_iter
+    assert res.abs_trace.shape == (2, res.nfe) and (res.nstep <= res.nfe).all()
+    assert not bool(res.converged.any())  # SciPy's 155 evaluations had reached rel <= tol
+
+
+# ---------------------------------------------------------------------------------------
+# Input checks and 16-bit dtypes (issue 10, row 4)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("solver", [s for s in ALL_SOLVERS if s != "torchdeq.anderson"])
+def test_half_precision_z0(solver: str, dtype: torch.dtype) -> None:
+    """Row 4: float16/bfloat16 solve (Anderson's small system in float32); the residuals
+    are float32, the answer is z0's dtype and within 16-bit rounding of the Dottie number."""
+    p = make_problem("cosine", dtype)
+    res = solvers.solve(p.f, p.z0, solver, max_iter=100, tol=1e-2)
+    assert res.status == "converged"
+    assert res.z.dtype == dtype and res.abs_trace.dtype == torch.float32
+    assert (res.z.float() - DOTTIE).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_precision_refused_by_name_where_unsupported(dtype: torch.dtype) -> None:
+    """Row 4: torchdeq's Anderson has no 16-bit linear solve: refused up front, naming the
+    dtype and the alternative, not a NotImplementedError from inside torch."""
+    p = make_problem("cosine", dtype)
+    with pytest.raises(TypeError, match=f"{dtype}.*'anderson'"):
+        solvers.solve(p.f, p.z0, "torchdeq.anderson")
+
+
+@pytest.mark.usefixtures("registry")
+def test_register_rejects_a_class_that_is_not_a_solver() -> None:
+    """Row 4: register("bad", object) fails at registration naming the problem; a function
+    returning no Solver fails at construction, naming the registration."""
+    with pytest.raises(TypeError, match="'bad'.*object.*not a solvers.Solver"):
+        solvers.register("bad", object)
+    assert "bad" not in solvers.available()
+    solvers.register("bad_function", lambda: 3)
+    f, z0 = _affine()
+    with pytest.raises(TypeError, match="'bad_function' returned int"):
+        solvers.solve(f, z0, "bad_function")
+    with pytest.raises(TypeError, match="overwrite"):
+        solvers.register("half_step", HalfStep, overwrite=1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -716,6 +1026,42 @@ def test_register_bad_arguments(name: Any, factory: Any) -> None:
     """register() refuses empty or non-string names and non-callable factories."""
     with pytest.raises(TypeError):
         solvers.register(name, factory)
+
+
+def test_solvers_import_graph_has_no_cycle() -> None:
+    """No module of the package imports, directly or through others, one that imports it
+    back (function-level imports included): the graph of relative imports is acyclic."""
+    import ast
+    from pathlib import Path
+
+    root = Path(solvers.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        name = ".".join(("solvers", *parts)).removesuffix(".__init__")
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+                edges.add(target)
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if nxt == "solvers" or nxt not in graph:
+                continue  # the package root re-exports; submodules never import it
+            assert state.get(nxt) != 1, f"import cycle: {' -> '.join([*path, node, nxt])}"
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [])
+    assert "solvers._driver" in graph["solvers._base"]  # the graph was really read
 
 
 def test_registry_fixture_restores(registry: dict) -> None:

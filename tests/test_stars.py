@@ -277,8 +277,11 @@ def test_spectral_radius_errors() -> None:
     f, z = linear_map(torch.eye(3)), torch.zeros(2, 3)
     with pytest.raises(ValueError, match="power, arnoldi"):
         spectral_radius(f, z, "lanczos")
-    for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="iters"):
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"iters must be an integer >= 1, got {bad}"):
+            spectral_radius(f, z, "power", bad)
+    for bad in (2.5, True):
+        with pytest.raises(TypeError, match="iters must be an integer, got"):
             spectral_radius(f, z, "power", bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="v0"):
         spectral_radius(f, z, v0=torch.ones(2, 4))
@@ -422,8 +425,10 @@ def test_penalty_errors() -> None:
         jsrr_penalty(f, z, product="hvp")
     with pytest.raises(ValueError, match="power_steps"):
         jsrr_penalty(f, z, power_steps=0)
-    with pytest.raises(ValueError, match="target"):
+    with pytest.raises(ValueError, match="target must be a number >= 0, got -0.1"):
         jsrr_penalty(f, z, target=-0.1)
+    with pytest.raises(TypeError, match="power_steps must be an integer, got float 1.0"):
+        jsrr_penalty(f, z, power_steps=1.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="v0|shape"):
         jsrr_penalty(f, z, v=torch.ones(3, 3))
     for product in PRODUCTS:

@@ -295,7 +295,7 @@ BAD_INPUTS = [
     ({"space": {"lam": {"low": 0.5, "high": 0.5}}}, "empty or inverted range"),
     ({"space": {"lam": {"low": 0.9, "high": 0.1, "log": True}}}, "empty or inverted range"),
     ({"space": {"lam": {"low": 0.0, "high": 0.5, "log": True}}}, "log-scaled range needs low > 0"),
-    ({"space": {"lam": {"low": 0.1, "high": 2.0}}}, r"space.lam=2.0 is not valid.*lam must lie"),
+    ({"space": {"lam": {"low": 0.1, "high": 2.0}}}, r"space.lam=2.0 is not valid.*lam must be a"),
     ({"space": {"lam": {"low": 0.1, "hihg": 2.0}}}, "unknown keys"),
     ({"space": {"nosuch": {"low": 0.1, "high": 2.0}}}, "unknown TrainConfig keys"),
     ({"space": {}}, "space is empty"),

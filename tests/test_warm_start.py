@@ -46,5 +46,5 @@ def test_a_warm_start_needs_the_same_model(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"differs in \['d_ff', 'norm_placement'\]"):
         train(wider)
     assert not (tmp_path / "wider").exists()  # nothing written
-    with pytest.raises(ValueError, match="init_from must be a path string or None"):
+    with pytest.raises(TypeError, match="init_from must be a path or None"):
         config(tmp_path, "bad", init_from=3)

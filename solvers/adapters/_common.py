@@ -1,4 +1,4 @@
-"""What the adapters share: hyperparameter checking and the wrapped map."""
+"""What the adapters share: hyperparameter checking and the budgeted, checked map."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from .._base import Problem, Solver
+from .._driver import check_image
 
 
 def merge_hyperparameters(
@@ -32,25 +33,37 @@ def reject_compaction(problem: Problem, solver_name: str) -> None:
         )
 
 
-class CountingMap:
-    """Calls ``f(z, *args)``, checks the output's shape and counts the calls (no host sync)."""
+class BudgetExhausted(Exception):
+    """Raised into an external solver's loop when it asks for one evaluation too many."""
 
-    def __init__(self, problem: Problem) -> None:
+
+class CountingMap:
+    """Calls ``f(z, *args)``, checks the output and counts the calls against a budget.
+
+    The last evaluated pair is kept (by reference, no copy), so a solver that returns
+    the point it evaluated last needs no extra evaluation to measure it.
+
+    Args:
+        problem: the problem whose ``f`` and ``args`` are called.
+        budget: calls allowed; one more raises :class:`BudgetExhausted`.
+    """
+
+    def __init__(self, problem: Problem, budget: int) -> None:
         self.f: Callable[..., Tensor] = problem.f
         self.args = problem.args
+        self.dtype, self.device = problem.z0.dtype, problem.z0.device
+        self.budget = budget
         self.calls = 0
+        self.last_z: Tensor | None = None
+        self.last_fz: Tensor | None = None
 
     def __call__(self, z: Tensor) -> Tensor:
+        if self.calls >= self.budget:
+            raise BudgetExhausted
         self.calls += 1
-        fz = self.f(z, *self.args)
-        # The adapters' libraries would reshape or broadcast a wrong output silently.
-        if not isinstance(fz, Tensor):
-            raise TypeError(f"f must return a Tensor, got {type(fz).__name__}")
-        if fz.shape != z.shape:
-            raise ValueError(
-                f"f changed the shape: it maps {tuple(z.shape)} to {tuple(fz.shape)}; "
-                "a fixed-point map must return a tensor of its input's shape"
-            )
+        # The adapters' libraries would reshape, broadcast or cast a wrong output silently.
+        fz = check_image(self.f(z, *self.args), z.shape, self.dtype, self.device)
+        self.last_z, self.last_fz = z, fz
         return fz
 
 

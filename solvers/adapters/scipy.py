@@ -2,8 +2,11 @@
 
 SciPy solves ``g(z) = f(z) - z = 0`` for the whole batch as one vector in float64 on
 the host. Its stopping test is given eqloop's per-sample residual (the worst sample
-must meet ``tol``), so tolerances mean the same as for every other solver. This is a
-reference for comparison, not a fast path.
+must meet ``tol``), so tolerances mean the same as for every other solver. A sample
+whose image turns non-finite is taken out of the problem (SciPy sees its residual as
+zero from then on), so the healthy samples keep iterating. ``max_iter`` is a hard
+budget of evaluations, line searches included. This is a reference for comparison,
+not a fast path.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import numpy as np
 import torch
 
 from .._base import Problem
-from .._driver import residuals, result_from_trace
+from .._driver import norms, relative, result_from_trace
 from .._result import SolveResult
-from ._common import CountingMap, ExternalSolver, reject_compaction
+from ._common import BudgetExhausted, CountingMap, ExternalSolver, reject_compaction
 
 
 class SciPySolver(ExternalSolver):
@@ -40,46 +43,64 @@ class SciPySolver(ExternalSolver):
 
         z0 = problem.z0
         batch, shape = z0.shape[0], z0.shape
-        fn = CountingMap(problem)
+        # Every point SciPy asks for is measured in g, so the answer, which SciPy
+        # evaluated, needs no evaluation of its own: SciPy gets the whole budget.
+        fn = CountingMap(problem, budget=problem.max_iter)
         abs_rows: list[torch.Tensor] = []
         rel_rows: list[torch.Tensor] = []
-        last: dict[str, Any] = {}
+        dead = torch.zeros(batch, 1, dtype=torch.bool, device=z0.device)
+        seen: dict[str, Any] = {}  # "res": live residuals of the last point; "best": ...
 
         def g(x: np.ndarray) -> np.ndarray:
+            nonlocal dead
             z = torch.from_numpy(x).to(device=z0.device, dtype=z0.dtype).view(shape)
             with torch.no_grad():
                 try:
-                    fz = fn(z).reshape(batch, -1)
+                    fz = fn(z)
                 except Exception as error:  # re-raised below; SciPy must not swallow it
-                    last["error"] = error
+                    seen["error"] = error
                     raise
-            abs_r, rel_r = residuals(z.reshape(batch, -1), fz, problem.eps)
-            abs_rows.append(abs_r)
-            rel_rows.append(rel_r)
-            last["res"] = rel_r if problem.stop_mode == "rel" else abs_r
-            worst = float(last["res"].max())
-            if "x" not in last or worst < last["worst"]:
-                last["x"], last["worst"] = x.copy(), worst
-            return (fz - z.reshape(batch, -1)).reshape(-1).cpu().double().numpy()
+                zf, fzf = z.reshape(batch, -1), fz.reshape(batch, -1)
+                abs_r, norm_fz = norms(zf, fzf, keepdim=True)
+                rel_r = relative(abs_r, norm_fz, problem.eps)
+                abs_rows.append(abs_r)
+                rel_rows.append(rel_r)
+                res = rel_r if problem.stop_mode == "rel" else abs_r
+                dead = dead | ~(res.isfinite() & norm_fz.isfinite())
+                seen["res"] = res.masked_fill(dead, 0.0)
+                gx = (fzf - zf).masked_fill(dead, 0.0)
+            worst = float(seen["res"].max())
+            seen["last"] = (x.copy(), z, fz)
+            if "best" not in seen or worst < seen["best"][0]:
+                seen["best"] = (worst, seen["last"])
+            return gx.reshape(-1).cpu().double().numpy()
 
-        def worst_sample_residual(_: np.ndarray) -> float:
-            return float(last["res"].max())
+        def worst_live_residual(_: np.ndarray) -> float:
+            return float(seen["res"].max())
 
         method = getattr(scipy.optimize, self.kind)
         x0 = z0.detach().reshape(-1).cpu().double().numpy()
         try:
             x = method(
                 g, x0, maxiter=problem.max_iter, f_tol=max(problem.tol, 1e-300),
-                tol_norm=worst_sample_residual, **self.options,
+                tol_norm=worst_live_residual, **self.options,
             )
         except scipy.optimize.NoConvergence as stopped:
             x = stopped.args[0]
+        except BudgetExhausted:
+            x = None
         except (ValueError, FloatingPointError, np.linalg.LinAlgError):
-            if "error" in last:  # raised by f (e.g. a wrong output shape), not by SciPy
-                raise last["error"] from None
-            # SciPy gives up on non-finite or singular steps; report the best point seen.
-            x = last.get("x", x0)
+            if "error" in seen:  # raised by f (e.g. a wrong output shape), not by SciPy
+                raise seen["error"] from None
+            x = None  # SciPy gave up on a singular step
+        traces = (torch.cat(abs_rows, dim=1), torch.cat(rel_rows, dim=1))
+        last_x, last_z, last_fz = seen["last"]
+        if x is not None and np.array_equal(np.asarray(x), last_x):
+            return result_from_trace(problem, self.name, last_z, *traces, fn.calls, fz=last_fz)
+        if x is None or fn.calls == problem.max_iter:
+            # Interrupted, or no evaluation left to measure SciPy's answer: the best
+            # point seen (lowest worst-sample residual), which was evaluated.
+            _, (_, best_z, best_fz) = seen["best"]
+            return result_from_trace(problem, self.name, best_z, *traces, fn.calls, fz=best_fz)
         z = torch.as_tensor(np.asarray(x), dtype=z0.dtype, device=z0.device).view(shape)
-        abs_trace = torch.stack(abs_rows, dim=1)
-        rel_trace = torch.stack(rel_rows, dim=1)
-        return result_from_trace(problem, self.name, z, abs_trace, rel_trace, fn.calls)
+        return result_from_trace(problem, self.name, z, *traces, fn.calls)

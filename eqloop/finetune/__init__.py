@@ -1,0 +1,57 @@
+"""Fine-tuning of pretrained looped LMs with SFT or STARS (``eqloop finetune``).
+
+Modules, each small:
+
+* ``config``: :class:`FinetuneConfig` (one dataclass, JSON/TOML, ``--set`` overrides);
+* ``data``: GSM8K and prompt/completion JSONL, the prompt template, answer extraction;
+* ``problems``: offline grade-school word problems with known answers;
+* ``tokenizer``: one interface over eqloop's and Hugging Face's tokenizers;
+* ``models``: loading a pretrained or eqloop directory, saving in its own layout;
+* ``lora``: peft adapters on named modules, merged back exactly;
+* ``train``: the fine-tuning loop (SFT / STARS, DDP / FSDP, resumable);
+* ``evaluate``: exact match at loops 1..16 and at equilibrium;
+* ``harness``: the ``eqloop`` model class for lm-evaluation-harness, ``eqloop-lm-eval``;
+* ``cli``: the ``eqloop finetune`` subcommand.
+
+Names are imported lazily so that ``import eqloop.finetune`` does not load torch or peft.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "FinetuneConfig": "eqloop.finetune.config",
+    "LoraOptions": "eqloop.finetune.config",
+    "load_finetune_config": "eqloop.finetune.config",
+    "Example": "eqloop.finetune.data",
+    "PromptTemplate": "eqloop.finetune.data",
+    "extract_answer": "eqloop.finetune.data",
+    "load_jsonl": "eqloop.finetune.data",
+    "write_jsonl": "eqloop.finetune.data",
+    "make_problems": "eqloop.finetune.problems",
+    "make_splits": "eqloop.finetune.problems",
+    "as_text_tokenizer": "eqloop.finetune.tokenizer",
+    "load_for_finetuning": "eqloop.finetune.models",
+    "save_model": "eqloop.finetune.models",
+    "attach_lora": "eqloop.finetune.lora",
+    "merge_lora": "eqloop.finetune.lora",
+    "finetune": "eqloop.finetune.train",
+    "accuracy_vs_loops": "eqloop.finetune.evaluate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'eqloop.finetune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,85 @@
+"""``eqloop finetune``: the subcommand's parser and handler (see ``eqloop.finetune.train``).
+
+Building the parser imports neither torch nor peft, so ``eqloop --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: Any) -> None:
+    """Add the ``finetune`` subcommand to the ``eqloop`` parser's subparsers."""
+    from eqloop.overrides import add_config_arguments
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a pretrained looped LM (Ouro, Huginn, eqloop) with SFT or STARS",
+        description=(
+            "Fine-tune a pretrained looped LM on a local JSONL file (GSM8K question/answer "
+            "with '#### N', or prompt/completion): SFT at fixed loops or STARS (random loop "
+            "counts + Jacobian penalty), fully or with LoRA (--lora). Settings come from the "
+            "defaults, then --config, then --set overrides, then the explicit flags. The "
+            "result is saved in the model's own layout to OUT_DIR/model. Under torchrun "
+            "(torchrun --standalone --nproc_per_node=N -m eqloop.cli finetune ...) it runs "
+            "DDP, or FSDP with --set parallel=fsdp."
+        ),
+    )
+    add_config_arguments(
+        p,
+        file_help="JSON or TOML file with FinetuneConfig fields",
+        example="--set lam=0.1 --set lora.r=16 --set depth.hi=16",
+    )
+    p.add_argument("--init-from", help="pretrained directory (HF layout) or eqloop run")
+    p.add_argument("--train-file", help="training JSONL")
+    p.add_argument("--eval-file", help="JSONL evaluated at eval_loops after training")
+    p.add_argument("--mode", choices=("sft", "stars"), help="sft: fixed loops; stars (default)")
+    p.add_argument("--out-dir", help="run directory (checkpoints, metrics.jsonl, model/)")
+    p.add_argument("--steps", type=int, help="optimisation steps")
+    p.add_argument("--lam", type=float, help="STARS penalty weight in [0, 1]")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument(
+        "--lora", action="store_true", help="LoRA (default options unless the config sets them)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handle ``eqloop finetune``; invalid settings raise ``ValueError`` (one-line error)."""
+    from eqloop.finetune.config import LoraOptions, load_finetune_config
+
+    flags = {
+        "init_from": args.init_from,
+        "train_file": args.train_file,
+        "eval_file": args.eval_file,
+        "mode": args.mode,
+        "out_dir": args.out_dir,
+        "steps": args.steps,
+        "lam": args.lam,
+        "seed": args.seed,
+        "resume": True if args.resume else None,
+        "progress": False if args.no_progress else None,
+    }
+    overrides = list(args.overrides)
+    overrides += [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    try:
+        config = load_finetune_config(args.config, overrides)
+        if args.lora and config.lora is None:
+            config.lora = LoraOptions()
+    except TypeError as err:
+        raise ValueError(str(err)) from None
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    from eqloop.finetune.train import finetune
+
+    result = finetune(config)
+    if "model" in result:  # rank 0
+        print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,679 @@
+"""Fine-tune a pretrained looped LM with SFT or STARS, fully or with LoRA.
+
+One process (CPU or one GPU)::
+
+    eqloop finetune --init-from ouro-1.4b --train-file gsm8k_train.jsonl --mode stars \\
+        --out-dir runs/ouro-stars
+
+Data parallel on one machine with N GPUs (NCCL; gloo on CPU)::
+
+    torchrun --standalone --nproc_per_node=8 -m eqloop.cli finetune --init-from ouro-1.4b \\
+        --train-file gsm8k_train.jsonl --mode stars --out-dir runs/ouro-stars \\
+        --set batch_size=128 --set grad_accum=4 --set lr=1e-5 --set grad_checkpointing=true
+
+Add ``--set parallel=fsdp`` to shard parameters, gradients and optimizer states over the
+ranks (FSDP2 ``fully_shard`` on every block of the model's layer lists, then the whole
+model) when a full fine-tune does not fit one device.
+
+Every step draws one loop count ``t`` (SFT: always the model's trained depth, or
+``loops``; STARS: the depth sampler, by default clamp(round(LogNormal(1.7, 0.4)), 1, 16)
+as in the STARS paper's Ouro-1.4B run), runs ``t`` loops of the model's map ``f`` from
+``z0`` (``core_map``), reads out the logits and minimises
+
+    loss = (1 - lam) * CE(completion tokens) + lam * JSRR(f, z_t.detach())
+
+with the penalty (STARS only) from ``penalty_start`` on. The forward runs under bf16
+autocast where the device supports it (``precision``); the penalty always runs in
+float32 with the math attention kernel (its double backward needs it), on the float32
+master weights. ``grad_checkpointing`` recomputes each loop during the backward, so the
+activation memory of the loop is that of one loop plus one state per loop.
+
+LoRA (``lora``): peft adapters on the named modules; only they train, only they are
+checkpointed (with the optimizer state), and they are merged into the weights when the
+final model is saved in the model's own layout to ``out_dir/model`` (for Ouro and Huginn
+``save_pretrained``, which ``eqloop.pretrained.load`` reads back).
+
+Exact resume: the data order, dropout RNG and penalty vectors of every step derive from
+``(seed, step, rank)``; optimizer, scheduler and depth-sampler states are checkpointed
+(eqloop.checkpoint: atomic, checksummed), so an interrupted run resumed with
+``--set resume=true`` reaches bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from eqloop.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from eqloop.data import IGNORE_INDEX
+from eqloop.depth import DepthSampler, make_depth_sampler
+from eqloop.files import write_json_atomic
+from eqloop.finetune.config import FinetuneConfig
+from eqloop.finetune.data import Example, PromptTemplate, encode_examples, load_jsonl
+from eqloop.finetune.lora import DEFAULT_TARGETS, attach_lora, merge_lora
+from eqloop.finetune.models import LoadedModel, load_for_finetuning, save_model
+from eqloop.stars import PenaltySchedule, jsrr_penalty
+from eqloop.train import _Env, _MetricsLog, _mix, _setup, batch_rows, lr_factor, read_metrics
+
+__all__ = ["Objective", "OnStep", "finetune", "make_sampler", "prepare_model", "step_time_ratio"]
+
+# Options a resumed run may change; every other field must match the checkpoint's config.
+_RESUME_MAY_CHANGE = frozenset(
+    {"steps", "checkpoint_every", "out_dir", "resume", "device", "progress", "eval_file",
+     "eval_loops", "eval_equilibrium", "eval_limit", "max_new_tokens"}
+)  # fmt: skip
+OnStep = Callable[[int, dict[str, Any]], None]
+"""Called as ``on_step(step, stats)`` after each optimisation step; may raise to stop."""
+MODEL_DIR = "model"  # sub-directory of out_dir holding the final model in its own layout
+
+
+# --------------------------------------------------------------------------- objective
+
+
+class Objective(nn.Module):
+    """The loss of one micro-batch: CE after ``loops`` loops, plus ``lam`` * JSRR.
+
+    The whole computation is this module's ``forward``, so that DDP's and FSDP's hooks
+    see every use of the parameters (the penalty applies the map once more).
+
+    Args:
+        model: a looped LM with ``core_map`` and ``readout`` (see ``eqloop.finetune.models``).
+        lam: penalty weight in [0, 1].
+        power_steps, target, product: passed to :func:`eqloop.jsrr_penalty`.
+        penalty_rows: sequences of the micro-batch used by the penalty (None: all).
+        backprop_loops: backpropagate through the last this many loops only (Huginn's
+            truncated backprop, k=8); None: through every loop (the STARS paper).
+        grad_checkpointing: recompute each loop in the backward.
+        autocast: bf16 autocast of the forward (not of the penalty).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lam: float,
+        power_steps: int = 1,
+        target: float | None = None,
+        product: str = "vjp",
+        penalty_rows: int | None = None,
+        backprop_loops: int | None = None,
+        grad_checkpointing: bool = False,
+        autocast: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.lam = lam
+        self.power_steps = power_steps
+        self.target = target
+        self.product = product
+        self.penalty_rows = penalty_rows
+        self.backprop_loops = backprop_loops
+        self.grad_checkpointing = grad_checkpointing
+        self.autocast = autocast
+
+    def forward(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        loops: int,
+        penalty_on: bool = False,
+        generator: torch.Generator | None = None,
+        ce_scale: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Loss of a micro-batch.
+
+        Args:
+            inputs: (B, S) token ids.
+            targets: (B, S) next tokens, -100 where no loss is taken.
+            loops: loop count of this step.
+            penalty_on: add the STARS penalty.
+            generator: random start vectors of the penalty.
+            ce_scale: the CE is the sum over target tokens times this (a 0-d tensor);
+                None: the mean over this micro-batch's target tokens. The training step
+                passes ``ranks * micro-batches / target tokens of the global batch``, so
+                that every token of the global batch weighs the same.
+
+        Returns:
+            ``(loss, ce, penalty, rho)``: scalars; ``penalty`` and ``rho`` (the mean
+            one-step estimate ``||J v||``, detached) are None without the penalty.
+        """
+        device = inputs.device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast):
+            f, z = self.model.core_map(inputs)
+            detached = 0 if self.backprop_loops is None else max(0, loops - self.backprop_loops)
+            with torch.no_grad():
+                for _ in range(detached):
+                    z = f(z)
+            for _ in range(loops - detached):
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    z = checkpoint(f, z, use_reentrant=False)
+                else:
+                    z = f(z)
+            logits = self.model.readout(z)
+        ce = F.cross_entropy(
+            logits.float().flatten(0, 1),
+            targets.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="mean" if ce_scale is None else "sum",
+        )
+        if ce_scale is not None:
+            ce = ce * ce_scale
+        if not penalty_on:
+            return ce, ce, None, None
+        with torch.autocast(device, enabled=False):
+            state = z.detach().float()
+            penalty_map = f
+            rows = self.penalty_rows
+            if rows is not None and rows < inputs.shape[0]:
+                penalty_map, _ = self.model.core_map(inputs[:rows])
+                state = state[:rows]
+            result = jsrr_penalty(
+                penalty_map,
+                state,
+                product=self.product,
+                power_steps=self.power_steps,
+                target=self.target,
+                generator=generator,
+                return_details=True,
+            )
+        loss = (1 - self.lam) * ce + self.lam * result.penalty
+        return loss, ce, result.penalty.detach(), result.rho.mean()
+
+
+# ------------------------------------------------------------------------------ set-up
+
+
+def make_sampler(config: FinetuneConfig, trained_loops: int) -> DepthSampler:
+    """SFT: always ``config.loops`` (default: the trained depth); STARS: ``config.depth``."""
+    if config.mode == "sft":
+        return make_depth_sampler("fixed", t=config.loops or trained_loops, seed=config.seed)
+    return config.make_stars_sampler()
+
+
+def _autocast_on(config: FinetuneConfig, device: torch.device) -> bool:
+    if config.precision == "fp32":
+        return False
+    if config.precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                f"precision='bf16' but {torch.cuda.get_device_name(device)} lacks bf16"
+            )
+        return True
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _product(config: FinetuneConfig, world: int) -> str:
+    if config.penalty_product != "auto":
+        return config.penalty_product
+    return "jvp" if config.parallel == "fsdp" and world > 1 else "vjp"
+
+
+def prepare_model(loaded: LoadedModel, config: FinetuneConfig) -> list[str]:
+    """Attach LoRA adapters if the config asks for them; returns the adapted module names."""
+    if config.lora is None:
+        return []
+    targets = config.lora.targets or list(DEFAULT_TARGETS[loaded.arch])
+    torch.manual_seed(_mix(config.seed, 2))  # the adapters' initialisation
+    return attach_lora(
+        loaded.model, targets, r=config.lora.r, alpha=config.lora.alpha,
+        dropout=config.lora.dropout,
+    )  # fmt: skip
+
+
+def _shard(objective: Objective) -> None:
+    """FSDP2: one unit per block of every ``nn.ModuleList`` of the model, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in objective.model.modules():
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                fully_shard(block)
+    fully_shard(objective)
+
+
+def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, weight decay on matrices only."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Run:
+    """What a run carries from step to step."""
+
+    loaded: LoadedModel
+    objective: Objective
+    net: nn.Module
+    optimizer: torch.optim.AdamW
+    scheduler: LambdaLR
+    sampler: DepthSampler
+    env: _Env
+    fsdp: bool
+    lora_modules: list[str]
+    step: int = 0
+    train_time: float = 0.0
+    last: dict[str, Any] = field(default_factory=dict)
+
+    def full_state(self) -> dict[str, Tensor]:
+        """Every weight (base and adapters); gathered over the ranks on CPU under FSDP."""
+        if not self.fsdp:
+            return self.loaded.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(
+            self.loaded.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def weights(self) -> dict[str, Tensor]:
+        """What a checkpoint stores: every weight, or with LoRA only the adapters."""
+        full = self.full_state()
+        if not self.lora_modules:
+            return full
+        keep = {n for n, p in self.loaded.model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in full.items() if k in keep}
+
+    def optimizer_state(self) -> dict[str, Any]:
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        return get_optimizer_state_dict(
+            self.loaded.model,
+            self.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
+
+    def save(self, out_dir: Path, config: FinetuneConfig) -> Path | None:
+        """Checkpoint the current step; collective under FSDP, written by rank 0."""
+        weights, optimizer = self.weights(), self.optimizer_state()
+        if not self.env.main:
+            return None
+        return save_checkpoint(
+            out_dir,
+            self.step,
+            weights=weights,
+            config=config.to_dict(),
+            metrics={"step": self.step, "train_time": self.train_time, "train": self.last},
+            training_state={
+                "optimizer": optimizer,
+                "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "train_time": self.train_time,
+            },
+        )
+
+    def restore(self, path: Path) -> None:
+        """Load weights, optimizer, scheduler and sampler state of a checkpoint."""
+        ckpt = load_checkpoint(path)
+        saved = ckpt.training_state(map_location="cpu")
+        model = self.loaded.model
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, strict=not self.lora_modules)
+            set_model_state_dict(model, ckpt.weights, options=options)
+            set_optimizer_state_dict(
+                model, self.optimizer, optim_state_dict=saved["optimizer"], options=options
+            )
+        else:
+            device = next(model.parameters()).device
+            weights = {k: v.to(device) for k, v in ckpt.weights.items()}
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            if unexpected or (trainable & set(missing)):
+                raise ValueError(
+                    f"checkpoint {ckpt.path} does not fit the model: missing "
+                    f"{sorted(trainable & set(missing))[:5]}, unexpected {sorted(unexpected)[:5]}"
+                )
+            self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.sampler.load_state_dict(saved["sampler"])
+        self.step, self.train_time = ckpt.step, float(saved["train_time"])
+        self.last = ckpt.metrics.get("train") or {}
+
+
+def _check_resumable(saved: dict[str, Any], config: FinetuneConfig) -> None:
+    current = config.to_dict()
+    changed = sorted(
+        key
+        for key in set(saved) | set(current)
+        if key not in _RESUME_MAY_CHANGE and saved.get(key) != current.get(key)
+    )
+    if changed:
+        raise ValueError(
+            f"cannot resume from {config.out_dir}: the config differs from the checkpoint's in "
+            f"{changed}; only {sorted(_RESUME_MAY_CHANGE)} may change (or use a new out_dir)"
+        )
+
+
+def _build(config: FinetuneConfig, env: _Env, loaded: LoadedModel | None) -> _Run:
+    out_dir = Path(config.out_dir)
+    latest = latest_checkpoint(out_dir)
+    if latest is not None and not config.resume:
+        raise ValueError(
+            f"{out_dir} already holds checkpoints (latest: {latest.name}); set resume=true to "
+            "continue that run or choose another out_dir"
+        )
+    if latest is not None:
+        _check_resumable(load_checkpoint(latest).config, config)
+    if (out_dir / MODEL_DIR).exists() and latest is None:
+        raise ValueError(f"{out_dir / MODEL_DIR} exists; choose another out_dir")
+    if loaded is None:
+        loaded = load_for_finetuning(config.init_from, device=env.device)
+    lora_modules = prepare_model(loaded, config)
+    loaded.model.to(env.device).train()
+    objective = Objective(
+        loaded.model,
+        lam=config.lam,
+        power_steps=config.power_steps,
+        target=config.penalty_target,
+        product=_product(config, env.world),
+        penalty_rows=config.penalty_rows,
+        backprop_loops=config.backprop_loops,
+        grad_checkpointing=config.grad_checkpointing,
+        autocast=_autocast_on(config, env.device),
+    )
+    fsdp = config.parallel == "fsdp" and env.world > 1
+    net: nn.Module = objective
+    if fsdp:
+        _shard(objective)
+    elif env.world > 1:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        net = DistributedDataParallel(objective, device_ids=device_ids)
+    optimizer = _optimizer(loaded.model, config)
+    scheduler = LambdaLR(optimizer, partial(lr_factor, config=config))
+    run = _Run(
+        loaded, objective, net, optimizer, scheduler,
+        make_sampler(config, loaded.trained_loops), env, fsdp, lora_modules,
+    )  # fmt: skip
+    if latest is not None:
+        run.restore(latest)
+    return run
+
+
+def _train_step(
+    run: _Run, inputs: Tensor, targets: Tensor, config: FinetuneConfig, penalty_on: bool
+) -> dict[str, Any]:
+    """One optimisation step over this rank's rows, in ``grad_accum`` micro-batches."""
+    step, env = run.step, run.env
+    torch.manual_seed(_mix(config.seed, step, env.rank, 0))  # dropout, if any
+    generator = torch.Generator(env.device).manual_seed(_mix(config.seed, step, env.rank, 1))
+    loops = run.sampler.sample()
+    micro = inputs.shape[0] // config.grad_accum
+    tokens = (targets != IGNORE_INDEX).sum().double()
+    if env.world > 1:
+        dist.all_reduce(tokens)
+    ce_scale = env.world * config.grad_accum / tokens
+    run.optimizer.zero_grad(set_to_none=True)
+    sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, ce, penalty
+    rho_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    for k in range(config.grad_accum):
+        rows = slice(k * micro, (k + 1) * micro)
+        last = k == config.grad_accum - 1
+        ddp = isinstance(run.net, DistributedDataParallel)
+        with run.net.no_sync() if ddp and not last else nullcontext():
+            if run.fsdp:
+                run.net.set_requires_gradient_sync(last)
+            loss, ce, penalty, rho = run.net(
+                inputs[rows], targets[rows], loops, penalty_on, generator, ce_scale
+            )
+            (loss / config.grad_accum).backward()
+        penalty = penalty if penalty is not None else ce.new_zeros(())
+        sums += torch.stack([loss.detach(), ce.detach(), penalty]).double()
+        if rho is not None:
+            rho_sum += rho.double()
+    grad_norm = nn.utils.clip_grad_norm_(
+        [p for p in run.loaded.model.parameters() if p.requires_grad], config.grad_clip or math.inf
+    )
+    run.optimizer.step()
+    run.scheduler.step()
+    values = torch.cat([sums, rho_sum.view(1)]) / config.grad_accum
+    if env.world > 1:
+        dist.all_reduce(values)
+        values /= env.world
+    loss, ce, penalty, rho = values.tolist()
+    return {
+        "loss": loss,
+        "ce": ce,
+        "penalty": penalty if penalty_on else None,
+        "rho": rho if penalty_on else None,
+        "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()),
+        "loops": loops,
+    }
+
+
+def _train_tensors(config: FinetuneConfig, loaded: LoadedModel) -> tuple[Tensor, Tensor]:
+    examples = load_jsonl(config.train_file, format=config.data_format)
+    template = PromptTemplate(config.prompt, config.delimiter)
+    return encode_examples(examples, loaded.tokenizer, template, max_len=config.max_len)
+
+
+def finetune(
+    config: FinetuneConfig,
+    *,
+    loaded: LoadedModel | None = None,
+    eval_examples: Sequence[Example] | None = None,
+    on_step: OnStep | None = None,
+) -> dict[str, Any]:
+    """Fine-tune (or resume) a run; see the module docstring.
+
+    Run under ``torchrun`` for data parallelism (the process group is created here and
+    destroyed at the end unless the caller made one).
+
+    Args:
+        config: the run; validated before anything is loaded or written.
+        loaded: an already loaded model (default: ``load_for_finetuning(init_from)``).
+        eval_examples: evaluated after training at ``config.eval_loops`` (default: the
+            records of ``config.eval_file``, if set).
+        on_step: called as ``on_step(step, stats)`` after every step (on every rank); if
+            it raises, that step is checkpointed and the exception propagates.
+
+    Returns:
+        ``step``, ``train_time`` (s), ``train`` (last step's ``loss``, ``ce``, ``penalty``,
+        ``rho``, ``grad_norm``, ``loops``, ``lr``), ``checkpoint``, ``model`` (the saved
+        model directory) and ``eval`` (accuracy per loop count, or None).
+
+    Raises:
+        ValueError: invalid config or data (JSONL errors name the line), an existing run
+            in ``out_dir`` without ``resume``, or a checkpoint that does not fit.
+    """
+    try:
+        config.validate()
+    except TypeError as err:
+        raise ValueError(str(err)) from None
+    env = _setup(config.device)
+    try:
+        return _finetune(config, env, loaded, eval_examples, on_step)
+    finally:
+        if env.owns_group:
+            dist.destroy_process_group()
+
+
+def _finetune(
+    config: FinetuneConfig,
+    env: _Env,
+    loaded: LoadedModel | None,
+    eval_examples: Sequence[Example] | None,
+    on_step: OnStep | None,
+) -> dict[str, Any]:
+    if config.batch_size % (env.world * config.grad_accum):
+        raise ValueError(
+            f"batch_size {config.batch_size} is not divisible by {env.world} ranks x "
+            f"grad_accum {config.grad_accum}"
+        )
+    if eval_examples is None and config.eval_file is not None:
+        eval_examples = load_jsonl(
+            config.eval_file, format=config.data_format, limit=config.eval_limit
+        )
+    run = _build(config, env, loaded)
+    inputs, targets = _train_tensors(config, run.loaded)
+    if inputs.shape[0] < config.batch_size:
+        raise ValueError(
+            f"{config.train_file} holds {inputs.shape[0]} examples, fewer than batch_size "
+            f"{config.batch_size}"
+        )
+    inputs, targets = inputs.to(env.device), targets.to(env.device)
+    out_dir = Path(config.out_dir)
+    log = None
+    if env.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "config.json", config.to_dict())
+        log_path = out_dir / "metrics.jsonl"
+        kept = read_metrics(log_path) if run.step and log_path.is_file() else []
+        log = _MetricsLog(log_path, [r for r in kept if r.get("step", 0) <= run.step])
+    schedule = PenaltySchedule(config.penalty_start, 1)
+    checkpoint_path = latest_checkpoint(out_dir) if run.step >= config.steps else None
+    bar = tqdm(
+        total=config.steps, initial=run.step, disable=not (env.main and config.progress),
+        desc=f"finetune {config.mode}", dynamic_ncols=True,
+    )  # fmt: skip
+    try:
+        for step in range(run.step, config.steps):
+            start = time.perf_counter()
+            rows = batch_rows(step, inputs.shape[0], config.batch_size, config.seed)
+            rows = rows[env.rank :: env.world].to(env.device)
+            lr = run.scheduler.get_last_lr()[0]
+            penalty_on = config.mode == "stars" and config.lam > 0 and schedule.active(step)
+            stats = _train_step(run, inputs[rows], targets[rows], config, penalty_on)
+            run.step = step + 1
+            run.train_time += time.perf_counter() - start
+            run.last = {**stats, "lr": lr}
+            if log is not None:
+                log.write({"step": run.step, **run.last, "time": run.train_time})
+            bar.update(1)
+            bar.set_postfix(ce=f"{stats['ce']:.3f}", loops=stats["loops"], refresh=False)
+            due = (config.checkpoint_every and run.step % config.checkpoint_every == 0) or (
+                run.step == config.steps
+            )
+            if due:
+                checkpoint_path = run.save(out_dir, config)
+            if on_step is not None:
+                try:
+                    on_step(run.step, run.last)
+                except BaseException:
+                    if not due:
+                        run.save(out_dir, config)
+                    raise
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    return _finish(run, config, eval_examples, checkpoint_path)
+
+
+def _finish(
+    run: _Run,
+    config: FinetuneConfig,
+    eval_examples: Sequence[Example] | None,
+    checkpoint_path: Path | None,
+) -> dict[str, Any]:
+    """Merge adapters, save the model in its own layout, evaluate (rank 0)."""
+    from eqloop.finetune.evaluate import accuracy_vs_loops
+
+    out_dir = Path(config.out_dir)
+    model = run.loaded.model
+    if run.fsdp:  # gather the shards (every rank) into an unsharded copy (rank 0)
+        full = run.full_state()
+        if run.env.main:
+            fresh = load_for_finetuning(config.init_from)
+            prepare_model(fresh, config)
+            fresh.model.load_state_dict(full)
+            model = fresh.model
+    if not run.env.main:
+        return {"step": run.step, "train_time": run.train_time, "train": run.last}
+    merge_lora(model)
+    model.eval()
+    target = out_dir / MODEL_DIR
+    if not target.exists():
+        save_model(model, target, source=config.init_from, metrics={"train": run.last})
+    result: dict[str, Any] = {
+        "step": run.step,
+        "train_time": run.train_time,
+        "train": run.last,
+        "checkpoint": str(checkpoint_path) if checkpoint_path else None,
+        "model": str(target),
+        "eval": None,
+    }
+    if eval_examples:
+        template = PromptTemplate(config.prompt, config.delimiter)
+        result["eval"] = accuracy_vs_loops(
+            model, run.loaded.tokenizer, eval_examples, loops=config.eval_loops,
+            equilibrium=config.eval_equilibrium, template=template,
+            max_new_tokens=config.max_new_tokens, progress=config.progress,
+        )  # fmt: skip
+        write_json_atomic(out_dir / "eval.json", result["eval"])
+    return result
+
+
+# ------------------------------------------------------------------------ measurements
+
+
+def step_time_ratio(
+    loaded: LoadedModel,
+    inputs: Tensor,
+    targets: Tensor,
+    config: FinetuneConfig,
+    *,
+    loops: int,
+    steps: int = 10,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Median time of an SFT step and of a STARS step at the same loop count.
+
+    The two kinds alternate on the same model and batches (so load changes on a shared
+    machine hit both alike); nothing is written.
+
+    Returns:
+        ``loops``, ``step_time_sft`` and ``step_time_stars`` (seconds) and their ``ratio``.
+    """
+    import statistics
+
+    objective = Objective(
+        loaded.model, lam=config.lam, power_steps=config.power_steps,
+        target=config.penalty_target, product=_product(config, 1),
+        penalty_rows=config.penalty_rows, backprop_loops=config.backprop_loops,
+        grad_checkpointing=config.grad_checkpointing,
+    )  # fmt: skip
+    optimizer = _optimizer(loaded.model, config)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(warmup + steps):
+        for penalty_on in (False, True):
+            rows = batch_rows(2 * i + penalty_on, inputs.shape[0], config.batch_size, config.seed)
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss, *_ = objective(inputs[rows], targets[rows], loops, penalty_on)
+            loss.backward()
+            optimizer.step()
+            if i >= warmup:
+                times[penalty_on].append(time.perf_counter() - start)
+    sft, stars = statistics.median(times[False]), statistics.median(times[True])
+    return {"loops": loops, "step_time_sft": sft, "step_time_stars": stars, "ratio": stars / sft}

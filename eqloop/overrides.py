@@ -1,0 +1,278 @@
+"""Config files and ``key=value`` overrides, read by the type of the field they set.
+
+Shared by every eqloop command that takes ``--config FILE`` and ``--set KEY=VALUE``::
+
+    data = read_config_file("tune.json", defaults, kind="TrainConfig", toml=True)
+    data = apply_overrides(data, ["resume=no", "betas=0.9,0.95"], schema=TrainConfig)
+
+With a ``schema`` (a config dataclass), each value is parsed by its field's type hint
+(:func:`parse_value`): booleans from true/false, yes/no, on/off, 1/0; tuples and lists from
+comma-separated items or a JSON array; dicts from a JSON object; ``None`` from ``null``
+where the type allows it. Unknown keys and text that does not fit are errors naming the
+field. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CONFIG_FORMATS",
+    "add_config_arguments",
+    "apply_overrides",
+    "parse_value",
+    "read_config_file",
+    "register_type_names",
+]
+
+CONFIG_FORMATS: dict[str, str] = {".json": "JSON", ".toml": "TOML"}
+"""Config file formats read, by file suffix (any other suffix is read as JSON)."""
+
+_TYPE_NAMES: dict[type, Callable[[], dict[str, Any]]] = {}
+
+
+def register_type_names(cls: type, names: Callable[[], dict[str, Any]]) -> None:
+    """Tell :func:`apply_overrides` how to resolve names in ``cls``'s type hints.
+
+    Config modules that import a field's type lazily (to stay cheap) register a function
+    returning ``{"TypeName": the_type}``; it is called only when overrides are parsed.
+    """
+    _TYPE_NAMES[cls] = names
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, file_help: str, example: str) -> None:
+    """Add the ``--config FILE`` and repeatable ``--set KEY=VALUE`` options to a CLI.
+
+    Args:
+        parser: the (sub)command's parser; ``--set`` values land in ``overrides``.
+        file_help: help text of ``--config``.
+        example: example overrides shown in the help of ``--set``.
+    """
+    parser.add_argument("--config", type=Path, help=file_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field; the value is read by the field's type (true/false, yes/no, "
+        "on/off, 1/0 for booleans; comma-separated items or a JSON array for lists; a JSON "
+        f"object for dicts); dotted keys reach nested fields, e.g. {example}",
+    )
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """The resolved type of every field of a config dataclass."""
+    names = _TYPE_NAMES[cls]() if cls in _TYPE_NAMES else {}
+    return typing.get_type_hints(cls, localns=names)
+
+
+def _json_or_text(text: str) -> Any:
+    """JSON if it parses (numbers, booleans, lists, objects, null), else the raw string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_value(name: str, kind: Any, text: str) -> Any:
+    """Parse the text of a ``key=value`` override by the type of the field it sets.
+
+    Args:
+        name: the field, for error messages.
+        kind: its type (``bool``, ``int``, ``float``, ``str``, ``X | None``,
+            ``tuple[...]``, ``list[...]``, ``dict[...]``, a dataclass) or ``None``/``Any``
+            for free-form values, which are read as JSON if they parse, else as text.
+        text: what the user wrote after ``=``.
+
+    Returns:
+        The value in the field's type: booleans from true/false, yes/no, on/off, 1/0;
+        tuples and lists from JSON arrays or comma-separated items; dicts and dataclasses
+        from JSON objects; ``None`` from ``null`` or ``none`` where the type allows it;
+        strings as written (a JSON string literal is unquoted).
+
+    Raises:
+        ValueError: text that does not fit the type.
+    """
+    text = text.strip()
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is None or kind is Any:
+        return _json_or_text(text)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and text.lower() in ("null", "none"):
+            return None
+        (inner, *more) = [a for a in args if a is not type(None)]
+        return parse_value(name, inner if not more else None, text)
+    if kind is bool:
+        from solvers.checks import parse_bool  # here: the solvers package imports torch
+
+        return parse_bool(name, text)
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"{name} must be {what}, got {text!r}") from None
+    if kind is str:
+        value = _json_or_text(text) if text.startswith('"') else text
+        return value if isinstance(value, str) else text
+    if origin in (tuple, list):
+        return _parse_sequence(name, origin, args, text)
+    if origin is dict or kind is dict or dataclasses.is_dataclass(kind):
+        value = _json_or_text(text)
+        if not isinstance(value, dict):
+            raise ValueError(f'{name} must be a JSON object like {{"key": value}}, got {text!r}')
+        return value
+    return _json_or_text(text)
+
+
+def _parse_sequence(name: str, origin: type, args: tuple[Any, ...], text: str) -> Any:
+    """A tuple or list from a JSON array or comma-separated items, each parsed by type."""
+    if text.startswith("["):
+        items = _json_or_text(text)
+        if not isinstance(items, list):
+            raise ValueError(f"{name} must be a JSON array or comma-separated values, got {text!r}")
+    else:
+        items = [part for part in (p.strip() for p in text.split(",")) if part] if text else []
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(items) != len(args):
+            example = ",".join(["0.9", "0.98"][: len(args)]) if args[0] is float else "..."
+            raise ValueError(
+                f"{name} takes {len(args)} comma-separated values (e.g. {example}), got {text!r}"
+            )
+        kinds = list(args)
+    else:
+        kinds = [args[0] if args else None] * len(items)
+    parsed = [
+        parse_value(f"{name}[{i}]", k, item) if isinstance(item, str) else item
+        for i, (k, item) in enumerate(zip(kinds, items, strict=True))
+    ]
+    return tuple(parsed) if origin is tuple else parsed
+
+
+def _child_type(kind: Any, key: str, path: str) -> Any:
+    """The type of entry ``key`` of a value of type ``kind`` (None: free-form)."""
+    if kind is None or kind is Any:
+        return None
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _child_type(inner[0], key, path) if len(inner) == 1 else None
+    if dataclasses.is_dataclass(kind):
+        known = _field_types(kind)
+        if key not in known:
+            where = f" (in {path})" if path else ""
+            raise ValueError(
+                f"unknown {kind.__name__} keys: [{key!r}]{where}; valid keys are {sorted(known)}"
+            )
+        return known[key]
+    if origin is dict:
+        return args[1] if len(args) == 2 else None
+    raise ValueError(f"{path or key} is not a dict, so {path}.{key} cannot be set")
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: Iterable[str], *, schema: type | None = None
+) -> dict[str, Any]:
+    """Apply ``key=value`` overrides to a config dict; dotted keys reach nested dicts.
+
+    Args:
+        data: the config as a dict (e.g. ``TrainConfig().to_dict()``).
+        overrides: ``key=value`` strings, e.g. ``lam=0.1``, ``resume=no``,
+            ``eval_loops=1,4,16``, ``depth={"kind":"fixed","t":8}``, ``model.d_model=64``.
+        schema: the config dataclass; each value is then parsed by the type of its field
+            (:func:`parse_value`) and unknown keys are errors. Without it, values are
+            read as JSON when they parse, else as text.
+
+    Returns:
+        A new dict; ``data`` is not modified.
+
+    Raises:
+        ValueError: an override without ``=``, an unknown key, a value that does not fit
+            its field, or a dotted key whose parent is not a dict.
+    """
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} must look like key=value")
+        *parents, leaf = key.strip().split(".")
+        node, kind, path = out, schema, ""
+        for part in parents:
+            kind = _child_type(kind, part, path)
+            path = f"{path}.{part}" if path else part
+            child = node.setdefault(part, {})
+            if dataclasses.is_dataclass(child) and not isinstance(child, type):
+                child = node[part] = asdict(child)
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r}: {path} is not a dict")
+            node = child
+        kind = _child_type(kind, leaf, path)
+        node[leaf] = parse_value(key.strip(), kind, text)
+    return out
+
+
+# ------------------------------------------------------------------------------- files
+
+
+def _read_toml(file: Path) -> Any:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        raise ValueError(f"reading {file} needs Python >= 3.11 (tomllib); use JSON") from None
+    return tomllib.loads(file.read_text())
+
+
+def read_config_file(
+    path: str | os.PathLike[str], valid: Mapping[str, Any], *, kind: str, toml: bool
+) -> dict[str, Any]:
+    """The top-level object of a config file, checked against the valid keys.
+
+    Args:
+        path: a JSON file, or TOML (by the ``.toml`` suffix) when ``toml`` is true.
+        valid: the defaults; only their keys may appear in the file.
+        kind: the config's name in the unknown-keys message (``"TrainConfig"``).
+        toml: accept TOML files.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a format that is not read (e.g. YAML), an unreadable file, not an
+            object, or unknown keys.
+    """
+    file = Path(path)
+    formats = {s: f for s, f in CONFIG_FORMATS.items() if toml or f != "TOML"}
+    read = " and ".join(f"{f} ({s})" for s, f in formats.items())
+    if not file.is_file():
+        raise FileNotFoundError(f"no such config file: {file}")
+    if file.suffix.lower() in (".yaml", ".yml", ".ini", ".cfg", ".toml") and (
+        file.suffix.lower() not in formats
+    ):
+        raise ValueError(
+            f"cannot read config file {file}: its format is not read; eqloop reads {read}"
+        )
+    is_toml = file.suffix.lower() == ".toml"
+    try:
+        loaded = _read_toml(file) if is_toml else json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # JSON/TOML decode errors are ValueErrors
+        as_format = "TOML" if is_toml else "JSON"
+        raise ValueError(
+            f"cannot parse config file {file} as {as_format} ({err}); eqloop reads {read}"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {file} must hold an object{'/table' if toml else ''}")
+    unknown = sorted(set(loaded) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown {kind} keys in {file}: {unknown}; valid keys are {sorted(valid)}"
+        )
+    return loaded

@@ -1,0 +1,517 @@
+"""Autoregressive generation with a KV cache laid out per (loop, layer).
+
+One call of :func:`generate`:
+
+1. prefill: the prompt runs through the model once; every attention layer of every
+   loop writes its keys/values to its own cache slot (Ouro: ``(loop, layer)`` for
+   L x T slots; Huginn: the prelude and coda blocks once, ``(loop, layer)`` for the
+   core).
+2. decode: each new token runs all loops over that one token, each layer attending to
+   its own slot. Cached decoding computes the same logits as recomputing the whole
+   sequence (tested).
+
+Batched prompts of different lengths are **left-padded** (``attention_mask`` 0 on the
+left, as ``load_tokenizer`` pads by default): every row's next token then sits at the
+same index. Padded keys are masked and positions count real tokens only, so a padded
+row decodes as it would alone.
+
+Exits, per token and per row of the batch:
+
+* Ouro (``exit="last" | "threshold" | "expected"``): all loops run, as upstream; the
+  gate decides which loop's logits (or their expectation) pick the next token.
+* Huginn (``exit="latent-diff" | "kl" | "entropy-diff" | "argmax-stability"``): a
+  token stops looping once its criterion holds (upstream's adaptive compute); its
+  state stays fixed while the rest of the batch loops on, and the cache slots of the
+  loops it skipped get the keys/values of its last computed loop (upstream's "latest"
+  lookup rule), so later tokens attending to it see what it computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from eqloop.pretrained.base import PretrainedLoopedLM, split_loops
+from eqloop.pretrained.layers import Context, KVCache
+from solvers import checks
+
+__all__ = ["HUGINN_EXITS", "GenerateOutput", "adaptive_forward", "generate"]
+
+HUGINN_EXITS: dict[str, float] = {
+    "none": 0.0,
+    "latent-diff": 0.03,
+    "kl": 5e-4,
+    "entropy-diff": 1e-3,
+    "argmax-stability": 5,
+}
+"""Huginn's per-token exit criteria and their default thresholds (see ``ExitCriterion``)."""
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    """What :func:`generate` returns with ``return_dict=True``.
+
+    Attributes:
+        sequences: (B, S + n) prompt and new tokens (``pad_token_id`` after a row stops).
+        attention_mask: (B, S + n) 1 at real tokens (0 at the prompt's left padding and
+            after a row stopped).
+        loops_used: (B, n) int64, loops behind each new token: the exit loop for Ouro's
+            threshold exit, the steps run for Huginn's criteria, else ``loops``.
+        finished: (B,) bool, rows that produced a stop token.
+        logits: (B, n, V) float32, the logits each new token was chosen from (after the
+            vocabulary cut, before the sampling filters).
+    """
+
+    sequences: Tensor
+    attention_mask: Tensor
+    loops_used: Tensor
+    finished: Tensor
+    logits: Tensor
+
+
+# ------------------------------------------------------------------ exit criteria
+
+
+class ExitCriterion:
+    """Huginn's per-token exit test after every recurrent step (one new token per row).
+
+    ``latent-diff``: ``||s_t - s_{t-1}|| / ||s_t|| < threshold``;
+    ``kl``: ``KL(p_{t-1} || p_t) < threshold`` between the decoded distributions
+    (p_0 uniform); ``entropy-diff``: ``|H(p_t) - H(p_{t-1})| < threshold`` (H_0 = 100);
+    ``argmax-stability``: the argmax has not changed for ``threshold`` steps.
+    """
+
+    def __init__(self, name: str, threshold: float | None) -> None:
+        checks.choice("exit", name, tuple(HUGINN_EXITS))
+        self.name = name
+        default = HUGINN_EXITS[name]
+        if name == "argmax-stability":
+            value = default if threshold is None else threshold
+            self.threshold = float(checks.integer("exit_threshold", value, low=1))
+        else:
+            value = default if threshold is None else threshold
+            self.threshold = checks.number("exit_threshold", value, low=0.0)
+        self.prev: Any = None
+        self.count: Tensor | None = None
+
+    @property
+    def decodes(self) -> bool:
+        """Whether the criterion needs the logits of every step."""
+        return self.name in ("kl", "entropy-diff", "argmax-stability")
+
+    def start(self, z0: Tensor, vocab: int) -> None:
+        """Reset for a new token; ``z0``: (B, n, d) initial states."""
+        batch = z0.shape[0]
+        if self.name == "latent-diff":
+            self.prev = z0
+        elif self.name == "kl":
+            self.prev = torch.full((batch, vocab), -math.log(vocab), device=z0.device)
+        elif self.name == "entropy-diff":
+            self.prev = torch.full((batch,), 100.0, device=z0.device)
+        elif self.name == "argmax-stability":
+            self.prev = torch.full((batch,), -1, dtype=torch.long, device=z0.device)
+            self.count = torch.zeros(batch, dtype=torch.long, device=z0.device)
+
+    def check(self, z: Tensor, logits: Tensor | None) -> Tensor:
+        """(B,) bool: rows whose new token may stop. ``z``: (B, 1, d); ``logits``: (B, V)."""
+        if self.name == "none":
+            return torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+        if self.name == "latent-diff":
+            change = (z - self.prev).norm(dim=-1) / z.norm(dim=-1).clamp_min(
+                torch.finfo(z.dtype).tiny
+            )
+            self.prev = z
+            return change.mean(dim=1) < self.threshold
+        log_p = F.log_softmax(logits.float(), dim=-1)
+        if self.name == "kl":
+            value = (self.prev.exp() * (self.prev - log_p)).sum(dim=-1)
+            self.prev = log_p
+            return value < self.threshold
+        if self.name == "entropy-diff":
+            entropy = -(log_p.exp() * log_p).sum(dim=-1)
+            value = (entropy - self.prev).abs()
+            self.prev = entropy
+            return value < self.threshold
+        top = logits.argmax(dim=-1)
+        self.count = torch.where(top == self.prev, self.count + 1, torch.zeros_like(self.count))
+        self.prev = top
+        return self.count >= self.threshold
+
+
+# ---------------------------------------------------------------- one cached call
+
+
+def _ouro_exit(model: Any, exit: str, exit_threshold: float | None) -> tuple[str, float | None]:
+    from eqloop.pretrained.ouro import EXIT_MODES
+
+    checks.choice("exit", exit, EXIT_MODES)
+    if exit != "threshold":
+        if exit_threshold is not None:
+            raise ValueError("exit_threshold needs exit='threshold'")
+        return exit, None
+    threshold = model.config.early_exit_threshold if exit_threshold is None else exit_threshold
+    if threshold is None:
+        raise ValueError("exit='threshold' needs exit_threshold (the config sets none)")
+    return exit, checks.number("exit_threshold", threshold, low=0.0, high=1.0)
+
+
+def _ouro_call(
+    model: Any,
+    tokens: Tensor,
+    mask: Tensor | None,
+    cache: KVCache,
+    loops: int,
+    exit: str,
+    threshold: float | None,
+) -> tuple[Tensor, Tensor]:
+    """Last-position logits (B, V) and the loop they came from (B,) of a cached call."""
+    from eqloop.pretrained.ouro import exit_distribution, threshold_exit
+
+    ctx = model._context(*tokens.shape, tokens, mask, cache)
+    x = model._inject(tokens, ctx)
+    states: list[Tensor] = []
+    model._iterate(x, x, ctx, 0, loops, on_state=lambda t, s: states.append(s[:, -1]))
+    cache.advance(tokens.shape[1])
+    stacked = torch.stack(states, dim=1)  # (B, T, d): the last position after each loop
+    batch = tokens.shape[0]
+    if exit == "last":
+        return model.head(stacked[:, -1]), torch.full((batch,), loops, device=tokens.device)
+    pdf = exit_distribution(model.gate_logits(stacked)[:, None])[:, 0]  # (B, T)
+    if exit == "expected":
+        logits = (model.head(stacked) * pdf[..., None].to(stacked.dtype)).sum(dim=1)
+        return logits, torch.full((batch,), loops, device=tokens.device)
+    index = threshold_exit(pdf[:, None], threshold)[:, 0]
+    return model.head(stacked[torch.arange(batch, device=tokens.device), index]), index + 1
+
+
+def _huginn_call(
+    model: Any,
+    tokens: Tensor,
+    mask: Tensor | None,
+    cache: KVCache,
+    loops: int,
+    criterion: ExitCriterion,
+    init_scale: float | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Last-position logits (B, V) and steps run (B,) of a cached call.
+
+    A prefill (several tokens) runs every step; one new token per row may exit early.
+    """
+    ctx = model._context(*tokens.shape, tokens, mask, cache)
+    x = model._inject(tokens, ctx)
+    z = model._initial_state(x, ctx, init_scale, generator)
+    batch = tokens.shape[0]
+    if criterion.name == "none" or tokens.shape[1] > 1:
+        z = model._iterate(z, x, ctx, 0, loops)
+        used = torch.full((batch,), loops, device=tokens.device)
+    else:
+        z, used = _adaptive_loop(model, z, x, ctx, loops, criterion)
+    logits = model._readout(z, ctx)[:, -1]
+    cache.advance(tokens.shape[1])
+    return logits, used
+
+
+def _adaptive_loop(
+    model: Any, z: Tensor, x: Tensor, ctx: Context, loops: int, criterion: ExitCriterion
+) -> tuple[Tensor, Tensor]:
+    """Steps for one new token per row until each row's criterion holds (see module doc)."""
+    core_layers = len(model.transformer.core_block)
+    active = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+    used = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+    criterion.start(z, model.vocab_size)
+    for t in range(loops):
+        z_next = model._core(z, x, ctx, t)
+        if t > 0:
+            for j in range(core_layers):  # exited rows keep their last computed keys/values
+                ctx.cache.copy_rows((t, j), (t - 1, j), ~active, ctx.n_new)
+        z = torch.where(active[:, None, None], z_next, z)
+        used = used + active.long()
+        logits = model._readout(z, ctx)[:, -1] if criterion.decodes else None
+        active = active & ~criterion.check(z, logits)
+        if not bool(active.any()):  # one host read per step: stop once every row exited
+            everyone = torch.ones_like(active)
+            for s in range(t + 1, loops):
+                for j in range(core_layers):
+                    ctx.cache.copy_rows((s, j), (s - 1, j), everyone, ctx.n_new)
+            break
+    return z, used
+
+
+# ------------------------------------------------------------------------ sampling
+
+
+def _next_token(
+    logits: Tensor,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """(B, V) float logits -> (B,) int64 token ids."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the mass before it already reaches top_p (the first always stays).
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_left_padded(mask: Tensor) -> None:
+    ordered = bool((mask[:, 1:] >= mask[:, :-1]).all())
+    if not ordered or not bool(mask[:, -1].all()):
+        raise ValueError(
+            "generate needs left-padded prompts: each attention_mask row must be zeros then "
+            "ones (load_tokenizer(..., padding_side='left') pads that way), with at least "
+            "one real token"
+        )
+
+
+# ------------------------------------------------------------------------ generate
+
+
+def generate(
+    model: PretrainedLoopedLM,
+    input_ids: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    max_new_tokens: int,
+    loops: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_token_ids: list[int] | tuple[int, ...] | None = None,
+    pad_token_id: int | None = None,
+    exit: str | None = None,
+    exit_threshold: float | None = None,
+    init_scale: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    return_dict: bool = False,
+) -> Tensor | GenerateOutput:
+    """Generate up to ``max_new_tokens`` tokens per row (see the module docstring).
+
+    Args:
+        model: an Ouro or Huginn model from :func:`eqloop.pretrained.load`.
+        input_ids: (B, S) prompts, left-padded when their lengths differ.
+        attention_mask: (B, S) 1 for real tokens, 0 for the left padding.
+        max_new_tokens: tokens to add (fewer when every row stopped).
+        loops: loops per token (Huginn with an exit criterion: the most steps);
+            default :attr:`~PretrainedLoopedLM.trained_loops`.
+        do_sample: sample from the softmax instead of taking the argmax.
+        temperature, top_k, top_p: sampling filters (``do_sample`` only).
+        stop_token_ids: a row stops after producing one of these ids.
+        pad_token_id: id written after a row stopped (default: the first stop id, or 0).
+        exit: Ouro ``"last"`` (default) | ``"threshold"`` | ``"expected"``; Huginn
+            ``"none"`` (default) | ``"latent-diff"`` | ``"kl"`` | ``"entropy-diff"`` |
+            ``"argmax-stability"``.
+        exit_threshold: the exit's threshold (defaults: Ouro's config
+            ``early_exit_threshold``; Huginn's :data:`HUGINN_EXITS`).
+        init_scale: Huginn's initial-state scale (0: zeros, deterministic).
+        generator: random generator for sampling and Huginn's initial states.
+        use_cache: ``False`` recomputes the whole sequence for every token (the
+            reference the cache is tested against; not with a Huginn exit criterion,
+            and equal to the cached result for Huginn only with ``init_scale=0``, since
+            a recompute draws new random initial states for every position).
+        return_dict: return a :class:`GenerateOutput` instead of the sequences.
+
+    Returns:
+        (B, S + n) token ids, or a :class:`GenerateOutput`.
+    """
+    if not isinstance(model, PretrainedLoopedLM):
+        raise TypeError(f"model must be an eqloop pretrained looped LM, got {type(model).__name__}")
+    input_ids = model._check_tokens(input_ids)
+    batch, prompt_len = input_ids.shape
+    mask = model._check_mask(attention_mask, input_ids.shape)
+    if mask is not None:
+        _check_left_padded(mask)
+    max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, low=0)
+    _, loops = split_loops(loops, model.trained_loops)
+    if loops < 1:
+        raise ValueError("generate needs loops >= 1")
+    checks.boolean("do_sample", do_sample)
+    temperature = checks.number("temperature", temperature, low=0.0, low_open=True)
+    if top_k is not None:
+        top_k = checks.integer("top_k", top_k, low=1)
+    if top_p is not None:
+        top_p = checks.number("top_p", top_p, low=0.0, high=1.0, low_open=True)
+    if not do_sample and (top_k is not None or top_p is not None or temperature != 1.0):
+        raise ValueError("temperature, top_k and top_p need do_sample=True")
+    stops = [checks.integer("stop_token_ids[]", s, low=0) for s in (stop_token_ids or ())]
+    if pad_token_id is None:
+        pad_token_id = stops[0] if stops else 0
+    pad_token_id = checks.integer("pad_token_id", pad_token_id, low=0, high=model.vocab_size - 1)
+    checks.boolean("use_cache", use_cache)
+
+    is_huginn = model.model_type == "huginn_raven"
+    if is_huginn:
+        criterion = ExitCriterion("none" if exit is None else exit, exit_threshold)
+        if not use_cache and criterion.name != "none":
+            raise ValueError("Huginn's exit criteria need the cache (use_cache=True)")
+    else:
+        if init_scale is not None:
+            raise TypeError("init_scale is a Huginn option: Ouro's loop starts from the embeddings")
+        ouro_exit, threshold = _ouro_exit(model, "last" if exit is None else exit, exit_threshold)
+    # Ids the tokenizer cannot produce (Huginn's padded vocabulary) are never generated.
+    usable = getattr(model.config, "vocab_size", model.vocab_size)
+
+    sequences = input_ids
+    full_mask = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.dtype)
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    loops_used: list[Tensor] = []
+    step_logits: list[Tensor] = []
+    cache = KVCache(batch, prompt_len + max_new_tokens) if use_cache else None
+    step_tokens, step_mask = input_ids, mask
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            if use_cache:
+                if is_huginn:
+                    logits, used = _huginn_call(
+                        model,
+                        step_tokens,
+                        step_mask,
+                        cache,
+                        loops,
+                        criterion,
+                        init_scale,
+                        generator,
+                    )
+                else:
+                    logits, used = _ouro_call(
+                        model, step_tokens, step_mask, cache, loops, ouro_exit, threshold
+                    )
+            else:
+                logits, used = _recompute(
+                    model,
+                    sequences,
+                    full_mask if mask is not None else None,
+                    loops,
+                    None if is_huginn else ouro_exit,
+                    None if is_huginn else threshold,
+                    init_scale,
+                    generator,
+                )
+            logits = logits.float()
+            if usable < logits.shape[-1]:
+                logits[:, usable:] = float("-inf")
+            step_logits.append(logits)
+            token = _next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            loops_used.append(torch.where(finished, torch.zeros_like(used), used))
+            new_mask = (~finished).to(full_mask.dtype)[:, None]
+            sequences = torch.cat((sequences, token[:, None]), dim=1)
+            full_mask = torch.cat((full_mask, new_mask), dim=1)
+            if stops:
+                finished = finished | torch.isin(token, torch.tensor(stops, device=token.device))
+                if bool(finished.all()):
+                    break
+            step_tokens, step_mask = token[:, None], None
+    used_all = (
+        torch.stack(loops_used, dim=1)
+        if loops_used
+        else torch.zeros(batch, 0, dtype=torch.long, device=input_ids.device)
+    )
+    if return_dict:
+        vocab = model.vocab_size
+        logits_all = (
+            torch.stack(step_logits, dim=1)
+            if step_logits
+            else torch.zeros(batch, 0, vocab, device=input_ids.device)
+        )
+        return GenerateOutput(
+            sequences=sequences,
+            attention_mask=full_mask,
+            loops_used=used_all,
+            finished=finished,
+            logits=logits_all,
+        )
+    return sequences
+
+
+def _recompute(
+    model: Any,
+    sequences: Tensor,
+    mask: Tensor | None,
+    loops: int,
+    ouro_exit: str | None,
+    threshold: float | None,
+    init_scale: float | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Last-position logits of a full forward pass over ``sequences`` (no cache)."""
+    batch = sequences.shape[0]
+    if ouro_exit is None:  # Huginn
+        logits = model(
+            sequences, loops, attention_mask=mask, init_scale=init_scale, generator=generator
+        )
+        used = torch.full((batch,), loops, device=sequences.device)
+        return logits[:, -1], used
+    logits, info = model(
+        sequences,
+        loops,
+        attention_mask=mask,
+        exit=ouro_exit,
+        exit_threshold=threshold,
+        return_info=True,
+    )
+    exit_loop = getattr(info, "exit_loop", None)  # set by the threshold exit only
+    used = (
+        exit_loop[:, -1]
+        if exit_loop is not None
+        else torch.full((batch,), loops, device=sequences.device)
+    )
+    return logits[:, -1], used
+
+
+def adaptive_forward(
+    model: Any,
+    tokens: Tensor,
+    *,
+    exit: str,
+    exit_threshold: float | None = None,
+    loops: int | None = None,
+    attention_mask: Tensor | None = None,
+    init_scale: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Huginn's adaptive-compute forward: token by token, each exiting on its criterion.
+
+    Upstream's ``forward_with_adaptive_compute`` for a batch: position i runs its loop
+    with the KV cache of positions < i until the criterion holds (at most ``loops``
+    steps), exactly as :func:`generate` decodes a new token.
+
+    Returns:
+        logits (B, S, V) and the steps each position ran (B, S) int64.
+    """
+    if model.model_type != "huginn_raven":
+        raise ValueError("adaptive_forward is Huginn's; Ouro exits through forward(exit=...)")
+    tokens = model._check_tokens(tokens)
+    mask = model._check_mask(attention_mask, tokens.shape)
+    criterion = ExitCriterion(exit, exit_threshold)
+    _, loops = split_loops(loops, model.trained_loops)
+    cache = KVCache(tokens.shape[0], tokens.shape[1])
+    outputs, steps = [], []
+    for i in range(tokens.shape[1]):
+        column = None if mask is None else mask[:, i : i + 1]
+        logits, used = _huginn_call(
+            model, tokens[:, i : i + 1], column, cache, loops, criterion, init_scale, generator
+        )
+        outputs.append(logits)
+        steps.append(used)
+    return torch.stack(outputs, dim=1), torch.stack(steps, dim=1)

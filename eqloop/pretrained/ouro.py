@@ -1,0 +1,328 @@
+"""Ouro (ByteDance Seed's looped LM): every decoder layer looped, an exit gate per loop.
+
+Facts from ``/work/shared/PRETRAINED.md`` (read from the public model code)::
+
+    z_0 = embed(tokens)
+    z_{t+1} = norm(layer_L(... layer_1(z_t)))        one loop = all L layers + final norm
+    logits_t = lm_head(z_t)
+    lam_t = sigmoid(early_exit_gate(z_t))            per token, after each loop t = 1..T
+    p_t = lam_t prod_{j<t} (1 - lam_j)  (t < T),    p_T = prod_{j<T} (1 - lam_j)
+
+A decoder layer is pre-sandwich per sub-layer: ``h = x + N2(Attn(N1(x)))``,
+``out = h + N4(MLP(N3(h)))`` with RMSNorms N1 = input_layernorm, N2 = input_layernorm_2,
+N3 = post_attention_layernorm, N4 = post_attention_layernorm_2 and a SwiGLU MLP.
+Attention is causal, grouped-query, with Llama-style rotary (rotate-half) and, on layers
+marked "sliding_attention", a window of ``sliding_window`` keys. There is no input
+injection: ``f(z) = norm(layers(z))`` and the tokens only set ``z_0``.
+
+``model(tokens, loops=T)`` decodes the state after T loops (upstream's
+``exit_at_step=T-1``). ``exit="threshold"`` decodes each token from the first loop
+whose cumulative exit probability reaches ``exit_threshold`` (the last loop if none
+does); ``exit="expected"`` returns ``sum_t p_t * lm_head(z_t)`` (upstream's
+``use_weighted_exit``, also its training logits). All T loops are computed either way.
+
+Defaults differ from upstream's on purpose: ``model(tokens)`` decodes the state after
+``total_ut_steps`` loops, whereas upstream's forward decodes by the config's
+``early_exit_threshold`` (or ``early_exit_step``) when they are set; with the usual
+threshold 1.0 both give the last loop. ``exit="threshold"`` without a value uses the
+config's threshold. Upstream's ``use_weighted_exit=True`` is shadowed by a configured
+threshold (its "weighted" logits are then the threshold logits); ``exit="expected"`` is
+always the weighted sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from eqloop.pretrained.base import LoopOutput, PretrainedLoopedLM, split_loops
+from eqloop.pretrained.config import OuroConfig
+from eqloop.pretrained.layers import Context, RMSNorm, attend, rotate_half_pairs
+from solvers import checks
+
+__all__ = ["EXIT_MODES", "OuroForCausalLM", "exit_distribution", "threshold_exit"]
+
+EXIT_MODES = ("last", "threshold", "expected")
+"""Values of ``exit`` in :meth:`OuroForCausalLM.forward`."""
+
+
+class OuroAttention(nn.Module):
+    """Grouped-query causal self-attention with rotate-half rotary embeddings."""
+
+    def __init__(self, config: OuroConfig, layer: int) -> None:
+        super().__init__()
+        d, e = config.hidden_size, config.head_size
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            e,
+        )
+        self.dropout = config.attention_dropout
+        self.q_proj = nn.Linear(d, self.n_heads * e, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * e, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * e, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * e, d, bias=False)
+
+    def forward(self, h: Tensor, ctx: Context, kind: str, loop: int | None) -> Tensor:
+        """(B, S, d) -> (B, S, d); ``loop`` names the cache slot ``(loop, layer)``."""
+        batch, seq, _ = h.shape
+        q = self.q_proj(h).view(batch, seq, self.n_heads, self.head_dim)
+        k = self.k_proj(h).view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(h).view(batch, seq, self.n_kv_heads, self.head_dim)
+        q = rotate_half_pairs(q, ctx.cos, ctx.sin).transpose(1, 2)
+        k = rotate_half_pairs(k, ctx.cos, ctx.sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if ctx.cache is not None:
+            if loop is None:
+                raise ValueError("a cached forward pass needs the loop index of every step")
+            k, v = ctx.cache.update((loop, self.layer), k, v)
+        y = attend(q, k, v, ctx.masks[kind], dropout=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class OuroMLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: OuroConfig) -> None:
+        super().__init__()
+        d, m = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, m, bias=False)
+        self.up_proj = nn.Linear(d, m, bias=False)
+        self.down_proj = nn.Linear(m, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, S, d) -> (B, S, d)."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class OuroDecoderLayer(nn.Module):
+    """``h = x + N2(Attn(N1(x)))``, ``out = h + N4(MLP(N3(h)))``."""
+
+    def __init__(self, config: OuroConfig, layer: int) -> None:
+        super().__init__()
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.attention_type = config.attention_kinds[layer]
+        self.self_attn = OuroAttention(config, layer)
+        self.mlp = OuroMLP(config)
+        self.input_layernorm = RMSNorm(d, eps)
+        self.input_layernorm_2 = RMSNorm(d, eps)
+        self.post_attention_layernorm = RMSNorm(d, eps)
+        self.post_attention_layernorm_2 = RMSNorm(d, eps)
+
+    def forward(self, x: Tensor, ctx: Context, loop: int | None) -> Tensor:
+        """(B, S, d) -> (B, S, d)."""
+        h = x + self.input_layernorm_2(
+            self.self_attn(self.input_layernorm(x), ctx, self.attention_type, loop)
+        )
+        return h + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(h)))
+
+
+class OuroModel(nn.Module):
+    """The parameters under upstream's ``model.`` prefix."""
+
+    def __init__(self, config: OuroConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            OuroDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.early_exit_gate = nn.Linear(config.hidden_size, 1)
+
+
+def exit_distribution(gates: Tensor) -> Tensor:
+    """Per-token exit probabilities over the loops from the gate logits.
+
+    Args:
+        gates: (B, S, T) gate logits ``early_exit_gate(z_t)`` for t = 1..T.
+
+    Returns:
+        (B, S, T) float32, ``p_t = lam_t prod_{j<t}(1 - lam_j)`` for t < T and the
+        remaining mass at t = T, so every token's row sums to 1.
+    """
+    lam = torch.sigmoid(gates.float())
+    survive = torch.cumprod(1.0 - lam, dim=-1)  # prod_{j<=t} (1 - lam_j)
+    before = torch.cat((torch.ones_like(survive[..., :1]), survive[..., :-1]), dim=-1)
+    pdf = lam * before
+    return torch.cat((pdf[..., :-1], before[..., -1:]), dim=-1)
+
+
+def threshold_exit(pdf: Tensor, threshold: float) -> Tensor:
+    """The 0-based loop each token exits at: the first whose cumulative probability
+    reaches ``threshold``, or the last loop if none does.
+
+    Args:
+        pdf: (B, S, T) from :func:`exit_distribution`.
+        threshold: in [0, 1].
+
+    Returns:
+        (B, S) int64 in [0, T).
+    """
+    reached = torch.cumsum(pdf, dim=-1) >= threshold
+    first = reached.float().argmax(dim=-1)
+    return torch.where(reached.any(dim=-1), first, torch.full_like(first, pdf.shape[-1] - 1))
+
+
+class OuroForCausalLM(PretrainedLoopedLM):
+    """An Ouro checkpoint as a looped LM (see the module docstring).
+
+    Build it with :func:`eqloop.pretrained.load` (weights from a directory) or from an
+    :class:`OuroConfig` (random weights: :meth:`init_weights`).
+
+    Example:
+        >>> from eqloop.pretrained import OuroConfig, OuroForCausalLM
+        >>> cfg = OuroConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        >>> model = OuroForCausalLM(cfg).eval()
+        >>> model(torch.randint(0, 64, (2, 5)), loops=3).shape
+        torch.Size([2, 5, 64])
+    """
+
+    def __init__(self, config: OuroConfig) -> None:
+        super().__init__()
+        if not isinstance(config, OuroConfig):
+            raise TypeError(f"config must be an OuroConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.generation_config: dict = {}  # generation_config.json, kept for saving
+        self.model = OuroModel(config)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    def init_weights(
+        self, generator: torch.Generator | None = None, std: float | None = None
+    ) -> None:
+        """Random weights: N(0, std^2) matrices (``initializer_range``, 0.02), unit norms,
+        zero gate bias."""
+        std = float(self.config.extra.get("initializer_range", 0.02)) if std is None else std
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    module.weight.normal_(0.0, std, generator=generator)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+                elif isinstance(module, RMSNorm):
+                    module.weight.fill_(1.0)
+
+    # ------------------------------------------------------------------- the stages
+
+    def _embedding(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def _rope_base(self) -> float:
+        return self.config.rope_theta
+
+    def _sliding_window(self) -> int | None:
+        if "sliding_attention" in self.config.attention_kinds:
+            return self.config.sliding_window
+        return None
+
+    def _inject(self, tokens: Tensor, ctx: Context) -> Tensor:
+        return ctx.zero_padding(self.model.embed_tokens(tokens))
+
+    def _initial_state(
+        self, x: Tensor, ctx: Context, init_scale: float | None, generator: torch.Generator | None
+    ) -> Tensor:
+        if init_scale is not None:
+            raise TypeError("init_scale is a Huginn option: Ouro's loop starts from the embeddings")
+        return x
+
+    def _core(self, z: Tensor, x: Tensor, ctx: Context, loop: int | None = None) -> Tensor:
+        h = z
+        for layer in self.model.layers:
+            h = layer(h, ctx, loop)
+        return ctx.zero_padding(self.model.norm(h))
+
+    def head(self, z: Tensor) -> Tensor:
+        """``lm_head(z)``: (B, S, d) -> (B, S, V) (the embedding matrix when tied)."""
+        if self.lm_head is None:
+            return F.linear(z, self.model.embed_tokens.weight)
+        return self.lm_head(z)
+
+    def _readout(self, z: Tensor, ctx: Context) -> Tensor:
+        return self.head(z)
+
+    def gate_logits(self, z: Tensor) -> Tensor:
+        """Exit-gate logits ``early_exit_gate(z)``: (B, S, d) -> (B, S)."""
+        return self.model.early_exit_gate(z).squeeze(-1)
+
+    # ---------------------------------------------------------------------- forward
+
+    def forward(  # type: ignore[override]
+        self,
+        tokens: Tensor,
+        loops: int | tuple[int, int] | None = None,
+        *,
+        exit: str = "last",
+        exit_threshold: float | None = None,
+        attention_mask: Tensor | None = None,
+        return_info: bool = False,
+        **options: Any,
+    ) -> Tensor | tuple[Tensor, LoopOutput]:
+        """Logits after ``loops`` loops, with Ouro's exit rules (see the module docstring).
+
+        Args:
+            tokens: (B, S) token ids.
+            loops: as in :meth:`PretrainedLoopedLM.forward` (T, a pair (n, k), or None
+                for ``total_ut_steps``).
+            exit: ``"last"`` decodes z_T; ``"threshold"`` decodes each token from its
+                exit loop; ``"expected"`` returns the exit-probability-weighted logits.
+            exit_threshold: for ``"threshold"``; default ``early_exit_threshold`` of the
+                config.
+            attention_mask: (B, S) 1 for real tokens, 0 for padding.
+            return_info: also return a :class:`LoopOutput` (with the exit distribution
+                for the gated modes).
+            **options: as in :meth:`PretrainedLoopedLM.forward` (``solver=...`` etc.).
+
+        Returns:
+            logits (B, S, V), or ``(logits, info)``.
+        """
+        checks.choice("exit", exit, EXIT_MODES)
+        if exit == "last":
+            if exit_threshold is not None:
+                raise ValueError("exit_threshold needs exit='threshold'")
+            return super().forward(
+                tokens, loops, attention_mask=attention_mask, return_info=return_info, **options
+            )
+        if options:
+            raise TypeError(
+                f"exit={exit!r} decodes from every loop of an unrolled run; "
+                f"options {sorted(options)} "
+                "do not apply (equilibrium mode uses exit='last')"
+            )
+        if exit == "threshold":
+            threshold = (
+                self.config.early_exit_threshold if exit_threshold is None else exit_threshold
+            )
+            if threshold is None:
+                raise ValueError("exit='threshold' needs exit_threshold (the config sets none)")
+            threshold = checks.number("exit_threshold", threshold, low=0.0, high=1.0)
+        elif exit_threshold is not None:
+            raise ValueError("exit_threshold needs exit='threshold'")
+        no_grad, with_grad = split_loops(loops, self.trained_loops)
+        if no_grad + with_grad < 1:
+            raise ValueError(f"exit={exit!r} needs at least one loop")
+        ctx, x, z = self._prepare(tokens, attention_mask, None, None)
+        states: list[Tensor] = []
+        z = self._iterate(z, x, ctx, no_grad, with_grad, on_state=lambda t, s: states.append(s))
+        stacked = torch.stack(states, dim=2)  # (B, S, T, d)
+        pdf = exit_distribution(self.gate_logits(stacked))
+        exit_loop = None
+        if exit == "threshold":
+            index = threshold_exit(pdf, threshold)
+            chosen = stacked.gather(2, index[..., None, None].expand(-1, -1, 1, stacked.shape[-1]))
+            logits = self.head(chosen.squeeze(2))
+            exit_loop = index + 1
+        else:
+            logits = (self.head(stacked) * pdf[..., None].to(stacked.dtype)).sum(dim=2)
+        if return_info:
+            info = LoopOutput(z=z, x=x, loops=len(states), exit_pdf=pdf, exit_loop=exit_loop)
+            return logits, info
+        return logits

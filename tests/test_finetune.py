@@ -1,0 +1,331 @@
+"""Fine-tuning: LoRA, the STARS step, depth draws, exact resume, saving, DDP/FSDP, CLI.
+
+Everything runs on eqloop's own LoopLM (no input injection, as Ouro's loop) written as an
+eqloop checkpoint, with a tiny prompt/completion arithmetic file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from eqloop.checkpoint import load_checkpoint, load_model, save_checkpoint
+from eqloop.cli import main
+from eqloop.data import CharTokenizer
+from eqloop.depth import make_depth_sampler
+from eqloop.finetune.config import FinetuneConfig, LoraOptions, load_finetune_config
+from eqloop.finetune.data import PromptTemplate, encode_examples, load_jsonl, write_jsonl
+from eqloop.finetune.lora import attach_lora, lora_module_names, merge_lora
+from eqloop.finetune.models import load_for_finetuning
+from eqloop.finetune.train import Objective, finetune, step_time_ratio
+from eqloop.model import LoopLM, LoopLMConfig
+
+TRAINED_LOOPS = 3
+
+
+def _write_base(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = LoopLMConfig(
+        vocab_size=CharTokenizer.printable().vocab_size, d_model=16, n_heads=2, d_ff=32,
+        max_seq_len=64, injection="none", norm_placement="post_sandwich", positions="rope",
+        default_loops=TRAINED_LOOPS, init_std=0.1,
+    )  # fmt: skip
+    model = LoopLM(config)
+    save_checkpoint(
+        path, 0, weights=model.state_dict(), config={"model": config.to_dict()}, metrics={},
+        training_state={},
+    )  # fmt: skip
+    return path
+
+
+def _write_data(path: Path, n: int, seed: int) -> Path:
+    generator = torch.Generator().manual_seed(seed)
+    a, b = torch.randint(10, 99, (2, n), generator=generator).tolist()
+    records = [{"prompt": f"{x}+{y}=", "completion": str(x + y)} for x, y in zip(a, b, strict=True)]
+    return write_jsonl(path, records)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("finetune")
+    return {
+        "base": _write_base(root / "base"),
+        "train": _write_data(root / "train.jsonl", 48, seed=0),
+        "test": _write_data(root / "test.jsonl", 8, seed=1),
+    }
+
+
+def _config(files: dict[str, Path], out: Path, **overrides) -> FinetuneConfig:
+    config = FinetuneConfig(
+        init_from=str(files["base"]), train_file=str(files["train"]), out_dir=str(out),
+        batch_size=8, steps=4, lr=3e-3, warmup_steps=1, checkpoint_every=2, progress=False,
+        eval_loops=[1, 3], eval_equilibrium=False, max_new_tokens=4,
+    )  # fmt: skip
+    return dataclasses.replace(config, **overrides)
+
+
+def _logged_loops(out: Path) -> list[int]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loops"] for line in lines]
+
+
+# ------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_attaches_to_named_modules_only_and_merges_exactly(files: dict[str, Path]) -> None:
+    loaded = load_for_finetuning(files["base"], dtype=torch.float64)
+    model = loaded.model
+    before = {name for name, p in model.named_parameters()}
+    names = attach_lora(model, ["attn.fn.qkv", "fc_out"], r=4)
+    assert names == ["core.0.attn.fn.qkv", "core.0.mlp.fn.fc_out"]
+    assert lora_module_names(model) == names
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(f"{m}.lora_{ab}.default.weight" for m in names for ab in ("A", "B"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; make the adapters do something
+            torch.nn.init.normal_(parameter, std=0.5)
+    tokens = torch.randint(3, 90, (3, 9))
+    with torch.no_grad():
+        adapted = model(tokens, loops=4)
+    assert merge_lora(model) == 2
+    assert {name for name, p in model.named_parameters()} == before
+    with torch.no_grad():
+        merged = model(tokens, loops=4)
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-12)
+    with torch.no_grad():  # and the adapters did change the model
+        original = load_for_finetuning(files["base"], dtype=torch.float64).model(tokens, loops=4)
+    assert not torch.allclose(merged, original)
+    with pytest.raises(ValueError, match=r"LoRA targets \['q_proj'\] match no nn.Linear"):
+        attach_lora(model, ["q_proj"])
+
+
+# -------------------------------------------------------------------------- the steps
+
+
+def test_a_stars_step_lowers_the_penalty(files: dict[str, Path]) -> None:
+    loaded = load_for_finetuning(files["base"])
+    config = _config(files, Path("unused"))
+    inputs, targets = encode_examples(
+        load_jsonl(files["train"])[:16], loaded.tokenizer, PromptTemplate(), max_len=64
+    )
+    objective = Objective(loaded.model, lam=0.5)
+    optimizer = torch.optim.AdamW(loaded.model.parameters(), lr=3e-3)
+
+    def penalty() -> float:
+        generator = torch.Generator().manual_seed(7)  # the same random vectors every time
+        return float(objective(inputs, targets, 6, True, generator)[2])
+
+    start = penalty()
+    for step in range(3):
+        generator = torch.Generator().manual_seed(100 + step)
+        loss, ce, pen, rho = objective(inputs, targets, 6, True, generator)
+        expected = 0.5 * float(ce.detach()) + 0.5 * float(pen)
+        assert float(rho) > 0 and float(loss.detach()) == pytest.approx(expected)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert penalty() < 0.9 * start
+    # SFT's objective has no penalty term at all
+    assert objective(inputs, targets, 6, False)[2] is None
+    timing = step_time_ratio(loaded, inputs, targets, config, loops=3, steps=2, warmup=1)
+    assert timing["ratio"] > 1.0  # the penalty costs one more application of the map
+
+
+def test_sft_and_stars_draw_depths_as_configured(files: dict[str, Path], tmp_path: Path) -> None:
+    finetune(_config(files, tmp_path / "sft", mode="sft", steps=6))
+    assert _logged_loops(tmp_path / "sft") == [TRAINED_LOOPS] * 6  # the model's trained depth
+    finetune(_config(files, tmp_path / "sft5", mode="sft", loops=5, steps=3))
+    assert _logged_loops(tmp_path / "sft5") == [5] * 3
+    depth = {"kind": "lognormal", "mu": 1.7, "sigma": 0.4, "lo": 1, "hi": 16}
+    finetune(_config(files, tmp_path / "stars", mode="stars", steps=6, seed=3))
+    sampler = make_depth_sampler(**depth, seed=3)
+    expected = [sampler.sample() for _ in range(6)]
+    assert _logged_loops(tmp_path / "stars") == expected
+    assert len(set(expected)) > 1
+    records = [
+        json.loads(x) for x in (tmp_path / "stars" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(r["penalty"] is not None and r["rho"] > 0 for r in records)
+    finetune(_config(files, tmp_path / "late", mode="stars", steps=4, penalty_start=2))
+    records = [
+        json.loads(x) for x in (tmp_path / "late" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["penalty"] is None for r in records] == [True, True, False, False]
+
+
+# ---------------------------------------------------------------------- resume, saving
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_is_bit_identical(files: dict[str, Path], tmp_path: Path, lora: bool) -> None:
+    options = {"mode": "stars", "steps": 6, "checkpoint_every": 3}
+    if lora:
+        options["lora"] = LoraOptions(r=2, targets=["qkv", "fc_in"])
+    whole = finetune(_config(files, tmp_path / "whole", **options))
+
+    def stop_at_4(step: int, stats: dict) -> None:
+        if step == 4:  # between checkpoints: step 4 is saved before the exception propagates
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_config(files, tmp_path / "split", **options), on_step=stop_at_4)
+    assert load_checkpoint(tmp_path / "split").step == 4
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        finetune(_config(files, tmp_path / "split", **options))
+    with pytest.raises(ValueError, match=r"differs from the checkpoint's in \['lam'\]"):
+        finetune(_config(files, tmp_path / "split", **options, resume=True, lam=0.3))
+    resumed = finetune(_config(files, tmp_path / "split", **options, resume=True))
+    assert resumed["step"] == whole["step"] == 6
+    a = load_checkpoint(whole["checkpoint"]).weights
+    b = load_checkpoint(resumed["checkpoint"]).weights
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    if lora:  # only the adapters are checkpointed
+        assert all("lora_" in k for k in a)
+    assert _logged_loops(tmp_path / "whole") == _logged_loops(tmp_path / "split")
+
+
+def test_final_model_is_saved_merged_and_loads_back(files: dict[str, Path], tmp_path: Path) -> None:
+    lora = LoraOptions(r=2, targets=["qkv", "proj", "fc_in", "fc_out"])
+    result = finetune(
+        _config(files, tmp_path / "run", lora=lora, steps=3, eval_file=str(files["test"]))
+    )
+    model, _ = load_model(result["model"])
+    assert not lora_module_names(model)
+    base, _ = load_model(files["base"])
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed and all(k.startswith("core.0.") and k.endswith(".weight") for k in changed)
+    assert result["eval"]["n"] == 8 and set(result["eval"]["accuracy"]) == {"1", "3"}
+    assert json.loads((tmp_path / "run" / "eval.json").read_text()) == result["eval"]
+
+
+# -------------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, configs: list[FinetuneConfig], out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        for i, config in enumerate(configs):
+            result = finetune(config)
+            Path(out, f"run{i}_rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_ranks(configs: list[FinetuneConfig], out: Path) -> list[list[dict]]:
+    mp.spawn(_worker, args=(2, _free_port(), configs, str(out)), nprocs=2, join=True)
+    return [
+        [json.loads((out / f"run{i}_rank{r}.json").read_text()) for r in range(2)]
+        for i in range(len(configs))
+    ]
+
+
+def _assert_same_model(a: str, b: str) -> None:
+    model_a, model_b = load_model(a)[0].state_dict(), load_model(b)[0].state_dict()
+    for key, value in model_a.items():
+        torch.testing.assert_close(model_b[key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_ddp_two_ranks_gloo_match_one_process(files: dict[str, Path], tmp_path: Path) -> None:
+    # Without the penalty 2 ranks x 4 rows compute the gradient of 1 process x 8 rows (the CE
+    # is normalised by the target tokens of the global batch); with it, the run goes through.
+    sft = _config(files, tmp_path / "sft", mode="sft", steps=3, grad_accum=2)
+    stars = _config(files, tmp_path / "stars", mode="stars", steps=2)
+    one = finetune(dataclasses.replace(sft, out_dir=str(tmp_path / "one")))
+    (sft0, sft1), (stars0, _) = _two_ranks([sft, stars], tmp_path)
+    assert sft0["model"] and "model" not in sft1  # only rank 0 writes
+    assert sft0["train"]["loops"] == sft1["train"]["loops"] == one["train"]["loops"]
+    assert sft0["train"]["ce"] == pytest.approx(one["train"]["ce"], rel=1e-5)
+    _assert_same_model(one["model"], sft0["model"])
+    assert stars0["train"]["penalty"] > 0
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_gloo(files: dict[str, Path], tmp_path: Path) -> None:
+    sft = _config(files, tmp_path / "sft", mode="sft", steps=3, parallel="fsdp")
+    stars = _config(files, tmp_path / "stars", mode="stars", steps=2, parallel="fsdp")
+    lora = dataclasses.replace(
+        stars, out_dir=str(tmp_path / "lora"), lora=LoraOptions(r=2, targets=["qkv"])
+    )
+    one = finetune(dataclasses.replace(sft, out_dir=str(tmp_path / "one")))
+    (sft0, _), (stars0, _), (lora0, _) = _two_ranks([sft, stars, lora], tmp_path)
+    _assert_same_model(one["model"], sft0["model"])
+    assert stars0["train"]["penalty"] > 0  # forward-mode (jvp) penalty under FSDP
+    assert not lora_module_names(load_model(lora0["model"])[0])
+    with pytest.raises(ValueError, match="penalty_product='vjp'.*FSDP"):
+        dataclasses.replace(stars, penalty_product="vjp").validate()
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def test_cli_runs_and_reports_bad_settings_in_one_line(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["finetune", "--init-from", str(files["base"]), "--no-progress"]
+
+    def error(argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1
+        return lines[0]
+
+    assert error([*base, "--train-file", str(files["train"]), "--set", "lam=2"]) == (
+        "eqloop finetune: error: lam must be a number >= 0 and <= 1, got 2.0"
+    )
+    assert "must be an integer" in error([*base, "--train-file", "x", "--set", "steps=1.5"])
+    assert "unknown FinetuneConfig keys: ['lamb']" in error([*base, "--set", "lamb=1"])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": 3\n')
+    message = error([*base, "--train-file", str(broken), "--out-dir", str(tmp_path / "x")])
+    assert f"{broken}:2: invalid JSON" in message
+    argv = [
+        *base, "--train-file", str(files["train"]), "--out-dir", str(tmp_path / "run"),
+        "--mode", "sft", "--steps", "2", "--lora", "--set", "batch_size=8",
+        "--set", 'lora.targets=["qkv"]',
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+    assert "already holds checkpoints" in error(argv)
+    config = load_finetune_config(None, ["lora.r=4", "init_from=x", "train_file=y"])
+    assert config.lora == LoraOptions(r=4)
+
+
+def test_bf16_autocast_forward_with_a_float32_penalty(files: dict[str, Path]) -> None:
+    loaded = load_for_finetuning(files["base"])
+    inputs, targets = encode_examples(
+        load_jsonl(files["train"])[:8], loaded.tokenizer, PromptTemplate(), max_len=64
+    )
+    seen: list[torch.dtype] = []
+    qkv = loaded.model.core[0].attn.fn.qkv
+    hook = qkv.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    objective = Objective(loaded.model, lam=0.5, autocast=True, grad_checkpointing=True)
+    loss, ce, penalty, rho = objective(inputs, targets, 3, True, torch.Generator().manual_seed(0))
+    hook.remove()
+    loss.backward()
+    # three loops in bf16 (checkpointed), then the penalty's application of the map in float32
+    assert seen == [torch.bfloat16] * 3 + [torch.float32]
+    assert penalty.dtype == torch.float32 and torch.isfinite(loss)
+    grads = [p.grad for p in loaded.model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -1,0 +1,43 @@
+"""benchmarks/finetune_stars.py runs end to end in --quick mode, resumes, and reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import finetune_stars
+
+
+def test_finetune_stars_quick_writes_table_json_plot_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "--quick", "--no-progress", "--out-dir", str(tmp_path / "runs"),
+        "--json", str(tmp_path / "out.json"), "--plot", str(tmp_path / "out.png"),
+    ]  # fmt: skip
+    assert finetune_stars.main(argv) == 0
+    report = json.loads((tmp_path / "out.json").read_text())
+    (seed,) = report["seeds"]
+    for stage in ("pretrained", "sft", "stars"):
+        result = seed["results"][stage]
+        assert list(result["accuracy"]) == [str(t) for t in range(1, 9)]
+        assert 0.0 <= result["equilibrium"]["accuracy"] <= 1.0
+        summary = seed["summary"][stage]
+        assert summary["drop8"] == summary["peak"] - 100 * result["accuracy"]["8"]
+    timing = seed["step_time"]
+    assert timing["ratio"] > 0 and timing["whole_batch"]["ratio"] > 0
+    assert report["step_time_ratio"] == timing["ratio"]
+    assert set(report["targets"]) == {
+        "stars_drop8_le_half_sft", "stars_peak_ge_sft_minus_1", "stars_step_le_1.3x_sft",
+        "within_45_min",
+    }  # fmt: skip
+    assert "drop@8" in capsys.readouterr().out and (tmp_path / "out.png").stat().st_size > 10_000
+    # The stages are done: a rerun trains nothing and evaluates nothing again.
+    cached = tmp_path / "runs" / "seed0" / "stars" / "benchmark_eval.json"
+    cached.write_text(json.dumps({**seed["results"]["stars"], "decode": "cached"}))
+    assert finetune_stars.main(argv) == 0
+    rerun = json.loads((tmp_path / "out.json").read_text())["seeds"][0]
+    assert rerun["results"]["stars"]["decode"] == "cached"
+    assert rerun["train_time"] == seed["train_time"]

@@ -1,0 +1,278 @@
+"""Generation with the per-(loop, layer) KV cache: cached == recompute, batching, exits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eqloop import pretrained
+from eqloop.pretrained.generation import _ouro_call, adaptive_forward
+from eqloop.pretrained.layers import KVCache
+
+OURO_VARIANT = dict(
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    head_dim=12,
+    use_sliding_window=True,
+    sliding_window=3,
+    layer_types=["full_attention", "sliding_attention", "full_attention"],
+    total_ut_steps=3,
+)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    paths = {
+        "ouro": pretrained.write_tiny_checkpoint(root / "o", "ouro", initializer_range=0.2),
+        "ouro_variant": pretrained.write_tiny_checkpoint(
+            root / "ov", "ouro", seed=3, initializer_range=0.2, **OURO_VARIANT
+        ),
+        "huginn": pretrained.write_tiny_checkpoint(root / "h", "huginn_raven"),
+    }
+    return {k: pretrained.load(v) for k, v in paths.items()}, pretrained.load_tokenizer(
+        paths["ouro"]
+    )
+
+
+def prompts(tok, texts=("Hello world", "Hi", "A longer prompt")):
+    batch = tok(list(texts), padding=True, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def extra(name):
+    return {"init_scale": 0.0} if name.startswith("huginn") else {}
+
+
+@pytest.mark.parametrize("name", ["ouro", "ouro_variant", "huginn"])
+def test_cached_decoding_equals_full_recompute(models, name):
+    models, tok = models
+    model = models[name]
+    ids, mask = prompts(tok)
+    kw = dict(attention_mask=mask, max_new_tokens=16, return_dict=True, **extra(name))
+    cached = model.generate(ids, **kw)
+    recomputed = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert torch.allclose(cached.logits, recomputed.logits, atol=2e-5, rtol=1e-4)
+    assert cached.sequences.shape == (3, ids.shape[1] + 16)
+    # Greedy: every new token is the argmax of its logits.
+    assert torch.equal(cached.sequences[:, ids.shape[1] :], cached.logits.argmax(-1))
+
+
+@pytest.mark.parametrize("exit", ["threshold", "expected"])
+def test_ouro_exits_in_cached_decoding_equal_recompute(models, exit):
+    models, tok = models
+    model = models["ouro"]
+    ids, mask = prompts(tok)
+    threshold = 0.5 if exit == "threshold" else None
+    kw = dict(
+        attention_mask=mask,
+        max_new_tokens=10,
+        return_dict=True,
+        exit=exit,
+        exit_threshold=threshold,
+    )
+    cached, recomputed = model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert torch.equal(cached.loops_used, recomputed.loops_used)
+    if exit == "threshold":
+        assert int(cached.loops_used.min()) < model.trained_loops  # some tokens exit early
+        with torch.no_grad():
+            _, info = model(
+                ids, exit="threshold", exit_threshold=0.5, attention_mask=mask, return_info=True
+            )
+        assert torch.equal(cached.loops_used[:, 0], info.exit_loop[:, -1])
+
+
+@pytest.mark.parametrize("name", ["ouro", "ouro_variant", "huginn"])
+def test_batched_prompts_decode_like_each_prompt_alone(models, name):
+    models, tok = models
+    model = models[name]
+    texts = ("Hello world", "Hi", "A longer prompt")
+    ids, mask = prompts(tok, texts)
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=8, **extra(name))
+    for b, text in enumerate(texts):
+        alone = model.generate(
+            tok([text], return_tensors="pt")["input_ids"], max_new_tokens=8, **extra(name)
+        )
+        assert torch.equal(batched[b, -8:], alone[0, -8:]), (name, b)
+
+
+@pytest.mark.parametrize("exit", ["latent-diff", "kl", "entropy-diff", "argmax-stability"])
+def test_huginn_per_token_early_exit_in_batches(models, exit):
+    models, tok = models
+    model = models["huginn"]
+    texts = ("Hello world", "Hi", "A longer prompt")
+    ids, mask = prompts(tok, texts)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=6,
+        loops=16,
+        exit=exit,
+        init_scale=0.0,
+        return_dict=True,
+    )
+    used = out.loops_used
+    assert bool((used[:, 0] == 16).all())  # the prompt runs every step
+    assert int(used[:, 1:].min()) < 16 and int(used.max()) <= 16
+    assert len(set(used[:, 1:].flatten().tolist())) > 1  # tokens exit at different steps
+    for b, text in enumerate(texts):
+        alone = model.generate(
+            tok([text], return_tensors="pt")["input_ids"],
+            max_new_tokens=6,
+            loops=16,
+            exit=exit,
+            init_scale=0.0,
+            return_dict=True,
+        )
+        assert torch.equal(out.sequences[b, -6:], alone.sequences[0, -6:])
+        assert torch.equal(used[b], alone.loops_used[0])
+
+
+def test_huginn_exited_tokens_keep_their_last_keys_in_later_slots(models):
+    models, tok = models
+    model = models["huginn"]
+    ids = tok(["Hello"], return_tensors="pt")["input_ids"]
+    from eqloop.pretrained.generation import ExitCriterion, _huginn_call
+
+    cache = KVCache(1, 16)
+    with torch.no_grad():
+        _huginn_call(model, ids, None, cache, 12, ExitCriterion("none", None), 0.0, None)
+        _, used = _huginn_call(
+            model, ids[:, -1:], None, cache, 12, ExitCriterion("kl", 1e-2), 0.0, None
+        )
+    steps = int(used)
+    assert steps < 12
+    last = cache.length - 1
+    for j in range(2):
+        k_exit = cache._slots[(steps - 1, j)][0][:, :, last]
+        for s in range(steps, 12):
+            assert torch.equal(cache._slots[(s, j)][0][:, :, last], k_exit)
+        # Earlier tokens keep the keys of their own steps.
+        assert not torch.equal(
+            cache._slots[(11, j)][0][:, :, 0], cache._slots[(steps - 1, j)][0][:, :, 0]
+        )
+
+
+def test_huginn_adaptive_forward_matches_the_parallel_forward_without_exits(models):
+    models, tok = models
+    model = models["huginn"]
+    ids, mask = prompts(tok)
+    with torch.no_grad():
+        parallel = model(ids, 4, attention_mask=mask, init_scale=0.0)
+        sequential, steps = adaptive_forward(
+            model, ids, exit="none", loops=4, attention_mask=mask, init_scale=0.0
+        )
+        _, kl_steps = adaptive_forward(
+            model,
+            ids,
+            exit="kl",
+            exit_threshold=1e-2,
+            loops=16,
+            attention_mask=mask,
+            init_scale=0.0,
+        )
+    real = mask.bool()
+    assert torch.allclose(sequential[real], parallel[real], atol=1e-5)
+    assert bool((steps == 4).all())
+    assert int(kl_steps[real].min()) < 16
+
+
+def test_ouro_cache_has_one_slot_per_loop_and_layer(models):
+    models, tok = models
+    model = models["ouro_variant"]
+    ids, mask = prompts(tok)
+    cache = KVCache(ids.shape[0], ids.shape[1] + 4)
+    with torch.no_grad():
+        _ouro_call(model, ids, mask, cache, 3, "last", None)
+    assert sorted(cache.slots()) == [(t, layer) for t in range(3) for layer in range(3)]
+    assert cache.length == ids.shape[1]
+    k, _ = cache._slots[(0, 0)]
+    assert k.shape[:2] == (3, 2)  # key/value heads, not query heads
+
+
+def test_sampling_is_reproducible_and_respects_the_filters(models):
+    models, tok = models
+    model = models["ouro"]
+    ids, mask = prompts(tok)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=True, return_dict=True)
+    a = model.generate(ids, generator=torch.Generator().manual_seed(1), **kw)
+    b = model.generate(ids, generator=torch.Generator().manual_seed(1), **kw)
+    c = model.generate(ids, generator=torch.Generator().manual_seed(2), temperature=2.0, **kw)
+    assert torch.equal(a.sequences, b.sequences) and not torch.equal(a.sequences, c.sequences)
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=12)
+    assert torch.equal(model.generate(ids, top_k=1, **kw).sequences, greedy)
+    assert torch.equal(model.generate(ids, top_p=1e-6, **kw).sequences, greedy)
+    top3 = model.generate(ids, top_k=3, generator=torch.Generator().manual_seed(3), **kw)
+    chosen = top3.sequences[:, ids.shape[1] :]
+    allowed = top3.logits.topk(3, dim=-1).indices
+    assert bool((allowed == chosen[..., None]).any(-1).all())
+
+
+def test_stop_tokens_end_rows_and_pad_them(models):
+    models, tok = models
+    model = models["ouro"]
+    ids, mask = prompts(tok)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=10)
+    new = free[:, ids.shape[1] :]
+    stop = int(new[0, 2])  # row 0 produces it at its third new token
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=10,
+        stop_token_ids=[stop],
+        pad_token_id=0,
+        return_dict=True,
+    )
+    first = [next((i for i, t in enumerate(row.tolist()) if t == stop), None) for row in new]
+    for b, index in enumerate(first):
+        got = out.sequences[b, ids.shape[1] :]
+        if index is None:
+            assert not bool(out.finished[b])
+            assert torch.equal(got, new[b, : got.shape[0]])
+        else:
+            assert bool(out.finished[b])
+            assert torch.equal(got[: index + 1], new[b, : index + 1])
+            assert bool((got[index + 1 :] == 0).all())
+            assert bool((out.attention_mask[b, ids.shape[1] + index + 1 :] == 0).all())
+    if all(i is not None for i in first):
+        assert out.sequences.shape[1] == ids.shape[1] + max(first) + 1  # stops early
+
+
+def test_huginn_never_generates_padded_vocabulary_ids(tmp_path):
+    path = pretrained.write_tiny_checkpoint(
+        tmp_path / "h", "huginn", vocab_size=100, padded_vocab_size=128
+    )
+    model = pretrained.load(path)
+    ids = torch.tensor([[5, 6, 7]])
+    out = model.generate(
+        ids,
+        max_new_tokens=20,
+        do_sample=True,
+        init_scale=0.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert int(out.max()) < 100
+
+
+def test_generation_rejects_bad_arguments(models):
+    models, tok = models
+    ouro, huginn = models["ouro"], models["huginn"]
+    ids, mask = prompts(tok)
+    right = tok(["Hello world", "Hi"], padding=True, padding_side="right", return_tensors="pt")
+    with pytest.raises(ValueError, match="left-padded"):
+        ouro.generate(right["input_ids"], attention_mask=right["attention_mask"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        ouro.generate(ids, max_new_tokens=-1)
+    with pytest.raises(ValueError, match="need do_sample=True"):
+        ouro.generate(ids, max_new_tokens=2, top_k=5)
+    with pytest.raises(ValueError, match="exit must be one of"):
+        huginn.generate(ids, max_new_tokens=2, exit="threshold")
+    with pytest.raises(ValueError, match="need the cache"):
+        huginn.generate(ids, max_new_tokens=2, exit="kl", use_cache=False)
+    with pytest.raises(TypeError, match="init_scale is a Huginn option"):
+        ouro.generate(ids, max_new_tokens=2, init_scale=0.0)
+    with pytest.raises(ValueError, match="exit_threshold must be an integer"):
+        huginn.generate(ids, max_new_tokens=2, exit="argmax-stability", exit_threshold=0)
+    assert ouro.generate(ids, attention_mask=mask, max_new_tokens=0).shape == ids.shape
