@@ -101,7 +101,7 @@ from eqloop.defaults import (
 from eqloop.depth import DepthSampler
 from eqloop.evaluate import EvalSet, evaluate_model, make_test_set
 from eqloop.files import write_json_atomic, write_text_atomic
-from eqloop.model import LoopLM
+from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.stars import PenaltySchedule, jsrr_penalty, spectral_radius
 
 __all__ = [
@@ -598,7 +598,7 @@ def initial_weights(config: TrainConfig) -> dict[str, Tensor]:
         eqloop.checkpoint.CheckpointError: missing or corrupted checkpoint.
     """
     source = load_checkpoint(config.init_from)
-    theirs = source.config.get("model", {})
+    theirs = LoopLMConfig.from_dict(source.config.get("model", {})).to_dict()  # with defaults
     ours = config.model.to_dict()
     changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if changed:
