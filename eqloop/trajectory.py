@@ -37,6 +37,7 @@ __all__ = [
     "TrajectoryPCA",
     "checkpoint_pca",
     "hidden_trajectory",
+    "plot_checkpoint_trajectories",
     "plot_trajectories",
     "trajectory_pca",
 ]
@@ -186,6 +187,29 @@ def checkpoint_pca(
     tokens = make_test_set(TrainConfig.from_dict(ckpt.config)).inputs[:problems].to(device)
     states = hidden_trajectory(model, tokens, loops)
     return trajectory_pca(states, first_loop=first_loop, feature=feature)
+
+
+def plot_checkpoint_trajectories(
+    paths: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    problems: int = 8,
+    loops: int = 128,
+    device: str = "cpu",
+) -> dict[str, TrajectoryPCA]:
+    """:func:`checkpoint_pca` of every checkpoint, plotted side by side (``eqloop eval --pca``).
+
+    Panels are titled ``<run>/<step>``. Returns the projections by title.
+    """
+    from eqloop.checkpoint import resolve_checkpoint
+
+    panels = {}
+    for path in paths:
+        found = resolve_checkpoint(path)
+        title = f"{found.parent.parent.name}/{found.name}"
+        panels[title] = checkpoint_pca(found, problems=problems, loops=loops, device=device)
+    plot_trajectories(panels, out)
+    return panels
 
 
 def plot_trajectories(

@@ -116,3 +116,24 @@ def test_checkpoint_pca_traces_the_runs_own_test_problems(tmp_path: Path) -> Non
     assert pca.first_loop == 1 and torch.allclose(pca.state_norm, expected.state_norm)
     with pytest.raises(ValueError, match="problems must be an integer >= 1"):
         checkpoint_pca(tmp_path / "run", problems=0)
+
+
+def test_eqloop_eval_pca_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from eqloop.cli import main
+
+    config = TrainConfig(
+        model=LoopLMConfig(**{**MODEL, "max_seq_len": 16}), digits=2, n_train=64, n_test=8,
+        batch_size=8, out_dir=str(tmp_path / "run"), data_cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "run", 2, weights=LoopLM(config.model).state_dict(),
+                    config=config.to_dict(), metrics={}, training_state={})  # fmt: skip
+    out = tmp_path / "pca.png"
+    common = ["eval", "--checkpoint", str(tmp_path / "run"), "--loops", "1,2", "--no-progress",
+              "--no-diagnostics", "--pca", str(out)]  # fmt: skip
+    assert main([*common, "--pca-loops", "6", "--pca-problems", "3"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit) as stop:
+        main([*common, "--pca-loops", "0"])
+    assert stop.value.code == 2
+    assert "--pca-loops must be an integer >= 1" in capsys.readouterr().err
