@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from eqloop.checkpoint import write_json_atomic
+from eqloop.files import write_json_atomic
 
 __all__ = ["PeakMemory", "format_table", "machine_info", "median_time", "write_json_atomic"]
 

@@ -27,12 +27,11 @@ solver is ``--solver``, plain iteration by default, so every mode takes the same
 forward loops and only the graph differs):
 
   ift        the solver's budget ``max_iter=T`` without a graph, one more application of
-             f with a graph, and an adjoint solve in backward (default backward_tol and
-             backward_max_iter of ``eqloop.fixed_point``, i.e. relative 1.2e-6 in float32
-             and at most 100 VJPs).
-  phantom    ``max_iter=T`` without a graph, then ``phantom_steps`` (5) steps with one.
+             f with a graph, and an adjoint solve in backward (``eqloop.IFT()``'s
+             defaults: relative tolerance 1.2e-6 in float32, at most 100 VJPs).
+  phantom    ``max_iter=T`` without a graph, then ``Phantom().steps`` (5) steps with one.
   truncated  T loops: T - 8 of the solver without a graph, then 8 with one (all T loops
-             when T <= 8).
+             when T <= 8; ``Truncated().k`` is 8).
   unroll     T plain loops, all with a graph.
 
 Gradient agreement "at convergence" is measured separately: each mode runs to
@@ -80,7 +79,8 @@ from benchmarks.common import (
     median_time,
     write_json_atomic,
 )
-from eqloop.implicit import BACKWARD_MODES, fixed_point
+from eqloop.backward import BACKWARD_MODES, Phantom
+from eqloop.implicit import fixed_point
 from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.plotting import pyplot
 
@@ -149,12 +149,8 @@ def loss_and_info(
     model: LoopLM, tokens: Tensor, targets: Tensor, options: dict[str, Any]
 ) -> tuple[Tensor, Any]:
     """Cross-entropy of the equilibrium-mode LoopLM and the ``FixedPointInfo``."""
-    x = model.inject(tokens)
-
-    def f(z: Tensor) -> Tensor:
-        return model.core_step(z, x)
-
-    z, info = fixed_point(f, model.initial_state(x), return_result=True, **options)
+    f, z0 = model.core_map(tokens)
+    z, info = fixed_point(f, z0, return_result=True, **options)
     logits = model.readout(z)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), info
 
@@ -319,7 +315,7 @@ def agreement_variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ),
         "ift": dict(backward="ift", **forward),
         "phantom": dict(backward="phantom", **forward),
-        "phantom(tau=0.5)": dict(backward="phantom", phantom_tau=0.5, **forward),
+        "phantom(tau=0.5)": dict(backward=Phantom(tau=0.5), **forward),
         "truncated": dict(backward="truncated", **forward),
     }
 

@@ -12,12 +12,18 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    # model
+    # models
     "LoopLM": "eqloop.model",
     "LoopLMConfig": "eqloop.model",
-    # implicit differentiation through a fixed point
+    "LoopedLM": "eqloop.looped",
+    # differentiable fixed points and their backward modes
     "fixed_point": "eqloop.implicit",
-    "BACKWARD_MODES": "eqloop.implicit",
+    "IFT": "eqloop.backward",
+    "Phantom": "eqloop.backward",
+    "Truncated": "eqloop.backward",
+    "Unroll": "eqloop.backward",
+    "BACKWARD_MODES": "eqloop.backward",
+    "ConvergenceWarning": "eqloop.backward",
     # STARS
     "spectral_radius": "eqloop.stars",
     "jsrr_penalty": "eqloop.stars",

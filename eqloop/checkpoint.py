@@ -70,7 +70,6 @@ __all__ = [
     "run_files",
     "save_checkpoint",
     "step_dir_name",
-    "write_json_atomic",
 ]
 
 CHECKPOINT_DIR = "checkpoints"  # sub-directory of a run holding the step_* directories

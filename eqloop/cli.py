@@ -29,10 +29,10 @@ from typing import Any, NoReturn
 
 from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_TOL
 from eqloop.finetune import cli as finetune_cli
-from eqloop.overrides import add_config_arguments  # re-exported for eqloop.tune
+from eqloop.overrides import add_config_arguments
 from eqloop.pretrained.cli import add_arguments as add_pretrained_arguments
 
-__all__ = ["add_config_arguments", "build_parser", "main"]
+__all__ = ["build_parser", "main"]
 
 # Copies of eqloop.evaluate.DECODES / DEFAULT_LOOPS (checked by the tests), so that
 # building the parser and --help do not import torch and the solvers.

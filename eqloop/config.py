@@ -28,6 +28,7 @@ from eqloop.overrides import apply_overrides, read_config_file, register_type_na
 from solvers import checks
 
 if TYPE_CHECKING:
+    from eqloop.backward import Backward
     from eqloop.data import Examples
     from eqloop.depth import DepthSampler
     from eqloop.model import LoopLMConfig
@@ -94,7 +95,7 @@ class TrainConfig:
     # -- loops ---------------------------------------------------------------------------
     depth: dict[str, Any] = field(default_factory=_default_depth)  # make_depth_sampler kwargs
     backward: str = "unroll"  # "unroll" (paper: through all loops) | ift | phantom | truncated
-    backward_options: dict[str, Any] = field(default_factory=dict)  # extra fixed_point kwargs
+    backward_options: dict[str, Any] = field(default_factory=dict)  # its fields, e.g. {"k": 4}
     # -- STARS penalty -------------------------------------------------------------------
     lam: float = 0.1  # loss = (1 - lam) * CE + lam * JSRR once the penalty is on; in [0, 1]
     penalty_start: int = 400  # first step with the penalty (paper: after 20% of training)
@@ -194,46 +195,24 @@ class TrainConfig:
             )
 
     def _check_backward(self) -> None:
-        """Check ``backward`` and ``backward_options`` before any step runs.
-
-        The options are given to the differentiable solve the training step makes, on a
-        one-element problem, so every check that step would make runs now.
-        """
-        from eqloop.implicit import BACKWARD_MODES
+        """Check ``backward`` and ``backward_options`` (the mode's fields) before any step."""
+        from eqloop.backward import BACKWARD_MODES
 
         checks.choice("backward", self.backward, BACKWARD_MODES)
         if not isinstance(self.backward_options, dict):
             raise TypeError(f"backward_options must be a dict, got {self.backward_options!r}")
-        if self.backward == "unroll":
-            if self.backward_options:
-                raise ValueError(
-                    f"backward_options {sorted(self.backward_options)} need backward != 'unroll'"
-                )
-            return
-        if "max_iter" in self.backward_options:
-            raise ValueError(
-                "backward_options cannot set max_iter: the sampled depth is the solver budget"
-            )
-        import warnings
-
-        import torch
-
-        from eqloop.implicit import fixed_point
-
-        options = dict(self.backward_options)
-        solver = options.pop("solver", "fixed_point")
-        tol = options.pop("tol", 0.0)
         try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # one step of a toy map says nothing
-                fixed_point(
-                    lambda z: 0.5 * z, torch.zeros(1, 1), solver=solver, max_iter=1, tol=tol,
-                    backward=self.backward, **options,
-                )  # fmt: skip
-        except TypeError as err:  # unknown keyword arguments
+            self.make_backward()
+        except TypeError as err:  # a field the mode does not have, or of the wrong type
             raise TypeError(f"backward_options: {err}") from None
         except ValueError as err:
             raise ValueError(f"backward_options: {err}") from None
+
+    def make_backward(self) -> Backward:
+        """The backward mode object (``eqloop.backward``) of ``backward`` and its options."""
+        from eqloop.backward import make_backward
+
+        return make_backward(self.backward, **self.backward_options)
 
     def make_sampler(self) -> DepthSampler:
         """A fresh depth sampler (seeded with ``seed``) from the ``depth`` dict."""

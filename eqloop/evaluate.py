@@ -147,14 +147,15 @@ def solve_core(
 
     Converged sequences leave the working batch early (``compact=True``).
     """
+    f, z0 = model.core_map(x)
     return solvers.solve(
-        model.core_step,
-        model.initial_state(x),
+        f.step,
+        z0,
         solver,
         max_iter=max_iter,
         tol=tol,
         stop_mode=stop_mode,
-        args=(x,),
+        args=f.args,
         compact=True,
         **solver_options,
     )
@@ -285,12 +286,7 @@ def loop_diagnostics(
         raise ValueError("loops must hold at least one loop count")
     out = []
     with torch.no_grad():
-        x = model.inject(inputs)
-        z = model.initial_state(x)
-
-        def f(state: Tensor) -> Tensor:
-            return model.core_step(state, x)
-
+        f, z = model.core_map(inputs)
         for t in range(1, wanted[-1] + 1):
             previous, z = z, f(z)
             if t not in wanted:
@@ -342,9 +338,8 @@ def equilibrium_diagnostics(
     with torch.no_grad():
         x = model.inject(inputs)
         result = solve_core(model, x, solver, max_iter, tol, stop_mode, solver_options)
-        rho = spectral_radius(
-            lambda z: model.core_step(z, x), result.z, rho_method, rho_iters, generator=generator
-        )
+        f, _ = model.core_map(x)
+        rho = spectral_radius(f, result.z, rho_method, rho_iters, generator=generator)
     return {
         "solver": solver,
         "status": str(result.status),

@@ -2,14 +2,16 @@
 
 Data flow (B = batch, S = sequence length, d = ``d_model``, V = ``vocab_size``)::
 
-    tokens (B, S) -> embedding -> prelude blocks -> x (B, S, d)          model.inject
-                                        z0 (B, S, d)                     model.initial_state
-    z_{t+1} = f(z_t; x) = core_blocks(inject(z_t, x))  for t < T         model.core_step
+    tokens (B, S) -> embedding -> prelude blocks -> x (B, S, d)          LoopLM.inject
+                                        z0 (B, S, d)                     LoopLM.initial_state
+    z_{t+1} = f(z_t; x) = core_blocks(inject(z_t, x))  for t < T         LoopLM.core_step
         or  z* = fixed_point(f, z0)                                       (equilibrium mode)
-    z_T (B, S, d) -> coda blocks -> final norm -> tied head -> logits (B, S, V)   model.readout
+    z_T (B, S, d) -> coda blocks -> final norm -> tied head -> logits (B, S, V)   LoopLM.readout
 
-``f(z; x)`` is the one object shared by the solvers, the implicit backward modes, the
-spectral-radius estimator and the benchmarks; :meth:`LoopLM.core_map` hands it out.
+The file reads top to bottom: the config, the blocks, the model. The loop itself (unrolled,
+early exit, equilibrium) is the protocol every looped LM shares, in :mod:`eqloop.looped`;
+``model.core_map(tokens)`` hands out ``f``, the one object the solvers, the backward
+modes, the spectral-radius estimator and the benchmarks share.
 
 Higher-order autodiff: PyTorch's fused CPU attention kernel has no double backward and no
 forward-mode derivative (torch 2.13), so anything that differentiates a gradient (the STARS
@@ -19,7 +21,6 @@ inside :func:`sdpa_math`, which selects the math attention kernel.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
@@ -31,6 +32,9 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from eqloop.looped import LoopedLM
+from solvers import checks
+
 __all__ = [
     "INIT_STATES",
     "INJECTIONS",
@@ -39,9 +43,9 @@ __all__ = [
     "POSITIONS",
     "Block",
     "CausalSelfAttention",
-    "LoopInfo",
     "LoopLM",
     "LoopLMConfig",
+    "Rotary",
     "apply_rotary",
     "rotary_tables",
     "sdpa_math",
@@ -56,25 +60,6 @@ NORM_PLACEMENTS = ("pre", "post", "pre_sandwich", "post_sandwich")
 _NORM_EPS = 1e-5
 
 
-@contextmanager
-def sdpa_math() -> Iterator[None]:
-    """Run attention with the math kernel so that higher-order derivatives work.
-
-    The fused CPU kernel behind ``F.scaled_dot_product_attention`` implements only a first
-    backward. Forward passes run inside this context record plain softmax(QK^T)V ops, so
-    ``torch.autograd.grad(..., create_graph=True)`` followed by a second backward, and
-    forward-mode AD (JVPs), work through them. Only the forward pass needs to be inside.
-
-    Example:
-        >>> with sdpa_math():                                    # doctest: +SKIP
-        ...     fz = f(z)
-        >>> (vjp,) = torch.autograd.grad(fz, z, v, create_graph=True)  # doctest: +SKIP
-        >>> vjp.pow(2).sum().backward()                          # doctest: +SKIP
-    """
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
-
-
 # ----------------------------------------------------------------------------- config
 
 
@@ -87,7 +72,7 @@ class LoopLMConfig:
     n_heads: int = 8  # attention heads; must divide d_model
     d_ff: int = 1024  # hidden width of the MLP
     dropout: float = 0.0  # dropout on embeddings, attention weights and sublayer outputs
-    max_seq_len: int = 64  # longest sequence accepted (size of the learned position table)
+    max_seq_len: int = 64  # longest sequence accepted (size of the position tables)
     positions: str = "learned"  # "learned" absolute embeddings | "rope" rotary in attention
     rope_base: float = 10000.0  # rotary base frequency (theta); used when positions="rope"
     n_prelude: int = 0  # blocks applied once before the loop: embedding -> x
@@ -100,7 +85,9 @@ class LoopLMConfig:
     # injection="none" (the only start through which the input reaches the loop), else "zeros".
     init_state: str | None = None
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
-    norm_placement: str = "post_sandwich"  # "pre" | "post" | "pre_sandwich" | "post_sandwich"
+    # Where the norms sit in each sublayer (see Sublayer); the paper's names: "pre" pre_norm,
+    # "post" post_norm, "pre_sandwich" sandwich_branch, "post_sandwich" sandwich_dual (STARS).
+    norm_placement: str = "post_sandwich"
     bias: bool = True  # biases in Linear layers and LayerNorms
     tie_embeddings: bool = True  # the LM head reuses the token embedding matrix
     default_loops: int = 8  # loops used by forward() when `loops` is not given
@@ -112,7 +99,7 @@ class LoopLMConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Check every field; raise ``ValueError`` naming the field and its valid values."""
+        """Check every field; raise ``TypeError``/``ValueError`` naming the field."""
         for name, low in (
             ("vocab_size", 1),
             ("d_model", 1),
@@ -124,9 +111,7 @@ class LoopLMConfig:
             ("n_coda", 0),
             ("default_loops", 0),
         ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"LoopLMConfig.{name} must be an integer >= {low}, got {value!r}")
+            checks.integer(f"LoopLMConfig.{name}", getattr(self, name), low=low)
         for name, choices in (
             ("positions", POSITIONS),
             ("injection", INJECTIONS),
@@ -134,36 +119,26 @@ class LoopLMConfig:
             ("norm", NORMS),
             ("norm_placement", NORM_PLACEMENTS),
         ):
-            value = getattr(self, name)
-            if value not in choices:
-                raise ValueError(f"LoopLMConfig.{name} must be one of {choices}, got {value!r}")
+            checks.choice(f"LoopLMConfig.{name}", getattr(self, name), choices)
+        for name in ("bias", "tie_embeddings"):
+            checks.boolean(f"LoopLMConfig.{name}", getattr(self, name))
+        checks.number("LoopLMConfig.dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        checks.number("LoopLMConfig.init_std", self.init_std, low=0.0, low_open=True)
+        checks.number("LoopLMConfig.rope_base", self.rope_base, low=1.0, low_open=True)
         if self.injection == "none" and self.init_state != "input":
             raise ValueError(
                 "LoopLMConfig.injection='none' needs init_state='input' (or None): without "
                 f"injection the input reaches the loop only through z0 = x, got "
                 f"init_state={self.init_state!r}"
             )
-        for name in ("bias", "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LoopLMConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        for name in ("dropout", "rope_base", "init_std"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"LoopLMConfig.{name} must be a number, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoopLMConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.init_std > 0.0:
-            raise ValueError(f"LoopLMConfig.init_std must be > 0, got {self.init_std!r}")
-        if not self.rope_base > 1.0:
-            raise ValueError(f"LoopLMConfig.rope_base must be > 1, got {self.rope_base!r}")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"LoopLMConfig.n_heads ({self.n_heads}) must divide d_model ({self.d_model})"
             )
-        if self.positions == "rope" and (self.d_model // self.n_heads) % 2:
+        if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(
                 "LoopLMConfig.positions='rope' needs an even head size d_model // n_heads, got "
-                f"{self.d_model // self.n_heads}"
+                f"{self.head_dim}"
             )
 
     @property
@@ -200,7 +175,7 @@ def rotary_tables(
 ) -> tuple[Tensor, Tensor]:
     """Cosines and sines of the rotary angles ``pos * base^(-2i / head_dim)``.
 
-    Computed in float64 for float64 models and in float32 otherwise, then cast to ``dtype``.
+    Computed in float64 for float64 tables and in float32 otherwise, then cast to ``dtype``.
 
     Returns:
         ``(cos, sin)``, each of shape (seq_len, head_dim // 2).
@@ -226,10 +201,58 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+class Rotary(nn.Module):
+    """The rotary tables of positions ``0 .. max_seq_len - 1``, built once.
+
+    They are non-persistent buffers, so they follow ``.to()``; after every move or cast
+    they are recomputed on the new device in the new dtype, so a float64 model has
+    float64-accurate tables whatever dtype it was built in.
+    """
+
+    def __init__(self, config: LoopLMConfig) -> None:
+        super().__init__()
+        self.table_args = (config.max_seq_len, config.head_dim, config.rope_base)
+        cos, sin = rotary_tables(
+            *self.table_args, device=torch.device("cpu"), dtype=torch.get_default_dtype()
+        )
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Rotary:
+        super()._apply(fn, recurse)
+        self.cos, self.sin = rotary_tables(
+            *self.table_args, device=self.cos.device, dtype=self.cos.dtype
+        )
+        return self
+
+    def forward(self, seq_len: int) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)`` of the first ``seq_len`` positions, each (seq_len, head_dim // 2)."""
+        return self.cos[:seq_len], self.sin[:seq_len]
+
+
 def _make_norm(config: LoopLMConfig) -> nn.Module:
     if config.norm == "layernorm":
         return nn.LayerNorm(config.d_model, eps=_NORM_EPS, bias=config.bias)
     return nn.RMSNorm(config.d_model, eps=_NORM_EPS)
+
+
+@contextmanager
+def sdpa_math() -> Iterator[None]:
+    """Run attention with the math kernel so that higher-order derivatives work.
+
+    The fused CPU kernel behind ``F.scaled_dot_product_attention`` implements only a first
+    backward. Forward passes run inside this context record plain softmax(QK^T)V ops, so
+    ``torch.autograd.grad(..., create_graph=True)`` followed by a second backward, and
+    forward-mode AD (JVPs), work through them. Only the forward pass needs to be inside.
+
+    Example:
+        >>> with sdpa_math():                                    # doctest: +SKIP
+        ...     fz = f(z)
+        >>> (vjp,) = torch.autograd.grad(fz, z, v, create_graph=True)  # doctest: +SKIP
+        >>> vjp.pow(2).sum().backward()                          # doctest: +SKIP
+    """
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 class CausalSelfAttention(nn.Module):
@@ -247,7 +270,8 @@ class CausalSelfAttention(nn.Module):
         """(B, S, d) -> (B, S, d); ``rope`` is ``(cos, sin)`` of shape (S, head_dim // 2)."""
         q, k, v = rearrange(self.qkv(x), "b s (qkv h e) -> qkv b h s e", qkv=3, h=self.n_heads)
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            cos, sin = (table.to(q.dtype) for table in rope)  # a no-op outside autocast
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
@@ -335,28 +359,12 @@ class Injection(nn.Module):
 # ------------------------------------------------------------------------------ the model
 
 
-@dataclass(frozen=True)
-class LoopInfo:
-    """What ``LoopLM.forward(..., return_info=True)`` reports besides the logits.
-
-    Attributes:
-        z: (B, S, d) the final state fed to the coda (z_T, or z* in equilibrium mode).
-        x: (B, S, d) the input injection; ``functools.partial(model.core_step, x=x)`` is f.
-        loops_used: (B,) int64 core applications per sequence (fewer than ``loops`` for
-            sequences that exited early); ``None`` in equilibrium mode, where the count
-            lives inside the solver.
-    """
-
-    z: Tensor
-    x: Tensor
-    loops_used: Tensor | None
-
-
-class LoopLM(nn.Module):
+class LoopLM(LoopedLM):
     """Decoder-only LM: embedding -> prelude -> recurrent core x T (or to equilibrium) -> coda.
 
-    Every method is batched over sequences and never mixes them, so a solver may drop
-    converged sequences from the batch. Nothing is tied to a device or a dtype.
+    The stages are below; ``forward``, ``core_map`` and ``unroll`` come from
+    :class:`~eqloop.looped.LoopedLM`. Every method is batched over sequences and never
+    mixes them, so a solver may drop converged sequences from the batch.
 
     Example:
         >>> model = LoopLM(LoopLMConfig(vocab_size=16, d_model=32, n_heads=2, d_ff=64))
@@ -365,8 +373,6 @@ class LoopLM(nn.Module):
         torch.Size([4, 8, 16])
     """
 
-    exit_check_every: int = 4  # early exit: loops between "has every sequence exited?" syncs
-
     def __init__(self, config: LoopLMConfig) -> None:
         super().__init__()
         config.validate()  # catches fields changed after construction
@@ -374,6 +380,7 @@ class LoopLM(nn.Module):
         c = self.config
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model) if c.positions == "learned" else None
+        self.rotary = Rotary(c) if c.positions == "rope" else None
         self.emb_dropout = nn.Dropout(c.dropout)
         self.prelude = nn.ModuleList(Block(c) for _ in range(c.n_prelude))
         self.injection = Injection(c)
@@ -395,56 +402,16 @@ class LoopLM(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
 
+    @property
+    def default_loops(self) -> int:
+        """``config.default_loops``."""
+        return self.config.default_loops
+
     def num_parameters(self) -> int:
         """Number of trainable scalars (the tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    # -- the three stages ------------------------------------------------------------
-
-    def _rope(self, seq_len: int, like: Tensor) -> tuple[Tensor, Tensor] | None:
-        if self.config.positions != "rope":
-            return None
-        return rotary_tables(
-            seq_len,
-            self.config.head_dim,
-            self.config.rope_base,
-            device=like.device,
-            dtype=like.dtype,
-        )
-
-    def _check_tokens(self, tokens: Tensor) -> None:
-        if not isinstance(tokens, Tensor):
-            raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
-        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-            raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
-        if tokens.dim() != 2 or tokens.shape[1] == 0:
-            raise ValueError(
-                f"tokens must have shape (batch, seq_len) with seq_len >= 1, "
-                f"got {tuple(tokens.shape)}"
-            )
-        if tokens.shape[1] > self.config.max_seq_len:
-            raise ValueError(
-                f"tokens has seq_len {tokens.shape[1]} > max_seq_len {self.config.max_seq_len}"
-            )
-        # One host sync per call, not per loop.
-        if tokens.numel() and bool(((tokens < 0) | (tokens >= self.config.vocab_size)).any()):
-            raise ValueError(
-                f"tokens must lie in [0, vocab_size={self.config.vocab_size}), got values in "
-                f"[{int(tokens.min())}, {int(tokens.max())}]"
-            )
-
-    def _check_state(self, name: str, t: Tensor, like: Tensor | None = None) -> None:
-        if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor")
-        if t.dim() != 3 or t.shape[-1] != self.config.d_model:
-            raise ValueError(
-                f"{name} must have shape (batch, seq_len, d_model={self.config.d_model}), "
-                f"got {tuple(t.shape)}"
-            )
-        if like is not None and t.shape != like.shape:
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)} but x has shape {tuple(like.shape)}"
-            )
+    # -- the stages ----------------------------------------------------------------------
 
     def inject(self, tokens: Tensor) -> Tensor:
         """Embed tokens and run the prelude.
@@ -455,13 +422,13 @@ class LoopLM(nn.Module):
         Returns:
             x: (B, S, d), the input injected into every loop.
         """
-        self._check_tokens(tokens)
+        self.check_tokens(tokens, self.config.vocab_size, self.config.max_seq_len)
         seq_len = tokens.shape[1]
         h = self.tok_emb(tokens.long())
         if self.pos_emb is not None:
             h = h + self.pos_emb(torch.arange(seq_len, device=tokens.device))
         h = self.emb_dropout(h)
-        rope = self._rope(seq_len, h)
+        rope = self._rope(seq_len)
         for block in self.prelude:
             h = block(h, rope)
         return h
@@ -488,10 +455,8 @@ class LoopLM(nn.Module):
         """One application of the recurrent core: ``f(z; x) = core_blocks(inject(z, x))``.
 
         With ``injection="none"`` the map is ``core_blocks(z)`` and ``x`` only fixes the
-        shape check (the input entered through ``z0 = x``).
-
-        A pure function of ``(z, x)`` (in eval mode or with dropout 0) that treats every
-        sequence independently.
+        shape check (the input entered through ``z0 = x``). A pure function of ``(z, x)``
+        (in eval mode or with dropout 0) that treats every sequence independently.
 
         Args:
             z: (B, S, d) current state.
@@ -503,7 +468,7 @@ class LoopLM(nn.Module):
         self._check_state("z", z)
         self._check_state("x", x, like=z)
         h = self.injection(z, x)
-        rope = self._rope(z.shape[1], h)
+        rope = self._rope(z.shape[1])
         for block in self.core:
             h = block(h, rope)
         return h
@@ -518,215 +483,27 @@ class LoopLM(nn.Module):
             logits: (B, S, V).
         """
         self._check_state("z", z)
-        rope = self._rope(z.shape[1], z)
+        rope = self._rope(z.shape[1])
         for block in self.coda:
             z = block(z, rope)
         z = self.final_norm(z)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(z, weight)
 
-    # -- the map f and its trajectory --------------------------------------------------
+    # -- checks --------------------------------------------------------------------------
 
-    def _injection_of(self, inputs: Tensor) -> Tensor:
-        """x from token ids (integer tensor) or pass a ready injection (float) through."""
-        if isinstance(inputs, Tensor) and inputs.dtype.is_floating_point:
-            self._check_state("x", inputs)
-            return inputs
-        return self.inject(inputs)
+    def _rope(self, seq_len: int) -> tuple[Tensor, Tensor] | None:
+        return None if self.rotary is None else self.rotary(seq_len)
 
-    def core_map(self, inputs: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-        """The fixed-point map of a batch and its starting point.
-
-        Args:
-            inputs: (B, S) token ids, or a (B, S, d) injection ``x`` from :meth:`inject`.
-
-        Returns:
-            ``(f, z0)``: ``f(z) = core_step(z, x)`` maps (B, S, d) -> (B, S, d) and closes
-            over the whole batch's ``x``, so it must be called on full batches; z0 is
-            (B, S, d). To let a solver drop converged rows, pass ``x`` as a per-sample
-            argument instead: ``solvers.solve(model.core_step, z0, args=(x,),
-            compact=True)``.
-        """
-        x = self._injection_of(inputs)
-
-        def f(z: Tensor) -> Tensor:
-            return self.core_step(z, x)
-
-        return f, self.initial_state(x)
-
-    def unroll(
-        self, inputs: Tensor, loops: int, *, return_states: bool = False
-    ) -> Tensor | list[Tensor]:
-        """Apply the core ``loops`` times from z0, for diagnostics.
-
-        Args:
-            inputs: (B, S) token ids, or a (B, S, d) injection ``x``.
-            loops: number of core applications T >= 0.
-            return_states: return the whole trajectory instead of the last state.
-
-        Returns:
-            z_T of shape (B, S, d), or the list ``[z_0, z_1, ..., z_T]`` (T + 1 tensors).
-        """
-        loops = _check_loops(loops)
-        f, z = self.core_map(inputs)
-        states = [z]
-        for _ in range(loops):
-            z = f(z)
-            if return_states:
-                states.append(z)
-        return states if return_states else z
-
-    def _loop(
-        self, z: Tensor, x: Tensor, loops: int, exit_threshold: float | None
-    ) -> tuple[Tensor, Tensor]:
-        """Run the loop, optionally with per-sequence early exit.
-
-        A sequence stops being updated once the step it just took satisfies
-        ``||z_t - z_{t-1}|| / ||z_t|| < exit_threshold`` (z_t is kept). Exit masks stay on
-        the device; every ``exit_check_every`` loops one host sync drops the exited
-        sequences from the working batch (and stops when none is left).
-
-        Returns:
-            ``(z, loops_used)``: the final states (B, S, d) and (B,) int64 loop counts.
-        """
-        batch = z.shape[0]
-        if exit_threshold is None:
-            for _ in range(loops):
-                z = self.core_step(z, x)
-            return z, torch.full((batch,), loops, dtype=torch.long, device=z.device)
-
-        rows = torch.arange(batch, device=z.device)  # sequences in the working batch
-        z_run, x_run = z, x
-        active = torch.ones(batch, dtype=torch.bool, device=z.device)  # aligned with rows
-        used = torch.zeros(batch, dtype=torch.long, device=z.device)  # aligned with rows
-        loops_used = torch.zeros(batch, dtype=torch.long, device=z.device)
-        for t in range(loops):
-            z_next = self.core_step(z_run, x_run)
-            with torch.no_grad():
-                step = (z_next - z_run).flatten(1).norm(dim=1)
-                size = z_next.flatten(1).norm(dim=1).clamp_min(torch.finfo(z_next.dtype).tiny)
-                settled = step / size < exit_threshold
-            z_run = torch.where(active[:, None, None], z_next, z_run)
-            used = used + active.long()
-            active = active & ~settled
-            if (t + 1) % self.exit_check_every == 0 and t + 1 < loops:
-                keep = active.nonzero().squeeze(1)  # the host sync
-                if keep.numel() < rows.numel():
-                    z = z.index_copy(0, rows, z_run)
-                    loops_used = loops_used.index_copy(0, rows, used)
-                    if keep.numel() == 0:
-                        return z, loops_used
-                    rows, z_run, x_run = rows[keep], z_run[keep], x_run[keep]
-                    active, used = active[keep], used[keep]
-        if rows.numel() == batch:  # never compacted: the working batch is the batch
-            return z_run, used
-        return z.index_copy(0, rows, z_run), loops_used.index_copy(0, rows, used)
-
-    # -- forward -----------------------------------------------------------------------
-
-    def forward(
-        self,
-        tokens: Tensor,
-        loops: int | None = None,
-        *,
-        solver: Any = None,
-        tol: float | None = None,
-        max_iter: int | None = None,
-        backward: str | None = None,
-        stop_mode: str | None = None,
-        exit_threshold: float | None = None,
-        return_info: bool = False,
-        **solver_options: Any,
-    ) -> Tensor | tuple[Tensor, LoopInfo]:
-        """Logits of every position, unrolled for ``loops`` steps or solved to equilibrium.
-
-        Unrolled (``solver=None``): z0 -> core applied ``loops`` times -> readout;
-        ``loops=None`` means ``config.default_loops`` and ``loops=0`` skips the core.
-        Equilibrium (``solver`` given): ``z* = eqloop.implicit.fixed_point(f, z0, ...)``,
-        differentiable with the chosen ``backward`` mode.
-
-        Args:
-            tokens: (B, S) integer ids in [0, vocab_size), S <= max_seq_len.
-            loops: number of core applications (unrolled mode only).
-            solver: a registered solver name (e.g. ``"anderson"``) or a solver object;
-                switches on equilibrium mode.
-            tol: solver tolerance (default 1e-4). Equilibrium mode only, like the next three.
-            max_iter: solver iteration budget (default 64).
-            backward: ``"ift"`` (default), ``"phantom"``, ``"truncated"`` or ``"unroll"``.
-            stop_mode: ``"rel"`` (default) or ``"abs"`` residual.
-            exit_threshold: unrolled mode only; a sequence stops updating once
-                ``||z_t - z_{t-1}|| / ||z_t|| < exit_threshold`` (0 never exits). The
-                host checks for finished sequences every ``model.exit_check_every``
-                loops and drops them from the batch; ``info.loops_used`` has the counts.
-            return_info: also return a :class:`LoopInfo`.
-            **solver_options: passed on to ``fixed_point`` (e.g. ``m=6``,
-                ``backward_max_iter=32``).
-
-        Returns:
-            logits (B, S, V), or ``(logits, info)`` if ``return_info``.
-
-        Raises:
-            TypeError: non-integer tokens, or solver options without a solver.
-            ValueError: bad token values or shape, ``loops < 0``, or options that do not
-                belong to the chosen mode.
-        """
-        if solver is None:
-            extra = {
-                k: v
-                for k, v in dict(
-                    tol=tol, max_iter=max_iter, backward=backward, stop_mode=stop_mode
-                ).items()
-                if v is not None
-            }
-            extra.update(solver_options)
-            if extra:
-                raise TypeError(
-                    f"solver options {sorted(extra)} need equilibrium mode (pass solver=...)"
-                )
-            loops = self.config.default_loops if loops is None else _check_loops(loops)
-            if exit_threshold is not None:
-                exit_threshold = float(exit_threshold)
-                if not exit_threshold >= 0.0:
-                    raise ValueError(f"exit_threshold must be >= 0, got {exit_threshold!r}")
-            x = self.inject(tokens)
-            z, loops_used = self._loop(self.initial_state(x), x, loops, exit_threshold)
-        else:
-            if loops is not None:
-                raise ValueError("loops and solver are mutually exclusive: pass one of them")
-            if exit_threshold is not None:
-                raise ValueError("exit_threshold applies to unrolled loops, not to solver=...")
-            from eqloop.implicit import fixed_point  # lazy: keeps the model importable alone
-
-            x = self.inject(tokens)
-
-            def f(z: Tensor) -> Tensor:
-                return self.core_step(z, x)
-
-            z = fixed_point(
-                f,
-                self.initial_state(x),
-                solver=solver,
-                backward="ift" if backward is None else backward,
-                max_iter=64 if max_iter is None else max_iter,
-                tol=1e-4 if tol is None else tol,
-                stop_mode="rel" if stop_mode is None else stop_mode,
-                **solver_options,
+    def _check_state(self, name: str, t: Tensor, like: Tensor | None = None) -> None:
+        if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor")
+        if t.dim() != 3 or t.shape[-1] != self.config.d_model:
+            raise ValueError(
+                f"{name} must have shape (batch, seq_len, d_model={self.config.d_model}), "
+                f"got {tuple(t.shape)}"
             )
-            loops_used = None
-        logits = self.readout(z)
-        if return_info:
-            return logits, LoopInfo(z=z, x=x, loops_used=loops_used)
-        return logits
-
-
-def _check_loops(loops: Any, name: str = "loops") -> int:
-    """An int >= 0, else ``TypeError`` / ``ValueError`` naming the argument."""
-    if isinstance(loops, bool):
-        raise TypeError(f"{name} must be an integer, got {loops!r}")
-    try:
-        value = operator.index(loops)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(loops).__name__}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
+        if like is not None and t.shape != like.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but x has shape {tuple(like.shape)}"
+            )

@@ -204,24 +204,20 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 def _forward(net: nn.Module, inputs: Tensor, loops: int, config: TrainConfig) -> tuple[Tensor, Any]:
     """Logits (B, S, V) and the LoopInfo of ``loops`` loops with the configured backward.
 
-    ``unroll`` backpropagates through every loop (the paper). The other modes run the
-    ``eqloop.fixed_point`` machinery with the sampled depth as the solver budget
-    (``max_iter``; ``tol=0`` by default, so exactly ``loops`` evaluations) and the
-    plain iteration unless ``backward_options`` names another ``solver``.
+    ``unroll`` backpropagates through every loop (the paper). The other modes run
+    ``eqloop.fixed_point`` with the plain iteration and the sampled depth as its budget
+    (``max_iter=loops``, ``tol=0``: exactly ``loops`` evaluations) and the backward mode
+    built from ``backward`` and ``backward_options``.
     """
     if config.backward == "unroll":
         return net(inputs, loops=loops, return_info=True)
-    options = dict(config.backward_options)
-    solver = options.pop("solver", "fixed_point")
-    tol = options.pop("tol", 0.0)
     return net(
         inputs,
-        solver=solver,
+        solver="fixed_point",
         max_iter=loops,
-        tol=tol,
-        backward=config.backward,
+        tol=0.0,
+        backward=config.make_backward(),
         return_info=True,
-        **options,
     )
 
 
@@ -293,14 +289,9 @@ def train_step(
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     loss, penalty, rho = ce, None, None
     if penalty_on:
-        x = info.x
-
-        def f(z: Tensor) -> Tensor:
-            return model.core_step(z, x)
-
-        point, start = penalty_point(f, info.z, config, generator)
+        point, start = penalty_point(info.f, info.z, config, generator)
         result = jsrr_penalty(
-            f,
+            info.f,
             point,
             product="jvp" if start is not None else "vjp",
             power_steps=config.power_steps,

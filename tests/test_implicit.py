@@ -1,4 +1,4 @@
-"""Tests for eqloop.implicit: gradients of fixed points under the four backward modes.
+"""Tests for eqloop.implicit and eqloop.backward: fixed points under the four backward modes.
 
 References are exact: the affine map ``f(z) = z A^T + x U^T + c`` has the closed-form
 fixed point ``z* = (I - A)^{-1} (U x + c)`` (differentiated by autograd through
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import FrozenInstanceError
 from typing import Any
 
 import pytest
@@ -20,9 +21,9 @@ from torch import Tensor
 
 import eqloop
 import solvers
+from eqloop.backward import IFT, Backward, Phantom, Truncated, Unroll, make_backward
 from eqloop.implicit import (
     BACKWARD_MODES,
-    DEFAULT_BACKWARD_MAX_ITER,
     ConvergenceWarning,
     FixedPointInfo,
     default_backward_tol,
@@ -35,10 +36,10 @@ D, B = 5, 3
 
 # Settings under which every mode computes the exact implicit gradient (to ~1e-12).
 EXACT: dict[str, dict[str, Any]] = {
-    "ift": dict(solver="anderson", tol=1e-13, max_iter=200, backward_tol=1e-13),
-    "phantom": dict(solver="anderson", tol=1e-13, max_iter=200, phantom_steps=80),
-    "truncated": dict(solver="anderson", tol=1e-13, max_iter=200, truncate_k=80),
-    "unroll": dict(solver="fixed_point", tol=1e-14, max_iter=400),
+    "ift": dict(solver="anderson", tol=1e-13, max_iter=200, backward=IFT(tol=1e-13)),
+    "phantom": dict(solver="anderson", tol=1e-13, max_iter=200, backward=Phantom(steps=80)),
+    "truncated": dict(solver="anderson", tol=1e-13, max_iter=200, backward=Truncated(k=80)),
+    "unroll": dict(solver="fixed_point", tol=1e-14, max_iter=400, backward=Unroll()),
 }
 
 
@@ -132,7 +133,7 @@ def test_ift_passes_gradcheck() -> None:
 
     def solve(w: Tensor, u: Tensor, x: Tensor) -> Tensor:
         return fixed_point(
-            tanh_map(w, u), z0, args=(x,), tol=1e-14, max_iter=300, backward_tol=1e-14
+            tanh_map(w, u), z0, args=(x,), tol=1e-14, max_iter=300, backward=IFT(tol=1e-14)
         )
 
     assert torch.autograd.gradcheck(solve, (w, u, x), eps=1e-6, atol=1e-8, rtol=1e-6)
@@ -158,8 +159,7 @@ def test_ift_matches_closed_form_on_affine_map(solver: str) -> None:
         solver=solver,
         tol=1e-14,
         max_iter=500,
-        backward_tol=1e-14,
-        backward_max_iter=500,
+        backward=IFT(tol=1e-14, max_iter=500),
     )
     got = torch.autograd.grad((z * v).sum(), inputs)
     eye = torch.eye(D, dtype=F64)
@@ -180,9 +180,7 @@ def test_ift_matches_dense_implicit_gradient(backward_solver: str | None) -> Non
         args=(x,),
         tol=1e-14,
         max_iter=300,
-        backward_solver=backward_solver,
-        backward_tol=1e-14,
-        backward_max_iter=500,
+        backward=IFT(solver=backward_solver, tol=1e-14, max_iter=500),
     )
     got = torch.autograd.grad((z * v).sum(), (w, u, x))
     want = dense_implicit_grads(f, z.detach(), x, v, (w, u, x))
@@ -199,7 +197,7 @@ def test_every_mode_reaches_the_implicit_gradient_at_convergence(mode: str) -> N
     w, u, x = tanh_params(seed=4)
     f = tanh_map(w, u)
     v = torch.randn(B, D, generator=torch.Generator().manual_seed(5), dtype=F64)
-    z = fixed_point(f, torch.zeros(B, D, dtype=F64), args=(x,), backward=mode, **EXACT[mode])
+    z = fixed_point(f, torch.zeros(B, D, dtype=F64), args=(x,), **EXACT[mode])
     got = torch.autograd.grad((z * v).sum(), (w, u, x))
     want = dense_implicit_grads(f, z.detach(), x, v, (w, u, x))
     assert rel_err(flat(got), flat(want)) <= 1e-9
@@ -215,9 +213,9 @@ def test_damped_phantom_steps_converge_to_the_implicit_gradient() -> None:
         z = fixed_point(f, z0, args=(x,), tol=1e-13, max_iter=200, **kwargs)
         return flat(torch.autograd.grad(z.sum(), (w, u)))
 
-    exact = grads(backward_tol=1e-13)
-    assert rel_err(grads(backward="phantom", phantom_steps=200, phantom_tau=0.5), exact) < 1e-9
-    few = grads(backward="phantom", phantom_steps=3, phantom_tau=0.5)
+    exact = grads(backward=IFT(tol=1e-13))
+    assert rel_err(grads(backward=Phantom(steps=200, tau=0.5)), exact) < 1e-9
+    few = grads(backward=Phantom(steps=3, tau=0.5))
     assert 1e-3 < rel_err(few, exact) < 1.0  # a biased but aligned approximation
     assert F.cosine_similarity(few, exact, dim=0) > 0.9
 
@@ -234,7 +232,7 @@ def test_looplm_modes_agree_in_eval_mode_with_integer_inputs(mode: str) -> None:
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     reference = grads(solver="fixed_point", backward="unroll", tol=1e-13, max_iter=300)
-    got = grads(backward=mode, **EXACT[mode])
+    got = grads(**EXACT[mode])
     assert torch.isfinite(got).all() and got.abs().sum() > 0
     assert F.cosine_similarity(got, reference, dim=0) > 1 - 1e-9
     assert rel_err(got, reference) < 1e-7
@@ -245,8 +243,9 @@ def test_gradients_reach_parameters_when_inputs_do_not_require_grad() -> None:
     x = x.detach()
     f = tanh_map(w, u)
     z = fixed_point(
-        f, torch.zeros(B, D, dtype=F64), args=(x,), tol=1e-14, max_iter=300, backward_tol=1e-14
-    )
+        f, torch.zeros(B, D, dtype=F64), args=(x,), tol=1e-14, max_iter=300,
+        backward=IFT(tol=1e-14),
+    )  # fmt: skip
     assert z.requires_grad
     (gw,) = torch.autograd.grad(z.sum(), (w,))
     (want,) = dense_implicit_grads(f, z.detach(), x, torch.ones(B, D, dtype=F64), (w,))
@@ -260,7 +259,6 @@ def test_nothing_requiring_grad_gives_a_constant(mode: str) -> None:
         tanh_map(w, u),
         torch.zeros(B, D, dtype=F64),
         args=(x,),
-        backward=mode,
         return_result=True,
         **EXACT[mode],
     )
@@ -272,7 +270,7 @@ def test_ift_with_a_compacted_forward_solve_and_solver_objects() -> None:
     w, u, x = tanh_params(seed=9)
     f = tanh_map(w, u)
     z0 = torch.zeros(B, D, dtype=F64)
-    z = fixed_point(f, z0, args=(x,), tol=1e-13, max_iter=200, backward_tol=1e-13)
+    z = fixed_point(f, z0, args=(x,), tol=1e-13, max_iter=200, backward=IFT(tol=1e-13))
     want = flat(torch.autograd.grad(z.sum(), (w, u, x)))
     z, info = fixed_point(
         f,
@@ -282,8 +280,7 @@ def test_ift_with_a_compacted_forward_solve_and_solver_objects() -> None:
         tol=1e-13,
         max_iter=200,
         compact=True,
-        backward_solver=solvers.Broyden(m=10),
-        backward_tol=1e-13,
+        backward=IFT(solver=solvers.Broyden(m=10), tol=1e-13),
         return_result=True,
     )
     got = flat(torch.autograd.grad(z.sum(), (w, u, x)))
@@ -334,11 +331,10 @@ def test_values_of_each_mode() -> None:
         f,
         z0,
         args=(x,),
-        backward="truncated",
         solver="fixed_point",
         max_iter=10,
         tol=0,
-        truncate_k=3,
+        backward=Truncated(k=3),
         return_result=True,
     )
     assert info.forward.nfe == 8 and info.grad_steps == 3  # 7 loops + 1 residual check
@@ -350,7 +346,7 @@ def test_values_of_each_mode() -> None:
     assert info.forward is None and info.grad_steps == 2
 
     z, info = fixed_point(
-        f, z0, args=(x,), backward="phantom", tol=1e-12, phantom_steps=4, return_result=True
+        f, z0, args=(x,), backward=Phantom(steps=4), tol=1e-12, return_result=True
     )
     assert info.grad_steps == 4 and info.backward is None
 
@@ -370,7 +366,6 @@ def test_no_grad_builds_no_graph(mode: str) -> None:
             tanh_map(w, u),
             torch.zeros(B, D, dtype=F64),
             args=(x,),
-            backward=mode,
             return_result=True,
             **EXACT[mode],
         )
@@ -387,7 +382,7 @@ def test_info_reports_the_adjoint_solve_after_backward() -> None:
     z.sum().backward()
     assert info.backward.status == "converged"
     assert float(info.backward.rel_residual.max()) <= default_backward_tol(F64)
-    assert info.backward.nfe <= DEFAULT_BACKWARD_MAX_ITER
+    assert info.backward.nfe <= IFT().max_iter == 100
 
 
 def test_default_backward_tolerances() -> None:
@@ -398,6 +393,14 @@ def test_default_backward_tolerances() -> None:
 def test_lazy_exports() -> None:
     assert eqloop.fixed_point is fixed_point
     assert eqloop.BACKWARD_MODES == ("ift", "phantom", "truncated", "unroll")
+    assert (eqloop.IFT, eqloop.Phantom, eqloop.Truncated, eqloop.Unroll) == (
+        IFT,
+        Phantom,
+        Truncated,
+        Unroll,
+    )
+    assert eqloop.backward.make_backward is make_backward
+    assert eqloop.ConvergenceWarning is ConvergenceWarning
 
 
 # ---------------------------------------------------------------------------------------
@@ -461,8 +464,7 @@ def test_adjoint_non_convergence_warns() -> None:
         tanh_map(w, u),
         torch.zeros(B, D, dtype=F64),
         args=(x,),
-        backward_max_iter=2,
-        backward_tol=1e-14,
+        backward=IFT(max_iter=2, tol=1e-14),
     )
     with pytest.warns(ConvergenceWarning, match="adjoint"):
         z.sum().backward()
@@ -484,9 +486,7 @@ def test_raise_on_failure_covers_every_solve() -> None:
             max_iter=2,
             raise_on_failure=True,
         )
-    z = fixed_point(
-        f, z0, args=(x,), backward_max_iter=1, backward_tol=1e-14, raise_on_failure=True
-    )
+    z = fixed_point(f, z0, args=(x,), backward=IFT(max_iter=1, tol=1e-14), raise_on_failure=True)
     with pytest.raises(solvers.SolveError):
         z.sum().backward()
 
@@ -513,21 +513,10 @@ def test_nans_are_not_hidden() -> None:
         (dict(m=0), "m .* must be an integer >= 1"),
         (dict(foo=1), r"unknown option\(s\) \['foo'\]"),
         (dict(max_iter=0), "max_iter must be an integer >= 1"),
-        (dict(tol=-1.0), "tol must be a finite number >= 0"),
-        (dict(stop_mode="max"), "stop_mode must be 'abs' or 'rel'"),
-        (dict(backward_max_iter=0), "backward_max_iter must be an integer >= 1"),
-        (dict(backward_tol=math.inf), "backward_tol must be a finite number >= 0"),
-        (dict(backward_solver="nope"), "unknown solver 'nope'"),
-        (dict(backward="phantom", phantom_steps=0), "phantom_steps must be an integer >= 1"),
-        (dict(backward="phantom", phantom_steps=2.5), "phantom_steps must be an integer"),
-        (dict(backward="phantom", phantom_tau=0.0), r"phantom_tau must lie in \(0, 1\]"),
-        (dict(backward="phantom", phantom_tau=1.5), r"phantom_tau must lie in \(0, 1\]"),
-        (dict(backward="truncated", truncate_k=0), "truncate_k must be an integer >= 1"),
-        (dict(phantom_steps=3), "phantom_steps applies to backward='phantom' only"),
-        (dict(backward="phantom", truncate_k=3), "truncate_k applies to backward='truncated'"),
-        (dict(backward="unroll", backward_tol=1e-3), "backward_tol applies to backward='ift'"),
+        (dict(tol=-1.0), "tol must be a number >= 0"),
+        (dict(tol=math.inf), "tol must be a finite number"),
+        (dict(stop_mode="max"), "stop_mode must be one of 'rel', 'abs'"),
         (dict(backward="unroll"), "backward='unroll' .* solver must be 'fixed_point'"),
-        (dict(backward="unroll", solver="fixed_point", compact=True), r"\['compact'\] do not"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict[str, Any], match: str) -> None:
@@ -542,7 +531,198 @@ def test_bad_types_are_named() -> None:
         fixed_point("f", z0)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="z0 must be a floating-point"):
         fixed_point(lambda z: z, torch.zeros(B, D, dtype=torch.long))
-    with pytest.raises(TypeError, match="backward_solver must be"):
-        fixed_point(lambda z: z, z0, backward_solver=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="backward must be a mode name"):
+        fixed_point(lambda z: z, z0, backward=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="tol must be a number"):
+        fixed_point(lambda z: z, z0, tol=True)
     with pytest.raises(ValueError, match="hyperparameters belong in its constructor"):
         fixed_point(lambda z: z, z0, solver=solvers.Anderson(m=3), m=4)
+
+
+def test_removed_keywords_name_their_replacement() -> None:
+    z0 = torch.zeros(B, D)
+    with pytest.raises(TypeError, match=r"backward=eqloop.Truncated\(k=\.\.\.\)"):
+        fixed_point(lambda z: 0.5 * z, z0, truncate_k=3)
+
+
+def test_backward_keywords_are_shorthand_for_ift_fields() -> None:
+    """The public backward_* keywords of DESIGN.md set the IFT adjoint solve's fields."""
+    w, u, x = tanh_params(seed=11)
+    f = tanh_map(w, u)
+    z0 = torch.zeros(B, D, dtype=F64)
+
+    def adjoint(**kwargs: Any) -> tuple[Tensor, Any]:
+        z, info = fixed_point(f, z0, args=(x,), tol=1e-12, max_iter=300, return_result=True,
+                              **kwargs)  # fmt: skip
+        (grad,) = torch.autograd.grad(z.sum(), w)
+        return grad, info.backward
+
+    short, short_info = adjoint(backward_solver="broyden", backward_max_iter=7, backward_tol=0.0)
+    full, full_info = adjoint(backward=IFT(solver="broyden", max_iter=7, tol=0.0))
+    assert torch.equal(short, full)
+    assert short_info.nfe == full_info.nfe == 7 and short_info.solver == "broyden"
+    with pytest.raises(TypeError, match=r"\['backward_tol'\] configure the IFT.*'phantom'"):
+        fixed_point(f, z0, args=(x,), backward="phantom", backward_tol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward modes as objects
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", BACKWARD_MODES)
+def test_a_name_means_the_default_object(mode: str) -> None:
+    """backward="ift" and backward=IFT() give bit-identical values and gradients."""
+    w, u, x = tanh_params(seed=10)
+    f = tanh_map(w, u)
+    z0 = torch.zeros(B, D, dtype=F64)
+    solver = "fixed_point" if mode == "unroll" else "anderson"
+
+    def run(backward: str | Backward) -> tuple[Tensor, Tensor]:
+        z = fixed_point(f, z0, args=(x,), solver=solver, backward=backward, max_iter=30, tol=0)
+        return z.detach(), flat(torch.autograd.grad(z.sum(), (w, u, x)))
+
+    default = make_backward(mode)
+    assert default == {"ift": IFT(), "phantom": Phantom(), "truncated": Truncated(),
+                       "unroll": Unroll()}[mode]  # fmt: skip
+    by_name, by_object = run(mode), run(default)
+    assert torch.equal(by_name[0], by_object[0]) and torch.equal(by_name[1], by_object[1])
+
+
+def test_defaults_of_the_backward_objects() -> None:
+    assert (IFT().solver, IFT().max_iter, IFT().tol) == (None, 100, None)
+    assert (Phantom().steps, Phantom().tau) == (5, 1.0)
+    assert Truncated().k == 8
+    assert make_backward("ift", max_iter=50, tol=1e-8) == IFT(max_iter=50, tol=1e-8)
+    mode = Phantom(steps=3)
+    assert make_backward(mode) is mode
+    with pytest.raises(FrozenInstanceError):
+        mode.steps = 4  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: IFT(solvr="broyden"), "solvr"),
+        (lambda: Phantom(step=3), "step"),
+        (lambda: Truncated(truncate_k=3), "truncate_k"),
+        (lambda: Unroll(k=1), "k"),
+        (
+            lambda: make_backward("ift", solvr="broyden"),
+            r"\['solvr'\].*\['solver', 'max_iter', 'tol'\]",
+        ),
+        (lambda: make_backward("unroll", tau=0.5), r"\['tau'\].*no options"),
+        (lambda: make_backward(IFT(), max_iter=3), r"\['max_iter'\].*constructor"),
+    ],
+)
+def test_unknown_fields_raise_type_error_naming_them(build: Callable[[], Any], field: str) -> None:
+    with pytest.raises(TypeError, match=field):
+        build()
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda: IFT(max_iter=0), ValueError, "IFT.max_iter must be an integer >= 1"),
+        (lambda: IFT(max_iter=True), TypeError, "IFT.max_iter must be an integer"),
+        (lambda: IFT(tol=math.inf), ValueError, "IFT.tol must be a finite number"),
+        (lambda: IFT(tol=-1e-3), ValueError, "IFT.tol must be a number >= 0"),
+        (lambda: IFT(solver="nope"), ValueError, "IFT.solver must be one of"),
+        (lambda: IFT(solver=3), TypeError, "IFT.solver must be None, a registered solver name"),
+        (lambda: Phantom(steps=0), ValueError, "Phantom.steps must be an integer >= 1"),
+        (lambda: Phantom(steps=2.5), TypeError, "Phantom.steps must be an integer"),
+        (lambda: Phantom(tau=0.0), ValueError, r"Phantom.tau must be a number > 0 and <= 1"),
+        (lambda: Phantom(tau=1.5), ValueError, r"Phantom.tau must be a number > 0 and <= 1"),
+        (lambda: Truncated(k=0), ValueError, "Truncated.k must be an integer >= 1"),
+        (lambda: make_backward("adjoint"), ValueError, r"backward must be one of \('ift'"),
+    ],
+)
+def test_bad_fields_are_named(build: Callable[[], Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_phantom_and_truncated_match_their_hand_written_formulas() -> None:
+    """The gradient of each mode is the one of its definition, written out by hand."""
+    w, u, x = tanh_params(seed=11)
+    f = tanh_map(w, u)
+    z0 = torch.zeros(B, D, dtype=F64)
+    inputs = (w, u, x)
+
+    def grads(z: Tensor) -> Tensor:
+        return flat(torch.autograd.grad((z * z).sum(), inputs))
+
+    z_star = fixed_point(f, z0, args=(x,), tol=1e-12).detach()
+    hand = z_star
+    for _ in range(3):  # Phantom(steps=3, tau=0.5) from the detached fixed point
+        hand = torch.lerp(hand, f(hand, x), 0.5)
+    got = fixed_point(f, z0, args=(x,), tol=1e-12, backward=Phantom(steps=3, tau=0.5))
+    torch.testing.assert_close(got, hand, rtol=0, atol=0)
+    torch.testing.assert_close(grads(got), grads(hand), rtol=1e-14, atol=0)
+
+    hand = _loops(f, x, z0, 6)  # Truncated(k=4) of 10 loops: 6 without a graph, 4 with
+    for _ in range(4):
+        hand = f(hand, x)
+    got = fixed_point(
+        f, z0, args=(x,), solver="fixed_point", max_iter=10, tol=0, backward=Truncated(k=4)
+    )
+    torch.testing.assert_close(got, hand, rtol=0, atol=0)
+    torch.testing.assert_close(grads(got), grads(hand), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize(
+    "backward", [Unroll(), Truncated(k=6)], ids=["unroll", "truncated-every-loop"]
+)
+def test_gradcheck_when_every_loop_has_a_graph(backward: Backward) -> None:
+    """6 loops, all with a graph: the gradient is the exact derivative of f^6(z0)."""
+    w, u, x = tanh_params(seed=12)
+    z0 = torch.zeros(B, D, dtype=F64)
+
+    def solve(w: Tensor, u: Tensor, x: Tensor) -> Tensor:
+        return fixed_point(
+            tanh_map(w, u), z0, args=(x,), solver="fixed_point", max_iter=6, tol=0,
+            backward=backward,
+        )  # fmt: skip
+
+    assert torch.autograd.gradcheck(solve, (w, u, x))
+
+
+def test_unroll_stops_each_sample_on_its_own() -> None:
+    """Each sample returns f of its last loop; converged samples are frozen."""
+    g = torch.Generator().manual_seed(13)
+    rates = torch.tensor([0.1, 0.5, 0.9], dtype=F64).unsqueeze(1)  # one contraction per row
+    c = torch.randn(B, D, generator=g, dtype=F64, requires_grad=True)
+
+    def f(z: Tensor, rate: Tensor, c: Tensor) -> Tensor:
+        return rate * z + c
+
+    z0 = torch.zeros(B, D, dtype=F64)
+    z, info = fixed_point(
+        f, z0, args=(rates, c), solver="fixed_point", backward="unroll", tol=1e-6,
+        max_iter=200, return_result=True, compact=True,
+    )  # fmt: skip
+    steps = info.forward.nstep
+    assert steps[0] < steps[1] < steps[2] < 200 and info.forward.status == "converged"
+    for b in range(B):
+        hand = z0[b]
+        for _ in range(int(steps[b])):
+            hand = rates[b] * hand + c[b]
+        torch.testing.assert_close(z[b], hand, rtol=1e-15, atol=1e-15)
+    # d z_b / d c_b = sum_{t < n_b} rate_b^t, the derivative of the loops sample b ran.
+    (gc,) = torch.autograd.grad(z.sum(), (c,))
+    want = (1 - rates.squeeze(1) ** steps.to(F64)) / (1 - rates.squeeze(1))
+    torch.testing.assert_close(gc, want.unsqueeze(1).expand(B, D), rtol=1e-12, atol=0)
+
+
+def test_convergence_warnings_point_at_the_callers_line() -> None:
+    w, u, x = tanh_params()
+    f = tanh_map(w, u)
+    z0 = torch.zeros(B, D, dtype=F64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        z = fixed_point(f, z0, args=(x,), max_iter=2, tol=1e-12, backward=IFT(max_iter=2))
+        z.sum().backward()
+    stages = [("forward" in str(w.message), "adjoint" in str(w.message)) for w in caught]
+    assert stages == [(True, False), (False, True)]
+    assert [w.category for w in caught] == [ConvergenceWarning] * 2
+    assert {w.filename for w in caught} == {__file__}

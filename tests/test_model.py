@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import itertools
-import sys
-import types
+import math
+import warnings
 from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+import eqloop.looped
+import eqloop.model
+import solvers
+from eqloop.backward import ConvergenceWarning, Phantom
+from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_STOP_MODE, EQUILIBRIUM_TOL
+from eqloop.looped import CoreMap, LoopedLM, LoopInfo
 from eqloop.model import (
     INIT_STATES,
     INJECTIONS,
     NORM_PLACEMENTS,
     NORMS,
     POSITIONS,
-    LoopInfo,
     LoopLM,
     LoopLMConfig,
     Sublayer,
@@ -73,27 +78,31 @@ def test_config_from_dict_rejects_unknown_keys() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
+    ("field", "value", "error"),
     [
-        ("vocab_size", 0),
-        ("d_model", 2.5),
-        ("n_heads", 0),
-        ("n_core", 0),
-        ("n_prelude", -1),
-        ("default_loops", -1),
-        ("dropout", 1.0),
-        ("init_std", 0.0),
-        ("positions", "alibi"),
-        ("injection", "gate"),
-        ("init_state", "ones"),
-        ("norm", "batchnorm"),
-        ("norm_placement", "middle"),
-        ("bias", "yes"),
-        ("tie_embeddings", 1),
+        ("vocab_size", 0, ValueError),
+        ("d_model", 2.5, TypeError),
+        ("n_heads", 0, ValueError),
+        ("n_core", 0, ValueError),
+        ("n_prelude", -1, ValueError),
+        ("default_loops", -1, ValueError),
+        ("default_loops", True, TypeError),
+        ("dropout", 1.0, ValueError),
+        ("init_std", 0.0, ValueError),
+        ("init_std", math.inf, ValueError),
+        ("init_std", math.nan, ValueError),
+        ("rope_base", math.inf, ValueError),
+        ("positions", "alibi", ValueError),
+        ("injection", "gate", ValueError),
+        ("init_state", "ones", ValueError),
+        ("norm", "batchnorm", ValueError),
+        ("norm_placement", "middle", ValueError),
+        ("bias", "yes", TypeError),
+        ("tie_embeddings", 1, TypeError),
     ],
 )
-def test_config_rejects_bad_field(field: str, value: Any) -> None:
-    with pytest.raises(ValueError, match=field):
+def test_config_rejects_bad_field(field: str, value: Any, error: type) -> None:
+    with pytest.raises(error, match=f"LoopLMConfig.{field}"):
         tiny_config(**{field: value})
 
 
@@ -158,6 +167,39 @@ def test_rotary_scores_depend_only_on_relative_position() -> None:
         torch.testing.assert_close(scores[shift:, shift:], scores[:-shift, :-shift])
     torch.testing.assert_close(qs.norm(dim=-1), q.norm().expand(seq))  # rotations
     torch.testing.assert_close(qs[0], q)  # position 0 is not rotated
+
+
+def test_rotary_tables_are_buffers_that_follow_the_module() -> None:
+    model = LoopLM(tiny_config(positions="rope"))
+    rotary = model.rotary
+    assert rotary.cos.shape == (SEQ, D // HEADS // 2) and rotary.cos.dtype == torch.float32
+    assert not any("rotary" in key for key in model.state_dict())  # non-persistent
+    for dtype in (torch.float64, torch.float32, torch.float64):  # through float32 and back
+        model.to(dtype)
+        want = rotary_tables(SEQ, D // HEADS, 10000.0, device=torch.device("cpu"), dtype=dtype)
+        assert rotary.cos.dtype == dtype
+        assert torch.equal(rotary.cos, want[0]) and torch.equal(rotary.sin, want[1])
+    model.to("meta")
+    assert rotary.cos.device.type == "meta" and rotary.sin.device.type == "meta"
+
+
+def test_rotary_tables_are_float64_accurate_in_float64() -> None:
+    model = LoopLM(tiny_config(positions="rope", max_seq_len=64)).double()
+    head_dim = D // HEADS
+    angle = [63 * 10000.0 ** (-2 * i / head_dim) for i in range(head_dim // 2)]
+    exact = torch.tensor([math.cos(a) for a in angle], dtype=torch.float64)
+    assert float((model.rotary.cos[63] - exact).abs().max()) < 1e-14
+
+
+def test_rotary_tables_are_not_rebuilt_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = LoopLM(tiny_config(positions="rope", n_prelude=1, n_coda=1))
+    expected = model(tokens_for(), loops=2)
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("rotary_tables was called during a forward pass")
+
+    monkeypatch.setattr(eqloop.model, "rotary_tables", fail)
+    torch.testing.assert_close(model(tokens_for(), loops=2), expected, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------- every architecture variant
@@ -264,6 +306,56 @@ def test_loop_counts_and_stages_compose() -> None:
     assert info.loops_used.tolist() == [4, 4, 4]
 
 
+def test_loops_run_through_the_driver_and_equal_a_hand_loop() -> None:
+    """loops=T is exactly T applications of core_step, and the driver reports them."""
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(positions="rope", n_prelude=1)).eval()
+    tokens = tokens_for(batch=4)
+    x = model.inject(tokens)
+    hand = model.initial_state(x)
+    for _ in range(7):
+        hand = model.core_step(hand, x)
+    logits, info = model(tokens, loops=7, return_info=True)
+    torch.testing.assert_close(info.z, hand, rtol=0, atol=0)
+    torch.testing.assert_close(logits, model.readout(hand), rtol=0, atol=0)
+    torch.testing.assert_close(model.unroll(tokens, 7), hand, rtol=0, atol=0)
+    assert isinstance(info.f, CoreMap) and info.f.args[0] is info.x
+    assert info.result.nfe == 7 and info.result.solver == "fixed_point"
+    assert info.result.rel_trace.shape == (4, 7)  # the step size of every loop, per sequence
+    assert info.loops_used.tolist() == [7] * 4
+    _, info = model(tokens, loops=0, return_info=True)
+    assert info.result is None and info.loops_used.tolist() == [0] * 4
+
+
+def test_unrolled_loops_never_read_the_host() -> None:
+    """On the meta device any host read raises: the plain loop and its result make none."""
+    model = LoopLM(tiny_config(positions="rope", injection="concat")).to("meta")
+    x = torch.randn(3, SEQ, D, device="meta")
+    f, z0 = model.core_map(x)
+    result = model.loop(f, z0, 5)
+    assert result.z.device.type == "meta" and result.z.shape == (3, SEQ, D)
+    assert result.nfe == 5 and model.unroll(x, 5).device.type == "meta"
+
+
+def test_unrolled_gradient_equals_the_hand_loop_gradient() -> None:
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(injection="concat")).double()
+    tokens = tokens_for()
+
+    def grads(loss: Tensor) -> Tensor:
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    via_driver = grads(model(tokens, loops=4).logsumexp(-1).sum())
+    x = model.inject(tokens)
+    z = model.initial_state(x)
+    for _ in range(4):
+        z = model.core_step(z, x)
+    by_hand = grads(model.readout(z).logsumexp(-1).sum())
+    torch.testing.assert_close(via_driver, by_hand, rtol=1e-13, atol=0)
+
+
 def test_core_map_matches_core_step_and_never_mixes_sequences() -> None:
     model = LoopLM(tiny_config(positions="rope", init_state="random")).double().eval()
     tokens = tokens_for(batch=5)
@@ -333,54 +425,47 @@ def test_early_exit_is_differentiable() -> None:
 
 
 def test_equilibrium_mode_calls_fixed_point_with_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Wiring only: a stub stands in for eqloop.implicit."""
+    """Wiring only: a stub stands in for eqloop.fixed_point."""
     calls: list[dict[str, Any]] = []
 
-    def fake_fixed_point(f: Any, z0: Tensor, **kwargs: Any) -> Tensor:
+    def fake_fixed_point(f: Any, z0: Tensor, *, args: tuple[Tensor, ...], **kwargs: Any) -> Any:
         calls.append(kwargs)
         z = z0
         for _ in range(5):
-            z = f(z)
-        return z
+            z = f(z, *args)
+        return z, eqloop.looped.FixedPointInfo("ift", None)
 
-    stub = types.ModuleType("eqloop.implicit")
-    stub.fixed_point = fake_fixed_point  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "eqloop.implicit", stub)
-
+    monkeypatch.setattr(eqloop.looped, "fixed_point", fake_fixed_point)
     model = LoopLM(tiny_config()).eval()
     tokens = tokens_for()
     logits, info = model(tokens, solver="anderson", return_info=True)
     assert calls[-1] == dict(
-        solver="anderson", backward="ift", max_iter=64, tol=1e-4, stop_mode="rel"
-    )
+        solver="anderson", max_iter=EQUILIBRIUM_MAX_ITER, tol=EQUILIBRIUM_TOL,
+        stop_mode=EQUILIBRIUM_STOP_MODE, return_result=True,
+    )  # fmt: skip
     assert info.loops_used is None
     torch.testing.assert_close(logits, model(tokens, loops=5))
     model(tokens, solver="broyden", tol=1e-6, max_iter=9, backward="phantom", stop_mode="abs", m=6)
     assert calls[-1] == dict(
-        solver="broyden", backward="phantom", max_iter=9, tol=1e-6, stop_mode="abs", m=6
-    )
-
-
-def _implicit_fixed_point() -> Any:
-    try:
-        from eqloop.implicit import fixed_point
-    except ImportError as exc:
-        pytest.skip(f"eqloop.implicit is not available yet ({exc})")
-    return fixed_point
+        solver="broyden", backward="phantom", max_iter=9, tol=1e-6, stop_mode="abs", m=6,
+        return_result=True,
+    )  # fmt: skip
 
 
 def test_equilibrium_mode_reaches_the_unrolled_limit() -> None:
-    _implicit_fixed_point()
     model = contractive_model()
     tokens = tokens_for()
     deep = model(tokens, loops=200)
     for solver in ("fixed_point", "anderson"):
-        logits = model(tokens, solver=solver, tol=1e-11, max_iter=200)
+        logits, info = model(tokens, solver=solver, tol=1e-11, max_iter=200, return_info=True)
         torch.testing.assert_close(logits, deep, rtol=1e-7, atol=1e-7)
+        assert info.result.status == "converged" and info.fixed_point.backward_mode == "ift"
+    # driver options reach the forward solve: converged sequences leave the batch early
+    logits, info = model(tokens, solver="anderson", tol=1e-11, compact=True, return_info=True)
+    torch.testing.assert_close(logits, deep, rtol=1e-7, atol=1e-7)
 
 
 def test_equilibrium_mode_gradient_matches_deep_unrolling() -> None:
-    _implicit_fixed_point()
     model = contractive_model()
     tokens = tokens_for()
     weight = model.injection.adapter.weight
@@ -390,18 +475,18 @@ def test_equilibrium_mode_gradient_matches_deep_unrolling() -> None:
         model(tokens, **kwargs).logsumexp(-1).sum().backward()
         return weight.grad.clone()
 
+    deep = grad_of(loops=60)
     torch.testing.assert_close(
-        grad_of(solver="anderson", tol=1e-11, max_iter=200, backward="ift"),
-        grad_of(loops=60),
-        rtol=1e-5,
-        atol=1e-7,
-    )
+        grad_of(solver="anderson", tol=1e-11, max_iter=200, backward="ift"), deep,
+        rtol=1e-5, atol=1e-7,
+    )  # fmt: skip
+    torch.testing.assert_close(
+        grad_of(solver="anderson", tol=1e-11, max_iter=200, backward=Phantom(steps=60)), deep,
+        rtol=1e-5, atol=1e-7,
+    )  # fmt: skip
 
 
 def test_solvers_package_finds_the_unrolled_limit() -> None:
-    solvers = pytest.importorskip("solvers", reason="the solvers package is not importable yet")
-    if not hasattr(solvers, "solve"):
-        pytest.skip("solvers.solve is not available yet")
     model = contractive_model()
     tokens = tokens_for(batch=4)
     with torch.no_grad():
@@ -409,12 +494,21 @@ def test_solvers_package_finds_the_unrolled_limit() -> None:
         f, z0 = model.core_map(tokens)
         res = solvers.solve(f, z0, "fixed_point", max_iter=200, tol=1e-12)
         torch.testing.assert_close(res.z, deep, rtol=1e-9, atol=1e-9)
-        # core_step with x as a per-sample argument lets the driver compact the batch
-        x = model.inject(tokens)
+        # the map's parts let the driver compact the batch
         res = solvers.solve(
-            model.core_step, z0, "anderson", max_iter=100, tol=1e-12, args=(x,), compact=True
+            f.step, z0, "anderson", max_iter=100, tol=1e-12, args=f.args, compact=True
         )
         torch.testing.assert_close(res.z, deep, rtol=1e-9, atol=1e-9)
+        assert res.sample_evals < res.nfe * 4
+
+
+def test_convergence_warning_points_at_the_model_call() -> None:
+    model = contractive_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(tokens_for(), solver="anderson", tol=1e-14, max_iter=2)
+    assert [w.category for w in caught] == [ConvergenceWarning]
+    assert caught[0].filename == __file__
 
 
 # ---------------------------------------------------------------- higher-order autodiff
@@ -497,7 +591,7 @@ def test_bad_tokens_raise_value_error(model: LoopLM, tokens: Tensor, match: str)
 
 def test_bad_loops(model: LoopLM) -> None:
     tokens = tokens_for()
-    with pytest.raises(ValueError, match="loops must be >= 0"):
+    with pytest.raises(ValueError, match="loops must be an integer >= 0"):
         model(tokens, loops=-1)
     with pytest.raises(TypeError, match="loops"):
         model(tokens, loops=1.5)
@@ -525,10 +619,22 @@ def test_mode_mixing_is_rejected(model: LoopLM) -> None:
         model(tokens, loops=3, solver="anderson")
     with pytest.raises(ValueError, match="exit_threshold"):
         model(tokens, solver="anderson", exit_threshold=1e-3)
-    with pytest.raises(ValueError, match="exit_threshold must be >= 0"):
+    with pytest.raises(ValueError, match="exit_threshold must be a number >= 0"):
         model(tokens, loops=3, exit_threshold=-1.0)
-    with pytest.raises(TypeError, match=r"\['m', 'tol'\].*solver="):
+    with pytest.raises(TypeError, match=r"\['tol'\] apply to equilibrium mode only: pass solver="):
+        model(tokens, loops=3, tol=1e-3)
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['m'\].*need solver="):
         model(tokens, loops=3, tol=1e-3, m=5)
+
+
+def test_unknown_arguments_are_named_as_unknown(model: LoopLM) -> None:
+    tokens = tokens_for()
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['foo'\] for LoopLM.forward"):
+        model(tokens, loops=3, foo=1)
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['foo'\] for LoopLM"):
+        model.core_map(tokens, foo=1)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['foo'\] for solver 'anderson'"):
+        model(tokens, solver="anderson", foo=1)
 
 
 # ----------------------------------------------------------------- no input injection
@@ -562,3 +668,78 @@ def test_no_injection_needs_the_input_as_start() -> None:
     with pytest.raises(ValueError, match="injection='none' needs init_state='input'"):
         tiny_config(injection="none", init_state="zeros")
     assert tiny_config().init_state == "zeros"  # unchanged default with injection
+
+
+# ------------------------------------------------------------- the protocol, for any model
+
+
+class MaskedLoop(LoopedLM):
+    """A minimal looped LM with two step arguments and a stage option ``drop_last``.
+
+    ``z <- mask * tanh(z W + x)``, where ``drop_last=True`` zeroes the last position's mask.
+    """
+
+    stage_options = ("drop_last",)
+    default_loops = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = nn.Embedding(VOCAB, 4).double()
+        w = torch.randn(4, 4, generator=g, dtype=torch.float64)
+        self.w = nn.Parameter(0.6 * w / torch.linalg.matrix_norm(w, ord=2))  # a contraction
+
+    def inject(self, tokens: Tensor, *, drop_last: bool = False) -> Tensor:
+        return self.emb(tokens)
+
+    def initial_state(self, x: Tensor, *, drop_last: bool = False) -> Tensor:
+        return torch.zeros_like(x)
+
+    def step_args(self, x: Tensor, *, drop_last: bool = False) -> tuple[Tensor, ...]:
+        mask = torch.ones_like(x[..., :1])
+        if drop_last:
+            mask[:, -1] = 0.0
+        return x, mask
+
+    def core_step(self, z: Tensor, x: Tensor, mask: Tensor) -> Tensor:
+        return mask * torch.tanh(z @ self.w + x)
+
+    def readout(self, z: Tensor, *, drop_last: bool = False) -> Tensor:
+        return z @ self.emb.weight.T
+
+
+def test_the_protocol_serves_any_looped_model() -> None:
+    model = MaskedLoop()
+    tokens = tokens_for(batch=5)
+    x = model.emb(tokens)
+    mask = torch.ones(5, SEQ, 1, dtype=torch.float64)
+    mask[:, -1] = 0.0
+    hand = torch.zeros_like(x)
+    for _ in range(3):
+        hand = mask * torch.tanh(hand @ model.w + x)
+    logits, info = model(tokens, drop_last=True, return_info=True)  # default_loops = 3
+    torch.testing.assert_close(info.z, hand, rtol=0, atol=0)
+    torch.testing.assert_close(logits, hand @ model.emb.weight.T, rtol=0, atol=0)
+    torch.testing.assert_close(model.unroll(tokens, 3, drop_last=True), hand, rtol=0, atol=0)
+    f, z0 = model.core_map(tokens, drop_last=True)
+    torch.testing.assert_close(f(z0), mask * torch.tanh(x))
+
+    # early exit with a compacted batch of two step arguments, against the plain rule
+    model.exit_check_every = 2
+    _, info = model(tokens, loops=60, exit_threshold=1e-8, drop_last=True, return_info=True)
+    with torch.no_grad():
+        states = model.unroll(tokens, 60, return_states=True, drop_last=True)
+    for b in range(5):
+        steps = [
+            float((states[t][b] - states[t - 1][b]).norm() / states[t][b].norm())
+            for t in range(1, 61)
+        ]
+        expected = next(t for t, step in enumerate(steps, start=1) if step < 1e-8)
+        assert int(info.loops_used[b]) == expected
+        torch.testing.assert_close(info.z[b], states[expected][b], rtol=0, atol=0)
+    assert info.result.sample_evals < info.result.nfe * 5  # exited sequences left the batch
+
+    z_star = model(tokens, solver="anderson", tol=1e-12, drop_last=True)
+    torch.testing.assert_close(z_star, model(tokens, loops=200, drop_last=True))
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['mask'\].*drop_last"):
+        model(tokens, loops=2, mask=None)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 import eqloop
 import solvers
+from eqloop.backward import IFT, Phantom, Truncated, Unroll
 from eqloop.checkpoint import load_model
 from eqloop.config import TrainConfig
 from eqloop.evaluate import equilibrium, evaluate_checkpoint, exact_match, make_test_set
@@ -118,17 +119,18 @@ def core_grads(model: LoopLM) -> list[Tensor]:
 def test_every_backward_mode_gives_the_implicit_gradient(
     model: LoopLM, tokens: Tensor, backward: str
 ) -> None:
-    options: dict[str, Any] = {
-        "ift": dict(solver="anderson", backward_tol=1e-12),
-        "phantom": dict(solver="anderson", phantom_steps=40),
-        "truncated": dict(solver="anderson", truncate_k=40),
-        "unroll": dict(solver="fixed_point"),
-    }[backward]
+    modes: dict[str, Any] = {
+        "ift": IFT(tol=1e-12),
+        "phantom": Phantom(steps=40),
+        "truncated": Truncated(k=40),
+        "unroll": Unroll(),
+    }
+    solver = "fixed_point" if backward == "unroll" else "anderson"
     reference: list[list[Tensor]] = []
-    for mode, kwargs in (("ift", dict(solver="anderson", backward_tol=1e-13)), (backward, options)):
+    for mode, name in ((IFT(tol=1e-13), "anderson"), (modes[backward], solver)):
         model.zero_grad(set_to_none=True)
         f, z0 = model.core_map(tokens)
-        z = eqloop.fixed_point(f, z0, backward=mode, max_iter=120, tol=1e-12, **kwargs)
+        z = eqloop.fixed_point(f, z0, solver=name, backward=mode, max_iter=120, tol=1e-12)
         loss_of(model, tokens, z).backward()
         reference.append(core_grads(model))
         pos_grad = model.pos_emb.weight.grad

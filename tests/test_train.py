@@ -133,7 +133,7 @@ def test_tiny_run_learns_checkpoints_and_resumes_bit_identically(
 def test_backward_modes_other_than_unroll_train(tmp_path: Path, cache: Path) -> None:
     config = tiny_config(
         tmp_path, cache, steps=6, eval_every=0, backward="truncated",
-        backward_options={"truncate_k": 1},
+        backward_options={"k": 1},
     )  # fmt: skip
     result = train(config)
     assert math.isfinite(result["train"]["loss"])
@@ -157,7 +157,7 @@ def test_backward_modes_other_than_unroll_train(tmp_path: Path, cache: Path) -> 
         ({"device": "tpu"}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>'"),
         ({"out_dir": 5}, "out_dir must be a non-empty string"),
         ({"backward": "ift", "backward_options": {"solvr": 1}}, r"backward_options: .*\['solvr'\]"),
-        ({"backward": "truncated", "backward_options": {"truncate_k": 0}}, "truncate_k must be"),
+        ({"backward": "truncated", "backward_options": {"k": 0}}, "Truncated.k must be"),
         ({"resume": True, "overwrite": True}, "resume and overwrite exclude each other"),
         ({"bogus": 1}, "unknown TrainConfig keys: \\['bogus'\\]; valid keys are"),
         ({"model": {"d_modle": 8}}, "unknown LoopLMConfig keys"),

@@ -1,0 +1,259 @@
+"""Speed of this tree against a baseline revision, timed interleaved in one run.
+
+Two trees are compared: this checkout (working tree, uncommitted changes included) and
+a baseline revision extracted with ``git archive`` into a temporary directory. Each tree
+gets one persistent worker process that imports its own copy of ``eqloop`` and
+``solvers`` (through ``PYTHONPATH``), builds the same model from the same seed and warms
+up. The parent then asks the workers in turn, round after round (alternating which tree
+goes first), for ``--repeats`` timed runs of each workload, so that both trees see the
+same machine load. Every run records the process's CPU time and the wall time; on a
+machine shared with other jobs the wall time mostly measures the scheduler, while the
+CPU time of a single-threaded run measures the code. Reported per workload: the median
+CPU time of each tree over all runs, their ratio (current / baseline), the median of the
+per-round ratios, and the ratio of the median wall times.
+
+Workloads (the TrainConfig-default LoopLM: d=64, 8 heads, FFN 256, prelude + one
+post-sandwich core block + coda; a batch of ``--batch`` random sequences of the length
+of a 3-digit addition example):
+
+  train   one ``eqloop.train.train_step`` (forward, backward, AdamW step) with
+          ``--loops`` unrolled loops, backward "unroll", no penalty;
+  solve   an equilibrium solve of the model's core in eval mode without a graph:
+          ``model(tokens, solver="anderson", max_iter=--solve-iters, tol=0)``, i.e. a
+          fixed number of Anderson iterations through ``eqloop.fixed_point``.
+
+Usage:
+    OMP_NUM_THREADS=1 python benchmarks/speed_regression.py \\
+        --json benchmarks/results/speed_regression.json      # a few minutes
+    python benchmarks/speed_regression.py --quick --baseline HEAD   # seconds (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import IO, Any, cast
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import format_table, machine_info, write_json_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOADS = ("train", "solve")
+DEFAULT_BASELINE = "99a4b31"  # main before the issue-9 redesign of the loop and the backward
+
+COLUMNS = [
+    ("workload", "workload", ""),
+    ("baseline_ms", "baseline CPU ms", ".2f"),
+    ("current_ms", "current CPU ms", ".2f"),
+    ("ratio", "current / baseline", ".3f"),
+    ("paired_ratio", "median round ratio", ".3f"),
+    ("wall_ratio", "wall-time ratio", ".3f"),
+    ("runs", "runs per tree", "d"),
+]
+
+# The worker: builds the workloads from the tree on its PYTHONPATH, then answers one
+# JSON request per line ({"workload": ..., "repeats": n}) with n [cpu, wall] times.
+WORKER = r"""
+import json, sys, time
+import torch
+from eqloop.config import TrainConfig
+from eqloop.model import LoopLM
+from eqloop.train import train_step
+
+settings = json.loads(sys.argv[1])
+torch.set_num_threads(settings["threads"])
+torch.manual_seed(0)
+config = TrainConfig()
+model = LoopLM(config.model)
+optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+g = torch.Generator().manual_seed(1)
+inputs = torch.randint(0, config.model.vocab_size, (settings["batch"], 13), generator=g)
+targets = torch.randint(0, config.model.vocab_size, (settings["batch"], 13), generator=g)
+targets[:, :8] = -100
+eval_model = LoopLM(config.model).eval()
+
+def train():
+    train_step(model, model, optimizer, inputs, targets, settings["loops"], config,
+               penalty_on=False)
+
+def solve():
+    with torch.no_grad():
+        eval_model(inputs, solver="anderson", max_iter=settings["solve_iters"], tol=0.0)
+
+work = {"train": train, "solve": solve}
+for _ in range(settings["warmup"]):
+    for fn in work.values():
+        fn()
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    request = json.loads(line)
+    fn, times = work[request["workload"]], []
+    for _ in range(request["repeats"]):
+        cpu, wall = time.process_time(), time.perf_counter()
+        fn()
+        times.append([time.process_time() - cpu, time.perf_counter() - wall])
+    print(json.dumps(times), flush=True)
+"""
+
+
+class Worker:
+    """A persistent timing process running the workloads of one tree."""
+
+    def __init__(self, tree: Path, settings: dict[str, Any]) -> None:
+        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(settings["threads"])}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WORKER, json.dumps(settings)],
+            cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.stdin = cast(IO[str], self.proc.stdin)  # both are pipes (PIPE above)
+        self.stdout = cast(IO[str], self.proc.stdout)
+        self._read()  # the "ready" line, after the warm-up
+
+    def _read(self) -> Any:
+        line = self.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a timing worker exited with code {self.proc.wait()}")
+        return json.loads(line)
+
+    def time(self, workload: str, repeats: int) -> list[list[float]]:
+        """``repeats`` pairs of CPU and wall time (seconds) of ``workload``."""
+        self.stdin.write(json.dumps({"workload": workload, "repeats": repeats}) + "\n")
+        self.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def git(*args: str) -> str:
+    """Output of a git command run in the repository."""
+    out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"speed_regression: git {' '.join(args)} failed: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def extract(revision: str, into: Path) -> str:
+    """Write the ``eqloop`` and ``solvers`` packages of ``revision`` into ``into``.
+
+    Returns:
+        The full commit hash of ``revision``.
+    """
+    commit = git("rev-parse", "--verify", f"{revision}^{{commit}}")
+    archive = into / "tree.tar"
+    with archive.open("wb") as out:
+        subprocess.run(
+            ["git", "archive", commit, "eqloop", "solvers"], cwd=ROOT, stdout=out, check=True
+        )
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, **safe)
+    archive.unlink()
+    return commit
+
+
+def measure(trees: dict[str, Path], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Interleaved timings of every workload on both trees; one row per workload."""
+    settings = dict(
+        threads=args.threads, batch=args.batch, loops=args.loops, solve_iters=args.solve_iters,
+        warmup=args.warmup,
+    )  # fmt: skip
+    workers = {name: Worker(tree, settings) for name, tree in trees.items()}
+    times: dict[tuple[str, str], list[list[float]]] = {
+        (name, w): [] for name in trees for w in WORKLOADS
+    }
+    round_ratios: dict[str, list[float]] = {w: [] for w in WORKLOADS}
+    try:
+        for r in range(args.rounds):
+            order = list(trees) if r % 2 == 0 else list(reversed(trees))
+            for workload in WORKLOADS:
+                medians = {}
+                for name in order:
+                    got = workers[name].time(workload, args.repeats)
+                    times[name, workload] += got
+                    medians[name] = statistics.median(cpu for cpu, _ in got)
+                round_ratios[workload].append(medians["current"] / medians["baseline"])
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    rows = []
+    for workload in WORKLOADS:
+        (base_cpu, base_wall), (cur_cpu, cur_wall) = (
+            [[t[i] for t in times[name, workload]] for i in (0, 1)]
+            for name in ("baseline", "current")
+        )
+        rows.append(
+            {
+                "workload": workload,
+                "baseline_ms": 1e3 * statistics.median(base_cpu),
+                "current_ms": 1e3 * statistics.median(cur_cpu),
+                "ratio": statistics.median(cur_cpu) / statistics.median(base_cpu),
+                "paired_ratio": statistics.median(round_ratios[workload]),
+                "wall_ratio": statistics.median(cur_wall) / statistics.median(base_wall),
+                "runs": len(cur_cpu),
+                "baseline_cpu_s": base_cpu,
+                "current_cpu_s": cur_cpu,
+                "baseline_wall_s": base_wall,
+                "current_wall_s": cur_wall,
+            }
+        )
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with")
+    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per tree and round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs of each workload")
+    p.add_argument("--batch", type=int, default=64, help="sequences per batch (TrainConfig)")
+    p.add_argument("--loops", type=int, default=4, help="unrolled loops of the training step")
+    p.add_argument("--solve-iters", type=int, default=30, help="Anderson iterations")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--quick", action="store_true", help="tiny run for tests (seconds)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.repeats, args.warmup, args.batch, args.solve_iters = 2, 2, 1, 8, 5
+    for name in ("rounds", "repeats", "batch", "loops", "solve_iters", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Extract the baseline, time both trees, print the table, write JSON when asked."""
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="eqloop-baseline-") as tmp:
+        baseline_commit = extract(args.baseline, Path(tmp))
+        rows = measure({"baseline": Path(tmp), "current": ROOT}, args)
+    print(format_table(rows, COLUMNS))
+    dirty = bool(git("status", "--porcelain", "--", "eqloop", "solvers"))
+    result = {
+        "machine": machine_info(),
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "baseline_commit": baseline_commit,
+        "current_commit": git("rev-parse", "HEAD") + ("+uncommitted" if dirty else ""),
+        "results": rows,
+    }
+    if args.json:
+        write_json_atomic(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

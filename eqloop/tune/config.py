@@ -1,0 +1,199 @@
+"""What a study is: its :class:`TuneConfig`, search space, sampler and pruner."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna import distributions as od
+from optuna import pruners, samplers
+
+from eqloop.config import TrainConfig, load_config
+from eqloop.overrides import apply_overrides, read_config_file
+from solvers import checks
+
+OBJECTIVES = {"deep_accuracy": {"deep_accuracy": "maximize"},  # value name: direction
+              "multi": {"peak_accuracy": "maximize", "drop": "minimize"}}
+SAMPLERS = {"tpe": samplers.TPESampler, "gp": samplers.GPSampler, "random": samplers.RandomSampler}
+PRUNERS = {"median": pruners.MedianPruner, "percentile": pruners.PercentilePruner}
+PRUNERS.update(hyperband=pruners.HyperbandPruner, none=pruners.NopPruner)
+DEFAULT_RANGES: dict[str, dict[str, Any]] = {  # for parameters searched without a range
+    "lam": {"low": 1e-3, "high": 1.0, "log": True}, "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+    "penalty_target": {"low": 0.1, "high": 1.0}, "depth.mu": {"low": 1.0, "high": 3.0},
+    "depth.sigma": {"low": 0.2, "high": 1.0}}
+_SET_BY_STUDY = ("seed", "out_dir", "resume", "eval_loops", "progress")
+_INTEGERS = {"n_trials": 1, "max_retry": 0, "heartbeat_interval": 1}  # field: lowest value
+_OPTIONAL = {"grace_period": 1, "max_failed": 1, "sampler_seed": 0}  # or None
+
+
+@contextlib.contextmanager
+def experimental_api() -> Iterator[None]:
+    """Silence ExperimentalWarning around one call of an Optuna feature eqloop relies on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def distribution(name: str, spec: Mapping[str, Any]) -> od.BaseDistribution:
+    """Optuna's distribution for ``space.<name>``: ``{"low", "high", "log", "step", "type":
+    "float" | "int"}`` or ``{"choices": [...]}``, checked by Optuna and for an empty range."""
+    spec = dict(spec)
+    kind = checks.choice(f"space.{name}.type", spec.pop("type", "float"), ("float", "int"))
+    try:
+        if "choices" in spec:
+            return od.CategoricalDistribution(**spec)
+        dist = (od.IntDistribution if kind == "int" else od.FloatDistribution)(**spec)
+    except (TypeError, ValueError) as err:  # unknown keys, inverted range, step with log, ...
+        raise ValueError(f"space.{name}: {err}") from err
+    if not dist.low < dist.high:
+        raise ValueError(f"space.{name}: the range [{dist.low}, {dist.high}] is empty")
+    return dist
+
+
+def suggest(trial: optuna.Trial, name: str, dist: od.BaseDistribution) -> Any:
+    """Draw (or, for a queued trial, read back) parameter ``name`` from ``dist``."""
+    if isinstance(dist, od.CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    number = trial.suggest_int if isinstance(dist, od.IntDistribution) else trial.suggest_float
+    return number(name, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+@dataclass
+class TuneConfig:
+    """Everything that defines a study and how a worker runs it (see ``eqloop.tune``)."""
+
+    study_name: str = "stars-lam"  # several studies may share one storage
+    study_dir: str = "runs/tune"  # default SQLite file, trial run directories and outputs
+    storage: str | None = None  # None: sqlite:///<study_dir>/study.db | URL | journal:PATH
+    n_trials: int = 20  # total for the study (complete + pruned + running + waiting)
+    timeout: float | None = None  # this worker starts no new trial after this many seconds
+    objective: str = "deep_accuracy"  # "deep_accuracy" | "multi"
+    loops: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])  # test-time loops
+    space: dict[str, Any] = field(default_factory=lambda: {"lam": {}})  # name -> range/choices
+    base_config: str | None = None  # TrainConfig file (JSON/TOML) with the fixed settings
+    base: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides on top of it
+    seed_per_trial: bool = True  # trial n trains with seed base.seed + n (else base.seed)
+    sampler: str = "tpe"  # "tpe" | "gp" (Gaussian process, needs scipy and torch) | "random"
+    sampler_options: dict[str, Any] = field(default_factory=dict)  # sampler kwargs
+    sampler_seed: int | None = None  # seeds the sampler (plus the trials already stored)
+    pruner: str | None = None  # median | percentile | hyperband | none; None: median (none: multi)
+    pruner_options: dict[str, Any] = field(default_factory=dict)  # pruner kwargs
+    heartbeat_interval: int = 60  # RDB storages: seconds between a running trial's heartbeats
+    grace_period: int | None = None  # heartbeat age that fails a trial (None: 2 x interval)
+    max_retry: int = 1  # how often a killed or interrupted trial is queued again
+    max_failed: int | None = None  # stop once the study has this many FAIL trials (n_trials)
+    progress: bool = True  # each trial's training progress bar and Optuna's line per trial
+    plots: bool = True  # write history.png and objective_vs_params.png
+
+    @property
+    def out_dir(self) -> Path:
+        """``<study_dir>/<study_name>``: trial run directories and the study's outputs."""
+        return Path(self.study_dir) / self.study_name
+
+    def resolved_pruner(self) -> str:
+        """The pruner name after applying the default (median; none for ``multi``)."""
+        return self.pruner or ("none" if self.objective == "multi" else "median")
+
+    def param_space(self) -> dict[str, dict[str, Any]]:
+        """The space, ``lam`` first, with DEFAULT_RANGES filling a range's missing keys."""
+        out = {}
+        for name in sorted(self.space, key=lambda n: (n != "lam", n)):
+            spec = self.space[name]
+            if not isinstance(spec, Mapping):
+                raise ValueError(f"space.{name} must be an object like {{'low': .., 'high': ..}}")
+            out[name] = spec if "choices" in spec else {**DEFAULT_RANGES.get(name, {}), **spec}
+        return out
+
+    def distributions(self) -> dict[str, od.BaseDistribution]:
+        """The search space as Optuna distributions, ``lam`` first."""
+        return {name: distribution(name, spec) for name, spec in self.param_space().items()}
+
+    def train_base(self) -> TrainConfig:
+        """The fixed part of every trial: ``base_config``, then ``base``, then ``loops``."""
+        data = load_config(self.base_config).to_dict()
+        base = copy.deepcopy(self.base)
+        model = base.pop("model", {})
+        if unknown := sorted(set(base) - set(data)):
+            raise ValueError(f"unknown TrainConfig keys in base: {unknown}; valid: {sorted(data)}")
+        data.update(base, model={**data["model"], **model}, eval_loops=list(self.loops))
+        return TrainConfig.from_dict(data)
+
+    def validate(self) -> TrainConfig:
+        """Check every field, and each end of each range in the base config (a bad name or
+        range fails now, not mid-study); return the base config. Errors name the field."""
+        name = self.study_name
+        if not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name:
+            raise ValueError(f"study_name must be a non-empty name without '/', got {name!r}")
+        for key, low in {**_INTEGERS, **_OPTIONAL}.items():
+            if key in _INTEGERS or getattr(self, key) is not None:
+                checks.integer(key, getattr(self, key), low=low)
+        if self.timeout is not None:
+            checks.number("timeout", self.timeout, low=0, low_open=True)
+        checks.boolean("seed_per_trial", self.seed_per_trial)
+        for key, valid in (("objective", OBJECTIVES), ("sampler", SAMPLERS)):
+            checks.choice(key, getattr(self, key), tuple(valid))
+        pruner = checks.choice("pruner", self.resolved_pruner(), tuple(PRUNERS))
+        if not isinstance(self.loops, list) or not self.loops:
+            raise ValueError(f"loops must be a non-empty list of integers >= 1, got {self.loops!r}")
+        for t in self.loops:
+            checks.integer("each entry of loops", t, low=1)
+        for key in ("space", "base", "sampler_options", "pruner_options"):
+            if not isinstance(getattr(self, key), Mapping):
+                raise ValueError(f"{key} must be an object, got {getattr(self, key)!r}")
+        if not self.space:
+            raise ValueError("space is empty: search at least one parameter (e.g. lam)")
+        _check_kwargs(SAMPLERS[self.sampler], self.sampler_options, "sampler_options", "seed")
+        _check_kwargs(PRUNERS[pruner], self.pruner_options, "pruner_options")
+        if pruner == "percentile" and not 0 < self.pruner_options.get("percentile", -1) < 100:
+            raise ValueError("the percentile pruner needs pruner_options['percentile'] in (0, 100)"
+                             ", the share of trials it keeps: --set pruner_options.percentile=75")
+        if pruner != "none" and self.objective == "multi":
+            raise ValueError(f"pruner {pruner!r} cannot be used with objective 'multi' (Optuna "
+                             "does not prune multi-objective trials): --set pruner=none")
+        base = self.train_base()
+        if pruner != "none" and not 0 < base.eval_every < base.steps:
+            raise ValueError(f"pruning needs intermediate evaluations: base.eval_every in (0, "
+                             f"{base.steps}), got {base.eval_every} (or --set pruner=none)")
+        for name, dist in self.distributions().items():
+            if name in _SET_BY_STUDY:
+                raise ValueError(f"space.{name}: this field is set by the study itself")
+            categorical = isinstance(dist, od.CategoricalDistribution)
+            for value in dist.choices if categorical else (dist.low, dist.high):
+                try:
+                    trial_train_config(base, {name: value})
+                except ValueError as err:
+                    raise ValueError(f"space.{name}={value!r} is not valid: {err}") from err
+        return base
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-serialisable dict."""
+        return asdict(self)
+
+
+def _check_kwargs(cls: type, options: Mapping[str, Any], what: str, *reserved: str) -> None:
+    accepted = sorted(set(inspect.signature(cls).parameters) - set(reserved))
+    if unknown := sorted(set(options) - set(accepted)):
+        raise ValueError(f"{what}: unknown options {unknown}; {cls.__name__} takes {accepted}")
+
+
+def load_tune_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TuneConfig:
+    """A :class:`TuneConfig` from defaults, an optional JSON file and ``key=value`` overrides
+    read by field type (:func:`eqloop.overrides.apply_overrides`); unknown keys are errors."""
+    data = TuneConfig().to_dict()
+    if path is not None:
+        data.update(read_config_file(path, data, kind="tune config", toml=False))
+    return TuneConfig(**apply_overrides(data, overrides, schema=TuneConfig))
+
+
+def trial_train_config(base: TrainConfig, settings: Mapping[str, Any]) -> TrainConfig:
+    """``base`` with ``settings`` (dotted keys such as ``depth.mu`` reach nested fields)."""
+    overrides = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+    return TrainConfig.from_dict(apply_overrides(base.to_dict(), overrides))

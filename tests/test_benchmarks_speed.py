@@ -1,0 +1,54 @@
+"""benchmarks/speed_regression.py times two trees interleaved and reports their ratio."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0,
+    reason="needs a git checkout (the baseline is extracted with git archive)",
+)
+
+
+def run_speed(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed_regression.py"), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+
+
+def test_speed_regression_quick_against_head(tmp_path: Path) -> None:
+    out = tmp_path / "speed.json"
+    proc = run_speed("--quick", "--baseline", "HEAD", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert data["baseline_commit"] == head.stdout.strip()
+    rows = {r["workload"]: r for r in data["results"]}
+    assert set(rows) == {"train", "solve"}
+    for row in rows.values():
+        runs = [
+            row[f"{tree}_{clock}_s"]
+            for tree in ("baseline", "current")
+            for clock in ("cpu", "wall")
+        ]
+        assert [len(r) for r in runs] == [row["runs"]] * 4 and row["runs"] == 4
+        assert min(min(r) for r in runs) > 0
+        assert row["ratio"] == pytest.approx(row["current_ms"] / row["baseline_ms"])
+        assert row["wall_ratio"] > 0
+    assert "current / baseline" in proc.stdout
+
+
+def test_speed_regression_names_a_bad_revision() -> None:
+    proc = run_speed("--quick", "--baseline", "no-such-revision")
+    assert proc.returncode != 0
+    assert "git rev-parse" in proc.stderr and "no-such-revision" in proc.stderr
