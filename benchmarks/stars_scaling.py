@@ -1,187 +1,748 @@
-"""The STARS headline at CPU scale: does accuracy hold as the loop count grows at test time?
+"""The STARS paper's arithmetic experiment on a CPU: the collapse, the rescue, test-time scaling.
 
-Trains the same small LoopLM on 3-digit addition (answer reversed) five ways, then
-evaluates every model at loops 1, 2, 4, ..., 128 and at the equilibrium found by a solver:
+Setup (the paper's Sec. 4 and its released code ``train_addition/``, scaled to a 2-core
+CPU): 4-digit addition with the answer written least-significant digit first, one shared
+block looped with NO input injection (``z <- block(z)`` from ``z0 = embedding + positions``),
+exact match on held-out problems at loops 1, 2, 4, ..., 128 and at the equilibrium that
+each of a few solvers finds. Every variant is trained with several seeds; tables report
+the mean and the worst seed.
 
-  baseline        fixed loops, no penalty (post-sandwich LayerNorm core)
-  random_loops    random loop counts (log-normal), no penalty
-  penalty_only    fixed loops, STARS penalty (lam after warm-up)
-  stars           random loop counts + penalty (the paper's recipe)
-  baseline_pre    the baseline with pre-norm placement (norm ablation)
+Depth curriculum (the one departure from the paper's recipe, needed at this scale):
+every run first learns the task with a fixed 4 loops: the baselines are exactly that
+(``--warm-steps`` steps), every other variant starts from its baseline's final
+checkpoint (same seed) and trains ``--steps`` more with its own recipe (random loop
+counts, penalty from 20% of those steps). Trained from scratch, random loop counts kept
+this small model on the loss plateau of the untrained task for the whole budget, and a
+warm start from a baseline that had not yet learned every answer digit did not recover
+within the budget (see the README).
 
-Defaults are the recipe found on this 2-core CPU: d=64, 8 heads, d_ff 256, one prelude
-and one coda block around a one-block post-sandwich core, init std 0.1, AdamW lr 3e-3,
-batch 64, 1500 steps, depth clamp(round(LogNormal(2, 0.7)), 1, 16), lam 0.1 from step 300.
-With it a STARS run (seed 2) reached 100% exact match at every loop count 1-128 and at
-the Anderson equilibrium in 167 s of training. Learning is seed-dependent: some seeds stay
-on the loss plateau (CE ~1.38) for the whole budget.
+Variants (``--variants`` takes names or the group names in brackets):
 
-Runs are resumable: a finished variant is not trained again, an interrupted one continues
-from its latest checkpoint (``out_dir/<variant>``). Prints the accuracy table, writes JSON
-and a plot (accuracy and median spectral radius vs loops, one line per variant).
+  [norms]      Sec. 4.1: each norm placement trained with a fixed 4 loops, no penalty
+    baseline               post-sandwich N(x + f(N(x)))  (the paper's sandwich_dual)
+    baseline_pre           pre-norm x + f(N(x))          (pre_norm)
+    baseline_post          post-norm N(x + f(x))         (post_norm)
+    baseline_pre_sandwich  pre-sandwich x + N(f(N(x)))   (sandwich_branch)
+  [random]     Sec. 4.2-4.3, post-sandwich
+    random_loops           loop counts clamp(round(LogNormal(2, 0.7)), 1, hi), no penalty
+    penalty_only           fixed 4 loops + the Jacobian penalty (lam after 20% of training)
+    stars                  random loops + penalty: the paper's recipe
+  [injection]  the same two with the input added to every loop (z <- block(z + x))
+    baseline_add, stars_add
+  [internal]   beyond the paper: STARS on internal-norm blocks
+    stars_pre, stars_pre_sandwich
+  [options]    stars_pre with the penalty options: at the solver's fixed point, a hinge
+               target, more power steps, the Arnoldi direction (see VARIANTS)
+
+``headline`` is ``baseline,stars``; ``grid`` every group but ``options``; ``all`` everything.
+
+Runs are resumable: each (variant, seed) trains in ``out_dir/<variant>/seed<k>`` and
+caches its evaluation there (``eval.json``); rerunning skips whatever is finished and
+continues an interrupted run from its latest checkpoint. ``--jobs 2`` trains two runs at
+a time, one thread each.
+
+Outputs: the tables (stdout), ``--json`` (a top-level ``results`` list, one entry per
+(variant, seed) with ``variant``, ``seed``, ``digits``, ``accuracy`` (loops -> exact
+match), ``equilibrium`` (exact match at the solver's fixed point) and the dynamics),
+``--plot`` (accuracy vs loops with a band over seeds, and the state norm), ``--pca``
+(hidden-state trajectories of a few test problems on their first two principal
+components, a collapsing variant next to STARS), ``--scaling`` (test-time scaling on a
+harder split, see :func:`scaling_study`).
 
 Usage:
-    python benchmarks/stars_scaling.py                          # full (see --help for sizes)
-    python benchmarks/stars_scaling.py --quick --json out.json --plot out.png
-    python benchmarks/stars_scaling.py --variants baseline,stars --steps 3000
+    python benchmarks/stars_scaling.py --variants headline --jobs 2 --json r.json --plot r.png
+    python benchmarks/stars_scaling.py --variants all --jobs 2 --out-dir runs/stars_scaling
+    python benchmarks/stars_scaling.py --quick --json out.json --plot out.png --pca pca.png
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import concurrent.futures
+import json
+import multiprocessing
+import statistics
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import format_table, machine_info, write_json_atomic
-from eqloop.checkpoint import latest_checkpoint, step_dir_name
-from eqloop.config import TrainConfig
-from eqloop.evaluate import evaluate_checkpoint, plot_results
-from eqloop.train import penalty_overhead, train
+import torch
 
-VARIANTS = ("baseline", "random_loops", "penalty_only", "stars", "baseline_pre")
+from benchmarks.common import format_table, machine_info
+from eqloop.checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_model, step_dir_name
+from eqloop.config import TrainConfig, apply_overrides
+from eqloop.data import make_arithmetic_dataset
+from eqloop.evaluate import (
+    equilibrium,
+    evaluate_model,
+    exact_match,
+    make_eval_set,
+    make_test_set,
+    unrolled,
+)
+from eqloop.files import write_json_atomic
+from eqloop.plotting import pyplot, style_axis
+from eqloop.train import penalty_overhead, train
+from eqloop.trajectory import checkpoint_pca, plot_trajectories
+
 EVAL_LOOPS = (1, 2, 4, 8, 16, 32, 64, 128)
 
-
-def base_config(args: argparse.Namespace) -> TrainConfig:
-    """The settings every variant shares."""
-    config = TrainConfig()
-    config.task, config.digits = "addition", 3
-    config.n_train, config.n_test = args.n_train, args.n_test
-    config.steps, config.batch_size, config.lr = args.steps, args.batch_size, args.lr
-    config.warmup_steps = max(1, args.steps // 20)
-    config.penalty_start = args.steps // 5  # the paper: after 20% of training
-    config.model.d_model, config.model.n_heads = args.d_model, args.n_heads
-    config.model.d_ff = 4 * args.d_model
-    config.model.n_prelude, config.model.n_coda = 1, 1
-    config.model.init_std = args.init_std
-    config.model.norm_placement = "post_sandwich"
-    config.eval_every = 0
-    config.checkpoint_every = max(1, args.steps // 4)
-    config.eval_loops = [args.train_loops]
-    config.seed = args.seed
-    config.progress = not args.no_progress
-    config.resume = True
-    return config
-
-
-def variant_config(name: str, args: argparse.Namespace) -> TrainConfig:
-    """The configuration of one variant (see the module docstring)."""
-    config = copy.deepcopy(base_config(args))
-    fixed = {"kind": "fixed", "t": args.train_loops}
-    random = {"kind": "lognormal", "mu": args.depth_mu, "sigma": args.depth_sigma,
-              "lo": 1, "hi": args.depth_hi}
-    config.depth = random if name in ("random_loops", "stars") else fixed
-    config.lam = args.lam if name in ("penalty_only", "stars") else 0.0
-    if name == "baseline_pre":
-        config.model.norm_placement = "pre"
-    config.out_dir = str(Path(args.out_dir) / name)
-    config.validate()
-    return config
+# The CPU recipe every variant starts from (TrainConfig fields; "model.x" for the model).
+RECIPE: dict[str, Any] = {
+    "task": "addition",
+    "digits": 4,
+    "n_train": 50000,
+    "n_test": 1000,
+    "batch_size": 128,
+    "lr": 3e-3,
+    "warmup_steps": 150,
+    "model.d_model": 64,
+    "model.n_heads": 4,
+    "model.d_ff": 256,
+    "model.n_prelude": 0,
+    "model.n_coda": 0,
+    "model.init_std": 0.1,
+    "model.injection": "none",
+    "model.init_state": None,
+    "model.norm_placement": "post_sandwich",
+    "depth": {"kind": "fixed", "t": 4},
+    "lam": 0.0,
+}
+WARM_STEPS = 3000  # a baseline's training: the fixed-loop phase every variant starts from
+STEPS = 1000  # what a warm-started variant trains after it, with its own recipe
+FINETUNE = {"warmup_steps": 50}  # learning-rate warm-up of a run that starts warm
+FIXED = {"depth": {"kind": "fixed", "t": 4}, "lam": 0.0}
+RANDOM = {"depth": {"kind": "lognormal", "mu": 2.0, "sigma": 0.7, "lo": 1, "hi": 100}}
+PENALTY = {"lam": 0.1}
 
 
-def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Train (or resume, or reuse) one variant and evaluate it across loop counts."""
-    config = variant_config(name, args)
-    done = latest_checkpoint(config.out_dir)
+@dataclass(frozen=True)
+class Variant:
+    """One training recipe: ``overrides`` on top of :data:`RECIPE`.
+
+    A variant without ``warm_from`` trains ``WARM_STEPS`` from a random init; one with it
+    starts from that variant's final checkpoint (same seed) and trains ``STEPS`` more.
+    """
+
+    name: str
+    group: str
+    description: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    warm_from: str | None = None
+
+
+def _variants() -> dict[str, Variant]:
+    stars = {**RANDOM, **PENALTY}
+    add = {"model.injection": "add", "model.init_state": None}
+    pre, pre_sandwich = ({"model.norm_placement": p} for p in ("pre", "pre_sandwich"))
+    table = [
+        Variant("baseline", "norms", "post-sandwich, fixed 4 loops", FIXED),
+        Variant("baseline_pre", "norms", "pre-norm, fixed 4 loops", {**FIXED, **pre}),
+        Variant("baseline_post", "norms", "post-norm, fixed 4 loops",
+                {**FIXED, "model.norm_placement": "post"}),
+        Variant("baseline_pre_sandwich", "norms", "pre-sandwich, fixed 4 loops",
+                {**FIXED, **pre_sandwich}),
+        Variant("random_loops", "random", "post-sandwich, random loops",
+                {**RANDOM, "lam": 0.0}, "baseline"),
+        Variant("penalty_only", "random", "post-sandwich, fixed 4 loops + penalty",
+                {**FIXED, **PENALTY}, "baseline"),
+        Variant("stars", "random", "post-sandwich, random loops + penalty (the paper)",
+                stars, "baseline"),
+        Variant("baseline_add", "injection", "baseline with input injection", {**FIXED, **add}),
+        Variant("stars_add", "injection", "STARS with input injection", {**stars, **add},
+                "baseline_add"),
+        Variant("stars_pre", "internal", "STARS on a pre-norm block", {**stars, **pre},
+                "baseline_pre"),
+        Variant("stars_pre_sandwich", "internal", "STARS on a pre-sandwich block",
+                {**stars, **pre_sandwich}, "baseline_pre_sandwich"),
+        Variant("stars_pre_fixed_point", "options", "stars_pre, penalty at the fixed point",
+                {**stars, **pre, "penalty_at": "fixed_point"}, "baseline_pre"),
+        Variant("stars_pre_hinge", "options", "stars_pre, hinge relu(||Jv|| - 0.5)^2",
+                {**stars, **pre, "penalty_target": 0.5}, "baseline_pre"),
+        Variant("stars_pre_power", "options", "stars_pre, 5 power steps per penalty",
+                {**stars, **pre, "power_steps": 5}, "baseline_pre"),
+        Variant("stars_pre_arnoldi", "options", "stars_pre, product along an 8-step Ritz vector",
+                {**stars, **pre, "penalty_arnoldi": 8}, "baseline_pre"),
+    ]  # fmt: skip
+    return {v.name: v for v in table}
+
+
+VARIANTS = _variants()
+GROUPS: dict[str, tuple[str, ...]] = {
+    "headline": ("baseline", "stars"),
+    **{g: tuple(v.name for v in VARIANTS.values() if v.group == g)
+       for g in ("norms", "random", "injection", "internal", "options")},
+    "grid": tuple(v.name for v in VARIANTS.values() if v.group != "options"),
+    "all": tuple(VARIANTS),
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ one run
+
+
+def run_config(variant: str, seed: int, args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of one (variant, seed): recipe, CLI overrides, variant overrides."""
+    spec = VARIANTS[variant]
+    settings = {**RECIPE, **args.recipe_overrides, **spec.overrides}
+    if settings["depth"]["kind"] == "lognormal":
+        settings["depth"] = {**settings["depth"], "hi": args.depth_hi}
+    if spec.warm_from is None:
+        steps = args.warm_steps
+        checkpoint_every = max(1, steps // 3)
+    else:
+        steps = checkpoint_every = args.steps
+        source = run_dir(spec.warm_from, seed, args) / CHECKPOINT_DIR
+        settings.update(FINETUNE, init_from=str(source / step_dir_name(args.warm_steps)))
+    settings.update(
+        seed=seed,
+        steps=steps,
+        penalty_start=steps // 5,  # the paper: after 20% of training (here: of this run)
+        eval_every=0,
+        eval_loops=[4],
+        checkpoint_every=checkpoint_every,
+        out_dir=str(run_dir(variant, seed, args)),
+        resume=True,
+        progress=not args.no_progress and args.jobs == 1,
+    )
+    overrides = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+    return TrainConfig.from_dict(apply_overrides(TrainConfig().to_dict(), overrides))
+
+
+def run_dir(variant: str, seed: int, args: argparse.Namespace) -> Path:
+    """Where one (variant, seed) keeps its checkpoints and cached evaluation."""
+    return Path(args.out_dir) / variant / f"seed{seed}"
+
+
+def _solvers(args: argparse.Namespace) -> list[str]:
+    """The equilibrium solvers of ``--solver`` (comma-separated; the first is the primary)."""
+    return [name for name in (args.solver or "").split(",") if name]
+
+
+def _eval_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything the cached evaluation depends on besides the weights."""
+    return {
+        "loops": list(args.loops),
+        "n_test": args.n_test,
+        "solvers": _solvers(args),
+        "solver_options": {"max_iter": args.solver_max_iter, "tol": args.solver_tol},
+        "diagnostic_samples": args.diagnostic_samples,
+        "rho_iters": args.rho_iters,
+        "decode": "forced",
+    }
+
+
+def summarize(variant: str, seed: int, config: TrainConfig, raw: dict[str, Any]) -> dict[str, Any]:
+    """One ``results`` entry from :func:`eqloop.evaluate.evaluate_model` output."""
+    eq = raw.get("equilibrium") or {}
+    contraction = eq.get("contraction") or {}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "digits": config.digits,
+        "task": config.task,
+        "accuracy": {int(t): acc for t, acc in raw["accuracy"].items()},
+        "equilibrium": eq.get("accuracy"),
+        "equilibrium_details": {
+            "converged": eq.get("converged"),
+            "nstep_median": (eq.get("nstep") or {}).get("q50"),
+            "state_norm": eq.get("state_norm"),
+            "rho_median": (contraction.get("rho") or {}).get("q50"),
+            "share_rho_below_1": contraction.get("share_rho_below_1"),
+        },
+        "dynamics": [
+            {"loops": d["loops"], "state_norm": d["state_norm"], "step_norm": d["step_norm"],
+             "rel_step": d["rel_step"], "rho_median": d["rho"]["q50"]}
+            for d in raw.get("diagnostics") or []
+        ],  # fmt: skip
+    }
+
+
+def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or resume, or reuse) one (variant, seed) and evaluate it (or reuse that).
+
+    Runs in a worker process when ``--jobs > 1``; every process uses one thread.
+    """
+    torch.set_num_threads(1)
+    config = run_config(variant, seed, args)
+    folder = Path(config.out_dir)
+    done = latest_checkpoint(folder)
     start = time.perf_counter()
     if done is None or done.name != step_dir_name(config.steps):
         train(config)
-    train_s = time.perf_counter() - start
-    result = evaluate_checkpoint(
-        config.out_dir, loops=args.loops, solver=args.solver,
-        solver_options={"max_iter": args.solver_max_iter, "tol": 1e-4},
-        n_test=args.n_test, diagnostic_samples=args.diagnostic_samples,
-    )
-    result["variant"] = name
-    result["train_seconds"] = train_s
+    train_wall = time.perf_counter() - start
+    cache = folder / "eval.json"
+    settings = _eval_settings(args)
+    checkpoint = latest_checkpoint(folder)
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("settings") == settings and cached.get("checkpoint") == checkpoint.name:
+            result = cached["result"]
+            result["accuracy"] = {int(t): acc for t, acc in result["accuracy"].items()}
+            return result
+    model, ckpt = load_model(checkpoint)
+    config.n_test = args.n_test
+    start = time.perf_counter()
+    test = make_test_set(config)
+    solvers = settings["solvers"]
+    raw = evaluate_model(
+        model, test, loops=args.loops, solver=solvers[0] if solvers else None,
+        solver_options=settings["solver_options"], decode="forced",
+        diagnostic_samples=args.diagnostic_samples, rho_iters=args.rho_iters, seed=seed,
+    )  # fmt: skip
+    result = summarize(variant, seed, config, raw)
+    result["equilibria"] = {
+        name: result["equilibrium"] if i == 0 else exact_match(
+            equilibrium(model, name, **settings["solver_options"]), test, decode="forced")
+        for i, name in enumerate(solvers)
+    }  # fmt: skip
+    result["train_seconds"] = float(ckpt.metrics.get("train_time", train_wall))
+    result["eval_seconds"] = time.perf_counter() - start
+    result["final_ce"] = (ckpt.metrics.get("train") or {}).get("ce")
+    write_json_atomic(cache, {"settings": settings, "checkpoint": checkpoint.name,
+                              "result": result})  # fmt: skip
     return result
 
 
-def accuracy_rows(results: list[dict[str, Any]], loops: list[int]) -> list[dict[str, Any]]:
-    """One table row per variant: accuracy at each loop count, at equilibrium, and rho."""
-    rows = []
+def run_all(pairs: Sequence[tuple[str, int]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (variant, seed), ``args.jobs`` at a time; results in the order of ``pairs``.
+
+    Runs that others start from (``warm_from``) go first, in their own round, even when
+    they were not asked for (their results are then not returned).
+    """
+    sources = list(dict.fromkeys(
+        (VARIANTS[v].warm_from, s) for v, s in pairs if VARIANTS[v].warm_from is not None
+    ))  # fmt: skip
+    first = sources + [p for p in pairs if VARIANTS[p[0]].warm_from is None and p not in sources]
+    second = [p for p in pairs if VARIANTS[p[0]].warm_from is not None]
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    for round_ in (first, second):
+        done.update(zip(round_, _run_round(round_, args), strict=True))
+    return [done[p] for p in pairs]
+
+
+def _run_round(pairs: Sequence[tuple[str, int]], args: argparse.Namespace) -> list[dict]:
+    return _run_round_of(run_one, pairs, args)
+
+
+def _run_round_of(
+    job: Any, pairs: Sequence[tuple[str, int]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """``job(variant, seed, args)`` for every pair, ``args.jobs`` processes at a time."""
+    if args.jobs == 1 or len(pairs) <= 1:
+        return [job(v, s, args) for v, s in pairs]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        futures = {pool.submit(job, v, s, args): (v, s) for v, s in pairs}
+        for future in concurrent.futures.as_completed(futures):
+            v, s = futures[future]
+            future.result()
+            print(f"done {job.__name__} {v} seed {s}", flush=True)
+        return [future.result() for future in futures]
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def _by_variant(results: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
     for res in results:
-        row: dict[str, Any] = {"variant": res["variant"]}
-        acc = {int(k): v for k, v in res["accuracy"].items()}
+        groups.setdefault(res["variant"], []).append(res)
+    return groups
+
+
+def _mean_worst(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    known = [v for v in values if v is not None]
+    return (statistics.fmean(known), min(known)) if known else (None, None)
+
+
+def accuracy_table(
+    results: Sequence[dict[str, Any]], loops: Sequence[int], solvers: Sequence[str] = ()
+) -> list[dict]:
+    """Per variant: mean and worst seed at every loop count and at each solver's z*.
+
+    ``eq`` is the primary solver's (``solvers[0]``), ``eq_<name>`` the others'.
+    """
+    rows = []
+    for variant, runs in _by_variant(results).items():
+        row: dict[str, Any] = {"variant": variant, "seeds": len(runs)}
         for t in loops:
-            row[f"L{t}"] = acc.get(t)
-        eq = res.get("equilibrium") or {}
-        contraction = eq.get("contraction") or {}
-        row["eq"] = eq.get("accuracy")
-        row["rho_eq"] = (contraction.get("rho") or {}).get("q50")
-        row["contractive"] = contraction.get("share_rho_below_1")
-        row["train_s"] = res["train_seconds"]
+            row[f"L{t}"] = _mean_worst([r["accuracy"].get(t) for r in runs])
+        row["eq"] = _mean_worst([r["equilibrium"] for r in runs])
+        for name in solvers[1:]:
+            row[f"eq_{name}"] = _mean_worst([(r.get("equilibria") or {}).get(name) for r in runs])
         rows.append(row)
     return rows
+
+
+def dynamics_table(results: Sequence[dict[str, Any]], loops: Sequence[int]) -> list[dict]:
+    """Per variant and loop count (and z*): mean state norm, step norm, median rho."""
+    rows = []
+    for variant, runs in _by_variant(results).items():
+        for t in loops:
+            at = [d for r in runs for d in r["dynamics"] if d["loops"] == t]
+            if not at:
+                continue
+            rows.append({"variant": variant, "loops": str(t),
+                         **{k: statistics.fmean(d[k] for d in at)
+                            for k in ("state_norm", "step_norm", "rho_median")}})  # fmt: skip
+        eq = [r["equilibrium_details"] for r in runs if r["equilibrium_details"]["state_norm"]]
+        if eq:
+            rows.append({"variant": variant, "loops": "z*", "step_norm": None,
+                         **{k: statistics.fmean(e[k] for e in eq)
+                            for k in ("state_norm", "rho_median")}})  # fmt: skip
+    return rows
+
+
+def _pair(value: tuple[float | None, float | None]) -> str:
+    mean, worst = value
+    return "-" if mean is None else f"{mean:.3f}/{worst:.3f}"
+
+
+def print_tables(
+    results: Sequence[dict[str, Any]], loops: Sequence[int], solvers: Sequence[str]
+) -> None:
+    """Accuracy (mean/worst seed) and dynamics tables."""
+    rows = [{k: (_pair(v) if isinstance(v, tuple) else v) for k, v in row.items()}
+            for row in accuracy_table(results, loops, solvers)]  # fmt: skip
+    columns = [("variant", "variant", ""), ("seeds", "seeds", "")]
+    columns += [(f"L{t}", f"L{t}", "") for t in loops]
+    columns += [("eq" if i == 0 else f"eq_{name}", f"z* {name}", "")
+                for i, name in enumerate(solvers)]  # fmt: skip
+    print("exact match at t loops and at the equilibrium z* of each solver, mean/worst seed")
+    print(format_table(rows, columns))
+    print("\ndynamics (mean over seeds): state norm ||z_t||, step norm ||z_t - z_t-1||, "
+          "median rho(J(z_t))")  # fmt: skip
+    print(format_table(dynamics_table(results, loops), [
+        ("variant", "variant", ""), ("loops", "loops", ""), ("state_norm", "||z||", ".3g"),
+        ("step_norm", "||dz||", ".3g"), ("rho_median", "rho", ".3f"),
+    ]))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+def plot_accuracy(results: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Accuracy vs loops (mean, band from worst to best seed; the equilibrium at "z*")
+    and the mean state norm vs loops (log scale), one line per variant."""
+    plt = pyplot()
+    fig, (ax_acc, ax_norm) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (variant, runs) in enumerate(_by_variant(results).items()):
+        color = f"C{i % 10}"
+        loops = sorted(runs[0]["accuracy"])
+        eq_x = 2 * loops[-1]
+        acc = [[r["accuracy"][t] for r in runs] for t in loops]
+        mean = [statistics.fmean(a) for a in acc]
+        ax_acc.plot(loops, mean, "o-", color=color, ms=3, label=f"{variant} ({len(runs)} seeds)")
+        ax_acc.fill_between(loops, [min(a) for a in acc], [max(a) for a in acc],
+                            color=color, alpha=0.15)  # fmt: skip
+        eqs = [r["equilibrium"] for r in runs if r["equilibrium"] is not None]
+        if eqs:
+            ax_acc.errorbar([eq_x], [statistics.fmean(eqs)], fmt="D", color=color, ms=5,
+                            yerr=[[statistics.fmean(eqs) - min(eqs)],
+                                  [max(eqs) - statistics.fmean(eqs)]])  # fmt: skip
+        dyn = [[d["state_norm"] for r in runs for d in r["dynamics"] if d["loops"] == t]
+               for t in loops]  # fmt: skip
+        if all(dyn):
+            ax_norm.plot(loops, [statistics.fmean(d) for d in dyn], "o-", color=color, ms=3,
+                         label=variant)  # fmt: skip
+            ax_norm.fill_between(loops, [min(d) for d in dyn], [max(d) for d in dyn],
+                                 color=color, alpha=0.15)  # fmt: skip
+    for ax in (ax_acc, ax_norm):
+        ax.set_xscale("log", base=2)
+    ticks = loops + [eq_x]
+    ax_acc.set_xticks(ticks, [str(t) for t in loops] + ["z*"])
+    ax_acc.set_ylim(-0.02, 1.02)
+    style_axis(ax_acc, "loops at test time (z*: solver's equilibrium)", "exact match")
+    ax_acc.set_title("accuracy vs loops (band: worst to best seed)")
+    ax_norm.set_xticks(loops, [str(t) for t in loops])
+    ax_norm.set_yscale("log")
+    style_axis(ax_norm, "loops at test time", "state norm ||z_t||", legend=False)
+    ax_norm.set_title("hidden-state norm vs loops")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_pca(variants: Sequence[str], args: argparse.Namespace, path: str | Path) -> dict:
+    """PCA trajectories (loops 1..max) of ``args.pca_problems`` test problems per variant
+    (its first seed), side by side; returns the explained variance per variant."""
+    panels, summary = {}, {}
+    for variant in variants:
+        seed = args.seeds[0]
+        pca = checkpoint_pca(run_dir(variant, seed, args), problems=args.pca_problems,
+                             loops=max(args.loops))  # fmt: skip
+        panels[f"{variant} (seed {seed})"] = pca
+        summary[variant] = {"explained": pca.explained.tolist(),
+                            "final_state_norm": pca.state_norm[:, -1].tolist()}  # fmt: skip
+    plot_trajectories(panels, path)
+    return summary
+
+
+# ---------------------------------------------------------------------- test-time scaling
+
+
+def carry_chain(question: str) -> int:
+    """Longest run of consecutive carries in the written addition ``"a+b"`` (equal widths)."""
+    a, b = question.split("+")
+    longest = run = carry = 0
+    for da, db in zip(reversed(a), reversed(b), strict=True):
+        carry = int(int(da) + int(db) + carry >= 10)
+        run = run + 1 if carry else 0
+        longest = max(longest, run)
+    return longest
+
+
+def scaling_sets(config: TrainConfig, n: int, min_chain: int) -> dict[str, Any]:
+    """The harder splits of the scaling study, ``n`` problems each.
+
+    ``long_carry``: held-out problems of the trained width whose carries run through at
+    least ``min_chain`` consecutive digits (rare in training); ``ood``: operands one digit
+    longer than trained (the data module's ``ood`` split).
+    """
+    drawn = make_arithmetic_dataset(config.task, config.digits, 20 * n, config.seed,
+                                    split="test", cache_dir=config.data_cache_dir)  # fmt: skip
+    hard = drawn.filter(lambda row: carry_chain(row["question"]) >= min_chain)
+    if len(hard) < n:
+        raise ValueError(f"only {len(hard)} of {len(drawn)} test problems have a carry chain "
+                         f">= {min_chain}; lower --scaling-chain or --scaling-n")  # fmt: skip
+    ood = make_arithmetic_dataset(config.task, config.digits, n, config.seed, split="ood",
+                                  cache_dir=config.data_cache_dir)  # fmt: skip
+    return {"long_carry": make_eval_set(hard.select(range(n))), "ood": make_eval_set(ood)}
+
+
+def training_depth(config: TrainConfig) -> float:
+    """Mean loop count of the run's own training (its depth sampler's mean)."""
+    return float(config.make_sampler().mean())
+
+
+def scaling_loops(depth: float, loops: Sequence[int]) -> list[int]:
+    """The evaluation grid plus 1x, 2x and 4x the training depth."""
+    return sorted(set(loops) | {max(1, round(k * depth)) for k in (1, 2, 4)})
+
+
+def scaling_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Accuracy vs loops of one run on the harder splits (cached in the run directory)."""
+    torch.set_num_threads(1)
+    folder = run_dir(variant, seed, args)
+    checkpoint = latest_checkpoint(folder)
+    config = run_config(variant, seed, args)
+    depth = training_depth(config)
+    loops = scaling_loops(depth, args.loops)
+    settings = {"n": args.scaling_n, "min_chain": args.scaling_chain, "loops": loops}
+    cache = folder / "scaling.json"
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("settings") == settings and cached.get("checkpoint") == checkpoint.name:
+            return cached["result"]
+    model, _ = load_model(checkpoint)
+    model.eval()
+    result = {"variant": variant, "seed": seed, "training_depth": depth, "splits": {}}
+    for split, data in scaling_sets(config, args.scaling_n, args.scaling_chain).items():
+        result["splits"][split] = {
+            str(t): exact_match(unrolled(model, t), data, decode="forced") for t in loops
+        }
+    write_json_atomic(cache, {"settings": settings, "checkpoint": checkpoint.name,
+                              "result": result})  # fmt: skip
+    return result
+
+
+def scaling_table(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant and split: accuracy at 1x, 2x, 4x the training depth (mean/worst)."""
+    rows = []
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == variant]
+        depth = mine[0]["training_depth"]
+        for split in mine[0]["splits"]:
+            row: dict[str, Any] = {"variant": variant, "split": split, "depth": depth}
+            for k in (1, 2, 4):
+                t = str(max(1, round(k * depth)))
+                row[f"x{k}"] = _mean_worst([r["splits"][split][t] for r in mine])
+            mean = {k: row[f"x{k}"][0] for k in (1, 2, 4)}
+            row["deeper_not_worse"] = mean[2] >= mean[1] and mean[4] >= mean[1]
+            rows.append(row)
+    return rows
+
+
+def plot_scaling(runs: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Accuracy vs loops on each harder split, mean and worst-to-best band per variant;
+    dotted verticals mark each variant's training depth."""
+    plt = pyplot()
+    splits = list(runs[0]["splits"])
+    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.3), squeeze=False)
+    for ax, split in zip(axes[0], splits, strict=True):
+        for i, variant in enumerate(dict.fromkeys(r["variant"] for r in runs)):
+            mine = [r for r in runs if r["variant"] == variant]
+            loops = sorted(int(t) for t in mine[0]["splits"][split])
+            acc = [[r["splits"][split][str(t)] for r in mine] for t in loops]
+            color = f"C{i % 10}"
+            ax.plot(loops, [statistics.fmean(a) for a in acc], "o-", ms=3, color=color,
+                    label=f"{variant} ({len(mine)} seeds)")  # fmt: skip
+            ax.fill_between(loops, [min(a) for a in acc], [max(a) for a in acc], color=color,
+                            alpha=0.15)  # fmt: skip
+            ax.axvline(mine[0]["training_depth"], color=color, ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        grid = [t for t in EVAL_LOOPS if t <= loops[-1]]
+        ax.set_xticks(grid, [str(t) for t in grid])
+        ax.set_ylim(-0.02, 1.02)
+        style_axis(ax, "loops at test time (dotted: training depth)", "exact match")
+        ax.set_title(split)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def _names(text: str) -> list[str]:
+    out: list[str] = []
+    for item in (s for s in text.split(",") if s):
+        for name in GROUPS.get(item, (item,)):
+            if name not in out:
+                out.append(name)
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
-    p.add_argument("--steps", type=int, default=1500, help="training steps per variant")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--n-heads", type=int, default=8)
-    p.add_argument("--init-std", type=float, default=0.1, help="weight init std")
-    p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--variants", default="headline",
+                   help=f"variants or groups ({', '.join(GROUPS)}), comma-separated")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--warm-steps", type=int, default=WARM_STEPS,
+                   help="training steps of a baseline (the fixed-loop phase the others start from)")
+    p.add_argument("--steps", type=int, default=STEPS,
+                   help="training steps of a warm-started variant after that phase")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field for every variant, e.g. lr=1e-3 (the "
+                        "fields a variant sets itself, such as depth and lam, stay)")
+    p.add_argument("--depth-hi", type=int, default=100,
+                   help="largest loop count the random-depth variants sample (paper: 100)")
     p.add_argument("--n-test", type=int, default=1000, help="test problems per loop count")
-    p.add_argument("--train-loops", type=int, default=7, help="loops of the fixed variants")
-    p.add_argument("--depth-mu", type=float, default=2.0, help="log-normal depth mu")
-    p.add_argument("--depth-sigma", type=float, default=0.7, help="log-normal depth sigma")
-    p.add_argument("--depth-hi", type=int, default=16, help="largest sampled loop count")
-    p.add_argument("--lam", type=float, default=0.1, help="STARS penalty weight")
     p.add_argument("--loops", default=",".join(map(str, EVAL_LOOPS)), help="eval loop counts")
-    p.add_argument("--solver", default="anderson", help="equilibrium solver ('' to skip)")
+    p.add_argument("--solver", default="anderson,fixed_point,broyden",
+                   help="equilibrium solvers, comma-separated, the first one primary (its "
+                        "accuracy is 'equilibrium', its diagnostics are reported); '' skips")
     p.add_argument("--solver-max-iter", type=int, default=100)
+    p.add_argument("--solver-tol", type=float, default=1e-4)
     p.add_argument("--diagnostic-samples", type=int, default=256)
-    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--rho-iters", type=int, default=20, help="power steps per rho estimate")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (1 thread each)")
     p.add_argument("--out-dir", default="runs/stars_scaling", help="runs (resumable)")
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--plot", default=None, help="write accuracy/rho vs loops here (PNG)")
+    p.add_argument("--plot", default=None, help="accuracy and state norm vs loops (PNG)")
+    p.add_argument("--pca", default=None, help="PCA trajectory figure (PNG)")
+    p.add_argument("--pca-variants", default="baseline,stars", help="variants in --pca")
+    p.add_argument("--pca-problems", type=int, default=8, help="test problems in --pca")
+    p.add_argument("--scaling", default=None,
+                   help="test-time scaling figure (PNG): accuracy vs loops on harder splits")
+    p.add_argument("--scaling-variants", default="baseline,stars", help="variants in --scaling")
+    p.add_argument("--scaling-n", type=int, default=1000, help="problems per harder split")
+    p.add_argument("--scaling-chain", type=int, default=3,
+                   help="shortest carry chain of the long_carry split")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--quick", action="store_true", help="tiny runs in about a minute (tests)")
+    p.add_argument("--quick", action="store_true", help="tiny runs in seconds (tests)")
     args = p.parse_args(argv)
+    args.recipe_overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--set {item!r} must look like KEY=VALUE")
+        try:
+            args.recipe_overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            args.recipe_overrides[key] = value
     if args.quick:
-        args.steps, args.batch_size, args.d_model, args.n_heads = 20, 32, 32, 2
-        args.n_train, args.n_test, args.diagnostic_samples = 512, 64, 32
-        args.loops, args.solver_max_iter = "1,2,4,8", 30
-    args.variants = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(args.variants) - set(VARIANTS))
+        args.recipe_overrides = {
+            "batch_size": 16, "n_train": 256, "digits": 2, "warmup_steps": 2,
+            "model.d_model": 16, "model.n_heads": 2, "model.d_ff": 32,
+        } | args.recipe_overrides  # fmt: skip
+        args.warm_steps, args.steps = 6, 4
+        args.depth_hi = 4
+        args.n_test, args.diagnostic_samples, args.rho_iters = 32, 8, 4
+        args.loops, args.solver_max_iter, args.pca_problems = "1,2,4,8", 20, 3
+        args.scaling_n, args.scaling_chain = 16, 1
+        if args.seeds == "0,1,2":
+            args.seeds = "0,1"
+    args.variants = _names(args.variants)
+    unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    args.loops = [int(t) for t in args.loops.split(",") if t]
-    args.solver = args.solver or None
+        p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} "
+                f"or the groups {', '.join(GROUPS)}")  # fmt: skip
+    args.pca_variants = _names(args.pca_variants)
+    args.scaling_variants = _names(args.scaling_variants)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s]
+        args.loops = [int(t) for t in args.loops.split(",") if t]
+    except ValueError:
+        p.error("--seeds and --loops take comma-separated integers")
+    if not args.seeds or min(args.seeds) < 0:
+        p.error("--seeds needs at least one seed >= 0")
+    if not args.loops or min(args.loops) < 1:
+        p.error("--loops needs loop counts >= 1")
+    if not 1 <= args.jobs <= 8:
+        p.error("--jobs must be between 1 and 8")
+    if args.solver:
+        from solvers import available
+
+        unknown = [name for name in _solvers(args) if name not in available()]
+        if unknown:
+            p.error(f"unknown solver(s) {unknown}; choose from {', '.join(available())}")
     return args
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Train and evaluate every variant; print the table; write JSON and the plot."""
+    """Train and evaluate every (variant, seed); print the tables; write JSON and figures."""
     args = parse_args(argv)
-    results = [run_variant(name, args) for name in args.variants]
-    rows = accuracy_rows(results, args.loops)
-    columns = [("variant", "variant", "")] + [(f"L{t}", f"L{t}", ".3f") for t in args.loops]
-    columns += [("eq", "equil.", ".3f"), ("rho_eq", "rho(z*)", ".3f"),
-                ("contractive", "rho<1", ".2f"), ("train_s", "train s", ".0f")]
-    print(format_table(rows, columns))
-    overhead = penalty_overhead(variant_config("stars", args), steps=3, warmup=1)
-    print(f"penalty overhead per step: {overhead['ratio']:.2f}x "
-          f"({overhead['step_time_stars'] * 1e3:.0f} ms vs {overhead['step_time_ce'] * 1e3:.0f} ms"
-          f" at {overhead['loops']} loops)")
-    if args.json:
-        write_json_atomic(args.json, {"machine": machine_info(), "settings": vars(args),
-                                      "table": rows, "penalty_overhead": overhead,
-                                      "results": results})
+    start = time.perf_counter()
+    pairs = [(v, s) for v in args.variants for s in args.seeds]
+    results = run_all(pairs, args)
+    wall = time.perf_counter() - start
+    print_tables(results, args.loops, _solvers(args))
+    print(f"\n{len(pairs)} runs, {wall:.0f} s wall ({args.jobs} at a time)")
+    extra: dict[str, Any] = {}
+    if "stars" in args.variants:
+        overhead = penalty_overhead(run_config("stars", args.seeds[0], args), steps=3, warmup=1)
+        with_penalty, without = overhead["step_time_stars"], overhead["step_time_ce"]
+        print(f"penalty overhead per step: {overhead['ratio']:.2f}x ({with_penalty * 1e3:.0f} ms "
+              f"vs {without * 1e3:.0f} ms at {overhead['loops']} loops)")  # fmt: skip
+        extra["penalty_overhead"] = overhead
     if args.plot:
-        plot_results(results, args.plot)
-    return rows
+        plot_accuracy(results, args.plot)
+    if args.pca:
+        extra["pca"] = plot_pca([v for v in args.pca_variants if v in args.variants], args,
+                                args.pca)  # fmt: skip
+    if args.scaling:
+        chosen = [(v, s) for v in args.scaling_variants if v in args.variants for s in args.seeds]
+        runs = _run_round_of(scaling_one, chosen, args)
+        table = scaling_table(runs)
+        print("\ntest-time scaling: exact match at 1x, 2x, 4x the training depth, mean/worst")
+        print(format_table([{k: (_pair(v) if isinstance(v, tuple) else v) for k, v in r.items()}
+                            for r in table], [
+            ("variant", "variant", ""), ("split", "split", ""), ("depth", "train depth", ".1f"),
+            ("x1", "1x", ""), ("x2", "2x", ""), ("x4", "4x", ""),
+            ("deeper_not_worse", "2x,4x >= 1x", ""),
+        ]))  # fmt: skip
+        plot_scaling(runs, args.scaling)
+        extra["scaling"] = {"table": table, "runs": runs}
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "recipe_overrides"}
+        write_json_atomic(args.json, {
+            "machine": machine_info(), "wall_seconds": wall, "settings": settings,
+            "recipe": {**RECIPE, **args.recipe_overrides},
+            "variants": {n: {"group": VARIANTS[n].group, "description": VARIANTS[n].description,
+                             "overrides": VARIANTS[n].overrides} for n in args.variants},
+            "accuracy_table": accuracy_table(results, args.loops, _solvers(args)),
+            "dynamics_table": dynamics_table(results, args.loops),
+            "results": results, **extra,
+        })  # fmt: skip
+    return results
 
 
 if __name__ == "__main__":

@@ -144,6 +144,14 @@ def _add_eval(sub: Any) -> None:
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument("--json", type=Path, help="write the results (a JSON list) here")
     run.add_argument("--plot", type=Path, help="write the accuracy/rho plot here (PNG)")
+    run.add_argument(
+        "--pca",
+        type=Path,
+        help="write hidden-state trajectories on their first two principal components here "
+        "(PNG, one panel per checkpoint; eqloop.trajectory)",
+    )
+    run.add_argument("--pca-problems", type=int, default=8, help="test problems in --pca")
+    run.add_argument("--pca-loops", type=int, default=128, help="loops traced in --pca")
     add_pretrained_arguments(p)  # eqloop eval --pretrained DIR: eqloop.pretrained.cli
 
 
@@ -234,14 +242,16 @@ def _check_output(flag: str, path: Path | None) -> None:
 def _eval(args: argparse.Namespace) -> int:
     _check_output("--json", args.json)
     _check_output("--plot", args.plot)
+    _check_output("--pca", args.pca)
     if (
         args.json is not None
         and args.plot is not None
         and args.json.resolve() == args.plot.resolve()
     ):
         raise ValueError("--json and --plot name the same file")
-    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        raise ValueError("--plot needs matplotlib: pip install 'eqloop[plots]'")
+    for flag in ("plot", "pca"):
+        if getattr(args, flag) is not None and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError(f"--{flag} needs matplotlib: pip install 'eqloop[plots]'")
     if (args.checkpoint is None) == (args.pretrained is None):
         raise ValueError("give --checkpoint (eqloop runs) or --pretrained DIR (Ouro, Huginn)")
     if args.pretrained is not None:
@@ -266,6 +276,9 @@ def _eval(args: argparse.Namespace) -> int:
     check_options(**settings)
     if args.n_test is not None:
         checks.integer("--n-test", args.n_test, low=1)
+    if args.pca is not None:
+        checks.integer("--pca-problems", args.pca_problems, low=1)
+        checks.integer("--pca-loops", args.pca_loops, low=1)
     device = check_device(args.device)
     paths = [resolve_checkpoint(path) for path in args.checkpoint]
 
@@ -296,6 +309,13 @@ def _eval(args: argparse.Namespace) -> int:
         write_text_atomic(args.json, json.dumps([*results, *failures], indent=2) + "\n")
     if args.plot is not None and results:
         plot_results(results, args.plot)
+    if args.pca is not None and results:
+        from eqloop.trajectory import plot_checkpoint_trajectories
+
+        done = [r["checkpoint"] for r in results]
+        plot_checkpoint_trajectories(
+            done, args.pca, problems=args.pca_problems, loops=args.pca_loops, device=device
+        )
     if interrupted:
         print(f"eqloop eval: interrupted; {len(results)} results kept", file=sys.stderr)
         return 130

@@ -33,9 +33,17 @@ if TYPE_CHECKING:
     from eqloop.depth import DepthSampler
     from eqloop.model import LoopLMConfig
 
-__all__ = ["SCHEDULES", "TrainConfig", "apply_overrides", "check_device", "load_config"]
+__all__ = [
+    "PENALTY_POINTS",
+    "SCHEDULES",
+    "TrainConfig",
+    "apply_overrides",
+    "check_device",
+    "load_config",
+]
 
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+PENALTY_POINTS: tuple[str, ...] = ("trajectory", "fixed_point")
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -70,6 +78,9 @@ class TrainConfig:
     n_train: int = 100000  # distinct training problems (of 900k 3-digit additions)
     n_test: int = 1000  # distinct test problems for exact-match evaluation
     seed: int = 0  # seeds the weights, data draw and order, depth draws and penalty vectors
+    # Start from the weights of this checkpoint or run directory (same model config) instead
+    # of a random init; optimiser, schedule and depth sampler start fresh. None: random init.
+    init_from: str | None = None
     data_cache_dir: str | None = None  # example cache (None: eqloop.data.default_cache_dir())
     # -- optimisation --------------------------------------------------------------------
     batch_size: int = 64  # global batch; DDP ranks each take batch_size / world_size rows
@@ -91,6 +102,12 @@ class TrainConfig:
     penalty_every: int = 1  # apply the penalty every n-th step from penalty_start on
     power_steps: int = 1  # Jacobian products per penalty (paper: 1)
     penalty_target: float | None = None  # hinge relu(||J v|| - target)^2; None: ||J v||^2
+    # Where the penalty's Jacobian is taken: "trajectory" (paper: the state after the sampled
+    # loops) | "fixed_point" (the core's equilibrium, solved from that state without a graph).
+    penalty_at: str = "trajectory"
+    # > 0: the product starts from the dominant Ritz vector of this many Arnoldi steps, so
+    # ||J v|| estimates rho(J) (forward-mode product); 0: a random vector (paper).
+    penalty_arnoldi: int = 0
     # -- evaluation, checkpoints, logging ------------------------------------------------
     eval_every: int = 500  # exact-match evaluation every n steps (0: only at the end)
     eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # loop counts
@@ -130,7 +147,8 @@ class TrainConfig:
         for name, low in (
             ("digits", 1), ("n_train", 1), ("n_test", 1), ("seed", 0), ("batch_size", 1),
             ("steps", 1), ("warmup_steps", 0), ("penalty_start", 0), ("penalty_every", 1),
-            ("power_steps", 1), ("eval_every", 0), ("checkpoint_every", 0),
+            ("power_steps", 1), ("penalty_arnoldi", 0), ("eval_every", 0),
+            ("checkpoint_every", 0),
         ):  # fmt: skip
             checks.integer(name, getattr(self, name), low=low)
         if self.n_train < self.batch_size:
@@ -142,6 +160,7 @@ class TrainConfig:
         checks.number("grad_clip", self.grad_clip, low=0)
         if self.penalty_target is not None:
             checks.number("penalty_target", self.penalty_target, low=0)
+        checks.choice("penalty_at", self.penalty_at, PENALTY_POINTS)
         if not isinstance(self.betas, tuple) or len(self.betas) != 2:
             raise TypeError(f"betas must be two numbers like (0.9, 0.98), got {self.betas!r}")
         for i, beta in enumerate(self.betas):
@@ -160,8 +179,9 @@ class TrainConfig:
         for name in ("out_dir", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TypeError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-        if self.data_cache_dir is not None and not isinstance(self.data_cache_dir, str):
-            raise TypeError(f"data_cache_dir must be a path or None, got {self.data_cache_dir!r}")
+        for name in ("data_cache_dir", "init_from"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a path or None, got {getattr(self, name)!r}")
         if not _DEVICE.fullmatch(self.device):
             raise ValueError(
                 f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', got {self.device!r}"

@@ -80,6 +80,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+import solvers
 from eqloop.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -91,11 +92,17 @@ from eqloop.checkpoint import (
 )
 from eqloop.config import TrainConfig, check_device
 from eqloop.data import IGNORE_INDEX, CharTokenizer, to_tensors
+from eqloop.defaults import (
+    EQUILIBRIUM_MAX_ITER,
+    EQUILIBRIUM_SOLVER,
+    EQUILIBRIUM_STOP_MODE,
+    EQUILIBRIUM_TOL,
+)
 from eqloop.depth import DepthSampler
 from eqloop.evaluate import EvalSet, evaluate_model, make_test_set
 from eqloop.files import write_json_atomic, write_text_atomic
-from eqloop.model import LoopLM
-from eqloop.stars import PenaltySchedule, jsrr_penalty
+from eqloop.model import LoopLM, LoopLMConfig
+from eqloop.stars import PenaltySchedule, jsrr_penalty, spectral_radius
 
 __all__ = [
     "OnEval",
@@ -104,6 +111,7 @@ __all__ = [
     "lr_factor",
     "make_train_tensors",
     "penalty_overhead",
+    "penalty_point",
     "train",
     "train_step",
 ]
@@ -213,6 +221,41 @@ def _forward(net: nn.Module, inputs: Tensor, loops: int, config: TrainConfig) ->
     )
 
 
+def penalty_point(
+    f: Callable[[Tensor], Tensor],
+    z: Tensor,
+    config: TrainConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Where the penalty takes the Jacobian, and the vector it starts from.
+
+    Args:
+        f: the core map of the batch, (B, S, d) -> (B, S, d).
+        z: (B, S, d) the state after the sampled loops.
+        config: ``penalty_at`` and ``penalty_arnoldi`` choose (see TrainConfig).
+        generator: random start vectors.
+
+    Returns:
+        ``(point, v)``: the detached (B, S, d) state, ``z`` or the fixed point solved from
+        it (``EQUILIBRIUM_SOLVER`` with its budget and tolerance, best iterate if it does
+        not converge), and the dominant Ritz vectors of ``J(point)`` (B, S, d), or None
+        for the paper's random vector.
+    """
+    point = z.detach()
+    if config.penalty_at == "fixed_point":
+        with torch.no_grad():
+            point = solvers.solve(
+                f, point, EQUILIBRIUM_SOLVER, max_iter=EQUILIBRIUM_MAX_ITER,
+                tol=EQUILIBRIUM_TOL, stop_mode=EQUILIBRIUM_STOP_MODE,
+            ).z  # fmt: skip
+    if not config.penalty_arnoldi:
+        return point, None
+    _, v = spectral_radius(
+        f, point, "arnoldi", config.penalty_arnoldi, return_vectors=True, generator=generator
+    )
+    return point, v
+
+
 def train_step(
     net: nn.Module,
     model: LoopLM,
@@ -246,10 +289,13 @@ def train_step(
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     loss, penalty, rho = ce, None, None
     if penalty_on:
+        point, start = penalty_point(info.f, info.z, config, generator)
         result = jsrr_penalty(
             info.f,
-            info.z,
+            point,
+            product="jvp" if start is not None else "vjp",
             power_steps=config.power_steps,
+            v=start,
             target=config.penalty_target,
             generator=generator,
             return_details=True,
@@ -535,6 +581,25 @@ class _State:
         )
 
 
+def initial_weights(config: TrainConfig) -> dict[str, Tensor]:
+    """The weights of ``config.init_from``, checked to fit ``config.model``.
+
+    Raises:
+        ValueError: the checkpoint's model config differs from ``config.model``.
+        eqloop.checkpoint.CheckpointError: missing or corrupted checkpoint.
+    """
+    source = load_checkpoint(config.init_from)
+    theirs = LoopLMConfig.from_dict(source.config.get("model", {})).to_dict()  # with defaults
+    ours = config.model.to_dict()
+    changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if changed:
+        raise ValueError(
+            f"init_from {config.init_from}: its model config differs in {changed}; "
+            "a warm start needs the same model"
+        )
+    return source.weights
+
+
 def _build(config: TrainConfig, env: _Env, ckpt: Checkpoint | None) -> _State:
     """Model, DDP wrapper, optimiser, scheduler and sampler, restored from ``ckpt`` if given.
 
@@ -546,6 +611,8 @@ def _build(config: TrainConfig, env: _Env, ckpt: Checkpoint | None) -> _State:
     optimizer = _optimizer(model, config)
     scheduler = LambdaLR(optimizer, partial(lr_factor, config=config))
     state = _State(model, model, optimizer, scheduler, config.make_sampler())
+    if ckpt is None and config.init_from is not None:
+        model.load_state_dict(initial_weights(config))
     if ckpt is not None:
         saved = ckpt.training_state(map_location=env.device)
         scheduled = saved["scheduler"].get("last_epoch")

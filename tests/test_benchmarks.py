@@ -59,24 +59,3 @@ def test_solve_compare_rejects_unknown_problem(flag: str) -> None:
     proc = run_script("solve_compare.py", "--quick", flag)
     assert proc.returncode != 0
     assert "unknown problem" in proc.stderr
-
-
-def test_stars_scaling_quick_trains_evaluates_and_resumes(tmp_path: Path) -> None:
-    out = tmp_path / "runs"
-    args = ("--quick", "--variants", "baseline,stars", "--out-dir", str(out), "--no-progress")
-    proc = run_script("stars_scaling.py", *args, "--json", str(tmp_path / "r.json"),
-                      "--plot", str(tmp_path / "r.png"))
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads((tmp_path / "r.json").read_text())
-    assert [row["variant"] for row in data["table"]] == ["baseline", "stars"]
-    for row in data["table"]:
-        for loops in (1, 2, 4, 8):
-            assert 0.0 <= row[f"L{loops}"] <= 1.0
-        assert row["rho_eq"] is not None and row["rho_eq"] > 0
-    assert data["penalty_overhead"]["ratio"] > 1.0  # the penalty costs an extra pass
-    assert (tmp_path / "r.png").stat().st_size > 10_000
-    # A second run reuses the finished checkpoints instead of training again.
-    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
-    again = run_script("stars_scaling.py", *args)
-    assert again.returncode == 0, again.stderr
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamp

@@ -1,0 +1,113 @@
+"""benchmarks/stars_scaling.py: the quick run end to end, resumption, tables, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.stars_scaling import (
+    GROUPS,
+    VARIANTS,
+    accuracy_table,
+    carry_chain,
+    dynamics_table,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "stars_scaling.py"), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+
+
+def test_quick_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    args = ("--quick", "--variants", "headline", "--out-dir", str(out), "--jobs", "2")
+    names = (("json", "json"), ("plot", "png"), ("pca", "png"), ("scaling", "png"))
+    files = {k: tmp_path / f"{k}.{ext}" for k, ext in names}
+    proc = run_script(*args, "--json", str(files["json"]), "--plot", str(files["plot"]),
+                      "--pca", str(files["pca"]), "--scaling", str(files["scaling"]))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "exact match at t loops and at the equilibrium" in proc.stdout
+    data = json.loads(files["json"].read_text())
+    results = data["results"]
+    assert [(r["variant"], r["seed"]) for r in results] == [
+        ("baseline", 0), ("baseline", 1), ("stars", 0), ("stars", 1)
+    ]  # fmt: skip
+    for res in results:
+        assert res["digits"] == 2 and set(res["accuracy"]) == {"1", "2", "4", "8"}
+        assert all(0.0 <= a <= 1.0 for a in res["accuracy"].values())
+        assert 0.0 <= res["equilibrium"] <= 1.0
+        assert [d["loops"] for d in res["dynamics"]] == [1, 2, 4, 8]
+        assert all(d["state_norm"] > 0 and d["rho_median"] > 0 for d in res["dynamics"])
+    # The table's mean and worst seed are those of the per-seed entries.
+    for row in data["accuracy_table"]:
+        runs = [r for r in results if r["variant"] == row["variant"]]
+        values = [r["accuracy"]["8"] for r in runs]
+        assert row["L8"] == pytest.approx([sum(values) / len(values), min(values)])
+    assert data["variants"]["stars"]["overrides"]["lam"] == 0.1
+    assert data["pca"]["stars"]["explained"][0] > 0
+    scaling = data["scaling"]["table"]
+    assert [(r["variant"], r["split"]) for r in scaling] == [
+        ("baseline", "long_carry"), ("baseline", "ood"), ("stars", "long_carry"), ("stars", "ood")
+    ]  # fmt: skip
+    assert scaling[0]["depth"] == 4.0 and 0 <= scaling[0]["x2"][0] <= 1
+    for key in ("plot", "pca", "scaling"):
+        assert files[key].read_bytes()[:4] == b"\x89PNG"
+
+    # Rerunning trains nothing and reuses every cached evaluation.
+    kept = [p for p in out.rglob("*") if p.suffix in (".json", ".safetensors")]
+    stamp = {p: p.stat().st_mtime_ns for p in kept}
+    again = run_script(*args)
+    assert again.returncode == 0, again.stderr
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+
+
+def test_bad_arguments_exit_with_a_message() -> None:
+    proc = run_script("--quick", "--variants", "baseline,nonsense")
+    assert proc.returncode == 2 and "unknown variant(s) ['nonsense']" in proc.stderr
+    proc = run_script("--quick", "--set", "lr")
+    assert proc.returncode == 2 and "must look like KEY=VALUE" in proc.stderr
+
+
+def test_groups_name_known_variants() -> None:
+    assert GROUPS["headline"] == ("baseline", "stars")
+    assert set(GROUPS["all"]) == set(VARIANTS)
+    assert all(name in VARIANTS for names in GROUPS.values() for name in names)
+
+
+def test_carry_chain() -> None:
+    assert carry_chain("0000+0000") == 0
+    assert carry_chain("0195+0005") == 2  # 5+5 carries, 9+0+1 carries, 1+0+1 does not
+    assert carry_chain("9999+0001") == 4
+    assert carry_chain("5050+5050") == 1
+
+
+def test_tables_take_mean_and_worst_seed() -> None:
+    def entry(variant: str, seed: int, acc: float, norm: float) -> dict:
+        return {
+            "variant": variant, "seed": seed, "accuracy": {4: acc, 8: acc / 2},
+            "equilibrium": acc, "dynamics": [
+                {"loops": 4, "state_norm": norm, "step_norm": 1.0, "rho_median": 0.5}
+            ],
+            "equilibrium_details": {"state_norm": norm, "rho_median": 0.25},
+        }  # fmt: skip
+
+    results = [entry("a", 0, 1.0, 2.0), entry("a", 1, 0.5, 4.0), entry("b", 0, 0.2, 1.0)]
+    rows = accuracy_table(results, [4, 8])
+    assert rows[0] == {"variant": "a", "seeds": 2, "L4": (0.75, 0.5), "L8": (0.375, 0.25),
+                       "eq": (0.75, 0.5)}  # fmt: skip
+    assert rows[1]["L4"] == (0.2, 0.2)
+    dyn = dynamics_table(results, [4, 8])
+    assert dyn[0] == {"variant": "a", "loops": "4", "state_norm": 3.0, "step_norm": 1.0,
+                      "rho_median": 0.5}  # fmt: skip
+    assert dyn[1]["loops"] == "z*" and dyn[1]["rho_median"] == 0.25
