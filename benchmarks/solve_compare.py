@@ -117,13 +117,13 @@ def looplm_problem(
     *, batch: int, seq_len: int, seed: int, dtype: torch.dtype, device: torch.device,
     checkpoint: str | None,
 ) -> BenchProblem:
-    """The recurrent core of a LoopLM: ``f(z, x) = core_step(z, x)`` over (B, S, d) states."""
+    """The recurrent core of a LoopLM (its ``core_map``) over (B, S, d) states."""
     from eqloop.model import LoopLM, LoopLMConfig
 
     if checkpoint is not None:
         from eqloop.checkpoint import load_model
 
-        model = load_model(checkpoint)
+        model, _ = load_model(checkpoint)
     else:
         torch.manual_seed(seed)
         config = LoopLMConfig(
@@ -140,9 +140,9 @@ def looplm_problem(
     vocab, max_len = model.config.vocab_size, model.config.max_seq_len
     tokens = torch.randint(0, vocab, (batch, min(seq_len, max_len)), generator=gen).to(device)
     with torch.no_grad():
-        x = model.inject(tokens)
-        z0 = model.initial_state(x)
-    return BenchProblem("looplm", model.core_step, z0, (x,))
+        f, z0 = model.core_map(tokens)
+    # The map's parts, so that the solvers may drop converged rows with their arguments.
+    return BenchProblem("looplm", f.step, z0, f.args)
 
 
 def build_problems(args: argparse.Namespace) -> list[BenchProblem]:

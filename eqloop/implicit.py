@@ -24,11 +24,11 @@ from torch import Tensor
 import solvers
 from eqloop.backward import (
     BACKWARD_MODES,
+    IFT,
     Backward,
     ConvergenceWarning,
     FixedPointInfo,
     FixedPointProblem,
-    IFT,
     default_backward_tol,
     make_backward,
     warn_if_failed,

@@ -105,13 +105,18 @@ from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.stars import PenaltySchedule, jsrr_penalty, spectral_radius
 
 __all__ = [
+    "MetricsLog",
     "OnEval",
+    "RunEnv",
     "TrainingInterrupted",
     "batch_rows",
     "lr_factor",
     "make_train_tensors",
+    "mix_seed",
     "penalty_overhead",
     "penalty_point",
+    "read_metrics",
+    "setup_run",
     "train",
     "train_step",
 ]
@@ -147,7 +152,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 # ------------------------------------------------------------------------------- helpers
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed that depends on every value (NumPy's SeedSequence hashing)."""
     return int(np.random.SeedSequence(list(values)).generate_state(2, np.uint64)[0] >> 1)
 
@@ -171,7 +176,7 @@ def batch_rows(step: int, n: int, batch_size: int, seed: int) -> Tensor:
         rows of each epoch's permutation are skipped.
     """
     epoch, index = divmod(step, n // batch_size)
-    generator = torch.Generator().manual_seed(_mix(seed, epoch))
+    generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
     return torch.randperm(n, generator=generator)[index * batch_size : (index + 1) * batch_size]
 
 
@@ -319,7 +324,7 @@ def train_step(
 
 
 @dataclass(frozen=True)
-class _Env:
+class RunEnv:
     """Where this process runs: rank, world size, device, and who owns the process group."""
 
     rank: int
@@ -332,7 +337,7 @@ class _Env:
         return self.rank == 0
 
 
-def _setup(device: str) -> _Env:
+def setup_run(device: str) -> RunEnv:
     """Join the process group torchrun describes (``WORLD_SIZE > 1``) or run alone."""
     device = check_device(device)
     cuda = device.startswith("cuda")
@@ -343,13 +348,13 @@ def _setup(device: str) -> _Env:
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     if not cuda:
-        return _Env(rank, world, torch.device("cpu"), owns)
+        return RunEnv(rank, world, torch.device("cpu"), owns)
     if device.startswith("cuda:"):
         index = torch.device(device).index
     else:
         index = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
     torch.cuda.set_device(index)
-    return _Env(rank, world, torch.device("cuda", index), owns)
+    return RunEnv(rank, world, torch.device("cuda", index), owns)
 
 
 # ------------------------------------------------------------------------------ logging
@@ -391,7 +396,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-class _MetricsLog:
+class MetricsLog:
     """Append-only JSONL log that starts with ``kept`` (a resumed run's earlier records)."""
 
     def __init__(self, path: Path, kept: list[dict[str, Any]]) -> None:
@@ -406,7 +411,7 @@ class _MetricsLog:
 
 
 def _average_over_ranks(
-    stats: dict[str, float | None], stop: int, env: _Env
+    stats: dict[str, float | None], stop: int, env: RunEnv
 ) -> tuple[dict[str, float | None], int]:
     """Mean of each statistic over the ranks (None stays None: it is None on every rank),
     and the largest ``stop`` signal number of any rank, in one all-reduce."""
@@ -600,7 +605,7 @@ def initial_weights(config: TrainConfig) -> dict[str, Tensor]:
     return source.weights
 
 
-def _build(config: TrainConfig, env: _Env, ckpt: Checkpoint | None) -> _State:
+def _build(config: TrainConfig, env: RunEnv, ckpt: Checkpoint | None) -> _State:
     """Model, DDP wrapper, optimiser, scheduler and sampler, restored from ``ckpt`` if given.
 
     Raises:
@@ -633,7 +638,7 @@ def _build(config: TrainConfig, env: _Env, ckpt: Checkpoint | None) -> _State:
     return state
 
 
-def _evaluate(state: _State, test: EvalSet, config: TrainConfig, env: _Env) -> dict[str, Any]:
+def _evaluate(state: _State, test: EvalSet, config: TrainConfig, env: RunEnv) -> dict[str, Any]:
     """Exact match at ``config.eval_loops`` on rank 0, broadcast to every rank."""
     metrics: list[dict[str, Any] | None] = [None]
     if env.main:
@@ -683,7 +688,7 @@ def train(config: TrainConfig, *, on_eval: OnEval | None = None) -> dict[str, An
         TrainingInterrupted: SIGINT or SIGTERM arrived; the last step was checkpointed.
     """
     config.validate()
-    env = _setup(config.device)
+    env = setup_run(config.device)
     try:
         return _train(config, env, on_eval)
     finally:
@@ -691,7 +696,7 @@ def train(config: TrainConfig, *, on_eval: OnEval | None = None) -> dict[str, An
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, env: _Env, on_eval: OnEval | None) -> dict[str, Any]:
+def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str, Any]:
     if config.batch_size % env.world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {env.world} ranks")
     vocab = CharTokenizer().vocab_size
@@ -719,7 +724,7 @@ def _train(config: TrainConfig, env: _Env, on_eval: OnEval | None) -> dict[str, 
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_staging(out_dir)
         write_json_atomic(out_dir / "config.json", config.to_dict())
-        log = _MetricsLog(out_dir / "metrics.jsonl", list(plan.metrics))
+        log = MetricsLog(out_dir / "metrics.jsonl", list(plan.metrics))
     schedule = PenaltySchedule(config.penalty_start, config.penalty_every)
     bar = tqdm(
         total=config.steps,
@@ -740,9 +745,9 @@ def _train(config: TrainConfig, env: _Env, on_eval: OnEval | None) -> dict[str, 
         with _stop_signals() as received:
             for step in range(state.step, config.steps):
                 start = time.perf_counter()
-                torch.manual_seed(_mix(config.seed, step, env.rank, 0))  # dropout, if any
+                torch.manual_seed(mix_seed(config.seed, step, env.rank, 0))  # dropout, if any
                 generator = torch.Generator(env.device).manual_seed(
-                    _mix(config.seed, step, env.rank, 1)
+                    mix_seed(config.seed, step, env.rank, 1)
                 )
                 rows = batch_rows(step, len(train_x), config.batch_size, config.seed)
                 rows = rows[env.rank :: env.world].to(env.device)

@@ -59,3 +59,24 @@ def test_solve_compare_rejects_unknown_problem(flag: str) -> None:
     proc = run_script("solve_compare.py", "--quick", flag)
     assert proc.returncode != 0
     assert "unknown problem" in proc.stderr
+
+
+def test_solve_compare_solves_a_trained_checkpoint(tmp_path: Path) -> None:
+    from eqloop.config import TrainConfig
+    from eqloop.train import train
+
+    run = tmp_path / "run"
+    config = TrainConfig.from_dict(dict(
+        model={"d_model": 16, "n_heads": 2, "d_ff": 32, "max_seq_len": 16},
+        digits=2, n_train=64, n_test=16, batch_size=16, steps=2, warmup_steps=1,
+        eval_every=0, checkpoint_every=0, out_dir=str(run), progress=False,
+        data_cache_dir=str(tmp_path / "cache"),
+    ))  # fmt: skip
+    train(config)
+    out_json = tmp_path / "compare.json"
+    proc = run_script("solve_compare.py", "--quick", "--problems", "looplm", "--solvers",
+                      "fixed_point,anderson", "--checkpoint", str(run), "--json", str(out_json))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out_json.read_text())["results"]
+    assert {r["problem"] for r in rows} == {"looplm"}
+    assert {r["solver"] for r in rows} == {"fixed_point", "anderson"}

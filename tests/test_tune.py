@@ -607,13 +607,22 @@ def test_tune_lambda_benchmark_quick(
     args += ["--data-cache-dir", str(cache_dir), "--json", str(out_json), "--plot", str(out_png)]
     result = bench.main(args)
     printed = capsys.readouterr().out
-    assert "best lam = " in printed and "pruning: " in printed
+    assert "best lam = " in printed and "separation" in printed
     data = json.loads(out_json.read_text())
     assert data == json.loads(json.dumps(result))
-    lams = [row["lam"] for row in data["trials"]]
-    assert len(lams) == 4 and lams == sorted(lams)
-    assert lams[0] == pytest.approx(1e-3) and lams[-1] <= 1.0
-    assert data["best"]["lam"] in lams
-    assert set(data["pruning"]) >= {"steps_saved", "saved_fraction", "steps_run_pruned"}
+    # Every lam of the grid twice, each time with another training seed, all warm-started.
+    trials = data["trials"]
+    assert sorted((r["lam"], r["seed"]) for r in trials) == pytest.approx(
+        [(1e-3, 0), (1e-3, 2), (0.1, 1), (0.1, 3)]
+    )
+    assert [s["seeds"] for s in data["per_lam"]] == [2, 2]
+    for s in data["per_lam"]:
+        values = [r["objective"] for r in trials if r["lam"] == s["lam"]]
+        assert s["worst"] == min(values) and s["spread"] == max(values) - min(values)
+    assert data["best"]["mean"] == max(s["mean"] for s in data["per_lam"])
+    objectives = [r["objective"] for r in trials]
+    assert data["separation_points"] == pytest.approx(100 * (max(objectives) - min(objectives)))
+    config = json.loads((tmp_path / "b" / "q" / "tune_config.json").read_text())
+    assert Path(config["base"]["init_from"]).name == "step_00000006"
     assert out_png.read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "b" / "q" / "trials.csv").is_file()

@@ -68,7 +68,15 @@ from eqloop.finetune.data import Example, PromptTemplate, encode_examples, load_
 from eqloop.finetune.lora import DEFAULT_TARGETS, attach_lora, merge_lora
 from eqloop.finetune.models import LoadedModel, load_for_finetuning, save_model
 from eqloop.stars import PenaltySchedule, jsrr_penalty
-from eqloop.train import _Env, _MetricsLog, _mix, _setup, batch_rows, lr_factor, read_metrics
+from eqloop.train import (
+    MetricsLog,
+    RunEnv,
+    batch_rows,
+    lr_factor,
+    mix_seed,
+    read_metrics,
+    setup_run,
+)
 
 __all__ = ["Objective", "OnStep", "finetune", "make_sampler", "prepare_model", "step_time_ratio"]
 
@@ -228,7 +236,7 @@ def prepare_model(loaded: LoadedModel, config: FinetuneConfig) -> list[str]:
     if config.lora is None:
         return []
     targets = config.lora.targets or list(DEFAULT_TARGETS[loaded.arch])
-    torch.manual_seed(_mix(config.seed, 2))  # the adapters' initialisation
+    torch.manual_seed(mix_seed(config.seed, 2))  # the adapters' initialisation
     return attach_lora(
         loaded.model, targets, r=config.lora.r, alpha=config.lora.alpha,
         dropout=config.lora.dropout,
@@ -269,7 +277,7 @@ class _Run:
     optimizer: torch.optim.AdamW
     scheduler: LambdaLR
     sampler: DepthSampler
-    env: _Env
+    env: RunEnv
     fsdp: bool
     lora_modules: list[str]
     step: int = 0
@@ -375,7 +383,7 @@ def _check_resumable(saved: dict[str, Any], config: FinetuneConfig) -> None:
         )
 
 
-def _build(config: FinetuneConfig, env: _Env, loaded: LoadedModel | None) -> _Run:
+def _build(config: FinetuneConfig, env: RunEnv, loaded: LoadedModel | None) -> _Run:
     out_dir = Path(config.out_dir)
     latest = latest_checkpoint(out_dir)
     if latest is not None and not config.resume:
@@ -425,8 +433,8 @@ def _train_step(
 ) -> dict[str, Any]:
     """One optimisation step over this rank's rows, in ``grad_accum`` micro-batches."""
     step, env = run.step, run.env
-    torch.manual_seed(_mix(config.seed, step, env.rank, 0))  # dropout, if any
-    generator = torch.Generator(env.device).manual_seed(_mix(config.seed, step, env.rank, 1))
+    torch.manual_seed(mix_seed(config.seed, step, env.rank, 0))  # dropout, if any
+    generator = torch.Generator(env.device).manual_seed(mix_seed(config.seed, step, env.rank, 1))
     loops = run.sampler.sample()
     micro = inputs.shape[0] // config.grad_accum
     tokens = (targets != IGNORE_INDEX).sum().double()
@@ -510,7 +518,7 @@ def finetune(
         config.validate()
     except TypeError as err:
         raise ValueError(str(err)) from None
-    env = _setup(config.device)
+    env = setup_run(config.device)
     try:
         return _finetune(config, env, loaded, eval_examples, on_step)
     finally:
@@ -520,7 +528,7 @@ def finetune(
 
 def _finetune(
     config: FinetuneConfig,
-    env: _Env,
+    env: RunEnv,
     loaded: LoadedModel | None,
     eval_examples: Sequence[Example] | None,
     on_step: OnStep | None,
@@ -549,7 +557,7 @@ def _finetune(
         write_json_atomic(out_dir / "config.json", config.to_dict())
         log_path = out_dir / "metrics.jsonl"
         kept = read_metrics(log_path) if run.step and log_path.is_file() else []
-        log = _MetricsLog(log_path, [r for r in kept if r.get("step", 0) <= run.step])
+        log = MetricsLog(log_path, [r for r in kept if r.get("step", 0) <= run.step])
     schedule = PenaltySchedule(config.penalty_start, 1)
     checkpoint_path = latest_checkpoint(out_dir) if run.step >= config.steps else None
     bar = tqdm(
