@@ -11,11 +11,15 @@ from pathlib import Path
 import pytest
 
 from benchmarks.stars_scaling import (
+    FINETUNE,
     GROUPS,
+    RECIPE,
     VARIANTS,
     accuracy_table,
     carry_chain,
     dynamics_table,
+    parse_args,
+    run_config,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,3 +115,13 @@ def test_tables_take_mean_and_worst_seed() -> None:
     assert dyn[0] == {"variant": "a", "loops": "4", "state_norm": 3.0, "step_norm": 1.0,
                       "rho_median": 0.5}  # fmt: skip
     assert dyn[1]["loops"] == "z*" and dyn[1]["rho_median"] == 0.25
+
+
+def test_set_overrides_reach_warm_started_variants(tmp_path: Path) -> None:
+    args = parse_args(["--out-dir", str(tmp_path), "--set", "warmup_steps=300"])
+    stars, baseline = run_config("stars", 1, args), run_config("baseline", 1, args)
+    assert stars.warmup_steps == baseline.warmup_steps == 300  # --set wins over FINETUNE
+    assert stars.lr == FINETUNE["lr"] and baseline.lr == RECIPE["lr"]
+    assert stars.init_from == str(tmp_path / "baseline" / "seed1" / "checkpoints"
+                                  / f"step_{args.warm_steps:08d}")  # fmt: skip
+    assert (stars.lam, stars.depth["hi"], stars.penalty_start) == (0.1, 32, args.steps // 5)
