@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from eqloop.files import write_bytes_atomic
+from eqloop.files import jsonl_records, write_bytes_atomic
 from solvers import checks
 
 if TYPE_CHECKING:
@@ -771,16 +771,7 @@ def load_qa_jsonl(
     tokenizer = tokenizer if tokenizer is not None else CharTokenizer.printable()
     raw = file.read_bytes()
     examples = []
-    for number, line in enumerate(raw.decode("utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{file}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for where, record in jsonl_records(file, raw):
         question = _qa_field(record, question_key, where)
         examples.append((question, _qa_field(record, answer_key, where), where))
     if not examples:

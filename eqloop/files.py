@@ -19,6 +19,7 @@ from typing import Any
 __all__ = [
     "STAGING_PREFIX",
     "atomic_path",
+    "jsonl_records",
     "umask_mode",
     "write_bytes_atomic",
     "write_json_atomic",
@@ -79,3 +80,35 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented, key-sorted JSON (with a final newline) atomically."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
+
+def jsonl_records(
+    file: Path, text: str | bytes | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(path:line, object)`` for every non-blank line of a JSONL file.
+
+    Args:
+        file: the file; named in every error.
+        text: its contents, if already read (bytes are decoded as UTF-8).
+
+    Raises:
+        ValueError: the file is not UTF-8, a line is not JSON or not a JSON object (the
+            message starts with ``path:line``).
+    """
+    try:
+        if text is None:
+            text = file.read_text(encoding="utf-8")
+        elif isinstance(text, bytes):
+            text = text.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{file}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record

@@ -110,6 +110,7 @@ __all__ = [
     "RunEnv",
     "TrainingInterrupted",
     "batch_rows",
+    "changed_fields",
     "lr_factor",
     "make_train_tensors",
     "mix_seed",
@@ -425,14 +426,17 @@ def _average_over_ranks(
     return {**stats, **dict(zip(keys, means, strict=True))}, int(values[len(keys) :].max())
 
 
+def changed_fields(
+    saved: dict[str, Any], current: dict[str, Any], may_change: frozenset[str]
+) -> list[str]:
+    """The config fields, outside ``may_change``, whose values differ (sorted)."""
+    keys = set(saved) | set(current)
+    return sorted(k for k in keys - may_change if saved.get(k) != current.get(k))
+
+
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, source: Path) -> None:
     """Raise ``ValueError`` if ``config`` changes fields a resumed run must keep."""
-    current = config.to_dict()
-    changed = sorted(
-        key
-        for key in set(saved) | set(current)
-        if key not in _RESUME_MAY_CHANGE and saved.get(key) != current.get(key)
-    )
+    changed = changed_fields(saved, config.to_dict(), _RESUME_MAY_CHANGE)
     if changed:
         raise ValueError(
             f"cannot resume the run in {config.out_dir}: the config differs from {source} in "

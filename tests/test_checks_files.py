@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from eqloop.files import atomic_path, umask_mode, write_json_atomic, write_text_atomic
+from eqloop.files import (
+    atomic_path,
+    jsonl_records,
+    umask_mode,
+    write_json_atomic,
+    write_text_atomic,
+)
 from solvers import checks
 
 
@@ -75,3 +81,14 @@ def test_atomic_path_leaves_target_untouched_on_error(tmp_path: Path) -> None:
         raise RuntimeError("boom")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_jsonl_records_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"a": 1}\n\n{"b": 2}\n')
+    assert list(jsonl_records(path)) == [(f"{path}:1", {"a": 1}), (f"{path}:3", {"b": 2})]
+    for text, message in (('{"a": 1}\n[1]\n', ":2: expected a JSON object, got list"),
+                          ('{"a": 1}\n{"b": \n', ":2: invalid JSON"),
+                          (b'{"a": "\xff"}\n', "not UTF-8 text")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            list(jsonl_records(path, text))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from eqloop.data import IGNORE_INDEX
-from eqloop.files import write_text_atomic
+from eqloop.files import jsonl_records, write_text_atomic
 from eqloop.finetune.tokenizer import TextTokenizer
 
 __all__ = [
@@ -159,25 +159,6 @@ def final_answer(answer: str, where: str) -> str:
 # -------------------------------------------------------------------------------- JSONL
 
 
-def _records(file: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(path:line, object)`` for every non-blank line of a JSONL file."""
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{file}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        yield where, record
-
-
 def _text_field(record: dict[str, Any], key: str, where: str) -> str:
     """``record[key]`` as text (numbers converted), else ``ValueError`` citing ``where``."""
     if key not in record:
@@ -229,7 +210,7 @@ def load_jsonl(
     if not file.is_file():
         raise FileNotFoundError(f"no such JSONL file: {file}")
     examples: list[Example] = []
-    for where, record in _records(file):
+    for where, record in jsonl_records(file):
         if format == "auto":
             format = _detect_format(record, where)
         if format == "gsm8k":

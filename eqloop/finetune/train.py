@@ -72,6 +72,7 @@ from eqloop.train import (
     MetricsLog,
     RunEnv,
     batch_rows,
+    changed_fields,
     lr_factor,
     mix_seed,
     read_metrics,
@@ -370,12 +371,7 @@ class _Run:
 
 
 def _check_resumable(saved: dict[str, Any], config: FinetuneConfig) -> None:
-    current = config.to_dict()
-    changed = sorted(
-        key
-        for key in set(saved) | set(current)
-        if key not in _RESUME_MAY_CHANGE and saved.get(key) != current.get(key)
-    )
+    changed = changed_fields(saved, config.to_dict(), _RESUME_MAY_CHANGE)
     if changed:
         raise ValueError(
             f"cannot resume from {config.out_dir}: the config differs from the checkpoint's in "
