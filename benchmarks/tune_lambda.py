@@ -161,7 +161,7 @@ def plot(rows: list[dict[str, Any]], summary: list[dict[str, Any]], loops: list[
         means = [statistics.fmean(r[f"acc@{t}"] for r in rows if r["lam"] == s["lam"])
                  for s in summary]  # fmt: skip
         ax_acc.plot([s["lam"] for s in summary], means, "o-", color=f"C{i}", label=f"{t} loops")
-    for ax, ylabel in ((ax_obj, f"mean exact match at loops {loops}"),
+    for ax, ylabel in ((ax_obj, f"mean exact match, {loops[0]}-{loops[-1]} loops"),
                        (ax_acc, "exact match (mean over seeds)")):  # fmt: skip
         ax.set_xscale("log")
         style_axis(ax, "STARS penalty weight lam", ylabel)
