@@ -118,7 +118,7 @@ RECIPE: dict[str, Any] = {
     "lam": 0.0,
 }
 WARM_STEPS = 3000  # a baseline's training: the fixed-loop phase every variant starts from
-STEPS = 2000  # what a warm-started variant trains after it, with its own recipe
+STEPS = 4000  # what a warm-started variant trains after it, with its own recipe
 FINETUNE = {"lr": 1e-3, "warmup_steps": 50}  # a run that starts warm (before --set)
 FIXED = {"depth": {"kind": "fixed", "t": 4}, "lam": 0.0}
 RANDOM = {"depth": {"kind": "lognormal", "mu": 2.0, "sigma": 0.7, "lo": 1, "hi": 100}}
