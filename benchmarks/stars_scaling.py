@@ -214,8 +214,13 @@ def run_config(variant: str, seed: int, args: argparse.Namespace) -> TrainConfig
         resume=True,
         progress=not args.no_progress and args.jobs == 1,
     )
+    return TrainConfig.from_dict(config_dict(settings))
+
+
+def config_dict(settings: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig's defaults with ``settings`` (flat keys, ``"model.x"`` for the model)."""
     overrides = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
-    return TrainConfig.from_dict(apply_overrides(TrainConfig().to_dict(), overrides))
+    return apply_overrides(TrainConfig().to_dict(), overrides)
 
 
 def run_dir(variant: str, seed: int, args: argparse.Namespace) -> Path:

@@ -45,7 +45,7 @@ import torch
 from optuna.trial import TrialState
 
 from benchmarks.common import format_table, machine_info
-from benchmarks.stars_scaling import FINETUNE, RANDOM, RECIPE, WARM_STEPS
+from benchmarks.stars_scaling import FINETUNE, RANDOM, RECIPE, WARM_STEPS, config_dict
 from eqloop.checkpoint import CHECKPOINT_DIR, step_dir_name
 from eqloop.config import TrainConfig
 from eqloop.files import write_json_atomic
@@ -64,24 +64,12 @@ QUICK: dict[str, Any] = {"lams": [1e-3, 1e-1], "repeats": 2, "steps": 4, "loops"
 QUICK_MODEL = {"d_model": 16, "n_heads": 2, "d_ff": 32}  # the quick preset's tiny baseline
 
 
-def recipe_base() -> dict[str, Any]:
-    """``stars_scaling``'s recipe as a nested TrainConfig dict (``model`` a sub-dict)."""
-    base: dict[str, Any] = {"model": {}}
-    for key, value in RECIPE.items():
-        if key.startswith("model."):
-            base["model"][key.removeprefix("model.")] = value
-        else:
-            base[key] = value
-    return base
-
-
 def quick_baseline(out_dir: Path, data_cache_dir: str | None) -> Path:
     """Train the quick preset's warm start (a few steps of a tiny model); its checkpoint."""
     run = out_dir / "baseline"
-    base, defaults = recipe_base(), TrainConfig().to_dict()  # the model defaults tune fills in
+    base = config_dict(RECIPE)
     config = TrainConfig.from_dict({
-        **defaults, **base, "model": {**defaults["model"], **base["model"], **QUICK_MODEL},
-        "digits": 2, "n_train": 256,
+        **base, "model": {**base["model"], **QUICK_MODEL}, "digits": 2, "n_train": 256,
         "n_test": 32, "batch_size": 16, "steps": 6, "warmup_steps": 2, "eval_every": 0,
         "checkpoint_every": 0, "out_dir": str(run), "resume": True, "progress": False,
         **({"data_cache_dir": data_cache_dir} if data_cache_dir else {}),
@@ -92,7 +80,7 @@ def quick_baseline(out_dir: Path, data_cache_dir: str | None) -> Path:
 
 def tune_config(preset: dict[str, Any], args: argparse.Namespace, init_from: Path) -> TuneConfig:
     """The study: the lam grid times ``repeats`` seeds, warm-started, no sampler, no pruner."""
-    base = recipe_base()
+    base = config_dict(RECIPE)
     steps = args.steps or preset["steps"]
     base.update(FINETUNE, depth={**RANDOM["depth"], "hi": args.depth_hi}, init_from=str(init_from),
                 steps=steps, penalty_start=steps // 5, eval_every=steps, checkpoint_every=0,
