@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from scripts import run_benchmark
 
 import solvers
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run a benchmark script as a user would, single-threaded to keep CI steady."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
-    )
 
 
 def test_solve_compare_quick_writes_json_and_plot(tmp_path: Path) -> None:
     out_json, out_png = tmp_path / "compare.json", tmp_path / "compare.png"
-    proc = run_script("solve_compare.py", "--quick", "--json", str(out_json),
+    proc = run_benchmark("solve_compare.py", "--quick", "--json", str(out_json),
                       "--plot", str(out_png))
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out_json.read_text())
@@ -49,14 +36,14 @@ def test_solve_compare_quick_writes_json_and_plot(tmp_path: Path) -> None:
 
 
 def test_solve_compare_rejects_unknown_solver() -> None:
-    proc = run_script("solve_compare.py", "--quick", "--solvers", "newton")
+    proc = run_benchmark("solve_compare.py", "--quick", "--solvers", "newton")
     assert proc.returncode != 0
     assert "unknown solver" in proc.stderr and "anderson" in proc.stderr
 
 
 @pytest.mark.parametrize("flag", ["--problems=nonsense"])
 def test_solve_compare_rejects_unknown_problem(flag: str) -> None:
-    proc = run_script("solve_compare.py", "--quick", flag)
+    proc = run_benchmark("solve_compare.py", "--quick", flag)
     assert proc.returncode != 0
     assert "unknown problem" in proc.stderr
 
@@ -74,7 +61,7 @@ def test_solve_compare_solves_a_trained_checkpoint(tmp_path: Path) -> None:
     ))  # fmt: skip
     train(config)
     out_json = tmp_path / "compare.json"
-    proc = run_script("solve_compare.py", "--quick", "--problems", "looplm", "--solvers",
+    proc = run_benchmark("solve_compare.py", "--quick", "--problems", "looplm", "--solvers",
                       "fixed_point,anderson", "--checkpoint", str(run), "--json", str(out_json))
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out_json.read_text())["results"]

@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_memory_depth(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the script as a user would, single-threaded to keep CI steady."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "memory_depth.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+from scripts import run_benchmark
 
 
 def test_memory_depth_quick_writes_json_and_plot(tmp_path: Path) -> None:
     out_json, out_png = tmp_path / "memory.json", tmp_path / "memory.png"
-    proc = run_memory_depth("--quick", "--json", str(out_json), "--plot", str(out_png))
+    proc = run_benchmark("memory_depth.py", "--quick", "--json", str(out_json),
+                         "--plot", str(out_png))
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out_json.read_text())
     saved = {(r["mode"], r["loops"]): r["saved_bytes"] for r in data["depth"]}
@@ -53,6 +36,6 @@ def test_memory_depth_quick_writes_json_and_plot(tmp_path: Path) -> None:
 
 
 def test_memory_depth_rejects_unknown_mode() -> None:
-    proc = run_memory_depth("--quick", "--modes", "ift,adjoint")
+    proc = run_benchmark("memory_depth.py", "--quick", "--modes", "ift,adjoint")
     assert proc.returncode != 0
     assert "unknown mode(s) ['adjoint']" in proc.stderr and "phantom" in proc.stderr

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from scripts import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,17 +17,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def run_speed(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "speed_regression.py"), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-
-
 def test_speed_regression_quick_against_head(tmp_path: Path) -> None:
     out = tmp_path / "speed.json"
-    proc = run_speed("--quick", "--baseline", "HEAD", "--json", str(out))
+    proc = run_benchmark("speed_regression.py", "--quick", "--baseline", "HEAD", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -49,6 +40,6 @@ def test_speed_regression_quick_against_head(tmp_path: Path) -> None:
 
 
 def test_speed_regression_names_a_bad_revision() -> None:
-    proc = run_speed("--quick", "--baseline", "no-such-revision")
+    proc = run_benchmark("speed_regression.py", "--quick", "--baseline", "no-such-revision")
     assert proc.returncode != 0
     assert "git rev-parse" in proc.stderr and "no-such-revision" in proc.stderr

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from scripts import run_benchmark
 
 
 def test_quick_run_writes_json_with_every_part(tmp_path):
     out = tmp_path / "pretrained.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "pretrained.py"), "--quick", "--json", str(out),
-         "--plot", str(tmp_path / "p.png")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+    done = run_benchmark("pretrained.py", "--quick", "--json", str(out), "--plot",
+                         str(tmp_path / "p.png"))
     assert done.returncode == 0, done.stderr
     data = json.loads(out.read_text())
     assert data["decode"]["identical_outputs"] is True
@@ -37,8 +29,5 @@ def test_quick_run_writes_json_with_every_part(tmp_path):
 
 
 def test_unknown_part_is_rejected():
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "pretrained.py"), "--quick", "--parts", "speed"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    done = run_benchmark("pretrained.py", "--quick", "--parts", "speed")
     assert done.returncode == 2 and "unknown parts" in done.stderr

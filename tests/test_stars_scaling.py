@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from scripts import run_benchmark
 
 from benchmarks.stars_scaling import (
     FINETUNE,
@@ -22,24 +20,15 @@ from benchmarks.stars_scaling import (
     run_config,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_script(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "stars_scaling.py"), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-
 
 def test_quick_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     args = ("--quick", "--variants", "headline", "--out-dir", str(out), "--jobs", "2")
     names = (("json", "json"), ("plot", "png"), ("pca", "png"), ("scaling", "png"))
     files = {k: tmp_path / f"{k}.{ext}" for k, ext in names}
-    proc = run_script(*args, "--json", str(files["json"]), "--plot", str(files["plot"]),
-                      "--pca", str(files["pca"]), "--scaling", str(files["scaling"]))  # fmt: skip
+    proc = run_benchmark("stars_scaling.py", *args, "--json", str(files["json"]),
+                         "--plot", str(files["plot"]), "--pca", str(files["pca"]),
+                         "--scaling", str(files["scaling"]))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "exact match at t loops and at the equilibrium" in proc.stdout
     data = json.loads(files["json"].read_text())
@@ -71,15 +60,15 @@ def test_quick_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     # Rerunning trains nothing and reuses every cached evaluation.
     kept = [p for p in out.rglob("*") if p.suffix in (".json", ".safetensors")]
     stamp = {p: p.stat().st_mtime_ns for p in kept}
-    again = run_script(*args)
+    again = run_benchmark("stars_scaling.py", *args)
     assert again.returncode == 0, again.stderr
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
 
 
 def test_bad_arguments_exit_with_a_message() -> None:
-    proc = run_script("--quick", "--variants", "baseline,nonsense")
+    proc = run_benchmark("stars_scaling.py", "--quick", "--variants", "baseline,nonsense")
     assert proc.returncode == 2 and "unknown variant(s) ['nonsense']" in proc.stderr
-    proc = run_script("--quick", "--set", "lr")
+    proc = run_benchmark("stars_scaling.py", "--quick", "--set", "lr")
     assert proc.returncode == 2 and "must look like KEY=VALUE" in proc.stderr
 
 

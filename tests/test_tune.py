@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -472,16 +472,6 @@ def running_trial_with_steps(kind: str, tmp_path: Path, number: int, steps: int)
     return trial.state == TrialState.RUNNING and trial.user_attrs.get("steps_run", 0) >= steps
 
 
-@pytest.fixture
-def killable() -> Iterator[list[subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 def start_and_kill_in_trial_1(
     kind: str,
     tmp_path: Path,
@@ -512,12 +502,12 @@ def start_and_kill_in_trial_1(
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_killed_worker_is_detected_and_its_trial_retried(
-    tmp_path: Path, cache_dir: Path, kind: str, killable: list[subprocess.Popen[str]]
+    tmp_path: Path, cache_dir: Path, kind: str, processes: list[subprocess.Popen[str]]
 ) -> None:
     """SIGKILL mid-trial. SQLite: the heartbeat goes stale and the next worker fails and
     queues the trial; journal (no heartbeat): the user requeues it with --requeue."""
     config, first, killed_at = start_and_kill_in_trial_1(
-        kind, tmp_path, cache_dir, killable, heartbeat_interval=1, grace_period=2
+        kind, tmp_path, cache_dir, processes, heartbeat_interval=1, grace_period=2
     )
     killed = open_study(kind, tmp_path).get_trials()[1]
     assert killed.state == TrialState.RUNNING  # SIGKILL: nobody could mark it
@@ -572,12 +562,12 @@ def test_requeue_refuses_a_trial_that_is_not_running(
 
 @pytest.mark.slow
 def test_sigterm_fails_the_trial_and_queues_it(
-    tmp_path: Path, cache_dir: Path, killable: list[subprocess.Popen[str]]
+    tmp_path: Path, cache_dir: Path, processes: list[subprocess.Popen[str]]
 ) -> None:
     config, _, _ = start_and_kill_in_trial_1(
-        "journal", tmp_path, cache_dir, killable, sig=signal.SIGTERM
+        "journal", tmp_path, cache_dir, processes, sig=signal.SIGTERM
     )
-    assert killable[0].returncode == 130
+    assert processes[0].returncode == 130
     trials = open_study("journal", tmp_path).get_trials()
     assert trials[1].state == TrialState.FAIL
     assert trials[1].user_attrs["error"] == "interrupted"
