@@ -34,8 +34,8 @@ Variants (``--variants`` takes names or the group names in brackets):
     baseline_add, stars_add
   [internal]   beyond the paper: STARS on internal-norm blocks
     stars_pre, stars_pre_sandwich
-  [options]    stars_pre with the penalty options: at the solver's fixed point, a hinge
-               target, more power steps, the Arnoldi direction (see VARIANTS)
+  [options]    the penalty options: at the solver's fixed point (stars and stars_pre),
+               and on stars_pre a hinge target, more power steps, the Arnoldi direction
 
 ``headline`` is ``baseline,stars``; ``grid`` every group but ``options``; ``all`` everything.
 
@@ -164,6 +164,9 @@ def _variants() -> dict[str, Variant]:
                 "baseline_pre"),
         Variant("stars_pre_sandwich", "internal", "STARS on a pre-sandwich block",
                 {**stars, **pre_sandwich}, "baseline_pre_sandwich"),
+        Variant("stars_fixed_point", "options",
+                "stars, penalty at the solver's fixed point",
+                {**stars, "penalty_at": "fixed_point"}, "baseline"),
         Variant("stars_pre_fixed_point", "options", "stars_pre, penalty at the fixed point",
                 {**stars, **pre, "penalty_at": "fixed_point"}, "baseline_pre"),
         Variant("stars_pre_hinge", "options", "stars_pre, hinge relu(||Jv|| - 0.5)^2",
@@ -233,6 +236,20 @@ def _solvers(args: argparse.Namespace) -> list[str]:
     return [name for name in (args.solver or "").split(",") if name]
 
 
+def solver_spec(spec: str) -> tuple[str, dict[str, int]]:
+    """``"anderson@4"`` -> ``("anderson", {"start_loops": 4})``: the solver and its start.
+
+    ``name@k`` starts the solver from the state after ``k`` loops instead of the loop's
+    initial state (see :func:`eqloop.evaluate.solve_core`).
+    """
+    name, at, start = spec.partition("@")
+    if not at:
+        return name, {}
+    if not start.isdigit():
+        raise ValueError(f"solver {spec!r}: write NAME@K with K loops before it starts")
+    return name, {"start_loops": int(start)}
+
+
 def _eval_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the cached evaluation depends on besides the weights."""
     return {
@@ -298,17 +315,18 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     config.n_test = args.n_test
     start = time.perf_counter()
     test = make_test_set(config)
-    solvers = settings["solvers"]
+    specs = [solver_spec(spec) for spec in settings["solvers"]]
+    options = [{**settings["solver_options"], **start} for _, start in specs]
     raw = evaluate_model(
-        model, test, loops=args.loops, solver=solvers[0] if solvers else None,
-        solver_options=settings["solver_options"], decode="forced",
+        model, test, loops=args.loops, solver=specs[0][0] if specs else None,
+        solver_options=options[0] if specs else None, decode="forced",
         diagnostic_samples=args.diagnostic_samples, rho_iters=args.rho_iters, seed=seed,
     )  # fmt: skip
     result = summarize(variant, seed, config, raw)
     result["equilibria"] = {
-        name: result["equilibrium"] if i == 0 else exact_match(
-            equilibrium(model, name, **settings["solver_options"]), test, decode="forced")
-        for i, name in enumerate(solvers)
+        spec: result["equilibrium"] if i == 0 else exact_match(
+            equilibrium(model, name, **opts), test, decode="forced")
+        for i, (spec, (name, _), opts) in enumerate(zip(settings["solvers"], specs, options))
     }  # fmt: skip
     result["train_seconds"] = float(ckpt.metrics.get("train_time", train_wall))
     result["eval_seconds"] = time.perf_counter() - start
@@ -321,22 +339,36 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
 def run_all(pairs: Sequence[tuple[str, int]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (variant, seed), ``args.jobs`` at a time; results in the order of ``pairs``.
 
-    Runs that others start from (``warm_from``) go first, in their own round, even when
-    they were not asked for (their results are then not returned).
+    Runs that others start from (``warm_from``) are queued first, even when they were
+    not asked for (their results are then not returned); a warm-started run is queued
+    as soon as the run it starts from is done, so no worker waits for a whole round.
     """
     sources = list(dict.fromkeys(
         (VARIANTS[v].warm_from, s) for v, s in pairs if VARIANTS[v].warm_from is not None
     ))  # fmt: skip
-    first = sources + [p for p in pairs if VARIANTS[p[0]].warm_from is None and p not in sources]
-    second = [p for p in pairs if VARIANTS[p[0]].warm_from is not None]
+    order = list(dict.fromkeys([*sources, *pairs]))
     done: dict[tuple[str, int], dict[str, Any]] = {}
-    for round_ in (first, second):
-        done.update(zip(round_, _run_round(round_, args), strict=True))
+    if args.jobs == 1 or len(order) <= 1:
+        for v, s in sorted(order, key=lambda p: VARIANTS[p[0]].warm_from is not None):
+            done[v, s] = run_one(v, s, args)
+        return [done[p] for p in pairs]
+    waiting = [p for p in order if VARIANTS[p[0]].warm_from is not None]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        running = {pool.submit(run_one, v, s, args): (v, s)
+                   for v, s in order if VARIANTS[v].warm_from is None}  # fmt: skip
+        while running:
+            finished, _ = concurrent.futures.wait(
+                running, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            for future in finished:
+                v, s = running.pop(future)
+                done[v, s] = future.result()
+                print(f"done {v} seed {s}", flush=True)
+            for v, s in [p for p in waiting if (VARIANTS[p[0]].warm_from, p[1]) in done]:
+                waiting.remove((v, s))
+                running[pool.submit(run_one, v, s, args)] = (v, s)
     return [done[p] for p in pairs]
-
-
-def _run_round(pairs: Sequence[tuple[str, int]], args: argparse.Namespace) -> list[dict]:
-    return _run_round_of(run_one, pairs, args)
 
 
 def _run_round_of(
@@ -635,9 +667,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="largest loop count the random-depth variants sample (paper: 100)")
     p.add_argument("--n-test", type=int, default=1000, help="test problems per loop count")
     p.add_argument("--loops", default=",".join(map(str, EVAL_LOOPS)), help="eval loop counts")
-    p.add_argument("--solver", default="anderson,fixed_point,broyden",
+    p.add_argument("--solver", default="fixed_point,anderson@4,broyden@4,anderson",
                    help="equilibrium solvers, comma-separated, the first one primary (its "
-                        "accuracy is 'equilibrium', its diagnostics are reported); '' skips")
+                        "accuracy is 'equilibrium', its diagnostics are reported); NAME@K "
+                        "starts NAME after K loops; '' skips")
     p.add_argument("--solver-max-iter", type=int, default=100)
     p.add_argument("--solver-tol", type=float, default=1e-4)
     p.add_argument("--diagnostic-samples", type=int, default=256)
@@ -700,7 +733,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.solver:
         from solvers import available
 
-        unknown = [name for name in _solvers(args) if name not in available()]
+        try:
+            names = [solver_spec(spec)[0] for spec in _solvers(args)]
+        except ValueError as error:
+            p.error(f"--solver: {error}")
+        unknown = [name for name in names if name not in available()]
         if unknown:
             p.error(f"unknown solver(s) {unknown}; choose from {', '.join(available())}")
     return args

@@ -119,6 +119,13 @@ def _add_eval(sub: Any) -> None:
     )
     loops.add_argument("--solver", help="also solve to equilibrium, e.g. anderson, broyden")
     loops.add_argument(
+        "--solver-start",
+        type=int,
+        default=0,
+        help="loops run before the solver starts (default %(default)s: from the initial "
+        "state); without input injection the start selects which fixed point is found",
+    )
+    loops.add_argument(
         "--max-iter",
         type=int,
         default=EQUILIBRIUM_MAX_ITER,
@@ -264,7 +271,7 @@ def _eval(args: argparse.Namespace) -> int:
     from eqloop.files import write_text_atomic
     from solvers import checks
 
-    solver_options = {"max_iter": args.max_iter, "tol": args.tol}
+    solver_options = {"max_iter": args.max_iter, "tol": args.tol, "start_loops": args.solver_start}
     settings = dict(
         loops=args.loops,
         solver=args.solver,

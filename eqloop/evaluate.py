@@ -142,15 +142,23 @@ def solve_core(
     tol: float,
     stop_mode: str,
     solver_options: dict[str, Any],
+    start_loops: int = 0,
 ) -> solvers.SolveResult:
     """Solve the model's core to equilibrium for the injected input ``x`` (B, S, d).
 
-    Converged sequences leave the working batch early (``compact=True``).
+    The solver starts from the state after ``start_loops`` loops (0: the loop's own
+    initial state). Without input injection the core map does not see the input, so
+    many fixed points exist and the start alone selects one: a quasi-Newton solver
+    started at ``z0`` can land on a fixed point other than the one the loop itself
+    converges to, while a few loops first put it in the loop's basin. Converged
+    sequences leave the working batch early (``compact=True``).
     """
-    f, z0 = model.core_map(x)
+    f, z = model.core_map(x)
+    for _ in range(start_loops):
+        z = f.step(z, *f.args)
     return solvers.solve(
         f.step,
-        z0,
+        z,
         solver,
         max_iter=max_iter,
         tol=tol,
@@ -168,16 +176,21 @@ def equilibrium(
     max_iter: int = EQUILIBRIUM_MAX_ITER,
     tol: float = EQUILIBRIUM_TOL,
     stop_mode: str = EQUILIBRIUM_STOP_MODE,
+    start_loops: int = 0,
     **solver_options: Any,
 ) -> Predictor:
     """Predictor reading out at the fixed point found by ``solvers.solve``.
 
-    Converged sequences leave the working batch early (``compact=True``).
+    The solver starts after ``start_loops`` loops (see :func:`solve_core`). Converged
+    sequences leave the working batch early (``compact=True``).
     """
+    checks.integer("start_loops", start_loops, low=0)
 
     def predict(tokens: Tensor) -> Tensor:
         x = model.inject(tokens)
-        result = solve_core(model, x, solver, max_iter, tol, stop_mode, solver_options)
+        result = solve_core(
+            model, x, solver, max_iter, tol, stop_mode, solver_options, start_loops
+        )
         return model.readout(result.z)
 
     return predict
@@ -318,6 +331,7 @@ def equilibrium_diagnostics(
     rho_method: str = "power",
     rho_iters: int = 30,
     generator: torch.Generator | None = None,
+    start_loops: int = 0,
     **solver_options: Any,
 ) -> dict[str, Any]:
     """Solve the core to equilibrium and certify local contraction there.
@@ -328,6 +342,7 @@ def equilibrium_diagnostics(
         solver: a name from ``solvers.available()``.
         max_iter, tol, stop_mode, **solver_options: passed to ``solvers.solve``.
         rho_method, rho_iters, generator: for :func:`eqloop.stars.spectral_radius`.
+        start_loops: loops run before the solver starts (see :func:`solve_core`).
 
     Returns:
         ``status`` (readable solver status), ``converged`` (share), ``nstep`` and
@@ -337,7 +352,9 @@ def equilibrium_diagnostics(
     """
     with torch.no_grad():
         x = model.inject(inputs)
-        result = solve_core(model, x, solver, max_iter, tol, stop_mode, solver_options)
+        result = solve_core(
+            model, x, solver, max_iter, tol, stop_mode, solver_options, start_loops
+        )
         f, _ = model.core_map(x)
         rho = spectral_radius(f, result.z, rho_method, rho_iters, generator=generator)
     return {
@@ -388,6 +405,7 @@ def check_options(
     checks.integer("max_iter", options.pop("max_iter", EQUILIBRIUM_MAX_ITER), low=1)
     checks.number("tol", options.pop("tol", EQUILIBRIUM_TOL), low=0)
     checks.choice("stop_mode", options.pop("stop_mode", EQUILIBRIUM_STOP_MODE), ("abs", "rel"))
+    checks.integer("start_loops", options.pop("start_loops", 0), low=0)
     hyperparameters = {k: v for k, v in options.items() if k not in solvers.DRIVER_OPTIONS}
     solvers.make_solver(solver, **hyperparameters)  # unknown names and options raise here
 
@@ -415,7 +433,8 @@ def evaluate_model(
         loops: loop counts to evaluate (diagnostics skip a loop count of 0).
         solver: also solve the core to equilibrium with this solver (e.g. ``"anderson"``).
         solver_options: ``max_iter``, ``tol``, ``stop_mode`` (defaults in
-            :mod:`eqloop.defaults`) and solver hyperparameters.
+            :mod:`eqloop.defaults`), ``start_loops`` (loops before the solver starts,
+            default 0; see :func:`solve_core`) and solver hyperparameters.
         decode: ``"greedy"`` or ``"forced"`` (identical verdicts for unrolled loops).
         diagnostics: compute the latent diagnostics and the contraction certificate.
         diagnostic_samples: test sequences used for the diagnostics (the first ones).
@@ -502,7 +521,8 @@ def evaluate_checkpoint(
         loops: loop counts to evaluate.
         solver: also evaluate at the equilibrium found by this solver.
         solver_options: ``max_iter``, ``tol``, ``stop_mode`` (defaults in
-            :mod:`eqloop.defaults`) and solver hyperparameters.
+            :mod:`eqloop.defaults`), ``start_loops`` (loops before the solver starts,
+            default 0; see :func:`solve_core`) and solver hyperparameters.
         n_test: test problems (default: the run's ``n_test``).
         decode, diagnostics, diagnostic_samples, rho_iters, batch_size, progress: see
             :func:`evaluate_model`.
@@ -606,6 +626,8 @@ def format_result(result: dict[str, Any]) -> str:
     lines += ["  " + line for line in _table(header, rows)]
     if eq is not None:
         settings = f"{eq['solver']}, max_iter {eq['max_iter']}, tol {eq['tol']:g}"
+        if eq.get("start_loops"):
+            settings += f", started after {eq['start_loops']} loops"
         if "status" in eq:
             nstep, res = eq["nstep"], eq["rel_residual"]
             lines.append(

@@ -130,6 +130,7 @@ def test_bad_eval_input_is_one_line_before_any_work(
         (["--loops", "-1"], "argument --loops: expected comma-separated loop counts"),
         (["--solver", "newton"], "unknown solver 'newton'; available:"),
         (["--solver", "anderson", "--max-iter", "0"], "max_iter must be an integer >= 1"),
+        (["--solver", "anderson", "--solver-start", "-1"], "start_loops must be an integer >= 0"),
         (["--n-test", "0"], "--n-test must be an integer >= 1, got 0"),
         (["--device", "tpu"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>'"),
         (["--json", str(tmp_path / "missing" / "x.json")], "does not exist; create it first"),

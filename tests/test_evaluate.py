@@ -23,6 +23,7 @@ from eqloop.checkpoint import (
 from eqloop.config import TrainConfig
 from eqloop.evaluate import (
     EvalSet,
+    check_options,
     correct_answers,
     equilibrium,
     equilibrium_diagnostics,
@@ -33,6 +34,7 @@ from eqloop.evaluate import (
     make_test_set,
     plot_results,
     quantiles,
+    solve_core,
     unrolled,
 )
 from eqloop.model import LoopLM, LoopLMConfig
@@ -104,6 +106,26 @@ def test_equilibrium_matches_many_loops_for_a_contractive_core() -> None:
     eq = equilibrium_diagnostics(model, inputs, "anderson", tol=1e-5)
     assert eq["converged"] == 1.0 and eq["contraction"]["share_rho_below_1"] == 1.0
     assert eq["contraction"]["rho"]["q100"] < 1
+
+
+def test_a_solver_can_start_after_some_loops() -> None:
+    torch.manual_seed(0)
+    config = LoopLMConfig(vocab_size=19, d_model=32, n_heads=2, d_ff=64, max_seq_len=16,
+                          injection="none", init_std=0.5)  # fmt: skip
+    model = LoopLM(config).eval()  # far from a contraction: every loop changes the logits
+    tokens = torch.randint(0, 19, (3, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x = model.inject(tokens)
+        for start in (0, 3):
+            # tol 0 and the last iterate: the solver is 5 plain loops after `start` loops.
+            res = solve_core(model, x, "fixed_point", 5, 0.0, "rel", {"output": "last"}, start)
+            logits = model.readout(res.z)
+            assert torch.allclose(logits, model(tokens, loops=start + 5), atol=1e-5)
+            assert not torch.allclose(logits, model(tokens, loops=start + 4), atol=1e-2)
+    with pytest.raises(ValueError, match="start_loops"):
+        equilibrium(model, "anderson", start_loops=-1)
+    with pytest.raises(ValueError, match="start_loops"):
+        check_options([1], "anderson", {"start_loops": -2})
 
 
 def test_quantiles() -> None:

@@ -18,6 +18,7 @@ from benchmarks.stars_scaling import (
     dynamics_table,
     parse_args,
     run_config,
+    solver_spec,
 )
 
 
@@ -70,6 +71,15 @@ def test_bad_arguments_exit_with_a_message() -> None:
     assert proc.returncode == 2 and "unknown variant(s) ['nonsense']" in proc.stderr
     proc = run_benchmark("stars_scaling.py", "--quick", "--set", "lr")
     assert proc.returncode == 2 and "must look like KEY=VALUE" in proc.stderr
+    proc = run_benchmark("stars_scaling.py", "--quick", "--solver", "fixed_point,anderson@x")
+    assert proc.returncode == 2 and "write NAME@K" in proc.stderr
+    proc = run_benchmark("stars_scaling.py", "--quick", "--solver", "newton@4")
+    assert proc.returncode == 2 and "unknown solver(s) ['newton']" in proc.stderr
+
+
+def test_solver_spec_names_the_start() -> None:
+    assert solver_spec("anderson") == ("anderson", {})
+    assert solver_spec("broyden@4") == ("broyden", {"start_loops": 4})
 
 
 def test_groups_name_known_variants() -> None:
