@@ -78,7 +78,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from benchmarks.common import format_table, machine_info
-from eqloop.checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_model, step_dir_name
+from eqloop.checkpoint import (
+    CHECKPOINT_DIR,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    step_dir_name,
+)
 from eqloop.config import TrainConfig, apply_overrides
 from eqloop.data import make_arithmetic_dataset
 from eqloop.evaluate import (
@@ -91,7 +97,7 @@ from eqloop.evaluate import (
 )
 from eqloop.files import write_json_atomic
 from eqloop.plotting import pyplot, style_axis
-from eqloop.train import penalty_overhead, train
+from eqloop.train import check_resumable, penalty_overhead, train
 from eqloop.trajectory import checkpoint_pca, plot_trajectories
 
 EVAL_LOOPS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -301,6 +307,8 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     start = time.perf_counter()
     if done is None or done.name != step_dir_name(config.steps):
         train(config)
+    else:  # a finished run is reused only if it is this recipe's
+        check_resumable(load_checkpoint(done).config, config, done)
     train_wall = time.perf_counter() - start
     cache = folder / "eval.json"
     settings = _eval_settings(args)
@@ -792,4 +800,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as error:  # e.g. a run directory that holds another recipe's run
+        sys.exit(f"stars_scaling.py: error: {error}")

@@ -111,6 +111,7 @@ __all__ = [
     "TrainingInterrupted",
     "batch_rows",
     "changed_fields",
+    "check_resumable",
     "lr_factor",
     "make_train_tensors",
     "mix_seed",
@@ -434,8 +435,14 @@ def changed_fields(
     return sorted(k for k in keys - may_change if saved.get(k) != current.get(k))
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig, source: Path) -> None:
-    """Raise ``ValueError`` if ``config`` changes fields a resumed run must keep."""
+def check_resumable(saved: dict[str, Any], config: TrainConfig, source: Path) -> None:
+    """Raise ``ValueError`` if ``config`` changes fields a resumed run must keep.
+
+    Args:
+        saved: the config of the run's checkpoint (``Checkpoint.config``).
+        config: the config that would continue (or reuse) that run.
+        source: the checkpoint, named in the message.
+    """
     changed = changed_fields(saved, config.to_dict(), _RESUME_MAY_CHANGE)
     if changed:
         raise ValueError(
@@ -490,7 +497,7 @@ def _plan_run_dir(config: TrainConfig) -> _Plan:
         )
     if latest is not None:
         ckpt = load_checkpoint(latest)
-        _check_resumable(ckpt.config, config, ckpt.path)
+        check_resumable(ckpt.config, config, ckpt.path)
         log = out_dir / "metrics.jsonl"
         records = read_metrics(log) if log.is_file() else []
         return _Plan(ckpt, metrics=tuple(r for r in records if r.get("step", 0) <= ckpt.step))

@@ -124,3 +124,12 @@ def test_set_overrides_reach_warm_started_variants(tmp_path: Path) -> None:
     assert stars.init_from == str(tmp_path / "baseline" / "seed1" / "checkpoints"
                                   / f"step_{args.warm_steps:08d}")  # fmt: skip
     assert (stars.lam, stars.depth["hi"], stars.penalty_start) == (0.1, 32, args.steps // 5)
+
+
+def test_a_finished_run_of_another_recipe_is_refused_not_reused(tmp_path: Path) -> None:
+    args = ("--quick", "--variants", "baseline", "--seeds", "0", "--out-dir", str(tmp_path))
+    assert run_benchmark("stars_scaling.py", *args).returncode == 0
+    proc = run_benchmark("stars_scaling.py", *args, "--set", "lr=0.01")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "stars_scaling.py: error: cannot resume the run in" in proc.stderr
+    assert "['lr']" in proc.stderr
