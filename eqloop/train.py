@@ -511,7 +511,7 @@ def _plan_run_dir(config: TrainConfig) -> _Plan:
         saved_config = json.loads(saved.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read {saved}: {err}") from None
-    _check_resumable(saved_config, config, saved)
+    check_resumable(saved_config, config, saved)
     return _Plan(None, clear=tuple(present))
 
 
