@@ -371,6 +371,9 @@ def run_all(pairs: Sequence[tuple[str, int]], args: argparse.Namespace) -> list[
             )
             for future in finished:
                 v, s = running.pop(future)
+                if future.exception() is not None:  # queue nothing more; runs in progress end
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise future.exception()
                 done[v, s] = future.result()
                 print(f"done {v} seed {s}", flush=True)
             for v, s in [p for p in waiting if (VARIANTS[p[0]].warm_from, p[1]) in done]:

@@ -133,3 +133,7 @@ def test_a_finished_run_of_another_recipe_is_refused_not_reused(tmp_path: Path) 
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "stars_scaling.py: error: cannot resume the run in" in proc.stderr
     assert "['lr']" in proc.stderr
+    # Two at a time (a process pool), the refusal is the same one-line error.
+    proc = run_benchmark("stars_scaling.py", *args[:-4], "--seeds", "0,1", "--jobs", "2",
+                         "--out-dir", str(tmp_path), "--set", "lr=0.01")  # fmt: skip
+    assert proc.returncode == 1 and "cannot resume the run in" in proc.stderr
