@@ -334,7 +334,8 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     result["equilibria"] = {
         spec: result["equilibrium"] if i == 0 else exact_match(
             equilibrium(model, name, **opts), test, decode="forced")
-        for i, (spec, (name, _), opts) in enumerate(zip(settings["solvers"], specs, options))
+        for i, (spec, (name, _), opts) in enumerate(
+            zip(settings["solvers"], specs, options, strict=True))
     }  # fmt: skip
     result["train_seconds"] = float(ckpt.metrics.get("train_time", train_wall))
     result["eval_seconds"] = time.perf_counter() - start
