@@ -67,7 +67,7 @@ import multiprocessing
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,48 +355,52 @@ def run_all(pairs: Sequence[tuple[str, int]], args: argparse.Namespace) -> list[
     sources = list(dict.fromkeys(
         (VARIANTS[v].warm_from, s) for v, s in pairs if VARIANTS[v].warm_from is not None
     ))  # fmt: skip
-    order = list(dict.fromkeys([*sources, *pairs]))
+
+    def source(pair: tuple[str, int]) -> tuple[str, int] | None:
+        warm_from = VARIANTS[pair[0]].warm_from
+        return None if warm_from is None else (warm_from, pair[1])
+
+    done = _run_jobs(run_one, list(dict.fromkeys([*sources, *pairs])), args, source)
+    return [done[p] for p in pairs]
+
+
+def _run_jobs(
+    job: Any,
+    pairs: Sequence[tuple[str, int]],
+    args: argparse.Namespace,
+    waits_for: Callable[[tuple[str, int]], tuple[str, int] | None] = lambda pair: None,
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """``job(variant, seed, args)`` for every pair, ``args.jobs`` processes at a time.
+
+    A pair is queued once the pair ``waits_for(pair)`` names is done (None: at once;
+    that pair must be in ``pairs`` and wait for nothing). A failed job cancels the
+    queued ones (jobs in progress still end) and its exception is raised.
+    """
     done: dict[tuple[str, int], dict[str, Any]] = {}
-    if args.jobs == 1 or len(order) <= 1:
-        for v, s in sorted(order, key=lambda p: VARIANTS[p[0]].warm_from is not None):
-            done[v, s] = run_one(v, s, args)
-        return [done[p] for p in pairs]
-    waiting = [p for p in order if VARIANTS[p[0]].warm_from is not None]
+    if args.jobs == 1 or len(pairs) <= 1:
+        for v, s in sorted(pairs, key=lambda p: waits_for(p) is not None):
+            done[v, s] = job(v, s, args)
+        return done
+    waiting = list(pairs)
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        running = {pool.submit(run_one, v, s, args): (v, s)
-                   for v, s in order if VARIANTS[v].warm_from is None}  # fmt: skip
-        while running:
+        running: dict[concurrent.futures.Future, tuple[str, int]] = {}
+        while True:
+            for v, s in [p for p in waiting if waits_for(p) is None or waits_for(p) in done]:
+                waiting.remove((v, s))
+                running[pool.submit(job, v, s, args)] = (v, s)
+            if not running:
+                return done
             finished, _ = concurrent.futures.wait(
                 running, return_when=concurrent.futures.FIRST_COMPLETED
             )
             for future in finished:
                 v, s = running.pop(future)
-                if future.exception() is not None:  # queue nothing more; runs in progress end
+                if future.exception() is not None:
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise future.exception()
                 done[v, s] = future.result()
-                print(f"done {v} seed {s}", flush=True)
-            for v, s in [p for p in waiting if (VARIANTS[p[0]].warm_from, p[1]) in done]:
-                waiting.remove((v, s))
-                running[pool.submit(run_one, v, s, args)] = (v, s)
-    return [done[p] for p in pairs]
-
-
-def _run_round_of(
-    job: Any, pairs: Sequence[tuple[str, int]], args: argparse.Namespace
-) -> list[dict[str, Any]]:
-    """``job(variant, seed, args)`` for every pair, ``args.jobs`` processes at a time."""
-    if args.jobs == 1 or len(pairs) <= 1:
-        return [job(v, s, args) for v, s in pairs]
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        futures = {pool.submit(job, v, s, args): (v, s) for v, s in pairs}
-        for future in concurrent.futures.as_completed(futures):
-            v, s = futures[future]
-            future.result()
-            print(f"done {job.__name__} {v} seed {s}", flush=True)
-        return [future.result() for future in futures]
+                print(f"done {job.__name__} {v} seed {s}", flush=True)
 
 
 # ------------------------------------------------------------------------------ tables
@@ -778,7 +782,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                 args.pca)  # fmt: skip
     if args.scaling:
         chosen = [(v, s) for v in args.scaling_variants if v in args.variants for s in args.seeds]
-        runs = _run_round_of(scaling_one, chosen, args)
+        done = _run_jobs(scaling_one, chosen, args)
+        runs = [done[p] for p in chosen]
         table = scaling_table(runs)
         print("\ntest-time scaling: exact match at 1x, 2x, 4x the training depth, mean/worst")
         print(format_table([{k: (_pair(v) if isinstance(v, tuple) else v) for k, v in r.items()}

@@ -154,8 +154,8 @@ def solve_core(
     sequences leave the working batch early (``compact=True``).
     """
     f, z = model.core_map(x)
-    for _ in range(start_loops):
-        z = f.step(z, *f.args)
+    if start_loops:
+        z = model.unroll(x, start_loops)
     return solvers.solve(
         f.step,
         z,
