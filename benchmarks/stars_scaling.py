@@ -564,13 +564,13 @@ def scaling_sets(config: TrainConfig, n: int, min_chain: int) -> dict[str, Any]:
     """
     drawn = make_arithmetic_dataset(config.task, config.digits, 20 * n, config.seed,
                                     split="test", cache_dir=config.data_cache_dir)  # fmt: skip
-    hard = drawn.filter(lambda row: carry_chain(row["question"]) >= min_chain)
+    hard = [i for i, q in enumerate(drawn["question"]) if carry_chain(q) >= min_chain]
     if len(hard) < n:
         raise ValueError(f"only {len(hard)} of {len(drawn)} test problems have a carry chain "
                          f">= {min_chain}; lower --scaling-chain or --scaling-n")  # fmt: skip
     ood = make_arithmetic_dataset(config.task, config.digits, n, config.seed, split="ood",
                                   cache_dir=config.data_cache_dir)  # fmt: skip
-    return {"long_carry": make_eval_set(hard.select(range(n))), "ood": make_eval_set(ood)}
+    return {"long_carry": make_eval_set(drawn.select(hard[:n])), "ood": make_eval_set(ood)}
 
 
 def training_depth(config: TrainConfig) -> float:

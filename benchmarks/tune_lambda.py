@@ -4,7 +4,7 @@ The setting is the hardest one of ``benchmarks/stars_scaling.py`` whose objectiv
 saturated: the ``stars`` variant's second phase (4-digit addition, no input injection,
 random loop counts plus the penalty), warm-started from the seed-0 fixed-loop baseline,
 the seed whose baseline is slowest to recover under random loops, and given a short
-budget (``--steps``, default 500 instead of the benchmark's 1000). The objective is the
+budget (``--steps``, default 500 instead of the benchmark's 4000). The objective is the
 mean exact match at 4, 8, ..., 128 loops.
 
 Every lam in ``--lams`` is trained ``--repeats`` times; eqloop.tune gives trial ``n`` the
