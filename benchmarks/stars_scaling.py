@@ -34,10 +34,13 @@ Variants (``--variants`` takes names or the group names in brackets):
     baseline_add, stars_add
   [internal]   beyond the paper: STARS on internal-norm blocks
     stars_pre, stars_pre_sandwich
-  [options]    the penalty options: at the solver's fixed point (stars and stars_pre),
-               and on stars_pre a hinge target, more power steps, the Arnoldi direction
+  [options]    the penalty options on stars_pre: at the solver's fixed point, a hinge
+               target, more power steps, the Arnoldi direction
+  [fixed_point] stars with the penalty at the solver's fixed point (a solve every step:
+               about 8x the cost of a stars step)
 
-``headline`` is ``baseline,stars``; ``grid`` every group but ``options``; ``all`` everything.
+``headline`` is ``baseline,stars``; ``grid`` the paper's groups ``norms``, ``random`` and
+``injection``; ``beyond`` the groups ``internal`` and ``options``; ``all`` everything.
 
 Runs are resumable: each (variant, seed) trains in ``out_dir/<variant>/seed<k>`` and
 caches its evaluation there (``eval.json``); rerunning skips whatever is finished and
@@ -170,7 +173,7 @@ def _variants() -> dict[str, Variant]:
                 "baseline_pre"),
         Variant("stars_pre_sandwich", "internal", "STARS on a pre-sandwich block",
                 {**stars, **pre_sandwich}, "baseline_pre_sandwich"),
-        Variant("stars_fixed_point", "options",
+        Variant("stars_fixed_point", "fixed_point",
                 "stars, penalty at the solver's fixed point",
                 {**stars, "penalty_at": "fixed_point"}, "baseline"),
         Variant("stars_pre_fixed_point", "options", "stars_pre, penalty at the fixed point",
@@ -189,8 +192,9 @@ VARIANTS = _variants()
 GROUPS: dict[str, tuple[str, ...]] = {
     "headline": ("baseline", "stars"),
     **{g: tuple(v.name for v in VARIANTS.values() if v.group == g)
-       for g in ("norms", "random", "injection", "internal", "options")},
-    "grid": tuple(v.name for v in VARIANTS.values() if v.group != "options"),
+       for g in ("norms", "random", "injection", "internal", "options", "fixed_point")},
+    "grid": tuple(v.name for v in VARIANTS.values() if v.group in ("norms", "random", "injection")),
+    "beyond": tuple(v.name for v in VARIANTS.values() if v.group in ("internal", "options")),
     "all": tuple(VARIANTS),
 }  # fmt: skip
 
@@ -348,9 +352,10 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
 def run_all(pairs: Sequence[tuple[str, int]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (variant, seed), ``args.jobs`` at a time; results in the order of ``pairs``.
 
-    Runs that others start from (``warm_from``) are queued first, even when they were
-    not asked for (their results are then not returned); a warm-started run is queued
-    as soon as the run it starts from is done, so no worker waits for a whole round.
+    Runs that others start from (``warm_from``) go first, even when they were not
+    asked for (their results are then not returned); the others start in the order of
+    ``pairs`` (variant by variant with ``--variants``), a warm-started one as soon as a
+    worker is free and the run it starts from is done, so no worker waits for a round.
     """
     sources = list(dict.fromkeys(
         (VARIANTS[v].warm_from, s) for v, s in pairs if VARIANTS[v].warm_from is not None
@@ -372,9 +377,10 @@ def _run_jobs(
 ) -> dict[tuple[str, int], dict[str, Any]]:
     """``job(variant, seed, args)`` for every pair, ``args.jobs`` processes at a time.
 
-    A pair is queued once the pair ``waits_for(pair)`` names is done (None: at once;
-    that pair must be in ``pairs`` and wait for nothing). A failed job cancels the
-    queued ones (jobs in progress still end) and its exception is raised.
+    Pairs start in the order of ``pairs``, each once a worker is free and the pair
+    ``waits_for(pair)`` names is done (None: at once; that pair must be in ``pairs`` and
+    wait for nothing). After a failed job no further pair starts (jobs in progress
+    still end) and its exception is raised.
     """
     done: dict[tuple[str, int], dict[str, Any]] = {}
     if args.jobs == 1 or len(pairs) <= 1:
@@ -386,7 +392,8 @@ def _run_jobs(
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
         running: dict[concurrent.futures.Future, tuple[str, int]] = {}
         while True:
-            for v, s in [p for p in waiting if waits_for(p) is None or waits_for(p) in done]:
+            ready = [p for p in waiting if waits_for(p) is None or waits_for(p) in done]
+            for v, s in ready[: args.jobs - len(running)]:  # the pool queues nothing itself
                 waiting.remove((v, s))
                 running[pool.submit(job, v, s, args)] = (v, s)
             if not running:
@@ -397,7 +404,6 @@ def _run_jobs(
             for future in finished:
                 v, s = running.pop(future)
                 if future.exception() is not None:
-                    pool.shutdown(wait=False, cancel_futures=True)
                     raise future.exception()
                 done[v, s] = future.result()
                 print(f"done {job.__name__} {v} seed {s}", flush=True)
