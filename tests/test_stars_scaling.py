@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from scripts import run_benchmark
@@ -13,6 +16,7 @@ from benchmarks.stars_scaling import (
     GROUPS,
     RECIPE,
     VARIANTS,
+    _run_jobs,
     accuracy_table,
     carry_chain,
     dynamics_table,
@@ -137,3 +141,33 @@ def test_a_finished_run_of_another_recipe_is_refused_not_reused(tmp_path: Path) 
     proc = run_benchmark("stars_scaling.py", *args[:-4], "--seeds", "0,1", "--jobs", "2",
                          "--out-dir", str(tmp_path), "--set", "lr=0.01")  # fmt: skip
     assert proc.returncode == 1 and "cannot resume the run in" in proc.stderr
+
+
+def _record_start(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """A job of ``_run_jobs`` (module level, so spawned workers can import it).
+
+    It logs its start; ``src1`` then runs until ``x0`` has started and ``x0`` until
+    the run after it has (so one worker is free while ``x0`` runs); at most 30 s.
+    """
+    log = Path(args.out_dir) / "started.txt"
+    with open(log, "a") as file:
+        file.write(f"{variant}{seed}\n")
+    wait_for = {"src1": ("x0",), "x0": ("x1", "y0")}.get(f"{variant}{seed}", ())
+    deadline = time.monotonic() + 30
+    while wait_for and time.monotonic() < deadline:
+        if set(wait_for) & set(log.read_text().split()):
+            break
+        time.sleep(0.02)
+    return {"variant": variant, "seed": seed}
+
+
+def test_runs_start_in_the_order_asked_for(tmp_path: Path) -> None:
+    # x and y start from src of their seed. When src1 is done, x0 still runs and both x1
+    # and y0 can start on the free worker: the order asked for puts x1 first (a pool that
+    # queued every run as soon as it was ready would start y0, queued earlier).
+    pairs = [("src", 0), ("src", 1), ("x", 0), ("x", 1), ("y", 0), ("y", 1)]
+    args = argparse.Namespace(jobs=2, out_dir=str(tmp_path))
+    done = _run_jobs(_record_start, pairs, args, lambda p: None if p[0] == "src" else ("src", p[1]))
+    assert sorted(done) == sorted(pairs)
+    started = (tmp_path / "started.txt").read_text().split()  # src1 may log after x0
+    assert [run for run in started if run[0] in "xy"] == ["x0", "x1", "y0", "y1"]
