@@ -189,12 +189,19 @@ def _variants() -> dict[str, Variant]:
 
 
 VARIANTS = _variants()
+
+
+def _members(*groups: str) -> tuple[str, ...]:
+    """The variants of ``groups``, in the order of :data:`VARIANTS`."""
+    return tuple(v.name for v in VARIANTS.values() if v.group in groups)
+
+
 GROUPS: dict[str, tuple[str, ...]] = {
     "headline": ("baseline", "stars"),
-    **{g: tuple(v.name for v in VARIANTS.values() if v.group == g)
+    **{g: _members(g)
        for g in ("norms", "random", "injection", "internal", "options", "fixed_point")},
-    "grid": tuple(v.name for v in VARIANTS.values() if v.group in ("norms", "random", "injection")),
-    "beyond": tuple(v.name for v in VARIANTS.values() if v.group in ("internal", "options")),
+    "grid": _members("norms", "random", "injection"),
+    "beyond": _members("internal", "options"),
     "all": tuple(VARIANTS),
 }  # fmt: skip
 

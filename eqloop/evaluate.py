@@ -155,7 +155,7 @@ def solve_core(
     """
     f, z = model.core_map(x)
     if start_loops:
-        z = model.unroll(x, start_loops)
+        z = model.loop(f, z, start_loops).z
     return solvers.solve(
         f.step,
         z,
