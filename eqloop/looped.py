@@ -227,6 +227,7 @@ class LoopedLM(nn.Module, abc.ABC):
         tol: float | None = None,
         max_iter: int | None = None,
         stop_mode: str | None = None,
+        start_loops: int | None = None,
         exit_threshold: float | None = None,
         return_info: bool = False,
         **options: Any,
@@ -248,6 +249,10 @@ class LoopedLM(nn.Module, abc.ABC):
             tol: solver tolerance (default ``eqloop.defaults.EQUILIBRIUM_TOL``).
             max_iter: solver budget (default ``eqloop.defaults.EQUILIBRIUM_MAX_ITER``).
             stop_mode: ``"rel"`` or ``"abs"`` residual (default ``"rel"``).
+            start_loops: plain loops run (with their graph) before the solver starts,
+                default 0. Without input injection the core does not see the input, so
+                the start selects which fixed point the solver finds: a few loops put
+                it in the basin of the loop's own limit.
             exit_threshold: unrolled mode only; per-sequence early exit (see
                 :meth:`loop`); ``info.loops_used`` has the counts.
             return_info: also return a :class:`LoopInfo`.
@@ -268,7 +273,13 @@ class LoopedLM(nn.Module, abc.ABC):
         checks.boolean("return_info", return_info)
         if solver is None:
             self._check_unrolled_options(
-                dict(backward=backward, tol=tol, max_iter=max_iter, stop_mode=stop_mode),
+                dict(
+                    backward=backward,
+                    tol=tol,
+                    max_iter=max_iter,
+                    stop_mode=stop_mode,
+                    start_loops=start_loops,
+                ),
                 options,
             )
             loops = self.default_loops if loops is None else checks.integer("loops", loops, low=0)
@@ -288,7 +299,12 @@ class LoopedLM(nn.Module, abc.ABC):
                 raise ValueError("exit_threshold applies to unrolled loops, not to solver=...")
             if backward is not None:
                 options["backward"] = backward
+            start_loops = (
+                0 if start_loops is None else checks.integer("start_loops", start_loops, low=0)
+            )
             x, f, z0 = self._prepare(tokens, stage, tokens_only=True)
+            if start_loops:
+                z0 = self.loop(f, z0, start_loops).z
             z, solve_info = fixed_point(
                 f.step,
                 z0,

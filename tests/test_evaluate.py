@@ -122,6 +122,14 @@ def test_a_solver_can_start_after_some_loops() -> None:
             logits = model.readout(res.z)
             assert torch.allclose(logits, model(tokens, loops=start + 5), atol=1e-5)
             assert not torch.allclose(logits, model(tokens, loops=start + 4), atol=1e-2)
+            # The model's own equilibrium mode starts the same way.
+            forward = model(tokens, solver="fixed_point", max_iter=5, tol=0.0, output="last",
+                            start_loops=start)  # fmt: skip
+            assert torch.allclose(forward, logits, atol=1e-5)
+    with pytest.raises(ValueError, match="start_loops"):
+        model(tokens, solver="anderson", start_loops=-1)
+    with pytest.raises(TypeError, match=r"\['start_loops'\] apply to equilibrium mode only"):
+        model(tokens, loops=2, start_loops=3)
     with pytest.raises(ValueError, match="start_loops"):
         equilibrium(model, "anderson", start_loops=-1)
     with pytest.raises(ValueError, match="start_loops"):
