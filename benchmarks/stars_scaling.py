@@ -335,7 +335,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     start = time.perf_counter()
     test = make_test_set(config)
     specs = [solver_spec(spec) for spec in settings["solvers"]]
-    options = [{**settings["solver_options"], **start} for _, start in specs]
+    options = [{**settings["solver_options"], **start_options} for _, start_options in specs]
     raw = evaluate_model(
         model, test, loops=args.loops, solver=specs[0][0] if specs else None,
         solver_options=options[0] if specs else None, decode="forced",
