@@ -84,8 +84,11 @@ _STATE = "training_state.pt"
 _MANIFEST = "manifest.json"
 _FORMAT = 1
 _STEP_DIR = re.compile(r"step_(\d+)")
-# Temporary siblings of the run's own files (eqloop.files names them .<stem>-XXXX<suffix>).
-_RUN_STAGING = (re.compile(r"\.config-.+\.json"), re.compile(r"\.metrics-.+\.jsonl"))
+# Temporary siblings of the run's own files (eqloop.files names them .<stem>-XXXX<suffix>):
+# config.json, metrics.jsonl and a recipe's model/ directory.
+_RUN_STAGING = tuple(
+    re.compile(p) for p in (r"\.config-.+\.json", r"\.metrics-.+\.jsonl", r"\.model-.+")
+)
 
 
 class CheckpointError(ValueError):
@@ -217,8 +220,9 @@ def remove_staging(run_dir: str | os.PathLike[str]) -> list[Path]:
     """Delete what interrupted writes left in a run directory; returns the removed paths.
 
     These are the hidden staging directories and temporary files inside ``checkpoints/``
-    and the temporary siblings of ``config.json`` and ``metrics.jsonl``. Call it only when
-    no other process writes into the run (i.e. when a run starts).
+    and the temporary siblings of ``config.json``, ``metrics.jsonl`` and ``model/``
+    (``eqloop finetune``'s final model). Call it only when no other process writes into
+    the run (i.e. when a run starts).
     """
     run = Path(run_dir)
     root = run / CHECKPOINT_DIR

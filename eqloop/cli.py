@@ -19,8 +19,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shlex
-import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -31,6 +29,7 @@ from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_TOL
 from eqloop.finetune import cli as finetune_cli
 from eqloop.overrides import add_config_arguments
 from eqloop.pretrained.cli import add_arguments as add_pretrained_arguments
+from eqloop.training.flags import add_run_arguments, run_flag_values
 
 __all__ = ["build_parser", "main"]
 
@@ -78,20 +77,7 @@ def _add_train(sub: Any) -> None:
         file_help="JSON (.json) or TOML (.toml) file with TrainConfig fields",
         example='--set model.d_model=64 --set depth.hi=16 --set \'depth={"kind":"fixed","t":8}\'',
     )
-    p.add_argument("--out-dir", help="run directory (config.json, metrics.jsonl, checkpoints/)")
-    p.add_argument("--steps", type=int, help="optimisation steps")
-    p.add_argument("--lam", type=float, help="STARS penalty weight in [0, 1]")
-    p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:<n>")
-    run = p.add_mutually_exclusive_group()
-    run.add_argument(
-        "--resume", action="store_true", help="continue the run in --out-dir (newest checkpoint)"
-    )
-    run.add_argument(
-        "--overwrite", action="store_true", help="delete the run in --out-dir and start over"
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--print-config", action="store_true", help="print the config and exit")
+    add_run_arguments(p, out_dir_help="config.json, metrics.jsonl, checkpoints/")
 
 
 def _add_eval(sub: Any) -> None:
@@ -183,48 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
 # -------------------------------------------------------------------------------- train
 
 
-def _resume_command(argv: Sequence[str]) -> str:
-    """The command line that continues the run ``argv`` started."""
-    args = [a for a in argv if a != "--overwrite"]
-    args += [] if "--resume" in args else ["--resume"]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        return shlex.join(
-            ["torchrun", "--standalone", f"--nproc_per_node={world}", "-m", "eqloop.cli", *args]
-        )
-    return shlex.join(["eqloop", *args])
-
-
 def _train(args: argparse.Namespace) -> int:
     from eqloop.config import load_config
     from eqloop.train import TrainingInterrupted, train
+    from eqloop.training.run_dir import report_interrupt
 
-    flags = {
-        "out_dir": args.out_dir,
-        "steps": args.steps,
-        "lam": args.lam,
-        "seed": args.seed,
-        "device": args.device,
-        "progress": False if args.no_progress else None,
-    }
-    if args.resume or args.overwrite:  # the explicit flag decides over the config file
-        flags.update(resume=args.resume, overwrite=args.overwrite)
-    config = load_config(
-        args.config, args.overrides, {k: v for k, v in flags.items() if v is not None}
-    )
+    config = load_config(args.config, args.overrides, run_flag_values(args))
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     try:
         result = train(config)
     except TrainingInterrupted as stop:
-        if stop.checkpoint is not None:  # rank 0
-            print(
-                f"eqloop train: {signal.Signals(stop.signum).name} at step {stop.step}: saved "
-                f"{stop.checkpoint}; resume with: {_resume_command(args.argv)}",
-                file=sys.stderr,
-            )
-        return 128 + stop.signum
+        return report_interrupt("eqloop train", stop, args.argv)
     if result.get("checkpoint"):  # rank 0
         print(json.dumps(result, indent=2))
     return 0

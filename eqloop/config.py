@@ -39,7 +39,9 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "check_device",
+    "check_penalty_start",
     "load_config",
+    "penalty_start_step",
 ]
 
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
@@ -98,7 +100,9 @@ class TrainConfig:
     backward_options: dict[str, Any] = field(default_factory=dict)  # its fields, e.g. {"k": 4}
     # -- STARS penalty -------------------------------------------------------------------
     lam: float = 0.1  # loss = (1 - lam) * CE + lam * JSRR once the penalty is on; in [0, 1]
-    penalty_start: int = 400  # first step with the penalty (paper: after 20% of training)
+    # First step with the penalty: a fraction of ``steps`` in (0, 1) (paper: after 20% of
+    # training) or an absolute step (an integer >= 0).
+    penalty_start: float | int = 0.2
     penalty_every: int = 1  # apply the penalty every n-th step from penalty_start on
     power_steps: int = 1  # Jacobian products per penalty (paper: 1)
     penalty_target: float | None = None  # hinge relu(||J v|| - target)^2; None: ||J v||^2
@@ -146,11 +150,11 @@ class TrainConfig:
         checks.choice("task", self.task, TASKS)
         for name, low in (
             ("digits", 1), ("n_train", 1), ("n_test", 1), ("seed", 0), ("batch_size", 1),
-            ("steps", 1), ("warmup_steps", 0), ("penalty_start", 0), ("penalty_every", 1),
-            ("power_steps", 1), ("penalty_arnoldi", 0), ("eval_every", 0),
-            ("checkpoint_every", 0),
+            ("steps", 1), ("warmup_steps", 0), ("penalty_every", 1), ("power_steps", 1),
+            ("penalty_arnoldi", 0), ("eval_every", 0), ("checkpoint_every", 0),
         ):  # fmt: skip
             checks.integer(name, getattr(self, name), low=low)
+        check_penalty_start(self.penalty_start)
         if self.n_train < self.batch_size:
             raise ValueError(f"n_train ({self.n_train}) must be >= batch_size ({self.batch_size})")
         checks.number("lam", self.lam, low=0, high=1)
@@ -268,6 +272,34 @@ def _model_type_names() -> dict[str, Any]:
 
 
 register_type_names(TrainConfig, _model_type_names)
+
+
+def check_penalty_start(value: Any) -> None:
+    """Check a ``penalty_start``: a step (an integer >= 0) or a fraction in (0, 1).
+
+    Raises:
+        TypeError: not a number.
+        ValueError: a negative step, or a float outside (0, 1).
+    """
+    if isinstance(value, float):
+        if not 0 < value < 1:
+            raise ValueError(
+                "penalty_start must be a fraction of training in (0, 1) such as 0.2, or a "
+                f"step (an integer >= 0), got {value!r}"
+            )
+        return
+    checks.integer("penalty_start", value, low=0)
+
+
+def penalty_start_step(penalty_start: float | int, steps: int) -> int:
+    """The first step (0-based) with the penalty: ``round(fraction * steps)`` or the step.
+
+    A fraction follows ``steps``, so a resumed run that trains longer starts its penalty
+    later in proportion.
+    """
+    if isinstance(penalty_start, float):
+        return round(penalty_start * steps)
+    return int(penalty_start)
 
 
 def check_device(name: str) -> str:

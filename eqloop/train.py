@@ -10,23 +10,27 @@ Distributed data parallel on one machine, N processes (gloo on CPU, NCCL on GPU)
 
 CPU recipe (3-digit addition, reversed answers; its results are in the README's
 benchmarks): the TrainConfig defaults (d=64, 8 heads, prelude + one post-sandwich core
-block + coda, init_std 0.1, AdamW lr 3e-3, batch 64, 1500 steps, lam 0.1 from step 400)
+block + coda, init_std 0.1, AdamW lr 3e-3, batch 64, 1500 steps, lam 0.1 from 20% of training)
 with the sampler narrowed to what a CPU affords::
 
     eqloop train --set 'depth={"kind": "lognormal", "mu": 2.0, "sigma": 0.7, "lo": 1, "hi": 16}'
 
-The run directory belongs to one run: a directory that already holds a run's files
-(``config.json``, ``metrics.jsonl``, ``checkpoints/``) is continued with ``resume``,
-replaced with ``overwrite``, or refused. SIGINT (Ctrl-C) and SIGTERM end a run cleanly:
-the step in progress (with its evaluation, if due) finishes, a checkpoint is written and
-:class:`TrainingInterrupted` says where it is.
+The run directory follows :mod:`eqloop.training.run_dir` (shared with ``eqloop
+finetune``): a directory that already holds a run's files (``config.json``,
+``metrics.jsonl``, ``checkpoints/``) is continued with ``resume``, replaced with
+``overwrite``, or refused, and it may not be, contain or lie inside ``init_from``. SIGINT
+(Ctrl-C) and SIGTERM end a run cleanly: the step in progress (with its evaluation, if due)
+finishes, a checkpoint is written and :class:`TrainingInterrupted` says where it is. A
+step with a non-finite loss or gradient norm stops the run with :class:`NonFiniteLoss`
+(naming the step) before anything of it is saved.
 
 Every step draws one loop count ``t`` from the depth sampler (the same ``t`` on every
 rank, logged), runs the model ``t`` loops and minimises
 
     loss = (1 - lam) * CE(answer tokens) + lam * JSRR(f, z_t.detach())
 
-with the penalty switched on from ``penalty_start`` (plain CE before), using AdamW with a
+with the penalty switched on from ``penalty_start`` (plain CE before; a fraction of
+``steps`` such as the default 0.2, or a step number), using AdamW with a
 linear warm-up, a cosine schedule and gradient clipping. Exact-match accuracy at a few
 loop counts is evaluated every ``eval_every`` steps; checkpoints are written every
 ``checkpoint_every`` steps (see :mod:`eqloop.checkpoint`), metrics go to
@@ -55,17 +59,12 @@ checkpoint (and a torn last line left by a crash, with a warning).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import shutil
-import signal
 import statistics
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -86,11 +85,9 @@ from eqloop.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
-    remove_staging,
-    run_files,
     save_checkpoint,
 )
-from eqloop.config import TrainConfig, check_device
+from eqloop.config import TrainConfig, check_device, penalty_start_step
 from eqloop.data import IGNORE_INDEX, CharTokenizer, to_tensors
 from eqloop.defaults import (
     EQUILIBRIUM_MAX_ITER,
@@ -100,12 +97,20 @@ from eqloop.defaults import (
 )
 from eqloop.depth import DepthSampler
 from eqloop.evaluate import EvalSet, evaluate_model, make_test_set
-from eqloop.files import write_json_atomic, write_text_atomic
 from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.stars import PenaltySchedule, jsrr_penalty, spectral_radius
+from eqloop.training import run_dir
+from eqloop.training.run_dir import (  # re-exported: they were defined here
+    MetricsLog,
+    NonFiniteLoss,
+    TrainingInterrupted,
+    changed_fields,
+    read_metrics,
+)
 
 __all__ = [
     "MetricsLog",
+    "NonFiniteLoss",
     "OnEval",
     "RunEnv",
     "TrainingInterrupted",
@@ -117,6 +122,7 @@ __all__ = [
     "mix_seed",
     "penalty_overhead",
     "penalty_point",
+    "penalty_warning",
     "read_metrics",
     "setup_run",
     "train",
@@ -131,24 +137,6 @@ _RESUME_MAY_CHANGE = frozenset(
     {"steps", "eval_every", "eval_loops", "n_test", "checkpoint_every", "out_dir", "resume",
      "overwrite", "device", "progress", "data_cache_dir"}
 )  # fmt: skip
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM ended a run after a checkpoint of its last step was written.
-
-    A ``KeyboardInterrupt``, so that code which stops on Ctrl-C stops here too.
-
-    Attributes:
-        step: steps completed.
-        checkpoint: the checkpoint written (None on ranks other than 0).
-        signum: the signal received.
-    """
-
-    def __init__(self, step: int, checkpoint: Path | None, signum: int) -> None:
-        self.step, self.checkpoint, self.signum = step, checkpoint, signum
-        where = f"checkpoint {checkpoint}" if checkpoint is not None else "a checkpoint"
-        super().__init__(f"{signal.Signals(signum).name} at step {step}; saved {where}")
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -359,57 +347,29 @@ def setup_run(device: str) -> RunEnv:
     return RunEnv(rank, world, torch.device("cuda", index), owns)
 
 
-# ------------------------------------------------------------------------------ logging
+# ----------------------------------------------------------------------- run directory
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file.
+def check_resumable(saved: dict[str, Any], config: TrainConfig, source: Path) -> None:
+    """Raise ``ValueError`` if ``config`` changes fields a resumed run must keep.
 
-    A last line without its newline that is not valid JSON is what a crash in the middle
-    of a write leaves: it is dropped with a warning.
-
-    Raises:
-        ValueError: any other line that is not a JSON object (the message gives
-            ``path:line``).
+    Args:
+        saved: the config of the run's checkpoint (``Checkpoint.config``).
+        config: the config that would continue (or reuse) that run.
+        source: the checkpoint, named in the message.
     """
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):  # no newline after it: a torn write
-                warnings.warn(
-                    f"{path}:{number}: dropped the incomplete last line (a write was cut off)",
-                    stacklevel=2,
-                )
-                break
-            raise ValueError(
-                f"{path}:{number}: not a JSON record ({err.msg}); repair or delete that line"
-            ) from None
-        if not isinstance(record, dict):
-            raise ValueError(
-                f"{path}:{number}: expected a JSON object, got {type(record).__name__}"
-            )
-        records.append(record)
-    return records
+    run_dir.check_resumable(saved, config.to_dict(), _RESUME_MAY_CHANGE, source)
 
 
-class MetricsLog:
-    """Append-only JSONL log that starts with ``kept`` (a resumed run's earlier records)."""
-
-    def __init__(self, path: Path, kept: list[dict[str, Any]]) -> None:
-        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._file = path.open("a", buffering=1)
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        self._file.close()
+def penalty_warning(lam: float, start: int, steps: int) -> None:
+    """Warn that a run with ``lam > 0`` ends before its penalty's first step ``start``."""
+    if lam > 0 and start >= steps:
+        warnings.warn(
+            f"lam={lam} but the STARS penalty starts at step {start} and the run ends at "
+            f"step {steps}: the penalty is never applied; set penalty_start to a fraction "
+            "of training (e.g. 0.2) or a step below steps",
+            stacklevel=4,  # the caller of train() / finetune()
+        )
 
 
 def _average_over_ranks(
@@ -425,133 +385,6 @@ def _average_over_ranks(
     dist.all_reduce(values)
     means = (values[: len(keys)] / env.world).tolist()
     return {**stats, **dict(zip(keys, means, strict=True))}, int(values[len(keys) :].max())
-
-
-def changed_fields(
-    saved: dict[str, Any], current: dict[str, Any], may_change: frozenset[str]
-) -> list[str]:
-    """The config fields, outside ``may_change``, whose values differ (sorted)."""
-    keys = set(saved) | set(current)
-    return sorted(k for k in keys - may_change if saved.get(k) != current.get(k))
-
-
-def check_resumable(saved: dict[str, Any], config: TrainConfig, source: Path) -> None:
-    """Raise ``ValueError`` if ``config`` changes fields a resumed run must keep.
-
-    Args:
-        saved: the config of the run's checkpoint (``Checkpoint.config``).
-        config: the config that would continue (or reuse) that run.
-        source: the checkpoint, named in the message.
-    """
-    changed = changed_fields(saved, config.to_dict(), _RESUME_MAY_CHANGE)
-    if changed:
-        raise ValueError(
-            f"cannot resume the run in {config.out_dir}: the config differs from {source} in "
-            f"{changed}; only {sorted(_RESUME_MAY_CHANGE)} may change (or use a new out_dir, "
-            "or overwrite=true to replace that run)"
-        )
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What a run does with its directory: start fresh (clearing ``clear``) or resume.
-
-    ``metrics`` are the records of ``metrics.jsonl`` up to the checkpoint's step.
-    """
-
-    checkpoint: Checkpoint | None
-    clear: tuple[Path, ...] = ()
-    metrics: tuple[dict[str, Any], ...] = ()
-
-
-def _plan_run_dir(config: TrainConfig) -> _Plan:
-    """Decide, before any work, how the run uses ``out_dir``; nothing is changed yet.
-
-    Raises:
-        ValueError: ``out_dir`` is not a usable directory, it holds another run and
-            neither ``resume`` nor ``overwrite`` is set, or the run it holds differs from
-            ``config`` in a field that a resumed run must keep.
-        eqloop.checkpoint.CheckpointError: the checkpoint to resume from is damaged.
-        ValueError: ``metrics.jsonl`` is damaged other than in its last line.
-    """
-    out_dir = Path(config.out_dir)
-    for parent in (out_dir, *out_dir.parents):
-        if parent.exists() and not parent.is_dir():
-            raise ValueError(f"out_dir {out_dir}: {parent} exists and is not a directory")
-        if parent.exists():
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"out_dir {out_dir}: cannot write into {parent}")
-            break
-    present = run_files(out_dir)
-    if not present:
-        return _Plan(None)
-    if config.overwrite:
-        return _Plan(None, clear=tuple(present))
-    latest = latest_checkpoint(out_dir)
-    if not config.resume:
-        what = f"checkpoints up to {latest.name}" if latest else ", ".join(p.name for p in present)
-        raise ValueError(
-            f"{out_dir} already holds a training run ({what}); resume it with --resume "
-            "(resume=true), train into a new --out-dir, or pass --overwrite "
-            "(overwrite=true) to delete that run and start over"
-        )
-    if latest is not None:
-        ckpt = load_checkpoint(latest)
-        check_resumable(ckpt.config, config, ckpt.path)
-        log = out_dir / "metrics.jsonl"
-        records = read_metrics(log) if log.is_file() else []
-        return _Plan(ckpt, metrics=tuple(r for r in records if r.get("step", 0) <= ckpt.step))
-    saved = out_dir / "config.json"  # killed before its first checkpoint: start it again
-    if not saved.is_file():
-        raise ValueError(
-            f"cannot resume the run in {out_dir}: it has no checkpoint and no config.json; "
-            "pass --overwrite (overwrite=true) to delete it and start over"
-        )
-    try:
-        saved_config = json.loads(saved.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {saved}: {err}") from None
-    check_resumable(saved_config, config, saved)
-    return _Plan(None, clear=tuple(present))
-
-
-def _clear(paths: tuple[Path, ...]) -> None:
-    """Delete the files and directories of a run being replaced."""
-    for path in paths:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _stop_signals() -> Iterator[list[int]]:
-    """Record SIGINT and SIGTERM instead of dying, so the loop can stop after a step.
-
-    Yields a list holding the signal number received (0 until then). After the first
-    signal the previous handlers are back, so a second Ctrl-C interrupts at once. Only
-    the main thread can set handlers; elsewhere the signals act as before.
-    """
-    received = [0]
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
-
-    def restore() -> None:
-        for sig, handler in previous.items():  # None: a handler not set from Python
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-    def handler(signum: int, frame: Any) -> None:
-        received[0] = signum
-        restore()
-
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, handler)
-    try:
-        yield received
-    finally:
-        restore()
 
 
 # -------------------------------------------------------------------------------- train
@@ -692,11 +525,13 @@ def train(config: TrainConfig, *, on_eval: OnEval | None = None) -> dict[str, An
     Raises:
         ValueError: invalid config (unknown task, ``digits < 1``, ``lam`` outside
             [0, 1], ...), a model too small for the data, ``batch_size`` not divisible by
-            the number of ranks, or a run already in ``out_dir`` without ``resume`` or
-            ``overwrite``.
+            the number of ranks, a run already in ``out_dir`` without ``resume`` or
+            ``overwrite``, or an ``out_dir`` that is, contains or lies inside ``init_from``.
         TypeError: a config field of the wrong type.
         eqloop.checkpoint.CheckpointError: the checkpoint to resume from is damaged.
         TrainingInterrupted: SIGINT or SIGTERM arrived; the last step was checkpointed.
+        NonFiniteLoss: a step's loss or gradient norm was not finite (a ``ValueError``
+            naming the step); the newest checkpoint is the last finite one.
     """
     config.validate()
     env = setup_run(config.device)
@@ -713,7 +548,7 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
     vocab = CharTokenizer().vocab_size
     if config.model.vocab_size < vocab:
         raise ValueError(f"model.vocab_size must be >= {vocab} (the tokenizer's vocabulary)")
-    plan = _plan_run_dir(config)
+    plan = run_dir.plan_run_dir(config.to_dict(), may_change=_RESUME_MAY_CHANGE)
     if env.world > 1:
         dist.barrier()  # every rank has looked at out_dir before rank 0 changes it
     train_x, train_y = make_train_tensors(config)
@@ -729,14 +564,10 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
     if state.step >= config.steps:
         return {**state.metrics(), "checkpoint": str(latest_checkpoint(out_dir))}
 
-    log = None
-    if env.main:  # nothing is written before this point
-        _clear(plan.clear)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_staging(out_dir)
-        write_json_atomic(out_dir / "config.json", config.to_dict())
-        log = MetricsLog(out_dir / "metrics.jsonl", list(plan.metrics))
-    schedule = PenaltySchedule(config.penalty_start, config.penalty_every)
+    log = plan.start(config.to_dict()) if env.main else None  # nothing is written before
+    start_step = penalty_start_step(config.penalty_start, config.steps)
+    penalty_warning(config.lam, start_step, config.steps)
+    schedule = PenaltySchedule(start_step, config.penalty_every)
     bar = tqdm(
         total=config.steps,
         initial=state.step,
@@ -753,7 +584,7 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
         return checkpoint
 
     try:
-        with _stop_signals() as received:
+        with run_dir.stop_signals() as received:
             for step in range(state.step, config.steps):
                 start = time.perf_counter()
                 torch.manual_seed(mix_seed(config.seed, step, env.rank, 0))  # dropout, if any
@@ -785,6 +616,7 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
                 state.last_train = {**stats, "loops": loops, "lr": lr}
                 if log is not None:
                     log.write({"step": state.step, **state.last_train, "time": state.train_time})
+                run_dir.check_finite(stats, state.step, out_dir)  # before anything is saved
                 bar.update(1)
                 bar.set_postfix(ce=f"{stats['ce']:.3f}", loops=loops, refresh=False)
 

@@ -9,6 +9,8 @@ import argparse
 import json
 from typing import Any
 
+from eqloop.training.flags import add_run_arguments, run_flag_values
+
 __all__ = ["add_parser", "run"]
 
 
@@ -26,7 +28,10 @@ def add_parser(sub: Any) -> None:
             "defaults, then --config, then --set overrides, then the explicit flags. The "
             "result is saved in the model's own layout to OUT_DIR/model. Under torchrun "
             "(torchrun --standalone --nproc_per_node=N -m eqloop.cli finetune ...) it runs "
-            "DDP, or FSDP with --set parallel=fsdp."
+            "DDP, or FSDP with --set parallel=fsdp. A run directory that already holds a run is "
+            "continued with --resume or replaced with --overwrite, never silently reused, and "
+            "never the model it starts from. Ctrl-C or SIGTERM saves a checkpoint after the "
+            "current step and prints the command that resumes."
         ),
     )
     add_config_arguments(
@@ -38,16 +43,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--train-file", help="training JSONL")
     p.add_argument("--eval-file", help="JSONL evaluated at eval_loops after training")
     p.add_argument("--mode", choices=("sft", "stars"), help="sft: fixed loops; stars (default)")
-    p.add_argument("--out-dir", help="run directory (checkpoints, metrics.jsonl, model/)")
-    p.add_argument("--steps", type=int, help="optimisation steps")
-    p.add_argument("--lam", type=float, help="STARS penalty weight in [0, 1]")
-    p.add_argument("--seed", type=int, help="random seed")
     p.add_argument(
         "--lora", action="store_true", help="LoRA (default options unless the config sets them)"
     )
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--print-config", action="store_true", help="print the config and exit")
+    add_run_arguments(p, out_dir_help="config.json, metrics.jsonl, checkpoints/, model/")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,17 +58,12 @@ def run(args: argparse.Namespace) -> int:
         "train_file": args.train_file,
         "eval_file": args.eval_file,
         "mode": args.mode,
-        "out_dir": args.out_dir,
-        "steps": args.steps,
-        "lam": args.lam,
-        "seed": args.seed,
-        "resume": True if args.resume else None,
-        "progress": False if args.no_progress else None,
+        **run_flag_values(args),
     }
     overrides = list(args.overrides)
     overrides += [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    try:
-        config = load_finetune_config(args.config, overrides)
+    try:  # --print-config shows a template: init_from and train_file may still be empty
+        config = load_finetune_config(args.config, overrides, complete=not args.print_config)
         if args.lora and config.lora is None:
             config.lora = LoraOptions()
     except TypeError as err:
@@ -78,8 +72,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     from eqloop.finetune.train import finetune
+    from eqloop.training.run_dir import TrainingInterrupted, report_interrupt
 
-    result = finetune(config)
+    try:
+        result = finetune(config)
+    except TrainingInterrupted as stop:
+        return report_interrupt("eqloop finetune", stop, args.argv)
     if "model" in result:  # rank 0
         print(json.dumps(result, indent=2))
     return 0

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from eqloop.config import SCHEDULES
+from eqloop.config import SCHEDULES, check_penalty_start
 from eqloop.depth import make_depth_sampler
 from eqloop.overrides import apply_overrides, read_config_file
 from solvers import checks
@@ -80,7 +80,8 @@ class FinetuneConfig:
     loops: int | None = None  # SFT loop count; None: the model's trained depth
     depth: dict[str, Any] = field(default_factory=_stars_depth)  # STARS sampler (eqloop.depth)
     lam: float = 0.1  # STARS: loss = (1 - lam) * CE + lam * JSRR; in [0, 1]
-    penalty_start: int = 0  # STARS: first step with the penalty
+    # STARS: first step with the penalty, a step (integer >= 0) or a fraction of steps in (0, 1)
+    penalty_start: float | int = 0
     power_steps: int = 1  # Jacobian products per penalty (paper: 1)
     penalty_target: float | None = None  # hinge relu(||J v|| - target)^2; None: ||J v||^2
     penalty_product: str = "auto"  # "vjp" (paper) | "jvp" | "auto": vjp, jvp under FSDP
@@ -109,6 +110,7 @@ class FinetuneConfig:
     checkpoint_every: int = 200  # resumable checkpoint every n steps (0: only at the end)
     out_dir: str = "runs/finetune"  # run directory: checkpoints/, metrics.jsonl, model/
     resume: bool = False  # continue from out_dir's latest checkpoint
+    overwrite: bool = False  # delete the run already in out_dir and start over
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda[:n]"
     progress: bool = True  # tqdm progress bar (rank 0)
 
@@ -123,11 +125,16 @@ class FinetuneConfig:
         if isinstance(self.eval_loops, (list, tuple)):
             self.eval_loops = list(self.eval_loops)
 
-    def validate(self) -> None:
-        """Check every field; raise ``ValueError``/``TypeError`` naming the field."""
+    def validate(self, *, complete: bool = True) -> None:
+        """Check every field; raise ``ValueError``/``TypeError`` naming the field.
+
+        Args:
+            complete: require ``init_from`` and ``train_file``; False accepts them empty
+                (a template to fill in, as ``eqloop finetune --print-config`` shows).
+        """
         for name in ("init_from", "train_file", "out_dir"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not value:
+            if not isinstance(value, str) or (not value and (complete or name == "out_dir")):
                 raise ValueError(f"{name} must be a non-empty path, got {value!r}")
         if self.eval_file is not None and (
             not isinstance(self.eval_file, str) or not self.eval_file
@@ -145,11 +152,12 @@ class FinetuneConfig:
                 "2.13 (per-block sharding crashes); use penalty_product='jvp' or 'auto'"
             )
         for name, low in (
-            ("max_len", 2), ("seed", 0), ("penalty_start", 0), ("power_steps", 1),
+            ("max_len", 2), ("seed", 0), ("power_steps", 1),
             ("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("warmup_steps", 0),
             ("max_new_tokens", 1), ("checkpoint_every", 0),
         ):  # fmt: skip
             checks.integer(name, getattr(self, name), low=low)
+        check_penalty_start(self.penalty_start)
         for name in ("loops", "penalty_rows", "eval_limit", "backprop_loops"):
             if getattr(self, name) is not None:
                 checks.integer(name, getattr(self, name), low=1)
@@ -163,8 +171,13 @@ class FinetuneConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         for beta in self.betas:
             checks.number("betas", beta, low=0.0, high=1.0, high_open=True)
-        for name in ("grad_checkpointing", "resume", "progress", "eval_equilibrium"):
+        for name in ("grad_checkpointing", "resume", "overwrite", "progress", "eval_equilibrium"):
             checks.boolean(name, getattr(self, name))
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "resume and overwrite exclude each other: resume continues the run in "
+                "out_dir, overwrite deletes it"
+            )
         for name in ("prompt", "delimiter"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
@@ -200,8 +213,12 @@ class FinetuneConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FinetuneConfig:
+    def from_dict(cls, data: Mapping[str, Any], *, complete: bool = True) -> FinetuneConfig:
         """Build and validate a config; missing keys take their defaults.
+
+        Args:
+            data: config fields.
+            complete: see :meth:`validate`.
 
         Raises:
             ValueError: unknown keys (the valid ones are listed) or invalid values.
@@ -213,17 +230,21 @@ class FinetuneConfig:
                 f"unknown FinetuneConfig keys: {unknown}; valid keys are {sorted(known)}"
             )
         config = cls(**copy.deepcopy(dict(data)))
-        config.validate()
+        config.validate(complete=complete)
         return config
 
 
 def load_finetune_config(
-    path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()
+    path: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    complete: bool = True,
 ) -> FinetuneConfig:
     """A validated :class:`FinetuneConfig` from defaults, an optional file and overrides.
 
     ``lora.r=16`` switches LoRA on with the other LoRA options at their defaults;
-    ``lora=null`` switches it off.
+    ``lora=null`` switches it off. ``complete=False`` accepts an empty ``init_from`` and
+    ``train_file`` (see :meth:`FinetuneConfig.validate`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -235,4 +256,6 @@ def load_finetune_config(
     overrides = list(overrides)
     if any(item.strip().startswith("lora.") for item in overrides) and data.get("lora") is None:
         data["lora"] = asdict(LoraOptions())
-    return FinetuneConfig.from_dict(apply_overrides(data, overrides, schema=FinetuneConfig))
+    return FinetuneConfig.from_dict(
+        apply_overrides(data, overrides, schema=FinetuneConfig), complete=complete
+    )

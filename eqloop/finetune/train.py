@@ -22,7 +22,8 @@ as in the STARS paper's Ouro-1.4B run), runs ``t`` loops of the model's map ``f`
 
     loss = (1 - lam) * CE(completion tokens) + lam * JSRR(f, z_t.detach())
 
-with the penalty (STARS only) from ``penalty_start`` on. The forward runs under bf16
+with the penalty (STARS only) from ``penalty_start`` on (a step, or a fraction of
+``steps``). The forward runs under bf16
 autocast where the device supports it (``precision``); the penalty always runs in
 float32 with the math attention kernel (its double backward needs it), on the float32
 master weights. ``grad_checkpointing`` recomputes each loop during the backward, so the
@@ -32,6 +33,14 @@ LoRA (``lora``): peft adapters on the named modules; only they train, only they 
 checkpointed (with the optimizer state), and they are merged into the weights when the
 final model is saved in the model's own layout to ``out_dir/model`` (for Ouro and Huginn
 ``save_pretrained``, which ``eqloop.pretrained.load`` reads back).
+
+The run directory follows :mod:`eqloop.training.run_dir`, as ``eqloop train`` does: a
+directory holding a run (``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``model/``,
+``eval.json``) is continued with ``resume``, replaced with ``overwrite`` or refused; it may
+not be, contain or lie inside ``init_from``; a resumed run that trains further replaces
+``model/``. SIGINT and SIGTERM checkpoint the finished step and raise
+:class:`~eqloop.training.run_dir.TrainingInterrupted`; a non-finite loss stops the run
+(:class:`~eqloop.training.run_dir.NonFiniteLoss`) before that step is saved.
 
 Exact resume: the data order, dropout RNG and penalty vectors of every step derive from
 ``(seed, step, rank)``; optimizer, scheduler and depth-sampler states are checkpointed
@@ -59,7 +68,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from eqloop.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from eqloop.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from eqloop.config import penalty_start_step
 from eqloop.data import IGNORE_INDEX
 from eqloop.depth import DepthSampler, make_depth_sampler
 from eqloop.files import write_json_atomic
@@ -68,27 +78,21 @@ from eqloop.finetune.data import Example, PromptTemplate, encode_examples, load_
 from eqloop.finetune.lora import DEFAULT_TARGETS, attach_lora, merge_lora
 from eqloop.finetune.models import LoadedModel, load_for_finetuning, save_model
 from eqloop.stars import PenaltySchedule, jsrr_penalty
-from eqloop.train import (
-    MetricsLog,
-    RunEnv,
-    batch_rows,
-    changed_fields,
-    lr_factor,
-    mix_seed,
-    read_metrics,
-    setup_run,
-)
+from eqloop.train import RunEnv, batch_rows, lr_factor, mix_seed, penalty_warning, setup_run
+from eqloop.training import run_dir
+from eqloop.training.run_dir import TrainingInterrupted
 
 __all__ = ["Objective", "OnStep", "finetune", "make_sampler", "prepare_model", "step_time_ratio"]
 
 # Options a resumed run may change; every other field must match the checkpoint's config.
 _RESUME_MAY_CHANGE = frozenset(
-    {"steps", "checkpoint_every", "out_dir", "resume", "device", "progress", "eval_file",
-     "eval_loops", "eval_equilibrium", "eval_limit", "max_new_tokens"}
+    {"steps", "checkpoint_every", "out_dir", "resume", "overwrite", "device", "progress",
+     "eval_file", "eval_loops", "eval_equilibrium", "eval_limit", "max_new_tokens"}
 )  # fmt: skip
 OnStep = Callable[[int, dict[str, Any]], None]
 """Called as ``on_step(step, stats)`` after each optimisation step; may raise to stop."""
 MODEL_DIR = "model"  # sub-directory of out_dir holding the final model in its own layout
+EVAL_FILE = "eval.json"  # the final evaluation in out_dir
 
 
 # --------------------------------------------------------------------------- objective
@@ -336,9 +340,8 @@ class _Run:
             },
         )
 
-    def restore(self, path: Path) -> None:
+    def restore(self, ckpt: Checkpoint) -> None:
         """Load weights, optimizer, scheduler and sampler state of a checkpoint."""
-        ckpt = load_checkpoint(path)
         saved = ckpt.training_state(map_location="cpu")
         model = self.loaded.model
         if self.fsdp:
@@ -370,27 +373,10 @@ class _Run:
         self.last = ckpt.metrics.get("train") or {}
 
 
-def _check_resumable(saved: dict[str, Any], config: FinetuneConfig) -> None:
-    changed = changed_fields(saved, config.to_dict(), _RESUME_MAY_CHANGE)
-    if changed:
-        raise ValueError(
-            f"cannot resume from {config.out_dir}: the config differs from the checkpoint's in "
-            f"{changed}; only {sorted(_RESUME_MAY_CHANGE)} may change (or use a new out_dir)"
-        )
-
-
-def _build(config: FinetuneConfig, env: RunEnv, loaded: LoadedModel | None) -> _Run:
-    out_dir = Path(config.out_dir)
-    latest = latest_checkpoint(out_dir)
-    if latest is not None and not config.resume:
-        raise ValueError(
-            f"{out_dir} already holds checkpoints (latest: {latest.name}); set resume=true to "
-            "continue that run or choose another out_dir"
-        )
-    if latest is not None:
-        _check_resumable(load_checkpoint(latest).config, config)
-    if (out_dir / MODEL_DIR).exists() and latest is None:
-        raise ValueError(f"{out_dir / MODEL_DIR} exists; choose another out_dir")
+def _build(
+    config: FinetuneConfig, env: RunEnv, loaded: LoadedModel | None, ckpt: Checkpoint | None
+) -> _Run:
+    """Model (with adapters), wrappers, optimizer, scheduler, sampler; restored from ``ckpt``."""
     if loaded is None:
         loaded = load_for_finetuning(config.init_from, device=env.device)
     lora_modules = prepare_model(loaded, config)
@@ -419,8 +405,8 @@ def _build(config: FinetuneConfig, env: RunEnv, loaded: LoadedModel | None) -> _
         loaded, objective, net, optimizer, scheduler,
         make_sampler(config, loaded.trained_loops), env, fsdp, lora_modules,
     )  # fmt: skip
-    if latest is not None:
-        run.restore(latest)
+    if ckpt is not None:
+        run.restore(ckpt)
     return run
 
 
@@ -508,7 +494,11 @@ def finetune(
 
     Raises:
         ValueError: invalid config or data (JSONL errors name the line), an existing run
-            in ``out_dir`` without ``resume``, or a checkpoint that does not fit.
+            in ``out_dir`` without ``resume`` or ``overwrite``, an ``out_dir`` that is,
+            contains or lies inside ``init_from``, or a checkpoint that does not fit.
+        TrainingInterrupted: SIGINT or SIGTERM arrived; the last step was checkpointed.
+        NonFiniteLoss: a step's loss or gradient norm was not finite (a ``ValueError``
+            naming the step); the newest checkpoint is the last finite one.
     """
     try:
         config.validate()
@@ -538,7 +528,12 @@ def _finetune(
         eval_examples = load_jsonl(
             config.eval_file, format=config.data_format, limit=config.eval_limit
         )
-    run = _build(config, env, loaded)
+    plan = run_dir.plan_run_dir(
+        config.to_dict(), may_change=_RESUME_MAY_CHANGE, outputs=(MODEL_DIR, EVAL_FILE)
+    )
+    if env.world > 1:
+        dist.barrier()  # every rank has looked at out_dir before rank 0 changes it
+    run = _build(config, env, loaded, plan.checkpoint)
     inputs, targets = _train_tensors(config, run.loaded)
     if inputs.shape[0] < config.batch_size:
         raise ValueError(
@@ -547,46 +542,56 @@ def _finetune(
         )
     inputs, targets = inputs.to(env.device), targets.to(env.device)
     out_dir = Path(config.out_dir)
-    log = None
-    if env.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / "config.json", config.to_dict())
-        log_path = out_dir / "metrics.jsonl"
-        kept = read_metrics(log_path) if run.step and log_path.is_file() else []
-        log = MetricsLog(log_path, [r for r in kept if r.get("step", 0) <= run.step])
-    schedule = PenaltySchedule(config.penalty_start, 1)
-    checkpoint_path = latest_checkpoint(out_dir) if run.step >= config.steps else None
+    if run.step >= config.steps:  # a finished run: only its outputs may be missing
+        return _finish(run, config, eval_examples, latest_checkpoint(out_dir))
+    log = plan.start(config.to_dict()) if env.main else None  # nothing is written before
+    start_step = penalty_start_step(config.penalty_start, config.steps)
+    if config.mode == "stars":
+        penalty_warning(config.lam, start_step, config.steps)
+    schedule = PenaltySchedule(start_step, 1)
+    checkpoint_path, saved_step = None, -1
+
+    def save() -> Path | None:
+        """Checkpoint the current step once (collective under FSDP; rank 0 writes)."""
+        nonlocal checkpoint_path, saved_step
+        if saved_step != run.step:
+            checkpoint_path, saved_step = run.save(out_dir, config), run.step
+        return checkpoint_path
+
     bar = tqdm(
         total=config.steps, initial=run.step, disable=not (env.main and config.progress),
         desc=f"finetune {config.mode}", dynamic_ncols=True,
     )  # fmt: skip
     try:
-        for step in range(run.step, config.steps):
-            start = time.perf_counter()
-            rows = batch_rows(step, inputs.shape[0], config.batch_size, config.seed)
-            rows = rows[env.rank :: env.world].to(env.device)
-            lr = run.scheduler.get_last_lr()[0]
-            penalty_on = config.mode == "stars" and config.lam > 0 and schedule.active(step)
-            stats = _train_step(run, inputs[rows], targets[rows], config, penalty_on)
-            run.step = step + 1
-            run.train_time += time.perf_counter() - start
-            run.last = {**stats, "lr": lr}
-            if log is not None:
-                log.write({"step": run.step, **run.last, "time": run.train_time})
-            bar.update(1)
-            bar.set_postfix(ce=f"{stats['ce']:.3f}", loops=stats["loops"], refresh=False)
-            due = (config.checkpoint_every and run.step % config.checkpoint_every == 0) or (
-                run.step == config.steps
-            )
-            if due:
-                checkpoint_path = run.save(out_dir, config)
-            if on_step is not None:
-                try:
-                    on_step(run.step, run.last)
-                except BaseException:
-                    if not due:
-                        run.save(out_dir, config)
-                    raise
+        with run_dir.stop_signals() as received:
+            for step in range(run.step, config.steps):
+                start = time.perf_counter()
+                rows = batch_rows(step, inputs.shape[0], config.batch_size, config.seed)
+                rows = rows[env.rank :: env.world].to(env.device)
+                lr = run.scheduler.get_last_lr()[0]
+                penalty_on = config.mode == "stars" and config.lam > 0 and schedule.active(step)
+                stats = _train_step(run, inputs[rows], targets[rows], config, penalty_on)
+                run.step = step + 1
+                run.train_time += time.perf_counter() - start
+                run.last = {**stats, "lr": lr}
+                if log is not None:
+                    log.write({"step": run.step, **run.last, "time": run.train_time})
+                run_dir.check_finite(stats, run.step, out_dir)  # before anything is saved
+                bar.update(1)
+                bar.set_postfix(ce=f"{stats['ce']:.3f}", loops=stats["loops"], refresh=False)
+                if (config.checkpoint_every and run.step % config.checkpoint_every == 0) or (
+                    run.step == config.steps
+                ):
+                    save()
+                if on_step is not None:
+                    try:
+                        on_step(run.step, run.last)
+                    except BaseException:
+                        save()
+                        raise
+                stop = run_dir.any_rank_signal(received[0], env.device)
+                if stop and run.step < config.steps:
+                    raise TrainingInterrupted(run.step, save(), stop)
     finally:
         bar.close()
         if log is not None:
@@ -617,7 +622,7 @@ def _finish(
     merge_lora(model)
     model.eval()
     target = out_dir / MODEL_DIR
-    if not target.exists():
+    if not target.exists():  # a resumed run that trained further has removed the old one
         save_model(model, target, source=config.init_from, metrics={"train": run.last})
     result: dict[str, Any] = {
         "step": run.step,
@@ -634,7 +639,7 @@ def _finish(
             equilibrium=config.eval_equilibrium, template=template,
             max_new_tokens=config.max_new_tokens, progress=config.progress,
         )  # fmt: skip
-        write_json_atomic(out_dir / "eval.json", result["eval"])
+        write_json_atomic(out_dir / EVAL_FILE, result["eval"])
     return result
 
 

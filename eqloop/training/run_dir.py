@@ -1,0 +1,424 @@
+"""The run directory of a training run: one policy for ``eqloop train`` and ``eqloop finetune``.
+
+A run directory (``out_dir``) belongs to one run:
+
+* a directory that already holds a run's files (``config.json``, ``metrics.jsonl``,
+  ``checkpoints/`` and the recipe's final outputs, e.g. fine-tuning's ``model/``) is
+  continued with ``resume``, replaced with ``overwrite``, or refused; nothing is changed
+  before every check has passed (:func:`plan_run_dir`, then :meth:`RunPlan.start`);
+* a run never writes into the model it starts from: an ``out_dir`` that is, contains or
+  lies inside ``init_from`` is refused, ``overwrite`` or not;
+* a resumed run keeps the metrics records up to its checkpoint, and one that trains
+  further removes the final outputs of the earlier, shorter run (they describe its last
+  step, not the new one);
+* what a killed write left behind (hidden staging directories and files) is removed when
+  a run starts.
+
+A run ends cleanly on SIGINT (Ctrl-C) and SIGTERM (:func:`stop_signals`): the step in
+progress finishes, a checkpoint is written and :class:`TrainingInterrupted` says where;
+:func:`report_interrupt` prints the command that resumes. A step whose loss or gradient
+norm is not finite stops the run with :class:`NonFiniteLoss` before anything of that step
+is saved (:func:`check_finite`), so the newest checkpoint stays the last finite one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import sys
+import threading
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from eqloop.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_staging,
+    run_files,
+)
+from eqloop.files import write_json_atomic, write_text_atomic
+
+__all__ = [
+    "MetricsLog",
+    "NonFiniteLoss",
+    "RunPlan",
+    "TrainingInterrupted",
+    "any_rank_signal",
+    "changed_fields",
+    "check_finite",
+    "check_resumable",
+    "plan_run_dir",
+    "read_metrics",
+    "report_interrupt",
+    "resume_command",
+    "stop_signals",
+]
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+FINITE_STATS = ("loss", "grad_norm")  # a step with either non-finite has damaged the weights
+
+
+# ------------------------------------------------------------------------------ stopping
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM ended a run after a checkpoint of its last step was written.
+
+    A ``KeyboardInterrupt``, so that code which stops on Ctrl-C stops here too.
+
+    Attributes:
+        step: steps completed.
+        checkpoint: the checkpoint written (None on ranks other than 0).
+        signum: the signal received.
+    """
+
+    def __init__(self, step: int, checkpoint: Path | None, signum: int) -> None:
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "a checkpoint"
+        super().__init__(f"{signal.Signals(signum).name} at step {step}; saved {where}")
+
+
+class NonFiniteLoss(ValueError):
+    """A training step produced a non-finite loss or gradient norm; the run stopped.
+
+    Nothing of that step (weights, optimizer state, final model) was saved: the run's
+    newest checkpoint is the last finite one.
+
+    Attributes:
+        step: the step (1-based, as in ``metrics.jsonl``) whose statistics are not finite.
+        checkpoint: the run's newest checkpoint, or None if none was written yet.
+    """
+
+    def __init__(self, step: int, values: Mapping[str, float], checkpoint: Path | None) -> None:
+        self.step, self.checkpoint = step, checkpoint
+        shown = ", ".join(f"{k} {v}" for k, v in values.items())
+        kept = (
+            f"the last finite checkpoint is {checkpoint}"
+            if checkpoint is not None
+            else "no checkpoint was written before it"
+        )
+        super().__init__(
+            f"training diverged at step {step} ({shown}); stopped without saving that step, "
+            f"{kept}; lower lr or lam, or raise warmup_steps, and start again"
+        )
+
+
+def check_finite(stats: Mapping[str, Any], step: int, out_dir: str | os.PathLike[str]) -> None:
+    """Stop a run whose last step is not finite.
+
+    Call it right after the optimisation step, before the step is evaluated or saved.
+
+    Args:
+        stats: the step's statistics; ``loss`` and ``grad_norm`` are checked.
+        step: steps completed, counting this one.
+        out_dir: the run directory (to name its newest checkpoint).
+
+    Raises:
+        NonFiniteLoss: ``loss`` or ``grad_norm`` is NaN or infinite.
+    """
+    bad = {
+        k: stats[k]
+        for k in FINITE_STATS
+        if stats.get(k) is not None and not math.isfinite(stats[k])
+    }
+    if bad:
+        raise NonFiniteLoss(step, bad, latest_checkpoint(out_dir))
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """Record SIGINT and SIGTERM instead of dying, so the loop can stop after a step.
+
+    Yields a list holding the signal number received (0 until then). After the first
+    signal the previous handlers are back, so a second Ctrl-C interrupts at once. Only
+    the main thread can set handlers; elsewhere the signals act as before.
+    """
+    received = [0]
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def restore() -> None:
+        for sig, handler in previous.items():  # None: a handler not set from Python
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def handler(signum: int, frame: Any) -> None:
+        received[0] = signum
+        restore()
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+    try:
+        yield received
+    finally:
+        restore()
+
+
+def any_rank_signal(signum: int, device: torch.device) -> int:
+    """The largest signal number any rank has received (a collective under DDP/FSDP).
+
+    Every rank must stop after the same step; alone, ``signum`` itself.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return signum
+    flag = torch.tensor([signum], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues the run ``argv`` (``eqloop``'s arguments) started.
+
+    ``--overwrite`` is dropped and ``--resume`` added; under torchrun (``WORLD_SIZE > 1``)
+    the same number of processes is started again.
+    """
+    args = [a for a in argv if a != "--overwrite"]
+    args += [] if "--resume" in args else ["--resume"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        return shlex.join(
+            ["torchrun", "--standalone", f"--nproc_per_node={world}", "-m", "eqloop.cli", *args]
+        )
+    return shlex.join(["eqloop", *args])
+
+
+def report_interrupt(prefix: str, stop: TrainingInterrupted, argv: Sequence[str]) -> int:
+    """Print where the interrupted run's checkpoint is and how to resume (rank 0).
+
+    Args:
+        prefix: the command, e.g. ``"eqloop finetune"``.
+        stop: the exception the training loop raised.
+        argv: the command's arguments (without the program name).
+
+    Returns:
+        The exit status: 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+    """
+    if stop.checkpoint is not None:  # rank 0
+        print(
+            f"{prefix}: {signal.Signals(stop.signum).name} at step {stop.step}: saved "
+            f"{stop.checkpoint}; resume with: {resume_command(argv)}",
+            file=sys.stderr,
+        )
+    return 128 + stop.signum
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file.
+
+    A last line without its newline that is not valid JSON is what a crash in the middle
+    of a write leaves: it is dropped with a warning.
+
+    Raises:
+        ValueError: any other line that is not a JSON object (the message gives
+            ``path:line``).
+    """
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # no newline after it: a torn write
+                warnings.warn(
+                    f"{path}:{number}: dropped the incomplete last line (a write was cut off)",
+                    stacklevel=2,
+                )
+                break
+            raise ValueError(
+                f"{path}:{number}: not a JSON record ({err.msg}); repair or delete that line"
+            ) from None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}:{number}: expected a JSON object, got {type(record).__name__}"
+            )
+        records.append(record)
+    return records
+
+
+class MetricsLog:
+    """Append-only JSONL log that starts with ``kept`` (a resumed run's earlier records)."""
+
+    def __init__(self, path: Path, kept: list[dict[str, Any]]) -> None:
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._file = path.open("a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# ------------------------------------------------------------------------ the directory
+
+
+def changed_fields(
+    saved: Mapping[str, Any], current: Mapping[str, Any], may_change: frozenset[str]
+) -> list[str]:
+    """The config fields, outside ``may_change``, whose values differ (sorted)."""
+    keys = set(saved) | set(current)
+    return sorted(k for k in keys - may_change if saved.get(k) != current.get(k))
+
+
+def check_resumable(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    may_change: frozenset[str],
+    source: Path,
+) -> None:
+    """Raise ``ValueError`` if ``current`` changes fields a resumed run must keep.
+
+    Args:
+        saved: the config of the run's checkpoint (``Checkpoint.config``).
+        current: the config (as a dict) that would continue (or reuse) that run.
+        may_change: the fields a resumed run may change.
+        source: the checkpoint or config file, named in the message.
+    """
+    changed = changed_fields(saved, current, may_change)
+    if changed:
+        raise ValueError(
+            f"cannot resume the run in {current.get('out_dir')}: the config differs from "
+            f"{source} in {changed}; only {sorted(may_change)} may change (or use a new "
+            "out_dir, or overwrite=true to replace that run)"
+        )
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run does with its directory: start fresh (clearing ``clear``) or resume.
+
+    Attributes:
+        out_dir: the run directory.
+        checkpoint: the checkpoint to resume from (None: start from step 0).
+        clear: files and directories removed when the run starts.
+        metrics: the records of ``metrics.jsonl`` up to the checkpoint's step.
+    """
+
+    out_dir: Path
+    checkpoint: Checkpoint | None
+    clear: tuple[Path, ...] = ()
+    metrics: tuple[dict[str, Any], ...] = ()
+
+    def start(self, config: Mapping[str, Any]) -> MetricsLog:
+        """Make the directory the run's (call on rank 0 only, once every check passed).
+
+        Removes ``clear`` and stale staging, writes ``config.json`` and opens
+        ``metrics.jsonl`` with the kept records.
+        """
+        for path in self.clear:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        remove_staging(self.out_dir)
+        write_json_atomic(self.out_dir / "config.json", dict(config))
+        return MetricsLog(self.out_dir / "metrics.jsonl", list(self.metrics))
+
+
+def _check_writable(out_dir: Path) -> None:
+    """``out_dir`` is a directory, or can be made one, that this process may write into."""
+    for parent in (out_dir, *out_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"out_dir {out_dir}: {parent} exists and is not a directory")
+        if parent.exists():
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"out_dir {out_dir}: cannot write into {parent}")
+            break
+
+
+def _check_apart(out_dir: Path, init_from: str | None) -> None:
+    """Refuse an ``out_dir`` that is, contains or lies inside the model the run starts from."""
+    if not init_from:
+        return
+    out, source = out_dir.resolve(), Path(init_from).resolve()
+    if out == source:
+        relation = "is"
+    elif out in source.parents:
+        relation = "contains"
+    elif source in out.parents:
+        relation = "lies inside"
+    else:
+        return
+    raise ValueError(
+        f"out_dir {out_dir} {relation} the model the run starts from (init_from "
+        f"{init_from}); the run would write over it: choose an out_dir outside {init_from}"
+    )
+
+
+def plan_run_dir(
+    config: Mapping[str, Any], *, may_change: frozenset[str], outputs: Sequence[str] = ()
+) -> RunPlan:
+    """Decide, before any work, how the run uses its directory; nothing is changed yet.
+
+    Args:
+        config: the run's config as a dict (``config.to_dict()``); its ``out_dir``,
+            ``resume``, ``overwrite``, ``steps`` and ``init_from`` decide.
+        may_change: the config fields a resumed run may change.
+        outputs: names of the final outputs the recipe writes into ``out_dir`` besides
+            ``config.json``, ``metrics.jsonl`` and ``checkpoints/`` (e.g. ``model``).
+
+    Raises:
+        ValueError: ``out_dir`` is not a usable directory, it is, contains or lies inside
+            ``init_from``, it holds another run and neither ``resume`` nor ``overwrite``
+            is set, the run it holds differs from ``config`` in a field outside
+            ``may_change``, or its ``metrics.jsonl`` is damaged other than in its last line.
+        eqloop.checkpoint.CheckpointError: the checkpoint to resume from is damaged.
+    """
+    out_dir = Path(config["out_dir"])
+    _check_writable(out_dir)
+    _check_apart(out_dir, config.get("init_from"))
+    present = run_files(out_dir) + [out_dir / n for n in outputs if (out_dir / n).exists()]
+    if not present:
+        return RunPlan(out_dir, None)
+    if config.get("overwrite"):
+        return RunPlan(out_dir, None, clear=tuple(present))
+    latest = latest_checkpoint(out_dir)
+    if not config.get("resume"):
+        what = f"checkpoints up to {latest.name}" if latest else ", ".join(p.name for p in present)
+        raise ValueError(
+            f"{out_dir} already holds a training run ({what}); resume it with --resume "
+            "(resume=true), train into a new --out-dir, or pass --overwrite "
+            "(overwrite=true) to delete that run and start over"
+        )
+    if latest is not None:
+        ckpt = load_checkpoint(latest)
+        check_resumable(ckpt.config, config, may_change, ckpt.path)
+        log = out_dir / "metrics.jsonl"
+        records = read_metrics(log) if log.is_file() else []
+        kept = tuple(r for r in records if r.get("step", 0) <= ckpt.step)
+        stale = [out_dir / n for n in outputs if (out_dir / n).exists()]
+        return RunPlan(
+            out_dir, ckpt, clear=tuple(stale) if ckpt.step < config["steps"] else (), metrics=kept
+        )
+    saved = out_dir / "config.json"  # killed before its first checkpoint: start it again
+    if not saved.is_file():
+        raise ValueError(
+            f"cannot resume the run in {out_dir}: it has no checkpoint and no config.json; "
+            "pass --overwrite (overwrite=true) to delete it and start over"
+        )
+    try:
+        saved_config = json.loads(saved.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {saved}: {err}") from None
+    check_resumable(saved_config, config, may_change, saved)
+    return RunPlan(out_dir, None, clear=tuple(present))
