@@ -180,9 +180,10 @@ def test_resume_is_bit_identical(files: dict[str, Path], tmp_path: Path, lora: b
     with pytest.raises(KeyboardInterrupt):
         finetune(_config(files, tmp_path / "split", **options), on_step=stop_at_4)
     assert load_checkpoint(tmp_path / "split").step == 4
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    held = r"already holds a training run \(checkpoints up to step_00000004\)"
+    with pytest.raises(ValueError, match=held):
         finetune(_config(files, tmp_path / "split", **options))
-    with pytest.raises(ValueError, match=r"differs from the checkpoint's in \['lam'\]"):
+    with pytest.raises(ValueError, match=r"differs from .*step_00000004 in \['lam'\]"):
         finetune(_config(files, tmp_path / "split", **options, resume=True, lam=0.3))
     resumed = finetune(_config(files, tmp_path / "split", **options, resume=True))
     assert resumed["step"] == whole["step"] == 6
@@ -309,7 +310,7 @@ def test_cli_runs_and_reports_bad_settings_in_one_line(
     ]  # fmt: skip
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 2
-    assert "already holds checkpoints" in error(argv)
+    assert "already holds a training run (checkpoints up to step_00000002)" in error(argv)
     config = load_finetune_config(None, ["lora.r=4", "init_from=x", "train_file=y"])
     assert config.lora == LoraOptions(r=4)
 

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from eqloop.checkpoint import CheckpointError, load_checkpoint
 from eqloop.config import TrainConfig, load_config
 from eqloop.train import (
+    NonFiniteLoss,
     TrainingInterrupted,
     batch_rows,
     lr_factor,
@@ -367,6 +368,59 @@ def test_a_signal_checkpoints_the_step_and_resume_is_exact(
     resumed = train(dataclasses.replace(interrupted, resume=True))
     assert resumed["step"] == 8 and resumed["eval"]["accuracy"] == reference["eval"]["accuracy"]
     assert same_weights(Path(config.out_dir), Path(interrupted.out_dir))
+
+
+def test_a_warm_start_never_writes_into_the_run_it_starts_from(
+    tmp_path: Path, finished: TrainConfig
+) -> None:
+    # Issue 21 row 2 (the policy train shares with finetune): not even with overwrite.
+    source = Path(finished.out_dir)
+    before = snapshot(source)
+    for out, relation in ((source, "is"), (tmp_path, "contains"), (source / "warm", "lies inside")):
+        warm = dataclasses.replace(
+            finished, out_dir=str(out), init_from=str(source), overwrite=True, steps=1
+        )
+        with pytest.raises(ValueError, match=f"out_dir {out} {relation} the model the run starts"):
+            train(warm)
+    assert snapshot(source) == before
+    assert not (source / "warm").exists()
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(
+    tmp_path: Path, cache: Path
+) -> None:
+    # Issue 21 row 8: lr=1e10 turns the weights to NaN after step 1 (the loss of step 2).
+    config = tiny_config(
+        tmp_path, cache, steps=6, lr=1e10, warmup_steps=1, checkpoint_every=1, eval_every=0
+    )
+    with pytest.raises(NonFiniteLoss, match=r"training diverged at step 2 \(loss nan") as stop:
+        train(config)
+    ckpt = load_checkpoint(config.out_dir)
+    assert stop.value.step == 2 and ckpt.step == 1 and stop.value.checkpoint == ckpt.path
+    assert f"the last finite checkpoint is {ckpt.path}" in str(stop.value)
+    assert all(torch.isfinite(w).all() for w in ckpt.weights.values())
+    assert sorted(p.name for p in ckpt.path.parent.iterdir()) == ["latest", "step_00000001"]
+
+
+def test_penalty_start_is_a_fraction_of_training_by_default(tmp_path: Path, cache: Path) -> None:
+    # Issue 21 row 23: 0.2 of 10 steps -> the penalty is on from the third step.
+    assert TrainConfig().penalty_start == 0.2
+    config = tiny_config(tmp_path, cache, steps=10, eval_every=0, penalty_start=0.2)
+    train(config)
+    steps = [r for r in read_jsonl(Path(config.out_dir) / "metrics.jsonl") if "event" not in r]
+    assert [r["penalty"] is None for r in steps] == [True, True] + [False] * 8
+    assert load_config(None, ["penalty_start=0.2"]).penalty_start == 0.2
+    assert load_config(None, ["penalty_start=400"]).penalty_start == 400  # a step, as before
+    with pytest.raises(ValueError, match=r"must be a fraction of training in \(0, 1\)"):
+        load_config(None, ["penalty_start=1.5"])
+    with pytest.raises(ValueError, match="penalty_start must be an integer >= 0, got -3"):
+        load_config(None, ["penalty_start=-3"])
+    # A step beyond the run's end: the run warns that its lam was never used.
+    late = dataclasses.replace(config, out_dir=str(tmp_path / "late"), penalty_start=400, steps=3)
+    with pytest.warns(UserWarning, match="penalty starts at step 400 and the run ends at step 3"):
+        train(late)
+    steps = [r for r in read_jsonl(tmp_path / "late" / "metrics.jsonl") if "event" not in r]
+    assert all(r["penalty"] is None for r in steps)
 
 
 # ------------------------------------------------------------------------------ helpers
