@@ -9,7 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from eqloop import pretrained
 from eqloop.checkpoint import load_checkpoint, load_model, save_checkpoint
 from eqloop.cli import main
 from eqloop.data import CharTokenizer
@@ -27,6 +34,7 @@ from eqloop.finetune.lora import attach_lora, lora_module_names, merge_lora
 from eqloop.finetune.models import load_for_finetuning
 from eqloop.finetune.train import Objective, finetune, step_time_ratio
 from eqloop.model import LoopLM, LoopLMConfig
+from eqloop.training.run_dir import NonFiniteLoss
 
 TRAINED_LOOPS = 3
 
@@ -208,6 +216,146 @@ def test_final_model_is_saved_merged_and_loads_back(files: dict[str, Path], tmp_
     assert changed and all(k.startswith("core.0.") and k.endswith(".weight") for k in changed)
     assert result["eval"]["n"] == 8 and set(result["eval"]["accuracy"]) == {"1", "3"}
     assert json.loads((tmp_path / "run" / "eval.json").read_text()) == result["eval"]
+
+
+# ------------------------------------------------- the run directory (shared with train)
+
+
+def _snapshot(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_out_dir_is_never_the_source_model(files: dict[str, Path], tmp_path: Path) -> None:
+    # Issue 21 row 2: --init-from DIR --out-dir DIR overwrote DIR's config.json.
+    source = pretrained.write_tiny_checkpoint(tmp_path / "ouro", arch="ouro", seed=1)
+    before = _snapshot(source)
+    cases = ((source, "is"), (tmp_path, "contains"), (source / "ft", "lies inside"))
+    for out, relation in cases:
+        for extra in ({}, {"overwrite": True}):
+            config = _config(files, out, init_from=str(source), mode="sft", steps=1, **extra)
+            match = f"out_dir {out} {relation} the model the run starts from"
+            with pytest.raises(ValueError, match=match):
+                finetune(config)
+    assert _snapshot(source) == before
+    assert pretrained.load(source).model_type == "ouro"  # still loads
+
+
+def test_resuming_a_finished_run_to_more_steps_replaces_the_model(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    # Issue 21 row 3: out_dir/model kept the step-2 weights while the result said step 4.
+    out = tmp_path / "run"
+    finetune(_config(files, out, mode="sft", steps=2, eval_file=str(files["test"])))
+    longer = finetune(
+        _config(files, out, mode="sft", steps=4, eval_file=str(files["test"]), resume=True)
+    )
+    assert longer["step"] == 4 and load_checkpoint(longer["checkpoint"]).step == 4
+    saved = load_model(longer["model"])[0].state_dict()
+    final = load_checkpoint(longer["checkpoint"]).weights
+    assert all(torch.equal(saved[k], final[k]) for k in final)
+    assert json.loads((out / "eval.json").read_text()) == longer["eval"]
+    again = finetune(_config(files, out, mode="sft", steps=4, resume=True))  # finished: kept
+    assert again["step"] == 4 and again["model"] == longer["model"]
+
+
+def test_a_non_finite_loss_stops_finetuning_and_saves_no_model(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    # Issue 21 row 8: a NaN loss trained on to the end and saved a NaN model.
+    config = _config(files, tmp_path / "run", mode="sft", steps=6, lr=1e10, checkpoint_every=1)
+    with pytest.raises(NonFiniteLoss, match=r"training diverged at step (\d+) \(loss nan") as stop:
+        finetune(config)
+    ckpt = load_checkpoint(config.out_dir)
+    assert 2 <= stop.value.step <= 6 and ckpt.step == stop.value.step - 1
+    assert stop.value.checkpoint == ckpt.path
+    assert all(torch.isfinite(w).all() for w in ckpt.weights.values())
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_penalty_start_as_a_fraction_of_finetuning(files: dict[str, Path], tmp_path: Path) -> None:
+    # Issue 21 row 23: the same reading of penalty_start as eqloop train.
+    finetune(_config(files, tmp_path / "half", mode="stars", steps=4, penalty_start=0.5))
+    records = [
+        json.loads(x) for x in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["penalty"] is None for r in records] == [True, True, False, False]
+    with pytest.warns(UserWarning, match="starts at step 9 and the run ends at step 2"):
+        finetune(_config(files, tmp_path / "late", mode="stars", steps=2, penalty_start=9))
+
+
+def _finetune_command(files: dict[str, Path], out: Path, steps: int) -> list[str]:
+    return [
+        "finetune", "--init-from", str(files["base"]), "--train-file", str(files["train"]),
+        "--out-dir", str(out), "--mode", "sft", "--steps", str(steps), "--no-progress",
+        "--set", "batch_size=8", "--set", "checkpoint_every=0",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_checkpoints_finetuning_and_prints_the_resume_command(
+    files: dict[str, Path],
+    tmp_path: Path,
+    processes: list[subprocess.Popen[str]],
+    capsys: pytest.CaptureFixture[str],
+    sig: signal.Signals,
+) -> None:
+    # Issue 21 row 6: Ctrl-C exited 130 without a checkpoint, SIGTERM killed it silently.
+    run = tmp_path / "run"
+    args = _finetune_command(files, run, steps=2000)
+    command = shutil.which("eqloop")
+    prefix = [command] if command else [sys.executable, "-m", "eqloop.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*prefix, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    processes.append(proc)
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    line = err.strip()
+    assert "\n" not in line and "Traceback" not in line, err
+    step = load_checkpoint(run).step
+    assert 2 <= step < 2000
+    saved = f"eqloop finetune: {sig.name} at step {step}: saved {run}/checkpoints/step_{step:08d}"
+    assert line.startswith(saved + "; resume with: ")
+    resume = shlex.split(line.split("; resume with: ", 1)[1])
+    assert resume[-1] == "--resume" and resume[1:-1] == args
+    # What a kill during a save leaves behind is cleaned when the run resumes.
+    (run / "checkpoints" / ".step_00000099-k1ll3d").mkdir()
+    (run / ".model-k1ll3d").mkdir()
+    assert main([*resume[1:-1], "--resume", "--steps", str(step + 2)]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == step + 2
+    assert load_checkpoint(run).step == step + 2 and (run / "model").is_dir()
+    assert [p.name for p in run.rglob(".*")] == []
+
+
+def test_print_config_and_overwrite(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 21 row 26: --print-config failed (init_from must be a non-empty path), and
+    # finetune had no --overwrite: the flags of train and finetune are one table.
+    assert main(["finetune", "--print-config", "--set", "lam=0.2", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {**FinetuneConfig().to_dict(), "lam": 0.2, "device": "cpu"}
+    assert printed["init_from"] == "" and printed["overwrite"] is False
+    argv = _finetune_command(files, tmp_path / "run", steps=2)
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--overwrite", "--steps", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 1
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "latest", "step_00000001",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--overwrite", "--resume"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
+        FinetuneConfig.from_dict({"overwrite": True, "resume": True}, complete=False)
 
 
 # -------------------------------------------------------------------------------- DDP
