@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -291,15 +292,27 @@ def check_penalty_start(value: Any) -> None:
     checks.integer("penalty_start", value, low=0)
 
 
-def penalty_start_step(penalty_start: float | int, steps: int) -> int:
+def penalty_start_step(penalty_start: float | int, steps: int, *, lam: float = 0.0) -> int:
     """The first step (0-based) with the penalty: ``round(fraction * steps)`` or the step.
 
     A fraction follows ``steps``, so a resumed run that trains longer starts its penalty
     later in proportion.
+
+    Args:
+        penalty_start: a fraction of training in (0, 1) or a step (see TrainConfig).
+        steps: the run's optimisation steps.
+        lam: the penalty weight; with ``lam > 0`` a start at or after ``steps`` (the
+            penalty is never applied) is warned about.
     """
-    if isinstance(penalty_start, float):
-        return round(penalty_start * steps)
-    return int(penalty_start)
+    start = round(penalty_start * steps) if isinstance(penalty_start, float) else penalty_start
+    if lam > 0 and start >= steps:
+        warnings.warn(
+            f"lam={lam} but the STARS penalty starts at step {start} and the run ends at "
+            f"step {steps}: the penalty is never applied; set penalty_start to a fraction "
+            "of training (e.g. 0.2) or a step below steps",
+            stacklevel=4,  # the caller of train() / finetune()
+        )
+    return int(start)
 
 
 def check_device(name: str) -> str:

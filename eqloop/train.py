@@ -63,7 +63,6 @@ import math
 import os
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -122,7 +121,6 @@ __all__ = [
     "mix_seed",
     "penalty_overhead",
     "penalty_point",
-    "penalty_warning",
     "read_metrics",
     "setup_run",
     "train",
@@ -361,17 +359,6 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig, source: Path) ->
     run_dir.check_resumable(saved, config.to_dict(), _RESUME_MAY_CHANGE, source)
 
 
-def penalty_warning(lam: float, start: int, steps: int) -> None:
-    """Warn that a run with ``lam > 0`` ends before its penalty's first step ``start``."""
-    if lam > 0 and start >= steps:
-        warnings.warn(
-            f"lam={lam} but the STARS penalty starts at step {start} and the run ends at "
-            f"step {steps}: the penalty is never applied; set penalty_start to a fraction "
-            "of training (e.g. 0.2) or a step below steps",
-            stacklevel=4,  # the caller of train() / finetune()
-        )
-
-
 def _average_over_ranks(
     stats: dict[str, float | None], stop: int, env: RunEnv
 ) -> tuple[dict[str, float | None], int]:
@@ -565,8 +552,7 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
         return {**state.metrics(), "checkpoint": str(latest_checkpoint(out_dir))}
 
     log = plan.start(config.to_dict()) if env.main else None  # nothing is written before
-    start_step = penalty_start_step(config.penalty_start, config.steps)
-    penalty_warning(config.lam, start_step, config.steps)
+    start_step = penalty_start_step(config.penalty_start, config.steps, lam=config.lam)
     schedule = PenaltySchedule(start_step, config.penalty_every)
     bar = tqdm(
         total=config.steps,

@@ -78,7 +78,7 @@ from eqloop.finetune.data import Example, PromptTemplate, encode_examples, load_
 from eqloop.finetune.lora import DEFAULT_TARGETS, attach_lora, merge_lora
 from eqloop.finetune.models import LoadedModel, load_for_finetuning, save_model
 from eqloop.stars import PenaltySchedule, jsrr_penalty
-from eqloop.train import RunEnv, batch_rows, lr_factor, mix_seed, penalty_warning, setup_run
+from eqloop.train import RunEnv, batch_rows, lr_factor, mix_seed, setup_run
 from eqloop.training import run_dir
 from eqloop.training.run_dir import TrainingInterrupted
 
@@ -545,9 +545,8 @@ def _finetune(
     if run.step >= config.steps:  # a finished run: only its outputs may be missing
         return _finish(run, config, eval_examples, latest_checkpoint(out_dir))
     log = plan.start(config.to_dict()) if env.main else None  # nothing is written before
-    start_step = penalty_start_step(config.penalty_start, config.steps)
-    if config.mode == "stars":
-        penalty_warning(config.lam, start_step, config.steps)
+    lam = config.lam if config.mode == "stars" else 0.0  # SFT has no penalty to miss
+    start_step = penalty_start_step(config.penalty_start, config.steps, lam=lam)
     schedule = PenaltySchedule(start_step, 1)
     checkpoint_path, saved_step = None, -1
 
