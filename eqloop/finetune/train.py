@@ -23,11 +23,11 @@ as in the STARS paper's Ouro-1.4B run), runs ``t`` loops of the model's map ``f`
     loss = (1 - lam) * CE(completion tokens) + lam * JSRR(f, z_t.detach())
 
 with the penalty (STARS only) from ``penalty_start`` on (a step, or a fraction of
-``steps``). The forward runs under bf16
-autocast where the device supports it (``precision``); the penalty always runs in
-float32 with the math attention kernel (its double backward needs it), on the float32
-master weights. ``grad_checkpointing`` recomputes each loop during the backward, so the
-activation memory of the loop is that of one loop plus one state per loop.
+``steps``). The forward runs under bf16 autocast where the device supports it
+(``precision``); the penalty always runs in float32 with the math attention kernel (its
+double backward needs it), on the float32 master weights. ``grad_checkpointing``
+recomputes each loop during the backward, so the activation memory of the loop is that of
+one loop plus one state per loop.
 
 LoRA (``lora``): peft adapters on the named modules; only they train, only they are
 checkpointed (with the optimizer state), and they are merged into the weights when the
