@@ -35,6 +35,7 @@ from eqloop.checkpoint import load_model, save_checkpoint
 from eqloop.files import umask_mode
 from eqloop.finetune.tokenizer import TextTokenizer, as_text_tokenizer
 from eqloop.model import LoopLM
+from eqloop.pretrained.io import is_pretrained_dir  # raises on a malformed config.json
 
 __all__ = [
     "LoadedModel",
@@ -72,18 +73,6 @@ class LoadedModel:
     arch: str
     trained_loops: int
     source: Path
-
-
-def is_pretrained_dir(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a Hugging Face-layout directory (``config.json`` with ``model_type``)."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "model_type" in data
 
 
 def _looplm_tokenizer(model: LoopLM) -> TextTokenizer:
