@@ -118,12 +118,6 @@ def register_auto_classes() -> dict[str, type]:
                 strict_config: reject config.json keys eqloop does not know.
                 *args, **kwargs: passed on to ``PreTrainedModel.from_pretrained``.
             """
-            if not os.path.isdir(pretrained_model_name_or_path):
-                raise FileNotFoundError(
-                    f"checkpoint directory {str(pretrained_model_name_or_path)!r} does not "
-                    "exist: eqloop's Auto classes open local directories only (download the "
-                    "checkpoint first)"
-                )
             check_checkpoint(pretrained_model_name_or_path, strict_config=strict_config)
             return PreTrainedModel.from_pretrained.__func__(
                 cls, pretrained_model_name_or_path, *args, **kwargs
