@@ -20,6 +20,7 @@ and mis-shaped tensors in one message).
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -57,7 +58,8 @@ def _directory(path: str | os.PathLike[str]) -> Path:
     directory = Path(path)
     if not directory.is_dir():
         # A save killed between its two renames leaves the old checkpoint here.
-        kept = sorted(directory.parent.glob(f"{STAGING_PREFIX}{directory.name}-old-*/*"))
+        name = glob.escape(directory.name)
+        kept = sorted(directory.parent.glob(f"{STAGING_PREFIX}{name}-old-*/{name}"))
         hint = (
             f"; an interrupted save_pretrained left the previous checkpoint in {str(kept[-1])!r}:"
             " move it back"
