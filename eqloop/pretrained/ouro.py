@@ -202,7 +202,10 @@ class OuroForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
         return x
 
     def _core(self, z: Tensor, x: Tensor, ctx: Context, loop: int | None = None) -> Tensor:
-        h = z
+        # Padded positions hold zeros already; zeroing them here too stops a tangent
+        # there (a Jacobian-vector product) from passing RMSNorm's 1/sqrt(eps) gain at
+        # zero layer after layer, which overflows float16 into NaN.
+        h = ctx.zero_padding(z)
         for layer in self.model.layers:
             h = layer(h, ctx, loop)
         return ctx.zero_padding(self.model.norm(h))
