@@ -367,6 +367,12 @@ def generate(
 
     Returns:
         (B, S + n) token ids, or a :class:`GenerateOutput`.
+
+    Raises:
+        TypeError, ValueError: a bad argument (named in the message): e.g. an empty
+            batch, an attention mask that is not 0/1, a stop id the model cannot
+            generate, an ``exit_threshold`` for an exit that uses none.
+        ValueError: the logits of a row still generating are NaN or infinite.
     """
     if not isinstance(model, PretrainedLoopedLM):
         raise TypeError(f"model must be an eqloop pretrained looped LM, got {type(model).__name__}")
