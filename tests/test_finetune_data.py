@@ -110,6 +110,8 @@ def test_empty_and_missing_files(tmp_path: Path) -> None:
         ("it is 3/4", None),
         ("about 1e5 or 2.5e3", None),
         ("x=5, so 3.5.", "3.5"),
+        ("#### 18) and more", "18"),
+        ("#### 1,5e3", None),
     ],
 )
 def test_answer_extraction(text: str, answer: str | None) -> None:

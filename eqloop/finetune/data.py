@@ -50,12 +50,11 @@ __all__ = [
 
 FORMATS: tuple[str, ...] = ("auto", "gsm8k", "prompt_completion")
 ANSWER_MARK = "####"  # GSM8K puts the final answer after this mark
-_NUMBER_TEXT = r"-?\$?\d[\d,]*(?:\.\d+)?"  # 72, -3, $1,250.50
-# A whole number in running text: not a piece of 1e5, 3/4, v2 or 1.2.3.
-_NUMBER = re.compile(r"(?<![\w./])" + _NUMBER_TEXT + r"(?![\w/]|\.\d)")
-# The word after the mark, and the form it must have (a sentence may end after it).
-_AFTER_MARK = re.compile(re.escape(ANSWER_MARK) + r"\s*(\S+)")
-_MARKED_NUMBER = re.compile("(" + _NUMBER_TEXT + r")[.,;:!?]?")
+# A whole number (72, -3, $1,250.50), not a piece of 1e5, 3/4, v2 or 1.2.3.
+_WHOLE_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?![\w/]|[.,]\d)"
+_NUMBER = re.compile(r"(?<![\w./])" + _WHOLE_NUMBER)  # in running text
+_MARKED_NUMBER = re.compile(_WHOLE_NUMBER)  # at the start of the word after the mark
+_AFTER_MARK = re.compile(re.escape(ANSWER_MARK) + r"\s*(\S*)")  # the mark, the next word
 
 
 @dataclass(frozen=True)
@@ -144,8 +143,8 @@ def normalize_number(text: str) -> str:
 
 def _marked_number(word: str) -> str | None:
     """The normalised number ``word`` (the word after ``####``) is, else None."""
-    whole = _MARKED_NUMBER.fullmatch(word)
-    return None if whole is None else normalize_number(whole.group(1))
+    whole = _MARKED_NUMBER.match(word)
+    return None if whole is None else normalize_number(whole.group(0))
 
 
 def extract_answer(text: str) -> str | None:
@@ -159,7 +158,7 @@ def extract_answer(text: str) -> str | None:
         no number (or, after ``####``, something that is not a number).
     """
     marked = _AFTER_MARK.search(text)
-    if marked is not None:
+    if marked is not None and marked.group(1):
         return _marked_number(marked.group(1))
     numbers = _NUMBER.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
@@ -173,7 +172,7 @@ def final_answer(answer: str, where: str) -> str:
             such as ``1e5`` or ``3/4`` (the message cites ``where``).
     """
     marked = _AFTER_MARK.search(answer)
-    if marked is None:
+    if marked is None or not marked.group(1):
         tail = answer[-40:].replace("\n", "\\n")
         raise ValueError(
             f"{where}: the answer has no final '{ANSWER_MARK} <number>' (GSM8K format); it ends "
