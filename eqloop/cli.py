@@ -42,8 +42,9 @@ _DEFAULT_LOOPS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 # Which ``eqloop eval`` flags apply where: each listed flag needs every entry of its tuple
 # (the mode --checkpoint or --pretrained, or another flag); unlisted flags apply to both
-# modes. Listed flags have no parser default (None: not given), so a flag given where it
-# does not apply is an error naming what it needs; _EVAL_DEFAULTS fills them afterwards.
+# modes (--loops too: with --pretrained it takes one count N, as --max-loops N). Listed
+# flags have no parser default (None: not given), so a flag given where it does not apply
+# is an error naming what it needs; _EVAL_DEFAULTS fills them afterwards.
 _EVAL_NEEDS: dict[str, tuple[str, ...]] = {
     "--n-test": ("--checkpoint",),
     "--decode": ("--checkpoint",),
