@@ -64,7 +64,13 @@ from eqloop.data import IGNORE_INDEX
 from eqloop.depth import DepthSampler, make_depth_sampler
 from eqloop.files import write_json_atomic
 from eqloop.finetune.config import FinetuneConfig
-from eqloop.finetune.data import Example, PromptTemplate, encode_examples, load_jsonl
+from eqloop.finetune.data import (
+    Example,
+    PromptTemplate,
+    encode_examples,
+    load_jsonl,
+    warn_shared_prompts,
+)
 from eqloop.finetune.lora import DEFAULT_TARGETS, attach_lora, merge_lora
 from eqloop.finetune.models import LoadedModel, load_for_finetuning, save_model
 from eqloop.stars import PenaltySchedule, jsrr_penalty
@@ -475,8 +481,9 @@ def _train_step(
     }
 
 
-def _train_tensors(config: FinetuneConfig, loaded: LoadedModel) -> tuple[Tensor, Tensor]:
-    examples = load_jsonl(config.train_file, format=config.data_format)
+def _train_tensors(
+    config: FinetuneConfig, loaded: LoadedModel, examples: Sequence[Example]
+) -> tuple[Tensor, Tensor]:
     template = PromptTemplate(config.prompt, config.delimiter)
     return encode_examples(examples, loaded.tokenizer, template, max_len=config.max_len)
 
@@ -534,12 +541,15 @@ def _finetune(
             f"batch_size {config.batch_size} is not divisible by {env.world} ranks x "
             f"grad_accum {config.grad_accum}"
         )
+    train_examples = load_jsonl(config.train_file, format=config.data_format)
     if eval_examples is None and config.eval_file is not None:
         eval_examples = load_jsonl(
             config.eval_file, format=config.data_format, limit=config.eval_limit
         )
+    if eval_examples is not None and env.main:
+        warn_shared_prompts(train_examples, eval_examples)
     run = _build(config, env, loaded)
-    inputs, targets = _train_tensors(config, run.loaded)
+    inputs, targets = _train_tensors(config, run.loaded, train_examples)
     if inputs.shape[0] < config.batch_size:
         raise ValueError(
             f"{config.train_file} holds {inputs.shape[0]} examples, fewer than batch_size "
