@@ -329,8 +329,7 @@ def freeze_unreached(model: nn.Module, loss: Callable[[], Tensor]) -> list[str]:
             f"the training objective uses none of the {len(trainable)} trainable parameters "
             f"of {type(model).__name__}"
         )
-    frozen = [name for name, p in trainable if id(p) not in reached]
-    for name, p in trainable:
-        if id(p) not in reached:
-            p.requires_grad_(False)
-    return frozen
+    frozen = [(name, p) for name, p in trainable if id(p) not in reached]
+    for _, p in frozen:
+        p.requires_grad_(False)
+    return [name for name, _ in frozen]
