@@ -281,8 +281,8 @@ def check_base_model(
         raise ValueError(
             f"cannot resume from {checkpoint}: its LoRA adapters were trained on base weights "
             f"with fingerprint {recorded}, but the base model in {loaded.source} now has "
-            f"{loaded.fingerprint} (its weights changed). Point init_from at the base model "
-            "the run started from, or start a new run in another out_dir"
+            f"{loaded.fingerprint} (its weights changed since the run started). Put the "
+            f"original weights back in {loaded.source}, or start a new run in another out_dir"
         )
 
 
