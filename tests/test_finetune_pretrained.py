@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -166,12 +165,10 @@ def test_readme_recipe_runs_under_torchrun(root: Path, tmp_path: Path, variant: 
         "-m", "eqloop.cli", "finetune", "--init-from", str(root / arch),
         "--train-file", str(root / "train.jsonl"), "--out-dir", str(out), *_RECIPE, *extra,
     ]  # fmt: skip
-    start = time.perf_counter()
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    print(f"{variant}: {time.perf_counter() - start:.1f} s")
     assert done.returncode == 0, done.stderr[-3000:]
     assert load_checkpoint(out).step == 2
     tuned = pretrained.load(out / "model").state_dict()
