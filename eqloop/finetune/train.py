@@ -72,7 +72,13 @@ from eqloop.finetune.data import (
     warn_shared_prompts,
 )
 from eqloop.finetune.lora import DEFAULT_TARGETS, attach_lora, merge_lora
-from eqloop.finetune.models import LoadedModel, load_for_finetuning, save_model
+from eqloop.finetune.models import (
+    LoadedModel,
+    check_base_model,
+    freeze_unreached,
+    load_for_finetuning,
+    save_model,
+)
 from eqloop.stars import PenaltySchedule, jsrr_penalty
 from eqloop.train import (
     MetricsLog,
@@ -339,6 +345,7 @@ class _Run:
                 "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(),
                 "train_time": self.train_time,
+                "base_fingerprint": self.loaded.fingerprint,  # checked on resume (LoRA)
             },
         )
 
@@ -346,6 +353,7 @@ class _Run:
         """Load weights, optimizer, scheduler and sampler state of a checkpoint."""
         ckpt = load_checkpoint(path)
         saved = ckpt.training_state(map_location="cpu")
+        check_base_model(saved, self.loaded, ckpt.path, adapters_only=bool(self.lora_modules))
         model = self.loaded.model
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
@@ -412,6 +420,10 @@ def _build(config: FinetuneConfig, env: RunEnv, loaded: LoadedModel | None) -> _
         grad_checkpointing=config.grad_checkpointing,
         autocast=_autocast_on(config, env.device),
     )
+    # What the objective never reaches (Ouro's exit gate) does not train: DDP needs a
+    # gradient for every trainable parameter. Probed on one 2-token sequence, 1 loop.
+    probe = torch.zeros(1, 2, dtype=torch.long, device=env.device)
+    freeze_unreached(loaded.model, lambda: objective(probe, probe, 1)[0])
     fsdp = config.parallel == "fsdp" and env.world > 1
     net: nn.Module = objective
     if fsdp:
