@@ -47,6 +47,7 @@ from torch import Tensor
 from eqloop.files import (
     STAGING_PREFIX,
     atomic_path,
+    replace_directory,
     umask_mode,
     write_json_atomic,
     write_text_atomic,
@@ -174,13 +175,7 @@ def save_checkpoint(
             torch.save(training_state, tmp)
         files = {name: _sha256(staging / name) for name in (_WEIGHTS, _CONFIG, _METRICS, _STATE)}
         write_json_atomic(staging / _MANIFEST, {"format": _FORMAT, "step": step, "files": files})
-        if final.exists():  # the same step written again
-            old = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}-old-", dir=root))
-            os.replace(final, old / final.name)
-            os.replace(staging, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, final)
+        replace_directory(staging, final)  # the same step written again is replaced
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_text_atomic(root / _LATEST, final.name + "\n")
@@ -247,9 +242,18 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
             sub-directory (both resolve to the newest checkpoint).
 
     Raises:
-        CheckpointError: nothing resembling a checkpoint is found at ``path``.
+        CheckpointError: nothing resembling a checkpoint is found at ``path``, or ``path``
+            is a pretrained model directory (Hugging Face layout) instead.
     """
+    from eqloop.pretrained.io import is_pretrained_dir
+
     path = Path(path)
+    if not (path / _MANIFEST).is_file() and is_pretrained_dir(path):
+        raise CheckpointError(
+            f"{path} is a pretrained model directory (Hugging Face layout: config.json with "
+            "model_type), not an eqloop checkpoint: evaluate it with eqloop eval --pretrained "
+            "DIR, load it with eqloop.pretrained.load"
+        )
     if (path / _MANIFEST).is_file() or (path / _WEIGHTS).is_file():
         return path
     for run_dir in (path, path.parent if path.name == CHECKPOINT_DIR else None):

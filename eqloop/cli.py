@@ -39,6 +39,39 @@ _DECODES = ("greedy", "forced")
 _DEFAULT_LOOPS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+# Which ``eqloop eval`` flags apply where: each listed flag needs every entry of its tuple
+# (the mode --checkpoint or --pretrained, or another flag); unlisted flags apply to both
+# modes (--loops too: with --pretrained it takes one count N, as --max-loops N). Listed
+# flags have no parser default (None: not given), so a flag given where it does not apply
+# is an error naming what it needs; _EVAL_DEFAULTS fills them afterwards.
+_EVAL_NEEDS: dict[str, tuple[str, ...]] = {
+    "--n-test": ("--checkpoint",),
+    "--decode": ("--checkpoint",),
+    "--solver-start": ("--checkpoint", "--solver"),
+    "--no-diagnostics": ("--checkpoint",),
+    "--diagnostic-samples": ("--checkpoint",),
+    "--pca": ("--checkpoint",),
+    "--pca-problems": ("--checkpoint", "--pca"),
+    "--pca-loops": ("--checkpoint", "--pca"),
+    "--max-iter": ("--solver",),
+    "--tol": ("--solver",),
+    "--max-loops": ("--pretrained",),
+    "--prompt": ("--pretrained",),
+    "--dtype": ("--pretrained",),
+    "--no-rho": ("--pretrained",),
+}
+_MODES = {"--checkpoint": "--checkpoint runs", "--pretrained": "--pretrained checkpoints"}
+_EVAL_DEFAULTS: dict[str, Any] = {
+    "solver_start": 0,
+    "max_iter": EQUILIBRIUM_MAX_ITER,
+    "tol": EQUILIBRIUM_TOL,
+    "decode": "greedy",
+    "diagnostic_samples": 256,
+    "pca_problems": 8,
+    "pca_loops": 128,
+}
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (the usage is in ``--help``)."""
 
@@ -100,34 +133,36 @@ def _add_eval(sub: Any) -> None:
     loops.add_argument(
         "--loops",
         type=_loop_counts,
-        default=list(_DEFAULT_LOOPS),
-        help="comma-separated loop counts (default %(default)s)",
+        help=f"comma-separated loop counts (default {','.join(map(str, _DEFAULT_LOOPS))}); "
+        "with --pretrained one count N: diagnose loops 1..N (as --max-loops N)",
     )
     loops.add_argument("--solver", help="also solve to equilibrium, e.g. anderson, broyden")
     loops.add_argument(
         "--solver-start",
         type=int,
-        default=0,
-        help="loops run before the solver starts (default %(default)s: from the initial "
-        "state); without input injection the start selects which fixed point is found",
+        help=f"loops run before the solver starts (default {_EVAL_DEFAULTS['solver_start']}: "
+        "from the initial state); without input injection the start selects which fixed "
+        "point is found",
     )
     loops.add_argument(
         "--max-iter",
         type=int,
-        default=EQUILIBRIUM_MAX_ITER,
-        help="solver budget of f-evaluations (default %(default)s)",
+        help=f"solver budget of f-evaluations (default {_EVAL_DEFAULTS['max_iter']})",
     )
     loops.add_argument(
         "--tol",
         type=float,
-        default=EQUILIBRIUM_TOL,
-        help="solver tolerance on the relative residual (default %(default)s)",
+        help=f"solver tolerance on the relative residual (default {_EVAL_DEFAULTS['tol']})",
     )
-    loops.add_argument("--decode", choices=_DECODES, default="greedy", help="default greedy")
+    loops.add_argument("--decode", choices=_DECODES, help="default greedy")
     diagnostics = p.add_argument_group("diagnostics")
-    diagnostics.add_argument("--no-diagnostics", action="store_true", help="accuracy only")
     diagnostics.add_argument(
-        "--diagnostic-samples", type=int, default=256, help="sequences for the diagnostics"
+        "--no-diagnostics", action="store_true", default=None, help="accuracy only"
+    )
+    diagnostics.add_argument(
+        "--diagnostic-samples",
+        type=int,
+        help=f"sequences for the diagnostics (default {_EVAL_DEFAULTS['diagnostic_samples']})",
     )
     diagnostics.add_argument(
         "--rho-iters", type=int, default=30, help="power-iteration steps per rho estimate"
@@ -143,8 +178,16 @@ def _add_eval(sub: Any) -> None:
         help="write hidden-state trajectories on their first two principal components here "
         "(PNG, one panel per checkpoint; eqloop.trajectory)",
     )
-    run.add_argument("--pca-problems", type=int, default=8, help="test problems in --pca")
-    run.add_argument("--pca-loops", type=int, default=128, help="loops traced in --pca")
+    run.add_argument(
+        "--pca-problems",
+        type=int,
+        help=f"test problems in --pca (default {_EVAL_DEFAULTS['pca_problems']})",
+    )
+    run.add_argument(
+        "--pca-loops",
+        type=int,
+        help=f"loops traced in --pca (default {_EVAL_DEFAULTS['pca_loops']})",
+    )
     add_pretrained_arguments(p)  # eqloop eval --pretrained DIR: eqloop.pretrained.cli
 
 
@@ -203,6 +246,44 @@ def _check_output(flag: str, path: Path | None) -> None:
         raise ValueError(f"{flag} {path}: cannot write into {parent}")
 
 
+def _check_eval_flags(args: argparse.Namespace) -> None:
+    """Refuse every flag given where it does not apply (:data:`_EVAL_NEEDS`), then fill in
+    the defaults; with ``--pretrained``, ``--loops N`` is ``--max-loops N``.
+
+    Raises:
+        ValueError: a flag of the other mode, or one whose companion flag is missing,
+            naming what it needs.
+    """
+    mode = "--pretrained" if args.pretrained is not None else "--checkpoint"
+    given = {flag for flag in _EVAL_NEEDS if getattr(args, _dest(flag)) is not None}
+    given |= {flag for flag in ("--solver", mode) if getattr(args, _dest(flag)) is not None}
+    for flag in sorted(given & set(_EVAL_NEEDS)):
+        for need in _EVAL_NEEDS[flag]:
+            if need in _MODES and need != mode:
+                raise ValueError(f"{flag} applies to {_MODES[need]} only, not to {mode}")
+            if need not in given:
+                raise ValueError(f"{flag} needs {need} (it has no effect without it)")
+    if mode == "--pretrained" and args.loops is not None:
+        if len(args.loops) != 1 or args.loops[0] < 1:
+            raise ValueError(
+                "with --pretrained, --loops takes one count N (loops 1..N are diagnosed, as "
+                f"with --max-loops N), got {','.join(map(str, args.loops))}"
+            )
+        if args.max_loops is not None:
+            raise ValueError("give one of --loops N and --max-loops N (the same setting)")
+        args.max_loops, args.loops = args.loops[0], None
+    if mode == "--checkpoint" and args.loops is None:
+        args.loops = list(_DEFAULT_LOOPS)
+    for name, default in _EVAL_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
+def _dest(flag: str) -> str:
+    """The attribute argparse stores ``flag`` in: ``--max-loops`` -> ``max_loops``."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
 def _eval(args: argparse.Namespace) -> int:
     _check_output("--json", args.json)
     _check_output("--plot", args.plot)
@@ -218,6 +299,7 @@ def _eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag} needs matplotlib: pip install 'eqloop[plots]'")
     if (args.checkpoint is None) == (args.pretrained is None):
         raise ValueError("give --checkpoint (eqloop runs) or --pretrained DIR (Ouro, Huginn)")
+    _check_eval_flags(args)
     if args.pretrained is not None:
         from eqloop.pretrained.cli import run
 

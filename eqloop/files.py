@@ -2,14 +2,18 @@
 
 A file is written to a hidden temporary sibling (``.<name>-XXXX``) and renamed over the
 target with ``os.replace``, which is atomic on POSIX and Windows, so a crash or a kill
-never leaves a half-written file under the final name. Permissions follow the user's
-umask, as for any file the user's tools create (``tempfile`` would make it private).
+never leaves a half-written file under the final name. A directory of several files is
+written the same way: into a hidden staging sibling, then swapped in with
+:func:`replace_directory`. Permissions follow the user's umask, as for any file the
+user's tools create (``tempfile`` would make it private). JSON files are read with
+:func:`read_json`, whose errors name the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +24,8 @@ __all__ = [
     "STAGING_PREFIX",
     "atomic_path",
     "jsonl_records",
+    "read_json",
+    "replace_directory",
     "umask_mode",
     "write_bytes_atomic",
     "write_json_atomic",
@@ -79,6 +85,47 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented, key-sorted JSON (with a final newline) atomically."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The parsed contents of a JSON file (UTF-8).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not UTF-8 or not valid JSON (the message names the file,
+            and the line and column of a syntax error).
+    """
+    file = Path(path)
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{file} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+        ) from None
+
+
+def replace_directory(staging: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Put the complete directory ``staging`` in place of ``target`` with renames.
+
+    ``staging`` must be a sibling of ``target`` (same file system). When ``target`` does
+    not exist this is one atomic rename. Otherwise the old directory is first renamed to a
+    hidden sibling ``.<name>-old-XXXX/<name>``, then ``staging`` to ``target``, then the
+    old copy is deleted: a kill at any point leaves ``target`` either the old or the new
+    directory, except between the two renames, when ``target`` is absent and the old
+    directory is still whole in the hidden sibling (:func:`eqloop.pretrained.load` says so).
+    """
+    staging, target = Path(staging), Path(target)
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-old-", dir=target.parent))
+    os.replace(target, old / target.name)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def jsonl_records(

@@ -7,9 +7,10 @@ Shared by every eqloop command that takes ``--config FILE`` and ``--set KEY=VALU
 
 With a ``schema`` (a config dataclass), each value is parsed by its field's type hint
 (:func:`parse_value`): booleans from true/false, yes/no, on/off, 1/0; tuples and lists from
-comma-separated items or a JSON array; dicts from a JSON object; ``None`` from ``null``
-where the type allows it. Unknown keys and text that does not fit are errors naming the
-field. Importing this module does not import torch.
+comma-separated items or a JSON array; dicts from a JSON object; the choices of a
+``Literal`` field by name (``pruner=none`` is the choice "none", not null); ``None`` from
+``null`` where the type allows it. Unknown keys and text that does not fit are errors
+naming the field. Importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def parse_value(name: str, kind: Any, text: str) -> Any:
 
     Args:
         name: the field, for error messages.
-        kind: its type (``bool``, ``int``, ``float``, ``str``, ``X | None``,
+        kind: its type (``bool``, ``int``, ``float``, ``str``, ``Literal[...]``, ``X | None``,
             ``tuple[...]``, ``list[...]``, ``dict[...]``, a dataclass) or ``None``/``Any``
             for free-form values, which are read as JSON if they parse, else as text.
         text: what the user wrote after ``=``.
@@ -98,8 +99,10 @@ def parse_value(name: str, kind: Any, text: str) -> Any:
     Returns:
         The value in the field's type: booleans from true/false, yes/no, on/off, 1/0;
         tuples and lists from JSON arrays or comma-separated items; dicts and dataclasses
-        from JSON objects; ``None`` from ``null`` or ``none`` where the type allows it;
-        strings as written (a JSON string literal is unquoted).
+        from JSON objects; a ``Literal`` choice from the word that names it (before
+        ``None``: ``none`` is the choice ``"none"`` where that is one); ``None`` from
+        ``null`` or ``none`` where the type allows it; strings as written (a JSON string
+        literal is unquoted).
 
     Raises:
         ValueError: text that does not fit the type.
@@ -109,10 +112,20 @@ def parse_value(name: str, kind: Any, text: str) -> Any:
     if kind is None or kind is Any:
         return _json_or_text(text)
     if origin in (typing.Union, types.UnionType):
+        (inner, *more) = [a for a in args if a is not type(None)]
+        if not more and typing.get_origin(inner) is typing.Literal:
+            choice = _literal_choice(inner, text)
+            if choice is not None:  # a word naming a choice is that choice ("none"), not null
+                return choice
         if type(None) in args and text.lower() in ("null", "none"):
             return None
-        (inner, *more) = [a for a in args if a is not type(None)]
         return parse_value(name, inner if not more else None, text)
+    if origin is typing.Literal:
+        choice = _literal_choice(kind, text)
+        if choice is None:
+            listed = ", ".join(repr(c) for c in args)
+            raise ValueError(f"{name} must be one of {listed}; got {text!r}")
+        return choice
     if kind is bool:
         from solvers.checks import parse_bool  # here: the solvers package imports torch
 
@@ -134,6 +147,13 @@ def parse_value(name: str, kind: Any, text: str) -> Any:
             raise ValueError(f'{name} must be a JSON object like {{"key": value}}, got {text!r}')
         return value
     return _json_or_text(text)
+
+
+def _literal_choice(kind: Any, text: str) -> Any:
+    """The choice of the ``Literal[...]`` type ``kind`` that ``text`` names (as written or
+    as a JSON string literal), else None."""
+    word = _json_or_text(text) if text.startswith('"') else text
+    return next((c for c in typing.get_args(kind) if str(c) == word), None)
 
 
 def _parse_sequence(name: str, origin: type, args: tuple[Any, ...], text: str) -> Any:

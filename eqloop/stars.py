@@ -100,6 +100,12 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     return values.view(-1, *([1] * (like.dim() - 1)))
 
 
+def _work_dtype(z: Tensor) -> torch.dtype:
+    """The dtype of the estimators' bookkeeping: at least float32 (``torch.linalg.eig``
+    has no bfloat16/float16 kernels, and Gram-Schmidt in half precision loses the basis)."""
+    return torch.promote_types(z.dtype, torch.float32)
+
+
 def _normalize(x: Tensor) -> Tensor:
     """Scale each sample of ``x`` (shape ``(B, ...)``) to unit norm; zero samples stay 0."""
     tiny = torch.finfo(x.dtype).tiny
@@ -225,7 +231,11 @@ def spectral_radius(
         generator: Random generator for the start vectors (and Arnoldi breakdowns).
 
     Returns:
-        ``rho`` of shape ``(B,)``, or ``(rho, v)`` when ``return_vectors`` is true.
+        ``rho`` of shape ``(B,)``, or ``(rho, v)`` when ``return_vectors`` is true. The
+        Jacobian products run in the dtype of ``z``; everything else (norms, the Krylov
+        basis, the eigenvalues) in at least float32, so ``rho`` is float32 for bfloat16
+        or float16 states (``torch.linalg.eig`` has no half-precision kernels) and ``v``
+        has the dtype of ``z``.
 
     Raises:
         ValueError: Unknown ``method``, ``iters < 1``, ``v0`` of the wrong shape, or ``f``
@@ -260,11 +270,11 @@ def _power_iteration(f: Map, z: Tensor, v: Tensor, iters: int) -> tuple[Tensor, 
     cancels the period-2 oscillation of a ``+-lambda`` pair exactly.
     """
     window = max(1, 2 * ((iters + 2) // 4))
-    log_sum = z.new_zeros(z.shape[0])
+    log_sum = z.new_zeros(z.shape[0], dtype=_work_dtype(z))
     for i in range(iters):
         jv = _jvp(f, z, v)
         if i >= iters - window:
-            log_sum = log_sum + _sample_norm(jv).log()
+            log_sum = log_sum + _sample_norm(jv.to(log_sum.dtype)).log()
         v = _normalize(jv)
     return (log_sum / window).exp(), v
 
@@ -290,15 +300,21 @@ def _orthogonalize(basis: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
 def _arnoldi(
     f: Map, z: Tensor, v: Tensor, iters: int, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
-    """Batched Arnoldi from unit vectors ``v`` ``(B, ...)``; returns ``rho (B,)`` and ``v``."""
+    """Batched Arnoldi from unit vectors ``v`` ``(B, ...)``; returns ``rho (B,)`` and ``v``.
+
+    The products ``J v`` run in the dtype of ``z``; the basis and the Hessenberg matrix
+    are kept in :func:`_work_dtype` (Gram-Schmidt and ``eig`` need at least float32).
+    """
     batch, n = z.shape[0], z[0].numel()
     m = min(iters, n)
+    work = _work_dtype(z)
+    # Breakdown is judged at the precision of the products, not of the bookkeeping.
     breakdown_tol = torch.finfo(z.dtype).eps ** 0.5
-    basis = z.new_zeros(batch, m, n)
-    hess = z.new_zeros(batch, m, m)
+    basis = z.new_zeros(batch, m, n, dtype=work)
+    hess = z.new_zeros(batch, m, m, dtype=work)
     basis[:, 0] = v.flatten(1)
     for j in range(m):
-        w = _jvp(f, z, basis[:, j].view_as(z)).flatten(1)
+        w = _jvp(f, z, basis[:, j].view_as(z).to(z.dtype)).flatten(1).to(work)
         scale = torch.linalg.vector_norm(w, dim=1)
         w, coeffs = _orthogonalize(basis[:, : j + 1], w)
         hess[:, : j + 1, j] = coeffs
@@ -311,7 +327,8 @@ def _arnoldi(
         basis[:, j + 1] = _normalize(torch.where(broken.unsqueeze(1), fresh, w))
         hess[:, j + 1, j] = beta.masked_fill(broken, 0.0)
     rho, ritz = _dominant_eigpair(hess)
-    return rho, _normalize(torch.bmm(ritz.unsqueeze(1), basis).squeeze(1).view_as(z))
+    vectors = _normalize(torch.bmm(ritz.unsqueeze(1), basis).squeeze(1).view_as(z))
+    return rho, vectors.to(z.dtype)
 
 
 def _dominant_eigpair(mat: Tensor) -> tuple[Tensor, Tensor]:
@@ -347,7 +364,9 @@ def jacobian_eigvals(f: Map, z: Tensor) -> Tensor:
         z: ``(B, ...)`` point at which to linearise.
 
     Returns:
-        ``(B, n)`` complex eigenvalues; ``.abs().amax(dim=1)`` is the spectral radius.
+        ``(B, n)`` complex eigenvalues (of at least complex64: the Jacobian of a bfloat16
+        or float16 map is decomposed in float32); ``.abs().amax(dim=1)`` is the
+        spectral radius.
     """
     z = z.detach()
     n = z[0].numel()
@@ -356,7 +375,7 @@ def jacobian_eigvals(f: Map, z: Tensor) -> Tensor:
         columns = [
             _jvp(f, z, eye[i].expand(z.shape[0], n).reshape(z.shape)).flatten(1) for i in range(n)
         ]
-    return torch.linalg.eigvals(torch.stack(columns, dim=2))
+    return torch.linalg.eigvals(torch.stack(columns, dim=2).to(_work_dtype(z)))
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -461,6 +462,28 @@ def test_cli_runs_and_reports_bad_settings_in_one_line(
     assert "already holds a training run (checkpoints up to step_00000002)" in error(argv)
     config = load_finetune_config(None, ["lora.r=4", "init_from=x", "train_file=y"])
     assert config.lora == LoraOptions(r=4)
+
+
+def test_evaluating_on_the_training_examples_is_warned(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    # row 22: an eval file that is the train file (or shares its prompts) measures recall
+    config = _config(files, tmp_path / "run", steps=1, eval_file=str(files["train"]),
+                     eval_limit=4, eval_loops=[1])  # fmt: skip
+    with pytest.warns(UserWarning, match=r"all 4 evaluation prompts are also training prompts"):
+        finetune(config)
+    copy = write_jsonl(tmp_path / "mixed.jsonl", [
+        *[json.loads(line) for line in files["train"].read_text().splitlines()[:1]],
+        *[json.loads(line) for line in files["test"].read_text().splitlines()[:3]],
+    ])  # fmt: skip
+    config = _config(files, tmp_path / "run2", steps=1, eval_file=str(copy), eval_loops=[1])
+    with pytest.warns(UserWarning, match=r"1 of 4 evaluation prompts are also training prompts"):
+        finetune(config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        finetune(_config(files, tmp_path / "run3", steps=1, eval_file=str(files["test"]),
+                         eval_loops=[1]))  # fmt: skip
+    assert not [w for w in caught if "training prompts" in str(w.message)]
 
 
 def test_bf16_autocast_forward_with_a_float32_penalty(files: dict[str, Path]) -> None:

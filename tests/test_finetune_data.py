@@ -11,6 +11,7 @@ import torch
 
 from eqloop.data import CharTokenizer
 from eqloop.finetune.data import (
+    Example,
     PromptTemplate,
     encode_examples,
     extract_answer,
@@ -59,6 +60,17 @@ def test_gsm8k_and_prompt_completion_files_load(tmp_path: Path) -> None:
             [json.dumps({"prompt": "a", "completion": "b"}), json.dumps({"prompt": "c"})],
             r":2: missing key 'completion'",
         ),
+        # row 22: an empty prompt, and a final answer that is not a whole number
+        ([json.dumps({"prompt": "", "completion": "4"})], r":1: 'prompt' is empty"),
+        ([json.dumps({"question": " ", "answer": "#### 4"})], r":1: 'question' is empty"),
+        (
+            [json.dumps({"question": "q", "answer": "#### 1e5"})],
+            r":1: the final answer after '####' must be a number .*, got '1e5'",
+        ),
+        (
+            [json.dumps(GSM8K_LINE), json.dumps({"question": "q", "answer": "#### 3/4"})],
+            r":2: the final answer after '####' must be a number .*, got '3/4'",
+        ),
     ],
 )
 def test_jsonl_errors_name_the_file_and_line(
@@ -90,10 +102,29 @@ def test_empty_and_missing_files(tmp_path: Path) -> None:
         ("first 3, then 4, finally 19 apples", "19"),
         ("#### 7 but later 9", "7"),
         ("no digits here", None),
+        # row 22: the whole number after the mark, or no answer (never a prefix of it)
+        ("#### 72.", "72"),
+        ("####\n1,000 apples", "1000"),
+        ("#### 1e5", None),
+        ("#### 3/4", None),
+        ("it is 3/4", None),
+        ("about 1e5 or 2.5e3", None),
+        ("x=5, so 3.5.", "3.5"),
+        ("#### 18) and more", "18"),
+        ("#### 1,5e3", None),
     ],
 )
 def test_answer_extraction(text: str, answer: str | None) -> None:
     assert extract_answer(text) == answer
+
+
+def test_an_example_without_a_prompt_is_refused_before_encoding() -> None:
+    # row 22: a tokenizer without a beginning-of-sequence token (Ouro, Huginn) encodes an
+    # empty prompt to no token at all, which was a raw RuntimeError in encode_examples
+    with pytest.raises(ValueError, match=r"d.jsonl:3: 'prompt' is empty; every example needs"):
+        Example("", "4", "4", where="d.jsonl:3", raw_prompt=True)
+    with pytest.raises(ValueError, match=r"an example: 'question' is empty"):
+        Example("\n", "#### 4", "4")
 
 
 def test_prompt_template_checks_its_field() -> None:

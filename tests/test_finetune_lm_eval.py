@@ -205,3 +205,88 @@ def test_command_line_route(setup: dict, tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     (result_file,) = (tmp_path / "out").rglob("results_*.json")
     assert "exact_match,none" in json.loads(result_file.read_text())["results"]["tiny_qa"]
+
+
+# ------------------------------------------------ row 21: determinism and clear refusals
+
+
+@pytest.fixture(scope="module")
+def huginn(tmp_path_factory: pytest.TempPathFactory):
+    from eqloop import pretrained
+
+    return pretrained.write_tiny_checkpoint(tmp_path_factory.mktemp("huginn") / "m", "huginn_raven")
+
+
+def _requests(lm) -> list:
+    texts = [("Hello", " there"), ("1+1=", "2"), ("a looped model", " loops again")]
+    return [
+        ((ctx, cont), lm.tok_encode(ctx), lm.tok_encode(cont, add_special_tokens=False))
+        for ctx, cont in texts
+    ]
+
+
+def test_huginn_loglikelihoods_do_not_depend_on_the_batch(huginn) -> None:
+    scores = {}
+    for batch_size in (1, 3):
+        lm = harness.EqloopLM(pretrained=str(huginn), batch_size=batch_size)
+        scores[batch_size] = [score for score, _ in lm._loglikelihood_tokens(_requests(lm))]
+        again = [score for score, _ in lm._loglikelihood_tokens(_requests(lm)[::-1])][::-1]
+        assert again == scores[batch_size]
+    assert scores[1] == pytest.approx(scores[3], rel=1e-5, abs=1e-5)
+    assert lm.get_model_info()["init_scale"] == 0.0
+    # upstream's random start, drawn from the seed for every forward pass: reproducible
+    random = harness.EqloopLM(pretrained=str(huginn), batch_size=1, init_scale=1.0, seed=3)
+    first = [score for score, _ in random._loglikelihood_tokens(_requests(random))]
+    assert [s for s, _ in random._loglikelihood_tokens(_requests(random))] == first
+    assert first != pytest.approx(scores[1], rel=1e-5, abs=1e-5)  # the scale reaches the model
+    with pytest.raises(ValueError, match=r"init_scale=1.0 draws a random start .* batch_size=1"):
+        harness.EqloopLM(pretrained=str(huginn), batch_size=2, init_scale=1.0)
+
+
+def test_huginn_generations_do_not_depend_on_the_batch(huginn) -> None:
+    from lm_eval.api.instance import Instance
+
+    prompts = ["Hello", "1+1=", "a looped model", "Hello"]
+    requests = [
+        Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 5}), i)
+        for i, p in enumerate(prompts)
+    ]
+    texts = {}
+    for batch_size, init_scale in ((1, None), (4, None), (1, 1.0)):
+        lm = harness.EqloopLM(pretrained=str(huginn), batch_size=batch_size, init_scale=init_scale)
+        texts[batch_size, init_scale] = lm.generate_until(requests, disable_tqdm=True)
+        assert lm.generate_until(requests, disable_tqdm=True) == texts[batch_size, init_scale]
+    assert texts[1, None] == texts[4, None]
+    assert texts[1, None][0] == texts[1, None][3] and texts[1, 1.0][0] == texts[1, 1.0][3]
+
+
+def test_bad_lm_eval_settings_are_refused_clearly(setup: dict, huginn) -> None:
+    from lm_eval.api.instance import Instance
+
+    directory = str(setup["root"] / "model")
+    with pytest.raises(ValueError, match=r"unknown solver 'newton'; available: .*anderson"):
+        harness.EqloopLM(pretrained=directory, solver="newton")
+    with pytest.raises(ValueError, match="init_scale is a Huginn option"):
+        harness.EqloopLM(pretrained=directory, init_scale=1.0)
+    with pytest.warns(UserWarning, match="does not probe the memory; it runs 4 sequences"):
+        assert harness.EqloopLM(pretrained=directory, batch_size="auto:4",
+                                max_batch_size=4).batch_size == 4  # fmt: skip
+    with pytest.warns(UserWarning, match="it runs 8 sequences"):
+        assert harness.EqloopLM(pretrained=directory, batch_size="auto").batch_size == 8
+    assert harness.EqloopLM(pretrained=directory, batch_size="2").batch_size == 2
+    for bad in ("auto:x", "big", "auto4"):
+        with pytest.raises(ValueError, match="batch_size must be an integer, auto or auto:N"):
+            harness.EqloopLM(pretrained=directory, batch_size=bad)
+
+    lm = harness.EqloopLM(pretrained=directory, max_length=8)
+    request = Instance("generate_until", {}, ("Question: 2 + 3\nAnswer:", {"max_gen_toks": 8}), 0)
+    with pytest.raises(ValueError, match="max_gen_toks 8 leaves no room for the prompt in max_le"):
+        lm.generate_until([request])
+    def request_of(continuation: str) -> list:
+        ids = lm.tok_encode(continuation, add_special_tokens=False)
+        return [(("1", continuation), lm.tok_encode("1"), ids)]
+
+    with pytest.raises(ValueError, match="continuation of 9 tokens .* does not fit max_length 8"):
+        lm._loglikelihood_tokens(request_of("234567890"))
+    # the longest that fits: the context is cut to its last token, as lm-eval's HF model does
+    assert math.isfinite(lm._loglikelihood_tokens(request_of("23456789"))[0][0])

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from eqloop import pretrained
+from eqloop.checkpoint import load_checkpoint
 from eqloop.finetune.config import FinetuneConfig, LoraOptions
 from eqloop.finetune.data import PromptTemplate, load_jsonl, write_jsonl
 from eqloop.finetune.evaluate import (
@@ -19,9 +23,9 @@ from eqloop.finetune.evaluate import (
     greedy_generate,
 )
 from eqloop.finetune.lora import DEFAULT_TARGETS, attach_lora, merge_lora
-from eqloop.finetune.models import load_for_finetuning
+from eqloop.finetune.models import freeze_unreached, load_for_finetuning, weights_fingerprint
 from eqloop.finetune.problems import make_splits
-from eqloop.finetune.train import finetune
+from eqloop.finetune.train import Objective, finetune
 
 ARCHS = ("ouro", "huginn_raven")
 
@@ -107,3 +111,110 @@ def test_cached_generation_matches_recompute_in_evaluation(root: Path) -> None:
     assert len({len(p) for p in prompts}) > 1
     result = accuracy_vs_loops(model, loaded.tokenizer, examples, loops=[2], max_new_tokens=4)
     assert result["equilibrium"]["converged"] >= 0 and result["n"] == len(examples)
+
+
+# ----------------------------------------------------------- parallel recipes, resume
+
+
+def test_parameters_the_objective_does_not_reach_are_frozen(root: Path) -> None:
+    probe = torch.zeros(1, 2, dtype=torch.long)
+    frozen = {}
+    for arch in ARCHS:
+        model = load_for_finetuning(root / arch).model
+        objective = Objective(model, lam=0.1, grad_checkpointing=True)
+        torch.manual_seed(3)
+        expected = torch.rand(4)
+        torch.manual_seed(3)
+        frozen[arch] = freeze_unreached(model, lambda o=objective: o(probe, probe, 1)[0])
+        assert torch.equal(torch.rand(4), expected)  # Huginn's random state: RNG restored
+        assert all(p.requires_grad for n, p in model.named_parameters() if n not in frozen[arch])
+        assert not any(p.requires_grad for n, p in model.named_parameters() if n in frozen[arch])
+    # Ouro's exit gate serves the gated exits only; the loss after t loops never uses it.
+    assert frozen == {
+        "ouro": ["model.early_exit_gate.weight", "model.early_exit_gate.bias"],
+        "huginn_raven": [],
+    }
+    with pytest.raises(ValueError, match="uses none of the .* trainable parameters"):
+        freeze_unreached(model, lambda: torch.zeros((), requires_grad=True) * 2)
+
+
+# The README's GPU recipe ("Recipe: STARS on Ouro-1.4B with GPUs") at a tiny size: its
+# options with 2 steps on 2 gloo ranks, and the variants the README names after it.
+_RECIPE = [
+    "--mode", "stars", "--steps", "2", "--no-progress", "--set", "batch_size=4",
+    "--set", "grad_accum=2", "--set", "lr=1e-3", "--set", "warmup_steps=1",
+    "--set", "penalty_start=1", "--set", "lam=0.1", "--set", "penalty_rows=1",
+    "--set", "grad_checkpointing=true", "--set", "depth.hi=4",
+]  # fmt: skip
+_VARIANTS = {
+    "ouro-stars": ("ouro", []),
+    "ouro-sft": ("ouro", ["--mode", "sft"]),
+    "ouro-lora": ("ouro", ["--lora", "--set", "lora.r=2"]),
+    "ouro-fsdp": ("ouro", ["--set", "parallel=fsdp"]),
+    "huginn-stars": ("huginn_raven", []),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(_VARIANTS))
+def test_readme_recipe_runs_under_torchrun(root: Path, tmp_path: Path, variant: str) -> None:
+    arch, extra = _VARIANTS[variant]
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "eqloop.cli", "finetune", "--init-from", str(root / arch),
+        "--train-file", str(root / "train.jsonl"), "--out-dir", str(out), *_RECIPE, *extra,
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_checkpoint(out).step == 2
+    tuned = pretrained.load(out / "model").state_dict()
+    base = pretrained.load(root / arch).state_dict()
+    changed = {k for k in base if not torch.equal(tuned[k], base[k])}
+    if arch == "ouro":  # the exit gate is not trained; with LoRA, only the projections change
+        assert changed and not any("early_exit_gate" in k for k in changed)
+        if "--lora" in extra:
+            assert all(k.endswith("_proj.weight") for k in changed)
+
+
+def test_fingerprint_identifies_the_base_weights(root: Path) -> None:
+    model = load_for_finetuning(root / "ouro").model
+    reference = weights_fingerprint(model)
+    # the same values in float64, and with (untrained or trained) adapters attached
+    assert weights_fingerprint(load_for_finetuning(root / "ouro", dtype=torch.float64).model) == (
+        reference
+    )
+    attach_lora(model, ["q_proj"], r=2)
+    torch.nn.init.normal_(model.model.layers[0].self_attn.q_proj.lora_B.default.weight)
+    assert weights_fingerprint(model) == reference
+    with torch.no_grad():  # one value of a small tensor; one sampled value of a large one
+        model.model.early_exit_gate.bias += 1e-6
+        assert weights_fingerprint(model) != reference
+        model.model.early_exit_gate.bias -= 1e-6
+        assert weights_fingerprint(model) == reference
+        model.lm_head.weight.view(-1)[-1] += 1e-6
+    assert weights_fingerprint(model) != reference
+    assert weights_fingerprint(load_for_finetuning(root / "huginn_raven").model) != reference
+
+
+def test_lora_resume_refuses_changed_base_weights(root: Path, tmp_path: Path) -> None:
+    base = pretrained.write_tiny_checkpoint(tmp_path / "base", arch="ouro", seed=1)
+    config = FinetuneConfig(
+        init_from=str(base), train_file=str(root / "train.jsonl"), out_dir=str(tmp_path / "run"),
+        mode="sft", loops=2, steps=2, batch_size=4, lr=1e-3, progress=False,
+        lora=LoraOptions(r=2, targets=["q_proj"]),
+    )  # fmt: skip
+    finetune(config)
+    longer = dataclasses.replace(config, steps=3, resume=True)
+    pretrained.write_tiny_checkpoint(base, arch="ouro", seed=2, overwrite=True)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    with pytest.raises(ValueError, match="fingerprint") as error:
+        finetune(longer)
+    assert f"cannot resume from {checkpoint}" in str(error.value)
+    assert f"the base model in {base} now has" in str(error.value)
+    assert load_checkpoint(tmp_path / "run").step == 2  # nothing written
+    pretrained.write_tiny_checkpoint(base, arch="ouro", seed=1, overwrite=True)
+    assert finetune(longer)["step"] == 3  # the original base weights resume

@@ -129,3 +129,26 @@ def test_bad_arguments(models):
         pretrained.diagnose(torch.nn.Linear(2, 2), ids())
     with pytest.raises(ValueError, match="rho_iters"):
         pretrained.diagnose(models["ouro"], ids(), rho_iters=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["ouro", "huginn"])
+def test_rho_of_half_precision_weights_is_computed_in_float32(tmp_path, name, dtype):
+    # The published checkpoints are bfloat16; torch.linalg.eig has no half kernels.
+    path = pretrained.write_tiny_checkpoint(tmp_path / name, name, initializer_range=0.2)
+    full, half = pretrained.load(path), pretrained.load(path, dtype=dtype)
+    tokens = ids(batch=1, seq=2)
+    size = 2 * 32  # exact Arnoldi (see above), so only the products' precision differs
+    got = pretrained.diagnose(half, tokens, loops=2, rho_iters=size, rho_every=2).rho[1]
+    want = pretrained.diagnose(full, tokens, loops=2, rho_iters=size, rho_every=2).rho[1]
+    assert got == pytest.approx(want, rel=0.05)
+    kw = {"init_scale": 0.0} if name == "huginn" else {}
+    f, _ = half.core_map(tokens, **kw)
+    with torch.no_grad():
+        z2 = half.unroll(tokens, 2, **kw)
+    dense = jacobian_eigvals(f, z2)
+    assert dense.dtype == torch.complex64
+    assert float(dense.abs().max()) == pytest.approx(want, rel=0.05)
+    # What `eqloop eval --pretrained DIR --dtype bfloat16` runs.
+    table = pretrained.diagnose_checkpoint(path, loops=2, rho_iters=4, dtype=dtype)
+    assert all(r is not None and r > 0 for r in table.rho[1:])

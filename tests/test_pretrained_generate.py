@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from eqloop import pretrained
+from eqloop.pretrained import generation
 from eqloop.pretrained.generation import _ouro_call, adaptive_forward
 from eqloop.pretrained.layers import KVCache
 
@@ -278,3 +279,145 @@ def test_generation_rejects_bad_arguments(models):
     with pytest.raises(TypeError, match="loops must be an integer"):
         ouro.generate(ids, max_new_tokens=2, loops=(1, 2))
     assert ouro.generate(ids, attention_mask=mask, max_new_tokens=0).shape == ids.shape
+
+
+@pytest.mark.parametrize("name", ["ouro", "huginn"])
+def test_non_binary_attention_masks_are_refused_everywhere(models, name):
+    models, tok = models
+    model = models[name]
+    ids, mask = prompts(tok)
+    kw = extra(name)
+    additive = (1 - mask).float() * -1e4  # 0 to attend, -1e4 at padding: not a 0/1 mask
+    calls = {
+        "forward": lambda m: model(ids, attention_mask=m, **kw),
+        "forward (n, k)": lambda m: model(ids, (1, 1), attention_mask=m, **kw),
+        "core_map": lambda m: model.core_map(ids, attention_mask=m, **kw),
+        "inject": lambda m: model.inject(ids, attention_mask=m),
+        "generate": lambda m: model.generate(ids, attention_mask=m, max_new_tokens=1, **kw),
+        "diagnose": lambda m: pretrained.diagnose(model, ids, attention_mask=m, loops=1, rho=False),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=r"attention_mask must be 1 .*-10000\.0"):
+            call(additive)
+    with pytest.raises(ValueError, match="attention_mask must be 1"):
+        model.inject(ids, attention_mask=mask * 2)
+    # 0/1 in any dtype and bool are the same mask; the loop's map receives it as bool.
+    want = model(ids, attention_mask=mask, **kw)
+    for same in (mask.bool(), mask.float(), mask.to(torch.int32)):
+        assert torch.equal(model(ids, attention_mask=same, **kw), want)
+    f, _ = model.core_map(ids, attention_mask=mask.float(), **kw)
+    assert f.args[1].dtype == torch.bool and torch.equal(f.args[1], mask.bool())
+
+
+def test_kv_cache_grows_with_the_tokens_not_with_max_new_tokens(models, monkeypatch):
+    models, tok = models
+    model = models["ouro"]
+    ids, mask = prompts(tok)
+    made = []
+
+    class Recorded(KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(generation, "KVCache", Recorded)
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=1)[:, -1].tolist()
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=10**7,  # a stop token at the first step: nothing may be sized by this
+        stop_token_ids=first,
+        return_dict=True,
+    )
+    assert bool(out.finished.all()) and out.sequences.shape[1] == ids.shape[1] + 1
+    cache = made[-1]
+    assert cache.capacity <= ids.shape[1] + generation.CACHE_RESERVE
+    assert cache.nbytes() < 2**20  # was ~10 GB: every slot sized for 10**7 tokens
+
+
+@pytest.mark.parametrize(
+    ("name", "exit"), [("ouro_variant", None), ("huginn", None), ("huginn", "latent-diff")]
+)
+def test_a_growing_kv_cache_decodes_like_a_preallocated_one(models, monkeypatch, name, exit):
+    models, tok = models
+    model = models[name]
+    ids, mask = prompts(tok)
+    kw = dict(attention_mask=mask, max_new_tokens=13, return_dict=True, exit=exit, **extra(name))
+    whole = model.generate(ids, **kw)  # room for all 13 new tokens from the start
+    made = []
+
+    class Recorded(KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(generation, "KVCache", Recorded)
+    monkeypatch.setattr(generation, "CACHE_RESERVE", 1)  # grows three times on the way
+    grown = model.generate(ids, **kw)
+    assert torch.equal(grown.sequences, whole.sequences)
+    assert torch.equal(grown.loops_used, whole.loops_used)
+    assert torch.allclose(grown.logits, whole.logits, atol=1e-6, rtol=1e-5)
+    cache = made[-1]
+    assert ids.shape[1] + 1 < cache.capacity == ids.shape[1] + 13  # doubled, capped at the end
+    if exit is None:
+        recomputed = model.generate(ids, use_cache=False, **kw)
+        assert torch.equal(grown.sequences, recomputed.sequences)
+
+
+@pytest.mark.parametrize("name", ["ouro", "huginn"])
+def test_non_finite_logits_are_an_error_not_token_zero(tmp_path, name):
+    untied = {"tie_embeddings": False} if name == "huginn" else {}  # NaN stays out of the head
+    model = pretrained.load(pretrained.write_tiny_checkpoint(tmp_path / name, name, **untied))
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with torch.no_grad():  # NaN in the embedding of a token only row 1 holds
+        model._embedding().weight[9] = float("nan")
+    kw = dict(max_new_tokens=3, **extra(name))
+    with pytest.raises(ValueError, match=r"new token 0 are not finite .* batch rows \[1\]"):
+        model.generate(ids, **kw)
+    with pytest.raises(ValueError, match=r"not finite .* batch rows \[1\]"):
+        model.generate(ids, use_cache=False, **kw)
+    with pytest.raises(ValueError, match=r"not finite .* batch rows \[0, 1\]"):
+        model.generate(torch.tensor([[9], [9]]), do_sample=True, **kw)
+    assert model.generate(ids[:1], **kw).shape == (1, 6)  # row 0 alone is fine
+
+
+def test_generation_validates_stop_ids_temperature_batch_and_exit_threshold(models):
+    models, tok = models
+    ouro, huginn = models["ouro"], models["huginn"]
+    ids, mask = prompts(tok)
+    vocab = ouro.config.vocab_size
+    # An id the model cannot generate would never stop a row; named as a stop id even
+    # when a pad id is given (it used to pass) or not (it was blamed on pad_token_id).
+    for pad in (None, 0):
+        with pytest.raises(ValueError, match=rf"stop_token_ids\[1\] .* in \[0, {vocab - 1}\]"):
+            ouro.generate(ids, max_new_tokens=2, stop_token_ids=[2, vocab], pad_token_id=pad)
+    with pytest.raises(TypeError, match="stop_token_ids must be a token id or a list"):
+        ouro.generate(ids, max_new_tokens=2, stop_token_ids="2")
+    # One id is a list of one.
+    free = ouro.generate(ids, attention_mask=mask, max_new_tokens=4)
+    stop = int(free[0, ids.shape[1] + 1])
+    one = ouro.generate(ids, attention_mask=mask, max_new_tokens=4, stop_token_ids=stop)
+    assert torch.equal(
+        one, ouro.generate(ids, attention_mask=mask, max_new_tokens=4, stop_token_ids=[stop])
+    )
+    # A vanishing temperature is greedy decoding, not NaN probabilities.
+    cold = ouro.generate(
+        ids, attention_mask=mask, max_new_tokens=6, do_sample=True, temperature=1e-40
+    )
+    assert torch.equal(cold, ouro.generate(ids, attention_mask=mask, max_new_tokens=6))
+    with pytest.raises(ValueError, match="temperature must be a number > 0"):
+        ouro.generate(ids, max_new_tokens=2, do_sample=True, temperature=0.0)
+    # An empty batch is refused at the boundary (it failed inside a reshape).
+    empty = torch.zeros(0, 4, dtype=torch.long)
+    for call in (lambda: huginn.generate(empty, max_new_tokens=2), lambda: huginn(empty)):
+        with pytest.raises(ValueError, match=r"at least one sequence .* \(0, 4\)"):
+            call()
+    # exit_threshold with an exit that uses none: refused by Huginn as by Ouro.
+    with pytest.raises(ValueError, match=r"exit_threshold needs exit='latent-diff' \| 'kl'"):
+        huginn.generate(ids, max_new_tokens=2, exit="none", exit_threshold=0.5)
+    with pytest.raises(ValueError, match="exit_threshold needs exit='latent-diff'"):
+        huginn.generate(ids, max_new_tokens=2, exit_threshold=0.5)  # exit defaults to none
+    with pytest.raises(ValueError, match="exit_threshold needs exit='threshold'; exit='last'"):
+        ouro.generate(ids, max_new_tokens=2, exit="last", exit_threshold=0.5)
+    with pytest.raises(ValueError, match="exit_threshold needs exit='threshold'; exit='expected'"):
+        ouro(ids, exit="expected", exit_threshold=0.5)

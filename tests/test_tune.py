@@ -388,6 +388,22 @@ def test_cli_search_and_print_config(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert json.loads(capsys.readouterr().out)["space"]["lam"]["high"] == 0.5
 
 
+def test_set_reads_a_word_that_names_a_choice_as_that_choice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # row 24: "none" names the no-pruning choice, it is not JSON null (the default pruner)
+    args = ["--study-dir", str(tmp_path), "--print-config"]
+    for text, pruner in (("none", "none"), ('"none"', "none"), ("hyperband", "hyperband"),
+                         ("null", None)):
+        assert main([*args, "--set", f"pruner={text}"]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["pruner"] == pruner
+    assert main([*args, "--set", "pruner=nope"]) == 2
+    assert (
+        "pruner must be one of 'median', 'percentile', 'hyperband', 'none'; got 'nope'"
+        in capsys.readouterr().err
+    )
+
+
 # ------------------------------------------------------------------- worker processes
 
 

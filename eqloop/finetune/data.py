@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +44,17 @@ __all__ = [
     "final_answer",
     "load_jsonl",
     "normalize_number",
+    "warn_shared_prompts",
     "write_jsonl",
 ]
 
 FORMATS: tuple[str, ...] = ("auto", "gsm8k", "prompt_completion")
 ANSWER_MARK = "####"  # GSM8K puts the final answer after this mark
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
-_AFTER_MARK = re.compile(re.escape(ANSWER_MARK) + r"\s*(-?\$?\d[\d,]*(?:\.\d+)?)")
+# A whole number (72, -3, $1,250.50), not a piece of 1e5, 3/4, v2 or 1.2.3.
+_WHOLE_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?![\w/]|[.,]\d)"
+_NUMBER = re.compile(r"(?<![\w./])" + _WHOLE_NUMBER)  # in running text
+_MARKED_NUMBER = re.compile(_WHOLE_NUMBER)  # at the start of the word after the mark
+_AFTER_MARK = re.compile(re.escape(ANSWER_MARK) + r"\s*(\S*)")  # the mark, the next word
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,16 @@ class Example:
     answer: str | None
     where: str = ""
     raw_prompt: bool = False
+
+    def __post_init__(self) -> None:
+        # Without a prompt no position predicts the completion's first token (and a
+        # tokenizer without a beginning-of-sequence token gives no token at all).
+        if not self.question.strip():
+            key = "prompt" if self.raw_prompt else "question"
+            raise ValueError(
+                f"{self.where or 'an example'}: {key!r} is empty; every example needs a "
+                "prompt for the completion to follow"
+            )
 
 
 @dataclass(frozen=True)
@@ -126,16 +141,25 @@ def normalize_number(text: str) -> str:
     return "0" if value in ("-0", "") else value
 
 
+def _marked_number(word: str) -> str | None:
+    """The normalised number ``word`` (the word after ``####``) is, else None."""
+    whole = _MARKED_NUMBER.match(word)
+    return None if whole is None else normalize_number(whole.group(0))
+
+
 def extract_answer(text: str) -> str | None:
     """The answer a (generated) text gives: the number after ``####``, else the last number.
 
+    Only whole numbers count: ``#### 1e5`` or ``#### 3/4`` give no answer (never 1 or 3),
+    and neither does a ``1e5`` or ``3/4`` in the running text.
+
     Returns:
         The normalised number (see :func:`normalize_number`), or None if ``text`` holds
-        no number at all.
+        no number (or, after ``####``, something that is not a number).
     """
     marked = _AFTER_MARK.search(text)
-    if marked is not None:
-        return normalize_number(marked.group(1))
+    if marked is not None and marked.group(1):
+        return _marked_number(marked.group(1))
     numbers = _NUMBER.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
 
@@ -144,16 +168,23 @@ def final_answer(answer: str, where: str) -> str:
     """The number after ``####`` in a GSM8K answer field.
 
     Raises:
-        ValueError: no ``#### N`` in ``answer`` (the message cites ``where``).
+        ValueError: no ``#### N`` in ``answer``, or an ``N`` that is not a whole number
+            such as ``1e5`` or ``3/4`` (the message cites ``where``).
     """
     marked = _AFTER_MARK.search(answer)
-    if marked is None:
+    if marked is None or not marked.group(1):
         tail = answer[-40:].replace("\n", "\\n")
         raise ValueError(
             f"{where}: the answer has no final '{ANSWER_MARK} <number>' (GSM8K format); it ends "
             f"with {tail!r}"
         )
-    return normalize_number(marked.group(1))
+    number = _marked_number(marked.group(1))
+    if number is None:
+        raise ValueError(
+            f"{where}: the final answer after '{ANSWER_MARK}' must be a number like 72, -3 or "
+            f"1,250.50, got {marked.group(1)!r}; write it out (100000 for 1e5, 0.75 for 3/4)"
+        )
+    return number
 
 
 # -------------------------------------------------------------------------------- JSONL
@@ -228,6 +259,28 @@ def load_jsonl(
     if not examples:
         raise ValueError(f"{file}: the file holds no records (empty or only blank lines)")
     return examples
+
+
+def warn_shared_prompts(train: Sequence[Example], evaluated: Sequence[Example]) -> None:
+    """Warn when evaluation examples are training examples too (e.g. the eval file is the
+    train file): their accuracy then measures recall, not what fine-tuning generalises.
+
+    Args:
+        train: the training examples.
+        evaluated: the examples evaluated after training.
+    """
+    seen = {(e.raw_prompt, e.question) for e in train}
+    shared = [e for e in evaluated if (e.raw_prompt, e.question) in seen]
+    if not shared:
+        return
+    n = len(evaluated)
+    count = f"all {n}" if len(shared) == n else f"{len(shared)} of {n}"
+    warnings.warn(
+        f"{count} evaluation prompts are also training prompts (first: "
+        f"{shared[0].where or 'an example'}): the evaluation measures what the model "
+        "memorised; evaluate on a held-out file",
+        stacklevel=2,
+    )
 
 
 def write_jsonl(path: str | os.PathLike[str], records: Sequence[dict[str, Any]]) -> Path:

@@ -21,7 +21,7 @@ At equilibrium the model runs ``model(tokens, solver=..., tol=..., max_iter=...)
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -145,8 +145,10 @@ def _cached_generate(
     eos_id: int,
     pad_id: int,
     batch_size: int,
+    stage_options: Mapping[str, Any] | None = None,
 ) -> list[list[int]]:
-    """Greedy decoding with a pretrained model's KV cache, prompts left-padded in batches."""
+    """Greedy decoding with a pretrained model's KV cache, prompts left-padded in batches;
+    ``stage_options`` (e.g. Huginn's ``init_scale``) go to ``generate``."""
     from eqloop.pretrained import generate
 
     device = model_device(model)
@@ -162,7 +164,7 @@ def _cached_generate(
             mask[row, width - len(prompts[i]) :] = 1
         sequences = generate(
             model, ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            loops=loops, stop_token_ids=[eos_id], pad_token_id=pad_id,
+            loops=loops, stop_token_ids=[eos_id], pad_token_id=pad_id, **(stage_options or {}),
         )  # fmt: skip
         for row, i in enumerate(chunk):
             new = sequences[row, width:].tolist()
@@ -189,18 +191,21 @@ def generate_continuations(
     max_new_tokens: int,
     stop_texts: Sequence[str] = (),
     batch_size: int = 32,
+    stage_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Greedy continuations of token-id prompts as text, cut at the first stop text.
 
     At a fixed loop count an Ouro/Huginn model decodes with its KV cache (batched, left
-    padding; stop texts are applied to the finished text); otherwise ``predict`` is
-    re-run on the whole sequence per token (:func:`greedy_generate`, which also stops a
-    row as soon as a stop text appears).
+    padding; stop texts are applied to the finished text; ``stage_options`` such as
+    Huginn's ``init_scale`` are passed on); otherwise ``predict`` is re-run on the whole
+    sequence per token (:func:`greedy_generate`, which also stops a row as soon as a stop
+    text appears).
     """
     if loops is not None and _has_kv_cache(model):
         outputs = _cached_generate(
             model, prompts, loops=loops, max_new_tokens=max_new_tokens,
             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, batch_size=batch_size,
+            stage_options=stage_options,
         )  # fmt: skip
     else:
         outputs = greedy_generate(

@@ -74,9 +74,21 @@ from eqloop.data import IGNORE_INDEX
 from eqloop.depth import DepthSampler, make_depth_sampler
 from eqloop.files import write_json_atomic
 from eqloop.finetune.config import FinetuneConfig
-from eqloop.finetune.data import Example, PromptTemplate, encode_examples, load_jsonl
+from eqloop.finetune.data import (
+    Example,
+    PromptTemplate,
+    encode_examples,
+    load_jsonl,
+    warn_shared_prompts,
+)
 from eqloop.finetune.lora import DEFAULT_TARGETS, attach_lora, merge_lora
-from eqloop.finetune.models import LoadedModel, load_for_finetuning, save_model
+from eqloop.finetune.models import (
+    LoadedModel,
+    check_base_model,
+    freeze_unreached,
+    load_for_finetuning,
+    save_model,
+)
 from eqloop.stars import PenaltySchedule, jsrr_penalty
 from eqloop.train import RunEnv, batch_rows, lr_factor, mix_seed, setup_run
 from eqloop.training import run_dir
@@ -337,12 +349,14 @@ class _Run:
                 "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(),
                 "train_time": self.train_time,
+                "base_fingerprint": self.loaded.fingerprint,  # checked on resume (LoRA)
             },
         )
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Load weights, optimizer, scheduler and sampler state of a checkpoint."""
         saved = ckpt.training_state(map_location="cpu")
+        check_base_model(saved, self.loaded, ckpt.path, adapters_only=bool(self.lora_modules))
         model = self.loaded.model
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
@@ -392,6 +406,10 @@ def _build(
         grad_checkpointing=config.grad_checkpointing,
         autocast=_autocast_on(config, env.device),
     )
+    # What the objective never reaches (Ouro's exit gate) does not train: DDP needs a
+    # gradient for every trainable parameter. Probed on one 2-token sequence, 1 loop.
+    probe = torch.zeros(1, 2, dtype=torch.long, device=env.device)
+    freeze_unreached(loaded.model, lambda: objective(probe, probe, 1)[0])
     fsdp = config.parallel == "fsdp" and env.world > 1
     net: nn.Module = objective
     if fsdp:
@@ -461,8 +479,9 @@ def _train_step(
     }
 
 
-def _train_tensors(config: FinetuneConfig, loaded: LoadedModel) -> tuple[Tensor, Tensor]:
-    examples = load_jsonl(config.train_file, format=config.data_format)
+def _train_tensors(
+    config: FinetuneConfig, loaded: LoadedModel, examples: Sequence[Example]
+) -> tuple[Tensor, Tensor]:
     template = PromptTemplate(config.prompt, config.delimiter)
     return encode_examples(examples, loaded.tokenizer, template, max_len=config.max_len)
 
@@ -524,17 +543,20 @@ def _finetune(
             f"batch_size {config.batch_size} is not divisible by {env.world} ranks x "
             f"grad_accum {config.grad_accum}"
         )
+    train_examples = load_jsonl(config.train_file, format=config.data_format)
     if eval_examples is None and config.eval_file is not None:
         eval_examples = load_jsonl(
             config.eval_file, format=config.data_format, limit=config.eval_limit
         )
+    if eval_examples is not None and env.main:
+        warn_shared_prompts(train_examples, eval_examples)
     plan = run_dir.plan_run_dir(
         config.to_dict(), may_change=_RESUME_MAY_CHANGE, outputs=(MODEL_DIR, EVAL_FILE)
     )
     if env.world > 1:
         dist.barrier()  # every rank has looked at out_dir before rank 0 changes it
     run = _build(config, env, loaded, plan.checkpoint)
-    inputs, targets = _train_tensors(config, run.loaded)
+    inputs, targets = _train_tensors(config, run.loaded, train_examples)
     if inputs.shape[0] < config.batch_size:
         raise ValueError(
             f"{config.train_file} holds {inputs.shape[0]} examples, fewer than batch_size "

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from eqloop.looped import LoopedLM, LoopInfo
+from eqloop.looped import CoreMap, LoopedLM, LoopInfo
 from eqloop.pretrained.config import HuginnConfig, OuroConfig
 from eqloop.pretrained.layers import Context, KVCache, make_context
 from solvers import checks
@@ -142,15 +142,29 @@ class PretrainedLoopedLM(LoopedLM):
     # ----------------------------------------------------------------- context, checks
 
     def _check_tokens(self, tokens: Any) -> Tensor:
-        """``LoopedLM.check_tokens`` against the embedding's rows. On the meta device,
-        where values cannot be read, only the type and shape are checked."""
+        """``LoopedLM.check_tokens`` against the embedding's rows, and at least one
+        sequence (the stages reshape by batch size, which fails on an empty batch). On
+        the meta device, where values cannot be read, only the type and shape are checked."""
         if isinstance(tokens, Tensor) and tokens.is_meta:
             self.check_tokens(torch.zeros(tokens.shape, dtype=tokens.dtype), self.vocab_size)
         else:
             self.check_tokens(tokens, self.vocab_size)
+        if tokens.shape[0] == 0:
+            raise ValueError(
+                f"tokens must hold at least one sequence (batch >= 1), got shape "
+                f"{tuple(tokens.shape)}"
+            )
         return tokens
 
     def _check_mask(self, attention_mask: Any, shape: tuple[int, ...]) -> Tensor | None:
+        """The padding mask as a (B, S) bool tensor (True at real tokens), or ``None``.
+
+        A 0/1 mask of any dtype costs one host read to check its values; a bool mask is
+        binary by construction and costs none, so the entry points (:meth:`_prepare`,
+        generation, diagnostics) convert once and the stages they call check for free.
+        Any other value is refused: an additive mask (0 to attend, a large negative
+        number for padding) read as 0/1 would swap padding and tokens.
+        """
         if attention_mask is None:
             return None
         if not isinstance(attention_mask, Tensor):
@@ -163,7 +177,29 @@ class PretrainedLoopedLM(LoopedLM):
                 f"attention_mask must have the shape of the tokens {tuple(shape)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
-        return attention_mask
+        if attention_mask.dtype == torch.bool:
+            return attention_mask
+        if not attention_mask.is_meta:  # meta tensors have no values to read
+            binary = (attention_mask == 0) | (attention_mask == 1)
+            if not bool(binary.all()):
+                other = attention_mask[~binary][0].item()
+                raise ValueError(
+                    "attention_mask must be 1 (or True) at real tokens and 0 (or False) at "
+                    f"padding, got the value {other!r}; an additive mask (0 to attend, a "
+                    "large negative number at padding) converts with attention_mask == 0"
+                )
+        return attention_mask != 0
+
+    def _prepare(
+        self, inputs: Tensor, options: dict[str, Any], *, tokens_only: bool = False
+    ) -> tuple[Tensor, CoreMap, Tensor]:
+        """``LoopedLM._prepare`` with the mask checked once: ``options`` (the stage
+        options of ``forward``/``core_map``/``unroll``) gets the bool mask in place, so the
+        stages, the loop and ``forward``'s readout all receive it."""
+        mask = options.get("attention_mask")
+        if mask is not None and isinstance(inputs, Tensor) and inputs.dim() >= 2:
+            options["attention_mask"] = self._check_mask(mask, tuple(inputs.shape[:2]))
+        return super()._prepare(inputs, options, tokens_only=tokens_only)
 
     def _check_state(self, name: str, t: Any, like: Tensor | None = None) -> Tensor:
         d = self._embedding().weight.shape[1]
@@ -225,8 +261,10 @@ class PretrainedLoopedLM(LoopedLM):
     def step_args(
         self, x: Tensor, *, attention_mask: Tensor | None = None, **_: Any
     ) -> tuple[Tensor, ...]:
-        """``(x,)``, or ``(x, attention_mask)`` for a padded batch: per-sample tensors."""
-        return (x,) if attention_mask is None else (x, attention_mask)
+        """``(x,)``, or ``(x, attention_mask)`` for a padded batch: per-sample tensors
+        (the mask as bool, so the loop's ``core_step`` calls never read it again)."""
+        mask = self._check_mask(attention_mask, x.shape[:2])
+        return (x,) if mask is None else (x, mask)
 
     def core_step(self, z: Tensor, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """One loop ``f(z; x)``: (B, S, d) -> (B, S, d); sequences never mix."""

@@ -20,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "pretrained looped LMs (Ouro, Huginn)",
         "per-loop residual, state norm, rho(J) (Arnoldi with --rho-iters vectors), KL between "
-        "loops and Ouro's exit gate; --solver, --max-iter, --tol, --device, --no-progress, "
-        "--json and --plot apply too",
+        "loops and Ouro's exit gate; --loops N (as --max-loops N), --solver, --max-iter, --tol, "
+        "--device, --no-progress, --json and --plot apply too; the other eval flags are "
+        "errors with --pretrained, and these options are errors with --checkpoint",
     )
     group.add_argument("--pretrained", type=Path, metavar="DIR", help="a checkpoint directory")
     group.add_argument(
@@ -34,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a prompt to diagnose on (repeatable; default two generic sentences)",
     )
     group.add_argument("--dtype", choices=_DTYPES, help="parameter dtype (default: the files')")
-    group.add_argument("--no-rho", action="store_true", help="skip the Arnoldi estimates of rho(J)")
+    group.add_argument(
+        "--no-rho", action="store_true", default=None, help="skip the Arnoldi estimates of rho(J)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -119,6 +119,11 @@ class OuroConfig:
         checks.number(
             f"{name}.attention_dropout", self.attention_dropout, low=0.0, high=1.0, high_open=True
         )
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, Mapping):
+            raise TypeError(
+                f"{name}.rope_scaling must be null or an object such as "
+                f'{{"rope_type": "default"}}, got {self.rope_scaling!r}'
+            )
         if self.rope_scaling is not None and dict(self.rope_scaling) not in (
             {"rope_type": "default"},
             {"type": "default"},
@@ -187,6 +192,11 @@ class OuroConfig:
     def trained_loops(self) -> int:
         """The loop count the checkpoint was trained with (``total_ut_steps``)."""
         return self.total_ut_steps
+
+    @property
+    def layer_stacks(self) -> dict[str, tuple[str, int]]:
+        """``{key prefix: (config key, layer count)}`` of the numbered layer lists."""
+        return {"model.layers": ("num_hidden_layers", self.num_hidden_layers)}
 
 
 @dataclass
@@ -322,6 +332,18 @@ class HuginnConfig:
         """The loop count the checkpoint was trained around (``mean_recurrence``)."""
         return self.mean_recurrence
 
+    @property
+    def layer_stacks(self) -> dict[str, tuple[str, int]]:
+        """``{key prefix: (config key, layer count)}`` of the numbered block lists."""
+        return {
+            "transformer.prelude": ("n_layers_in_prelude", self.n_layers_in_prelude),
+            "transformer.core_block": (
+                "n_layers_in_recurrent_block",
+                self.n_layers_in_recurrent_block,
+            ),
+            "transformer.coda": ("n_layers_in_coda", self.n_layers_in_coda),
+        }
+
 
 ARCHITECTURES: dict[str, type[OuroConfig] | type[HuginnConfig]] = {
     OuroConfig.model_type: OuroConfig,
@@ -363,7 +385,7 @@ def config_from_dict(data: Mapping[str, Any], *, strict: bool = True) -> OuroCon
     if not isinstance(data, Mapping):
         raise TypeError(f"config.json must hold a JSON object, got {type(data).__name__}")
     model_type = data.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise ValueError(
             f"unsupported model_type {model_type!r} in config.json; eqloop loads "
             f"{', '.join(repr(k) for k in ARCHITECTURES)}"

@@ -224,7 +224,10 @@ def diagnose(
     rho_iters = checks.integer("rho_iters", rho_iters, low=1)
     rho_every = checks.integer("rho_every", rho_every, low=1)
     rho_batch = checks.integer("rho_batch", rho_batch, low=1)
-    stage: dict[str, Any] = {"attention_mask": attention_mask}
+    input_ids = model._check_tokens(input_ids)
+    # Checked once; the bool mask then costs no host read per loop (see _check_mask).
+    mask = model._check_mask(attention_mask, input_ids.shape)
+    stage: dict[str, Any] = {"attention_mask": mask}
     if model.model_type == "huginn_raven":
         init_scale = 0.0 if init_scale is None else init_scale
         stage.update(init_scale=init_scale, generator=generator)
@@ -233,7 +236,6 @@ def diagnose(
     started = time.perf_counter()
     with torch.no_grad():
         f, z = model.core_map(input_ids, **stage)
-    mask = model._check_mask(attention_mask, input_ids.shape)
     valid = (torch.ones(input_ids.shape) if mask is None else mask).to(z.device, torch.float32)
     is_ouro = model.model_type == "ouro"
 
@@ -257,7 +259,7 @@ def diagnose(
             size = z.flatten(1).norm(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
             per["residual"].append((step / size).tolist())
             per["state_norm"].append(_masked_mean(z.float().norm(dim=-1), valid).tolist())
-            log_p = F.log_softmax(model.readout(z, attention_mask=attention_mask).float(), dim=-1)
+            log_p = F.log_softmax(model.readout(z, attention_mask=mask).float(), dim=-1)
             per["entropy"].append(_masked_mean(-(log_p.exp() * log_p).sum(-1), valid).tolist())
             top = log_p.argmax(dim=-1)
             if prev_log_p is None:
@@ -277,7 +279,7 @@ def diagnose(
                 pending.append((t, z))
                 if len(pending) == rho_batch or t == n:
                     for loop, radius in _batched_rho(
-                        model, input_ids, attention_mask, pending, rho_iters, generator
+                        model, input_ids, mask, pending, rho_iters, generator
                     ):
                         per["rho"][loop - 1] = radius
                     pending = []

@@ -7,13 +7,45 @@ remaining mass at t = T, so they sum to 1 (see ``/work/shared/PRETRAINED.md``).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import Tensor
 
-__all__ = ["EXIT_MODES", "exit_distribution", "threshold_exit"]
+from solvers import checks
+
+__all__ = ["EXIT_MODES", "check_exit", "exit_distribution", "threshold_exit"]
 
 EXIT_MODES = ("last", "threshold", "expected")
 """Values of ``exit`` in :meth:`OuroForCausalLM.forward` and in Ouro's generation."""
+
+
+def check_exit(
+    exit: str, exit_threshold: float | None, modes: Collection[str], thresholded: Collection[str]
+) -> str:
+    """The one check of an ``exit`` / ``exit_threshold`` pair, for Ouro and Huginn alike.
+
+    Args:
+        exit: the exit mode the caller chose.
+        exit_threshold: the threshold the caller passed, or ``None``.
+        modes: the valid modes (Ouro's :data:`EXIT_MODES`, Huginn's criteria).
+        thresholded: the modes that take a threshold.
+
+    Returns:
+        ``exit``.
+
+    Raises:
+        ValueError: ``exit`` is not one of ``modes``, or a threshold is given with a mode
+            that takes none (it would be ignored).
+    """
+    checks.choice("exit", exit, tuple(modes))
+    if exit_threshold is not None and exit not in thresholded:
+        needs = " | ".join(repr(mode) for mode in thresholded)
+        raise ValueError(
+            f"exit_threshold needs exit={needs}; exit={exit!r} uses no threshold, so "
+            "drop exit_threshold or choose one of those exits"
+        )
+    return exit
 
 
 def exit_distribution(gates: Tensor) -> Tensor:

@@ -37,11 +37,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from eqloop.pretrained.base import PretrainedLoopedLM
-from eqloop.pretrained.exits import EXIT_MODES, exit_distribution, threshold_exit
+from eqloop.pretrained.exits import check_exit, exit_distribution, threshold_exit
 from eqloop.pretrained.layers import Context, KVCache
 from solvers import checks
 
-__all__ = ["HUGINN_EXITS", "GenerateOutput", "GenerationMixin", "adaptive_forward", "generate"]
+__all__ = [
+    "CACHE_RESERVE",
+    "HUGINN_EXITS",
+    "GenerateOutput",
+    "GenerationMixin",
+    "adaptive_forward",
+    "generate",
+]
 
 HUGINN_EXITS: dict[str, float] = {
     "none": 0.0,
@@ -51,6 +58,9 @@ HUGINN_EXITS: dict[str, float] = {
     "argmax-stability": 5,
 }
 """Huginn's per-token exit criteria and their default thresholds (see ``ExitCriterion``)."""
+
+CACHE_RESERVE = 256
+"""New tokens :func:`generate` reserves KV-cache room for before the cache first grows."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,8 @@ class ExitCriterion:
     """
 
     def __init__(self, name: str, threshold: float | None) -> None:
-        checks.choice("exit", name, tuple(HUGINN_EXITS))
+        criteria = [exit for exit in HUGINN_EXITS if exit != "none"]
+        check_exit(name, threshold, HUGINN_EXITS, criteria)
         self.name = name
         default = HUGINN_EXITS[name]
         if name == "argmax-stability":
@@ -145,18 +156,6 @@ class ExitCriterion:
 
 
 # ---------------------------------------------------------------- one cached call
-
-
-def _ouro_exit(model: Any, exit: str, exit_threshold: float | None) -> tuple[str, float | None]:
-    checks.choice("exit", exit, EXIT_MODES)
-    if exit != "threshold":
-        if exit_threshold is not None:
-            raise ValueError("exit_threshold needs exit='threshold'")
-        return exit, None
-    threshold = model.config.early_exit_threshold if exit_threshold is None else exit_threshold
-    if threshold is None:
-        raise ValueError("exit='threshold' needs exit_threshold (the config sets none)")
-    return exit, checks.number("exit_threshold", threshold, low=0.0, high=1.0)
 
 
 def _ouro_call(
@@ -254,7 +253,10 @@ def _next_token(
     """(B, V) float logits -> (B,) int64 token ids."""
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # Shift the maximum to 0 before dividing: any temperature > 0, however small, then
+    # gives logits <= 0 (-inf at most), never inf - inf = NaN; as it goes to 0 sampling
+    # becomes the argmax.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -267,6 +269,40 @@ def _next_token(
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_finite(logits: Tensor, finished: Tensor, step: int) -> None:
+    """Refuse non-finite logits (B, V) of rows still generating (one host read per token).
+
+    NaN logits would otherwise decode silently as token 0 (the argmax of NaNs) or stop
+    sampling with an unrelated error.
+    """
+    broken = ~torch.isfinite(logits).all(dim=-1) & ~finished
+    if bool(broken.any()):
+        rows = broken.nonzero().flatten().tolist()
+        raise ValueError(
+            f"generate: the logits of new token {step} are not finite (NaN or inf) in "
+            f"batch rows {rows}: the weights or the looped state overflowed or hold NaN "
+            "(check the checkpoint, load it in float32, or run fewer loops)"
+        )
+
+
+def _check_stop_ids(stop_token_ids: Any, usable: int) -> list[int]:
+    """``stop_token_ids`` (None, one id, or a list/tuple of ids) as a list of ids the
+    model can generate, i.e. in ``[0, usable)``; an id it never generates would never stop."""
+    if stop_token_ids is None:
+        return []
+    if isinstance(stop_token_ids, int) and not isinstance(stop_token_ids, bool):
+        stop_token_ids = [stop_token_ids]
+    if not isinstance(stop_token_ids, (list, tuple)):
+        raise TypeError(
+            "stop_token_ids must be a token id or a list of token ids (e.g. the tokenizer's "
+            f"eos_token_id), got {type(stop_token_ids).__name__}"
+        )
+    return [
+        checks.integer(f"stop_token_ids[{i}] (a token id)", stop, low=0, high=usable - 1)
+        for i, stop in enumerate(stop_token_ids)
+    ]
 
 
 def _check_left_padded(mask: Tensor) -> None:
@@ -293,7 +329,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    stop_token_ids: list[int] | tuple[int, ...] | None = None,
+    stop_token_ids: int | list[int] | tuple[int, ...] | None = None,
     pad_token_id: int | None = None,
     exit: str | None = None,
     exit_threshold: float | None = None,
@@ -313,7 +349,8 @@ def generate(
             default :attr:`~PretrainedLoopedLM.trained_loops`.
         do_sample: sample from the softmax instead of taking the argmax.
         temperature, top_k, top_p: sampling filters (``do_sample`` only).
-        stop_token_ids: a row stops after producing one of these ids.
+        stop_token_ids: a row stops after producing one of these ids (one id or a list;
+            each must be one the model can generate).
         pad_token_id: id written after a row stopped (default: the first stop id, or 0).
         exit: Ouro ``"last"`` (default) | ``"threshold"`` | ``"expected"``; Huginn
             ``"none"`` (default) | ``"latent-diff"`` | ``"kl"`` | ``"entropy-diff"`` |
@@ -330,6 +367,12 @@ def generate(
 
     Returns:
         (B, S + n) token ids, or a :class:`GenerateOutput`.
+
+    Raises:
+        TypeError, ValueError: a bad argument (named in the message): e.g. an empty
+            batch, an attention mask that is not 0/1, a stop id the model cannot
+            generate, an ``exit_threshold`` for an exit that uses none.
+        ValueError: the logits of a row still generating are NaN or infinite.
     """
     if not isinstance(model, PretrainedLoopedLM):
         raise TypeError(f"model must be an eqloop pretrained looped LM, got {type(model).__name__}")
@@ -348,7 +391,9 @@ def generate(
         top_p = checks.number("top_p", top_p, low=0.0, high=1.0, low_open=True)
     if not do_sample and (top_k is not None or top_p is not None or temperature != 1.0):
         raise ValueError("temperature, top_k and top_p need do_sample=True")
-    stops = [checks.integer("stop_token_ids[]", s, low=0) for s in (stop_token_ids or ())]
+    # Ids the tokenizer cannot produce (Huginn's padded vocabulary) are never generated.
+    usable = getattr(model.config, "vocab_size", model.vocab_size)
+    stops = _check_stop_ids(stop_token_ids, usable)
     if pad_token_id is None:
         pad_token_id = stops[0] if stops else 0
     pad_token_id = checks.integer("pad_token_id", pad_token_id, low=0, high=model.vocab_size - 1)
@@ -362,19 +407,29 @@ def generate(
     else:
         if init_scale is not None:
             raise TypeError("init_scale is a Huginn option: Ouro's loop starts from the embeddings")
-        ouro_exit, threshold = _ouro_exit(model, "last" if exit is None else exit, exit_threshold)
-    # Ids the tokenizer cannot produce (Huginn's padded vocabulary) are never generated.
-    usable = getattr(model.config, "vocab_size", model.vocab_size)
+        ouro_exit = "last" if exit is None else exit
+        threshold = model._exit_threshold(ouro_exit, exit_threshold)
 
     sequences = input_ids
     full_mask = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.dtype)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     loops_used: list[Tensor] = []
     step_logits: list[Tensor] = []
-    cache = KVCache(batch, prompt_len + max_new_tokens) if use_cache else None
+    # Room for the prompt and CACHE_RESERVE new tokens; the cache doubles from there as
+    # tokens arrive (up to prompt + max_new_tokens), so a large max_new_tokens costs
+    # nothing until the tokens are generated.
+    cache = (
+        KVCache(
+            batch,
+            prompt_len + min(max_new_tokens, CACHE_RESERVE),
+            max_length=prompt_len + max_new_tokens,
+        )
+        if use_cache
+        else None
+    )
     step_tokens, step_mask = input_ids, mask
     with torch.no_grad():
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if use_cache:
                 if is_huginn:
                     logits, used = _huginn_call(
@@ -403,6 +458,7 @@ def generate(
                     generator,
                 )
             logits = logits.float()
+            _check_finite(logits[:, :usable], finished, step)
             if usable < logits.shape[-1]:
                 logits[:, usable:] = float("-inf")
             step_logits.append(logits)

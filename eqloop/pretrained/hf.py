@@ -6,7 +6,11 @@ an Ouro or Huginn directory with eqloop's implementation (no ``trust_remote_code
 is a thin ``PreTrainedModel`` around the eqloop model: ``forward`` returns a
 ``CausalLMOutput`` (loss with the usual shift when ``labels`` are given), ``generate``
 is eqloop's cached generation, and ``.eqloop`` is the eqloop model itself for every other
-tool (loops, solvers, diagnostics). Importing this module imports transformers; nothing
+tool (loops, solvers, diagnostics). ``from_pretrained`` opens local directories only and
+first runs :func:`eqloop.pretrained.io.check_checkpoint`, the same check as
+:func:`eqloop.pretrained.load`: a missing tensor, an unknown config key (unless
+``strict_config=False``), a shard outside the directory or a non-float weight is refused
+before transformers reads anything. Importing this module imports transformers; nothing
 else in eqloop does.
 
 Example:
@@ -19,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from typing import Any
 
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from eqloop.pretrained.config import config_from_dict
-from eqloop.pretrained.io import _model_class
+from eqloop.pretrained.io import _model_class, check_checkpoint
 
 __all__ = ["register_auto_classes"]
 
@@ -99,6 +104,25 @@ def register_auto_classes() -> dict[str, type]:
         def generate(self: Any, input_ids: Tensor, **options: Any) -> Any:
             return self._eqloop.generate(input_ids, **options)
 
+        def from_pretrained(
+            cls: type[Any],
+            pretrained_model_name_or_path: str | os.PathLike[str],
+            *args: Any,
+            strict_config: bool = True,
+            **kwargs: Any,
+        ) -> Any:
+            """Check the directory as :func:`eqloop.pretrained.load` does, then load it.
+
+            Args:
+                pretrained_model_name_or_path: a local checkpoint directory.
+                strict_config: reject config.json keys eqloop does not know.
+                *args, **kwargs: passed on to ``PreTrainedModel.from_pretrained``.
+            """
+            check_checkpoint(pretrained_model_name_or_path, strict_config=strict_config)
+            return PreTrainedModel.from_pretrained.__func__(
+                cls, pretrained_model_name_or_path, *args, **kwargs
+            )
+
         body = {
             "config_class": config_cls,
             "base_model_prefix": "model" if model_type == "ouro" else "transformer",
@@ -106,6 +130,7 @@ def register_auto_classes() -> dict[str, type]:
             "__init__": __init__,
             "forward": forward,
             "generate": torch.no_grad()(generate),
+            "from_pretrained": classmethod(from_pretrained),
             "_init_weights": lambda self, module: None,  # weights come from the files
             "eqloop": property(lambda self: self._eqloop, doc="The eqloop model (same modules)."),
             "get_input_embeddings": lambda self: self._eqloop._embedding(),

@@ -198,7 +198,8 @@ class HuginnForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
         return ctx.zero_padding(state * self.config.embed_scale)
 
     def _core(self, z: Tensor, x: Tensor, ctx: Context, loop: int | None = None) -> Tensor:
-        h = self.transformer.adapter(torch.cat((z, x), dim=-1))
+        # Zero padded positions as Ouro's core does (a tangent there overflows float16).
+        h = self.transformer.adapter(torch.cat((ctx.zero_padding(z), x), dim=-1))
         for j, block in enumerate(self.transformer.core_block):
             h = block(h, ctx, None if loop is None else (loop, j))
         return ctx.zero_padding(h)

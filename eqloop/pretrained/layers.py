@@ -118,15 +118,20 @@ class KVCache:
     blocks outside the loop. Every slot holds the same positions: a forward call writes
     its ``n`` new tokens at ``[length, length + n)`` of each slot it runs, then
     :meth:`advance` moves ``length`` on. Storage is preallocated with room for
-    ``capacity`` tokens and doubles when it runs out.
+    ``capacity`` tokens and doubles when it runs out (at most to ``max_length``), so
+    the buffers keep one shape for many tokens and memory follows the tokens actually
+    written rather than an upper bound such as ``max_new_tokens``.
 
     Args:
         batch: sequences B.
-        capacity: tokens to reserve room for (prompt + new tokens).
+        capacity: tokens to reserve room for at first.
+        max_length: tokens the cache will ever hold, if known: growth stops there
+            (``None``: doubling without a cap).
     """
 
-    def __init__(self, batch: int, capacity: int) -> None:
+    def __init__(self, batch: int, capacity: int, *, max_length: int | None = None) -> None:
         self.batch = batch
+        self.max_length = max_length
         self.capacity = max(1, capacity)
         self.length = 0
         self.key_mask: Tensor | None = None  # (B, capacity) bool: real (not padded) keys
@@ -141,11 +146,15 @@ class KVCache:
         return list(self._slots)
 
     def _grow(self, needed: int) -> None:
+        """Make room for ``needed`` tokens: double the capacity (copying every slot) until
+        it fits, capped at ``max_length`` when that still fits."""
+        if needed <= self.capacity:
+            return
         capacity = self.capacity
         while capacity < needed:
             capacity *= 2
-        if capacity == self.capacity:
-            return
+        if self.max_length is not None:
+            capacity = max(needed, min(capacity, self.max_length))
         for name, (k, v) in self._slots.items():
             self._slots[name] = (_widen(k, capacity), _widen(v, capacity))
         if self.key_mask is not None:

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from eqloop.pretrained.base import PretrainedLoopedLM, PretrainedLoopInfo, split_loops
 from eqloop.pretrained.config import OuroConfig
-from eqloop.pretrained.exits import EXIT_MODES, exit_distribution, threshold_exit
+from eqloop.pretrained.exits import EXIT_MODES, check_exit, exit_distribution, threshold_exit
 from eqloop.pretrained.generation import GenerationMixin
 from eqloop.pretrained.layers import Context, RMSNorm, attend, rotate_half_pairs
 from eqloop.pretrained.saving import SaveMixin
@@ -202,7 +202,10 @@ class OuroForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
         return x
 
     def _core(self, z: Tensor, x: Tensor, ctx: Context, loop: int | None = None) -> Tensor:
-        h = z
+        # Padded positions hold zeros already; zeroing them here too stops a tangent
+        # there (a Jacobian-vector product) from passing RMSNorm's 1/sqrt(eps) gain at
+        # zero layer after layer, which overflows float16 into NaN.
+        h = ctx.zero_padding(z)
         for layer in self.model.layers:
             h = layer(h, ctx, loop)
         return ctx.zero_padding(self.model.norm(h))
@@ -219,6 +222,17 @@ class OuroForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
     def gate_logits(self, z: Tensor) -> Tensor:
         """Exit-gate logits ``early_exit_gate(z)``: (B, S, d) -> (B, S)."""
         return self.model.early_exit_gate(z).squeeze(-1)
+
+    def _exit_threshold(self, exit: str, exit_threshold: float | None) -> float | None:
+        """Check ``exit`` and return the threshold of ``exit="threshold"`` (the config's
+        ``early_exit_threshold`` by default), else ``None``; forward and generation share it."""
+        check_exit(exit, exit_threshold, EXIT_MODES, ("threshold",))
+        if exit != "threshold":
+            return None
+        threshold = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
+        if threshold is None:
+            raise ValueError("exit='threshold' needs exit_threshold (the config sets none)")
+        return checks.number("exit_threshold", threshold, low=0.0, high=1.0)
 
     # ---------------------------------------------------------------------- forward
 
@@ -252,10 +266,8 @@ class OuroForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
         Returns:
             logits (B, S, V), or ``(logits, info)``.
         """
-        checks.choice("exit", exit, EXIT_MODES)
+        threshold = self._exit_threshold(exit, exit_threshold)
         if exit == "last":
-            if exit_threshold is not None:
-                raise ValueError("exit_threshold needs exit='threshold'")
             return super().forward(
                 tokens, loops, attention_mask=attention_mask, return_info=return_info, **options
             )
@@ -264,15 +276,6 @@ class OuroForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
                 f"exit={exit!r} decodes from every loop of an unrolled run; "
                 f"options {sorted(options)} do not apply (equilibrium mode uses exit='last')"
             )
-        if exit == "threshold":
-            threshold = (
-                self.config.early_exit_threshold if exit_threshold is None else exit_threshold
-            )
-            if threshold is None:
-                raise ValueError("exit='threshold' needs exit_threshold (the config sets none)")
-            threshold = checks.number("exit_threshold", threshold, low=0.0, high=1.0)
-        elif exit_threshold is not None:
-            raise ValueError("exit_threshold needs exit='threshold'")
         no_grad, with_grad = split_loops(loops, self.default_loops)
         if no_grad + with_grad < 1:
             raise ValueError(f"exit={exit!r} needs at least one loop")

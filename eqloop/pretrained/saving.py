@@ -2,24 +2,31 @@
 
 The weights keep upstream's key names and the model's dtype; above ``max_shard_size``
 they are split into ``model-0000k-of-0000n.safetensors`` listed in
-``model.safetensors.index.json``. Every file is written atomically, and loading the
-result with :func:`eqloop.pretrained.load` gives back identical tensors and config.
+``model.safetensors.index.json``. A save is all-or-nothing: the whole checkpoint is
+written into a hidden staging sibling (``.<name>-XXXX``) and swapped in with renames
+(:func:`eqloop.files.replace_directory`), so a killed save leaves the old checkpoint or
+the new one, never a mix. Only tensors that :func:`eqloop.pretrained.load` accepts are
+written (a model with unmerged LoRA adapters is refused), and loading the result gives
+back identical tensors and config.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from eqloop.files import atomic_path, write_json_atomic
+from eqloop.files import STAGING_PREFIX, replace_directory, umask_mode, write_json_atomic
 from eqloop.pretrained.base import PretrainedLoopedLM
 from eqloop.pretrained.config import HuginnConfig, config_to_dict
 from eqloop.pretrained.layers import rotary_angles
+from solvers import checks
 
 __all__ = [
     "CONFIG_FILE",
@@ -81,7 +88,31 @@ def parse_size(size: int | str) -> int:
 
 
 def _tensors_to_save(model: PretrainedLoopedLM) -> dict[str, Tensor]:
-    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    """The model's tensors under upstream's names, once checked to be what loading accepts.
+
+    Raises:
+        ValueError: the model carries unmerged LoRA adapters, or other tensors than its
+            architecture has.
+    """
+    from eqloop.pretrained.io import _check_keys  # io imports this module
+
+    state = model.state_dict()
+    adapters = sorted({n.split(".lora_")[0] for n in state if ".lora_" in n})
+    if adapters:
+        raise ValueError(
+            f"the model has unmerged LoRA adapters on {len(adapters)} modules (e.g. "
+            f"{adapters[0]!r}), which the upstream layout cannot hold: merge them first with "
+            "eqloop.finetune.lora.merge_lora(model) (on a copy to keep training the adapters)"
+        )
+    with torch.device("meta"):
+        fresh = type(model)(model.config)
+    _check_keys(
+        fresh,
+        {name: tuple(t.shape) for name, t in state.items()},
+        model.config,
+        what="the model's tensors",
+    )
+    tensors = {name: t.detach().contiguous() for name, t in state.items()}
     if isinstance(model.config, HuginnConfig):
         # Upstream registers its rotary table as a persistent buffer: write it as upstream does.
         positions = torch.arange(model.config.block_size)[None]
@@ -115,11 +146,17 @@ def save_pretrained(
 
     Weights keep upstream's key names and the model's dtype; above ``max_shard_size``
     they are split into ``model-0000k-of-0000n.safetensors`` shards listed in
-    ``model.safetensors.index.json``. Every file is written atomically. Loading the
-    result with :func:`load` gives back identical tensors and config.
+    ``model.safetensors.index.json``. Loading the result with :func:`load` gives back
+    identical tensors and config.
+
+    The save is all-or-nothing: the checkpoint is written into a hidden sibling
+    ``.<name>-XXXX`` (with hard links to, or copies of, the other files of an existing
+    ``path``, such as the tokenizer's) and then swapped in with renames, so a load after
+    a kill at any moment gives the old checkpoint, the new one, or an error that says
+    where the old one is. A killed save can leave the hidden sibling behind; delete it.
 
     Args:
-        model: an eqloop pretrained looped LM.
+        model: an eqloop pretrained looped LM (LoRA adapters merged).
         path: output directory (created if needed).
         max_shard_size: bytes per shard (int, or a string like ``"5GB"``, ``"2GiB"``).
         overwrite: replace the weights and config of an existing checkpoint in ``path``
@@ -130,62 +167,102 @@ def save_pretrained(
 
     Raises:
         FileExistsError: ``path`` already holds a checkpoint and ``overwrite`` is false.
+        TypeError: ``overwrite`` is not a bool.
+        ValueError: the model has unmerged LoRA adapters or tensors its architecture
+            does not have.
     """
     from safetensors.torch import save_file
 
     if not isinstance(model, PretrainedLoopedLM):
         raise TypeError(f"model must be an eqloop pretrained looped LM, got {type(model).__name__}")
+    checks.boolean("overwrite", overwrite)
     limit = parse_size(max_shard_size)
     directory = Path(path)
+    if directory.is_symlink():
+        directory = directory.resolve()  # swap the directory the link points to
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{str(directory)!r} exists and is not a directory")
-    old = _old_weight_files(directory)
-    existing = old + [p for p in (directory / CONFIG_FILE,) if p.exists()]
+    existing = [p for p in _owned_files(directory) if p.name != GENERATION_CONFIG_FILE]
     if existing and not overwrite:
         raise FileExistsError(
             f"{str(directory)!r} already holds a checkpoint ({sorted(p.name for p in existing)}); "
             "pass overwrite=True to replace it"
         )
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = _tensors_to_save(model)
     shards = _shards(tensors, limit)
-    metadata = {"format": "pt"}
-    written: list[Path] = []
-    if len(shards) == 1:
-        with atomic_path(directory / SINGLE_FILE) as tmp:
-            save_file(shards[0], str(tmp), metadata=metadata)
-        written.append(directory / SINGLE_FILE)
-    else:
-        weight_map: dict[str, str] = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            with atomic_path(directory / name) as tmp:
-                save_file(shard, str(tmp), metadata=metadata)
-            weight_map.update(dict.fromkeys(shard, name))
-            written.append(directory / name)
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        write_json_atomic(
-            directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}
-        )
-        written.append(directory / INDEX_FILE)
-    for stale in old:
-        if stale not in written:
-            stale.unlink(missing_ok=True)
-    write_json_atomic(directory / CONFIG_FILE, _config_json(model))
-    generation = getattr(model, "generation_config", None)
-    if generation:
-        write_json_atomic(directory / GENERATION_CONFIG_FILE, generation)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{directory.name}-", dir=directory.parent)
+    )
+    try:
+        mode = directory.stat().st_mode if directory.is_dir() else umask_mode(directory=True)
+        os.chmod(staging, mode & 0o7777)  # mkdtemp makes it private
+        generation = getattr(model, "generation_config", None)
+        _carry_over(directory, staging, keep_generation=not generation)
+        metadata = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], str(staging / SINGLE_FILE), metadata=metadata)
+        else:
+            weight_map: dict[str, str] = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(staging / name), metadata=metadata)
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            write_json_atomic(
+                staging / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}
+            )
+        write_json_atomic(staging / CONFIG_FILE, _config_json(model))
+        if generation:
+            write_json_atomic(staging / GENERATION_CONFIG_FILE, generation)
+        replace_directory(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
-def _old_weight_files(directory: Path) -> list[Path]:
+def _owned_files(directory: Path) -> list[Path]:
+    """The files of ``directory`` that :func:`save_pretrained` writes (or removes)."""
     if not directory.is_dir():
         return []
     return [
         p
         for p in directory.iterdir()
-        if p.name in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.match(p.name)
+        if p.name in (SINGLE_FILE, INDEX_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE)
+        or _SHARD_NAME.match(p.name)
     ]
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link (instant, no space) or, where links are not possible, a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _carry_over(old: Path, staging: Path, *, keep_generation: bool) -> None:
+    """Give ``staging`` the entries of ``old`` that the save does not write.
+
+    Tokenizer files, READMEs and any other entry are hard-linked (or copied); symbolic
+    links stay links. The old weights and config are left out, and so is the old
+    generation config unless ``keep_generation`` (the model has none of its own).
+    """
+    if not old.is_dir():
+        return
+    owned = set(_owned_files(old))
+    if keep_generation:
+        owned.discard(old / GENERATION_CONFIG_FILE)
+    for entry in old.iterdir():
+        if entry in owned:
+            continue
+        target = staging / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), target)
+        elif entry.is_dir():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(target))
 
 
 def _config_json(model: PretrainedLoopedLM) -> dict[str, Any]:

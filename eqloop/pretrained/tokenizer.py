@@ -10,11 +10,12 @@ both values and the tokenizer's are used. Needs the ``[hf]`` extra (transformers
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any
+
+from eqloop.files import read_json
 
 __all__ = ["SpecialTokenWarning", "load_tokenizer"]
 
@@ -36,10 +37,7 @@ def _token_text(value: Any) -> str | None:
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    data = read_json(path)
     return data if isinstance(data, dict) else {}
 
 
@@ -58,6 +56,8 @@ def load_tokenizer(path: str | os.PathLike[str], *, padding_side: str = "left") 
     Raises:
         ImportError: transformers is not installed (``pip install eqloop[hf]``).
         FileNotFoundError: no ``tokenizer.json`` in ``path``.
+        ValueError: ``tokenizer.json`` or a tokenizer config file is not UTF-8 JSON or
+            not a tokenizer (the message names the file).
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -86,9 +86,14 @@ def load_tokenizer(path: str | os.PathLike[str], *, padding_side: str = "left") 
         kwargs["chat_template"] = settings["chat_template"]
     if isinstance(settings.get("model_max_length"), int):
         kwargs["model_max_length"] = settings["model_max_length"]
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_file=str(file), padding_side=padding_side, **kwargs
-    )
+    if not isinstance(read_json(file), dict):  # a syntax error is named with line and column
+        raise ValueError(f"{file} must hold a JSON object (the tokenizers library's format)")
+    try:
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_file=str(file), padding_side=padding_side, **kwargs
+        )
+    except Exception as err:  # the tokenizers library raises a bare Exception
+        raise ValueError(f"{file} is not a tokenizer the tokenizers library reads: {err}") from None
     _warn_on_disagreement(directory, tokenizer)
     return tokenizer
 

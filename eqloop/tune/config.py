@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import optuna
 from optuna import distributions as od
@@ -23,8 +23,9 @@ from solvers import checks
 OBJECTIVES = {"deep_accuracy": {"deep_accuracy": "maximize"},  # value name: direction
               "multi": {"peak_accuracy": "maximize", "drop": "minimize"}}
 SAMPLERS = {"tpe": samplers.TPESampler, "gp": samplers.GPSampler, "random": samplers.RandomSampler}
-PRUNERS = {"median": pruners.MedianPruner, "percentile": pruners.PercentilePruner}
-PRUNERS.update(hyperband=pruners.HyperbandPruner, none=pruners.NopPruner)
+PrunerName = Literal["median", "percentile", "hyperband", "none"]  # --set pruner=none: "none"
+PRUNERS = dict(zip(get_args(PrunerName), (pruners.MedianPruner, pruners.PercentilePruner,
+                                          pruners.HyperbandPruner, pruners.NopPruner), strict=True))
 DEFAULT_RANGES: dict[str, dict[str, Any]] = {  # for parameters searched without a range
     "lam": {"low": 1e-3, "high": 1.0, "log": True}, "lr": {"low": 1e-4, "high": 1e-2, "log": True},
     "penalty_target": {"low": 0.1, "high": 1.0}, "depth.mu": {"low": 1.0, "high": 3.0},
@@ -84,7 +85,7 @@ class TuneConfig:
     sampler: str = "tpe"  # "tpe" | "gp" (Gaussian process, needs scipy and torch) | "random"
     sampler_options: dict[str, Any] = field(default_factory=dict)  # sampler kwargs
     sampler_seed: int | None = None  # seeds the sampler (plus the trials already stored)
-    pruner: str | None = None  # median | percentile | hyperband | none; None: median (none: multi)
+    pruner: PrunerName | None = None  # None: median (none for objective multi)
     pruner_options: dict[str, Any] = field(default_factory=dict)  # pruner kwargs
     heartbeat_interval: int = 60  # RDB storages: seconds between a running trial's heartbeats
     grace_period: int | None = None  # heartbeat age that fails a trial (None: 2 x interval)
