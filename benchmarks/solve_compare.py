@@ -41,7 +41,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import solvers
-from benchmarks.common import PeakMemory, format_table, machine_info, write_json_atomic
+from benchmarks.common import (
+    PeakMemory,
+    format_table,
+    machine_info,
+    print_written,
+    write_json_atomic,
+)
 from eqloop.plotting import pyplot
 
 #: eqloop solver -> the torchdeq solver of the same kind, for wall-time ratios.
@@ -341,6 +347,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                       "results": rows})
     if args.plot:
         plot(rows, args.plot)
+    print_written(args.json, args.plot)
     return rows
 
 

@@ -44,7 +44,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from benchmarks.common import format_table, machine_info
+from benchmarks.common import format_table, machine_info, print_written
 from benchmarks.stars_scaling import FINETUNE, RANDOM, RECIPE, WARM_STEPS, config_dict
 from eqloop.checkpoint import CHECKPOINT_DIR, step_dir_name
 from eqloop.config import TrainConfig
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot_path = args.plot or config.out_dir / "tune_lambda.png"
     write_json_atomic(json_path, results)
     plot(rows, summary, loops, plot_path)
-    print(f"wrote {json_path}\nwrote {plot_path}")
+    print_written(json_path, plot_path)
     return results
 
 
