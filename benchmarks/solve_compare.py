@@ -315,7 +315,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--plot", default=None, help="write residual-vs-evaluations plot (PNG)")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes and one repeat: finishes in seconds (used by tests)")
+                   help="small sizes and one repeat (used by tests): about 20 s of CPU, "
+                        "a minute or more of wall time on a busy 2-core machine")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.dim, args.seq_len = 8, 32, 8
