@@ -16,7 +16,7 @@ scratch, random loop counts kept this small model on the loss plateau of the unt
 task for the whole budget; a warm start from a baseline that had not yet learned every
 answer digit did not recover, and at the baseline's learning rate (3e-3) the warm start
 of one seed in three fell back onto the plateau. Loop counts are drawn up to 32, not
-the paper's 100 (``--depth-hi``; 100 measured no better here). The README lists what
+the paper's 100 (``--depth-hi``; 100 measured no better here). docs/benchmarks.md lists what
 was tried.
 
 Variants (``--variants`` takes names or the group names in brackets):
