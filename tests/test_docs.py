@@ -1,7 +1,8 @@
 """The README and docs/*.md: every Python block runs as written, every command shown exists.
 
-Each file's ```python blocks run in order, in one namespace, in a fresh empty directory
-(one directory and one namespace per file), exactly as a reader would paste them. The
+Each file's ```python blocks run in order, in one namespace per file, exactly as a reader
+would paste them; all files run in one fresh directory (the README first), so no page
+writes over another page's files. The
 commands of the ```bash blocks are not run; each ``eqloop``, ``eqloop-lm-eval`` and
 ``benchmarks/*.py`` command must exist and every ``--flag`` it shows must be in its
 ``--help``.
@@ -77,18 +78,24 @@ def test_the_pretrained_page_has_a_snippet_per_step() -> None:
         assert call in joined, call
 
 
+@pytest.fixture(scope="module")
+def docs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one directory every page's snippets run in."""
+    return tmp_path_factory.mktemp("docs")
+
+
 @pytest.mark.filterwarnings("ignore::eqloop.implicit.ConvergenceWarning")
 @pytest.mark.parametrize("path", DOC_FILES, ids=[p.name for p in DOC_FILES])
 def test_python_blocks_run_as_written(
-    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    path: Path, docs_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(docs_dir)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the lm-eval example reads local files
     namespace: dict = {"__name__": "__main__"}
     for line, code in fenced_blocks(path, "python"):
         exec(compile(code, f"{path.name}:{line}", "exec"), namespace)  # noqa: S102
     for name in WRITES.get(path.name, []):
-        assert (tmp_path / name).exists(), f"{path.name}: the snippets did not write {name}"
+        assert (docs_dir / name).exists(), f"{path.name}: the snippets did not write {name}"
     if path.name == "pretrained.md":
         assert "loop" in capsys.readouterr().out  # diag.table() was printed
 
@@ -145,3 +152,28 @@ def test_commands_shown_exist_with_their_flags() -> None:
                 if flag.startswith("--"):
                     assert flag in helps[key], f"{path.name}:{line}: {key} has no {flag}"
     assert checked >= 20
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_links_between_the_pages_resolve() -> None:
+    anchors = {
+        path.resolve(): {_anchor(m) for m in re.findall(r"^#+ (.*)$", path.read_text(), re.M)}
+        for path in DOC_FILES
+    }
+    checked = 0
+    for path in DOC_FILES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text(encoding="utf-8")):
+            if target.startswith(("http://", "https://")):
+                continue
+            file, _, anchor = target.partition("#")
+            resolved = (path.parent / file).resolve() if file else path.resolve()
+            assert resolved.exists(), f"{path.name}: link to missing {target}"
+            if anchor:
+                assert anchor in anchors.get(resolved, set()), f"{path.name}: no anchor {target}"
+            checked += 1
+    assert checked >= 30
