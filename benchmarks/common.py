@@ -14,7 +14,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from eqloop.files import write_json_atomic
 
-__all__ = ["PeakMemory", "format_table", "machine_info", "median_time", "write_json_atomic"]
+__all__ = [
+    "PeakMemory", "format_table", "machine_info", "median_time", "print_written",
+    "write_json_atomic",
+]  # fmt: skip
+
+
+def print_written(*paths: str | os.PathLike[str] | None) -> None:
+    """Say where a benchmark wrote its output: one ``wrote PATH`` line per path (None skipped)."""
+    for path in paths:
+        if path is not None:
+            print(f"wrote {path}", flush=True)
 
 
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:

@@ -23,7 +23,9 @@ Targets (issue 13): STARS's drop at 8 loops <= half of SFT's, its peak >= SFT's 
 point, within 45 minutes on the 2-core CPU; a STARS step <= 1.3x an SFT step.
 
 Resumable: every stage lives in ``--out-dir`` (checkpoints, saved models, evaluation
-JSON) and a rerun skips what is done. ``--quick`` is a seconds-long smoke run (tests).
+JSON; default ``runs/finetune_stars``) and a rerun skips what is done; ``--overwrite``
+deletes each seed's directory first and runs it again. ``--quick`` is a seconds-long
+smoke run (tests) in its own directory, ``runs/finetune_stars_quick``.
 
 Usage:
     python benchmarks/finetune_stars.py --json benchmarks/results/finetune_stars.json \\
@@ -37,6 +39,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -48,7 +51,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from benchmarks.common import format_table, machine_info, write_json_atomic
+from benchmarks.common import format_table, machine_info, print_written, write_json_atomic
 from eqloop import pretrained
 from eqloop.data import make_arithmetic_dataset
 from eqloop.finetune.config import FinetuneConfig
@@ -85,7 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", default="1.7,0.4,1,16", help="STARS log-normal mu,sigma,lo,hi")
     p.add_argument("--max-loops", type=int, default=16, help="evaluate loops 1..this")
     p.add_argument("--timing-steps", type=int, default=10, help="timed steps of each kind")
-    p.add_argument("--out-dir", default="runs/finetune_stars", help="stages (resumable)")
+    p.add_argument("--out-dir", default=None,
+                   help="stages (resumable); default runs/finetune_stars, with --quick "
+                        "runs/finetune_stars_quick")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete each seed's stages (data, models, evaluations) and run again")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="write accuracy vs loops here (PNG)")
     p.add_argument("--no-progress", action="store_true")
@@ -94,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--memory-json", default=None, help="only measure Ouro-1.4B's memory terms, write here"
     )
     args = p.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = "runs/finetune_stars_quick" if args.quick else "runs/finetune_stars"
     if args.quick:
         args.seeds, args.digits, args.n_train, args.n_test = "0", 1, 64, 16
         args.hidden, args.layers, args.heads = 16, 1, 2
@@ -186,6 +195,8 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Pre-train, fine-tune twice, evaluate and time one seed; returns its results."""
     out = Path(args.out_dir) / f"seed{seed}"
+    if args.overwrite:  # everything below is this script's own output for the seed
+        shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     train, test = write_data(out, args, seed)
     init = write_init(out, args, seed)
@@ -401,11 +412,18 @@ def main(argv: list[str] | None = None) -> int:
         estimate = memory_estimate(args.out_dir)
         print(json.dumps(estimate, indent=2))
         write_json_atomic(args.memory_json, estimate)
+        print_written(args.memory_json)
         return 0
     seeds = [int(s) for s in args.seeds.split(",")]
     load_start = os.getloadavg()
     start = time.perf_counter()
-    per_seed = [run_seed(seed, args) for seed in seeds]
+    try:
+        per_seed = [run_seed(seed, args) for seed in seeds]
+    except ValueError as error:  # e.g. a stage directory that holds another config's run
+        sys.exit(
+            f"finetune_stars.py: error: {error}. With this script: --overwrite runs the "
+            f"seeds again from scratch, or --out-dir DIR runs them elsewhere (now {args.out_dir})"
+        )
     wall = time.perf_counter() - start
     mean = aggregate(per_seed)
     ratio = statistics.median(s["step_time"]["ratio"] for s in per_seed)
@@ -439,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(args.json, report)
     if args.plot:
         plot(per_seed, args.plot)
+    print(f"stages in {args.out_dir}")
+    print_written(args.json, args.plot)
     return 0
 
 

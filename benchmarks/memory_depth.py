@@ -77,6 +77,7 @@ from benchmarks.common import (
     format_table,
     machine_info,
     median_time,
+    print_written,
     write_json_atomic,
 )
 from eqloop.backward import BACKWARD_MODES, Phantom
@@ -505,6 +506,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_json_atomic(args.json, result)
     if args.plot:
         plot(depth, args.plot)
+    print_written(args.json, args.plot)
     return result
 
 

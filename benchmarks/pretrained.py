@@ -42,7 +42,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import format_table, machine_info, write_json_atomic
+from benchmarks.common import format_table, machine_info, print_written, write_json_atomic
 from benchmarks.memory_depth import saved_bytes
 from eqloop.implicit import fixed_point
 from eqloop.pretrained import OuroConfig, OuroForCausalLM, diagnose
@@ -263,11 +263,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"diagnose: {timing['loops']} loops in {timing['seconds']:.1f} s")
         if args.plot:
             result.plot(args.plot)
+            print_written(args.plot)
     out["targets_met"] = targets
     out["machine"]["load_average_after"] = list(os.getloadavg())
     print("targets:", ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items()))
     if args.json:
         write_json_atomic(args.json, out)
+        print_written(args.json)
     return out
 
 

@@ -41,7 +41,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import solvers
-from benchmarks.common import PeakMemory, format_table, machine_info, write_json_atomic
+from benchmarks.common import (
+    PeakMemory,
+    format_table,
+    machine_info,
+    print_written,
+    write_json_atomic,
+)
 from eqloop.plotting import pyplot
 
 #: eqloop solver -> the torchdeq solver of the same kind, for wall-time ratios.
@@ -309,7 +315,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--plot", default=None, help="write residual-vs-evaluations plot (PNG)")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes and one repeat: finishes in seconds (used by tests)")
+                   help="small sizes and one repeat (used by tests): about 20 s of CPU, "
+                        "a minute or more of wall time on a busy 2-core machine")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.dim, args.seq_len = 8, 32, 8
@@ -341,6 +348,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                       "results": rows})
     if args.plot:
         plot(rows, args.plot)
+    print_written(args.json, args.plot)
     return rows
 
 

@@ -44,7 +44,7 @@ from typing import IO, Any, cast
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import format_table, machine_info, write_json_atomic
+from benchmarks.common import format_table, machine_info, print_written, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = ("train", "solve")
@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.json:
         write_json_atomic(args.json, result)
+        print_written(args.json)
     return result
 
 

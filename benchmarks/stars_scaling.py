@@ -16,7 +16,7 @@ scratch, random loop counts kept this small model on the loss plateau of the unt
 task for the whole budget; a warm start from a baseline that had not yet learned every
 answer digit did not recover, and at the baseline's learning rate (3e-3) the warm start
 of one seed in three fell back onto the plateau. Loop counts are drawn up to 32, not
-the paper's 100 (``--depth-hi``; 100 measured no better here). The README lists what
+the paper's 100 (``--depth-hi``; 100 measured no better here). docs/benchmarks.md lists what
 was tried.
 
 Variants (``--variants`` takes names or the group names in brackets):
@@ -44,8 +44,11 @@ Variants (``--variants`` takes names or the group names in brackets):
 
 Runs are resumable: each (variant, seed) trains in ``out_dir/<variant>/seed<k>`` and
 caches its evaluation there (``eval.json``); rerunning skips whatever is finished and
-continues an interrupted run from its latest checkpoint. ``--jobs 2`` trains two runs at
-a time, one thread each.
+continues an interrupted run from its latest checkpoint. A finished run of another
+recipe is refused; ``--overwrite`` deletes the run directories this command trains and
+trains them again. ``out_dir`` is ``runs/stars_scaling`` (``runs/stars_scaling_quick``
+with ``--quick``, so a smoke run never meets a full run's directory). ``--jobs 2``
+trains two runs at a time, one thread each.
 
 Outputs: the tables (stdout), ``--json`` (a top-level ``results`` list, one entry per
 (variant, seed) with ``variant``, ``seed``, ``digits``, ``accuracy`` (loops -> exact
@@ -67,6 +70,7 @@ import argparse
 import concurrent.futures
 import json
 import multiprocessing
+import shutil
 import statistics
 import sys
 import time
@@ -80,7 +84,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from benchmarks.common import format_table, machine_info
+from benchmarks.common import format_table, machine_info, print_written
 from eqloop.checkpoint import (
     CHECKPOINT_DIR,
     latest_checkpoint,
@@ -316,10 +320,16 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     folder = Path(config.out_dir)
     done = latest_checkpoint(folder)
     start = time.perf_counter()
-    if done is None or done.name != step_dir_name(config.steps):
-        train(config)
-    else:  # a finished run is reused only if it is this recipe's
-        check_resumable(load_checkpoint(done).config, config, done)
+    try:
+        if done is None or done.name != step_dir_name(config.steps):
+            train(config)
+        else:  # a finished run is reused only if it is this recipe's
+            check_resumable(load_checkpoint(done).config, config, done)
+    except ValueError as error:  # name this script's way out, not TrainConfig's fields
+        raise ValueError(
+            f"{error}. With this script: --overwrite retrains the runs it needs, or "
+            f"--out-dir DIR trains them elsewhere (now {args.out_dir})"
+        ) from None
     train_wall = time.perf_counter() - start
     cache = folder / "eval.json"
     settings = _eval_settings(args)
@@ -372,7 +382,11 @@ def run_all(pairs: Sequence[tuple[str, int]], args: argparse.Namespace) -> list[
         warm_from = VARIANTS[pair[0]].warm_from
         return None if warm_from is None else (warm_from, pair[1])
 
-    done = _run_jobs(run_one, list(dict.fromkeys([*sources, *pairs])), args, source)
+    todo = list(dict.fromkeys([*sources, *pairs]))
+    if args.overwrite:  # start these runs over: weights, checkpoints and cached evaluations
+        for variant, seed in todo:
+            shutil.rmtree(run_dir(variant, seed, args), ignore_errors=True)
+    done = _run_jobs(run_one, todo, args, source)
     return [done[p] for p in pairs]
 
 
@@ -705,7 +719,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--diagnostic-samples", type=int, default=256)
     p.add_argument("--rho-iters", type=int, default=20, help="power steps per rho estimate")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (1 thread each)")
-    p.add_argument("--out-dir", default="runs/stars_scaling", help="runs (resumable)")
+    p.add_argument("--out-dir", default=None,
+                   help="runs (resumable); default runs/stars_scaling, with --quick "
+                        "runs/stars_scaling_quick")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the runs this command trains (and their cached evaluations) "
+                        "and train them again")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="accuracy and state norm vs loops (PNG)")
     p.add_argument("--pca", default=None, help="PCA trajectory figure (PNG)")
@@ -729,6 +748,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.recipe_overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             args.recipe_overrides[key] = value
+    if args.out_dir is None:
+        args.out_dir = "runs/stars_scaling_quick" if args.quick else "runs/stars_scaling"
     if args.quick:
         args.recipe_overrides = {
             "batch_size": 16, "n_train": 256, "digits": 2, "warmup_steps": 2,
@@ -818,6 +839,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "dynamics_table": dynamics_table(results, args.loops),
             "results": results, **extra,
         })  # fmt: skip
+    print(f"runs in {args.out_dir}")
+    print_written(args.json, args.plot, args.pca, args.scaling)
     return results
 
 

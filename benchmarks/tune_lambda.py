@@ -17,7 +17,8 @@ minus worst complete trial for lam < 1, in points of exact match.
 
 ``--workers 2`` runs a second ``eqloop tune`` worker on the same study (one thread each);
 the study lives in ``<out-dir>/<study>/`` and a rerun with the same ``--study-name``
-resumes it.
+resumes it (``--overwrite`` deletes it and starts again). ``<out-dir>`` is
+``runs/bench/tune_lambda``, or ``runs/bench/tune_lambda_quick`` with ``--quick``.
 
 Usage:
     python benchmarks/stars_scaling.py --variants baseline --seeds 0    # the warm start
@@ -29,7 +30,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,7 +47,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from benchmarks.common import format_table, machine_info
+from benchmarks.common import format_table, machine_info, print_written
 from benchmarks.stars_scaling import FINETUNE, RANDOM, RECIPE, WARM_STEPS, config_dict
 from eqloop.checkpoint import CHECKPOINT_DIR, step_dir_name
 from eqloop.config import TrainConfig
@@ -52,6 +55,7 @@ from eqloop.files import write_json_atomic
 from eqloop.plotting import pyplot, style_axis
 from eqloop.train import train
 from eqloop.tune import TuneConfig, load_study, run_study
+from eqloop.tune.storage import connect
 
 DEFAULT_INIT = f"runs/stars_scaling/baseline/seed0/{CHECKPOINT_DIR}/{step_dir_name(WARM_STEPS)}"
 FULL: dict[str, Any] = {
@@ -180,6 +184,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="results JSON (default in study dir)")
     p.add_argument("--plot", type=Path, default=None, help="plot PNG (default in study dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the study named --study-name (its trials, runs and outputs) "
+                        "and, with --quick, the quick warm start, then run it again")
     args = p.parse_args(argv)
     if args.out_dir is None:
         args.out_dir = Path("runs/bench") / ("tune_lambda_quick" if args.quick else "tune_lambda")
@@ -210,10 +217,20 @@ def start_workers(config_path: Path, n: int) -> list[subprocess.Popen[bytes]]:
     return [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL) for _ in range(n)]
 
 
+def delete_study(config: TuneConfig) -> None:
+    """Delete ``config``'s study from its storage and its directory (trial runs, outputs)."""
+    storage, _ = connect(config)
+    with contextlib.suppress(KeyError):  # KeyError: no such study yet
+        optuna.delete_study(study_name=config.study_name, storage=storage)
+    shutil.rmtree(config.out_dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the study, print the tables, write JSON and the plot; return the results."""
     args = parse_args(argv)
     preset = QUICK if args.quick else FULL
+    if args.overwrite and args.quick and args.init_from is None:
+        shutil.rmtree(args.out_dir / "baseline", ignore_errors=True)  # the quick warm start
     if args.init_from is not None:
         init_from = args.init_from
     elif args.quick:
@@ -226,7 +243,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "or pass --init-from")  # fmt: skip
     config = tune_config(preset, args, init_from)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study, _, _ = load_study(config)
+    if args.overwrite:
+        delete_study(config)
+    try:
+        study, _, _ = load_study(config)
+    except ValueError as error:  # e.g. a study of this name made with other settings
+        sys.exit(f"tune_lambda.py: error: {error}. With this script: --overwrite deletes "
+                 f"study {config.study_name!r} and runs it again, or pass another --study-name")
     if not study.get_trials():
         for _ in range(config.n_trials // len(args.lams or preset["lams"])):
             for lam in args.lams or preset["lams"]:
@@ -283,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot_path = args.plot or config.out_dir / "tune_lambda.png"
     write_json_atomic(json_path, results)
     plot(rows, summary, loops, plot_path)
-    print(f"wrote {json_path}\nwrote {plot_path}")
+    print_written(json_path, plot_path)
     return results
 
 

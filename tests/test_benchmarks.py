@@ -16,6 +16,7 @@ def test_solve_compare_quick_writes_json_and_plot(tmp_path: Path) -> None:
     proc = run_benchmark("solve_compare.py", "--quick", "--json", str(out_json),
                       "--plot", str(out_png))
     assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out_json}\nwrote {out_png}" in proc.stdout  # says where it wrote
     data = json.loads(out_json.read_text())
     rows = data["results"]
     problems = {r["problem"] for r in rows}

@@ -14,6 +14,7 @@ def test_memory_depth_quick_writes_json_and_plot(tmp_path: Path) -> None:
     proc = run_benchmark("memory_depth.py", "--quick", "--json", str(out_json),
                          "--plot", str(out_png))
     assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out_json}\nwrote {out_png}" in proc.stdout  # says where it wrote
     data = json.loads(out_json.read_text())
     saved = {(r["mode"], r["loops"]): r["saved_bytes"] for r in data["depth"]}
     assert {m for m, _ in saved} == {"ift", "phantom", "truncated", "unroll"}

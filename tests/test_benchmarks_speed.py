@@ -37,6 +37,7 @@ def test_speed_regression_quick_against_head(tmp_path: Path) -> None:
         assert row["ratio"] == pytest.approx(row["current_ms"] / row["baseline_ms"])
         assert row["wall_ratio"] > 0
     assert "current / baseline" in proc.stdout
+    assert f"wrote {out}" in proc.stdout
 
 
 def test_speed_regression_names_a_bad_revision() -> None:

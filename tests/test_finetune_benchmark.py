@@ -41,3 +41,22 @@ def test_finetune_stars_quick_writes_table_json_plot_and_resumes(
     rerun = json.loads((tmp_path / "out.json").read_text())["seeds"][0]
     assert rerun["results"]["stars"]["decode"] == "cached"
     assert rerun["train_time"] == seed["train_time"]
+
+
+def test_quick_runs_keep_their_own_directory() -> None:
+    assert finetune_stars.parse_args([]).out_dir == "runs/finetune_stars"
+    assert finetune_stars.parse_args(["--quick"]).out_dir == "runs/finetune_stars_quick"
+
+
+def test_a_run_of_other_settings_is_one_line_and_overwrite_reruns_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--quick", "--no-progress", "--out-dir", str(tmp_path / "runs")]
+    assert finetune_stars.main([*argv, "--json", str(tmp_path / "a.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'a.json'}" in out and f"stages in {tmp_path / 'runs'}" in out
+    with pytest.raises(SystemExit, match=r"^finetune_stars.py: error: .*--overwrite runs the"):
+        finetune_stars.main([*argv, "--finetune-lr", "0.01"])
+    assert finetune_stars.main([*argv, "--finetune-lr", "0.01", "--overwrite"]) == 0
+    saved = json.loads((tmp_path / "runs" / "seed0" / "sft" / "config.json").read_text())
+    assert saved["lr"] == 0.01

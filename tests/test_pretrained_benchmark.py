@@ -26,6 +26,7 @@ def test_quick_run_writes_json_with_every_part(tmp_path):
     }
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert "targets:" in done.stdout
+    assert f"wrote {tmp_path / 'p.png'}" in done.stdout and f"wrote {out}" in done.stdout
 
 
 def test_unknown_part_is_rejected():

@@ -171,3 +171,25 @@ def test_runs_start_in_the_order_asked_for(tmp_path: Path) -> None:
     assert sorted(done) == sorted(pairs)
     started = (tmp_path / "started.txt").read_text().split()  # src1 may log after x0
     assert [run for run in started if run[0] in "xy"] == ["x0", "x1", "y0", "y1"]
+
+
+def test_quick_runs_keep_their_own_directory() -> None:
+    # A smoke run must never share its run directory with the full benchmark's runs.
+    assert parse_args([]).out_dir == "runs/stars_scaling"
+    assert parse_args(["--quick"]).out_dir == "runs/stars_scaling_quick"
+    assert parse_args(["--quick", "--out-dir", "elsewhere"]).out_dir == "elsewhere"
+
+
+def test_overwrite_retrains_a_run_of_another_recipe(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    args = ("--quick", "--variants", "baseline", "--seeds", "0", "--out-dir", str(out))
+    first = run_benchmark("stars_scaling.py", *args, "--json", str(tmp_path / "a.json"))
+    assert first.returncode == 0, first.stderr
+    assert f"wrote {tmp_path / 'a.json'}" in first.stdout and f"runs in {out}" in first.stdout
+    refused = run_benchmark("stars_scaling.py", *args, "--set", "lr=0.01")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "--overwrite retrains the runs it needs" in refused.stderr
+    again = run_benchmark("stars_scaling.py", *args, "--set", "lr=0.01", "--overwrite")
+    assert again.returncode == 0, again.stderr
+    saved = json.loads((out / "baseline" / "seed0" / "config.json").read_text())
+    assert saved["lr"] == 0.01
