@@ -8,7 +8,7 @@ Distributed data parallel on one machine, N processes (gloo on CPU, NCCL on GPU)
 
     torchrun --standalone --nproc_per_node=2 -m eqloop.cli train --config add3.json --out-dir ddp
 
-CPU recipe (3-digit addition, reversed answers; its results are in the README's
+CPU recipe (3-digit addition, reversed answers; its results are in docs/benchmarks.md's
 benchmarks): the TrainConfig defaults (d=64, 8 heads, prelude + one post-sandwich core
 block + coda, init_std 0.1, AdamW lr 3e-3, batch 64, 1500 steps, lam 0.1 from 20% of training)
 with the sampler narrowed to what a CPU affords::

@@ -35,17 +35,14 @@ from eqloop.files import STAGING_PREFIX, read_json
 from eqloop.pretrained.base import PretrainedLoopedLM
 from eqloop.pretrained.config import HuginnConfig, OuroConfig, config_from_dict
 from eqloop.pretrained.huginn import HuginnForCausalLM
+from eqloop.pretrained.keys import LISTED, RECOMPUTED, check_keys, listing
 from eqloop.pretrained.ouro import OuroForCausalLM
 from eqloop.pretrained.saving import CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 
 __all__ = ["check_checkpoint", "is_pretrained_dir", "load", "load_config", "weight_files"]
 
-# Tensors upstream files may carry that eqloop recomputes instead of loading.
-_RECOMPUTED = {"huginn_raven": ("freqs_cis",)}
 # Weight dtypes eqloop computes with (safetensors header names); others are refused.
 _FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-# How many names an error message lists before it says how many more there are.
-_LISTED = 20
 
 
 def _model_class(config: OuroConfig | HuginnConfig) -> type[PretrainedLoopedLM]:
@@ -68,13 +65,6 @@ def _directory(path: str | os.PathLike[str]) -> Path:
         )
         raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist{hint}")
     return directory
-
-
-def _listing(names: Iterable[str]) -> str:
-    """``[a, b, ...]`` of at most ``_LISTED`` names, then how many more there are."""
-    names = sorted(names)
-    shown = repr(names[:_LISTED])
-    return shown if len(names) <= _LISTED else f"{shown} and {len(names) - _LISTED} more"
 
 
 def is_pretrained_dir(path: str | os.PathLike[str]) -> bool:
@@ -188,7 +178,7 @@ def _headers(files: dict[str, Path]) -> dict[str, tuple[str, tuple[int, ...], Pa
             absent = sorted(set(keys) - set(handle.keys()))
             if absent:
                 raise ValueError(
-                    f"the index places {_listing(absent)} in {file.name}, which does not hold them"
+                    f"the index places {listing(absent)} in {file.name}, which does not hold them"
                 )
             for key in keys:
                 view = handle.get_slice(key)
@@ -225,49 +215,18 @@ def _check_layer_counts(
             )
 
 
-def _check_keys(
-    model: PretrainedLoopedLM,
-    shapes: dict[str, tuple[int, ...]],
-    config: OuroConfig | HuginnConfig,
-    *,
-    what: str = "checkpoint tensors",
-) -> None:
-    """Raise one ValueError listing every missing, unexpected or mis-shaped tensor."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    recomputed = set(_RECOMPUTED.get(config.model_type, ()))
-    missing = set(expected) - set(shapes)
-    unexpected = set(shapes) - set(expected) - recomputed
-    mis_shaped = sorted(
-        f"{name}: file {shapes[name]}, model {shape}"
-        for name, shape in expected.items()
-        if name in shapes and shapes[name] != shape
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {_listing(unexpected)}")
-    if mis_shaped:
-        problems.append(f"mis-shaped [{'; '.join(mis_shaped)}]")
-    if problems:
-        raise ValueError(
-            f"{what} do not match the {config.model_type!r} architecture of "
-            f"config.json: " + ", ".join(problems)
-        )
-
-
 def _check_dtypes(
     config: OuroConfig | HuginnConfig, headers: dict[str, tuple[str, tuple[int, ...], Path]]
 ) -> None:
     """Every weight must be a float eqloop computes with (no int, bool or float8)."""
-    recomputed = set(_RECOMPUTED.get(config.model_type, ()))
+    recomputed = set(RECOMPUTED.get(config.model_type, ()))
     bad = sorted(
         f"{key} ({dtype} in {file.name})"
         for key, (dtype, _, file) in headers.items()
         if key not in recomputed and dtype not in _FLOAT_DTYPES
     )
     if bad:
-        shown = bad[:_LISTED] + ([f"and {len(bad) - _LISTED} more"] if len(bad) > _LISTED else [])
+        shown = bad[:LISTED] + ([f"and {len(bad) - LISTED} more"] if len(bad) > LISTED else [])
         raise ValueError(
             f"weights of unsupported dtype: {', '.join(shown)}; eqloop loads "
             f"{'/'.join(_FLOAT_DTYPES.values())} weights (dequantize or convert the checkpoint)"
@@ -322,7 +281,7 @@ def check_checkpoint(
         del shapes[head]
     with torch.device("meta"):
         model = _model_class(config)(config)
-    _check_keys(model, shapes, config)
+    check_keys(model, shapes, config)
     return config, files, model
 
 
@@ -371,7 +330,7 @@ def load(
     tied = _tied_head(config)
     if tied is not None:
         tensors.pop(tied[0], None)  # checked equal to the embedding
-    for name in _RECOMPUTED.get(config.model_type, ()):
+    for name in RECOMPUTED.get(config.model_type, ()):
         tensors.pop(name, None)
     target = _checkpoint_dtype(tensors) if dtype is None else dtype
     state = {

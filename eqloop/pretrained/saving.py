@@ -25,6 +25,7 @@ from torch import Tensor
 from eqloop.files import STAGING_PREFIX, replace_directory, umask_mode, write_json_atomic
 from eqloop.pretrained.base import PretrainedLoopedLM
 from eqloop.pretrained.config import HuginnConfig, config_to_dict
+from eqloop.pretrained.keys import check_keys
 from eqloop.pretrained.layers import rotary_angles
 from solvers import checks
 
@@ -94,8 +95,6 @@ def _tensors_to_save(model: PretrainedLoopedLM) -> dict[str, Tensor]:
         ValueError: the model carries unmerged LoRA adapters, or other tensors than its
             architecture has.
     """
-    from eqloop.pretrained.io import _check_keys  # io imports this module
-
     state = model.state_dict()
     adapters = sorted({n.split(".lora_")[0] for n in state if ".lora_" in n})
     if adapters:
@@ -106,7 +105,7 @@ def _tensors_to_save(model: PretrainedLoopedLM) -> dict[str, Tensor]:
         )
     with torch.device("meta"):
         fresh = type(model)(model.config)
-    _check_keys(
+    check_keys(
         fresh,
         {name: tuple(t.shape) for name, t in state.items()},
         model.config,

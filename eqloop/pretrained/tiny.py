@@ -3,7 +3,7 @@
 :func:`write_tiny_checkpoint` writes what a published Ouro or Huginn checkpoint
 directory holds (config.json, model.safetensors or shards, tokenizer.json with its
 tokenizer_config.json and special_tokens_map.json, generation_config.json), at a size
-that runs in milliseconds. Tests, the README and users use it to try every tool
+that runs in milliseconds. Tests, the docs and users use it to try every tool
 without downloading anything. The tokenizer is character-level: ids 0-3 are
 ``<|pad|> <|bos|> <|eos|> <|unk|>``, then one id per printable ASCII character and the
 newline (100 ids in all; unknown characters map to ``<|unk|>``).

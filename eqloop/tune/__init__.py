@@ -1,7 +1,7 @@
 """Optuna studies over the STARS hyperparameters; one trial is one ``eqloop.train`` run.
 
 ``eqloop tune`` (:func:`main`) and :func:`run_study` run trials until the study holds
-``n_trials``, however many workers share its storage; the README's tuning section shows how.
+``n_trials``, however many workers share its storage; docs/tuning.md shows how.
 """
 
 from eqloop.tune.cli import main
