@@ -175,14 +175,14 @@ class Budget:
         """
         limit = min(seconds, self.remaining())
         if limit <= 0:
-            raise Skipped(f"the time budget of {self.seconds:.0f} s was spent")
+            raise Skipped(f"the time budget of {self.seconds:.3g} s was spent")
         main_thread = threading.current_thread() is threading.main_thread()
         if not hasattr(signal, "setitimer") or not main_thread:
             yield
             return
 
         def alarm(signum: int, frame: Any) -> None:
-            raise TimeoutError(f"took longer than {limit:.0f} s")
+            raise TimeoutError(f"took longer than {limit:.3g} s")
 
         previous = signal.signal(signal.SIGALRM, alarm)
         signal.setitimer(signal.ITIMER_REAL, limit)
