@@ -47,6 +47,17 @@ to what the remaining time allows, and once ``--budget`` seconds have passed sin
 start no further variant starts (``status: "skipped"``). ``--compile-backend none``
 skips the compiled variants.
 
+JSON (``--json``): ``machine`` (benchmarks.common.machine_info, with ``device`` and
+``cuda``), ``command``, ``wall_seconds``, ``settings`` (the options), ``models`` (name ->
+``parameters``, ``config``, ``shapes``) and ``results``, one row per variant: ``model``,
+``workload``, ``variant``, ``loops`` (None for solve), ``tokens`` (B x S of the batch;
+decode: B x new tokens), ``status`` ("ok" | "error" | "skipped") and ``error`` (None, or
+the exception's type and first line); when ok also ``repeats``, ``times_s``,
+``median_ms``, ``first_call_s``, ``tokens_per_s`` (not for solve), ``peak_mib`` (CUDA;
+CPU: step rows), step ``adjoint_vjps``/``adjoint_status`` (implicit), solve ``nfe``,
+``converged``, ``solve_status``, ``max_rel_residual``, ``tol``, ``max_iter``. A model
+that could not be built has one row with ``workload: "build"``.
+
 Without CUDA the full run says so in one line and exits 0. ``--quick`` runs tiny shapes
 on the CPU with the same code (the test suite's smoke run).
 
@@ -299,10 +310,12 @@ def measure(
                     last = time.perf_counter() - start
             if details is not None:
                 row.update(details(out))
+            out = None  # e.g. logits: not kept while the others run
         except Exception as exc:  # noqa: BLE001 - the row records it and the run goes on
             row["status"] = "skipped" if isinstance(exc, Skipped) else "error"
             row["error"] = describe(exc)
-            free_memory(device)
+        if row["error"] is not None:
+            free_memory(device)  # after the except clause dropped the traceback's frames
             continue
         ready[name] = fn
         round_seconds += last
@@ -322,6 +335,7 @@ def measure(
             except Exception as exc:  # noqa: BLE001 - as above
                 row["status"], row["error"] = "error", f"peak memory: {describe(exc)}"
     ready.clear()
+    errors.clear()  # their tracebacks hold the failed calls' tensors
     free_memory(device)
     run.rows.extend(rows.values())
 
@@ -343,7 +357,7 @@ def build_model(name: str, quick: bool, device: torch.device, seed: int) -> nn.M
             max_position_embeddings=4096, rope_theta=1e6, total_ut_steps=4,
         )  # fmt: skip
         model = OuroForCausalLM(config)
-        model.init_weights(torch.Generator(device).manual_seed(seed))
+        model.init_weights(torch.Generator(device=device).manual_seed(seed))
         return model
 
 
@@ -480,28 +494,38 @@ def measure_decode(run: Run, name: str, model: nn.Module, shape: dict[str, int])
     torch._dynamo.reset()
 
 
-def measure_model(run: Run, name: str) -> dict[str, Any]:
-    """Every workload of one model; returns its description."""
-    device, quick = run.device, run.args.quick
-    shape = SHAPES[quick][name]
+def stage(run: Run, model: str, workload: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``; an exception outside a variant's measurement (e.g. building the model or
+    its optimizer) becomes one row of ``workload`` with the error, and None is returned."""
     try:
-        with run.budget.limit(run.args.compile_timeout):
-            model = build_model(name, quick, device, run.args.seed)
-    except Exception as exc:  # noqa: BLE001 - recorded as the model's row
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - recorded, and the run goes on
         status = "skipped" if isinstance(exc, Skipped) else "error"
-        run.rows.append({"model": name, "workload": "build", "variant": None, "loops": None,
+        run.rows.append({"model": model, "workload": workload, "variant": None, "loops": None,
                          "status": status, "error": describe(exc)})  # fmt: skip
-        free_memory(device)
+    free_memory(run.device)  # after the except clause dropped the traceback's frames
+    return None
+
+
+def measure_model(run: Run, name: str) -> dict[str, Any]:
+    """Every workload of one model; returns its description ({} if it was not built)."""
+    args, shape = run.args, SHAPES[run.args.quick][name]
+
+    def build() -> nn.Module:
+        with run.budget.limit(args.compile_timeout):
+            return build_model(name, args.quick, run.device, args.seed)
+
+    model = stage(run, name, "build", build)
+    if model is None:
         return {}
     info = {"parameters": sum(p.numel() for p in model.parameters()),
             "config": dataclasses.asdict(model.config), "shapes": shape}  # fmt: skip
-    measure_steps(run, name, model, shape)  # float32 master weights
+    stage(run, name, "step", lambda: measure_steps(run, name, model, shape))  # float32 weights
     model.to(torch.bfloat16).eval()  # the rest runs in bf16
-    measure_solve(run, name, model, shape)
-    measure_forward(run, name, model, shape)
-    measure_decode(run, name, model, shape)
-    del model
-    free_memory(device)
+    for workload, measure_workload in (
+        ("solve", measure_solve), ("forward", measure_forward), ("decode", measure_decode)
+    ):
+        stage(run, name, workload, lambda m=measure_workload: m(run, name, model, shape))
     return info
 
 
@@ -569,7 +593,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = torch.device("cpu") if args.quick else torch.device(args.device)
     run = Run(args, device, Budget(args.budget))
-    models = {name: measure_model(run, name) for name in args.models}
+    models = {}
+    for name in args.models:
+        models[name] = measure_model(run, name)
+        free_memory(device)  # the model went with measure_model's frame
     print(format_table(run.rows, COLUMNS))
     for row in run.rows:
         if row["error"] is not None:
@@ -580,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         machine = machine_info()
         machine["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        machine["cuda"] = torch.version.cuda
         write_json_atomic(args.json, {
             "machine": machine,
             "command": shlex.join(["python", "benchmarks/gpu.py",

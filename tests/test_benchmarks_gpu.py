@@ -140,3 +140,11 @@ def test_a_variant_past_its_timeout_or_the_budget_is_recorded() -> None:
     gpu.measure(spent, base, {"late": lambda: lambda: None}, peak=False)
     assert spent.rows[0]["status"] == "skipped"
     assert spent.rows[0]["error"] == "Skipped: the time budget of 0 s was spent"
+
+
+def test_a_failing_workload_outside_its_variants_is_one_row() -> None:
+    run = fake_run()
+    assert gpu.stage(run, "ouro", "build", lambda: 7) == 7 and run.rows == []
+    assert gpu.stage(run, "ouro", "step", lambda: 1 / 0) is None
+    assert run.rows == [{"model": "ouro", "workload": "step", "variant": None, "loops": None,
+                         "status": "error", "error": "ZeroDivisionError: division by zero"}]
