@@ -1,8 +1,8 @@
 """benchmarks/gpu.py: the --quick CPU run, per-row errors, the time budget, no-CUDA exit.
 
-The CUDA paths (CUDA-event-free synchronised timing, the allocator's peak memory, CUDA
-graphs of ``reduce-overhead``) only run where CUDA exists; these tests run the same code
-on the CPU.
+The CUDA-only branches (``torch.cuda.synchronize`` after each call, the allocator's peak
+memory, the CUDA graphs of ``reduce-overhead``, inductor's GPU kernels) run only where CUDA
+exists: these tests run the same code on the CPU and do not exercise them.
 """
 
 from __future__ import annotations
