@@ -36,6 +36,19 @@ loop counts is evaluated every ``eval_every`` steps; checkpoints are written eve
 ``checkpoint_every`` steps (see :mod:`eqloop.checkpoint`), metrics go to
 ``out_dir/metrics.jsonl``.
 
+Training at the fixed point (``solve`` set, with ``backward="ift"`` or ``"phantom"``):
+each step solves the core to its equilibrium with ``solve.solver`` (tolerance
+``solve.tol``, budget ``solve.max_iter``, from z0 after ``solve.start_loops`` loops)
+instead of running a sampled depth (the sampler is not drawn; ``loops`` is logged as
+null), and the backward takes its gradient at the point the solver returned. What the
+solves did is logged with every step: ``fwd_converged`` (share of sequences that met
+the tolerance), ``fwd_nfe`` and ``fwd_residual`` (the batch's largest residual), and
+with IFT ``bwd_converged`` and ``bwd_nfe`` of the adjoint solve (also without
+``solve``). An unconverged solve is never silently taken as a fixed point: it shows in
+these shares, and the first step with one emits a ``ConvergenceWarning`` (once per run
+and kind, instead of one per solve). The penalty is unchanged: ``penalty_at`` chooses
+its point as before (with ``solve``, "trajectory" means the returned point).
+
 Data parallelism: the global batch of ``batch_size`` rows does not depend on the number of
 ranks; rank ``r`` of ``N`` trains on rows ``r, r + N, ...`` of it, so N ranks compute the
 gradient of one process (up to summation order and the penalty's random vectors). Only
@@ -619,7 +632,7 @@ def train(config: TrainConfig, *, on_eval: OnEval | None = None) -> dict[str, An
     Returns:
         Final metrics: ``step``, ``train_time`` (seconds, evaluations excluded), ``train``
         (last step's ``loss``, ``ce``, ``penalty``, ``rho``, ``grad_norm``, ``loops``,
-        ``lr``), ``eval`` (last evaluation) and ``checkpoint`` (path of the last one).
+        ``lr``, and the solve statistics ``fwd_*``/``bwd_*`` described above), ``eval`` (last evaluation) and ``checkpoint`` (path of the last one).
 
     Raises:
         ValueError: invalid config (unknown task, ``digits < 1``, ``lam`` outside
