@@ -73,7 +73,7 @@ class SolveConfig:
     max_iter: int = 30  # budget of f-evaluations of the solve (after start_loops)
     start_loops: int = 0  # plain loops (with their graph) run before the solver starts
     stop_mode: str = "rel"  # "rel" (||f(z) - z|| / ||f(z)||) | "abs" (||f(z) - z||)
-    solver_options: dict[str, Any] = field(default_factory=dict)  # its hyperparameters, e.g. m
+    solver_options: dict[str, Any] = field(default_factory=dict)  # hyperparameters, e.g. {"m": 5}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SolveConfig:
@@ -106,7 +106,7 @@ class SolveConfig:
         checks.choice("solve.stop_mode", self.stop_mode, ("rel", "abs"))
         if not isinstance(self.solver_options, dict):
             raise TypeError(
-                f"solve.solver_options must be a dict such as {{\"m\": 5}}, got "
+                f'solve.solver_options must be a dict such as {{"m": 5}}, got '
                 f"{self.solver_options!r}"
             )
         try:

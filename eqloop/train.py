@@ -632,7 +632,8 @@ def train(config: TrainConfig, *, on_eval: OnEval | None = None) -> dict[str, An
     Returns:
         Final metrics: ``step``, ``train_time`` (seconds, evaluations excluded), ``train``
         (last step's ``loss``, ``ce``, ``penalty``, ``rho``, ``grad_norm``, ``loops``,
-        ``lr``, and the solve statistics ``fwd_*``/``bwd_*`` described above), ``eval`` (last evaluation) and ``checkpoint`` (path of the last one).
+        ``lr``, and the solve statistics ``fwd_*``/``bwd_*`` described above), ``eval``
+        (last evaluation) and ``checkpoint`` (path of the last one).
 
     Raises:
         ValueError: invalid config (unknown task, ``digits < 1``, ``lam`` outside
