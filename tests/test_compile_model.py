@@ -125,7 +125,8 @@ def test_training_forward_and_loss_unroll_is_one_graph() -> None:
     grads = torch.autograd.grad(compiled, list(model.parameters()))
     expected = loss(ids, targets)
     torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-12)
-    for got, want in zip(grads, torch.autograd.grad(expected, list(model.parameters())), strict=True):
+    want_grads = torch.autograd.grad(expected, list(model.parameters()))
+    for got, want in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
