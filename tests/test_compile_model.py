@@ -219,3 +219,32 @@ def test_compile_model_copy_and_bad_argument() -> None:
     assert not torch.allclose(clone(ids, loops=2), model(ids, loops=2))
     with pytest.raises(TypeError, match="compile_model needs an eqloop LoopedLM"):
         eqloop.compile_model(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("backward", ["phantom", "truncated", "ift"])
+def test_training_forward_and_loss_implicit(backward: str) -> None:
+    """The training step's forward + loss with an implicit backward mode (as
+    ``eqloop.train`` runs it): Phantom and Truncated compile to one graph; IFT attaches
+    its adjoint hook eagerly (the hook differentiates autograd's own graph of f(z*)), so
+    its forward splits there: 4 graphs, one per frame resumed after the eager part.
+    Loss and gradients equal eager's either way."""
+    model, ids = looplm(), tokens()
+    targets = tokens()
+
+    def loss(t: Tensor, y: Tensor) -> Tensor:
+        logits, _ = model(
+            t, solver="fixed_point", max_iter=3, tol=0.0, backward=backward,
+            check_every=None, return_info=True,
+        )  # fmt: skip
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    counter = CompileCounter()
+    fullgraph = backward != "ift"
+    compiled = torch.compile(loss, backend=counter, fullgraph=fullgraph)(ids, targets)
+    assert counter.frame_count == (1 if fullgraph else 4)
+    params = list(model.parameters())
+    expected = loss(ids, targets)
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-12)
+    want_grads = torch.autograd.grad(expected, params)
+    for got, want in zip(torch.autograd.grad(compiled, params), want_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
