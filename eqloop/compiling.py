@@ -15,13 +15,15 @@ and gives one graph per forward, but one per loop count, since torch unrolls the
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
+from torch import Tensor
 
 from eqloop.looped import LoopedLM
 
-__all__ = ["compile_model"]
+__all__ = ["compile_model", "eager_core_step"]
 
 ModelT = TypeVar("ModelT", bound=LoopedLM)
 
@@ -39,8 +41,9 @@ def compile_model(model: ModelT, **compile_kwargs: Any) -> ModelT:
         * The number of compiled graphs does not grow with the loop count.
         * First-order gradients flow through the compiled step (training, IFT backward).
           Higher-order autodiff through it (``create_graph=True`` then a second backward,
-          as the STARS penalty does) is not supported by ``torch.compile``: run such
-          terms on an uncompiled model.
+          or forward-mode JVPs, as the STARS penalty takes) is not supported by
+          ``torch.compile``: give such terms :func:`eager_core_step` (the same map,
+          uncompiled), e.g. ``CoreMap(eager_core_step(model), info.f.args)``.
         * Compile after moving/casting the model and after copying it: a deep copy keeps
           its own compiled step (rebound to the copy), but ``torch.save(model)`` (pickling
           the whole module) is not supported; save the ``state_dict`` as eqloop does.
@@ -68,3 +71,18 @@ def compile_model(model: ModelT, **compile_kwargs: Any) -> ModelT:
     step = torch.compile(type(model).core_step, **compile_kwargs)
     model.core_step = types.MethodType(step, model)  # type: ignore[method-assign]
     return model
+
+
+def eager_core_step(model: LoopedLM) -> Callable[..., Tensor]:
+    """``model``'s uncompiled ``core_step``, bound to ``model`` (compiled or not).
+
+    The same map as ``model.core_step`` on the same parameters, for what a compiled step
+    cannot do: higher-order derivatives and forward-mode AD (the STARS penalty).
+
+    Args:
+        model: any :class:`~eqloop.looped.LoopedLM`.
+
+    Returns:
+        ``core_step(z, *args)``: (B, S, d) and the ``step_args`` -> (B, S, d).
+    """
+    return types.MethodType(type(model).core_step, model)

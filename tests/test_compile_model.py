@@ -248,3 +248,25 @@ def test_training_forward_and_loss_implicit(backward: str) -> None:
     want_grads = torch.autograd.grad(expected, params)
     for got, want in zip(torch.autograd.grad(compiled, params), want_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_eager_core_step_gives_higher_order_gradients() -> None:
+    """The compiled step has no double backward; eager_core_step, the same map, has."""
+    from eqloop.compiling import eager_core_step
+    from eqloop.looped import CoreMap
+    from eqloop.model import sdpa_math
+
+    model = eqloop.compile_model(looplm(), backend="aot_eager")
+    f, z0 = model.core_map(tokens())
+    z = z0.detach().requires_grad_()
+
+    def vjp_norm(step: Any) -> Tensor:
+        with sdpa_math():
+            fz = CoreMap(step, f.args)(z)
+        (vjp,) = torch.autograd.grad(fz, z, torch.ones_like(fz), create_graph=True)
+        return vjp.pow(2).sum()
+
+    with pytest.raises(RuntimeError, match="double backward"):
+        vjp_norm(model.core_step).backward()
+    vjp_norm(eager_core_step(model)).backward()
+    assert model.core[0].mlp.fn.fc_in.weight.grad.abs().sum() > 0
