@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._dynamo.testing import CompileCounter
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import eqloop
 from eqloop import pretrained
@@ -119,9 +119,9 @@ def test_training_forward_and_loss_unroll_is_one_graph() -> None:
         logits, _ = model(t, loops=2, return_info=True)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
 
-    one_graph(loss, ids, targets)
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)(ids, targets)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss, backend=counter, fullgraph=True)(ids, targets)
+    assert counter.frame_count == 1
     grads = torch.autograd.grad(compiled, list(model.parameters()))
     expected = loss(ids, targets)
     torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-12)
@@ -133,13 +133,13 @@ def test_training_forward_and_loss_unroll_is_one_graph() -> None:
 def test_compiled_forward_still_checks_token_values(tiny_pretrained: dict[str, Any]) -> None:
     """While tracing, the range check is a device-side assert in the graph, not skipped."""
     model = looplm()
-    compiled = torch.compile(lambda t: model(t, loops=2), backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(lambda t: model(t, loops=1), backend=CompileCounter(), fullgraph=True)
     compiled(tokens())
     with pytest.raises(RuntimeError, match=r"tokens must lie in \[0, vocab_size=16\)"):
         compiled(tokens() + VOCAB)
     ouro, mask = tiny_pretrained["ouro"], padding_mask()
     compiled = torch.compile(
-        lambda t, m: ouro(t, loops=1, attention_mask=m), backend="aot_eager", fullgraph=True
+        lambda t, m: ouro(t, loops=1, attention_mask=m), backend=CompileCounter(), fullgraph=True
     )
     ids = tokens(vocab=100, low=4)
     compiled(ids, mask)
