@@ -270,3 +270,16 @@ def test_eager_core_step_gives_higher_order_gradients() -> None:
         vjp_norm(model.core_step).backward()
     vjp_norm(eager_core_step(model)).backward()
     assert model.core[0].mlp.fn.fc_in.weight.grad.abs().sum() > 0
+
+
+def test_huginn_random_initial_state_is_one_graph(tiny_pretrained: dict[str, Any]) -> None:
+    """Huginn's default start, noise truncated at 3 std, samples inside the graph."""
+    model, ids = tiny_pretrained["huginn_raven"], tokens(vocab=100, low=4)
+    counter = CompileCounter()
+    state = torch.compile(
+        lambda t: model.initial_state(model.inject(t)), backend=counter, fullgraph=True
+    )(ids)
+    assert counter.frame_count == 1
+    std = model.config.init_std * model.config.embed_scale
+    assert 0 < state.abs().max() <= 3 * std * (1 + 1e-12)
+    assert 0.5 * std < state.std() < 1.5 * std
