@@ -14,7 +14,7 @@ from ._base import IterativeSolver
 
 @dataclass
 class AndersonState:
-    """Ring buffers of the last ``m`` iterates.
+    """Ring buffers of the last ``m`` iterates (zero in slots not yet written).
 
     The residuals and everything computed from them are float32 for float16/bfloat16
     iterates: their Gram matrix would overflow 16 bits, and torch.linalg has no 16-bit
@@ -29,6 +29,7 @@ class AndersonState:
         diff_t: (m, m, m) ``diff_t[k] = N_k^T`` for ``N_k = 1 e_k^T - I``, whose top-left
             (h, h) block maps residuals to differences from the newest one,
             ``(N_k g)_i = g_k - g_i``.
+        slots: (m,) slot numbers ``0 .. m - 1``, to mask the slots not yet written.
     """
 
     zs: Tensor
@@ -37,6 +38,7 @@ class AndersonState:
     gram: Tensor
     eye: Tensor
     diff_t: Tensor
+    slots: Tensor
 
 
 class Anderson(IterativeSolver):
@@ -69,18 +71,23 @@ class Anderson(IterativeSolver):
 
     def init(self, z0: Tensor) -> AndersonState:
         b, n = z0.shape
-        # Slots are written before they are read, so the buffers need no zeroing. With
-        # tau = 1 the step only mixes images, so the iterates need no storage.
-        zs = z0.new_empty(b, self.m if self.tau != 1.0 else 0, n)
+        # The buffers start at zero and every product runs over all m slots: a slot not
+        # yet written holds zeros and is masked out of the least-squares system, so it
+        # gets weight exactly 0. Full-size operands keep every shape independent of the
+        # iteration count, which torch.compile may otherwise trace as a dynamic size
+        # (inductor miscompiled those slices). With tau = 1 the step only mixes images,
+        # so the iterates need no storage.
+        zs = z0.new_zeros(b, self.m if self.tau != 1.0 else 0, n)
         work = torch.float32 if z0.dtype in (torch.float16, torch.bfloat16) else z0.dtype
         eye = torch.eye(self.m, dtype=work, device=z0.device)
         return AndersonState(
             zs=zs,
-            fzs=z0.new_empty(b, self.m, n),
-            gs=z0.new_empty(b, self.m, n, dtype=work),
-            gram=z0.new_empty(b, self.m, self.m, dtype=work),
+            fzs=z0.new_zeros(b, self.m, n),
+            gs=z0.new_zeros(b, self.m, n, dtype=work),
+            gram=z0.new_zeros(b, self.m, self.m, dtype=work),
             eye=eye,
             diff_t=eye.unsqueeze(2) - eye,  # diff_t[k, i, j] = [i == k] - [i == j]
+            slots=torch.arange(self.m, dtype=work, device=z0.device),
         )
 
     def step(self, state: AndersonState, z: Tensor, fz: Tensor, k: int) -> tuple[Any, Tensor]:
@@ -90,16 +97,15 @@ class Anderson(IterativeSolver):
             state.zs[:, i] = z
         state.fzs[:, i] = fz
         state.gs[:, i] = g
-        # A (B, 1, n) x (B, n, h) bmm is ~2x faster than bmm against a column, or than
-        # broadcast-and-sum, for these thin products on CPU.
-        row = torch.bmm(state.gs[:, i : i + 1], state.gs[:, :used].mT)  # (B, 1, used)
-        state.gram[:, i : i + 1, :used] = row
-        state.gram[:, :used, i : i + 1] = row.mT
+        # A (B, 1, n) x (B, n, m) bmm is ~2x faster than bmm against a column, or than
+        # broadcast-and-sum, for these thin products on CPU. Unwritten slots give 0.
+        row = torch.bmm(state.gs[:, i : i + 1], state.gs.mT)  # (B, 1, m)
+        state.gram[:, i : i + 1] = row
+        state.gram[:, :, i : i + 1] = row.mT
         if used == 1:
             return state, self._mix(z, fz)
-        alpha = self._weights(state.gram[:, :used, :used], state, i, used).to(fz.dtype)
-        fzs = state.fzs[:, :used]
-        mixed = fzs if self.tau == 1.0 else torch.lerp(state.zs[:, :used], fzs, self.tau)
+        alpha = self._weights(state.gram, state, i, used).to(fz.dtype)
+        mixed = state.fzs if self.tau == 1.0 else torch.lerp(state.zs, state.fzs, self.tau)
         return state, torch.bmm(alpha, mixed).squeeze(1)
 
     def _mix(self, z: Tensor, fz: Tensor) -> Tensor:
@@ -113,20 +119,24 @@ class Anderson(IterativeSolver):
         rather than towards an average of old iterates. With ``N = 1 e_k^T - I`` the
         normal equations are ``(N H N^T + ridge I) gamma = (N H)_{:, k}`` for the Gram
         matrix ``H_ij = g_i . g_j``, and the weights are ``alpha = e_k - N^T gamma``,
-        which sum to one for any ``gamma``.
+        which sum to one for any ``gamma``. The rows of ``N`` of slots not yet written
+        are zeroed, so, like row ``k``, their equations read ``ridge gamma_i = 0``: their
+        ``gamma`` and weight are exactly 0 and the rest solves the ``h``-slot system.
 
         Args:
-            gram: (B, h, h) Gram matrix of the residuals in memory.
-            state: the solver state (for the constant ``eye`` and ``diff_t`` matrices).
+            gram: (B, m, m) Gram matrix of the residuals in memory (0 in unwritten slots).
+            state: the solver state (for the constant ``eye``, ``diff_t`` and ``slots``).
             newest: slot ``k`` of the newest residual.
-            h: slots in use.
+            h: slots in use (slots ``0 .. h - 1`` while the memory fills).
 
         Returns:
-            (B, 1, h) weights summing to one.
+            (B, 1, m) weights summing to one, 0 for unwritten slots.
         """
-        n_t = state.diff_t[newest, :h, :h]  # (h, h) N^T
-        # N H = (H N^T)^T as H is symmetric: a (B, h, h) x (h, h) product folds into one
-        # mm, while (h, h) x (B, h, h) broadcasts into a ~2x slower bmm.
+        n_t = state.diff_t[newest]  # (m, m) N^T
+        if h < self.m:
+            n_t = n_t * (state.slots < h)  # zero the columns of N^T (rows of N) not in use
+        # N H = (H N^T)^T as H is symmetric: a (B, m, m) x (m, m) product folds into one
+        # mm, while (m, m) x (B, m, m) broadcasts into a ~2x slower bmm.
         n_gram = (gram @ n_t).mT.contiguous()  # rows g_k - g_i dotted with every g_j
         system = n_gram @ n_t  # (g_k - g_i) . (g_k - g_j); row and column k are zero
         diagonal = system.diagonal(dim1=1, dim2=2)
@@ -136,4 +146,4 @@ class Anderson(IterativeSolver):
         # A singular system (e.g. a frozen sample repeating itself) gives a non-finite
         # gamma; zeroing it falls back to the plain step f(z_k) for that sample.
         gamma = gamma.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        return state.eye[newest, :h] - gamma.mT @ n_t.mT
+        return state.eye[newest] - gamma.mT @ n_t.mT
