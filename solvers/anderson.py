@@ -14,7 +14,7 @@ from ._base import IterativeSolver
 
 @dataclass
 class AndersonState:
-    """Ring buffers of the last ``m`` iterates (zero in slots not yet written).
+    """Ring buffers of the last ``m`` iterates.
 
     The residuals and everything computed from them are float32 for float16/bfloat16
     iterates: their Gram matrix would overflow 16 bits, and torch.linalg has no 16-bit
@@ -29,7 +29,7 @@ class AndersonState:
         diff_t: (m, m, m) ``diff_t[k] = N_k^T`` for ``N_k = 1 e_k^T - I``, whose top-left
             (h, h) block maps residuals to differences from the newest one,
             ``(N_k g)_i = g_k - g_i``.
-        slots: (m,) slot numbers ``0 .. m - 1``, to mask the slots not yet written.
+        slots: (m,) int64 slot numbers ``0 .. m - 1``, to mask the slots not yet written.
     """
 
     zs: Tensor
@@ -71,47 +71,58 @@ class Anderson(IterativeSolver):
 
     def init(self, z0: Tensor) -> AndersonState:
         b, n = z0.shape
-        # The buffers start at zero and every product runs over all m slots: a slot not
-        # yet written holds zeros and is masked out of the least-squares system, so it
-        # gets weight exactly 0. Full-size operands keep every shape independent of the
-        # iteration count, which torch.compile may otherwise trace as a dynamic size
-        # (inductor miscompiled those slices). With tau = 1 the step only mixes images,
-        # so the iterates need no storage.
-        zs = z0.new_zeros(b, self.m if self.tau != 1.0 else 0, n)
+        # Slots are written before their values count, so the buffers need no zeroing
+        # (while the memory fills, the unwritten slots are masked out; see ``step``).
+        # With tau = 1 the step only mixes images, so the iterates need no storage.
+        zs = z0.new_empty(b, self.m if self.tau != 1.0 else 0, n)
         work = torch.float32 if z0.dtype in (torch.float16, torch.bfloat16) else z0.dtype
         eye = torch.eye(self.m, dtype=work, device=z0.device)
         return AndersonState(
             zs=zs,
-            fzs=z0.new_zeros(b, self.m, n),
-            gs=z0.new_zeros(b, self.m, n, dtype=work),
-            gram=z0.new_zeros(b, self.m, self.m, dtype=work),
+            fzs=z0.new_empty(b, self.m, n),
+            gs=z0.new_empty(b, self.m, n, dtype=work),
+            gram=z0.new_empty(b, self.m, self.m, dtype=work),
             eye=eye,
             diff_t=eye.unsqueeze(2) - eye,  # diff_t[k, i, j] = [i == k] - [i == j]
-            slots=torch.arange(self.m, dtype=work, device=z0.device),
+            slots=torch.arange(self.m, device=z0.device),
         )
 
     def step(self, state: AndersonState, z: Tensor, fz: Tensor, k: int) -> tuple[Any, Tensor]:
+        # Every product runs over all m slots, so no shape depends on the iteration
+        # count: torch.compile may trace k as a dynamic integer, and inductor miscompiled
+        # the slices [:k + 1] (torch 2.13). While the memory fills (k + 1 < m), the
+        # slots not yet written are masked to 0 (their contents are never read) and get
+        # weight exactly 0; once it is full, no mask is applied at all.
         i, used = k % self.m, min(k + 1, self.m)
+        live = state.slots < used if used < self.m else None  # (m,) written slots
         g = fz - z
         if self.tau != 1.0:
             state.zs[:, i] = z
         state.fzs[:, i] = fz
         state.gs[:, i] = g
         # A (B, 1, n) x (B, n, m) bmm is ~2x faster than bmm against a column, or than
-        # broadcast-and-sum, for these thin products on CPU. Unwritten slots give 0.
+        # broadcast-and-sum, for these thin products on CPU.
         row = torch.bmm(state.gs[:, i : i + 1], state.gs.mT)  # (B, 1, m)
+        if live is not None:
+            row = torch.where(live, row, 0.0)
         state.gram[:, i : i + 1] = row
         state.gram[:, :, i : i + 1] = row.mT
         if used == 1:
             return state, self._mix(z, fz)
-        alpha = self._weights(state.gram, state, i, used).to(fz.dtype)
-        mixed = state.fzs if self.tau == 1.0 else torch.lerp(state.zs, state.fzs, self.tau)
-        return state, torch.bmm(alpha, mixed).squeeze(1)
+        gram = state.gram if live is None else torch.where(live & live[:, None], state.gram, 0.0)
+        alpha = self._weights(gram, state, i, used, live).to(fz.dtype)
+        fzs = state.fzs if live is None else torch.where(live[:, None], state.fzs, 0.0)
+        if self.tau == 1.0:
+            return state, torch.bmm(alpha, fzs).squeeze(1)
+        zs = state.zs if live is None else torch.where(live[:, None], state.zs, 0.0)
+        return state, torch.bmm(alpha, torch.lerp(zs, fzs, self.tau)).squeeze(1)
 
     def _mix(self, z: Tensor, fz: Tensor) -> Tensor:
         return fz if self.tau == 1.0 else torch.lerp(z, fz, self.tau)
 
-    def _weights(self, gram: Tensor, state: AndersonState, newest: int, h: int) -> Tensor:
+    def _weights(
+        self, gram: Tensor, state: AndersonState, newest: int, h: int, live: Tensor | None
+    ) -> Tensor:
         """Mixing weights from the residual Gram matrix.
 
         Solves ``min_gamma ||g_k - sum_i gamma_i (g_k - g_i)||^2 + ridge ||gamma||^2``
@@ -125,16 +136,17 @@ class Anderson(IterativeSolver):
 
         Args:
             gram: (B, m, m) Gram matrix of the residuals in memory (0 in unwritten slots).
-            state: the solver state (for the constant ``eye``, ``diff_t`` and ``slots``).
+            state: the solver state (for the constant ``eye`` and ``diff_t``).
             newest: slot ``k`` of the newest residual.
-            h: slots in use (slots ``0 .. h - 1`` while the memory fills).
+            h: slots in use.
+            live: (m,) bool, the slots in use, or None when all are.
 
         Returns:
             (B, 1, m) weights summing to one, 0 for unwritten slots.
         """
         n_t = state.diff_t[newest]  # (m, m) N^T
-        if h < self.m:
-            n_t = n_t * (state.slots < h)  # zero the columns of N^T (rows of N) not in use
+        if live is not None:
+            n_t = n_t * live  # zero the columns of N^T (rows of N) not in use
         # N H = (H N^T)^T as H is symmetric: a (B, m, m) x (m, m) product folds into one
         # mm, while (m, m) x (B, m, m) broadcasts into a ~2x slower bmm.
         n_gram = (gram @ n_t).mT.contiguous()  # rows g_k - g_i dotted with every g_j
