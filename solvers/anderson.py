@@ -96,17 +96,20 @@ class Anderson(IterativeSolver):
         i, used = k % self.m, min(k + 1, self.m)
         live = state.slots < used if used < self.m else None  # (m,) written slots
         g = fz - z
+        # Writes through a (1,) index tensor: under torch.compile a Python slot number
+        # would specialise the step on k % m and recompile it for every slot.
+        slot = state.slots[i : i + 1]
         if self.tau != 1.0:
-            state.zs[:, i] = z
-        state.fzs[:, i] = fz
-        state.gs[:, i] = g
+            state.zs.index_copy_(1, slot, z.unsqueeze(1))
+        state.fzs.index_copy_(1, slot, fz.unsqueeze(1))
+        state.gs.index_copy_(1, slot, g.unsqueeze(1).to(state.gs.dtype))
         # A (B, 1, n) x (B, n, m) bmm is ~2x faster than bmm against a column, or than
         # broadcast-and-sum, for these thin products on CPU.
         row = torch.bmm(state.gs[:, i : i + 1], state.gs.mT)  # (B, 1, m)
         if live is not None:
             row = torch.where(live, row, 0.0)
-        state.gram[:, i : i + 1] = row
-        state.gram[:, :, i : i + 1] = row.mT
+        state.gram.index_copy_(1, slot, row)
+        state.gram.index_copy_(2, slot, row.mT)
         if used == 1:
             return state, self._mix(z, fz)
         gram = state.gram if live is None else torch.where(live & live[:, None], state.gram, 0.0)
