@@ -21,11 +21,19 @@ SolverFactory = Callable[..., Solver]
 #: solve's fixed cost.
 _REGISTRY: dict[str, tuple[SolverFactory, frozenset[str] | None]] = {}
 
+#: ``check_every="auto"`` (the default) on any device but the CPU: a host read there
+#: synchronises with the device (it waits for all queued work), so the loop reads only
+#: every this many evaluations. Stopped samples are frozen either way, so this changes
+#: no result, only how many evaluations run after the last sample stopped (at most
+#: this minus one) and when ``compact`` drops stopped samples.
+ACCELERATOR_CHECK_EVERY = 4
+
 #: Keyword options of ``solve`` that configure the driver rather than the solver.
 DRIVER_OPTIONS: dict[str, str] = {
     "args": "tuple of per-sample tensors (batch dim 0) passed to f after z",
     "eps": "added to ||f(z)|| in the relative residual (default 1e-9)",
-    "check_every": "host check for early stop every k evaluations; None never checks",
+    "check_every": "host check for early stop every k evaluations ('auto': 1 on CPU, "
+    f"{ACCELERATOR_CHECK_EVERY} on CUDA/other devices); None never checks",
     "compact": "pass only still-active samples to f (samples must be independent)",
     "diverge_ratio": "a sample diverges when its abs residual exceeds this x its first one "
     "(or its iterate grows this much while its residual sits at rounding level); inf: never",
@@ -139,9 +147,18 @@ def solve(
             * ``args``: tuple of per-sample tensors (batch dimension 0, on z0's device)
               passed to ``f`` after ``z``.
             * ``eps`` (1e-9): added to ``||f(z)||`` in the relative residual.
-            * ``check_every`` (1): read the host every k evaluations to stop once every
-              sample has stopped; ``None`` never reads it (no device synchronisation),
-              running the whole budget with stopped samples frozen.
+            * ``check_every`` (``"auto"``): read the host every k evaluations to stop
+              once every sample has stopped; ``None`` never reads it (no device
+              synchronisation), running the whole budget with stopped samples frozen.
+              ``"auto"`` is 1 for CPU tensors, where a read costs no synchronisation,
+              and :data:`ACCELERATOR_CHECK_EVERY` (4) elsewhere: on CUDA every read
+              waits for the device to drain its queue, so reading every evaluation
+              would sync every iteration. The trade-off: up to k - 1 evaluations
+              run after the last sample stopped (stopped samples are frozen, so ``z``,
+              ``nstep``, residuals and status are the same for every k; ``nfe`` and
+              time are not), and ``compact`` drops stopped samples only at reads.
+              Under ``torch.compile`` each read is a graph break; ``None`` makes the
+              whole solve one graph.
             * ``compact`` (False): pass only the still-active samples to ``f`` (from
               each check point on; the samples must be independent).
             * ``diverge_ratio`` (1e4): a sample diverges when its absolute residual
@@ -205,7 +222,7 @@ def make_problem(
     stop_mode: str,
     args: tuple[Tensor, ...] | list[Tensor] = (),
     eps: float = 1e-9,
-    check_every: int | None = 1,
+    check_every: int | str | None = "auto",
     compact: bool = False,
     diverge_ratio: float = 1e4,
     raise_on_failure: bool = False,
@@ -224,8 +241,10 @@ def make_problem(
     tol = checks.number("tol", tol, low=0.0)
     stop_mode = checks.choice("stop_mode", stop_mode, ("abs", "rel"))
     eps = checks.number("eps", eps, low=0.0, low_open=True)
-    if check_every is not None:
-        check_every = checks.integer("check_every", check_every, low=1)
+    if check_every == "auto":
+        check_every = default_check_every(z0.device)
+    elif check_every is not None:
+        check_every = checks.integer("check_every (or 'auto', or None)", check_every, low=1)
     compact = checks.boolean("compact", compact)
     if compact and check_every is None:
         raise ValueError("compact=True needs check points: set check_every to an integer")
@@ -257,3 +276,9 @@ def make_problem(
         check_every=check_every, compact=compact, diverge_ratio=diverge_ratio,
         raise_on_failure=raise_on_failure, output=output,
     )
+
+
+def default_check_every(device: torch.device) -> int:
+    """What ``check_every="auto"`` means on ``device``: 1 on the CPU, where a host read
+    costs no synchronisation, else :data:`ACCELERATOR_CHECK_EVERY` (see :func:`solve`)."""
+    return 1 if device.type == "cpu" else ACCELERATOR_CHECK_EVERY

@@ -29,6 +29,7 @@ class AndersonState:
         diff_t: (m, m, m) ``diff_t[k] = N_k^T`` for ``N_k = 1 e_k^T - I``, whose top-left
             (h, h) block maps residuals to differences from the newest one,
             ``(N_k g)_i = g_k - g_i``.
+        slots: (m,) int64 slot numbers ``0 .. m - 1``, to mask the slots not yet written.
     """
 
     zs: Tensor
@@ -37,6 +38,7 @@ class AndersonState:
     gram: Tensor
     eye: Tensor
     diff_t: Tensor
+    slots: Tensor
 
 
 class Anderson(IterativeSolver):
@@ -69,8 +71,9 @@ class Anderson(IterativeSolver):
 
     def init(self, z0: Tensor) -> AndersonState:
         b, n = z0.shape
-        # Slots are written before they are read, so the buffers need no zeroing. With
-        # tau = 1 the step only mixes images, so the iterates need no storage.
+        # Slots are written before their values count, so the buffers need no zeroing
+        # (while the memory fills, the unwritten slots are masked out; see ``step``).
+        # With tau = 1 the step only mixes images, so the iterates need no storage.
         zs = z0.new_empty(b, self.m if self.tau != 1.0 else 0, n)
         work = torch.float32 if z0.dtype in (torch.float16, torch.bfloat16) else z0.dtype
         eye = torch.eye(self.m, dtype=work, device=z0.device)
@@ -81,31 +84,48 @@ class Anderson(IterativeSolver):
             gram=z0.new_empty(b, self.m, self.m, dtype=work),
             eye=eye,
             diff_t=eye.unsqueeze(2) - eye,  # diff_t[k, i, j] = [i == k] - [i == j]
+            slots=torch.arange(self.m, device=z0.device),
         )
 
     def step(self, state: AndersonState, z: Tensor, fz: Tensor, k: int) -> tuple[Any, Tensor]:
+        # Every product runs over all m slots, so no shape depends on the iteration
+        # count: torch.compile may trace k as a dynamic integer, and inductor miscompiled
+        # the slices [:k + 1] (torch 2.13). While the memory fills (k + 1 < m), the
+        # slots not yet written are masked to 0 (their contents are never read) and get
+        # weight exactly 0; once it is full, no mask is applied at all.
         i, used = k % self.m, min(k + 1, self.m)
+        live = state.slots < used if used < self.m else None  # (m,) written slots
         g = fz - z
+        # Writes through a (1,) index tensor: under torch.compile a Python slot number
+        # would specialise the step on k % m and recompile it for every slot.
+        slot = state.slots[i : i + 1]
         if self.tau != 1.0:
-            state.zs[:, i] = z
-        state.fzs[:, i] = fz
-        state.gs[:, i] = g
-        # A (B, 1, n) x (B, n, h) bmm is ~2x faster than bmm against a column, or than
+            state.zs.index_copy_(1, slot, z.unsqueeze(1))
+        state.fzs.index_copy_(1, slot, fz.unsqueeze(1))
+        state.gs.index_copy_(1, slot, g.unsqueeze(1).to(state.gs.dtype))
+        # A (B, 1, n) x (B, n, m) bmm is ~2x faster than bmm against a column, or than
         # broadcast-and-sum, for these thin products on CPU.
-        row = torch.bmm(state.gs[:, i : i + 1], state.gs[:, :used].mT)  # (B, 1, used)
-        state.gram[:, i : i + 1, :used] = row
-        state.gram[:, :used, i : i + 1] = row.mT
+        row = torch.bmm(state.gs[:, i : i + 1], state.gs.mT)  # (B, 1, m)
+        if live is not None:
+            row = torch.where(live, row, 0.0)
+        state.gram.index_copy_(1, slot, row)
+        state.gram.index_copy_(2, slot, row.mT)
         if used == 1:
             return state, self._mix(z, fz)
-        alpha = self._weights(state.gram[:, :used, :used], state, i, used).to(fz.dtype)
-        fzs = state.fzs[:, :used]
-        mixed = fzs if self.tau == 1.0 else torch.lerp(state.zs[:, :used], fzs, self.tau)
-        return state, torch.bmm(alpha, mixed).squeeze(1)
+        gram = state.gram if live is None else torch.where(live & live[:, None], state.gram, 0.0)
+        alpha = self._weights(gram, state, i, used, live).to(fz.dtype)
+        fzs = state.fzs if live is None else torch.where(live[:, None], state.fzs, 0.0)
+        if self.tau == 1.0:
+            return state, torch.bmm(alpha, fzs).squeeze(1)
+        zs = state.zs if live is None else torch.where(live[:, None], state.zs, 0.0)
+        return state, torch.bmm(alpha, torch.lerp(zs, fzs, self.tau)).squeeze(1)
 
     def _mix(self, z: Tensor, fz: Tensor) -> Tensor:
         return fz if self.tau == 1.0 else torch.lerp(z, fz, self.tau)
 
-    def _weights(self, gram: Tensor, state: AndersonState, newest: int, h: int) -> Tensor:
+    def _weights(
+        self, gram: Tensor, state: AndersonState, newest: int, h: int, live: Tensor | None
+    ) -> Tensor:
         """Mixing weights from the residual Gram matrix.
 
         Solves ``min_gamma ||g_k - sum_i gamma_i (g_k - g_i)||^2 + ridge ||gamma||^2``
@@ -113,20 +133,25 @@ class Anderson(IterativeSolver):
         rather than towards an average of old iterates. With ``N = 1 e_k^T - I`` the
         normal equations are ``(N H N^T + ridge I) gamma = (N H)_{:, k}`` for the Gram
         matrix ``H_ij = g_i . g_j``, and the weights are ``alpha = e_k - N^T gamma``,
-        which sum to one for any ``gamma``.
+        which sum to one for any ``gamma``. The rows of ``N`` of slots not yet written
+        are zeroed, so, like row ``k``, their equations read ``ridge gamma_i = 0``: their
+        ``gamma`` and weight are exactly 0 and the rest solves the ``h``-slot system.
 
         Args:
-            gram: (B, h, h) Gram matrix of the residuals in memory.
-            state: the solver state (for the constant ``eye`` and ``diff_t`` matrices).
+            gram: (B, m, m) Gram matrix of the residuals in memory (0 in unwritten slots).
+            state: the solver state (for the constant ``eye`` and ``diff_t``).
             newest: slot ``k`` of the newest residual.
             h: slots in use.
+            live: (m,) bool, the slots in use, or None when all are.
 
         Returns:
-            (B, 1, h) weights summing to one.
+            (B, 1, m) weights summing to one, 0 for unwritten slots.
         """
-        n_t = state.diff_t[newest, :h, :h]  # (h, h) N^T
-        # N H = (H N^T)^T as H is symmetric: a (B, h, h) x (h, h) product folds into one
-        # mm, while (h, h) x (B, h, h) broadcasts into a ~2x slower bmm.
+        n_t = state.diff_t[newest]  # (m, m) N^T
+        if live is not None:
+            n_t = n_t * live  # zero the columns of N^T (rows of N) not in use
+        # N H = (H N^T)^T as H is symmetric: a (B, m, m) x (m, m) product folds into one
+        # mm, while (m, m) x (B, m, m) broadcasts into a ~2x slower bmm.
         n_gram = (gram @ n_t).mT.contiguous()  # rows g_k - g_i dotted with every g_j
         system = n_gram @ n_t  # (g_k - g_i) . (g_k - g_j); row and column k are zero
         diagonal = system.diagonal(dim1=1, dim2=2)
@@ -136,4 +161,4 @@ class Anderson(IterativeSolver):
         # A singular system (e.g. a frozen sample repeating itself) gives a non-finite
         # gamma; zeroing it falls back to the plain step f(z_k) for that sample.
         gamma = gamma.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        return state.eye[newest, :h] - gamma.mT @ n_t.mT
+        return state.eye[newest] - gamma.mT @ n_t.mT

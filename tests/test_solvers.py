@@ -353,6 +353,39 @@ def test_compaction_needs_check_points() -> None:
         solvers.solve(p.f, p.z0, "anderson", compact=True, check_every=None, args=p.args)
 
 
+def test_auto_check_every_reads_the_host_every_iteration_only_on_cpu() -> None:
+    """The default check_every reads the host every evaluation on the CPU (free) and
+    every ACCELERATOR_CHECK_EVERY (> 1) elsewhere, where each read is a device sync; the
+    meta device stands in for CUDA (same code path: any non-CPU device)."""
+    from solvers._registry import ACCELERATOR_CHECK_EVERY
+    from solvers._registry import make_problem as problem_of
+
+    kw = {"max_iter": 5, "tol": 1e-5, "stop_mode": "rel"}
+    assert problem_of(torch.tanh, torch.zeros(2, 3), **kw).check_every == 1
+    on_meta = problem_of(torch.tanh, torch.zeros(2, 3, device="meta"), **kw)
+    assert on_meta.check_every == ACCELERATOR_CHECK_EVERY > 1
+    assert problem_of(torch.tanh, torch.zeros(2, 3, device="meta"), check_every=None,
+                      **kw).check_every is None
+    with pytest.raises(TypeError, match=r"check_every \(or 'auto', or None\)"):
+        problem_of(torch.tanh, torch.zeros(2, 3), check_every="never", **kw)
+
+
+@pytest.mark.parametrize("solver", OURS)
+@pytest.mark.parametrize("name", ["affine", "tanh_net"])
+def test_check_every_changes_only_the_evaluations_run(solver: str, name: str) -> None:
+    """Reading the host every 4 evaluations instead of every one (the CUDA default)
+    returns the same iterates, steps and status; at most 3 more evaluations run."""
+    p = make_problem(name, torch.float64)
+    kw = {"args": p.args, "tol": 1e-10, "max_iter": 200}
+    every = solvers.solve(p.f, p.z0, solver, check_every=1, **kw)
+    sparse = solvers.solve(p.f, p.z0, solver, check_every=4, **kw)
+    assert every.status == "converged"
+    torch.testing.assert_close(sparse.z, every.z, rtol=0, atol=0)
+    assert torch.equal(sparse.nstep, every.nstep)
+    assert torch.equal(sparse.sample_status, every.sample_status)
+    assert every.nfe <= sparse.nfe <= every.nfe + 3
+
+
 @pytest.mark.parametrize("solver", ADAPTERS)
 def test_adapters_reject_compaction(solver: str) -> None:
     """Adapters own their loops, so compact=True is refused, naming the solver."""
