@@ -10,6 +10,15 @@ One call of :func:`generate`:
    its own slot. Cached decoding computes the same logits as recomputing the whole
    sequence (tested).
 
+Compiled decoding (``compile=True``): the cache is static between growths (full-capacity
+buffers written in place at a tensor position, see :class:`~eqloop.pretrained.layers.KVCache`),
+so the one-token decode step compiles to one graph (``fullgraph=True``), used for every
+token; the first growth of the cache adds one shape-generic graph, later growths none.
+The prompt runs eagerly. The host reads the stop ids and the finiteness of the logits
+every :data:`HOST_CHECK_EVERY` tokens (each token when eager) and drops the tokens
+generated past the point where every row had stopped, so compiled and eager results
+are the same.
+
 Batched prompts of different lengths are **left-padded** (``attention_mask`` 0 on the
 left, as ``load_tokenizer`` pads by default): every row's next token then sits at the
 same index. Padded keys are masked and positions count real tokens only, so a padded
