@@ -223,19 +223,27 @@ class IFT(Backward):
         """
         result = problem.solve(problem.max_iter)
         info = FixedPointInfo(self.name, result)
-        z_star = result.z
         if not torch.is_grad_enabled():
-            return z_star, info
+            return result.z, info
+        return self._attach(problem, result.z, info), info
+
+    # Eager under torch.compile: the hook's VJPs need autograd's own graph of f(z*) in
+    # z*, which a compiled graph does not expose, and dynamo cannot trace a hook that
+    # calls torch.autograd.grad. The solve before and the readout after stay compiled.
+    @torch.compiler.disable
+    def _attach(self, problem: FixedPointProblem, z_star: Tensor, info: FixedPointInfo) -> Tensor:
+        """``z* + (f(z*) - f(z*).detach())`` with the adjoint hook, or ``z*`` itself when
+        nothing in ``f`` requires grad; ``info.grad_steps`` counts the f application."""
         z_leaf = z_star.detach().requires_grad_()
         fz = problem.f(z_leaf, *problem.args)
         if not _reaches_other_leaves(fz, z_leaf):
-            return z_star, info  # nothing in f requires grad: an ordinary constant
+            return z_star  # nothing in f requires grad: an ordinary constant
         out = z_star + (fz - fz.detach())
         # On ``out``, not on ``fz``: the VJPs inside the hook start at ``fz`` and must not
         # run into the hook again.
         out.register_hook(_AdjointHook(self, problem, fz, z_leaf, info))
         info.grad_steps = 1
-        return out, info
+        return out
 
 
 class _AdjointHook:
@@ -419,7 +427,7 @@ def make_backward(backward: str | Backward, **options: Any) -> Backward:
             f"eqloop.IFT(max_iter=50)), got {backward!r}"
         )
     mode = BACKWARDS[backward]
-    valid = [f.name for f in fields(mode)]
+    valid = [f.name for f in fields(mode)] if options else []  # no fields() while tracing
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise TypeError(

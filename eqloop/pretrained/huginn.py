@@ -21,6 +21,8 @@ deterministically (upstream's ``init_scale``; the default 1.0 draws the random s
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -218,7 +220,18 @@ class HuginnForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
 
 
 def _trunc_normal_(t: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
-    """Fill ``t`` in place with N(0, std^2) truncated at +-3 std (upstream's state init)."""
+    """Fill ``t`` in place with N(0, std^2) truncated at +-3 std (upstream's state init).
+
+    Eager: torch's rejection sampler. While ``torch.compile`` traces, whose graphs cannot
+    hold that sampler's host reads and data-dependent loop, the same distribution by
+    inverse CDF: ``u`` uniform between the CDF values of -3 and 3, ``std * sqrt(2) *
+    erfinv(2u - 1)``.
+    """
+    if torch.compiler.is_compiling():
+        edge = math.erf(3 / math.sqrt(2))  # 2 * CDF(3) - 1
+        with torch.no_grad():
+            t.uniform_(-edge, edge, generator=generator).erfinv_().mul_(std * math.sqrt(2))
+            return t.clamp_(-3 * std, 3 * std)
     with torch.no_grad():
         return nn.init.trunc_normal_(
             t, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator
