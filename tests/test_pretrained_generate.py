@@ -421,3 +421,136 @@ def test_generation_validates_stop_ids_temperature_batch_and_exit_threshold(mode
         ouro.generate(ids, max_new_tokens=2, exit="last", exit_threshold=0.5)
     with pytest.raises(ValueError, match="exit_threshold needs exit='threshold'; exit='expected'"):
         ouro(ids, exit="expected", exit_threshold=0.5)
+
+
+# ------------------------------------------------- static cache, compiled decode step
+
+
+def test_kv_cache_buffers_keep_shape_and_address_and_decode_reads_no_host_length(models):
+    models, tok = models
+    model = models["ouro_variant"]
+    ids, mask = prompts(tok)
+    cache = KVCache(ids.shape[0], ids.shape[1] + 4, max_length=ids.shape[1] + 40)
+    token = ids[:, -1:]
+    with torch.no_grad():
+        _ouro_call(model, ids, mask, cache, 3, "last", None)
+        storage = {name: k.data_ptr() for name, (k, _) in cache._slots.items()}
+        for _ in range(4):  # fills the reserved room: same buffers, written in place
+            _ouro_call(model, token, None, cache, 3, "last", None)
+            assert {n: k.data_ptr() for n, (k, _) in cache._slots.items()} == storage
+        assert cache.capacity == ids.shape[1] + 4 and int(cache.index) == cache.length
+        _ouro_call(model, token, None, cache, 3, "last", None)  # grows: doubled once
+        assert cache.capacity == 2 * (ids.shape[1] + 4) == cache._slots[(0, 0)][0].shape[2]
+        # A decode step takes its position from the index tensor, not from `length`.
+        cache.reserve(1)
+        ctx = model._context(ids.shape[0], 1, token, None, cache)
+        cache.length = -10**6  # never read by the step
+        assert tuple(ctx.masks["full_attention"].shape) == (3, 1, 1, cache.capacity)
+        k, _ = cache.update((0, 0), torch.ones(3, 2, 1, 12), torch.ones(3, 2, 1, 12))
+        assert k.shape[2] == cache.capacity
+        assert bool((k[:, :, ids.shape[1] + 5] == 1).all())
+
+
+@pytest.mark.parametrize("name", ["ouro", "ouro_variant", "huginn"])
+def test_compiled_decode_is_one_graph_until_the_cache_grows(models, monkeypatch, name):
+    from torch._dynamo.testing import CompileCounter
+
+    models, tok = models
+    model = models[name]
+    ids, mask = prompts(tok)
+    kw = dict(attention_mask=mask, max_new_tokens=20, return_dict=True, **extra(name))
+    eager = model.generate(ids, **kw)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = model.generate(ids, compile={"backend": counter}, **kw)
+    assert counter.frame_count == 1  # 19 decode steps, one graph
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert torch.allclose(compiled.logits, eager.logits, atol=1e-6, rtol=1e-5)
+    # A growing cache: one more graph at the first growth (shape-generic), none after.
+    capacities = []
+
+    class Recorded(KVCache):
+        def reserve(self, n):
+            super().reserve(n)
+            capacities.append(self.capacity)
+
+    monkeypatch.setattr(generation, "KVCache", Recorded)
+    monkeypatch.setattr(generation, "CACHE_RESERVE", 1)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    grown = model.generate(ids, compile={"backend": counter}, **kw)
+    start = ids.shape[1] + 1
+    assert sorted(set(capacities)) == [start, 2 * start, ids.shape[1] + 20]  # grew twice
+    assert counter.frame_count == 2
+    assert torch.equal(grown.sequences, eager.sequences)
+
+
+@pytest.mark.parametrize(("name", "exit"), [("ouro", "threshold"), ("huginn", "none")])
+def test_compiled_generate_with_stops_and_sampling_equals_eager(models, monkeypatch, name, exit):
+    from torch._dynamo.testing import CompileCounter
+
+    models, tok = models
+    model = models[name]
+    ids, mask = prompts(tok)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=24, exit=exit, **extra(name))
+    stops = [int(free[b, ids.shape[1] + 2 + b]) for b in range(3)]  # every row stops
+    checks_made = []
+    check = generation._check_finite
+
+    def counted(broken, first):
+        checks_made.append(len(broken))
+        check(broken, first)
+
+    monkeypatch.setattr(generation, "_check_finite", counted)
+    # Huginn samples its initial states: drawn outside the compiled step, same numbers.
+    options = {} if name == "ouro" else {"init_scale": 1.0}
+    kw = dict(attention_mask=mask, exit=exit, return_dict=True, **options)
+    for stop_token_ids, do_sample in ((stops, False), (None, True)):
+        runs = {}
+        for compile in (False, {"backend": CompileCounter()}):
+            checks_made.clear()
+            runs[bool(compile)] = model.generate(
+                ids,
+                max_new_tokens=40,
+                stop_token_ids=stop_token_ids,
+                do_sample=do_sample,
+                generator=torch.Generator().manual_seed(5),
+                compile=compile,
+                **kw,
+            )
+            # Host reads: every token eagerly, every HOST_CHECK_EVERY tokens compiled.
+            every = generation.HOST_CHECK_EVERY if compile else 1
+            assert max(checks_made) == every and set(checks_made[:-1]) <= {every}
+        eager, compiled = runs[False], runs[True]
+        for field in ("sequences", "attention_mask", "loops_used", "finished"):
+            assert torch.equal(getattr(compiled, field), getattr(eager, field)), field
+        assert torch.allclose(compiled.logits, eager.logits, atol=1e-6, rtol=1e-5)
+        if stop_token_ids is not None:  # stopped early: the tokens past the stop are dropped
+            assert bool(eager.finished.all()) and eager.sequences.shape[1] < ids.shape[1] + 40
+
+
+def test_compile_option_is_checked(models):
+    models, tok = models
+    ouro, huginn = models["ouro"], models["huginn"]
+    ids, _ = prompts(tok)
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        ouro.generate(ids, max_new_tokens=2, compile=True, use_cache=False)
+    with pytest.raises(ValueError, match="compile does not apply to Huginn's exit='kl'"):
+        huginn.generate(ids, max_new_tokens=2, compile=True, exit="kl")
+    with pytest.raises(TypeError, match="compile must be True, False or a dict"):
+        ouro.generate(ids, max_new_tokens=2, compile="inductor")
+    with pytest.raises(ValueError, match=r"compile options \['fullgraph'\] are not supported"):
+        ouro.generate(ids, max_new_tokens=2, compile={"fullgraph": False})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ouro_variant", "huginn"])
+def test_inductor_compiled_generate_equals_eager(models, name):
+    models, tok = models
+    model = models[name]
+    ids, mask = prompts(tok)
+    kw = dict(attention_mask=mask, max_new_tokens=12, return_dict=True, **extra(name))
+    eager = model.generate(ids, **kw)
+    compiled = model.generate(ids, compile=True, **kw)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert torch.allclose(compiled.logits, eager.logits, atol=1e-4, rtol=1e-4)

@@ -10,6 +10,15 @@ One call of :func:`generate`:
    its own slot. Cached decoding computes the same logits as recomputing the whole
    sequence (tested).
 
+Compiled decoding (``compile=True``): the cache is static between growths (full-capacity
+buffers written in place at a tensor position, see :class:`~eqloop.pretrained.layers.KVCache`),
+so the one-token decode step compiles to one graph (``fullgraph=True``), used for every
+token; the first growth of the cache adds one shape-generic graph, later growths none.
+The prompt runs eagerly. The host reads the stop ids and the finiteness of the logits
+every :data:`HOST_CHECK_EVERY` tokens (each token when eager) and drops the tokens
+generated past the point where every row had stopped, so compiled and eager results
+are the same.
+
 Batched prompts of different lengths are **left-padded** (``attention_mask`` 0 on the
 left, as ``load_tokenizer`` pads by default): every row's next token then sits at the
 same index. Padded keys are masked and positions count real tokens only, so a padded
@@ -43,6 +52,8 @@ from solvers import checks
 
 __all__ = [
     "CACHE_RESERVE",
+    "COMPILE_OPTIONS",
+    "HOST_CHECK_EVERY",
     "HUGINN_EXITS",
     "GenerateOutput",
     "GenerationMixin",
@@ -61,6 +72,9 @@ HUGINN_EXITS: dict[str, float] = {
 
 CACHE_RESERVE = 256
 """New tokens :func:`generate` reserves KV-cache room for before the cache first grows."""
+
+HOST_CHECK_EVERY = 16
+"""Tokens between the host reads of a compiled :func:`generate` (stop ids, finite logits)."""
 
 
 @dataclass(frozen=True)
@@ -156,9 +170,14 @@ class ExitCriterion:
 
 
 # ---------------------------------------------------------------- one cached call
+#
+# A cached call is host work around a step: ``cache.reserve(n)`` (grow the buffers if
+# needed), the step (a forward pass that reads the cache's positions from tensors only),
+# ``cache.advance(n)``. The steps are what ``generate(..., compile=True)`` compiles for
+# decoding: between two growths of the cache they see the same shapes every token.
 
 
-def _ouro_call(
+def _ouro_step(
     model: Any,
     tokens: Tensor,
     mask: Tensor | None,
@@ -167,12 +186,12 @@ def _ouro_call(
     exit: str,
     threshold: float | None,
 ) -> tuple[Tensor, Tensor]:
-    """Last-position logits (B, V) and the loop they came from (B,) of a cached call."""
+    """Ouro's forward pass over the new tokens (B, n): last-position logits (B, V) and
+    the loop they came from (B,)."""
     ctx = model._context(*tokens.shape, tokens, mask, cache)
     x = model._inject(tokens, ctx)
     states: list[Tensor] = []
     model._cached_loops(x, x, ctx, loops, on_state=lambda t, s: states.append(s[:, -1]))
-    cache.advance(tokens.shape[1])
     stacked = torch.stack(states, dim=1)  # (B, T, d): the last position after each loop
     batch = tokens.shape[0]
     if exit == "last":
@@ -185,6 +204,36 @@ def _ouro_call(
     return model.head(stacked[torch.arange(batch, device=tokens.device), index]), index + 1
 
 
+def _ouro_call(
+    model: Any,
+    tokens: Tensor,
+    mask: Tensor | None,
+    cache: KVCache,
+    loops: int,
+    exit: str,
+    threshold: float | None,
+    step: Any = _ouro_step,
+) -> tuple[Tensor, Tensor]:
+    """A cached call of Ouro: :func:`_ouro_step` (or its compiled ``step``) between
+    ``cache.reserve`` and ``cache.advance``."""
+    cache.reserve(tokens.shape[1])
+    out = step(model, tokens, mask, cache, loops, exit, threshold)
+    cache.advance(tokens.shape[1])
+    return out
+
+
+def _huginn_step(
+    model: Any, tokens: Tensor, mask: Tensor | None, cache: KVCache, loops: int, z0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Huginn's forward pass over the new tokens (B, n) from the initial state ``z0``
+    (B, n, d), every step run: last-position logits (B, V) and steps run (B,)."""
+    ctx = model._context(*tokens.shape, tokens, mask, cache)
+    x = model._inject(tokens, ctx)
+    z = model._cached_loops(z0, x, ctx, loops)
+    used = torch.full((tokens.shape[0],), loops, device=tokens.device)
+    return model._readout(z, ctx)[:, -1], used
+
+
 def _huginn_call(
     model: Any,
     tokens: Tensor,
@@ -194,22 +243,29 @@ def _huginn_call(
     criterion: ExitCriterion,
     init_scale: float | None,
     generator: torch.Generator | None,
+    step: Any = _huginn_step,
 ) -> tuple[Tensor, Tensor]:
     """Last-position logits (B, V) and steps run (B,) of a cached call.
 
-    A prefill (several tokens) runs every step; one new token per row may exit early.
+    A prefill (several tokens) runs every step; one new token per row may exit early
+    (host-side: the batch stops looping once every row exited). The initial state is
+    drawn here, outside ``step``: a compiled step then holds no random draw (which
+    ``torch.compile`` cannot capture with a generator) and draws the same numbers.
     """
-    ctx = model._context(*tokens.shape, tokens, mask, cache)
-    x = model._inject(tokens, ctx)
-    z = model._initial_state(x, ctx, init_scale, generator)
-    batch = tokens.shape[0]
-    if criterion.name == "none" or tokens.shape[1] > 1:
-        z = model._cached_loops(z, x, ctx, loops)
-        used = torch.full((batch,), loops, device=tokens.device)
+    n = tokens.shape[1]
+    d = model._embedding().weight.shape[1]
+    like = model._embedding().weight.new_empty(*tokens.shape, d)
+    plain = model._context(*tokens.shape, tokens, mask)  # no cache: padding only
+    z0 = model._initial_state(like, plain, init_scale, generator)
+    cache.reserve(n)
+    if criterion.name == "none" or n > 1:
+        logits, used = step(model, tokens, mask, cache, loops, z0)
     else:
-        z, used = _adaptive_loop(model, z, x, ctx, loops, criterion)
-    logits = model._readout(z, ctx)[:, -1]
-    cache.advance(tokens.shape[1])
+        ctx = model._context(*tokens.shape, tokens, mask, cache)
+        x = model._inject(tokens, ctx)
+        z, used = _adaptive_loop(model, z0, x, ctx, loops, criterion)
+        logits = model._readout(z, ctx)[:, -1]
+    cache.advance(n)
     return logits, used
 
 
@@ -237,6 +293,63 @@ def _adaptive_loop(
                     ctx.cache.copy_rows((s, j), (s - 1, j), everyone, ctx.n_new)
             break
     return z, used
+
+
+# ------------------------------------------------------------------- compilation
+
+COMPILE_OPTIONS = ("backend", "mode", "options", "dynamic")
+"""Keys of a ``compile`` dict of :func:`generate`, passed on to ``torch.compile``."""
+
+
+def _compiled_step(
+    model: Any,
+    compile: Any,
+    is_huginn: bool,
+    use_cache: bool,
+    criterion: ExitCriterion | None,
+) -> Any:
+    """The decode step (:func:`_ouro_step` or :func:`_huginn_step`) compiled as
+    ``compile`` asks, or ``None`` for eager decoding.
+
+    ``compile=True`` uses ``torch.compile``'s defaults, with ``mode="reduce-overhead"``
+    (CUDA graphs) on CUDA; a dict sets the :data:`COMPILE_OPTIONS`. The step is compiled
+    with ``fullgraph=True``: one graph per cache capacity, or an error, never a silent
+    split.
+    """
+    if compile is False:
+        return None
+    if compile is True:
+        options: dict[str, Any] = {}
+    elif isinstance(compile, dict):
+        unknown = sorted(set(compile) - set(COMPILE_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"compile options {unknown} are not supported; use keys from {COMPILE_OPTIONS} "
+                "(passed on to torch.compile)"
+            )
+        options = dict(compile)
+    else:
+        raise TypeError(
+            f"compile must be True, False or a dict of torch.compile options, got "
+            f"{type(compile).__name__}"
+        )
+    if not use_cache:
+        raise ValueError("compile compiles the cached decode step: it needs use_cache=True")
+    if criterion is not None and criterion.name != "none":
+        raise ValueError(
+            f"compile does not apply to Huginn's exit={criterion.name!r}: the loop decides on "
+            "the host after every step whether to go on; use exit='none' to compile"
+        )
+    if model._embedding().weight.device.type == "cuda" and not {"mode", "backend"} & set(options):
+        options["mode"] = "reduce-overhead"
+    compiled = torch.compile(_huginn_step if is_huginn else _ouro_step, fullgraph=True, **options)
+
+    def step(*args: Any) -> tuple[Tensor, Tensor]:
+        torch.compiler.cudagraph_mark_step_begin()  # a new token: last outputs may be reused
+        logits, used = compiled(*args)
+        return logits.clone(), used.clone()  # CUDA graphs overwrite outputs on the next replay
+
+    return step
 
 
 # ------------------------------------------------------------------------ sampling
@@ -271,17 +384,25 @@ def _next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_finite(logits: Tensor, finished: Tensor, step: int) -> None:
-    """Refuse non-finite logits (B, V) of rows still generating (one host read per token).
+def _check_finite(broken: list[Tensor], first: int) -> None:
+    """Refuse non-finite logits of rows still generating (one host read for all steps).
 
     NaN logits would otherwise decode silently as token 0 (the argmax of NaNs) or stop
     sampling with an unrelated error.
+
+    Args:
+        broken: (B,) bool per step since the last check: rows whose logits were not
+            finite while still generating.
+        first: the index of the new token of ``broken[0]``.
     """
-    broken = ~torch.isfinite(logits).all(dim=-1) & ~finished
-    if bool(broken.any()):
-        rows = broken.nonzero().flatten().tolist()
+    if not broken:
+        return
+    flags = torch.stack(broken)  # (k, B)
+    if bool(flags.any()):
+        step = int(flags.any(dim=1).int().argmax())
+        rows = flags[step].nonzero().flatten().tolist()
         raise ValueError(
-            f"generate: the logits of new token {step} are not finite (NaN or inf) in "
+            f"generate: the logits of new token {first + step} are not finite (NaN or inf) in "
             f"batch rows {rows}: the weights or the looped state overflowed or hold NaN "
             "(check the checkpoint, load it in float32, or run fewer loops)"
         )
@@ -336,6 +457,7 @@ def generate(
     init_scale: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    compile: bool | dict[str, Any] = False,
     return_dict: bool = False,
 ) -> Tensor | GenerateOutput:
     """Generate up to ``max_new_tokens`` tokens per row (see the module docstring).
@@ -363,6 +485,15 @@ def generate(
             reference the cache is tested against; not with a Huginn exit criterion,
             and equal to the cached result for Huginn only with ``init_scale=0``, since
             a recompute draws new random initial states for every position).
+        compile: compile the one-token decode step with ``torch.compile`` (the prompt
+            runs eagerly): ``True`` for the defaults (``mode="reduce-overhead"``, i.e.
+            CUDA graphs, on CUDA), or a dict of :data:`COMPILE_OPTIONS` (e.g.
+            ``{"backend": "aot_eager"}``). One graph serves every token until the KV cache
+            grows (see :class:`~eqloop.pretrained.layers.KVCache`); the stop ids and
+            the finiteness of the logits are then read on the host every
+            :data:`HOST_CHECK_EVERY` tokens instead of every token (the tokens generated
+            past a stop are dropped, so the result is the same). Not with
+            ``use_cache=False`` or a Huginn exit criterion.
         return_dict: return a :class:`GenerateOutput` instead of the sequences.
 
     Returns:
@@ -410,11 +541,20 @@ def generate(
         ouro_exit = "last" if exit is None else exit
         threshold = model._exit_threshold(ouro_exit, exit_threshold)
 
-    sequences = input_ids
-    full_mask = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.dtype)
+    step_fn = _compiled_step(model, compile, is_huginn, use_cache, criterion if is_huginn else None)
+    # Host reads (stop ids, finite logits) every `every` tokens: each token eagerly, and
+    # every HOST_CHECK_EVERY tokens when compiled, so a compiled decode loop queues its
+    # steps without waiting for the device; the tokens past a stop are then dropped.
+    every = 1 if step_fn is None else HOST_CHECK_EVERY
+    prompt_mask = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.dtype)
+    stop_ids = torch.tensor(stops, dtype=input_ids.dtype, device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    loops_used: list[Tensor] = []
-    step_logits: list[Tensor] = []
+    new_tokens: list[Tensor] = []  # (B,) per step, concatenated once at the end
+    new_masks: list[Tensor] = []  # (B,) 1 while the row had not stopped
+    loops_used: list[Tensor] = []  # (B,) per step
+    step_logits: list[Tensor] = []  # (B, V) per step
+    broken: list[Tensor] = []  # (B,) per step: non-finite logits in a row still generating
+    all_done: list[Tensor] = []  # () per step: every row has stopped after it
     # Room for the prompt and CACHE_RESERVE new tokens; the cache doubles from there as
     # tokens arrive (up to prompt + max_new_tokens), so a large max_new_tokens costs
     # nothing until the tokens are generated.
@@ -430,27 +570,29 @@ def generate(
     step_tokens, step_mask = input_ids, mask
     with torch.no_grad():
         for step in range(max_new_tokens):
-            if use_cache:
-                if is_huginn:
-                    logits, used = _huginn_call(
-                        model,
-                        step_tokens,
-                        step_mask,
-                        cache,
-                        loops,
-                        criterion,
-                        init_scale,
-                        generator,
-                    )
-                else:
-                    logits, used = _ouro_call(
-                        model, step_tokens, step_mask, cache, loops, ouro_exit, threshold
-                    )
+            # The prompt (step 0) runs eagerly: only the one-token decode step is compiled.
+            decode = {} if step_fn is None or step == 0 else {"step": step_fn}
+            if use_cache and is_huginn:
+                logits, used = _huginn_call(
+                    model,
+                    step_tokens,
+                    step_mask,
+                    cache,
+                    loops,
+                    criterion,
+                    init_scale,
+                    generator,
+                    **decode,
+                )
+            elif use_cache:
+                logits, used = _ouro_call(
+                    model, step_tokens, step_mask, cache, loops, ouro_exit, threshold, **decode
+                )
             else:
                 logits, used = _recompute(
                     model,
-                    sequences,
-                    full_mask if mask is not None else None,
+                    torch.cat([input_ids, *(t[:, None] for t in new_tokens)], dim=1),
+                    None if mask is None else torch.cat([mask, *new_masks], dim=1).bool(),
                     loops,
                     None if is_huginn else ouro_exit,
                     None if is_huginn else threshold,
@@ -458,21 +600,32 @@ def generate(
                     generator,
                 )
             logits = logits.float()
-            _check_finite(logits[:, :usable], finished, step)
+            nonfinite = ~torch.isfinite(logits[:, :usable]).all(dim=-1)  # (B,)
+            broken.append(nonfinite & ~finished)
             if usable < logits.shape[-1]:
                 logits[:, usable:] = float("-inf")
             step_logits.append(logits)
-            token = _next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            # Rows with NaN logits pick from zeros, so sampling goes on to the host check
+            # below, which refuses them (finished rows are padded anyway).
+            choose = torch.where(nonfinite[:, None], torch.zeros_like(logits), logits)
+            token = _next_token(choose, do_sample, temperature, top_k, top_p, generator)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             loops_used.append(torch.where(finished, torch.zeros_like(used), used))
-            new_mask = (~finished).to(full_mask.dtype)[:, None]
-            sequences = torch.cat((sequences, token[:, None]), dim=1)
-            full_mask = torch.cat((full_mask, new_mask), dim=1)
+            new_masks.append((~finished).to(prompt_mask.dtype)[:, None])
+            new_tokens.append(token)
             if stops:
-                finished = finished | torch.isin(token, torch.tensor(stops, device=token.device))
-                if bool(finished.all()):
+                finished = finished | torch.isin(token, stop_ids)
+                all_done.append(finished.all())
+            if (step + 1) % every == 0 or step + 1 == max_new_tokens:
+                _check_finite(broken, step + 1 - len(broken))
+                broken = []
+                if stops and bool(all_done[-1]):
                     break
             step_tokens, step_mask = token[:, None], None
+    if all_done and bool(all_done[-1]):  # drop the steps after every row had stopped
+        keep = int(torch.stack(all_done).int().argmax()) + 1
+        del new_tokens[keep:], new_masks[keep:], loops_used[keep:], step_logits[keep:]
+    sequences = torch.cat([input_ids, *(t[:, None] for t in new_tokens)], dim=1)
     used_all = (
         torch.stack(loops_used, dim=1)
         if loops_used
@@ -487,7 +640,7 @@ def generate(
         )
         return GenerateOutput(
             sequences=sequences,
-            attention_mask=full_mask,
+            attention_mask=torch.cat([prompt_mask, *new_masks], dim=1),
             loops_used=used_all,
             finished=finished,
             logits=logits_all,

@@ -1,7 +1,7 @@
 """Building blocks shared by the pretrained architectures: norms, rotary, attention, masks.
 
-Shapes: B batch, S query positions, K key positions (cached + new), H query heads, G
-key/value heads, e head width, d model width.
+Shapes: B batch, S query positions, K key positions (the new ones; with a KV cache its
+whole capacity), H query heads, G key/value heads, e head width, d model width.
 
 A :class:`Context` carries what every attention layer of one forward call needs and
 what does not change from layer to layer or loop to loop: the rotary angles of the
@@ -115,12 +115,23 @@ class KVCache:
 
     A slot is named by any hashable key; the models use ``(loop, layer)`` for the looped
     layers (Ouro: ``L x T`` slots) and ``("prelude", i)`` / ``("coda", i)`` for Huginn's
-    blocks outside the loop. Every slot holds the same positions: a forward call writes
-    its ``n`` new tokens at ``[length, length + n)`` of each slot it runs, then
-    :meth:`advance` moves ``length`` on. Storage is preallocated with room for
-    ``capacity`` tokens and doubles when it runs out (at most to ``max_length``), so
-    the buffers keep one shape for many tokens and memory follows the tokens actually
-    written rather than an upper bound such as ``max_new_tokens``.
+    blocks outside the loop. Every slot holds the same positions.
+
+    The layout follows Hugging Face's ``StaticCache``, so that a compiled decode step is
+    one graph (and on CUDA one CUDA graph): every slot is a full-capacity buffer
+    (B, G, capacity, e) at a fixed address, a call writes its ``n`` new tokens with
+    ``index_copy_`` at the positions ``index + [0, n)`` held in a *tensor* (``index``,
+    never read on the host inside a call), and attention reads the whole buffer under a
+    mask that hides the unwritten positions. The host-side protocol of one forward call::
+
+        cache.reserve(n)     # host: grow the buffers if n more tokens do not fit
+        model call           # make_context -> start_call(valid); layers -> update(...)
+        cache.advance(n)     # host: commit the n tokens (length and index move on)
+
+    Storage starts with room for ``capacity`` tokens and doubles when it runs out (at
+    most to ``max_length``), so the buffers keep one shape for many tokens (one compiled
+    graph per capacity) and memory follows the tokens actually written rather than an
+    upper bound such as ``max_new_tokens``.
 
     Args:
         batch: sequences B.
@@ -133,7 +144,9 @@ class KVCache:
         self.batch = batch
         self.max_length = max_length
         self.capacity = max(1, capacity)
-        self.length = 0
+        self.length = 0  # host copy of ``index``, for growth and host-side bookkeeping
+        self.index: Tensor | None = None  # (1,) int64: where the next call writes
+        self.window: Tensor | None = None  # (n,) int64: the positions this call writes
         self.key_mask: Tensor | None = None  # (B, capacity) bool: real (not padded) keys
         self.padded = False  # some call passed an attention mask
         self._slots: dict[Hashable, tuple[Tensor, Tensor]] = {}
@@ -145,9 +158,11 @@ class KVCache:
         """Names of the slots written so far."""
         return list(self._slots)
 
-    def _grow(self, needed: int) -> None:
-        """Make room for ``needed`` tokens: double the capacity (copying every slot) until
-        it fits, capped at ``max_length`` when that still fits."""
+    def reserve(self, n: int) -> None:
+        """Host side, before a call of ``n`` new tokens: make room for them by doubling
+        the capacity (copying every slot) until they fit, capped at ``max_length`` when
+        that still fits. A compiled decode step sees new buffer shapes only here."""
+        needed = self.length + n
         if needed <= self.capacity:
             return
         capacity = self.capacity
@@ -160,51 +175,56 @@ class KVCache:
         if self.key_mask is not None:
             mask = self.key_mask.new_zeros(self.batch, capacity)
             mask[:, : self.capacity] = self.key_mask
-            self.key_mask = mask
+            self.key_mask = _static(mask)
         self.capacity = capacity
 
-    def add_key_mask(self, valid: Tensor, *, explicit: bool) -> None:
-        """Record which of the next ``n`` tokens are real.
+    def start_call(self, valid: Tensor, *, explicit: bool) -> Tensor:
+        """Record which of the call's ``n`` new tokens are real; return where they go.
 
         Args:
             valid: (B, n) bool.
             explicit: the mask came from the caller (padding possible); once one has,
                 every later call builds explicit attention masks.
+
+        Returns:
+            (n,) int64, the cache positions ``index + [0, n)`` of the new tokens (also
+            kept as :attr:`window` for :meth:`update`).
         """
         self.padded = self.padded or explicit
-        self._grow(self.length + valid.shape[1])
-        if self.key_mask is None:
-            self.key_mask = torch.zeros(
-                self.batch, self.capacity, dtype=torch.bool, device=valid.device
+        if self.key_mask is None:  # the first call: allocate on the tokens' device
+            self.key_mask = _static(
+                torch.zeros(self.batch, self.capacity, dtype=torch.bool, device=valid.device)
             )
-        self.key_mask[:, self.length : self.length + valid.shape[1]] = valid
+            self.index = _static(torch.zeros(1, dtype=torch.int64, device=valid.device))
+        self.window = self.index + torch.arange(valid.shape[1], device=valid.device)
+        self.key_mask.index_copy_(1, self.window, valid)
+        return self.window
 
     def update(self, name: Hashable, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write the new tokens' keys/values into slot ``name``; return the slot so far.
+        """Write the new tokens' keys/values into slot ``name``; return the whole slot.
 
         Args:
             name: the slot.
             k, v: (B, G, n, e) of the n new tokens.
 
         Returns:
-            keys and values (B, G, length + n, e), views into the storage.
+            keys and values (B, G, capacity, e), the storage itself: positions past the
+            new tokens hold zeros or stale values, which the context's masks hide.
         """
-        n = k.shape[2]
-        self._grow(self.length + n)
         if name not in self._slots:
             shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
-            self._slots[name] = (k.new_zeros(shape), v.new_zeros(shape))
+            self._slots[name] = (_static(k.new_zeros(shape)), _static(v.new_zeros(shape)))
         keys, values = self._slots[name]
-        end = self.length + n
-        keys[:, :, self.length : end] = k
-        values[:, :, self.length : end] = v
-        return keys[:, :, :end], values[:, :, :end]
+        keys.index_copy_(2, self.window, k)
+        values.index_copy_(2, self.window, v)
+        return keys, values
 
     def copy_rows(self, dst: Hashable, src: Hashable, rows: Tensor, n: int) -> None:
         """Overwrite the newest ``n`` tokens of slot ``dst`` with ``src`` where ``rows``.
 
         Used when a token exits the loop early: the slots of the loops it skipped get
         the keys/values of its last computed loop (upstream Huginn's "latest" lookup).
+        Host side (it slices at ``length``); not part of a compiled step.
 
         Args:
             dst, src: slot names; ``src`` must hold the newest tokens already.
@@ -214,7 +234,7 @@ class KVCache:
         end = self.length + n
         src_k, src_v = self._slots[src]
         if dst not in self._slots:
-            self._slots[dst] = (src_k.clone(), src_v.clone())
+            self._slots[dst] = (_static(src_k.clone()), _static(src_v.clone()))
             return
         dst_k, dst_v = self._slots[dst]
         pick = rows[:, None, None, None]
@@ -223,8 +243,10 @@ class KVCache:
         dst_v[:, :, window] = torch.where(pick, src_v[:, :, window], dst_v[:, :, window])
 
     def advance(self, n: int) -> None:
-        """Commit the ``n`` tokens the last forward call wrote."""
+        """Host side: commit the ``n`` tokens the last forward call wrote."""
         self.length += n
+        if self.index is not None:
+            self.index.add_(n)  # in place: the tensor keeps its (static) address
 
     def nbytes(self) -> int:
         """Bytes held by keys and values (preallocated capacity included)."""
@@ -232,9 +254,17 @@ class KVCache:
 
 
 def _widen(t: Tensor, capacity: int) -> Tensor:
+    """(B, G, K, e) -> (B, G, capacity, e): the old positions copied, zeros after, static."""
     out = t.new_zeros(*t.shape[:2], capacity, t.shape[3])
     out[:, :, : t.shape[2]] = t
-    return out
+    return _static(out)
+
+
+def _static(t: Tensor) -> Tensor:
+    """Mark a cache buffer as living at a fixed address, so a compiled step under CUDA
+    graphs (``mode="reduce-overhead"``) updates it in place instead of copying it."""
+    torch._dynamo.mark_static_address(t)
+    return t
 
 
 # -------------------------------------------------------------------------- context
@@ -289,39 +319,42 @@ def make_context(
         device, dtype: of the state.
         attention_mask: (B, S) for the new tokens (1 real, 0 padding); with a cache the
             earlier tokens' mask is the cache's. ``None``: every new token is real.
-        cache: KV cache; its ``length`` tokens come before the new ones.
+        cache: KV cache; the new tokens go at its ``index``, after the cached ones, and
+            the masks span its whole capacity (K = capacity).
         sliding_window: w for the "sliding_attention" mask (query i sees keys j with
             i - w < j <= i), or ``None`` when no layer uses one.
     """
-    past = 0 if cache is None else cache.length
     if attention_mask is not None:
         new_valid = attention_mask.to(device=device, dtype=torch.bool)
     else:
         new_valid = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
     if cache is not None:
-        cache.add_key_mask(new_valid, explicit=attention_mask is not None)
-        key_valid = cache.key_mask[:, : past + seq_len]
+        # Positions come from the cache's index tensor, never from its host-side length,
+        # and keys span its whole capacity: a compiled decode step keeps one graph.
+        query_index = cache.start_call(new_valid, explicit=attention_mask is not None)
+        key_valid = cache.key_mask
         padded = cache.padded
     else:
+        query_index = torch.arange(seq_len, device=device)
         key_valid = new_valid
         padded = attention_mask is not None
     # The rotary position of a token is the number of real tokens before it.
     if padded:
-        positions = (key_valid.long().cumsum(dim=1) - 1).clamp_min(0)[:, past:]
+        positions = (key_valid.long().cumsum(dim=1) - 1).clamp_min(0)[:, query_index]
     else:
-        positions = torch.arange(past, past + seq_len, device=device)[None]
+        positions = query_index[None]
     cos, sin = rotary_angles(positions, head_dim, rope_base)
 
-    query_index = torch.arange(past, past + seq_len, device=device)[:, None]
-    key_index = torch.arange(past + seq_len, device=device)[None, :]
-    causal = key_index <= query_index  # (S, K)
+    query_index = query_index[:, None]
+    key_index = torch.arange(key_valid.shape[1], device=device)[None, :]
+    causal = key_index <= query_index  # (S, K); with a cache it hides unwritten positions
     full: Tensor | None = None  # None: SDPA's own causal mask (no cache, no padding)
     if padded:
         allowed = causal[None] & key_valid[:, None, :]
         full = (allowed | (key_index == query_index)[None])[
             :, None
         ]  # padded queries see themselves
-    elif past > 0:
+    elif cache is not None:
         full = causal[None, None]
     masks: dict[str, Tensor | None] = {"full_attention": full}
     if sliding_window is not None:
