@@ -106,6 +106,7 @@ from eqloop.training.run_dir import (  # re-exported: they were defined here
     changed_fields,
     read_metrics,
 )
+from eqloop.training.step_stats import PendingSteps
 
 __all__ = [
     "MetricsLog",
@@ -133,7 +134,7 @@ OnEval = Callable[[int, dict[str, Any]], None]
 # Options a resumed run may change; every other field must match the checkpoint's config.
 _RESUME_MAY_CHANGE = frozenset(
     {"steps", "eval_every", "eval_loops", "n_test", "checkpoint_every", "out_dir", "resume",
-     "overwrite", "device", "progress", "data_cache_dir"}
+     "overwrite", "device", "progress", "data_cache_dir", "log_every", "compile"}
 )  # fmt: skip
 
 
@@ -260,8 +261,12 @@ def train_step(
     *,
     penalty_on: bool,
     generator: torch.Generator | None = None,
-) -> dict[str, float | None]:
-    """One optimisation step; returns (rank-local) loss statistics.
+) -> dict[str, Tensor | None]:
+    """One optimisation step; returns (rank-local) loss statistics as device tensors.
+
+    Nothing is read from the device (no ``.item()``): the caller decides when to read
+    the statistics (the training loop every ``log_every`` steps, see
+    :mod:`eqloop.training.step_stats`).
 
     Args:
         net: the model to run forward (the DDP wrapper, or ``model`` itself).
@@ -275,8 +280,9 @@ def train_step(
         generator: random start vectors of the penalty.
 
     Returns:
-        ``loss``, ``ce``, ``penalty`` and ``rho`` (the penalty's mean one-step estimate
-        ``||v^T J||``; None when the penalty is off) and the pre-clipping ``grad_norm``.
+        0-d detached tensors: ``loss``, ``ce``, ``penalty`` and ``rho`` (the penalty's
+        mean one-step estimate ``||v^T J||``; None when the penalty is off) and the
+        pre-clipping ``grad_norm``.
     """
     logits, info = _forward(net, inputs, loops, config)
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
@@ -294,17 +300,17 @@ def train_step(
             return_details=True,
         )
         loss = (1 - config.lam) * ce + config.lam * result.penalty
-        penalty, rho = float(result.penalty.detach()), float(result.rho.mean())
+        penalty, rho = result.penalty.detach(), result.rho.detach().mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
     optimizer.step()
     return {
-        "loss": float(loss.detach()),
-        "ce": float(ce.detach()),
+        "loss": loss.detach(),
+        "ce": ce.detach(),
         "penalty": penalty,
         "rho": rho,
-        "grad_norm": float(grad_norm),
+        "grad_norm": grad_norm.detach(),
     }
 
 
@@ -357,21 +363,6 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig, source: Path) ->
         source: the checkpoint, named in the message.
     """
     run_dir.check_resumable(saved, config.to_dict(), _RESUME_MAY_CHANGE, source)
-
-
-def _average_over_ranks(
-    stats: dict[str, float | None], stop: int, env: RunEnv
-) -> tuple[dict[str, float | None], int]:
-    """Mean of each statistic over the ranks (None stays None: it is None on every rank),
-    and the largest ``stop`` signal number of any rank, in one all-reduce."""
-    keys = [k for k, v in stats.items() if v is not None]
-    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=env.device)
-    flags = torch.zeros(env.world, dtype=torch.float64, device=env.device)
-    flags[env.rank] = stop
-    values = torch.cat((values, flags))
-    dist.all_reduce(values)
-    means = (values[: len(keys)] / env.world).tolist()
-    return {**stats, **dict(zip(keys, means, strict=True))}, int(values[len(keys) :].max())
 
 
 # -------------------------------------------------------------------------------- train
@@ -569,6 +560,21 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
             checkpoint, saved_step = state.save(out_dir, config), state.step
         return checkpoint
 
+    pending = PendingSteps(env.device, env.world)
+
+    def read(signum: int) -> int:
+        """Log the pending steps, stop at a non-finite one; the largest signal of any rank."""
+        records, stop = pending.read(signum)
+        for record in records:
+            if log is not None:
+                log.write(record)
+            run_dir.check_finite(record, record["step"], out_dir)  # before anything is saved
+        if records:
+            last = records[-1]
+            state.last_train = {k: v for k, v in last.items() if k not in ("step", "time")}
+            bar.set_postfix(ce=f"{last['ce']:.3f}", loops=last["loops"], refresh=False)
+        return stop
+
     try:
         with run_dir.stop_signals() as received:
             for step in range(state.step, config.steps):
@@ -594,40 +600,48 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
                     generator=generator,
                 )
                 state.scheduler.step()
-                stop = received[0]
-                if env.world > 1:
-                    stats, stop = _average_over_ranks(stats, stop, env)
                 state.step = step + 1
                 state.train_time += time.perf_counter() - start
-                state.last_train = {**stats, "loops": loops, "lr": lr}
-                if log is not None:
-                    log.write({"step": state.step, **state.last_train, "time": state.train_time})
-                run_dir.check_finite(stats, state.step, out_dir)  # before anything is saved
+                pending.add(state.step, stats, {"loops": loops, "lr": lr, "time": state.train_time})
                 bar.update(1)
-                bar.set_postfix(ce=f"{stats['ce']:.3f}", loops=loops, refresh=False)
 
-                if (config.eval_every and state.step % config.eval_every == 0) or (
+                evaluate = (config.eval_every and state.step % config.eval_every == 0) or (
                     state.step == config.steps
+                )
+                checkpoint_due = (
+                    config.checkpoint_every and state.step % config.checkpoint_every == 0
+                ) or state.step == config.steps
+                # Read the statistics every log_every steps and before anything uses them
+                # (alone, also when a signal arrived; ranks read at the same steps only).
+                stop = 0
+                if (
+                    evaluate
+                    or checkpoint_due
+                    or state.step % config.log_every == 0
+                    or (env.world == 1 and received[0])
                 ):
+                    stop = read(received[0])
+                if evaluate:
                     state.last_eval = _evaluate(state, test, config, env)
                     if log is not None:
                         log.write({"event": "eval", **state.last_eval})
                     bar.set_postfix(
-                        ce=f"{stats['ce']:.3f}", acc=f"{state.last_eval['mean_accuracy']:.3f}"
+                        ce=f"{state.last_train['ce']:.3f}",
+                        acc=f"{state.last_eval['mean_accuracy']:.3f}",
                     )
                     if on_eval is not None:
                         try:
                             on_eval(state.step, state.last_eval)
                         except BaseException:
-                            save()
+                            save()  # the steps were read before the evaluation
                             raise
-                if (config.checkpoint_every and state.step % config.checkpoint_every == 0) or (
-                    state.step == config.steps
-                ):
+                if checkpoint_due:
                     save()
-                if env.world == 1:  # ranks agree on the value reduced above; alone, read it now
+                if env.world == 1:  # alone, a signal during the evaluation counts as well
                     stop = received[0]
                 if stop and state.step < config.steps:
+                    if len(pending):  # alone, a signal after the read above
+                        read(0)
                     raise TrainingInterrupted(state.step, save(), stop)
     finally:
         bar.close()

@@ -31,6 +31,7 @@ from eqloop.train import (
     train,
     train_step,
 )
+from eqloop.training.step_stats import PendingSteps
 
 MODEL = dict(vocab_size=19, d_model=32, n_heads=2, d_ff=64, max_seq_len=16)
 
@@ -400,6 +401,68 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(
     assert f"the last finite checkpoint is {ckpt.path}" in str(stop.value)
     assert all(torch.isfinite(w).all() for w in ckpt.weights.values())
     assert sorted(p.name for p in ckpt.path.parent.iterdir()) == ["latest", "step_00000001"]
+
+
+def test_step_statistics_are_read_every_log_every_steps_with_the_same_values(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 22 row 5: the step returns device tensors; the loop reads them every log_every
+    # steps (and before an evaluation or checkpoint), and metrics.jsonl is unchanged.
+    config = tiny_config(tmp_path, cache, steps=8, eval_every=0, penalty_start=2, log_every=1)
+    stats = train_step(*_one_step_args(config), penalty_on=True)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in stats.values())
+    train(config)
+    every_step = read_jsonl(Path(config.out_dir) / "metrics.jsonl")
+
+    reads: list[int] = []
+    original = PendingSteps.read
+
+    def counted(self: PendingSteps, signum: int = 0) -> Any:
+        reads.append(len(self))
+        return original(self, signum)
+
+    monkeypatch.setattr(PendingSteps, "read", counted)
+    spaced = dataclasses.replace(config, out_dir=str(tmp_path / "spaced"), log_every=3)
+    result = train(spaced)
+    assert reads == [3, 3, 2]  # steps 3, 6 and the end (8)
+    records = read_jsonl(Path(spaced.out_dir) / "metrics.jsonl")
+
+    def untimed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if "time" not in k} for r in records]
+
+    assert untimed(records) == untimed(every_step)  # the final evaluation too
+    records = [r for r in records if "event" not in r]
+    assert records[2]["penalty"] is not None and records[0]["penalty"] is None
+    assert result["train"] == {k: v for k, v in records[-1].items() if k not in ("step", "time")}
+
+
+def _one_step_args(config: TrainConfig) -> tuple[Any, ...]:
+    """Model, optimizer and a batch for one train_step call (3 loops)."""
+    from eqloop.model import LoopLM
+    from eqloop.train import _optimizer, make_train_tensors
+
+    torch.manual_seed(0)
+    model = LoopLM(config.model)
+    x, y = make_train_tensors(config)
+    return model, model, _optimizer(model, config), x[:8], y[:8], 3, config
+
+
+def test_a_non_finite_loss_between_reads_is_named_and_nothing_after_it_is_saved(
+    tmp_path: Path, cache: Path
+) -> None:
+    # Issue 22 row 5: with reads every 4 steps the NaN of step 2 is found at step 4; the
+    # run names step 2, logs nothing after it and writes no checkpoint of the bad steps.
+    config = tiny_config(
+        tmp_path, cache, steps=8, lr=1e10, warmup_steps=1, checkpoint_every=4, eval_every=0,
+        log_every=4,
+    )  # fmt: skip
+    with pytest.raises(NonFiniteLoss, match=r"training diverged at step 2 \(loss nan") as stop:
+        train(config)
+    assert stop.value.step == 2 and stop.value.checkpoint is None
+    assert "no checkpoint was written before it" in str(stop.value)
+    assert not (Path(config.out_dir) / "checkpoints").exists()
+    records = read_jsonl(Path(config.out_dir) / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2] and math.isnan(records[1]["loss"])
 
 
 def test_penalty_start_is_a_fraction_of_training_by_default(tmp_path: Path, cache: Path) -> None:
