@@ -16,6 +16,7 @@ _EXPORTS: dict[str, str] = {
     "LoopLM": "eqloop.model",
     "LoopLMConfig": "eqloop.model",
     "LoopedLM": "eqloop.looped",
+    "compile_model": "eqloop.compiling",
     # differentiable fixed points and their backward modes
     "fixed_point": "eqloop.implicit",
     "IFT": "eqloop.backward",

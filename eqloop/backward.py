@@ -419,7 +419,7 @@ def make_backward(backward: str | Backward, **options: Any) -> Backward:
             f"eqloop.IFT(max_iter=50)), got {backward!r}"
         )
     mode = BACKWARDS[backward]
-    valid = [f.name for f in fields(mode)]
+    valid = [f.name for f in fields(mode)] if options else []  # no fields() while tracing
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise TypeError(

@@ -39,7 +39,22 @@ from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_STOP_MODE, EQUILIB
 from eqloop.implicit import fixed_point
 from solvers import FixedPointIteration, Solver, SolveResult, checks
 
-__all__ = ["CoreMap", "LoopInfo", "LoopedLM"]
+__all__ = ["CoreMap", "LoopInfo", "LoopedLM", "all_true"]
+
+
+def all_true(ok: Tensor, message: str) -> bool:
+    """Whether every element of the bool tensor ``ok`` is True, for value checks of inputs.
+
+    Eager: one host read; the caller raises its own error (which may read the offending
+    values). While ``torch.compile`` traces, a host read would split the graph, so the
+    check goes into the graph as a device-side assert instead (``torch._assert_async``,
+    which raises ``RuntimeError(message)`` when the compiled code runs on bad values)
+    and this returns True.
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), message)
+        return True
+    return bool(ok.all())
 
 
 @dataclass(frozen=True)
@@ -330,7 +345,8 @@ class LoopedLM(nn.Module, abc.ABC):
 
         Args:
             tokens: what the caller passed as token ids.
-            vocab_size: ids must lie in ``[0, vocab_size)`` (one host read per call).
+            vocab_size: ids must lie in ``[0, vocab_size)`` (one host read per call in
+                eager, a device-side assert under ``torch.compile``: see :func:`all_true`).
             max_seq_len: the longest sequence the model accepts; ``None`` for no limit.
         """
         if not isinstance(tokens, Tensor):
@@ -344,7 +360,10 @@ class LoopedLM(nn.Module, abc.ABC):
             )
         if max_seq_len is not None and tokens.shape[1] > max_seq_len:
             raise ValueError(f"tokens has seq_len {tokens.shape[1]} > max_seq_len {max_seq_len}")
-        if tokens.numel() and bool(((tokens < 0) | (tokens >= vocab_size)).any()):
+        in_range = (tokens >= 0) & (tokens < vocab_size)
+        if tokens.numel() and not all_true(
+            in_range, f"tokens must lie in [0, vocab_size={vocab_size})"
+        ):
             raise ValueError(
                 f"tokens must lie in [0, vocab_size={vocab_size}), got values in "
                 f"[{int(tokens.min())}, {int(tokens.max())}]"

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from eqloop.looped import CoreMap, LoopedLM, LoopInfo
+from eqloop.looped import CoreMap, LoopedLM, LoopInfo, all_true
 from eqloop.pretrained.config import HuginnConfig, OuroConfig
 from eqloop.pretrained.layers import Context, KVCache, make_context
 from solvers import checks
@@ -181,7 +181,7 @@ class PretrainedLoopedLM(LoopedLM):
             return attention_mask
         if not attention_mask.is_meta:  # meta tensors have no values to read
             binary = (attention_mask == 0) | (attention_mask == 1)
-            if not bool(binary.all()):
+            if not all_true(binary, "attention_mask must hold only 0/1 (or True/False)"):
                 other = attention_mask[~binary][0].item()
                 raise ValueError(
                     "attention_mask must be 1 (or True) at real tokens and 0 (or False) at "
