@@ -14,14 +14,15 @@ and gives one graph per forward, but one per loop count, since torch unrolls the
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Any, TypeVar
 
 import torch
 
-from eqloop.looped import LoopedLM
+from eqloop.looped import CoreMap, LoopedLM
 
-__all__ = ["compile_model"]
+__all__ = ["compile_model", "eager_map"]
 
 ModelT = TypeVar("ModelT", bound=LoopedLM)
 
@@ -68,3 +69,20 @@ def compile_model(model: ModelT, **compile_kwargs: Any) -> ModelT:
     step = torch.compile(type(model).core_step, **compile_kwargs)
     model.core_step = types.MethodType(step, model)  # type: ignore[method-assign]
     return model
+
+
+def eager_map(model: LoopedLM, f: CoreMap) -> CoreMap:
+    """``f`` (a map of ``model``) with the model's uncompiled step.
+
+    For terms ``torch.compile`` cannot differentiate, such as the STARS penalty's double
+    backward, in a model :func:`compile_model` has compiled. The same map as ``f`` when
+    the model is not compiled.
+
+    Args:
+        model: the model whose ``core_step`` ``f`` applies.
+        f: a map of one batch, from ``model.core_map`` or ``LoopInfo.f``.
+
+    Returns:
+        A :class:`~eqloop.looped.CoreMap` with ``f``'s arguments and the class's step.
+    """
+    return dataclasses.replace(f, step=types.MethodType(type(model).core_step, model))

@@ -86,6 +86,7 @@ from eqloop.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from eqloop.compiling import compile_model, eager_map
 from eqloop.config import TrainConfig, check_device, penalty_start_step
 from eqloop.data import IGNORE_INDEX, CharTokenizer, to_tensors
 from eqloop.defaults import (
@@ -288,9 +289,10 @@ def train_step(
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     loss, penalty, rho = ce, None, None
     if penalty_on:
-        point, start = penalty_point(info.f, info.z, config, generator)
+        f = eager_map(model, info.f)  # the penalty's double backward needs the eager step
+        point, start = penalty_point(f, info.z, config, generator)
         result = jsrr_penalty(
-            info.f,
+            f,
             point,
             product="jvp" if start is not None else "vjp",
             power_steps=config.power_steps,
@@ -440,6 +442,8 @@ def _build(config: TrainConfig, env: RunEnv, ckpt: Checkpoint | None) -> _State:
     state = _State(model, model, optimizer, scheduler, config.make_sampler())
     if ckpt is None and config.init_from is not None:
         model.load_state_dict(initial_weights(config))
+    if config.compile:  # in place, before the DDP wrapper; the penalty stays eager
+        compile_model(model)
     if ckpt is not None:
         saved = ckpt.training_state(map_location=env.device)
         scheduled = saved["scheduler"].get("last_epoch")

@@ -465,6 +465,80 @@ def test_a_non_finite_loss_between_reads_is_named_and_nothing_after_it_is_saved(
     assert [r["step"] for r in records] == [1, 2] and math.isnan(records[1]["loss"])
 
 
+@pytest.mark.parametrize(
+    "backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
+)
+def test_compiled_training_equals_eager(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    # Issue 22 row 7: compile=True (eqloop train --compile) runs the model's step compiled;
+    # the CE and STARS steps (the penalty on the eager step) give the eager results.
+    # aot_eager checks the plumbing in seconds; inductor (slow) is the real compiler.
+    import eqloop.compiling
+    import eqloop.train
+
+    compiled: list[object] = []
+
+    def compile_with(model: Any) -> Any:
+        compiled.append(model)
+        return eqloop.compiling.compile_model(model, backend=backend)
+
+    monkeypatch.setattr(eqloop.train, "compile_model", compile_with)
+    config = tiny_config(tmp_path, cache, steps=4, eval_every=0, penalty_start=2, log_every=2)
+    eager = train(config)
+    fast = train(dataclasses.replace(config, out_dir=str(tmp_path / "compiled"), compile=True))
+    assert len(compiled) == 1  # only the compiled run
+    assert fast["eval"]["accuracy"] == eager["eval"]["accuracy"]
+    for a, b in zip(
+        read_jsonl(Path(config.out_dir) / "metrics.jsonl"),
+        read_jsonl(tmp_path / "compiled" / "metrics.jsonl"),
+        strict=True,
+    ):
+        for key in ("loss", "ce", "penalty", "rho", "grad_norm"):
+            assert a.get(key) == pytest.approx(b.get(key), rel=1e-4), (a, b, key)
+    weights = load_checkpoint(eager["checkpoint"]).weights
+    other = load_checkpoint(fast["checkpoint"]).weights
+    assert all(torch.allclose(weights[k], other[k], atol=1e-5) for k in weights)
+    # compile may change on resume (it changes how, not what, the run computes)
+    more = train(dataclasses.replace(config, steps=5, resume=True, compile=True))
+    assert more["step"] == 5 and len(compiled) == 2
+
+
+def test_compile_flags_of_train_and_eval(
+    tmp_path: Path,
+    finished: TrainConfig,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Issue 22 row 7: eqloop train/finetune --compile (shared flags) and eqloop eval --compile.
+    import eqloop.compiling
+    import eqloop.evaluate
+    from eqloop.cli import main
+
+    assert main(["train", "--compile", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["compile"] is True
+    with pytest.raises(SystemExit) as done:
+        main(["eval", "--pretrained", str(tmp_path), "--compile"])
+    assert done.value.code == 2
+    assert "--compile applies to --checkpoint runs only" in capsys.readouterr().err
+
+    compiled: list[object] = []
+
+    def compile_with(model: Any) -> Any:
+        compiled.append(model)
+        return eqloop.compiling.compile_model(model, backend="aot_eager")
+
+    monkeypatch.setattr(eqloop.evaluate, "compile_model", compile_with)
+    results = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"eval{len(flags)}.json"
+        args = ["eval", "--checkpoint", finished.out_dir, "--loops", "1,2", "--no-diagnostics"]
+        assert main([*args, "--no-progress", "--json", str(out), *flags]) == 0
+        results.append(json.loads(out.read_text())[0])
+    assert len(compiled) == 1
+    assert results[1]["accuracy"] == results[0]["accuracy"]
+
+
 def test_penalty_start_is_a_fraction_of_training_by_default(tmp_path: Path, cache: Path) -> None:
     # Issue 21 row 23: 0.2 of 10 steps -> the penalty is on from the third step.
     assert TrainConfig().penalty_start == 0.2

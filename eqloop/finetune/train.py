@@ -69,6 +69,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from eqloop.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from eqloop.compiling import compile_model, eager_map
 from eqloop.config import penalty_start_step
 from eqloop.data import IGNORE_INDEX
 from eqloop.depth import DepthSampler, make_depth_sampler
@@ -209,6 +210,8 @@ class Objective(nn.Module):
             if rows is not None and rows < inputs.shape[0]:
                 penalty_map, _ = self.model.core_map(inputs[:rows])
                 state = state[:rows]
+            # The penalty's double backward does not run through a compiled step.
+            penalty_map = eager_map(self.model, penalty_map)
             result = jsrr_penalty(
                 penalty_map,
                 state,
@@ -397,6 +400,8 @@ def _build(
         loaded = load_for_finetuning(config.init_from, device=env.device)
     lora_modules = prepare_model(loaded, config)
     loaded.model.to(env.device).train()
+    if config.compile:  # in place, after the adapters and the move; the penalty stays eager
+        compile_model(loaded.model)
     objective = Objective(
         loaded.model,
         lam=config.lam,
