@@ -313,6 +313,32 @@ def test_finetune_reads_step_statistics_every_log_every_steps(
     assert logged == list(range(1, stop.value.step + 1))  # nothing after the bad step
 
 
+def test_compiled_finetuning_equals_eager(
+    files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 22 row 7: compile=True (eqloop finetune --compile) compiles the model's step;
+    # SFT and STARS steps (the penalty on the eager step) give the eager results. aot_eager
+    # checks the plumbing in seconds (tests/test_train.py also runs inductor, slow).
+    import eqloop.compiling
+    import eqloop.finetune.train
+
+    compiled: list[object] = []
+
+    def compile_with(model: Any) -> Any:
+        compiled.append(model)
+        return eqloop.compiling.compile_model(model, backend="aot_eager")
+
+    monkeypatch.setattr(eqloop.finetune.train, "compile_model", compile_with)
+    options = {"mode": "stars", "steps": 3, "penalty_start": 1, "checkpoint_every": 0}
+    eager = finetune(_config(files, tmp_path / "eager", **options))
+    fast = finetune(_config(files, tmp_path / "compiled", **options, compile=True))
+    assert len(compiled) == 1
+    for key in ("loss", "ce", "penalty", "rho", "grad_norm"):
+        assert fast["train"][key] == pytest.approx(eager["train"][key], rel=1e-4), key
+    a, b = (load_checkpoint(r["checkpoint"]).weights for r in (eager, fast))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
 def test_penalty_start_as_a_fraction_of_finetuning(files: dict[str, Path], tmp_path: Path) -> None:
     # Issue 21 row 23: the same reading of penalty_start as eqloop train.
     finetune(_config(files, tmp_path / "half", mode="stars", steps=4, penalty_start=0.5))

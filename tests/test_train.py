@@ -515,8 +515,9 @@ def test_compile_flags_of_train_and_eval(
     import eqloop.evaluate
     from eqloop.cli import main
 
-    assert main(["train", "--compile", "--print-config"]) == 0
-    assert json.loads(capsys.readouterr().out)["compile"] is True
+    for command in ("train", "finetune"):
+        assert main([command, "--compile", "--print-config"]) == 0
+        assert json.loads(capsys.readouterr().out)["compile"] is True
     with pytest.raises(SystemExit) as done:
         main(["eval", "--pretrained", str(tmp_path), "--compile"])
     assert done.value.code == 2
