@@ -23,13 +23,15 @@ of a 3-digit addition example):
           fixed number of Anderson iterations through ``eqloop.fixed_point``.
 
 With ``--compile`` the two sides are this tree run eager ("baseline" in the table) and
-compiled ("current": ``eqloop.compile_model(model)``, inductor, before the warm-up), on
+compiled ("current", inductor, before the warm-up: ``--compile step`` is
+``eqloop.compile_model(model)``, the per-loop step, as ``eqloop train --compile`` runs it;
+``--compile model`` is ``torch.compile(model)``, the whole forward), on
 the ``train`` workload only; the JSON also holds each side's ``setup_s``: the wall time of
 building the model and running the warm-up; ``setup_extra_s``, the compiled side's minus
 the eager side's, is the compile time.
 
 Usage:
-    OMP_NUM_THREADS=1 python benchmarks/speed_regression.py --compile --loops 8 \\
+    OMP_NUM_THREADS=1 python benchmarks/speed_regression.py --compile step --loops 8 \\
         --json benchmarks/results/compiled_train_step.json   # eager vs compiled step
     OMP_NUM_THREADS=1 python benchmarks/speed_regression.py \\
         --json benchmarks/results/speed_regression.json      # a few minutes
@@ -84,9 +86,12 @@ torch.set_num_threads(settings["threads"])
 torch.manual_seed(0)
 config = TrainConfig()
 model = LoopLM(config.model)
-if settings["compile"]:
+net = model  # what the training step runs forward
+if settings["compile"] == "step":
     from eqloop import compile_model
-    compile_model(model)
+    compile_model(model, backend=settings["backend"])
+elif settings["compile"] == "model":
+    net = torch.compile(model, backend=settings["backend"])
 optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
 g = torch.Generator().manual_seed(1)
 inputs = torch.randint(0, config.model.vocab_size, (settings["batch"], 13), generator=g)
@@ -95,7 +100,7 @@ targets[:, :8] = -100
 eval_model = LoopLM(config.model).eval()
 
 def train():
-    train_step(model, model, optimizer, inputs, targets, settings["loops"], config,
+    train_step(net, model, optimizer, inputs, targets, settings["loops"], config,
                penalty_on=False)
 
 def solve():
@@ -180,10 +185,10 @@ def measure(trees: dict[str, Path], args: argparse.Namespace) -> list[dict[str, 
     workloads = ("train",) if args.compile else WORKLOADS
     settings = dict(
         threads=args.threads, batch=args.batch, loops=args.loops, solve_iters=args.solve_iters,
-        warmup=args.warmup, workloads=workloads,
+        warmup=args.warmup, workloads=workloads, backend=args.backend,
     )  # fmt: skip
     workers = {
-        name: Worker(tree, {**settings, "compile": args.compile and name == "current"})
+        name: Worker(tree, {**settings, "compile": args.compile if name == "current" else None})
         for name, tree in trees.items()
     }
     setup = {name: worker.setup_s for name, worker in workers.items()}
@@ -247,8 +252,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny run for tests (seconds)")
     p.add_argument(
         "--compile",
-        action="store_true",
-        help="compare this tree eager (baseline) with compiled (current) instead of a revision",
+        choices=("step", "model"),
+        help="compare this tree eager (baseline) with compiled (current) instead of a "
+        "revision: 'step' = eqloop.compile_model (the per-loop step, what --compile of the "
+        "eqloop commands does), 'model' = torch.compile(model) (the whole forward, one graph "
+        "per loop count)",
+    )
+    p.add_argument(
+        "--backend",
+        default="inductor",
+        help="torch.compile backend of --compile (tests: aot_eager)",
     )
     args = p.parse_args(argv)
     if args.quick:
