@@ -20,9 +20,18 @@ finetune``): a directory that already holds a run's files (``config.json``,
 ``metrics.jsonl``, ``checkpoints/``) is continued with ``resume``, replaced with
 ``overwrite``, or refused, and it may not be, contain or lie inside ``init_from``. SIGINT
 (Ctrl-C) and SIGTERM end a run cleanly: the step in progress (with its evaluation, if due)
-finishes, a checkpoint is written and :class:`TrainingInterrupted` says where it is. A
-step with a non-finite loss or gradient norm stops the run with :class:`NonFiniteLoss`
-(naming the step) before anything of it is saved.
+finishes, a checkpoint is written and :class:`TrainingInterrupted` says where it is (under
+DDP the ranks agree on the signal at the next read of the statistics, below, so the run
+stops up to ``log_every - 1`` steps later).
+
+The step's statistics stay on the device (``train_step`` reads nothing back) and are read
+every ``log_every`` steps and before every evaluation and checkpoint
+(:mod:`eqloop.training.step_stats`); metrics.jsonl still gets one record per step, with
+the same values. A non-finite loss or gradient norm stops the run with
+:class:`NonFiniteLoss` naming the first such step, found at the next read (up to
+``log_every - 1`` steps later); no checkpoint is written after it, so the newest
+checkpoint is the last finite one. ``compile`` runs the model's per-loop step compiled
+(:func:`eqloop.compile_model`); the penalty differentiates the eager step.
 
 Every step draws one loop count ``t`` from the depth sampler (the same ``t`` on every
 rank, logged), runs the model ``t`` loops and minimises

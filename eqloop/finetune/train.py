@@ -40,7 +40,11 @@ directory holding a run (``config.json``, ``metrics.jsonl``, ``checkpoints/``, `
 not be, contain or lie inside ``init_from``; a resumed run that trains further replaces
 ``model/``. SIGINT and SIGTERM checkpoint the finished step and raise
 :class:`~eqloop.training.run_dir.TrainingInterrupted`; a non-finite loss stops the run
-(:class:`~eqloop.training.run_dir.NonFiniteLoss`) before that step is saved.
+(:class:`~eqloop.training.run_dir.NonFiniteLoss`) before that step is saved. As in
+``eqloop train``, the step statistics are read from the device every ``log_every`` steps
+(every step when ``on_step`` is given) and before each checkpoint, so a non-finite step is
+found up to ``log_every - 1`` steps later and DDP ranks agree on a signal at those reads;
+``compile`` compiles the model's per-loop step, the penalty differentiates the eager one.
 
 Exact resume: the data order, dropout RNG and penalty vectors of every step derive from
 ``(seed, step, rank)``; optimizer, scheduler and depth-sampler states are checkpointed
