@@ -6,7 +6,7 @@ import os
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,8 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from eqloop.files import write_json_atomic
 
 __all__ = [
-    "PeakMemory", "format_table", "machine_info", "median_time", "print_written",
-    "write_json_atomic",
+    "PeakMemory", "extra_peak_bytes", "format_table", "interleaved_times", "machine_info",
+    "median_time", "print_written", "write_json_atomic",
 ]  # fmt: skip
 
 
@@ -37,6 +37,59 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_times(
+    fns: Mapping[str, Callable[[], Any]], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, Exception]]:
+    """Wall times of several workloads, interleaved so that load changes hit all alike.
+
+    Round r runs every workload once, starting at the r-th (the order rotates). A
+    workload that raises is dropped from later rounds; the others go on. Each ``fn`` must
+    finish its device work before it returns (e.g. end with ``torch.cuda.synchronize()``).
+
+    Args:
+        fns: name -> workload.
+        repeats: rounds.
+
+    Returns:
+        ``(times, errors)``: seconds per run of each name that never failed (``repeats``
+        values), and the exception of each name that failed.
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    errors: dict[str, Exception] = {}
+    for r in range(repeats if names else 0):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            if name in errors:
+                continue
+            start = time.perf_counter()
+            try:
+                fns[name]()
+            except Exception as exc:  # noqa: BLE001 - reported to the caller, per workload
+                errors[name] = exc
+                continue
+            times[name].append(time.perf_counter() - start)
+    return {n: t for n, t in times.items() if n not in errors}, errors
+
+
+def extra_peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes ``fn()`` allocates above what was allocated before it.
+
+    CUDA: the caching allocator's ``max_memory_allocated`` after a reset, minus
+    ``memory_allocated`` before the call. Other devices: :class:`PeakMemory` (slower;
+    do not time the same call).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with PeakMemory() as peak:
+        fn()
+    return peak.peak_bytes
 
 
 class PeakMemory(TorchDispatchMode):

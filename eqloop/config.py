@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 __all__ = [
     "PENALTY_POINTS",
     "SCHEDULES",
+    "SOLVE_BACKWARDS",
+    "SolveConfig",
     "TrainConfig",
     "apply_overrides",
     "check_device",
@@ -49,6 +51,68 @@ SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 PENALTY_POINTS: tuple[str, ...] = ("trajectory", "fixed_point")
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+SOLVE_BACKWARDS: tuple[str, ...] = ("ift", "phantom")
+"""Backward modes that take their gradient at the point a training solve returned."""
+
+
+@dataclass
+class SolveConfig:
+    """The forward solve of a training step that trains at the fixed point.
+
+    With ``TrainConfig.solve`` set, every step solves the core to its equilibrium z*
+    (from the loop's z0, after ``start_loops`` plain loops) instead of running the
+    sampled loop count, and the backward mode (``ift`` or ``phantom``) takes its gradient
+    at the point the solver returned. Sequences whose solve ends without meeting ``tol``
+    are counted in the step's metrics (``fwd_converged``), never silently treated as
+    fixed points.
+    """
+
+    solver: str = "anderson"  # a registered solver (solvers.available())
+    tol: float = 1e-4  # tolerance on the residual chosen by stop_mode; > 0
+    max_iter: int = 30  # budget of f-evaluations of the solve (after start_loops)
+    start_loops: int = 0  # plain loops (with their graph) run before the solver starts
+    stop_mode: str = "rel"  # "rel" (||f(z) - z|| / ||f(z)||) | "abs" (||f(z) - z||)
+    solver_options: dict[str, Any] = field(default_factory=dict)  # hyperparameters, e.g. {"m": 5}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SolveConfig:
+        """A SolveConfig from a dict (missing keys take their defaults).
+
+        Raises:
+            ValueError: unknown keys (the valid ones are listed).
+        """
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown solve keys: {unknown}; valid keys are {sorted(known)}")
+        return cls(**copy.deepcopy(dict(data)))
+
+    def validate(self) -> None:
+        """Check every field (messages name them as ``solve.<field>``).
+
+        Raises:
+            TypeError: a field of the wrong type.
+            ValueError: an unknown solver (the registered ones are listed) or stop mode,
+                ``tol <= 0``, ``max_iter < 1``, ``start_loops < 0``, or solver options
+                the solver does not take.
+        """
+        import solvers
+
+        checks.choice("solve.solver", self.solver, solvers.available())
+        checks.number("solve.tol", self.tol, low=0, low_open=True)
+        checks.integer("solve.max_iter", self.max_iter, low=1)
+        checks.integer("solve.start_loops", self.start_loops, low=0)
+        checks.choice("solve.stop_mode", self.stop_mode, ("rel", "abs"))
+        if not isinstance(self.solver_options, dict):
+            raise TypeError(
+                f'solve.solver_options must be a dict such as {{"m": 5}}, got '
+                f"{self.solver_options!r}"
+            )
+        try:
+            solvers.make_solver(self.solver, **self.solver_options)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"solve.solver_options: {err}") from None
 
 
 def _default_model() -> LoopLMConfig:
@@ -99,6 +163,10 @@ class TrainConfig:
     depth: dict[str, Any] = field(default_factory=_default_depth)  # make_depth_sampler kwargs
     backward: str = "unroll"  # "unroll" (paper: through all loops) | ift | phantom | truncated
     backward_options: dict[str, Any] = field(default_factory=dict)  # its fields, e.g. {"k": 4}
+    # Train at the fixed point: each step solves the core to equilibrium with these
+    # settings (the depth sampler is then not drawn) and backward ("ift" or "phantom")
+    # takes the gradient there. None: run the sampled loop count (the paper).
+    solve: SolveConfig | None = None
     # -- STARS penalty -------------------------------------------------------------------
     lam: float = 0.1  # loss = (1 - lam) * CE + lam * JSRR once the penalty is on; in [0, 1]
     # First step with the penalty: a fraction of ``steps`` in (0, 1) (paper: after 20% of
@@ -140,6 +208,8 @@ class TrainConfig:
             self.betas = tuple(self.betas)
         if isinstance(self.eval_loops, tuple):
             self.eval_loops = list(self.eval_loops)
+        if isinstance(self.solve, Mapping):
+            self.solve = SolveConfig.from_dict(self.solve)
 
     # -- checks ----------------------------------------------------------------------------
 
@@ -208,10 +278,23 @@ class TrainConfig:
             )
 
     def _check_backward(self) -> None:
-        """Check ``backward`` and ``backward_options`` (the mode's fields) before any step."""
+        """Check ``backward``, ``backward_options`` and ``solve`` before any step."""
         from eqloop.backward import BACKWARD_MODES
 
         checks.choice("backward", self.backward, BACKWARD_MODES)
+        if self.solve is not None:
+            if not isinstance(self.solve, SolveConfig):
+                raise TypeError(
+                    f"solve must be None or a dict of SolveConfig fields such as "
+                    f'{{"solver": "anderson", "tol": 1e-4}}, got {self.solve!r}'
+                )
+            self.solve.validate()
+            if self.backward not in SOLVE_BACKWARDS:
+                raise ValueError(
+                    f"solve trains at the fixed point the solver returns, so backward must "
+                    f"be one of {SOLVE_BACKWARDS}, got {self.backward!r}; for backprop "
+                    "through the sampled loops ('unroll', 'truncated') set solve=null"
+                )
         if not isinstance(self.backward_options, dict):
             raise TypeError(f"backward_options must be a dict, got {self.backward_options!r}")
         try:

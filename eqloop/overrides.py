@@ -232,6 +232,8 @@ def apply_overrides(
             kind = _child_type(kind, part, path)
             path = f"{path}.{part}" if path else part
             child = node.setdefault(part, {})
+            if child is None and any(map(dataclasses.is_dataclass, typing.get_args(kind))):
+                child = node[part] = {}  # an unset optional section: its fields' defaults
             if dataclasses.is_dataclass(child) and not isinstance(child, type):
                 child = node[part] = asdict(child)
             if not isinstance(child, dict):

@@ -45,6 +45,19 @@ loop counts is evaluated every ``eval_every`` steps; checkpoints are written eve
 ``checkpoint_every`` steps (see :mod:`eqloop.checkpoint`), metrics go to
 ``out_dir/metrics.jsonl``.
 
+Training at the fixed point (``solve`` set, with ``backward="ift"`` or ``"phantom"``):
+each step solves the core to its equilibrium with ``solve.solver`` (tolerance
+``solve.tol``, budget ``solve.max_iter``, from z0 after ``solve.start_loops`` loops)
+instead of running a sampled depth (the sampler is not drawn; ``loops`` is logged as
+null), and the backward takes its gradient at the point the solver returned. What the
+solves did is logged with every step: ``fwd_converged`` (share of sequences that met
+the tolerance), ``fwd_nfe`` and ``fwd_residual`` (the batch's largest residual), and
+with IFT ``bwd_converged`` and ``bwd_nfe`` of the adjoint solve (also without
+``solve``). An unconverged solve is never silently taken as a fixed point: it shows in
+these shares, and the first step with one emits a ``ConvergenceWarning`` (once per run
+and kind, instead of one per solve). The penalty is unchanged: ``penalty_at`` chooses
+its point as before (with ``solve``, "trajectory" means the returned point).
+
 Data parallelism: the global batch of ``batch_size`` rows does not depend on the number of
 ranks; rank ``r`` of ``N`` trains on rows ``r, r + N, ...`` of it, so N ranks compute the
 gradient of one process (up to summation order and the penalty's random vectors). Only
@@ -68,11 +81,13 @@ checkpoint (and a torn last line left by a crash, with a warning).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -88,6 +103,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 import solvers
+from eqloop.backward import ConvergenceWarning
 from eqloop.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -205,14 +221,35 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 # ---------------------------------------------------------------------------- one step
 
 
-def _forward(net: nn.Module, inputs: Tensor, loops: int, config: TrainConfig) -> tuple[Tensor, Any]:
-    """Logits (B, S, V) and the LoopInfo of ``loops`` loops with the configured backward.
+def _forward(
+    net: nn.Module, inputs: Tensor, loops: int | None, config: TrainConfig
+) -> tuple[Tensor, Any]:
+    """Logits (B, S, V) and the LoopInfo of one training forward.
 
-    ``unroll`` backpropagates through every loop (the paper). The other modes run
-    ``eqloop.fixed_point`` with the plain iteration and the sampled depth as its budget
-    (``max_iter=loops``, ``tol=0``: exactly ``loops`` evaluations) and the backward mode
-    built from ``backward`` and ``backward_options``.
+    Without ``config.solve``: ``loops`` loops. ``unroll`` backpropagates through every
+    loop (the paper); the other modes run ``eqloop.fixed_point`` with the plain iteration
+    and the sampled depth as its budget (``max_iter=loops``, ``tol=0``: exactly ``loops``
+    evaluations) and the backward mode built from ``backward`` and ``backward_options``.
+
+    With ``config.solve`` (``loops`` is ignored): the core is solved to equilibrium by
+    ``solve.solver`` from z0 after ``solve.start_loops`` loops, converged sequences
+    leaving the working batch (``compact=True``), and the backward mode (``ift`` or
+    ``phantom``) takes its gradient at the point the solver returned.
     """
+    solve = config.solve
+    if solve is not None:
+        return net(
+            inputs,
+            solver=solve.solver,
+            tol=solve.tol,
+            max_iter=solve.max_iter,
+            stop_mode=solve.stop_mode,
+            start_loops=solve.start_loops,
+            backward=config.make_backward(),
+            return_info=True,
+            compact=True,
+            **solve.solver_options,
+        )
     if config.backward == "unroll":
         return net(inputs, loops=loops, return_info=True)
     return net(
@@ -223,6 +260,37 @@ def _forward(net: nn.Module, inputs: Tensor, loops: int, config: TrainConfig) ->
         backward=config.make_backward(),
         return_info=True,
     )
+
+
+def _solve_stats(info: Any, config: TrainConfig) -> dict[str, Tensor | int]:
+    """What the step's solves did, as device tensors (no host read) and host ints.
+
+    Args:
+        info: the forward's LoopInfo, read after the backward pass (the IFT adjoint
+            solve appears in it then).
+        config: ``solve`` and ``backward`` select the keys.
+
+    Returns:
+        With ``config.solve``: ``fwd_converged`` (share of sequences whose forward solve
+        met ``solve.tol``), ``fwd_nfe`` (f-evaluations of the solve, after the start
+        loops) and ``fwd_residual`` (largest residual in ``solve.stop_mode`` over the
+        batch). With an IFT backward: ``bwd_converged`` (share of sequences whose adjoint
+        solve met its tolerance) and ``bwd_nfe`` (its vector-Jacobian products).
+    """
+    stats: dict[str, Tensor | int] = {}
+    fixed = info.fixed_point
+    if fixed is None:
+        return stats
+    if config.solve is not None and fixed.forward is not None:
+        forward = fixed.forward
+        residual = forward.rel_residual if config.solve.stop_mode == "rel" else forward.abs_residual
+        stats["fwd_converged"] = forward.converged.float().mean()
+        stats["fwd_nfe"] = forward.nfe
+        stats["fwd_residual"] = residual.detach().max()
+    if fixed.backward is not None:
+        stats["bwd_converged"] = fixed.backward.converged.float().mean()
+        stats["bwd_nfe"] = fixed.backward.nfe
+    return stats
 
 
 def penalty_point(
@@ -260,23 +328,34 @@ def penalty_point(
     return point, v
 
 
+@contextlib.contextmanager
+def _quiet_solves() -> Iterator[None]:
+    """Silence ``ConvergenceWarning`` (used as a decorator on :func:`train_step`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
+
+
+@_quiet_solves()
 def train_step(
     net: nn.Module,
     model: LoopLM,
     optimizer: torch.optim.Optimizer,
     inputs: Tensor,
     targets: Tensor,
-    loops: int,
+    loops: int | None,
     config: TrainConfig,
     *,
     penalty_on: bool,
     generator: torch.Generator | None = None,
-) -> dict[str, Tensor | None]:
-    """One optimisation step; returns (rank-local) loss statistics as device tensors.
+) -> dict[str, Tensor | int | None]:
+    """One optimisation step; returns (rank-local) loss and solve statistics.
 
     Nothing is read from the device (no ``.item()``): the caller decides when to read
     the statistics (the training loop every ``log_every`` steps, see
-    :mod:`eqloop.training.step_stats`).
+    :mod:`eqloop.training.step_stats`). The ``ConvergenceWarning`` of each unconverged
+    solve is silenced here: the solves' outcome is in the returned statistics, and
+    :func:`train` warns once per run.
 
     Args:
         net: the model to run forward (the DDP wrapper, or ``model`` itself).
@@ -284,15 +363,17 @@ def train_step(
         optimizer: steps ``model``'s parameters.
         inputs: (B, S) token ids.
         targets: (B, S) next tokens, -100 where no loss is taken.
-        loops: loop count of this batch.
-        config: supplies ``lam``, ``power_steps``, ``grad_clip`` and ``backward``.
+        loops: loop count of this batch (None with ``config.solve``, which ignores it).
+        config: supplies ``lam``, ``power_steps``, ``grad_clip``, ``backward`` and
+            ``solve``.
         penalty_on: add the STARS penalty (weight ``lam``) to the loss.
         generator: random start vectors of the penalty.
 
     Returns:
         0-d detached tensors: ``loss``, ``ce``, ``penalty`` and ``rho`` (the penalty's
         mean one-step estimate ``||v^T J||``; None when the penalty is off) and the
-        pre-clipping ``grad_norm``.
+        pre-clipping ``grad_norm``; and the solve statistics of :func:`_solve_stats` as
+        device tensors and ints.
     """
     logits, info = _forward(net, inputs, loops, config)
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
@@ -322,7 +403,41 @@ def train_step(
         "penalty": penalty,
         "rho": rho,
         "grad_norm": grad_norm.detach(),
+        **_solve_stats(info, config),
     }
+
+
+def _warn_unconverged(
+    stats: dict[str, Any], step: int, config: TrainConfig, warned: set[str]
+) -> None:
+    """Warn, once per run and kind, when a step's forward or adjoint solve did not converge.
+
+    Args:
+        stats: the step's statistics read to the host (``fwd_converged``,
+            ``bwd_converged``: shares of converged sequences).
+        step: steps completed, counting this one (named in the message).
+        config: the run (its ``solve`` and ``backward_options`` settings are named).
+        warned: the kinds already warned about; updated.
+    """
+    for key, what, meaning, fix in (
+        ("fwd_converged", "forward solve", "trained at the solver's best iterate, not at a "
+         "fixed point", f"raise solve.max_iter or loosen solve.tol (solve={config.solve})"),
+        ("bwd_converged", "IFT adjoint solve", "given the adjoint's best iterate, not the "
+         "implicit gradient", "raise backward_options max_iter or loosen its tol "
+         f"(backward_options={config.backward_options})"),
+    ):  # fmt: skip
+        share = stats.get(key)
+        if share is None or share >= 1 or key in warned:
+            continue
+        warned.add(key)
+        warnings.warn(
+            f"step {step}: the {what} did not converge on {1 - share:.1%} of the sequences, "
+            f"which are {meaning}. Every step's share is logged as {key!r} in "
+            f"metrics.jsonl; this warning is not repeated. To fix: {fix}, or strengthen the "
+            "contraction (lam, penalty_target).",
+            ConvergenceWarning,
+            stacklevel=5,  # the caller of train() (via _train's read)
+        )
 
 
 # ---------------------------------------------------------------------- distributed setup
@@ -511,7 +626,8 @@ def train(config: TrainConfig, *, on_eval: OnEval | None = None) -> dict[str, An
     Returns:
         Final metrics: ``step``, ``train_time`` (seconds, evaluations excluded), ``train``
         (last step's ``loss``, ``ce``, ``penalty``, ``rho``, ``grad_norm``, ``loops``,
-        ``lr``), ``eval`` (last evaluation) and ``checkpoint`` (path of the last one).
+        ``lr``, and the solve statistics ``fwd_*``/``bwd_*`` described above), ``eval``
+        (last evaluation) and ``checkpoint`` (path of the last one).
 
     Raises:
         ValueError: invalid config (unknown task, ``digits < 1``, ``lam`` outside
@@ -566,6 +682,7 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
         dynamic_ncols=True,
     )
     checkpoint, saved_step = None, -1
+    warned: set[str] = set()  # the solves warned about (once per run each)
 
     def save() -> Path | None:
         nonlocal checkpoint, saved_step
@@ -579,6 +696,7 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
         """Log the pending steps, stop at a non-finite one; the largest signal of any rank."""
         records, stop = pending.read(signum)
         for record in records:
+            _warn_unconverged(record, record["step"], config, warned)
             if log is not None:
                 log.write(record)
             run_dir.check_finite(record, record["step"], out_dir)  # before anything is saved
@@ -598,7 +716,8 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
                 )
                 rows = batch_rows(step, len(train_x), config.batch_size, config.seed)
                 rows = rows[env.rank :: env.world].to(env.device)
-                loops = state.sampler.sample()
+                # Training at the fixed point runs no sampled depth: the sampler is not drawn.
+                loops = state.sampler.sample() if config.solve is None else None
                 lr = state.scheduler.get_last_lr()[0]
                 state.model.train()
                 stats = train_step(

@@ -45,18 +45,22 @@ class PendingSteps:
         return len(self._steps)
 
     def add(
-        self, step: int, stats: Mapping[str, Tensor | None], extra: Mapping[str, Any]
+        self, step: int, stats: Mapping[str, Tensor | float | None], extra: Mapping[str, Any]
     ) -> None:
         """Record a step without reading anything from the device.
 
         Args:
             step: steps completed, counting this one (the record's ``step``).
-            stats: 0-d tensors (rank-local; None: not computed this step, the same on
-                every rank), in the order the record lists them.
+            stats: 0-d tensors or host numbers (rank-local; None: not computed this
+                step, the same on every rank), in the order the record lists them.
             extra: host values (loop count, learning rate, time) appended to the record.
         """
-        detached = {k: None if v is None else v.detach() for k, v in stats.items()}
+        detached = {k: v.detach() if isinstance(v, Tensor) else v for k, v in stats.items()}
         self._steps.append((step, detached, dict(extra)))
+
+    def _reduced(self, value: Tensor | float | None) -> bool:
+        """Whether a read converts ``value``: tensors, and under DDP numbers (averaged)."""
+        return isinstance(value, Tensor) or (value is not None and self.world > 1)
 
     def read(self, signum: int = 0) -> tuple[list[dict[str, Any]], int]:
         """Read every pending step (one host transfer) and forget them.
@@ -68,12 +72,18 @@ class PendingSteps:
 
         Returns:
             ``(records, stop)``: one record per pending step, ``{"step": ..., **stats,
-            **extra}`` with the statistics as floats averaged over the ranks (None stays
-            None), oldest first; and the largest signal number of any rank.
+            **extra}`` with the tensors read to floats and, under DDP, every statistic
+            averaged over the ranks (None stays None; alone, host numbers stay as they
+            are), oldest first; and the largest signal number of any rank.
         """
-        values = [v for _, stats, _ in self._steps for v in stats.values() if v is not None]
+        values = [
+            torch.as_tensor(v, dtype=torch.float64, device=self.device)
+            for _, stats, _ in self._steps
+            for v in stats.values()
+            if self._reduced(v)
+        ]
         flat = (
-            torch.stack([v.to(self.device, torch.float64) for v in values])
+            torch.stack(values)
             if values
             else torch.zeros(0, dtype=torch.float64, device=self.device)
         )
@@ -88,8 +98,8 @@ class PendingSteps:
             host = [x / self.world for x in host[: len(values)]]
         numbers = iter(host)
         records = [
-            {"step": step, **{k: None if v is None else next(numbers) for k, v in stats.items()},
-             **extra}
+            {"step": step, **{k: next(numbers) if self._reduced(v) else v
+                              for k, v in stats.items()}, **extra}
             for step, stats, extra in self._steps
         ]  # fmt: skip
         self._steps.clear()

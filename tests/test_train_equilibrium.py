@@ -1,0 +1,155 @@
+"""Training at the fixed point: ``TrainConfig.solve`` (forward solver, tolerance, budget),
+the backward taken where the solver stopped, and the solves' statistics in metrics.jsonl."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_train import read_jsonl, same_weights, tiny_config
+
+from eqloop.backward import ConvergenceWarning
+from eqloop.checkpoint import load_checkpoint
+from eqloop.config import SolveConfig, TrainConfig, load_config
+from eqloop.train import train
+
+SOLVE = {"solver": "anderson", "tol": 1e-3, "max_iter": 12}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data-cache")
+
+
+def step_rows(out_dir: str) -> list[dict[str, Any]]:
+    return [r for r in read_jsonl(Path(out_dir) / "metrics.jsonl") if "event" not in r]
+
+
+@pytest.mark.parametrize("backward", ["ift", "phantom"])
+def test_solve_config_trains_at_the_fixed_point_and_logs_the_forward(
+    tmp_path: Path, cache: Path, backward: str
+) -> None:
+    config = tiny_config(
+        tmp_path, cache, steps=4, eval_every=0, backward=backward, solve=SOLVE, lam=0.0
+    )
+    assert isinstance(config.solve, SolveConfig) and config.solve.max_iter == 12
+    result = train(config)
+    assert math.isfinite(result["train"]["loss"])
+    rows = step_rows(config.out_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        assert row["loops"] is None  # no sampled depth: the solver decides
+        assert 0.0 <= row["fwd_converged"] <= 1.0
+        assert isinstance(row["fwd_nfe"], int) and 1 <= row["fwd_nfe"] <= 12
+        assert math.isfinite(row["fwd_residual"]) and row["fwd_residual"] >= 0
+        # The largest residual exceeds the tolerance exactly when a sequence missed it.
+        assert (row["fwd_converged"] < 1) == (row["fwd_residual"] > SOLVE["tol"])
+        assert ("bwd_converged" in row) == (backward == "ift")
+    assert load_checkpoint(config.out_dir).config["solve"]["max_iter"] == 12
+
+
+def test_unconverged_forward_is_counted_and_warned_once(tmp_path: Path, cache: Path) -> None:
+    config = tiny_config(
+        tmp_path, cache, steps=3, eval_every=0, backward="phantom", lam=0.0,
+        solve={"solver": "anderson", "tol": 1e-12, "max_iter": 1},
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config)
+    forward = [
+        w for w in caught
+        if issubclass(w.category, ConvergenceWarning) and "forward solve" in str(w.message)
+    ]  # fmt: skip
+    assert len(forward) == 1, [str(w.message) for w in caught]
+    assert "did not converge on 100.0% of the sequences" in str(forward[0].message)
+    assert "'fwd_converged'" in str(forward[0].message)
+    assert not [w for w in caught if "eqloop.fixed_point" in str(w.message)]  # not per step
+    rows = step_rows(config.out_dir)
+    assert [r["fwd_converged"] for r in rows] == [0.0, 0.0, 0.0]
+    assert all(r["fwd_nfe"] == 1 and r["fwd_residual"] > 1e-12 for r in rows)
+
+
+def test_ift_without_solve_logs_its_adjoint(tmp_path: Path, cache: Path) -> None:
+    """The sampled-loops IFT path (no solve) reports its adjoint solves too, not a warning
+    per step."""
+    config = tiny_config(
+        tmp_path, cache, steps=3, eval_every=0, backward="ift", lam=0.0,
+        backward_options={"max_iter": 1, "tol": 1e-12},
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config)
+    adjoint = [w for w in caught if "IFT adjoint solve" in str(w.message)]
+    assert len(adjoint) == 1 and not [w for w in caught if "eqloop.fixed_point" in str(w.message)]
+    rows = step_rows(config.out_dir)
+    assert all(r["bwd_converged"] == 0.0 and r["bwd_nfe"] == 1 for r in rows)
+    assert all(1 <= r["loops"] <= 3 and "fwd_converged" not in r for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"solve": {**SOLVE, "solver": "newton"}}, ValueError,
+         r"solve\.solver must be one of 'fixed_point', .*'anderson'.*got 'newton'"),
+        ({"solve": SOLVE, "backward": "unroll"}, ValueError,
+         r"backward must be one of \('ift', 'phantom'\), got 'unroll'.*solve=null"),
+        ({"solve": SOLVE, "backward": "truncated"}, ValueError, r"got 'truncated'"),
+        ({"solve": {**SOLVE, "tol": 0.0}}, ValueError, r"solve\.tol"),
+        ({"solve": {**SOLVE, "max_iter": 0}}, ValueError, r"solve\.max_iter"),
+        ({"solve": {**SOLVE, "start_loops": -1}}, ValueError, r"solve\.start_loops"),
+        ({"solve": {**SOLVE, "stop_mode": "max"}}, ValueError, r"solve\.stop_mode"),
+        ({"solve": {**SOLVE, "tolerance": 1e-3}}, ValueError,
+         r"unknown solve keys: \['tolerance'\]; valid keys are \['max_iter', "),
+        ({"solve": {**SOLVE, "solver_options": {"bogus": 1}}}, ValueError,
+         r"solve\.solver_options: .*bogus"),
+        ({"solve": "anderson"}, TypeError, r"solve must be None or a dict"),
+    ],
+)  # fmt: skip
+def test_solve_config_errors(
+    tmp_path: Path, cache: Path, overrides: dict[str, Any], error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        tiny_config(tmp_path, cache, backward=overrides.pop("backward", "ift"), **overrides)
+
+
+def test_solve_config_from_overrides() -> None:
+    config = load_config(
+        overrides=['solve={"solver": "broyden"}', "solve.tol=1e-3", "backward=phantom"]
+    )
+    assert config.solve == SolveConfig(solver="broyden", tol=1e-3)
+    # A field of the unset section starts it from its defaults.
+    config = load_config(overrides=["solve.max_iter=7", "backward=ift"])
+    assert config.solve == SolveConfig(max_iter=7)
+    assert TrainConfig.from_dict(config.to_dict()) == config  # round trip through JSON data
+    assert TrainConfig().solve is None  # default: the sampled loops of the paper
+
+
+def test_resume_with_solve_config_is_bit_identical(tmp_path: Path, cache: Path) -> None:
+    config = tiny_config(
+        tmp_path / "a", cache, steps=4, eval_every=2, eval_loops=[2], backward="ift",
+        solve=SOLVE, lam=0.1, penalty_start=1, penalty_at="fixed_point",
+    )  # fmt: skip
+    train(config)
+    interrupted = dataclasses.replace(config, out_dir=str(tmp_path / "b"))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_2(step: int, metrics: dict[str, Any]) -> None:
+        if step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(interrupted, on_eval=stop_at_2)
+    with pytest.raises(ValueError, match=r"differs from .*step_00000002 in \['solve'\]"):
+        changed = dataclasses.replace(interrupted.solve, tol=1e-2)
+        train(dataclasses.replace(interrupted, resume=True, solve=changed))
+    assert train(dataclasses.replace(interrupted, resume=True))["step"] == 4
+    assert same_weights(Path(config.out_dir), Path(interrupted.out_dir))
+    strip = [{k: v for k, v in r.items() if "time" not in k} for r in step_rows(config.out_dir)]
+    again = step_rows(interrupted.out_dir)
+    assert strip == [{k: v for k, v in r.items() if "time" not in k} for r in again]
