@@ -195,8 +195,9 @@ class TrainConfig:
     # non-finite loss stops the run at that read, naming its step (see
     # eqloop.training.step_stats). 1: read after every step (a host sync per step).
     log_every: int = 10
-    # Run the model's forward (and its backward) compiled with torch.compile through
-    # eqloop.compile_model; the results equal eager ones to float tolerance.
+    # Run the model's per-loop step compiled (torch.compile through eqloop.compile_model,
+    # forward and backward; the STARS penalty runs on the eager step); the results equal
+    # eager ones to float tolerance.
     compile: bool = False
 
     def __post_init__(self) -> None:

@@ -409,6 +409,10 @@ def test_step_statistics_are_read_every_log_every_steps_with_the_same_values(
     # Issue 22 row 5: the step returns device tensors; the loop reads them every log_every
     # steps (and before an evaluation or checkpoint), and metrics.jsonl is unchanged.
     config = tiny_config(tmp_path, cache, steps=8, eval_every=0, penalty_start=2, log_every=1)
+    with pytest.raises(ValueError, match="log_every"):
+        dataclasses.replace(config, log_every=0).validate()
+    with pytest.raises(TypeError, match="compile"):
+        dataclasses.replace(config, compile="yes").validate()
     stats = train_step(*_one_step_args(config), penalty_on=True)
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in stats.values())
     train(config)
