@@ -22,7 +22,17 @@ of a 3-digit addition example):
           ``model(tokens, solver="anderson", max_iter=--solve-iters, tol=0)``, i.e. a
           fixed number of Anderson iterations through ``eqloop.fixed_point``.
 
+With ``--compile`` the two sides are this tree run eager ("baseline" in the table) and
+compiled ("current", inductor, before the warm-up: ``--compile step`` is
+``eqloop.compile_model(model)``, the per-loop step, as ``eqloop train --compile`` runs it;
+``--compile model`` is ``torch.compile(model)``, the whole forward), on
+the ``train`` workload only; the JSON also holds each side's ``setup_s``: the wall time of
+building the model and running the warm-up; ``setup_extra_s``, the compiled side's minus
+the eager side's, is the compile time.
+
 Usage:
+    OMP_NUM_THREADS=1 python benchmarks/speed_regression.py --compile step --loops 8 \\
+        --json benchmarks/results/compiled_train_step.json   # eager vs compiled step
     OMP_NUM_THREADS=1 python benchmarks/speed_regression.py \\
         --json benchmarks/results/speed_regression.json      # a few minutes
     python benchmarks/speed_regression.py --quick --baseline HEAD   # seconds (tests)
@@ -59,11 +69,13 @@ COLUMNS = [
     ("wall_ratio", "wall-time ratio", ".3f"),
     ("runs", "runs per tree", "d"),
 ]
+COMPILE_COLUMNS = [("setup_extra_s", "compile s (extra set-up)", ".1f")]
 
 # The worker: builds the workloads from the tree on its PYTHONPATH, then answers one
 # JSON request per line ({"workload": ..., "repeats": n}) with n [cpu, wall] times.
 WORKER = r"""
 import json, sys, time
+start = time.perf_counter()
 import torch
 from eqloop.config import TrainConfig
 from eqloop.model import LoopLM
@@ -74,6 +86,12 @@ torch.set_num_threads(settings["threads"])
 torch.manual_seed(0)
 config = TrainConfig()
 model = LoopLM(config.model)
+net = model  # what the training step runs forward
+if settings["compile"] == "step":
+    from eqloop import compile_model
+    compile_model(model, backend=settings["backend"])
+elif settings["compile"] == "model":
+    net = torch.compile(model, backend=settings["backend"])
 optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
 g = torch.Generator().manual_seed(1)
 inputs = torch.randint(0, config.model.vocab_size, (settings["batch"], 13), generator=g)
@@ -82,7 +100,7 @@ targets[:, :8] = -100
 eval_model = LoopLM(config.model).eval()
 
 def train():
-    train_step(model, model, optimizer, inputs, targets, settings["loops"], config,
+    train_step(net, model, optimizer, inputs, targets, settings["loops"], config,
                penalty_on=False)
 
 def solve():
@@ -91,9 +109,9 @@ def solve():
 
 work = {"train": train, "solve": solve}
 for _ in range(settings["warmup"]):
-    for fn in work.values():
-        fn()
-print(json.dumps({"ready": True}), flush=True)
+    for name in settings["workloads"]:
+        work[name]()
+print(json.dumps({"ready": True, "setup_s": time.perf_counter() - start}), flush=True)
 for line in sys.stdin:
     request = json.loads(line)
     fn, times = work[request["workload"]], []
@@ -116,7 +134,7 @@ class Worker:
         )  # fmt: skip
         self.stdin = cast(IO[str], self.proc.stdin)  # both are pipes (PIPE above)
         self.stdout = cast(IO[str], self.proc.stdout)
-        self._read()  # the "ready" line, after the warm-up
+        self.setup_s = self._read()["setup_s"]  # the "ready" line, after the warm-up
 
     def _read(self) -> Any:
         line = self.stdout.readline()
@@ -164,19 +182,24 @@ def extract(revision: str, into: Path) -> str:
 
 def measure(trees: dict[str, Path], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Interleaved timings of every workload on both trees; one row per workload."""
+    workloads = ("train",) if args.compile else WORKLOADS
     settings = dict(
         threads=args.threads, batch=args.batch, loops=args.loops, solve_iters=args.solve_iters,
-        warmup=args.warmup,
+        warmup=args.warmup, workloads=workloads, backend=args.backend,
     )  # fmt: skip
-    workers = {name: Worker(tree, settings) for name, tree in trees.items()}
-    times: dict[tuple[str, str], list[list[float]]] = {
-        (name, w): [] for name in trees for w in WORKLOADS
+    workers = {
+        name: Worker(tree, {**settings, "compile": args.compile if name == "current" else None})
+        for name, tree in trees.items()
     }
-    round_ratios: dict[str, list[float]] = {w: [] for w in WORKLOADS}
+    setup = {name: worker.setup_s for name, worker in workers.items()}
+    times: dict[tuple[str, str], list[list[float]]] = {
+        (name, w): [] for name in trees for w in workloads
+    }
+    round_ratios: dict[str, list[float]] = {w: [] for w in workloads}
     try:
         for r in range(args.rounds):
             order = list(trees) if r % 2 == 0 else list(reversed(trees))
-            for workload in WORKLOADS:
+            for workload in workloads:
                 medians = {}
                 for name in order:
                     got = workers[name].time(workload, args.repeats)
@@ -188,7 +211,7 @@ def measure(trees: dict[str, Path], args: argparse.Namespace) -> list[dict[str, 
         for worker in workers.values():
             worker.close()
     rows = []
-    for workload in WORKLOADS:
+    for workload in workloads:
         (base_cpu, base_wall), (cur_cpu, cur_wall) = (
             [[t[i] for t in times[name, workload]] for i in (0, 1)]
             for name in ("baseline", "current")
@@ -202,6 +225,9 @@ def measure(trees: dict[str, Path], args: argparse.Namespace) -> list[dict[str, 
                 "paired_ratio": statistics.median(round_ratios[workload]),
                 "wall_ratio": statistics.median(cur_wall) / statistics.median(base_wall),
                 "runs": len(cur_cpu),
+                "baseline_setup_s": setup["baseline"],
+                "current_setup_s": setup["current"],
+                "setup_extra_s": setup["current"] - setup["baseline"],  # --compile: compiling
                 "baseline_cpu_s": base_cpu,
                 "current_cpu_s": cur_cpu,
                 "baseline_wall_s": base_wall,
@@ -224,6 +250,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--quick", action="store_true", help="tiny run for tests (seconds)")
+    p.add_argument(
+        "--compile",
+        choices=("step", "model"),
+        help="compare this tree eager (baseline) with compiled (current) instead of a "
+        "revision: 'step' = eqloop.compile_model (the per-loop step, what --compile of the "
+        "eqloop commands does), 'model' = torch.compile(model) (the whole forward, one graph "
+        "per loop count)",
+    )
+    p.add_argument(
+        "--backend",
+        default="inductor",
+        help="torch.compile backend of --compile (tests: aot_eager)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.repeats, args.warmup, args.batch, args.solve_iters = 2, 2, 1, 8, 5
@@ -238,10 +277,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Extract the baseline, time both trees, print the table, write JSON when asked."""
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="eqloop-baseline-") as tmp:
-        baseline_commit = extract(args.baseline, Path(tmp))
-        rows = measure({"baseline": Path(tmp), "current": ROOT}, args)
-    print(format_table(rows, COLUMNS))
+    if args.compile:  # one tree, eager against compiled
+        baseline_commit = "eager"
+        rows = measure({"baseline": ROOT, "current": ROOT}, args)
+    else:
+        with tempfile.TemporaryDirectory(prefix="eqloop-baseline-") as tmp:
+            baseline_commit = extract(args.baseline, Path(tmp))
+            rows = measure({"baseline": Path(tmp), "current": ROOT}, args)
+    print(format_table(rows, COLUMNS + COMPILE_COLUMNS if args.compile else COLUMNS))
     dirty = bool(git("status", "--porcelain", "--", "eqloop", "solvers"))
     result = {
         "machine": machine_info(),

@@ -59,6 +59,7 @@ _EVAL_NEEDS: dict[str, tuple[str, ...]] = {
     "--prompt": ("--pretrained",),
     "--dtype": ("--pretrained",),
     "--no-rho": ("--pretrained",),
+    "--compile": ("--checkpoint",),
 }
 _MODES = {"--checkpoint": "--checkpoint runs", "--pretrained": "--pretrained checkpoints"}
 _EVAL_DEFAULTS: dict[str, Any] = {
@@ -69,6 +70,7 @@ _EVAL_DEFAULTS: dict[str, Any] = {
     "diagnostic_samples": 256,
     "pca_problems": 8,
     "pca_loops": 128,
+    "compile": False,
 }
 
 
@@ -170,6 +172,13 @@ def _add_eval(sub: Any) -> None:
     run = p.add_argument_group("run and output")
     run.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:<n> or auto")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="run the model's per-loop step compiled (torch.compile via eqloop.compile_model; "
+        "results equal eager ones to float tolerance)",
+    )
     run.add_argument("--json", type=Path, help="write the results (a JSON list) here")
     run.add_argument("--plot", type=Path, help="write the accuracy/rho plot here (PNG)")
     run.add_argument(
@@ -339,6 +348,7 @@ def _eval(args: argparse.Namespace) -> int:
                 diagnostics=not args.no_diagnostics,
                 device=device,
                 progress=not args.no_progress,
+                compile=args.compile,
                 **settings,
             )
         except (CheckpointError, ValueError, TypeError) as err:

@@ -14,6 +14,7 @@ and gives one graph per forward, but one per loop count, since torch unrolls the
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -21,9 +22,9 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from eqloop.looped import LoopedLM
+from eqloop.looped import CoreMap, LoopedLM
 
-__all__ = ["compile_model", "eager_core_step"]
+__all__ = ["compile_model", "eager_core_step", "eager_map"]
 
 ModelT = TypeVar("ModelT", bound=LoopedLM)
 
@@ -86,3 +87,20 @@ def eager_core_step(model: LoopedLM) -> Callable[..., Tensor]:
         ``core_step(z, *args)``: (B, S, d) and the ``step_args`` -> (B, S, d).
     """
     return types.MethodType(type(model).core_step, model)
+
+
+def eager_map(model: LoopedLM, f: CoreMap) -> CoreMap:
+    """``f`` (a map of ``model``) with the model's uncompiled step.
+
+    For terms ``torch.compile`` cannot differentiate, such as the STARS penalty's double
+    backward, in a model :func:`compile_model` has compiled. The same map as ``f`` when
+    the model is not compiled.
+
+    Args:
+        model: the model whose ``core_step`` ``f`` applies.
+        f: a map of one batch, from ``model.core_map`` or ``LoopInfo.f``.
+
+    Returns:
+        A :class:`~eqloop.looped.CoreMap` with ``f``'s arguments and the class's step.
+    """
+    return dataclasses.replace(f, step=eager_core_step(model))

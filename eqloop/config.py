@@ -190,6 +190,15 @@ class TrainConfig:
     overwrite: bool = False  # delete the run already in out_dir and start over
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:<index>"
     progress: bool = True  # tqdm progress bar (rank 0)
+    # Read the step statistics from the device every n steps (and before an evaluation, a
+    # checkpoint or the end): metrics.jsonl gets every step's record then, and a
+    # non-finite loss stops the run at that read, naming its step (see
+    # eqloop.training.step_stats). 1: read after every step (a host sync per step).
+    log_every: int = 10
+    # Run the model's per-loop step compiled (torch.compile through eqloop.compile_model,
+    # forward and backward; the STARS penalty runs on the eager step); the results equal
+    # eager ones to float tolerance.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Mapping):
@@ -222,7 +231,7 @@ class TrainConfig:
         for name, low in (
             ("digits", 1), ("n_train", 1), ("n_test", 1), ("seed", 0), ("batch_size", 1),
             ("steps", 1), ("warmup_steps", 0), ("penalty_every", 1), ("power_steps", 1),
-            ("penalty_arnoldi", 0), ("eval_every", 0), ("checkpoint_every", 0),
+            ("penalty_arnoldi", 0), ("eval_every", 0), ("checkpoint_every", 0), ("log_every", 1),
         ):  # fmt: skip
             checks.integer(name, getattr(self, name), low=low)
         check_penalty_start(self.penalty_start)
@@ -261,7 +270,7 @@ class TrainConfig:
             raise ValueError(
                 f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', got {self.device!r}"
             )
-        for name in ("resume", "overwrite", "progress"):
+        for name in ("resume", "overwrite", "progress", "compile"):
             checks.boolean(name, getattr(self, name))
         if self.resume and self.overwrite:
             raise ValueError(

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 import solvers
 from eqloop.checkpoint import load_model
+from eqloop.compiling import compile_model
 from eqloop.config import TrainConfig, check_device
 from eqloop.data import CharTokenizer, Examples, eval_prompts
 from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_STOP_MODE, EQUILIBRIUM_TOL
@@ -513,6 +514,7 @@ def evaluate_checkpoint(
     batch_size: int = 1024,
     device: str = "cpu",
     progress: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Load a checkpoint and run :func:`evaluate_model` on its task's test split.
 
@@ -527,6 +529,7 @@ def evaluate_checkpoint(
         decode, diagnostics, diagnostic_samples, rho_iters, batch_size, progress: see
             :func:`evaluate_model`.
         device: where to run: ``"cpu"``, ``"cuda[:n]"`` or ``"auto"``.
+        compile: run the model's per-loop step compiled (:func:`eqloop.compile_model`).
 
     Returns:
         The :func:`evaluate_model` dict plus ``checkpoint`` (path), ``step``, ``task``
@@ -543,6 +546,8 @@ def evaluate_checkpoint(
         checks.integer("n_test", n_test, low=1)
     device = check_device(device)
     model, ckpt = load_model(path, device=device)
+    if compile:
+        compile_model(model)
     config = TrainConfig.from_dict(ckpt.config)
     if n_test is not None:
         config.n_test = n_test

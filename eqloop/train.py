@@ -20,9 +20,18 @@ finetune``): a directory that already holds a run's files (``config.json``,
 ``metrics.jsonl``, ``checkpoints/``) is continued with ``resume``, replaced with
 ``overwrite``, or refused, and it may not be, contain or lie inside ``init_from``. SIGINT
 (Ctrl-C) and SIGTERM end a run cleanly: the step in progress (with its evaluation, if due)
-finishes, a checkpoint is written and :class:`TrainingInterrupted` says where it is. A
-step with a non-finite loss or gradient norm stops the run with :class:`NonFiniteLoss`
-(naming the step) before anything of it is saved.
+finishes, a checkpoint is written and :class:`TrainingInterrupted` says where it is (under
+DDP the ranks agree on the signal at the next read of the statistics, below, so the run
+stops up to ``log_every - 1`` steps later).
+
+The step's statistics stay on the device (``train_step`` reads nothing back) and are read
+every ``log_every`` steps and before every evaluation and checkpoint
+(:mod:`eqloop.training.step_stats`); metrics.jsonl still gets one record per step, with
+the same values. A non-finite loss or gradient norm stops the run with
+:class:`NonFiniteLoss` naming the first such step, found at the next read (up to
+``log_every - 1`` steps later); no checkpoint is written after it, so the newest
+checkpoint is the last finite one. ``compile`` runs the model's per-loop step compiled
+(:func:`eqloop.compile_model`); the penalty differentiates the eager step.
 
 Every step draws one loop count ``t`` from the depth sampler (the same ``t`` on every
 rank, logged), runs the model ``t`` loops and minimises
@@ -102,6 +111,7 @@ from eqloop.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from eqloop.compiling import compile_model, eager_map
 from eqloop.config import TrainConfig, check_device, penalty_start_step
 from eqloop.data import IGNORE_INDEX, CharTokenizer, to_tensors
 from eqloop.defaults import (
@@ -122,6 +132,7 @@ from eqloop.training.run_dir import (  # re-exported: they were defined here
     changed_fields,
     read_metrics,
 )
+from eqloop.training.step_stats import PendingSteps
 
 __all__ = [
     "MetricsLog",
@@ -149,7 +160,7 @@ OnEval = Callable[[int, dict[str, Any]], None]
 # Options a resumed run may change; every other field must match the checkpoint's config.
 _RESUME_MAY_CHANGE = frozenset(
     {"steps", "eval_every", "eval_loops", "n_test", "checkpoint_every", "out_dir", "resume",
-     "overwrite", "device", "progress", "data_cache_dir"}
+     "overwrite", "device", "progress", "data_cache_dir", "log_every", "compile"}
 )  # fmt: skip
 
 
@@ -337,11 +348,14 @@ def train_step(
     *,
     penalty_on: bool,
     generator: torch.Generator | None = None,
-) -> dict[str, Tensor | float | None]:
+) -> dict[str, Tensor | int | None]:
     """One optimisation step; returns (rank-local) loss and solve statistics.
 
-    The ``ConvergenceWarning`` of each unconverged solve is silenced here: the solves'
-    outcome is in the returned statistics, and :func:`train` warns once per run.
+    Nothing is read from the device (no ``.item()``): the caller decides when to read
+    the statistics (the training loop every ``log_every`` steps, see
+    :mod:`eqloop.training.step_stats`). The ``ConvergenceWarning`` of each unconverged
+    solve is silenced here: the solves' outcome is in the returned statistics, and
+    :func:`train` warns once per run.
 
     Args:
         net: the model to run forward (the DDP wrapper, or ``model`` itself).
@@ -356,17 +370,19 @@ def train_step(
         generator: random start vectors of the penalty.
 
     Returns:
-        ``loss``, ``ce``, ``penalty`` and ``rho`` (the penalty's mean one-step estimate
-        ``||v^T J||``; None when the penalty is off), the pre-clipping ``grad_norm``,
-        and the solve statistics of :func:`_solve_stats` as device tensors and ints.
+        0-d detached tensors: ``loss``, ``ce``, ``penalty`` and ``rho`` (the penalty's
+        mean one-step estimate ``||v^T J||``; None when the penalty is off) and the
+        pre-clipping ``grad_norm``; and the solve statistics of :func:`_solve_stats` as
+        device tensors and ints.
     """
     logits, info = _forward(net, inputs, loops, config)
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     loss, penalty, rho = ce, None, None
     if penalty_on:
-        point, start = penalty_point(info.f, info.z, config, generator)
+        f = eager_map(model, info.f)  # the penalty's double backward needs the eager step
+        point, start = penalty_point(f, info.z, config, generator)
         result = jsrr_penalty(
-            info.f,
+            f,
             point,
             product="jvp" if start is not None else "vjp",
             power_steps=config.power_steps,
@@ -376,28 +392,19 @@ def train_step(
             return_details=True,
         )
         loss = (1 - config.lam) * ce + config.lam * result.penalty
-        penalty, rho = float(result.penalty.detach()), float(result.rho.mean())
+        penalty, rho = result.penalty.detach(), result.rho.detach().mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
     optimizer.step()
     return {
-        "loss": float(loss.detach()),
-        "ce": float(ce.detach()),
+        "loss": loss.detach(),
+        "ce": ce.detach(),
         "penalty": penalty,
         "rho": rho,
-        "grad_norm": float(grad_norm),
+        "grad_norm": grad_norm.detach(),
         **_solve_stats(info, config),
     }
-
-
-def _read_stats(stats: dict[str, Any]) -> dict[str, float | int | None]:
-    """The step statistics with device tensors read to floats, in one host transfer."""
-    keys = [k for k, v in stats.items() if isinstance(v, Tensor)]
-    if not keys:
-        return stats
-    values = torch.stack([stats[k].detach().double() for k in keys]).tolist()
-    return {**stats, **dict(zip(keys, values, strict=True))}
 
 
 def _warn_unconverged(
@@ -429,7 +436,7 @@ def _warn_unconverged(
             f"metrics.jsonl; this warning is not repeated. To fix: {fix}, or strengthen the "
             "contraction (lam, penalty_target).",
             ConvergenceWarning,
-            stacklevel=4,  # the caller of train()
+            stacklevel=5,  # the caller of train() (via _train's read)
         )
 
 
@@ -482,21 +489,6 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig, source: Path) ->
         source: the checkpoint, named in the message.
     """
     run_dir.check_resumable(saved, config.to_dict(), _RESUME_MAY_CHANGE, source)
-
-
-def _average_over_ranks(
-    stats: dict[str, float | None], stop: int, env: RunEnv
-) -> tuple[dict[str, float | None], int]:
-    """Mean of each statistic over the ranks (None stays None: it is None on every rank),
-    and the largest ``stop`` signal number of any rank, in one all-reduce."""
-    keys = [k for k, v in stats.items() if v is not None]
-    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=env.device)
-    flags = torch.zeros(env.world, dtype=torch.float64, device=env.device)
-    flags[env.rank] = stop
-    values = torch.cat((values, flags))
-    dist.all_reduce(values)
-    means = (values[: len(keys)] / env.world).tolist()
-    return {**stats, **dict(zip(keys, means, strict=True))}, int(values[len(keys) :].max())
 
 
 # -------------------------------------------------------------------------------- train
@@ -574,6 +566,8 @@ def _build(config: TrainConfig, env: RunEnv, ckpt: Checkpoint | None) -> _State:
     state = _State(model, model, optimizer, scheduler, config.make_sampler())
     if ckpt is None and config.init_from is not None:
         model.load_state_dict(initial_weights(config))
+    if config.compile:  # in place, before the DDP wrapper; the penalty stays eager
+        compile_model(model)
     if ckpt is not None:
         saved = ckpt.training_state(map_location=env.device)
         scheduled = saved["scheduler"].get("last_epoch")
@@ -696,6 +690,22 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
             checkpoint, saved_step = state.save(out_dir, config), state.step
         return checkpoint
 
+    pending = PendingSteps(env.device, env.world)
+
+    def read(signum: int) -> int:
+        """Log the pending steps, stop at a non-finite one; the largest signal of any rank."""
+        records, stop = pending.read(signum)
+        for record in records:
+            _warn_unconverged(record, record["step"], config, warned)
+            if log is not None:
+                log.write(record)
+            run_dir.check_finite(record, record["step"], out_dir)  # before anything is saved
+        if records:
+            last = records[-1]
+            state.last_train = {k: v for k, v in last.items() if k not in ("step", "time")}
+            bar.set_postfix(ce=f"{last['ce']:.3f}", loops=last["loops"], refresh=False)
+        return stop
+
     try:
         with run_dir.stop_signals() as received:
             for step in range(state.step, config.steps):
@@ -722,42 +732,48 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
                     generator=generator,
                 )
                 state.scheduler.step()
-                stats = _read_stats(stats)
-                stop = received[0]
-                if env.world > 1:
-                    stats, stop = _average_over_ranks(stats, stop, env)
-                _warn_unconverged(stats, state.step + 1, config, warned)
                 state.step = step + 1
                 state.train_time += time.perf_counter() - start
-                state.last_train = {**stats, "loops": loops, "lr": lr}
-                if log is not None:
-                    log.write({"step": state.step, **state.last_train, "time": state.train_time})
-                run_dir.check_finite(stats, state.step, out_dir)  # before anything is saved
+                pending.add(state.step, stats, {"loops": loops, "lr": lr, "time": state.train_time})
                 bar.update(1)
-                bar.set_postfix(ce=f"{stats['ce']:.3f}", loops=loops, refresh=False)
 
-                if (config.eval_every and state.step % config.eval_every == 0) or (
+                evaluate = (config.eval_every and state.step % config.eval_every == 0) or (
                     state.step == config.steps
+                )
+                checkpoint_due = (
+                    config.checkpoint_every and state.step % config.checkpoint_every == 0
+                ) or state.step == config.steps
+                # Read the statistics every log_every steps and before anything uses them
+                # (alone, also when a signal arrived; ranks read at the same steps only).
+                stop = 0
+                if (
+                    evaluate
+                    or checkpoint_due
+                    or state.step % config.log_every == 0
+                    or (env.world == 1 and received[0])
                 ):
+                    stop = read(received[0])
+                if evaluate:
                     state.last_eval = _evaluate(state, test, config, env)
                     if log is not None:
                         log.write({"event": "eval", **state.last_eval})
                     bar.set_postfix(
-                        ce=f"{stats['ce']:.3f}", acc=f"{state.last_eval['mean_accuracy']:.3f}"
+                        ce=f"{state.last_train['ce']:.3f}",
+                        acc=f"{state.last_eval['mean_accuracy']:.3f}",
                     )
                     if on_eval is not None:
                         try:
                             on_eval(state.step, state.last_eval)
                         except BaseException:
-                            save()
+                            save()  # the steps were read before the evaluation
                             raise
-                if (config.checkpoint_every and state.step % config.checkpoint_every == 0) or (
-                    state.step == config.steps
-                ):
+                if checkpoint_due:
                     save()
-                if env.world == 1:  # ranks agree on the value reduced above; alone, read it now
+                if env.world == 1:  # alone, a signal during the evaluation counts as well
                     stop = received[0]
                 if stop and state.step < config.steps:
+                    if len(pending):  # alone, a signal after the read above
+                        read(0)
                     raise TrainingInterrupted(state.step, save(), stop)
     finally:
         bar.close()

@@ -44,3 +44,21 @@ def test_speed_regression_names_a_bad_revision() -> None:
     proc = run_benchmark("speed_regression.py", "--quick", "--baseline", "no-such-revision")
     assert proc.returncode != 0
     assert "git rev-parse" in proc.stderr and "no-such-revision" in proc.stderr
+
+
+def test_speed_regression_compares_eager_with_compiled(tmp_path: Path) -> None:
+    # Issue 22: --compile times the eager and the compiled training step of this tree
+    # interleaved and reports the compile time (aot_eager here: the real run uses inductor).
+    out = tmp_path / "compiled.json"
+    proc = run_benchmark(
+        "speed_regression.py", "--quick", "--compile", "step", "--backend", "aot_eager",
+        "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["baseline_commit"] == "eager" and data["settings"]["compile"] == "step"
+    (row,) = data["results"]
+    assert row["workload"] == "train" and row["runs"] == 4
+    assert row["ratio"] == pytest.approx(row["current_ms"] / row["baseline_ms"])
+    assert row["setup_extra_s"] == pytest.approx(row["current_setup_s"] - row["baseline_setup_s"])
+    assert "compile s (extra set-up)" in proc.stdout

@@ -18,6 +18,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,6 +37,7 @@ from eqloop.finetune.models import load_for_finetuning
 from eqloop.finetune.train import Objective, finetune, step_time_ratio
 from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.training.run_dir import NonFiniteLoss
+from eqloop.training.step_stats import PendingSteps
 
 TRAINED_LOOPS = 3
 
@@ -271,6 +273,70 @@ def test_a_non_finite_loss_stops_finetuning_and_saves_no_model(
     assert stop.value.checkpoint == ckpt.path
     assert all(torch.isfinite(w).all() for w in ckpt.weights.values())
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_finetune_reads_step_statistics_every_log_every_steps(
+    files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 22 row 5: the same records as a read per step; a NaN between reads is named.
+    options = {"mode": "stars", "steps": 5, "checkpoint_every": 0, "penalty_start": 1}
+    finetune(_config(files, tmp_path / "every", **options, log_every=1))
+    reads: list[int] = []
+    original = PendingSteps.read
+
+    def counted(self: PendingSteps, signum: int = 0) -> Any:
+        reads.append(len(self))
+        return original(self, signum)
+
+    monkeypatch.setattr(PendingSteps, "read", counted)
+    spaced = finetune(_config(files, tmp_path / "spaced", **options, log_every=2))
+    assert reads == [2, 2, 1]  # steps 2, 4 and the end (5)
+
+    def untimed(out: Path) -> list[dict[str, Any]]:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "time"} for x in lines]
+
+    records = untimed(tmp_path / "spaced")
+    assert records == untimed(tmp_path / "every") and len(records) == 5
+    assert records[0]["penalty"] is None and records[1]["penalty"] is not None
+    assert spaced["train"] == {k: v for k, v in records[-1].items() if k != "step"}
+
+    diverging = _config(
+        files, tmp_path / "nan", mode="sft", steps=8, lr=1e10, checkpoint_every=0, log_every=8
+    )
+    with pytest.raises(NonFiniteLoss, match=r"training diverged at step (\d+) \(loss nan") as stop:
+        finetune(diverging)
+    assert stop.value.step < 8 and stop.value.checkpoint is None
+    assert not (tmp_path / "nan" / "checkpoints").exists()
+    assert not (tmp_path / "nan" / "model").exists()
+    logged = [r["step"] for r in untimed(tmp_path / "nan")]
+    assert logged == list(range(1, stop.value.step + 1))  # nothing after the bad step
+
+
+def test_compiled_finetuning_equals_eager(
+    files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 22 row 7: compile=True (eqloop finetune --compile) compiles the model's step;
+    # SFT and STARS steps (the penalty on the eager step) give the eager results. aot_eager
+    # checks the plumbing in seconds (tests/test_train.py also runs inductor, slow).
+    import eqloop.compiling
+    import eqloop.finetune.train
+
+    compiled: list[object] = []
+
+    def compile_with(model: Any) -> Any:
+        compiled.append(model)
+        return eqloop.compiling.compile_model(model, backend="aot_eager")
+
+    monkeypatch.setattr(eqloop.finetune.train, "compile_model", compile_with)
+    options = {"mode": "stars", "steps": 3, "penalty_start": 1, "checkpoint_every": 0}
+    eager = finetune(_config(files, tmp_path / "eager", **options))
+    fast = finetune(_config(files, tmp_path / "compiled", **options, compile=True))
+    assert len(compiled) == 1
+    for key in ("loss", "ce", "penalty", "rho", "grad_norm"):
+        assert fast["train"][key] == pytest.approx(eager["train"][key], rel=1e-4), key
+    a, b = (load_checkpoint(r["checkpoint"]).weights for r in (eager, fast))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 def test_penalty_start_as_a_fraction_of_finetuning(files: dict[str, Path], tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from eqloop.train import (
     train,
     train_step,
 )
+from eqloop.training.step_stats import PendingSteps
 
 MODEL = dict(vocab_size=19, d_model=32, n_heads=2, d_ff=64, max_seq_len=16)
 
@@ -400,6 +401,147 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(
     assert f"the last finite checkpoint is {ckpt.path}" in str(stop.value)
     assert all(torch.isfinite(w).all() for w in ckpt.weights.values())
     assert sorted(p.name for p in ckpt.path.parent.iterdir()) == ["latest", "step_00000001"]
+
+
+def test_step_statistics_are_read_every_log_every_steps_with_the_same_values(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 22 row 5: the step returns device tensors; the loop reads them every log_every
+    # steps (and before an evaluation or checkpoint), and metrics.jsonl is unchanged.
+    config = tiny_config(tmp_path, cache, steps=8, eval_every=0, penalty_start=2, log_every=1)
+    with pytest.raises(ValueError, match="log_every"):
+        dataclasses.replace(config, log_every=0).validate()
+    with pytest.raises(TypeError, match="compile"):
+        dataclasses.replace(config, compile="yes").validate()
+    stats = train_step(*_one_step_args(config), penalty_on=True)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in stats.values())
+    train(config)
+    every_step = read_jsonl(Path(config.out_dir) / "metrics.jsonl")
+
+    reads: list[int] = []
+    original = PendingSteps.read
+
+    def counted(self: PendingSteps, signum: int = 0) -> Any:
+        reads.append(len(self))
+        return original(self, signum)
+
+    monkeypatch.setattr(PendingSteps, "read", counted)
+    spaced = dataclasses.replace(config, out_dir=str(tmp_path / "spaced"), log_every=3)
+    result = train(spaced)
+    assert reads == [3, 3, 2]  # steps 3, 6 and the end (8)
+    records = read_jsonl(Path(spaced.out_dir) / "metrics.jsonl")
+
+    def untimed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if "time" not in k} for r in records]
+
+    assert untimed(records) == untimed(every_step)  # the final evaluation too
+    records = [r for r in records if "event" not in r]
+    assert records[2]["penalty"] is not None and records[0]["penalty"] is None
+    assert result["train"] == {k: v for k, v in records[-1].items() if k not in ("step", "time")}
+
+
+def _one_step_args(config: TrainConfig) -> tuple[Any, ...]:
+    """Model, optimizer and a batch for one train_step call (3 loops)."""
+    from eqloop.model import LoopLM
+    from eqloop.train import _optimizer, make_train_tensors
+
+    torch.manual_seed(0)
+    model = LoopLM(config.model)
+    x, y = make_train_tensors(config)
+    return model, model, _optimizer(model, config), x[:8], y[:8], 3, config
+
+
+def test_a_non_finite_loss_between_reads_is_named_and_nothing_after_it_is_saved(
+    tmp_path: Path, cache: Path
+) -> None:
+    # Issue 22 row 5: with reads every 4 steps the NaN of step 2 is found at step 4; the
+    # run names step 2, logs nothing after it and writes no checkpoint of the bad steps.
+    config = tiny_config(
+        tmp_path, cache, steps=8, lr=1e10, warmup_steps=1, checkpoint_every=4, eval_every=0,
+        log_every=4,
+    )  # fmt: skip
+    with pytest.raises(NonFiniteLoss, match=r"training diverged at step 2 \(loss nan") as stop:
+        train(config)
+    assert stop.value.step == 2 and stop.value.checkpoint is None
+    assert "no checkpoint was written before it" in str(stop.value)
+    assert not (Path(config.out_dir) / "checkpoints").exists()
+    records = read_jsonl(Path(config.out_dir) / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2] and math.isnan(records[1]["loss"])
+
+
+@pytest.mark.parametrize(
+    "backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
+)
+def test_compiled_training_equals_eager(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    # Issue 22 row 7: compile=True (eqloop train --compile) runs the model's step compiled;
+    # the CE and STARS steps (the penalty on the eager step) give the eager results.
+    # aot_eager checks the plumbing in seconds; inductor (slow) is the real compiler.
+    import eqloop.compiling
+    import eqloop.train
+
+    compiled: list[object] = []
+
+    def compile_with(model: Any) -> Any:
+        compiled.append(model)
+        return eqloop.compiling.compile_model(model, backend=backend)
+
+    monkeypatch.setattr(eqloop.train, "compile_model", compile_with)
+    config = tiny_config(tmp_path, cache, steps=4, eval_every=0, penalty_start=2, log_every=2)
+    eager = train(config)
+    fast = train(dataclasses.replace(config, out_dir=str(tmp_path / "compiled"), compile=True))
+    assert len(compiled) == 1  # only the compiled run
+    assert fast["eval"]["accuracy"] == eager["eval"]["accuracy"]
+    for a, b in zip(
+        read_jsonl(Path(config.out_dir) / "metrics.jsonl"),
+        read_jsonl(tmp_path / "compiled" / "metrics.jsonl"),
+        strict=True,
+    ):
+        for key in ("loss", "ce", "penalty", "rho", "grad_norm"):
+            assert a.get(key) == pytest.approx(b.get(key), rel=1e-4), (a, b, key)
+    weights = load_checkpoint(eager["checkpoint"]).weights
+    other = load_checkpoint(fast["checkpoint"]).weights
+    assert all(torch.allclose(weights[k], other[k], atol=1e-5) for k in weights)
+    # compile may change on resume (it changes how, not what, the run computes)
+    more = train(dataclasses.replace(config, steps=5, resume=True, compile=True))
+    assert more["step"] == 5 and len(compiled) == 2
+
+
+def test_compile_flags_of_train_and_eval(
+    tmp_path: Path,
+    finished: TrainConfig,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Issue 22 row 7: eqloop train/finetune --compile (shared flags) and eqloop eval --compile.
+    import eqloop.compiling
+    import eqloop.evaluate
+    from eqloop.cli import main
+
+    for command in ("train", "finetune"):
+        assert main([command, "--compile", "--print-config"]) == 0
+        assert json.loads(capsys.readouterr().out)["compile"] is True
+    with pytest.raises(SystemExit) as done:
+        main(["eval", "--pretrained", str(tmp_path), "--compile"])
+    assert done.value.code == 2
+    assert "--compile applies to --checkpoint runs only" in capsys.readouterr().err
+
+    compiled: list[object] = []
+
+    def compile_with(model: Any) -> Any:
+        compiled.append(model)
+        return eqloop.compiling.compile_model(model, backend="aot_eager")
+
+    monkeypatch.setattr(eqloop.evaluate, "compile_model", compile_with)
+    results = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"eval{len(flags)}.json"
+        args = ["eval", "--checkpoint", finished.out_dir, "--loops", "1,2", "--no-diagnostics"]
+        assert main([*args, "--no-progress", "--json", str(out), *flags]) == 0
+        results.append(json.loads(out.read_text())[0])
+    assert len(compiled) == 1
+    assert results[1]["accuracy"] == results[0]["accuracy"]
 
 
 def test_penalty_start_is_a_fraction_of_training_by_default(tmp_path: Path, cache: Path) -> None:

@@ -113,6 +113,15 @@ class FinetuneConfig:
     overwrite: bool = False  # delete the run already in out_dir and start over
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda[:n]"
     progress: bool = True  # tqdm progress bar (rank 0)
+    # Read the step statistics from the device every n steps (and before an evaluation, a
+    # checkpoint or the end): metrics.jsonl gets every step's record then, and a
+    # non-finite loss stops the run at that read, naming its step (see
+    # eqloop.training.step_stats). 1: read after every step (a host sync per step).
+    log_every: int = 10
+    # Run the model's per-loop step compiled (torch.compile through eqloop.compile_model,
+    # forward and backward; the STARS penalty runs on the eager step); the results equal
+    # eager ones to float tolerance.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, Mapping):
@@ -154,7 +163,7 @@ class FinetuneConfig:
         for name, low in (
             ("max_len", 2), ("seed", 0), ("power_steps", 1),
             ("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("warmup_steps", 0),
-            ("max_new_tokens", 1), ("checkpoint_every", 0),
+            ("max_new_tokens", 1), ("checkpoint_every", 0), ("log_every", 1),
         ):  # fmt: skip
             checks.integer(name, getattr(self, name), low=low)
         check_penalty_start(self.penalty_start)
@@ -171,7 +180,9 @@ class FinetuneConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         for beta in self.betas:
             checks.number("betas", beta, low=0.0, high=1.0, high_open=True)
-        for name in ("grad_checkpointing", "resume", "overwrite", "progress", "eval_equilibrium"):
+        for name in (
+            "grad_checkpointing", "resume", "overwrite", "progress", "compile", "eval_equilibrium",
+        ):  # fmt: skip
             checks.boolean(name, getattr(self, name))
         if self.resume and self.overwrite:
             raise ValueError(

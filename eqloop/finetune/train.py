@@ -40,7 +40,11 @@ directory holding a run (``config.json``, ``metrics.jsonl``, ``checkpoints/``, `
 not be, contain or lie inside ``init_from``; a resumed run that trains further replaces
 ``model/``. SIGINT and SIGTERM checkpoint the finished step and raise
 :class:`~eqloop.training.run_dir.TrainingInterrupted`; a non-finite loss stops the run
-(:class:`~eqloop.training.run_dir.NonFiniteLoss`) before that step is saved.
+(:class:`~eqloop.training.run_dir.NonFiniteLoss`) before that step is saved. As in
+``eqloop train``, the step statistics are read from the device every ``log_every`` steps
+(every step when ``on_step`` is given) and before each checkpoint, so a non-finite step is
+found up to ``log_every - 1`` steps later and DDP ranks agree on a signal at those reads;
+``compile`` compiles the model's per-loop step, the penalty differentiates the eager one.
 
 Exact resume: the data order, dropout RNG and penalty vectors of every step derive from
 ``(seed, step, rank)``; optimizer, scheduler and depth-sampler states are checkpointed
@@ -69,6 +73,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from eqloop.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from eqloop.compiling import compile_model, eager_map
 from eqloop.config import penalty_start_step
 from eqloop.data import IGNORE_INDEX
 from eqloop.depth import DepthSampler, make_depth_sampler
@@ -93,13 +98,15 @@ from eqloop.stars import PenaltySchedule, jsrr_penalty
 from eqloop.train import RunEnv, batch_rows, lr_factor, mix_seed, setup_run
 from eqloop.training import run_dir
 from eqloop.training.run_dir import TrainingInterrupted
+from eqloop.training.step_stats import PendingSteps
 
 __all__ = ["Objective", "OnStep", "finetune", "make_sampler", "prepare_model", "step_time_ratio"]
 
 # Options a resumed run may change; every other field must match the checkpoint's config.
 _RESUME_MAY_CHANGE = frozenset(
     {"steps", "checkpoint_every", "out_dir", "resume", "overwrite", "device", "progress",
-     "eval_file", "eval_loops", "eval_equilibrium", "eval_limit", "max_new_tokens"}
+     "eval_file", "eval_loops", "eval_equilibrium", "eval_limit", "max_new_tokens",
+     "log_every", "compile"}
 )  # fmt: skip
 OnStep = Callable[[int, dict[str, Any]], None]
 """Called as ``on_step(step, stats)`` after each optimisation step; may raise to stop."""
@@ -207,6 +214,8 @@ class Objective(nn.Module):
             if rows is not None and rows < inputs.shape[0]:
                 penalty_map, _ = self.model.core_map(inputs[:rows])
                 state = state[:rows]
+            # The penalty's double backward does not run through a compiled step.
+            penalty_map = eager_map(self.model, penalty_map)
             result = jsrr_penalty(
                 penalty_map,
                 state,
@@ -395,6 +404,8 @@ def _build(
         loaded = load_for_finetuning(config.init_from, device=env.device)
     lora_modules = prepare_model(loaded, config)
     loaded.model.to(env.device).train()
+    if config.compile:  # in place, after the adapters and the move; the penalty stays eager
+        compile_model(loaded.model)
     objective = Objective(
         loaded.model,
         lam=config.lam,
@@ -431,7 +442,14 @@ def _build(
 def _train_step(
     run: _Run, inputs: Tensor, targets: Tensor, config: FinetuneConfig, penalty_on: bool
 ) -> dict[str, Any]:
-    """One optimisation step over this rank's rows, in ``grad_accum`` micro-batches."""
+    """One optimisation step over this rank's rows, in ``grad_accum`` micro-batches.
+
+    Returns:
+        The rank-local mean over micro-batches of ``loss``, ``ce``, ``penalty`` and
+        ``rho`` (None without the penalty) and the ``grad_norm``, as 0-d device tensors
+        (nothing is read from the device: see :mod:`eqloop.training.step_stats`), and
+        the host value ``loops``.
+    """
     step, env = run.step, run.env
     torch.manual_seed(mix_seed(config.seed, step, env.rank, 0))  # dropout, if any
     generator = torch.Generator(env.device).manual_seed(mix_seed(config.seed, step, env.rank, 1))
@@ -464,17 +482,13 @@ def _train_step(
     )
     run.optimizer.step()
     run.scheduler.step()
-    values = torch.cat([sums, rho_sum.view(1)]) / config.grad_accum
-    if env.world > 1:
-        dist.all_reduce(values)
-        values /= env.world
-    loss, ce, penalty, rho = values.tolist()
+    loss, ce, penalty, rho = torch.cat([sums, rho_sum.view(1)]) / config.grad_accum
     return {
         "loss": loss,
         "ce": ce,
         "penalty": penalty if penalty_on else None,
         "rho": rho if penalty_on else None,
-        "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()),
+        "grad_norm": getattr(grad_norm, "full_tensor", lambda: grad_norm)(),
         "loops": loops,
     }
 
@@ -583,6 +597,22 @@ def _finetune(
         total=config.steps, initial=run.step, disable=not (env.main and config.progress),
         desc=f"finetune {config.mode}", dynamic_ncols=True,
     )  # fmt: skip
+    pending = PendingSteps(env.device, env.world)
+    # on_step receives every step's statistics: with it, they are read after every step.
+    log_every = 1 if on_step is not None else config.log_every
+
+    def read(signum: int) -> int:
+        """Log the pending steps, stop at a non-finite one; the largest signal of any rank."""
+        records, stop = pending.read(signum)
+        for record in records:
+            if log is not None:
+                log.write(record)
+            run_dir.check_finite(record, record["step"], out_dir)  # before anything is saved
+        if records:
+            run.last = {k: v for k, v in records[-1].items() if k not in ("step", "time")}
+            bar.set_postfix(ce=f"{run.last['ce']:.3f}", loops=run.last["loops"], refresh=False)
+        return stop
+
     try:
         with run_dir.stop_signals() as received:
             for step in range(run.step, config.steps):
@@ -592,17 +622,24 @@ def _finetune(
                 lr = run.scheduler.get_last_lr()[0]
                 penalty_on = config.mode == "stars" and config.lam > 0 and schedule.active(step)
                 stats = _train_step(run, inputs[rows], targets[rows], config, penalty_on)
+                loops = stats.pop("loops")
                 run.step = step + 1
                 run.train_time += time.perf_counter() - start
-                run.last = {**stats, "lr": lr}
-                if log is not None:
-                    log.write({"step": run.step, **run.last, "time": run.train_time})
-                run_dir.check_finite(stats, run.step, out_dir)  # before anything is saved
+                pending.add(run.step, stats, {"loops": loops, "lr": lr, "time": run.train_time})
                 bar.update(1)
-                bar.set_postfix(ce=f"{stats['ce']:.3f}", loops=stats["loops"], refresh=False)
-                if (config.checkpoint_every and run.step % config.checkpoint_every == 0) or (
-                    run.step == config.steps
+                checkpoint_due = (
+                    config.checkpoint_every and run.step % config.checkpoint_every == 0
+                ) or run.step == config.steps
+                # Read every log_every steps and before a checkpoint (alone, also when a
+                # signal arrived; ranks read at the same steps only).
+                stop = 0
+                if (
+                    checkpoint_due
+                    or run.step % log_every == 0
+                    or (env.world == 1 and received[0])
                 ):
+                    stop = read(received[0])
+                if checkpoint_due:
                     save()
                 if on_step is not None:
                     try:
@@ -610,8 +647,11 @@ def _finetune(
                     except BaseException:
                         save()
                         raise
-                stop = run_dir.any_rank_signal(received[0], env.device)
+                if env.world == 1:  # alone, a signal after the read counts as well
+                    stop = received[0]
                 if stop and run.step < config.steps:
+                    if len(pending):  # alone, a signal after the read above
+                        read(0)
                     raise TrainingInterrupted(run.step, save(), stop)
     finally:
         bar.close()

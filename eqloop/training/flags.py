@@ -2,7 +2,7 @@
 
 One table, so both commands take the same flags with the same meaning: the run directory
 and its policy (``--out-dir``, ``--resume``, ``--overwrite``), the length and seed of the
-run, the device and the progress bar, and ``--print-config``. Importing this module does
+run, the device, the progress bar, ``--compile`` and ``--print-config``. Importing this module does
 not import torch.
 """
 
@@ -34,6 +34,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, out_dir_help: str) -> 
         "--overwrite", action="store_true", help="delete the run in --out-dir and start over"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the model's per-loop step compiled (torch.compile via eqloop.compile_model; "
+        "the first steps compile, results equal eager ones to float tolerance)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the config and exit")
 
 
@@ -50,6 +56,7 @@ def run_flag_values(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "device": args.device,
         "progress": False if args.no_progress else None,
+        "compile": True if args.compile else None,
     }
     if args.resume or args.overwrite:
         values.update(resume=args.resume, overwrite=args.overwrite)

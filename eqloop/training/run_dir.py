@@ -17,8 +17,9 @@ A run directory (``out_dir``) belongs to one run:
 A run ends cleanly on SIGINT (Ctrl-C) and SIGTERM (:func:`stop_signals`): the step in
 progress finishes, a checkpoint is written and :class:`TrainingInterrupted` says where;
 :func:`report_interrupt` prints the command that resumes. A step whose loss or gradient
-norm is not finite stops the run with :class:`NonFiniteLoss` before anything of that step
-is saved (:func:`check_finite`), so the newest checkpoint stays the last finite one.
+norm is not finite stops the run with :class:`NonFiniteLoss` (:func:`check_finite`, at the
+next read of the step statistics) before anything after that step is saved, so the newest
+checkpoint stays the last finite one.
 """
 
 from __future__ import annotations
@@ -116,13 +117,14 @@ class NonFiniteLoss(ValueError):
 
 
 def check_finite(stats: Mapping[str, Any], step: int, out_dir: str | os.PathLike[str]) -> None:
-    """Stop a run whose last step is not finite.
+    """Stop a run at a step that is not finite.
 
-    Call it right after the optimisation step, before the step is evaluated or saved.
+    Call it on each step's statistics in order as they are read from the device
+    (:mod:`eqloop.training.step_stats`), before anything after that step is saved.
 
     Args:
         stats: the step's statistics; ``loss`` and ``grad_norm`` are checked.
-        step: steps completed, counting this one.
+        step: the step (1-based) of ``stats``.
         out_dir: the run directory (to name its newest checkpoint).
 
     Raises:
