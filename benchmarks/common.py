@@ -15,9 +15,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from eqloop.files import write_json_atomic
 
 __all__ = [
-    "PeakMemory", "extra_peak_bytes", "format_table", "interleaved_times", "machine_info",
-    "median_time", "print_written", "write_json_atomic",
-]  # fmt: skip
+    "PeakMemory",
+    "extra_peak_bytes",
+    "format_table",
+    "interleaved_times",
+    "machine_info",
+    "median_time",
+    "print_written",
+    "write_json_atomic",
+]
 
 
 def print_written(*paths: str | os.PathLike[str] | None) -> None:
@@ -60,7 +66,7 @@ def interleaved_times(
     times: dict[str, list[float]] = {name: [] for name in names}
     errors: dict[str, Exception] = {}
     for r in range(repeats if names else 0):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             if name in errors:
                 continue
             start = time.perf_counter()

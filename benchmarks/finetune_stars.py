@@ -88,11 +88,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", default="1.7,0.4,1,16", help="STARS log-normal mu,sigma,lo,hi")
     p.add_argument("--max-loops", type=int, default=16, help="evaluate loops 1..this")
     p.add_argument("--timing-steps", type=int, default=10, help="timed steps of each kind")
-    p.add_argument("--out-dir", default=None,
-                   help="stages (resumable); default runs/finetune_stars, with --quick "
-                        "runs/finetune_stars_quick")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete each seed's stages (data, models, evaluations) and run again")
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="stages (resumable); default runs/finetune_stars, with --quick "
+        "runs/finetune_stars_quick",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete each seed's stages (data, models, evaluations) and run again",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="write accuracy vs loops here (PNG)")
     p.add_argument("--no-progress", action="store_true")
@@ -135,30 +141,50 @@ def write_init(out: Path, args: argparse.Namespace, seed: int) -> Path:
     if (path / "config.json").is_file():
         return path
     return pretrained.write_tiny_checkpoint(
-        path, arch="ouro", seed=seed, hidden_size=args.hidden,
-        intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        total_ut_steps=TRAINED_LOOPS, initializer_range=args.init_std,
-        max_position_embeddings=64, overwrite=True,
-    )  # fmt: skip
+        path,
+        arch="ouro",
+        seed=seed,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        total_ut_steps=TRAINED_LOOPS,
+        initializer_range=args.init_std,
+        max_position_embeddings=64,
+        overwrite=True,
+    )
 
 
-def stage_config(name: str, init: Path, train: Path, out: Path, args: argparse.Namespace,
-                 seed: int) -> FinetuneConfig:  # fmt: skip
+def stage_config(
+    name: str, init: Path, train: Path, out: Path, args: argparse.Namespace, seed: int
+) -> FinetuneConfig:
     """Pre-training and the two fine-tunes share everything but what the name says."""
     mu, sigma, lo, hi = (float(v) for v in args.depth.split(","))
     steps = args.pretrain_steps if name == "pretrained" else args.finetune_steps
     return FinetuneConfig(
-        init_from=str(init), train_file=str(train), out_dir=str(out / name), seed=seed,
-        mode="stars" if name == "stars" else "sft", loops=TRAINED_LOOPS,
+        init_from=str(init),
+        train_file=str(train),
+        out_dir=str(out / name),
+        seed=seed,
+        mode="stars" if name == "stars" else "sft",
+        loops=TRAINED_LOOPS,
         depth={"kind": "lognormal", "mu": mu, "sigma": sigma, "lo": int(lo), "hi": int(hi)},
-        lam=args.lam, penalty_start=args.penalty_start, penalty_rows=args.penalty_rows,
+        lam=args.lam,
+        penalty_start=args.penalty_start,
+        penalty_rows=args.penalty_rows,
         steps=steps,
-        batch_size=args.batch_size, lr=args.lr if name == "pretrained" else args.finetune_lr,
-        warmup_steps=max(1, steps // 20), betas=(0.9, 0.98), weight_decay=0.01,
-        checkpoint_every=max(1, steps // 4), resume=True, progress=not args.no_progress,
-        max_len=64, device="cpu",
-    )  # fmt: skip
+        batch_size=args.batch_size,
+        lr=args.lr if name == "pretrained" else args.finetune_lr,
+        warmup_steps=max(1, steps // 20),
+        betas=(0.9, 0.98),
+        weight_decay=0.01,
+        checkpoint_every=max(1, steps // 4),
+        resume=True,
+        progress=not args.no_progress,
+        max_len=64,
+        device="cpu",
+    )
 
 
 def evaluate_stage(model_dir: Path, test: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -171,9 +197,13 @@ def evaluate_stage(model_dir: Path, test: Path, args: argparse.Namespace) -> dic
             return cached
     loaded = load_for_finetuning(model_dir)
     result = accuracy_vs_loops(
-        loaded.model, loaded.tokenizer, load_jsonl(test), loops=range(1, args.max_loops + 1),
-        decode="forced", batch_size=512,
-    )  # fmt: skip
+        loaded.model,
+        loaded.tokenizer,
+        load_jsonl(test),
+        loops=range(1, args.max_loops + 1),
+        decode="forced",
+        batch_size=512,
+    )
     write_json_atomic(cache, result)
     return result
 
@@ -234,9 +264,13 @@ def time_steps(pre_model: Path, train: Path, args: argparse.Namespace, seed: int
         loaded = load_for_finetuning(pre_model)
         inputs, targets = encode_examples(examples, loaded.tokenizer, PromptTemplate(), max_len=64)
         out[key] = step_time_ratio(
-            loaded, inputs, targets, dataclasses.replace(config, penalty_rows=rows),
-            loops=TRAINED_LOOPS, steps=args.timing_steps,
-        )  # fmt: skip
+            loaded,
+            inputs,
+            targets,
+            dataclasses.replace(config, penalty_rows=rows),
+            loops=TRAINED_LOOPS,
+            steps=args.timing_steps,
+        )
     return {**out["configured"], "whole_batch": out["whole_batch"]}
 
 
@@ -284,11 +318,16 @@ def accuracy_table(per_seed: list[dict[str, Any]], max_loops: int) -> str:
 def summary_table(mean: dict[str, dict[str, float | None]]) -> str:
     rows = [{"stage": name, **values} for name, values in mean.items()]
     columns = [
-        ("stage", "model (mean over seeds)", "s"), ("peak", "peak", ".1f"),
-        ("peak_loops", "at loops", ".1f"), ("acc4", "L4", ".1f"), ("acc8", "L8", ".1f"),
-        ("acc16", "L16", ".1f"), ("drop8", "drop@8", ".1f"), ("drop16", "drop@16", ".1f"),
+        ("stage", "model (mean over seeds)", "s"),
+        ("peak", "peak", ".1f"),
+        ("peak_loops", "at loops", ".1f"),
+        ("acc4", "L4", ".1f"),
+        ("acc8", "L8", ".1f"),
+        ("acc16", "L16", ".1f"),
+        ("drop8", "drop@8", ".1f"),
+        ("drop16", "drop@16", ".1f"),
         ("equilibrium", "equilibrium", ".1f"),
-    ]  # fmt: skip
+    ]
     return format_table(rows, columns)
 
 
@@ -303,12 +342,18 @@ def plot(per_seed: list[dict[str, Any]], path: str) -> None:
         mean = values.mean(0)
         ax.plot(loops, mean, marker="o", ms=3, color=colors[name], label=name)
         if len(curves) > 1:
-            ax.fill_between(loops, values.min(0).values, values.max(0).values,
-                            color=colors[name], alpha=0.15)  # fmt: skip
+            ax.fill_between(
+                loops, values.min(0).values, values.max(0).values, color=colors[name], alpha=0.15
+            )
         eq = [s["results"][name]["equilibrium"] for s in per_seed]
         if all(e is not None for e in eq):
-            ax.scatter([loops[-1] + 1.5], [statistics.fmean(100 * e["accuracy"] for e in eq)],
-                       marker="*", s=80, color=colors[name])  # fmt: skip
+            ax.scatter(
+                [loops[-1] + 1.5],
+                [statistics.fmean(100 * e["accuracy"] for e in eq)],
+                marker="*",
+                s=80,
+                color=colors[name],
+            )
     ax.axvline(TRAINED_LOOPS, color="k", lw=0.6, ls=":")
     ax.set_ylim(-3, 103)
     ax.set_xticks([*loops, loops[-1] + 1.5], [*map(str, loops), "eq"])
@@ -360,17 +405,25 @@ def memory_estimate(path: str, tokens: int = 64) -> dict[str, Any]:
 
     c = OURO_14B
     layer = pretrained.write_tiny_checkpoint(
-        Path(path) / "ouro14b_layer", arch="ouro", overwrite=True, hidden_size=c["hidden"],
-        intermediate_size=c["ffn"], num_hidden_layers=1, num_attention_heads=c["heads"],
-        num_key_value_heads=c["heads"], vocab_size=128, max_position_embeddings=512,
-    )  # fmt: skip
+        Path(path) / "ouro14b_layer",
+        arch="ouro",
+        overwrite=True,
+        hidden_size=c["hidden"],
+        intermediate_size=c["ffn"],
+        num_hidden_layers=1,
+        num_attention_heads=c["heads"],
+        num_key_value_heads=c["heads"],
+        vocab_size=128,
+        max_position_embeddings=512,
+    )
     model = pretrained.load(layer)
     ids = torch.randint(4, 100, (1, tokens))
     per_token: dict[str, float] = {}
     for name, options in (
-        ("fp32", {}), ("bf16", {"autocast": True}),
+        ("fp32", {}),
+        ("bf16", {"autocast": True}),
         ("bf16_checkpointed", {"autocast": True, "grad_checkpointing": True}),
-    ):  # fmt: skip
+    ):
         objective = Objective(model, lam=0.1, **options)
         four, eight = (_saved_bytes(objective, ids, t, False) for t in (4, 8))
         key = f"{name}_per_loop" if "checkpointed" in name else f"{name}_per_loop_layer"
@@ -444,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_table(mean))
     times = ", ".join(
         f"seed {s['seed']}: SFT {s['step_time']['step_time_sft'] * 1e3:.1f} ms, "
-        f"STARS {s['step_time']['step_time_stars'] * 1e3:.1f} ms" for s in per_seed
-    )  # fmt: skip
+        f"STARS {s['step_time']['step_time_stars'] * 1e3:.1f} ms"
+        for s in per_seed
+    )
     whole = statistics.median(s["step_time"]["whole_batch"]["ratio"] for s in per_seed)
     print(
         f"\nstep time at {TRAINED_LOOPS} loops: {times}; STARS/SFT median ratio {ratio:.2f} "

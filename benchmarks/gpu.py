@@ -124,17 +124,36 @@ OURO_QUICK = {"vocab": 128, "hidden": 32, "ffn": 64, "layers": 2, "heads": 4}
 #: weights, gradients and AdamW states).
 SHAPES: dict[bool, dict[str, dict[str, int]]] = {
     False: {
-        "ouro": dict(batch=8, seq=512, decode_batch=8, prompt=128, new_tokens=64,
-                     step_batch=2, step_seq=256, solve_batch=4, solve_seq=256),
-        "looplm": dict(batch=256, seq=32, step_batch=256, step_seq=32,
-                       solve_batch=256, solve_seq=32),
+        "ouro": dict(
+            batch=8,
+            seq=512,
+            decode_batch=8,
+            prompt=128,
+            new_tokens=64,
+            step_batch=2,
+            step_seq=256,
+            solve_batch=4,
+            solve_seq=256,
+        ),
+        "looplm": dict(
+            batch=256, seq=32, step_batch=256, step_seq=32, solve_batch=256, solve_seq=32
+        ),
     },
     True: {
-        "ouro": dict(batch=2, seq=16, decode_batch=2, prompt=8, new_tokens=4,
-                     step_batch=2, step_seq=8, solve_batch=2, solve_seq=8),
+        "ouro": dict(
+            batch=2,
+            seq=16,
+            decode_batch=2,
+            prompt=8,
+            new_tokens=4,
+            step_batch=2,
+            step_seq=8,
+            solve_batch=2,
+            solve_seq=8,
+        ),
         "looplm": dict(batch=4, seq=16, step_batch=4, step_seq=16, solve_batch=4, solve_seq=16),
     },
-}  # fmt: skip
+}
 
 COLUMNS = [
     ("model", "model", ""),
@@ -296,8 +315,11 @@ def measure(
     round_seconds = 0.0
     for name, build in variants.items():
         row = rows[name]
-        print(f"{base['model']} {base['workload']} {name} loops={base['loops']}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"{base['model']} {base['workload']} {name} loops={base['loops']}",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             with run.budget.limit(args.compile_timeout):
                 fn = synced(build(), device)
@@ -351,11 +373,16 @@ def build_model(name: str, quick: bool, device: torch.device, seed: int) -> nn.M
             return LoopLM(TrainConfig().model)
         shape = OURO_QUICK if quick else OURO_14B
         config = OuroConfig(
-            vocab_size=shape["vocab"], hidden_size=shape["hidden"],
-            intermediate_size=shape["ffn"], num_hidden_layers=shape["layers"],
-            num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
-            max_position_embeddings=4096, rope_theta=1e6, total_ut_steps=4,
-        )  # fmt: skip
+            vocab_size=shape["vocab"],
+            hidden_size=shape["hidden"],
+            intermediate_size=shape["ffn"],
+            num_hidden_layers=shape["layers"],
+            num_attention_heads=shape["heads"],
+            num_key_value_heads=shape["heads"],
+            max_position_embeddings=4096,
+            rope_theta=1e6,
+            total_ut_steps=4,
+        )
         model = OuroForCausalLM(config)
         model.init_weights(torch.Generator(device=device).manual_seed(seed))
         return model
@@ -394,10 +421,17 @@ def measure_steps(run: Run, name: str, model: nn.Module, shape: dict[str, int]) 
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 f, z0 = model.core_map(inputs)
                 z, info = fixed_point(
-                    f.step, z0, args=f.args, solver="fixed_point", backward="ift",
-                    max_iter=loops, tol=0.0, backward_tol=run.args.adjoint_tol,
-                    backward_max_iter=run.args.adjoint_max_iter, return_result=True,
-                )  # fmt: skip
+                    f.step,
+                    z0,
+                    args=f.args,
+                    solver="fixed_point",
+                    backward="ift",
+                    max_iter=loops,
+                    tol=0.0,
+                    backward_tol=run.args.adjoint_tol,
+                    backward_max_iter=run.args.adjoint_max_iter,
+                    return_result=True,
+                )
                 logits = model.readout(z)
             with warnings.catch_warnings():  # an unconverged adjoint: adjoint_status says so
                 warnings.simplefilter("ignore", ConvergenceWarning)
@@ -430,8 +464,13 @@ def measure_solve(run: Run, name: str, model: nn.Module, shape: dict[str, int]) 
     def solve(solver: str) -> Callable[[], Any]:
         def call() -> Any:
             with torch.no_grad():
-                return model(tokens, solver=solver, tol=run.args.solve_tol,
-                             max_iter=run.args.solve_max_iter, return_info=True)  # fmt: skip
+                return model(
+                    tokens,
+                    solver=solver,
+                    tol=run.args.solve_tol,
+                    max_iter=run.args.solve_max_iter,
+                    return_info=True,
+                )
 
         return call
 
@@ -444,8 +483,14 @@ def measure_solve(run: Run, name: str, model: nn.Module, shape: dict[str, int]) 
             "max_rel_residual": float(res.rel_residual.max()),
         }
 
-    base = {"model": name, "workload": "solve", "loops": None, "tokens": tokens.numel(),
-            "tol": run.args.solve_tol, "max_iter": run.args.solve_max_iter}  # fmt: skip
+    base = {
+        "model": name,
+        "workload": "solve",
+        "loops": None,
+        "tokens": tokens.numel(),
+        "tol": run.args.solve_tol,
+        "max_iter": run.args.solve_max_iter,
+    }
     variants = {s: lambda s=s: solve(s) for s in ("anderson", "fixed_point")}
     measure(run, base, variants, peak=False, details=result)
 
@@ -484,8 +529,13 @@ def measure_decode(run: Run, name: str, model: nn.Module, shape: dict[str, int])
     def decode(generate: Callable[..., Tensor]) -> Callable[[], Any]:
         return lambda: generate(prompts, max_new_tokens=new)
 
-    base = {"model": name, "workload": "decode", "loops": model.default_loops,
-            "tokens": prompts.shape[0] * new, "prompt_len": prompts.shape[1]}  # fmt: skip
+    base = {
+        "model": name,
+        "workload": "decode",
+        "loops": model.default_loops,
+        "tokens": prompts.shape[0] * new,
+        "prompt_len": prompts.shape[1],
+    }
     variants = {
         "eager": lambda: decode(model.generate),
         "compile": lambda: decode(compiled_generate(model, backend)),
@@ -501,8 +551,16 @@ def stage(run: Run, model: str, workload: str, fn: Callable[[], Any]) -> Any:
         return fn()
     except Exception as exc:  # noqa: BLE001 - recorded, and the run goes on
         status = "skipped" if isinstance(exc, Skipped) else "error"
-        run.rows.append({"model": model, "workload": workload, "variant": None, "loops": None,
-                         "status": status, "error": describe(exc)})  # fmt: skip
+        run.rows.append(
+            {
+                "model": model,
+                "workload": workload,
+                "variant": None,
+                "loops": None,
+                "status": status,
+                "error": describe(exc),
+            }
+        )
     free_memory(run.device)  # after the except clause dropped the traceback's frames
     return None
 
@@ -518,12 +576,17 @@ def measure_model(run: Run, name: str) -> dict[str, Any]:
     model = stage(run, name, "build", build)
     if model is None:
         return {}
-    info = {"parameters": sum(p.numel() for p in model.parameters()),
-            "config": dataclasses.asdict(model.config), "shapes": shape}  # fmt: skip
+    info = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": dataclasses.asdict(model.config),
+        "shapes": shape,
+    }
     stage(run, name, "step", lambda: measure_steps(run, name, model, shape))  # float32 weights
     model.to(torch.bfloat16).eval()  # the rest runs in bf16
     for workload, measure_workload in (
-        ("solve", measure_solve), ("forward", measure_forward), ("decode", measure_decode)
+        ("solve", measure_solve),
+        ("forward", measure_forward),
+        ("decode", measure_decode),
     ):
         stage(run, name, workload, lambda m=measure_workload: m(run, name, model, shape))
     return info
@@ -538,27 +601,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
     p.add_argument("--device", default="cuda", help="CUDA device of the full run")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per group (median)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="untimed calls after the first (CUDA graphs record in these)")
-    p.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
-                   help="torch.compile backend of the compiled variants; none skips them")
-    p.add_argument("--compile-timeout", type=float, default=150.0,
-                   help="seconds for a variant's first calls (compilation) before it fails")
-    p.add_argument("--budget", type=float, default=450.0,
-                   help="seconds after which no further variant starts")
-    p.add_argument("--solve-tol", type=float, default=1e-2,
-                   help="relative residual of the solve rows (bf16 resolves about 1e-2)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed calls after the first (CUDA graphs record in these)",
+    )
+    p.add_argument(
+        "--compile-backend",
+        choices=COMPILE_BACKENDS,
+        default="inductor",
+        help="torch.compile backend of the compiled variants; none skips them",
+    )
+    p.add_argument(
+        "--compile-timeout",
+        type=float,
+        default=150.0,
+        help="seconds for a variant's first calls (compilation) before it fails",
+    )
+    p.add_argument(
+        "--budget", type=float, default=450.0, help="seconds after which no further variant starts"
+    )
+    p.add_argument(
+        "--solve-tol",
+        type=float,
+        default=1e-2,
+        help="relative residual of the solve rows (bf16 resolves about 1e-2)",
+    )
     p.add_argument("--solve-max-iter", type=int, default=50)
     p.add_argument("--step-loops", default="4,8,16", help="loop counts of the step rows")
-    p.add_argument("--adjoint-tol", type=float, default=1e-2,
-                   help="relative residual of the implicit step's adjoint solve")
-    p.add_argument("--adjoint-max-iter", type=int, default=50,
-                   help="VJP budget of the implicit step's adjoint solve")
+    p.add_argument(
+        "--adjoint-tol",
+        type=float,
+        default=1e-2,
+        help="relative residual of the implicit step's adjoint solve",
+    )
+    p.add_argument(
+        "--adjoint-max-iter",
+        type=int,
+        default=50,
+        help="VJP budget of the implicit step's adjoint solve",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the rows and settings to this JSON file")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny shapes on the CPU, 2 and 4 step loops, two repeats, no "
-                        "warm-up, short solves (tests)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes on the CPU, 2 and 4 step loops, two repeats, no "
+        "warm-up, short solves (tests)",
+    )
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(args.models) - set(MODELS))
@@ -600,23 +691,29 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(run.rows, COLUMNS))
     for row in run.rows:
         if row["error"] is not None:
-            print(f"{row['status']}: {row['model']} {row['workload']} {row['variant']}: "
-                  f"{row['error']}")  # fmt: skip
+            print(
+                f"{row['status']}: {row['model']} {row['workload']} {row['variant']}: "
+                f"{row['error']}"
+            )
     wall = time.perf_counter() - run.budget.start
     print(f"wall time {wall:.0f} s")
     if args.json:
         machine = machine_info()
         machine["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         machine["cuda"] = torch.version.cuda
-        write_json_atomic(args.json, {
-            "machine": machine,
-            "command": shlex.join(["python", "benchmarks/gpu.py",
-                                   *(sys.argv[1:] if argv is None else argv)]),
-            "wall_seconds": wall,
-            "settings": {k: v for k, v in vars(args).items() if k != "json"},
-            "models": models,
-            "results": run.rows,
-        })  # fmt: skip
+        write_json_atomic(
+            args.json,
+            {
+                "machine": machine,
+                "command": shlex.join(
+                    ["python", "benchmarks/gpu.py", *(sys.argv[1:] if argv is None else argv)]
+                ),
+                "wall_seconds": wall,
+                "settings": {k: v for k, v in vars(args).items() if k != "json"},
+                "models": models,
+                "results": run.rows,
+            },
+        )
         print_written(args.json)
     return 0
 

@@ -78,8 +78,16 @@ class BenchProblem:
 
 
 def tanh_problem(
-    name: str, *, symmetric: bool, rho: float, injection: float, batch: int, dim: int,
-    seed: int, dtype: torch.dtype, device: torch.device,
+    name: str,
+    *,
+    symmetric: bool,
+    rho: float,
+    injection: float,
+    batch: int,
+    dim: int,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> BenchProblem:
     """``f(z) = tanh(z W^T + x U^T)`` with W scaled to norm (or spectral radius) ``rho``."""
     gen = torch.Generator().manual_seed(seed)
@@ -120,7 +128,12 @@ def affine_problem(
 
 
 def looplm_problem(
-    *, batch: int, seq_len: int, seed: int, dtype: torch.dtype, device: torch.device,
+    *,
+    batch: int,
+    seq_len: int,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
     checkpoint: str | None,
 ) -> BenchProblem:
     """The recurrent core of a LoopLM (its ``core_map``) over (B, S, d) states."""
@@ -133,7 +146,11 @@ def looplm_problem(
     else:
         torch.manual_seed(seed)
         config = LoopLMConfig(
-            vocab_size=16, d_model=128, n_heads=4, d_ff=256, max_seq_len=seq_len,
+            vocab_size=16,
+            d_model=128,
+            n_heads=4,
+            d_ff=256,
+            max_seq_len=seq_len,
             norm_placement="post_sandwich",
         )
         model = LoopLM(config)
@@ -156,18 +173,24 @@ def build_problems(args: argparse.Namespace) -> list[BenchProblem]:
     common = {"batch": args.batch, "seed": args.seed, "dtype": args.dtype, "device": args.device}
     makers: dict[str, Callable[[], BenchProblem]] = {
         "gauss-0.9": lambda: tanh_problem(
-            "gauss-0.9", symmetric=False, rho=0.9, injection=1.0, dim=args.dim, **common),
+            "gauss-0.9", symmetric=False, rho=0.9, injection=1.0, dim=args.dim, **common
+        ),
         "gauss-0.99": lambda: tanh_problem(
-            "gauss-0.99", symmetric=False, rho=0.99, injection=1.0, dim=args.dim, **common),
+            "gauss-0.99", symmetric=False, rho=0.99, injection=1.0, dim=args.dim, **common
+        ),
         "sym-0.9": lambda: tanh_problem(
-            "sym-0.9", symmetric=True, rho=0.9, injection=1.0, dim=args.dim, **common),
+            "sym-0.9", symmetric=True, rho=0.9, injection=1.0, dim=args.dim, **common
+        ),
         "sym-0.99": lambda: tanh_problem(
-            "sym-0.99", symmetric=True, rho=0.99, injection=1.0, dim=args.dim, **common),
+            "sym-0.99", symmetric=True, rho=0.99, injection=1.0, dim=args.dim, **common
+        ),
         "sym-0.99-weak": lambda: tanh_problem(
-            "sym-0.99-weak", symmetric=True, rho=0.99, injection=0.1, dim=args.dim, **common),
+            "sym-0.99-weak", symmetric=True, rho=0.99, injection=0.1, dim=args.dim, **common
+        ),
         "affine": lambda: affine_problem(dim=args.dim, **common),
         "looplm": lambda: looplm_problem(
-            seq_len=args.seq_len, checkpoint=args.checkpoint, **common),
+            seq_len=args.seq_len, checkpoint=args.checkpoint, **common
+        ),
     }
     unknown = sorted(set(args.problems) - set(makers))
     if unknown:
@@ -179,8 +202,13 @@ def solve_once(problem: BenchProblem, solver: str, args: argparse.Namespace) -> 
     """One solve, without autograd."""
     with torch.no_grad():
         return solvers.solve(
-            problem.f, problem.z0, solver, max_iter=args.max_iter, tol=args.tol,
-            stop_mode=args.stop_mode, args=problem.args,
+            problem.f,
+            problem.z0,
+            solver,
+            max_iter=args.max_iter,
+            tol=args.tol,
+            stop_mode=args.stop_mode,
+            args=problem.args,
         )
 
 
@@ -285,7 +313,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         ax.set_xlabel("f-evaluations")
         ax.set_ylabel("median relative residual")
         ax.grid(True, which="both", alpha=0.3)
-    for ax in list(axes.flat)[len(problems):]:
+    for ax in list(axes.flat)[len(problems) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
@@ -298,8 +326,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     all_problems = "gauss-0.9,gauss-0.99,sym-0.9,sym-0.99,sym-0.99-weak,affine,looplm"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--solvers", default=",".join(solvers.available()),
-                   help="comma-separated solver names (default: all registered)")
+    p.add_argument(
+        "--solvers",
+        default=",".join(solvers.available()),
+        help="comma-separated solver names (default: all registered)",
+    )
     p.add_argument("--problems", default=all_problems, help="comma-separated problem names")
     p.add_argument("--batch", type=int, default=64, help="samples per batch")
     p.add_argument("--dim", type=int, default=256, help="state size of the synthetic maps")
@@ -314,9 +345,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="LoopLM checkpoint for the looplm problem")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--plot", default=None, help="write residual-vs-evaluations plot (PNG)")
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes and one repeat (used by tests): about 20 s of CPU, "
-                        "a minute or more of wall time on a busy 2-core machine")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes and one repeat (used by tests): about 20 s of CPU, "
+        "a minute or more of wall time on a busy 2-core machine",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.dim, args.seq_len = 8, 32, 8
@@ -342,10 +376,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             rows.extend(measure_problem(problem, args.solvers, args, progress))
     print(format_table(rows, COLUMNS))
     if args.json:
-        settings = {k: str(v) if isinstance(v, (torch.dtype, torch.device)) else v
-                    for k, v in vars(args).items()}
-        write_json_atomic(args.json, {"machine": machine_info(), "settings": settings,
-                                      "results": rows})
+        settings = {
+            k: str(v) if isinstance(v, (torch.dtype, torch.device)) else v
+            for k, v in vars(args).items()
+        }
+        write_json_atomic(
+            args.json, {"machine": machine_info(), "settings": settings, "results": rows}
+        )
     if args.plot:
         plot(rows, args.plot)
     print_written(args.json, args.plot)

@@ -130,8 +130,12 @@ class Worker:
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(settings["threads"])}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", WORKER, json.dumps(settings)],
-            cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            cwd=tree,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.stdin = cast(IO[str], self.proc.stdin)  # both are pipes (PIPE above)
         self.stdout = cast(IO[str], self.proc.stdout)
         self.setup_s = self._read()["setup_s"]  # the "ready" line, after the warm-up
@@ -184,9 +188,14 @@ def measure(trees: dict[str, Path], args: argparse.Namespace) -> list[dict[str, 
     """Interleaved timings of every workload on both trees; one row per workload."""
     workloads = ("train",) if args.compile else WORKLOADS
     settings = dict(
-        threads=args.threads, batch=args.batch, loops=args.loops, solve_iters=args.solve_iters,
-        warmup=args.warmup, workloads=workloads, backend=args.backend,
-    )  # fmt: skip
+        threads=args.threads,
+        batch=args.batch,
+        loops=args.loops,
+        solve_iters=args.solve_iters,
+        warmup=args.warmup,
+        workloads=workloads,
+        backend=args.backend,
+    )
     workers = {
         name: Worker(tree, {**settings, "compile": args.compile if name == "current" else None})
         for name, tree in trees.items()

@@ -160,35 +160,89 @@ def _variants() -> dict[str, Variant]:
     table = [
         Variant("baseline", "norms", "post-sandwich, fixed 4 loops", FIXED),
         Variant("baseline_pre", "norms", "pre-norm, fixed 4 loops", {**FIXED, **pre}),
-        Variant("baseline_post", "norms", "post-norm, fixed 4 loops",
-                {**FIXED, "model.norm_placement": "post"}),
-        Variant("baseline_pre_sandwich", "norms", "pre-sandwich, fixed 4 loops",
-                {**FIXED, **pre_sandwich}),
-        Variant("random_loops", "random", "post-sandwich, random loops",
-                {**RANDOM, "lam": 0.0}, "baseline"),
-        Variant("penalty_only", "random", "post-sandwich, fixed 4 loops + penalty",
-                {**FIXED, **PENALTY}, "baseline"),
-        Variant("stars", "random", "post-sandwich, random loops + penalty (the paper)",
-                stars, "baseline"),
+        Variant(
+            "baseline_post",
+            "norms",
+            "post-norm, fixed 4 loops",
+            {**FIXED, "model.norm_placement": "post"},
+        ),
+        Variant(
+            "baseline_pre_sandwich",
+            "norms",
+            "pre-sandwich, fixed 4 loops",
+            {**FIXED, **pre_sandwich},
+        ),
+        Variant(
+            "random_loops",
+            "random",
+            "post-sandwich, random loops",
+            {**RANDOM, "lam": 0.0},
+            "baseline",
+        ),
+        Variant(
+            "penalty_only",
+            "random",
+            "post-sandwich, fixed 4 loops + penalty",
+            {**FIXED, **PENALTY},
+            "baseline",
+        ),
+        Variant(
+            "stars",
+            "random",
+            "post-sandwich, random loops + penalty (the paper)",
+            stars,
+            "baseline",
+        ),
         Variant("baseline_add", "injection", "baseline with input injection", {**FIXED, **add}),
-        Variant("stars_add", "injection", "STARS with input injection", {**stars, **add},
-                "baseline_add"),
-        Variant("stars_pre", "internal", "STARS on a pre-norm block", {**stars, **pre},
-                "baseline_pre"),
-        Variant("stars_pre_sandwich", "internal", "STARS on a pre-sandwich block",
-                {**stars, **pre_sandwich}, "baseline_pre_sandwich"),
-        Variant("stars_fixed_point", "fixed_point",
-                "stars, penalty at the solver's fixed point",
-                {**stars, "penalty_at": "fixed_point"}, "baseline"),
-        Variant("stars_pre_fixed_point", "options", "stars_pre, penalty at the fixed point",
-                {**stars, **pre, "penalty_at": "fixed_point"}, "baseline_pre"),
-        Variant("stars_pre_hinge", "options", "stars_pre, hinge relu(||Jv|| - 0.5)^2",
-                {**stars, **pre, "penalty_target": 0.5}, "baseline_pre"),
-        Variant("stars_pre_power", "options", "stars_pre, 5 power steps per penalty",
-                {**stars, **pre, "power_steps": 5}, "baseline_pre"),
-        Variant("stars_pre_arnoldi", "options", "stars_pre, product along an 8-step Ritz vector",
-                {**stars, **pre, "penalty_arnoldi": 8}, "baseline_pre"),
-    ]  # fmt: skip
+        Variant(
+            "stars_add", "injection", "STARS with input injection", {**stars, **add}, "baseline_add"
+        ),
+        Variant(
+            "stars_pre", "internal", "STARS on a pre-norm block", {**stars, **pre}, "baseline_pre"
+        ),
+        Variant(
+            "stars_pre_sandwich",
+            "internal",
+            "STARS on a pre-sandwich block",
+            {**stars, **pre_sandwich},
+            "baseline_pre_sandwich",
+        ),
+        Variant(
+            "stars_fixed_point",
+            "fixed_point",
+            "stars, penalty at the solver's fixed point",
+            {**stars, "penalty_at": "fixed_point"},
+            "baseline",
+        ),
+        Variant(
+            "stars_pre_fixed_point",
+            "options",
+            "stars_pre, penalty at the fixed point",
+            {**stars, **pre, "penalty_at": "fixed_point"},
+            "baseline_pre",
+        ),
+        Variant(
+            "stars_pre_hinge",
+            "options",
+            "stars_pre, hinge relu(||Jv|| - 0.5)^2",
+            {**stars, **pre, "penalty_target": 0.5},
+            "baseline_pre",
+        ),
+        Variant(
+            "stars_pre_power",
+            "options",
+            "stars_pre, 5 power steps per penalty",
+            {**stars, **pre, "power_steps": 5},
+            "baseline_pre",
+        ),
+        Variant(
+            "stars_pre_arnoldi",
+            "options",
+            "stars_pre, product along an 8-step Ritz vector",
+            {**stars, **pre, "penalty_arnoldi": 8},
+            "baseline_pre",
+        ),
+    ]
     return {v.name: v for v in table}
 
 
@@ -202,12 +256,14 @@ def _members(*groups: str) -> tuple[str, ...]:
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "headline": ("baseline", "stars"),
-    **{g: _members(g)
-       for g in ("norms", "random", "injection", "internal", "options", "fixed_point")},
+    **{
+        g: _members(g)
+        for g in ("norms", "random", "injection", "internal", "options", "fixed_point")
+    },
     "grid": _members("norms", "random", "injection"),
     "beyond": _members("internal", "options"),
     "all": tuple(VARIANTS),
-}  # fmt: skip
+}
 
 
 # ------------------------------------------------------------------------------ one run
@@ -303,10 +359,15 @@ def summarize(variant: str, seed: int, config: TrainConfig, raw: dict[str, Any])
             "share_rho_below_1": contraction.get("share_rho_below_1"),
         },
         "dynamics": [
-            {"loops": d["loops"], "state_norm": d["state_norm"], "step_norm": d["step_norm"],
-             "rel_step": d["rel_step"], "rho_median": d["rho"]["q50"]}
+            {
+                "loops": d["loops"],
+                "state_norm": d["state_norm"],
+                "step_norm": d["step_norm"],
+                "rel_step": d["rel_step"],
+                "rho_median": d["rho"]["q50"],
+            }
             for d in raw.get("diagnostics") or []
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -347,22 +408,31 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     specs = [solver_spec(spec) for spec in settings["solvers"]]
     options = [{**settings["solver_options"], **start_options} for _, start_options in specs]
     raw = evaluate_model(
-        model, test, loops=args.loops, solver=specs[0][0] if specs else None,
-        solver_options=options[0] if specs else None, decode="forced",
-        diagnostic_samples=args.diagnostic_samples, rho_iters=args.rho_iters, seed=seed,
-    )  # fmt: skip
+        model,
+        test,
+        loops=args.loops,
+        solver=specs[0][0] if specs else None,
+        solver_options=options[0] if specs else None,
+        decode="forced",
+        diagnostic_samples=args.diagnostic_samples,
+        rho_iters=args.rho_iters,
+        seed=seed,
+    )
     result = summarize(variant, seed, config, raw)
     result["equilibria"] = {
-        spec: result["equilibrium"] if i == 0 else exact_match(
-            equilibrium(model, name, **opts), test, decode="forced")
+        spec: result["equilibrium"]
+        if i == 0
+        else exact_match(equilibrium(model, name, **opts), test, decode="forced")
         for i, (spec, (name, _), opts) in enumerate(
-            zip(settings["solvers"], specs, options, strict=True))
-    }  # fmt: skip
+            zip(settings["solvers"], specs, options, strict=True)
+        )
+    }
     result["train_seconds"] = float(ckpt.metrics.get("train_time", train_wall))
     result["eval_seconds"] = time.perf_counter() - start
     result["final_ce"] = (ckpt.metrics.get("train") or {}).get("ce")
-    write_json_atomic(cache, {"settings": settings, "checkpoint": checkpoint.name,
-                              "result": result})  # fmt: skip
+    write_json_atomic(
+        cache, {"settings": settings, "checkpoint": checkpoint.name, "result": result}
+    )
     return result
 
 
@@ -374,9 +444,11 @@ def run_all(pairs: Sequence[tuple[str, int]], args: argparse.Namespace) -> list[
     ``pairs`` (variant by variant with ``--variants``), a warm-started one as soon as a
     worker is free and the run it starts from is done, so no worker waits for a round.
     """
-    sources = list(dict.fromkeys(
-        (VARIANTS[v].warm_from, s) for v, s in pairs if VARIANTS[v].warm_from is not None
-    ))  # fmt: skip
+    sources = list(
+        dict.fromkeys(
+            (VARIANTS[v].warm_from, s) for v, s in pairs if VARIANTS[v].warm_from is not None
+        )
+    )
 
     def source(pair: tuple[str, int]) -> tuple[str, int] | None:
         warm_from = VARIANTS[pair[0]].warm_from
@@ -472,14 +544,26 @@ def dynamics_table(results: Sequence[dict[str, Any]], loops: Sequence[int]) -> l
             at = [d for r in runs for d in r["dynamics"] if d["loops"] == t]
             if not at:
                 continue
-            rows.append({"variant": variant, "loops": str(t),
-                         **{k: statistics.fmean(d[k] for d in at)
-                            for k in ("state_norm", "step_norm", "rho_median")}})  # fmt: skip
+            rows.append(
+                {
+                    "variant": variant,
+                    "loops": str(t),
+                    **{
+                        k: statistics.fmean(d[k] for d in at)
+                        for k in ("state_norm", "step_norm", "rho_median")
+                    },
+                }
+            )
         eq = [r["equilibrium_details"] for r in runs if r["equilibrium_details"]["state_norm"]]
         if eq:
-            rows.append({"variant": variant, "loops": "z*", "step_norm": None,
-                         **{k: statistics.fmean(e[k] for e in eq)
-                            for k in ("state_norm", "rho_median")}})  # fmt: skip
+            rows.append(
+                {
+                    "variant": variant,
+                    "loops": "z*",
+                    "step_norm": None,
+                    **{k: statistics.fmean(e[k] for e in eq) for k in ("state_norm", "rho_median")},
+                }
+            )
     return rows
 
 
@@ -492,20 +576,33 @@ def print_tables(
     results: Sequence[dict[str, Any]], loops: Sequence[int], solvers: Sequence[str]
 ) -> None:
     """Accuracy (mean/worst seed) and dynamics tables."""
-    rows = [{k: (_pair(v) if isinstance(v, tuple) else v) for k, v in row.items()}
-            for row in accuracy_table(results, loops, solvers)]  # fmt: skip
+    rows = [
+        {k: (_pair(v) if isinstance(v, tuple) else v) for k, v in row.items()}
+        for row in accuracy_table(results, loops, solvers)
+    ]
     columns = [("variant", "variant", ""), ("seeds", "seeds", "")]
     columns += [(f"L{t}", f"L{t}", "") for t in loops]
-    columns += [("eq" if i == 0 else f"eq_{name}", f"z* {name}", "")
-                for i, name in enumerate(solvers)]  # fmt: skip
+    columns += [
+        ("eq" if i == 0 else f"eq_{name}", f"z* {name}", "") for i, name in enumerate(solvers)
+    ]
     print("exact match at t loops and at the equilibrium z* of each solver, mean/worst seed")
     print(format_table(rows, columns))
-    print("\ndynamics (mean over seeds): state norm ||z_t||, step norm ||z_t - z_t-1||, "
-          "median rho(J(z_t))")  # fmt: skip
-    print(format_table(dynamics_table(results, loops), [
-        ("variant", "variant", ""), ("loops", "loops", ""), ("state_norm", "||z||", ".3g"),
-        ("step_norm", "||dz||", ".3g"), ("rho_median", "rho", ".3f"),
-    ]))  # fmt: skip
+    print(
+        "\ndynamics (mean over seeds): state norm ||z_t||, step norm ||z_t - z_t-1||, "
+        "median rho(J(z_t))"
+    )
+    print(
+        format_table(
+            dynamics_table(results, loops),
+            [
+                ("variant", "variant", ""),
+                ("loops", "loops", ""),
+                ("state_norm", "||z||", ".3g"),
+                ("step_norm", "||dz||", ".3g"),
+                ("rho_median", "rho", ".3f"),
+            ],
+        )
+    )
 
 
 # ------------------------------------------------------------------------------ figures
@@ -523,20 +620,29 @@ def plot_accuracy(results: Sequence[dict[str, Any]], path: str | Path) -> None:
         acc = [[r["accuracy"][t] for r in runs] for t in loops]
         mean = [statistics.fmean(a) for a in acc]
         ax_acc.plot(loops, mean, "o-", color=color, ms=3, label=f"{variant} ({len(runs)} seeds)")
-        ax_acc.fill_between(loops, [min(a) for a in acc], [max(a) for a in acc],
-                            color=color, alpha=0.15)  # fmt: skip
+        ax_acc.fill_between(
+            loops, [min(a) for a in acc], [max(a) for a in acc], color=color, alpha=0.15
+        )
         eqs = [r["equilibrium"] for r in runs if r["equilibrium"] is not None]
         if eqs:
-            ax_acc.errorbar([eq_x], [statistics.fmean(eqs)], fmt="D", color=color, ms=5,
-                            yerr=[[statistics.fmean(eqs) - min(eqs)],
-                                  [max(eqs) - statistics.fmean(eqs)]])  # fmt: skip
-        dyn = [[d["state_norm"] for r in runs for d in r["dynamics"] if d["loops"] == t]
-               for t in loops]  # fmt: skip
+            ax_acc.errorbar(
+                [eq_x],
+                [statistics.fmean(eqs)],
+                fmt="D",
+                color=color,
+                ms=5,
+                yerr=[[statistics.fmean(eqs) - min(eqs)], [max(eqs) - statistics.fmean(eqs)]],
+            )
+        dyn = [
+            [d["state_norm"] for r in runs for d in r["dynamics"] if d["loops"] == t] for t in loops
+        ]
         if all(dyn):
-            ax_norm.plot(loops, [statistics.fmean(d) for d in dyn], "o-", color=color, ms=3,
-                         label=variant)  # fmt: skip
-            ax_norm.fill_between(loops, [min(d) for d in dyn], [max(d) for d in dyn],
-                                 color=color, alpha=0.15)  # fmt: skip
+            ax_norm.plot(
+                loops, [statistics.fmean(d) for d in dyn], "o-", color=color, ms=3, label=variant
+            )
+            ax_norm.fill_between(
+                loops, [min(d) for d in dyn], [max(d) for d in dyn], color=color, alpha=0.15
+            )
     for ax in (ax_acc, ax_norm):
         ax.set_xscale("log", base=2)
     ticks = loops + [eq_x]
@@ -559,11 +665,14 @@ def plot_pca(variants: Sequence[str], args: argparse.Namespace, path: str | Path
     panels, summary = {}, {}
     for variant in variants:
         seed = args.seeds[0]
-        pca = checkpoint_pca(run_dir(variant, seed, args), problems=args.pca_problems,
-                             loops=max(args.loops))  # fmt: skip
+        pca = checkpoint_pca(
+            run_dir(variant, seed, args), problems=args.pca_problems, loops=max(args.loops)
+        )
         panels[f"{variant} (seed {seed})"] = pca
-        summary[variant] = {"explained": pca.explained.tolist(),
-                            "final_state_norm": pca.state_norm[:, -1].tolist()}  # fmt: skip
+        summary[variant] = {
+            "explained": pca.explained.tolist(),
+            "final_state_norm": pca.state_norm[:, -1].tolist(),
+        }
     plot_trajectories(panels, path)
     return summary
 
@@ -589,14 +698,23 @@ def scaling_sets(config: TrainConfig, n: int, min_chain: int) -> dict[str, Any]:
     least ``min_chain`` consecutive digits (rare in training); ``ood``: operands one digit
     longer than trained (the data module's ``ood`` split).
     """
-    drawn = make_arithmetic_dataset(config.task, config.digits, 20 * n, config.seed,
-                                    split="test", cache_dir=config.data_cache_dir)  # fmt: skip
+    drawn = make_arithmetic_dataset(
+        config.task,
+        config.digits,
+        20 * n,
+        config.seed,
+        split="test",
+        cache_dir=config.data_cache_dir,
+    )
     hard = [i for i, q in enumerate(drawn["question"]) if carry_chain(q) >= min_chain]
     if len(hard) < n:
-        raise ValueError(f"only {len(hard)} of {len(drawn)} test problems have a carry chain "
-                         f">= {min_chain}; lower --scaling-chain or --scaling-n")  # fmt: skip
-    ood = make_arithmetic_dataset(config.task, config.digits, n, config.seed, split="ood",
-                                  cache_dir=config.data_cache_dir)  # fmt: skip
+        raise ValueError(
+            f"only {len(hard)} of {len(drawn)} test problems have a carry chain "
+            f">= {min_chain}; lower --scaling-chain or --scaling-n"
+        )
+    ood = make_arithmetic_dataset(
+        config.task, config.digits, n, config.seed, split="ood", cache_dir=config.data_cache_dir
+    )
     return {"long_carry": make_eval_set(drawn.select(hard[:n])), "ood": make_eval_set(ood)}
 
 
@@ -631,8 +749,9 @@ def scaling_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, 
         result["splits"][split] = {
             str(t): exact_match(unrolled(model, t), data, decode="forced") for t in loops
         }
-    write_json_atomic(cache, {"settings": settings, "checkpoint": checkpoint.name,
-                              "result": result})  # fmt: skip
+    write_json_atomic(
+        cache, {"settings": settings, "checkpoint": checkpoint.name, "result": result}
+    )
     return result
 
 
@@ -665,10 +784,17 @@ def plot_scaling(runs: Sequence[dict[str, Any]], path: str | Path) -> None:
             loops = sorted(int(t) for t in mine[0]["splits"][split])
             acc = [[r["splits"][split][str(t)] for r in mine] for t in loops]
             color = f"C{i % 10}"
-            ax.plot(loops, [statistics.fmean(a) for a in acc], "o-", ms=3, color=color,
-                    label=f"{variant} ({len(mine)} seeds)")  # fmt: skip
-            ax.fill_between(loops, [min(a) for a in acc], [max(a) for a in acc], color=color,
-                            alpha=0.15)  # fmt: skip
+            ax.plot(
+                loops,
+                [statistics.fmean(a) for a in acc],
+                "o-",
+                ms=3,
+                color=color,
+                label=f"{variant} ({len(mine)} seeds)",
+            )
+            ax.fill_between(
+                loops, [min(a) for a in acc], [max(a) for a in acc], color=color, alpha=0.15
+            )
             ax.axvline(mine[0]["training_depth"], color=color, ls=":", lw=1)
         ax.set_xscale("log", base=2)
         grid = [t for t in EVAL_LOOPS if t <= loops[-1]]
@@ -696,46 +822,78 @@ def _names(text: str) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--variants", default="headline",
-                   help=f"variants or groups ({', '.join(GROUPS)}), comma-separated")
+    p.add_argument(
+        "--variants",
+        default="headline",
+        help=f"variants or groups ({', '.join(GROUPS)}), comma-separated",
+    )
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    p.add_argument("--warm-steps", type=int, default=WARM_STEPS,
-                   help="training steps of a baseline (the fixed-loop phase the others start from)")
-    p.add_argument("--steps", type=int, default=STEPS,
-                   help="training steps of a warm-started variant after that phase")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field for every variant, e.g. lr=1e-3 (the "
-                        "fields a variant sets itself, such as depth and lam, stay)")
-    p.add_argument("--depth-hi", type=int, default=32,
-                   help="largest loop count the random-depth variants sample (paper: 100)")
+    p.add_argument(
+        "--warm-steps",
+        type=int,
+        default=WARM_STEPS,
+        help="training steps of a baseline (the fixed-loop phase the others start from)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=STEPS,
+        help="training steps of a warm-started variant after that phase",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field for every variant, e.g. lr=1e-3 (the "
+        "fields a variant sets itself, such as depth and lam, stay)",
+    )
+    p.add_argument(
+        "--depth-hi",
+        type=int,
+        default=32,
+        help="largest loop count the random-depth variants sample (paper: 100)",
+    )
     p.add_argument("--n-test", type=int, default=1000, help="test problems per loop count")
     p.add_argument("--loops", default=",".join(map(str, EVAL_LOOPS)), help="eval loop counts")
-    p.add_argument("--solver", default="fixed_point,anderson@4,broyden@4,anderson",
-                   help="equilibrium solvers, comma-separated, the first one primary (its "
-                        "accuracy is 'equilibrium', its diagnostics are reported); NAME@K "
-                        "starts NAME after K loops; '' skips")
+    p.add_argument(
+        "--solver",
+        default="fixed_point,anderson@4,broyden@4,anderson",
+        help="equilibrium solvers, comma-separated, the first one primary (its "
+        "accuracy is 'equilibrium', its diagnostics are reported); NAME@K "
+        "starts NAME after K loops; '' skips",
+    )
     p.add_argument("--solver-max-iter", type=int, default=100)
     p.add_argument("--solver-tol", type=float, default=1e-4)
     p.add_argument("--diagnostic-samples", type=int, default=256)
     p.add_argument("--rho-iters", type=int, default=20, help="power steps per rho estimate")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (1 thread each)")
-    p.add_argument("--out-dir", default=None,
-                   help="runs (resumable); default runs/stars_scaling, with --quick "
-                        "runs/stars_scaling_quick")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete the runs this command trains (and their cached evaluations) "
-                        "and train them again")
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="runs (resumable); default runs/stars_scaling, with --quick runs/stars_scaling_quick",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the runs this command trains (and their cached evaluations) "
+        "and train them again",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="accuracy and state norm vs loops (PNG)")
     p.add_argument("--pca", default=None, help="PCA trajectory figure (PNG)")
     p.add_argument("--pca-variants", default="baseline,stars", help="variants in --pca")
     p.add_argument("--pca-problems", type=int, default=8, help="test problems in --pca")
-    p.add_argument("--scaling", default=None,
-                   help="test-time scaling figure (PNG): accuracy vs loops on harder splits")
+    p.add_argument(
+        "--scaling",
+        default=None,
+        help="test-time scaling figure (PNG): accuracy vs loops on harder splits",
+    )
     p.add_argument("--scaling-variants", default="baseline,stars", help="variants in --scaling")
     p.add_argument("--scaling-n", type=int, default=1000, help="problems per harder split")
-    p.add_argument("--scaling-chain", type=int, default=3,
-                   help="shortest carry chain of the long_carry split")
+    p.add_argument(
+        "--scaling-chain", type=int, default=3, help="shortest carry chain of the long_carry split"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny runs in seconds (tests)")
     args = p.parse_args(argv)
@@ -752,9 +910,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.out_dir = "runs/stars_scaling_quick" if args.quick else "runs/stars_scaling"
     if args.quick:
         args.recipe_overrides = {
-            "batch_size": 16, "n_train": 256, "digits": 2, "warmup_steps": 2,
-            "model.d_model": 16, "model.n_heads": 2, "model.d_ff": 32,
-        } | args.recipe_overrides  # fmt: skip
+            "batch_size": 16,
+            "n_train": 256,
+            "digits": 2,
+            "warmup_steps": 2,
+            "model.d_model": 16,
+            "model.n_heads": 2,
+            "model.d_ff": 32,
+        } | args.recipe_overrides
         args.warm_steps, args.steps = 6, 4
         args.depth_hi = 4
         args.n_test, args.diagnostic_samples, args.rho_iters = 32, 8, 4
@@ -765,8 +928,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.variants = _names(args.variants)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} "
-                f"or the groups {', '.join(GROUPS)}")  # fmt: skip
+        p.error(
+            f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} "
+            f"or the groups {', '.join(GROUPS)}"
+        )
     args.pca_variants = _names(args.pca_variants)
     args.scaling_variants = _names(args.scaling_variants)
     try:
@@ -806,39 +971,65 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if "stars" in args.variants:
         overhead = penalty_overhead(run_config("stars", args.seeds[0], args), steps=3, warmup=1)
         with_penalty, without = overhead["step_time_stars"], overhead["step_time_ce"]
-        print(f"penalty overhead per step: {overhead['ratio']:.2f}x ({with_penalty * 1e3:.0f} ms "
-              f"vs {without * 1e3:.0f} ms at {overhead['loops']} loops)")  # fmt: skip
+        print(
+            f"penalty overhead per step: {overhead['ratio']:.2f}x ({with_penalty * 1e3:.0f} ms "
+            f"vs {without * 1e3:.0f} ms at {overhead['loops']} loops)"
+        )
         extra["penalty_overhead"] = overhead
     if args.plot:
         plot_accuracy(results, args.plot)
     if args.pca:
-        extra["pca"] = plot_pca([v for v in args.pca_variants if v in args.variants], args,
-                                args.pca)  # fmt: skip
+        extra["pca"] = plot_pca(
+            [v for v in args.pca_variants if v in args.variants], args, args.pca
+        )
     if args.scaling:
         chosen = [(v, s) for v in args.scaling_variants if v in args.variants for s in args.seeds]
         done = _run_jobs(scaling_one, chosen, args)
         runs = [done[p] for p in chosen]
         table = scaling_table(runs)
         print("\ntest-time scaling: exact match at 1x, 2x, 4x the training depth, mean/worst")
-        print(format_table([{k: (_pair(v) if isinstance(v, tuple) else v) for k, v in r.items()}
-                            for r in table], [
-            ("variant", "variant", ""), ("split", "split", ""), ("depth", "train depth", ".1f"),
-            ("x1", "1x", ""), ("x2", "2x", ""), ("x4", "4x", ""),
-            ("deeper_not_worse", "2x,4x >= 1x", ""),
-        ]))  # fmt: skip
+        print(
+            format_table(
+                [
+                    {k: (_pair(v) if isinstance(v, tuple) else v) for k, v in r.items()}
+                    for r in table
+                ],
+                [
+                    ("variant", "variant", ""),
+                    ("split", "split", ""),
+                    ("depth", "train depth", ".1f"),
+                    ("x1", "1x", ""),
+                    ("x2", "2x", ""),
+                    ("x4", "4x", ""),
+                    ("deeper_not_worse", "2x,4x >= 1x", ""),
+                ],
+            )
+        )
         plot_scaling(runs, args.scaling)
         extra["scaling"] = {"table": table, "runs": runs}
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "recipe_overrides"}
-        write_json_atomic(args.json, {
-            "machine": machine_info(), "wall_seconds": wall, "settings": settings,
-            "recipe": {**RECIPE, **args.recipe_overrides},
-            "variants": {n: {"group": VARIANTS[n].group, "description": VARIANTS[n].description,
-                             "overrides": VARIANTS[n].overrides} for n in args.variants},
-            "accuracy_table": accuracy_table(results, args.loops, _solvers(args)),
-            "dynamics_table": dynamics_table(results, args.loops),
-            "results": results, **extra,
-        })  # fmt: skip
+        write_json_atomic(
+            args.json,
+            {
+                "machine": machine_info(),
+                "wall_seconds": wall,
+                "settings": settings,
+                "recipe": {**RECIPE, **args.recipe_overrides},
+                "variants": {
+                    n: {
+                        "group": VARIANTS[n].group,
+                        "description": VARIANTS[n].description,
+                        "overrides": VARIANTS[n].overrides,
+                    }
+                    for n in args.variants
+                },
+                "accuracy_table": accuracy_table(results, args.loops, _solvers(args)),
+                "dynamics_table": dynamics_table(results, args.loops),
+                "results": results,
+                **extra,
+            },
+        )
     print(f"runs in {args.out_dir}")
     print_written(args.json, args.plot, args.pca, args.scaling)
     return results

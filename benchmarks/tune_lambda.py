@@ -72,12 +72,24 @@ def quick_baseline(out_dir: Path, data_cache_dir: str | None) -> Path:
     """Train the quick preset's warm start (a few steps of a tiny model); its checkpoint."""
     run = out_dir / "baseline"
     base = config_dict(RECIPE)
-    config = TrainConfig.from_dict({
-        **base, "model": {**base["model"], **QUICK_MODEL}, "digits": 2, "n_train": 256,
-        "n_test": 32, "batch_size": 16, "steps": 6, "warmup_steps": 2, "eval_every": 0,
-        "checkpoint_every": 0, "out_dir": str(run), "resume": True, "progress": False,
-        **({"data_cache_dir": data_cache_dir} if data_cache_dir else {}),
-    })  # fmt: skip
+    config = TrainConfig.from_dict(
+        {
+            **base,
+            "model": {**base["model"], **QUICK_MODEL},
+            "digits": 2,
+            "n_train": 256,
+            "n_test": 32,
+            "batch_size": 16,
+            "steps": 6,
+            "warmup_steps": 2,
+            "eval_every": 0,
+            "checkpoint_every": 0,
+            "out_dir": str(run),
+            "resume": True,
+            "progress": False,
+            **({"data_cache_dir": data_cache_dir} if data_cache_dir else {}),
+        }
+    )
     train(config)
     return run / CHECKPOINT_DIR / step_dir_name(config.steps)
 
@@ -86,12 +98,26 @@ def tune_config(preset: dict[str, Any], args: argparse.Namespace, init_from: Pat
     """The study: the lam grid times ``repeats`` seeds, warm-started, no sampler, no pruner."""
     base = config_dict(RECIPE)
     steps = args.steps or preset["steps"]
-    base.update(FINETUNE, depth={**RANDOM["depth"], "hi": args.depth_hi}, init_from=str(init_from),
-                steps=steps, penalty_start=steps // 5, eval_every=steps, checkpoint_every=0,
-                n_test=args.n_test)  # fmt: skip
+    base.update(
+        FINETUNE,
+        depth={**RANDOM["depth"], "hi": args.depth_hi},
+        init_from=str(init_from),
+        steps=steps,
+        penalty_start=steps // 5,
+        eval_every=steps,
+        checkpoint_every=0,
+        n_test=args.n_test,
+    )
     if args.quick:
-        base.update(digits=2, n_train=256, batch_size=16, warmup_steps=1, n_test=32,
-                    model={**base["model"], **QUICK_MODEL}, depth={**RANDOM["depth"], "hi": 4})
+        base.update(
+            digits=2,
+            n_train=256,
+            batch_size=16,
+            warmup_steps=1,
+            n_test=32,
+            model={**base["model"], **QUICK_MODEL},
+            depth={**RANDOM["depth"], "hi": 4},
+        )
     if args.data_cache_dir is not None:
         base["data_cache_dir"] = args.data_cache_dir
     lams = args.lams or preset["lams"]
@@ -116,8 +142,13 @@ def trial_rows(study: optuna.Study, loops: list[int]) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(states=(TrialState.COMPLETE,)):
         accuracy = t.user_attrs.get("accuracy", {})
-        row = {"trial": t.number, "lam": t.params["lam"], "seed": t.user_attrs.get("seed"),
-               "objective": t.value, "seconds": t.user_attrs.get("train_seconds")}  # fmt: skip
+        row = {
+            "trial": t.number,
+            "lam": t.params["lam"],
+            "seed": t.user_attrs.get("seed"),
+            "objective": t.value,
+            "seconds": t.user_attrs.get("train_seconds"),
+        }
         row.update({f"acc@{k}": accuracy.get(str(k)) for k in loops})
         rows.append(row)
     return sorted(rows, key=lambda r: (r["lam"], r["seed"]))
@@ -128,9 +159,16 @@ def per_lam(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for lam in sorted({r["lam"] for r in rows}):
         values = [r["objective"] for r in rows if r["lam"] == lam]
-        out.append({"lam": lam, "seeds": len(values), "mean": statistics.fmean(values),
-                    "worst": min(values), "best": max(values),
-                    "spread": max(values) - min(values)})  # fmt: skip
+        out.append(
+            {
+                "lam": lam,
+                "seeds": len(values),
+                "mean": statistics.fmean(values),
+                "worst": min(values),
+                "best": max(values),
+                "spread": max(values) - min(values),
+            }
+        )
     return out
 
 
@@ -140,21 +178,36 @@ def separation(rows: list[dict[str, Any]]) -> float | None:
     return 100 * (max(values) - min(values)) if values else None
 
 
-def plot(rows: list[dict[str, Any]], summary: list[dict[str, Any]], loops: list[int],
-         path: Path) -> None:  # fmt: skip
+def plot(
+    rows: list[dict[str, Any]], summary: list[dict[str, Any]], loops: list[int], path: Path
+) -> None:
     """Objective vs lam (each seed a dot, the mean a line) and mean accuracy per loop count."""
     plt = pyplot()
     fig, (ax_obj, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_obj.plot([r["lam"] for r in rows], [r["objective"] for r in rows], "o", color="C0",
-                alpha=0.6, label="one seed")  # fmt: skip
-    ax_obj.plot([s["lam"] for s in summary], [s["mean"] for s in summary], "-", color="C0",
-                label="mean over seeds")  # fmt: skip
+    ax_obj.plot(
+        [r["lam"] for r in rows],
+        [r["objective"] for r in rows],
+        "o",
+        color="C0",
+        alpha=0.6,
+        label="one seed",
+    )
+    ax_obj.plot(
+        [s["lam"] for s in summary],
+        [s["mean"] for s in summary],
+        "-",
+        color="C0",
+        label="mean over seeds",
+    )
     for i, t in enumerate(loops):
-        means = [statistics.fmean(r[f"acc@{t}"] for r in rows if r["lam"] == s["lam"])
-                 for s in summary]  # fmt: skip
+        means = [
+            statistics.fmean(r[f"acc@{t}"] for r in rows if r["lam"] == s["lam"]) for s in summary
+        ]
         ax_acc.plot([s["lam"] for s in summary], means, "o-", color=f"C{i}", label=f"{t} loops")
-    for ax, ylabel in ((ax_obj, f"mean exact match, {loops[0]}-{loops[-1]} loops"),
-                       (ax_acc, "exact match (mean over seeds)")):  # fmt: skip
+    for ax, ylabel in (
+        (ax_obj, f"mean exact match, {loops[0]}-{loops[-1]} loops"),
+        (ax_acc, "exact match (mean over seeds)"),
+    ):
         ax.set_xscale("log")
         style_axis(ax, "STARS penalty weight lam", ylabel)
     ax_obj.set_title("objective vs lam, seed as nuisance")
@@ -168,25 +221,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny preset for tests (seconds)")
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help="study directory (default runs/bench/tune_lambda[_quick])")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="study directory (default runs/bench/tune_lambda[_quick])",
+    )
     p.add_argument("--study-name", default=None, help="default tune-lambda-<date-time>")
-    p.add_argument("--lams", default=None,
-                   help=f"comma-separated lam values (default {FULL['lams']})")
+    p.add_argument(
+        "--lams", default=None, help=f"comma-separated lam values (default {FULL['lams']})"
+    )
     p.add_argument("--repeats", type=int, default=None, help="seeds per lam (default 2)")
     p.add_argument("--steps", type=int, default=None, help="training steps per trial (500)")
     p.add_argument("--depth-hi", type=int, default=32, help="largest sampled loop count")
     p.add_argument("--n-test", type=int, default=500, help="test problems per loop count")
-    p.add_argument("--init-from", type=Path, default=None,
-                   help=f"warm-start checkpoint (default {DEFAULT_INIT})")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help=f"warm-start checkpoint (default {DEFAULT_INIT})",
+    )
     p.add_argument("--workers", type=int, default=1, help="workers on the study (1 thread each)")
     p.add_argument("--data-cache-dir", default=None, help="dataset cache directory")
     p.add_argument("--json", type=Path, default=None, help="results JSON (default in study dir)")
     p.add_argument("--plot", type=Path, default=None, help="plot PNG (default in study dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete the study named --study-name (its trials, runs and outputs) "
-                        "and, with --quick, the quick warm start, then run it again")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the study named --study-name (its trials, runs and outputs) "
+        "and, with --quick, the quick warm start, then run it again",
+    )
     args = p.parse_args(argv)
     if args.out_dir is None:
         args.out_dir = Path("runs/bench") / ("tune_lambda_quick" if args.quick else "tune_lambda")
@@ -212,8 +277,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def start_workers(config_path: Path, n: int) -> list[subprocess.Popen[bytes]]:
     """``n`` more ``eqloop tune`` workers on the study of ``config_path``, one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "eqloop.cli", "tune", "--config", str(config_path),
-               "--no-progress"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "eqloop.cli",
+        "tune",
+        "--config",
+        str(config_path),
+        "--no-progress",
+    ]
     return [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL) for _ in range(n)]
 
 
@@ -238,9 +310,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         init_from = Path(DEFAULT_INIT)
         if not init_from.is_dir():
-            sys.exit(f"tune_lambda: error: no warm-start checkpoint at {init_from}; train it "
-                     "with `python benchmarks/stars_scaling.py --variants baseline --seeds 0` "
-                     "or pass --init-from")  # fmt: skip
+            sys.exit(
+                f"tune_lambda: error: no warm-start checkpoint at {init_from}; train it "
+                "with `python benchmarks/stars_scaling.py --variants baseline --seeds 0` "
+                "or pass --init-from"
+            )
     config = tune_config(preset, args, init_from)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.overwrite:
@@ -248,8 +322,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         study, _, _ = load_study(config)
     except ValueError as error:  # e.g. a study of this name made with other settings
-        sys.exit(f"tune_lambda.py: error: {error}. With this script: --overwrite deletes "
-                 f"study {config.study_name!r} and runs it again, or pass another --study-name")
+        sys.exit(
+            f"tune_lambda.py: error: {error}. With this script: --overwrite deletes "
+            f"study {config.study_name!r} and runs it again, or pass another --study-name"
+        )
     if not study.get_trials():
         for _ in range(config.n_trials // len(args.lams or preset["lams"])):
             for lam in args.lams or preset["lams"]:
@@ -269,30 +345,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = trial_rows(study, loops)
     summary = per_lam(rows)
     best = max(summary, key=lambda s: s["mean"]) if summary else None
-    columns = [("trial", "trial", "d"), ("lam", "lam", ".4g"), ("seed", "seed", "d"),
-               ("objective", "objective", ".4f")]  # fmt: skip
+    columns = [
+        ("trial", "trial", "d"),
+        ("lam", "lam", ".4g"),
+        ("seed", "seed", "d"),
+        ("objective", "objective", ".4f"),
+    ]
     columns += [(f"acc@{t}", f"acc@{t}", ".3f") for t in loops]
     print(format_table(rows, [*columns, ("seconds", "train s", ".1f")]))
     print()
-    print(format_table(summary, [("lam", "lam", ".4g"), ("seeds", "seeds", "d"),
-                                 ("mean", "mean", ".4f"), ("worst", "worst seed", ".4f"),
-                                 ("best", "best seed", ".4f"), ("spread", "spread", ".4f")]))
+    print(
+        format_table(
+            summary,
+            [
+                ("lam", "lam", ".4g"),
+                ("seeds", "seeds", "d"),
+                ("mean", "mean", ".4f"),
+                ("worst", "worst seed", ".4f"),
+                ("best", "best seed", ".4f"),
+                ("spread", "spread", ".4f"),
+            ],
+        )
+    )
     sep = separation(rows)
     if best is not None:
-        print(f"best lam = {best['lam']:.4g}: mean objective {best['mean']:.4f} over "
-              f"{best['seeds']} seeds (worst {best['worst']:.4f}, best {best['best']:.4f})")
+        print(
+            f"best lam = {best['lam']:.4g}: mean objective {best['mean']:.4f} over "
+            f"{best['seeds']} seeds (worst {best['worst']:.4f}, best {best['best']:.4f})"
+        )
         print(f"separation (best - worst complete trial, lam < 1): {sep:.1f} points")
     if any(failed):
-        print(f"warning: {sum(map(bool, failed))} extra worker(s) exited with an error",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: {sum(map(bool, failed))} extra worker(s) exited with an error",
+            file=sys.stderr,
+        )
     print(f"wall time {wall:.0f} s ({args.workers} worker(s))")
 
     results = {
         "preset": "quick" if args.quick else "full",
         "config": config.to_dict(),
-        "study": {"name": study.study_name, "dir": str(config.out_dir),
-                  "dashboard": f"optuna-dashboard sqlite:///{Path(args.out_dir).resolve()}"
-                               "/study.db"},  # fmt: skip
+        "study": {
+            "name": study.study_name,
+            "dir": str(config.out_dir),
+            "dashboard": f"optuna-dashboard sqlite:///{Path(args.out_dir).resolve()}/study.db",
+        },
         "trials": rows,
         "per_lam": summary,
         "best": best,

@@ -145,9 +145,15 @@ class FixedPointProblem:
         """The forward solve without a graph, with a budget of ``max_iter``."""
         with torch.no_grad():
             return solvers.solve(
-                self.f, self.z0, self.solver, max_iter=max_iter, tol=self.tol,
-                stop_mode=self.stop_mode, args=self.args, **self.driver,
-            )  # fmt: skip
+                self.f,
+                self.z0,
+                self.solver,
+                max_iter=max_iter,
+                tol=self.tol,
+                stop_mode=self.stop_mode,
+                args=self.args,
+                **self.driver,
+            )
 
     @property
     def reads_host(self) -> bool:
@@ -164,9 +170,16 @@ def plain_loops(
     differentiable when grad mode is on.
     """
     return solvers.solve(
-        f, z, FixedPointIteration(), max_iter=loops, tol=0.0, args=args, output="last",
-        diverge_ratio=math.inf, check_every=None,
-    )  # fmt: skip
+        f,
+        z,
+        FixedPointIteration(),
+        max_iter=loops,
+        tol=0.0,
+        args=args,
+        output="last",
+        diverge_ratio=math.inf,
+        check_every=None,
+    )
 
 
 class Backward(abc.ABC):
@@ -290,9 +303,14 @@ class _AdjointHook:
             )
             return v
         adjoint = solvers.solve(
-            lambda g: self.vjp(g) + v, v, self.solver, max_iter=self.max_iter, tol=self.tol,
-            stop_mode="rel", **self.driver,
-        )  # fmt: skip
+            lambda g: self.vjp(g) + v,
+            v,
+            self.solver,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            stop_mode="rel",
+            **self.driver,
+        )
         self.info.backward = adjoint
         if self.reads_host:
             warn_if_failed(adjoint, "adjoint (backward)", "ift", self.tol)
@@ -380,9 +398,16 @@ class Unroll(Backward):
 
     def run(self, problem: FixedPointProblem) -> tuple[Tensor, FixedPointInfo]:
         result = solvers.solve(
-            problem.f, problem.z0, problem.solver, max_iter=problem.max_iter, tol=problem.tol,
-            stop_mode=problem.stop_mode, args=problem.args, output="last", **problem.driver,
-        )  # fmt: skip
+            problem.f,
+            problem.z0,
+            problem.solver,
+            max_iter=problem.max_iter,
+            tol=problem.tol,
+            stop_mode=problem.stop_mode,
+            args=problem.args,
+            output="last",
+            **problem.driver,
+        )
         z = result.z
         return z, FixedPointInfo(self.name, result, grad_steps=result.nfe if z.requires_grad else 0)
 

@@ -124,9 +124,15 @@ def _default_model() -> LoopLMConfig:
     from eqloop.model import LoopLMConfig
 
     return LoopLMConfig(
-        vocab_size=19, d_model=64, n_heads=8, d_ff=256, max_seq_len=32, n_prelude=1,
-        n_coda=1, init_std=0.1,
-    )  # fmt: skip
+        vocab_size=19,
+        d_model=64,
+        n_heads=8,
+        d_ff=256,
+        max_seq_len=32,
+        n_prelude=1,
+        n_coda=1,
+        init_std=0.1,
+    )
 
 
 def _default_depth() -> dict[str, Any]:
@@ -229,10 +235,20 @@ class TrainConfig:
         self.model.validate()
         checks.choice("task", self.task, TASKS)
         for name, low in (
-            ("digits", 1), ("n_train", 1), ("n_test", 1), ("seed", 0), ("batch_size", 1),
-            ("steps", 1), ("warmup_steps", 0), ("penalty_every", 1), ("power_steps", 1),
-            ("penalty_arnoldi", 0), ("eval_every", 0), ("checkpoint_every", 0), ("log_every", 1),
-        ):  # fmt: skip
+            ("digits", 1),
+            ("n_train", 1),
+            ("n_test", 1),
+            ("seed", 0),
+            ("batch_size", 1),
+            ("steps", 1),
+            ("warmup_steps", 0),
+            ("penalty_every", 1),
+            ("power_steps", 1),
+            ("penalty_arnoldi", 0),
+            ("eval_every", 0),
+            ("checkpoint_every", 0),
+            ("log_every", 1),
+        ):
             checks.integer(name, getattr(self, name), low=low)
         check_penalty_start(self.penalty_start)
         if self.n_train < self.batch_size:

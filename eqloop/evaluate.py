@@ -189,9 +189,7 @@ def equilibrium(
 
     def predict(tokens: Tensor) -> Tensor:
         x = model.inject(tokens)
-        result = solve_core(
-            model, x, solver, max_iter, tol, stop_mode, solver_options, start_loops
-        )
+        result = solve_core(model, x, solver, max_iter, tol, stop_mode, solver_options, start_loops)
         return model.readout(result.z)
 
     return predict
@@ -353,9 +351,7 @@ def equilibrium_diagnostics(
     """
     with torch.no_grad():
         x = model.inject(inputs)
-        result = solve_core(
-            model, x, solver, max_iter, tol, stop_mode, solver_options, start_loops
-        )
+        result = solve_core(model, x, solver, max_iter, tol, stop_mode, solver_options, start_loops)
         f, _ = model.core_map(x)
         rho = spectral_radius(f, result.z, rho_method, rho_iters, generator=generator)
     return {
@@ -494,9 +490,13 @@ def evaluate_model(
             bar.set_description("diagnostics per depth")
             generator = torch.Generator(device=sample.device).manual_seed(seed)
             result["diagnostics"] = loop_diagnostics(
-                model, sample, deep, rho_iters=rho_iters, generator=generator,
+                model,
+                sample,
+                deep,
+                rho_iters=rho_iters,
+                generator=generator,
                 on_record=lambda t: bar.update(),
-            )  # fmt: skip
+            )
     return result
 
 
@@ -615,10 +615,15 @@ def format_result(result: dict[str, Any]) -> str:
         row = [t, f"{acc:.3f}"]
         if detailed:
             d = by_depth.get(int(t))
-            row += ["-"] * 5 if d is None else [
-                f"{d['step_norm']:.3g}", f"{d['state_norm']:.3g}",
-                *_rho_cells(d["rho"], d["rho"]["share_below_1"]),
-            ]  # fmt: skip
+            row += (
+                ["-"] * 5
+                if d is None
+                else [
+                    f"{d['step_norm']:.3g}",
+                    f"{d['state_norm']:.3g}",
+                    *_rho_cells(d["rho"], d["rho"]["share_below_1"]),
+                ]
+            )
         rows.append(row)
     lines = [title]
     if eq is not None:

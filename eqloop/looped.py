@@ -203,10 +203,18 @@ class LoopedLM(nn.Module, abc.ABC):
         if not exit_threshold:
             return plain_loops(f.step, z0, loops, f.args)
         return solvers.solve(
-            f.step, z0, FixedPointIteration(), max_iter=loops, tol=exit_threshold,
-            stop_mode="rel", args=f.args, output="last", diverge_ratio=math.inf,
-            check_every=self.exit_check_every, compact=True,
-        )  # fmt: skip
+            f.step,
+            z0,
+            FixedPointIteration(),
+            max_iter=loops,
+            tol=exit_threshold,
+            stop_mode="rel",
+            args=f.args,
+            output="last",
+            diverge_ratio=math.inf,
+            check_every=self.exit_check_every,
+            compact=True,
+        )
 
     def unroll(
         self, inputs: Tensor, loops: int, *, return_states: bool = False, **options: Any

@@ -159,9 +159,22 @@ OnEval = Callable[[int, dict[str, Any]], None]
 
 # Options a resumed run may change; every other field must match the checkpoint's config.
 _RESUME_MAY_CHANGE = frozenset(
-    {"steps", "eval_every", "eval_loops", "n_test", "checkpoint_every", "out_dir", "resume",
-     "overwrite", "device", "progress", "data_cache_dir", "log_every", "compile"}
-)  # fmt: skip
+    {
+        "steps",
+        "eval_every",
+        "eval_loops",
+        "n_test",
+        "checkpoint_every",
+        "out_dir",
+        "resume",
+        "overwrite",
+        "device",
+        "progress",
+        "data_cache_dir",
+        "log_every",
+        "compile",
+    }
+)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -317,9 +330,13 @@ def penalty_point(
     if config.penalty_at == "fixed_point":
         with torch.no_grad():
             point = solvers.solve(
-                f, point, EQUILIBRIUM_SOLVER, max_iter=EQUILIBRIUM_MAX_ITER,
-                tol=EQUILIBRIUM_TOL, stop_mode=EQUILIBRIUM_STOP_MODE,
-            ).z  # fmt: skip
+                f,
+                point,
+                EQUILIBRIUM_SOLVER,
+                max_iter=EQUILIBRIUM_MAX_ITER,
+                tol=EQUILIBRIUM_TOL,
+                stop_mode=EQUILIBRIUM_STOP_MODE,
+            ).z
     if not config.penalty_arnoldi:
         return point, None
     _, v = spectral_radius(
@@ -420,12 +437,20 @@ def _warn_unconverged(
         warned: the kinds already warned about; updated.
     """
     for key, what, meaning, fix in (
-        ("fwd_converged", "forward solve", "trained at the solver's best iterate, not at a "
-         "fixed point", f"raise solve.max_iter or loosen solve.tol (solve={config.solve})"),
-        ("bwd_converged", "IFT adjoint solve", "given the adjoint's best iterate, not the "
-         "implicit gradient", "raise backward_options max_iter or loosen its tol "
-         f"(backward_options={config.backward_options})"),
-    ):  # fmt: skip
+        (
+            "fwd_converged",
+            "forward solve",
+            "trained at the solver's best iterate, not at a fixed point",
+            f"raise solve.max_iter or loosen solve.tol (solve={config.solve})",
+        ),
+        (
+            "bwd_converged",
+            "IFT adjoint solve",
+            "given the adjoint's best iterate, not the implicit gradient",
+            "raise backward_options max_iter or loosen its tol "
+            f"(backward_options={config.backward_options})",
+        ),
+    ):
         share = stats.get(key)
         if share is None or share >= 1 or key in warned:
             continue
@@ -815,9 +840,15 @@ def penalty_overhead(
             rows = batch_rows(2 * i + penalty_on, len(train_x), config.batch_size, config.seed)
             start = time.perf_counter()
             train_step(
-                model, model, optimizer, train_x[rows], train_y[rows], loops, config,
+                model,
+                model,
+                optimizer,
+                train_x[rows],
+                train_y[rows],
+                loops,
+                config,
                 penalty_on=penalty_on,
-            )  # fmt: skip
+            )
             if i >= warmup:
                 times[penalty_on].append(time.perf_counter() - start)
     ce, stars = statistics.median(times[False]), statistics.median(times[True])

@@ -243,15 +243,25 @@ def plot_trajectories(
         for b in range(points.shape[0]):
             ax.plot(points[b, :, 0], points[b, :, 1], "-", color="0.6", lw=0.7, zorder=1)
             scatter = ax.scatter(
-                points[b, :, 0], points[b, :, 1], c=loop_of, cmap="viridis", s=9,
-                norm=_log_norm(pca.first_loop + steps - 1), zorder=2,
-            )  # fmt: skip
+                points[b, :, 0],
+                points[b, :, 1],
+                c=loop_of,
+                cmap="viridis",
+                s=9,
+                norm=_log_norm(pca.first_loop + steps - 1),
+                zorder=2,
+            )
             ax.scatter(*points[b, 0, :2], marker="s", color="k", s=18, zorder=3)
             ax.scatter(*points[b, -1, :2], marker="*", color="C3", s=60, zorder=3)
         for t in marks:
             if 0 <= t - pca.first_loop < steps:
-                ax.annotate(str(t), points[0, t - pca.first_loop, :2], fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")  # fmt: skip
+                ax.annotate(
+                    str(t),
+                    points[0, t - pca.first_loop, :2],
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
         share = pca.explained.tolist()
         style_axis(
             ax,

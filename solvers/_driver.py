@@ -106,8 +106,9 @@ class _Evaluator:
     def _call(self, z: Tensor, args: tuple[Tensor, ...]) -> Tensor:
         full_shape = (z.shape[0], *self.shape[1:])
         flat = len(full_shape) == 2  # (B, n) problems need no reshaping either way
-        fz = check_image(self.f(z if flat else z.view(full_shape), *args), full_shape,
-                         self.dtype, self.device)
+        fz = check_image(
+            self.f(z if flat else z.view(full_shape), *args), full_shape, self.dtype, self.device
+        )
         return fz if flat else fz.reshape(z.shape[0], -1)
 
     def compact_to(self, active: Tensor) -> None:
@@ -326,8 +327,7 @@ def result_from_trace(
     batch = z.shape[0]
     measure = fz is None
     if measure:
-        fz = check_image(problem.f(z, *problem.args), z.shape, problem.z0.dtype,
-                         problem.z0.device)
+        fz = check_image(problem.f(z, *problem.args), z.shape, problem.z0.dtype, problem.z0.device)
         nfe += 1
     abs_r, norm_fz = norms(z.reshape(batch, -1), fz.reshape(batch, -1))
     rel_r = relative(abs_r, norm_fz, problem.eps)
@@ -344,11 +344,13 @@ def result_from_trace(
     else:
         nstep = torch.full_like(limit, unrecorded, dtype=torch.int64)
     start = _norm(problem.z0.detach().reshape(batch, -1)) + first_abs
-    status = status_of(rel_r if rel_mode else abs_r, rel_r, norm_fz, start,
-                       stopped=abs_r > limit, problem=problem)
+    status = status_of(
+        rel_r if rel_mode else abs_r, rel_r, norm_fz, start, stopped=abs_r > limit, problem=problem
+    )
     died = ~recorded_res.isfinite().all(dim=1)
-    status = torch.where(died & (status == int(Status.MAX_ITER)), int(Status.NON_FINITE),
-                         status).to(torch.int8)
+    status = torch.where(
+        died & (status == int(Status.MAX_ITER)), int(Status.NON_FINITE), status
+    ).to(torch.int8)
     pad = recorded_abs.new_full((batch, unrecorded), math.nan)
     return finish(
         problem,
@@ -433,7 +435,12 @@ def first_stop(keep: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def status_of(
-    res: Tensor, rel: Tensor, norm_fz: Tensor, start: Tensor, *, stopped: Tensor,
+    res: Tensor,
+    rel: Tensor,
+    norm_fz: Tensor,
+    start: Tensor,
+    *,
+    stopped: Tensor,
     problem: Problem,
 ) -> Tensor:
     """:class:`Status` codes (int8) of one evaluation per sample (see :func:`stopping`).

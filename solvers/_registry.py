@@ -248,8 +248,9 @@ def make_problem(
     compact = checks.boolean("compact", compact)
     if compact and check_every is None:
         raise ValueError("compact=True needs check points: set check_every to an integer")
-    diverge_ratio = checks.number("diverge_ratio", diverge_ratio, low=1.0, low_open=True,
-                                  finite=False)
+    diverge_ratio = checks.number(
+        "diverge_ratio", diverge_ratio, low=1.0, low_open=True, finite=False
+    )
     raise_on_failure = checks.boolean("raise_on_failure", raise_on_failure)
     output = checks.choice("output", output, ("best", "last"))
     if not isinstance(args, (tuple, list)):
@@ -263,8 +264,7 @@ def make_problem(
             )
         if a.device != z0.device:
             raise ValueError(
-                f"args[{i}] is on {a.device} but z0 is on {z0.device}; move both to one "
-                "device"
+                f"args[{i}] is on {a.device} but z0 is on {z0.device}; move both to one device"
             )
     # Reading values synchronises; skipped when the caller asked for no host reads. The
     # extremes are NaN or infinite exactly when some entry is (one pass, no temporary).
@@ -272,9 +272,18 @@ def make_problem(
     if readable and not math.isfinite(torch.stack(torch.aminmax(z0)).abs().amax().item()):
         raise ValueError("z0 contains NaN or Inf; start the solve from a finite guess")
     return Problem(
-        f=f, z0=z0, args=args, max_iter=max_iter, tol=tol, stop_mode=stop_mode, eps=eps,
-        check_every=check_every, compact=compact, diverge_ratio=diverge_ratio,
-        raise_on_failure=raise_on_failure, output=output,
+        f=f,
+        z0=z0,
+        args=args,
+        max_iter=max_iter,
+        tol=tol,
+        stop_mode=stop_mode,
+        eps=eps,
+        check_every=check_every,
+        compact=compact,
+        diverge_ratio=diverge_ratio,
+        raise_on_failure=raise_on_failure,
+        output=output,
     )
 
 

@@ -99,9 +99,7 @@ def parse_bool(name: str, text: str) -> bool:
         return True
     if word in _FALSE:
         return False
-    raise ValueError(
-        f"{name} must be a boolean (true/false, yes/no, on/off, 1/0), got {text!r}"
-    )
+    raise ValueError(f"{name} must be a boolean (true/false, yes/no, on/off, 1/0), got {text!r}")
 
 
 def _range(low: int | None, high: int | None) -> str:

@@ -85,7 +85,10 @@ def affine(dtype: torch.dtype, device: str = "cpu") -> FixedPointProblem:
         return z @ a_.T + b_
 
     return FixedPointProblem(
-        "affine", f, z0.to(dtype=dtype, device=device), z_star.to(dtype=dtype, device=device),
+        "affine",
+        f,
+        z0.to(dtype=dtype, device=device),
+        z_star.to(dtype=dtype, device=device),
         lipschitz=0.6,
     )
 
@@ -121,8 +124,11 @@ def cosine(dtype: torch.dtype, device: str = "cpu") -> FixedPointProblem:
     z0 = torch.linspace(-2.0, 2.0, 24, dtype=torch.float64).reshape(4, 2, 3)
     z_star = torch.full_like(z0, DOTTIE)
     return FixedPointProblem(
-        "cosine", lambda z: torch.cos(z), z0.to(dtype=dtype, device=device),
-        z_star.to(dtype=dtype, device=device), lipschitz=0.85,
+        "cosine",
+        lambda z: torch.cos(z),
+        z0.to(dtype=dtype, device=device),
+        z_star.to(dtype=dtype, device=device),
+        lipschitz=0.85,
     )
 
 
@@ -180,8 +186,12 @@ def mixed_rates(dtype: torch.dtype, device: str = "cpu") -> FixedPointProblem:
     r_ = rates[:, None].to(dtype=dtype, device=device)
     b_ = b.to(dtype=dtype, device=device)
     return FixedPointProblem(
-        "mixed_rates", f, torch.zeros(rates.shape[0], n, dtype=dtype, device=device),
-        z_star.to(dtype=dtype, device=device), args=(r_, b_), lipschitz=0.9,
+        "mixed_rates",
+        f,
+        torch.zeros(rates.shape[0], n, dtype=dtype, device=device),
+        z_star.to(dtype=dtype, device=device),
+        args=(r_, b_),
+        lipschitz=0.9,
         rates=rates.to(device=device),
     )
 

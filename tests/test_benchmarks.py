@@ -13,8 +13,9 @@ import solvers
 
 def test_solve_compare_quick_writes_json_and_plot(tmp_path: Path) -> None:
     out_json, out_png = tmp_path / "compare.json", tmp_path / "compare.png"
-    proc = run_benchmark("solve_compare.py", "--quick", "--json", str(out_json),
-                      "--plot", str(out_png))
+    proc = run_benchmark(
+        "solve_compare.py", "--quick", "--json", str(out_json), "--plot", str(out_png)
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out_json}\nwrote {out_png}" in proc.stdout  # says where it wrote
     data = json.loads(out_json.read_text())
@@ -54,16 +55,36 @@ def test_solve_compare_solves_a_trained_checkpoint(tmp_path: Path) -> None:
     from eqloop.train import train
 
     run = tmp_path / "run"
-    config = TrainConfig.from_dict(dict(
-        model={"d_model": 16, "n_heads": 2, "d_ff": 32, "max_seq_len": 16},
-        digits=2, n_train=64, n_test=16, batch_size=16, steps=2, warmup_steps=1,
-        eval_every=0, checkpoint_every=0, out_dir=str(run), progress=False,
-        data_cache_dir=str(tmp_path / "cache"),
-    ))  # fmt: skip
+    config = TrainConfig.from_dict(
+        dict(
+            model={"d_model": 16, "n_heads": 2, "d_ff": 32, "max_seq_len": 16},
+            digits=2,
+            n_train=64,
+            n_test=16,
+            batch_size=16,
+            steps=2,
+            warmup_steps=1,
+            eval_every=0,
+            checkpoint_every=0,
+            out_dir=str(run),
+            progress=False,
+            data_cache_dir=str(tmp_path / "cache"),
+        )
+    )
     train(config)
     out_json = tmp_path / "compare.json"
-    proc = run_benchmark("solve_compare.py", "--quick", "--problems", "looplm", "--solvers",
-                      "fixed_point,anderson", "--checkpoint", str(run), "--json", str(out_json))
+    proc = run_benchmark(
+        "solve_compare.py",
+        "--quick",
+        "--problems",
+        "looplm",
+        "--solvers",
+        "fixed_point,anderson",
+        "--checkpoint",
+        str(run),
+        "--json",
+        str(out_json),
+    )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out_json.read_text())["results"]
     assert {r["problem"] for r in rows} == {"looplm"}

@@ -20,11 +20,18 @@ from benchmarks import gpu
 
 STEP = {"stars_unrolled", "implicit_ift"}
 EXPECTED = {  # (workload, variants) per model of the quick run
-    "ouro": {"step": STEP, "solve": {"anderson", "fixed_point"},
-             "forward": {"eager", "compile", "reduce-overhead"}, "decode": {"eager", "compile"}},
-    "looplm": {"step": STEP, "solve": {"anderson", "fixed_point"},
-               "forward": {"eager", "compile", "reduce-overhead"}},
-}  # fmt: skip
+    "ouro": {
+        "step": STEP,
+        "solve": {"anderson", "fixed_point"},
+        "forward": {"eager", "compile", "reduce-overhead"},
+        "decode": {"eager", "compile"},
+    },
+    "looplm": {
+        "step": STEP,
+        "solve": {"anderson", "fixed_point"},
+        "forward": {"eager", "compile", "reduce-overhead"},
+    },
+}
 
 
 def check_rows(rows: list[dict], repeats: int) -> None:
@@ -80,8 +87,9 @@ def test_quick_run_writes_a_row_per_measurement(tmp_path: Path) -> None:
 def test_quick_run_with_compiled_variants(tmp_path: Path) -> None:
     """torch.compile's own tracing (backend "eager"): the compiled rows measure or say why."""
     out = tmp_path / "gpu.json"
-    proc = run_benchmark("gpu.py", "--quick", "--models", "ouro", "--compile-backend", "eager",
-                         "--json", str(out))  # fmt: skip
+    proc = run_benchmark(
+        "gpu.py", "--quick", "--models", "ouro", "--compile-backend", "eager", "--json", str(out)
+    )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["results"]
     check_rows(rows, repeats=2)
@@ -117,8 +125,7 @@ def test_a_failing_variant_is_its_rows_error_and_the_others_go_on() -> None:
         raise ValueError("compile failed")
 
     base = {"model": "m", "workload": "forward", "loops": 1, "tokens": 4}
-    variants = {"ok": lambda: lambda: torch.ones(3).sum(), "broken": broken,
-                "flaky": lambda: flaky}  # fmt: skip
+    variants = {"ok": lambda: lambda: torch.ones(3).sum(), "broken": broken, "flaky": lambda: flaky}
     gpu.measure(run, base, variants, peak=True)
     rows = {r["variant"]: r for r in run.rows}
     assert rows["broken"]["status"] == "error"
@@ -146,5 +153,13 @@ def test_a_failing_workload_outside_its_variants_is_one_row() -> None:
     run = fake_run()
     assert gpu.stage(run, "ouro", "build", lambda: 7) == 7 and run.rows == []
     assert gpu.stage(run, "ouro", "step", lambda: 1 / 0) is None
-    assert run.rows == [{"model": "ouro", "workload": "step", "variant": None, "loops": None,
-                         "status": "error", "error": "ZeroDivisionError: division by zero"}]
+    assert run.rows == [
+        {
+            "model": "ouro",
+            "workload": "step",
+            "variant": None,
+            "loops": None,
+            "status": "error",
+            "error": "ZeroDivisionError: division by zero",
+        }
+    ]

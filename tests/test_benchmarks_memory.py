@@ -11,8 +11,9 @@ from scripts import run_benchmark
 
 def test_memory_depth_quick_writes_json_and_plot(tmp_path: Path) -> None:
     out_json, out_png = tmp_path / "memory.json", tmp_path / "memory.png"
-    proc = run_benchmark("memory_depth.py", "--quick", "--json", str(out_json),
-                         "--plot", str(out_png))
+    proc = run_benchmark(
+        "memory_depth.py", "--quick", "--json", str(out_json), "--plot", str(out_png)
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out_json}\nwrote {out_png}" in proc.stdout  # says where it wrote
     data = json.loads(out_json.read_text())

@@ -51,9 +51,15 @@ def test_speed_regression_compares_eager_with_compiled(tmp_path: Path) -> None:
     # interleaved and reports the compile time (aot_eager here: the real run uses inductor).
     out = tmp_path / "compiled.json"
     proc = run_benchmark(
-        "speed_regression.py", "--quick", "--compile", "step", "--backend", "aot_eager",
-        "--json", str(out),
-    )  # fmt: skip
+        "speed_regression.py",
+        "--quick",
+        "--compile",
+        "step",
+        "--backend",
+        "aot_eager",
+        "--json",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert data["baseline_commit"] == "eager" and data["settings"]["compile"] == "step"

@@ -10,8 +10,18 @@ from scripts import run_benchmark
 
 def test_overwrite_replaces_a_study_of_other_settings(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    args = ("--quick", "--no-progress", "--out-dir", str(out), "--study-name", "q",
-            "--repeats", "1", "--data-cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    args = (
+        "--quick",
+        "--no-progress",
+        "--out-dir",
+        str(out),
+        "--study-name",
+        "q",
+        "--repeats",
+        "1",
+        "--data-cache-dir",
+        str(tmp_path / "cache"),
+    )
     first = run_benchmark("tune_lambda.py", *args, "--lams", "0.001")
     assert first.returncode == 0, first.stderr
     # The same study with another lam space is refused; --overwrite runs it anew.

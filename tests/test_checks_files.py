@@ -87,8 +87,10 @@ def test_jsonl_records_name_the_line(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text('{"a": 1}\n\n{"b": 2}\n')
     assert list(jsonl_records(path)) == [(f"{path}:1", {"a": 1}), (f"{path}:3", {"b": 2})]
-    for text, message in (('{"a": 1}\n[1]\n', ":2: expected a JSON object, got list"),
-                          ('{"a": 1}\n{"b": \n', ":2: invalid JSON"),
-                          (b'{"a": "\xff"}\n', "not UTF-8 text")):  # fmt: skip
+    for text, message in (
+        ('{"a": 1}\n[1]\n', ":2: expected a JSON object, got list"),
+        ('{"a": 1}\n{"b": \n', ":2: invalid JSON"),
+        (b'{"a": "\xff"}\n', "not UTF-8 text"),
+    ):
         with pytest.raises(ValueError, match=message):
             list(jsonl_records(path, text))

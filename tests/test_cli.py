@@ -22,11 +22,25 @@ from eqloop.cli import main
 from eqloop.evaluate import DECODES, DEFAULT_LOOPS
 
 TINY = [
-    "--set", 'model={"vocab_size": 19, "d_model": 32, "n_heads": 2, "d_ff": 64, "max_seq_len": 16}',
-    "--set", "digits=2", "--set", "n_train=128", "--set", "n_test=32", "--set", "batch_size=32",
-    "--set", "eval_every=0", "--set", 'depth={"kind": "fixed", "t": 2}', "--set", "penalty_start=1",
-    "--set", "eval_loops=[1,2]",
-]  # fmt: skip
+    "--set",
+    'model={"vocab_size": 19, "d_model": 32, "n_heads": 2, "d_ff": 64, "max_seq_len": 16}',
+    "--set",
+    "digits=2",
+    "--set",
+    "n_train=128",
+    "--set",
+    "n_test=32",
+    "--set",
+    "batch_size=32",
+    "--set",
+    "eval_every=0",
+    "--set",
+    'depth={"kind": "fixed", "t": 2}',
+    "--set",
+    "penalty_start=1",
+    "--set",
+    "eval_loops=[1,2]",
+]
 EVAL_QUICK = ["--loops", "1,2", "--no-diagnostics", "--no-progress"]
 
 
@@ -154,9 +168,17 @@ def test_set_values_are_parsed_by_field_type(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     overrides = [
-        "resume=no", "progress=off", "betas=0.9,0.95", "eval_loops=1,4", "penalty_target=none",
-        "out_dir=5", "model.bias=false", "lam=1e-2", "depth.hi=16", 'data_cache_dir="a b"',
-    ]  # fmt: skip
+        "resume=no",
+        "progress=off",
+        "betas=0.9,0.95",
+        "eval_loops=1,4",
+        "penalty_target=none",
+        "out_dir=5",
+        "model.bias=false",
+        "lam=1e-2",
+        "depth.hi=16",
+        'data_cache_dir="a b"',
+    ]
     argv = ["train", "--print-config"] + [a for o in overrides for a in ("--set", o)]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -284,8 +306,11 @@ def test_ctrl_c_during_train_saves_and_prints_the_resume_command(tmp_path: Path)
     assert resume[-1] == "--resume" and resume[1:-1] == args
     resumed = subprocess.run(
         [*prefix, *resume[1:-1], "--resume", "--steps", str(step + 2)],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert load_checkpoint(run).step == step + 2
 
@@ -367,8 +392,11 @@ def test_train_and_eval_work_without_the_extras(tmp_path: Path) -> None:
     ]
     done = subprocess.run(
         [sys.executable, "-c", _WITHOUT_EXTRAS, json.dumps(commands)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     (train, _), (evaluate, _), (plot, plot_err), (tune, tune_err) = json.loads(done.stdout)
     assert (train, evaluate) == (0, 0) and load_checkpoint(run).step == 2
@@ -395,7 +423,11 @@ def test_a_fresh_venv_without_extras_trains(tmp_path: Path) -> None:
     }
     done = subprocess.run(
         [str(venv / "bin" / "eqloop"), "train", "--steps", "2", "--out-dir", str(tmp_path / "x")],
-        capture_output=True, text=True, env=env, timeout=1200, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["step"] == 2

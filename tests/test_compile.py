@@ -27,8 +27,9 @@ def solve_fn(solver: str, check_every: int | None, max_iter: int) -> Callable[..
     p = make_problem("affine", torch.float64)
 
     def run(z0: Tensor, *args: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        res = solvers.solve(p.f, z0, solver, args=args, tol=1e-10, max_iter=max_iter,
-                            check_every=check_every)
+        res = solvers.solve(
+            p.f, z0, solver, args=args, tol=1e-10, max_iter=max_iter, check_every=check_every
+        )
         return res.z, res.nstep, res.sample_status, res.abs_trace
 
     return run
@@ -46,10 +47,7 @@ def _case(solver: str, check_every: int | None, slow: bool) -> object:
 
 # Anderson is the solver that went wrong; the rest run with -m slow (~1-2 min each on a
 # loaded 2-core CPU; the unrolled check_every=None graphs are the slowest to compile).
-CASES = [
-    _case(s, c, slow=not (s == "anderson" and c == 4))
-    for s in SOLVERS for c in (None, 1, 4)
-]
+CASES = [_case(s, c, slow=not (s == "anderson" and c == 4)) for s in SOLVERS for c in (None, 1, 4)]
 
 
 @pytest.mark.parametrize(("solver", "check_every"), CASES)

@@ -38,9 +38,16 @@ def looplm(**overrides: Any) -> LoopLM:
     """A float64 LoopLM with a prelude and a coda (every stage has blocks), eval mode."""
     torch.manual_seed(0)
     config = dict(
-        vocab_size=VOCAB, d_model=16, n_heads=2, d_ff=32, max_seq_len=SEQ,
-        n_prelude=1, n_coda=1, injection="concat", default_loops=3,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        d_model=16,
+        n_heads=2,
+        d_ff=32,
+        max_seq_len=SEQ,
+        n_prelude=1,
+        n_coda=1,
+        injection="concat",
+        default_loops=3,
+    )
     config.update(overrides)
     return LoopLM(LoopLMConfig(**config)).double().eval()
 
@@ -233,9 +240,14 @@ def test_training_forward_and_loss_implicit(backward: str) -> None:
 
     def loss(t: Tensor, y: Tensor) -> Tensor:
         logits, _ = model(
-            t, solver="fixed_point", max_iter=3, tol=0.0, backward=backward,
-            check_every=None, return_info=True,
-        )  # fmt: skip
+            t,
+            solver="fixed_point",
+            max_iter=3,
+            tol=0.0,
+            backward=backward,
+            check_every=None,
+            return_info=True,
+        )
         return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
     counter = CompileCounter()

@@ -29,10 +29,14 @@ WRITES = {
     "README.md": ["runs/tour/config.json"],
     "training.md": ["runs/docs-train/metrics.jsonl"],
     "evaluation.md": ["runs/docs-eval/metrics.jsonl"],
-    "pretrained.md": ["toy-ouro/config.json", "toy-diag.json", "toy-diag.png",
-                      "toy-ouro-saved/config.json"],
+    "pretrained.md": [
+        "toy-ouro/config.json",
+        "toy-diag.json",
+        "toy-diag.png",
+        "toy-ouro-saved/config.json",
+    ],
     "finetune.md": ["runs/toy-stars/model/config.json", "runs/toy-stars/eval.json"],
-}  # fmt: skip
+}
 
 
 def fenced_blocks(path: Path, language: str) -> list[tuple[int, str]]:
@@ -59,8 +63,11 @@ def test_readme_is_a_front_door_that_ci_can_read() -> None:
     assert "python -m pytest                                          # tests" in lines
     for page in DOC_FILES[1:]:
         assert f"docs/{page.name}" in text, f"the README does not link docs/{page.name}"
-    for reference in ("arxiv.org/abs/2605.26733", "arxiv.org/abs/2510.25741",
-                      "arxiv.org/abs/2502.05171"):  # fmt: skip
+    for reference in (
+        "arxiv.org/abs/2605.26733",
+        "arxiv.org/abs/2510.25741",
+        "arxiv.org/abs/2502.05171",
+    ):
         assert reference in text
 
 
@@ -73,8 +80,14 @@ def test_every_doc_page_has_python_or_shell_examples() -> None:
 
 def test_the_pretrained_page_has_a_snippet_per_step() -> None:
     joined = "".join(code for _, code in fenced_blocks(ROOT / "docs" / "pretrained.md", "python"))
-    for call in ("pretrained.load(", "loops=", "solver=", "pretrained.diagnose(", ".generate(",
-                 ".save_pretrained("):  # fmt: skip
+    for call in (
+        "pretrained.load(",
+        "loops=",
+        "solver=",
+        "pretrained.diagnose(",
+        ".generate(",
+        ".save_pretrained(",
+    ):
         assert call in joined, call
 
 

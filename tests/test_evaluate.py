@@ -110,8 +110,15 @@ def test_equilibrium_matches_many_loops_for_a_contractive_core() -> None:
 
 def test_a_solver_can_start_after_some_loops() -> None:
     torch.manual_seed(0)
-    config = LoopLMConfig(vocab_size=19, d_model=32, n_heads=2, d_ff=64, max_seq_len=16,
-                          injection="none", init_std=0.5)  # fmt: skip
+    config = LoopLMConfig(
+        vocab_size=19,
+        d_model=32,
+        n_heads=2,
+        d_ff=64,
+        max_seq_len=16,
+        injection="none",
+        init_std=0.5,
+    )
     model = LoopLM(config).eval()  # far from a contraction: every loop changes the logits
     tokens = torch.randint(0, 19, (3, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -123,8 +130,9 @@ def test_a_solver_can_start_after_some_loops() -> None:
             assert torch.allclose(logits, model(tokens, loops=start + 5), atol=1e-5)
             assert not torch.allclose(logits, model(tokens, loops=start + 4), atol=1e-2)
             # The model's own equilibrium mode starts the same way.
-            forward = model(tokens, solver="fixed_point", max_iter=5, tol=0.0, output="last",
-                            start_loops=start)  # fmt: skip
+            forward = model(
+                tokens, solver="fixed_point", max_iter=5, tol=0.0, output="last", start_loops=start
+            )
             assert torch.allclose(forward, logits, atol=1e-5)
     with pytest.raises(ValueError, match="start_loops"):
         model(tokens, solver="anderson", start_loops=-1)
@@ -146,9 +154,14 @@ def test_quantiles() -> None:
 
 def write_checkpoint(run: Path, cache: Path, step: int = 7) -> TrainConfig:
     config = TrainConfig(
-        model=MODEL, digits=2, n_train=128, n_test=32, batch_size=32, out_dir=str(run),
+        model=MODEL,
+        digits=2,
+        n_train=128,
+        n_test=32,
+        batch_size=32,
+        out_dir=str(run),
         data_cache_dir=str(cache),
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     save_checkpoint(
         run,

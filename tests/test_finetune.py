@@ -45,15 +45,26 @@ TRAINED_LOOPS = 3
 def _write_base(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = LoopLMConfig(
-        vocab_size=CharTokenizer.printable().vocab_size, d_model=16, n_heads=2, d_ff=32,
-        max_seq_len=64, injection="none", norm_placement="post_sandwich", positions="rope",
-        default_loops=TRAINED_LOOPS, init_std=0.1,
-    )  # fmt: skip
+        vocab_size=CharTokenizer.printable().vocab_size,
+        d_model=16,
+        n_heads=2,
+        d_ff=32,
+        max_seq_len=64,
+        injection="none",
+        norm_placement="post_sandwich",
+        positions="rope",
+        default_loops=TRAINED_LOOPS,
+        init_std=0.1,
+    )
     model = LoopLM(config)
     save_checkpoint(
-        path, 0, weights=model.state_dict(), config={"model": config.to_dict()}, metrics={},
+        path,
+        0,
+        weights=model.state_dict(),
+        config={"model": config.to_dict()},
+        metrics={},
         training_state={},
-    )  # fmt: skip
+    )
     return path
 
 
@@ -76,10 +87,19 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _config(files: dict[str, Path], out: Path, **overrides) -> FinetuneConfig:
     config = FinetuneConfig(
-        init_from=str(files["base"]), train_file=str(files["train"]), out_dir=str(out),
-        batch_size=8, steps=4, lr=3e-3, warmup_steps=1, checkpoint_every=2, progress=False,
-        eval_loops=[1, 3], eval_equilibrium=False, max_new_tokens=4,
-    )  # fmt: skip
+        init_from=str(files["base"]),
+        train_file=str(files["train"]),
+        out_dir=str(out),
+        batch_size=8,
+        steps=4,
+        lr=3e-3,
+        warmup_steps=1,
+        checkpoint_every=2,
+        progress=False,
+        eval_loops=[1, 3],
+        eval_equilibrium=False,
+        max_new_tokens=4,
+    )
     return dataclasses.replace(config, **overrides)
 
 
@@ -352,10 +372,23 @@ def test_penalty_start_as_a_fraction_of_finetuning(files: dict[str, Path], tmp_p
 
 def _finetune_command(files: dict[str, Path], out: Path, steps: int) -> list[str]:
     return [
-        "finetune", "--init-from", str(files["base"]), "--train-file", str(files["train"]),
-        "--out-dir", str(out), "--mode", "sft", "--steps", str(steps), "--no-progress",
-        "--set", "batch_size=8", "--set", "checkpoint_every=0",
-    ]  # fmt: skip
+        "finetune",
+        "--init-from",
+        str(files["base"]),
+        "--train-file",
+        str(files["train"]),
+        "--out-dir",
+        str(out),
+        "--mode",
+        "sft",
+        "--steps",
+        str(steps),
+        "--no-progress",
+        "--set",
+        "batch_size=8",
+        "--set",
+        "checkpoint_every=0",
+    ]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -415,8 +448,9 @@ def test_print_config_and_overwrite(
     assert main([*argv, "--overwrite", "--steps", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 1
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
-        "latest", "step_00000001",
-    ]  # fmt: skip
+        "latest",
+        "step_00000001",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--overwrite", "--resume"])
     assert exit_info.value.code == 2
@@ -436,9 +470,12 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, configs: list[FinetuneConfig], out: str) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-        WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-    )  # fmt: skip
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
@@ -519,10 +556,21 @@ def test_cli_runs_and_reports_bad_settings_in_one_line(
     message = error([*base, "--train-file", str(broken), "--out-dir", str(tmp_path / "x")])
     assert f"{broken}:2: invalid JSON" in message
     argv = [
-        *base, "--train-file", str(files["train"]), "--out-dir", str(tmp_path / "run"),
-        "--mode", "sft", "--steps", "2", "--lora", "--set", "batch_size=8",
-        "--set", 'lora.targets=["qkv"]',
-    ]  # fmt: skip
+        *base,
+        "--train-file",
+        str(files["train"]),
+        "--out-dir",
+        str(tmp_path / "run"),
+        "--mode",
+        "sft",
+        "--steps",
+        "2",
+        "--lora",
+        "--set",
+        "batch_size=8",
+        "--set",
+        'lora.targets=["qkv"]',
+    ]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 2
     assert "already holds a training run (checkpoints up to step_00000002)" in error(argv)
@@ -534,21 +582,31 @@ def test_evaluating_on_the_training_examples_is_warned(
     files: dict[str, Path], tmp_path: Path
 ) -> None:
     # row 22: an eval file that is the train file (or shares its prompts) measures recall
-    config = _config(files, tmp_path / "run", steps=1, eval_file=str(files["train"]),
-                     eval_limit=4, eval_loops=[1])  # fmt: skip
+    config = _config(
+        files,
+        tmp_path / "run",
+        steps=1,
+        eval_file=str(files["train"]),
+        eval_limit=4,
+        eval_loops=[1],
+    )
     with pytest.warns(UserWarning, match=r"all 4 evaluation prompts are also training prompts"):
         finetune(config)
-    copy = write_jsonl(tmp_path / "mixed.jsonl", [
-        *[json.loads(line) for line in files["train"].read_text().splitlines()[:1]],
-        *[json.loads(line) for line in files["test"].read_text().splitlines()[:3]],
-    ])  # fmt: skip
+    copy = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            *[json.loads(line) for line in files["train"].read_text().splitlines()[:1]],
+            *[json.loads(line) for line in files["test"].read_text().splitlines()[:3]],
+        ],
+    )
     config = _config(files, tmp_path / "run2", steps=1, eval_file=str(copy), eval_loops=[1])
     with pytest.warns(UserWarning, match=r"1 of 4 evaluation prompts are also training prompts"):
         finetune(config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        finetune(_config(files, tmp_path / "run3", steps=1, eval_file=str(files["test"]),
-                         eval_loops=[1]))  # fmt: skip
+        finetune(
+            _config(files, tmp_path / "run3", steps=1, eval_file=str(files["test"]), eval_loops=[1])
+        )
     assert not [w for w in caught if "training prompts" in str(w.message)]
 
 

@@ -14,9 +14,15 @@ def test_finetune_stars_quick_writes_table_json_plot_and_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = [
-        "--quick", "--no-progress", "--out-dir", str(tmp_path / "runs"),
-        "--json", str(tmp_path / "out.json"), "--plot", str(tmp_path / "out.png"),
-    ]  # fmt: skip
+        "--quick",
+        "--no-progress",
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--json",
+        str(tmp_path / "out.json"),
+        "--plot",
+        str(tmp_path / "out.png"),
+    ]
     assert finetune_stars.main(argv) == 0
     report = json.loads((tmp_path / "out.json").read_text())
     (seed,) = report["seeds"]
@@ -30,9 +36,11 @@ def test_finetune_stars_quick_writes_table_json_plot_and_resumes(
     assert timing["ratio"] > 0 and timing["whole_batch"]["ratio"] > 0
     assert report["step_time_ratio"] == timing["ratio"]
     assert set(report["targets"]) == {
-        "stars_drop8_le_half_sft", "stars_peak_ge_sft_minus_1", "stars_step_le_1.3x_sft",
+        "stars_drop8_le_half_sft",
+        "stars_peak_ge_sft_minus_1",
+        "stars_step_le_1.3x_sft",
         "within_45_min",
-    }  # fmt: skip
+    }
     assert "drop@8" in capsys.readouterr().out and (tmp_path / "out.png").stat().st_size > 10_000
     # The stages are done: a rerun trains nothing and evaluates nothing again.
     cached = tmp_path / "runs" / "seed0" / "stars" / "benchmark_eval.json"

@@ -178,9 +178,13 @@ def test_word_problems_are_deterministic_correct_and_split_disjointly(tmp_path: 
         assert _check_arithmetic(problem["answer"]) >= 0
         assert problem["question"].isascii() and problem["answer"].isascii()
     kinds = {
-        "add": "buys", "subtract": "gave", "multiply": "boxes", "divide": "shares",
-        "buy_packs": "packs", "wage": "earns",
-    }  # fmt: skip
+        "add": "buys",
+        "subtract": "gave",
+        "multiply": "boxes",
+        "divide": "shares",
+        "buy_packs": "packs",
+        "wage": "earns",
+    }
     assert set(kinds) == set(KINDS)
     assert all(any(word in p["question"] for p in problems) for word in kinds.values())
     train, test = make_splits(200, 50, seed=1, kinds=("add", "wage"))

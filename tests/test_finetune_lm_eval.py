@@ -90,14 +90,25 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("lm_eval")
     torch.manual_seed(0)
     config = LoopLMConfig(
-        vocab_size=CharTokenizer.printable().vocab_size, d_model=16, n_heads=2, d_ff=32,
-        max_seq_len=64, injection="none", positions="rope", default_loops=3, init_std=0.2,
-    )  # fmt: skip
+        vocab_size=CharTokenizer.printable().vocab_size,
+        d_model=16,
+        n_heads=2,
+        d_ff=32,
+        max_seq_len=64,
+        injection="none",
+        positions="rope",
+        default_loops=3,
+        init_std=0.2,
+    )
     model = LoopLM(config).eval()
     save_checkpoint(
-        root / "model", 0, weights=model.state_dict(), config={"model": config.to_dict()},
-        metrics={}, training_state={},
-    )  # fmt: skip
+        root / "model",
+        0,
+        weights=model.state_dict(),
+        config={"model": config.to_dict()},
+        metrics={},
+        training_state={},
+    )
     write_jsonl(root / "qa.jsonl", QA)
     write_jsonl(root / "choice.jsonl", CHOICE)
     write_jsonl(root / "text.jsonl", TEXT)
@@ -167,9 +178,11 @@ def test_generate_until_matches_greedy_decoding_and_exact_match(setup: dict) -> 
     for sample in result["samples"]["tiny_qa"]:
         prompt = f"Question: {sample['doc']['question']}\nAnswer:"
         (ids,) = greedy_generate(
-            lambda t: model(t, loops=2), [tokenizer.encode(prompt, add_bos=True)],
-            max_new_tokens=6, eos_id=tokenizer.eos_id,
-        )  # fmt: skip
+            lambda t: model(t, loops=2),
+            [tokenizer.encode(prompt, add_bos=True)],
+            max_new_tokens=6,
+            eos_id=tokenizer.eos_id,
+        )
         expected = tokenizer.decode(ids).split("Question:")[0].split("\n")[0]
         assert sample["resps"][0][0] == expected
         right += expected.strip() == sample["doc"]["answer"]
@@ -195,11 +208,20 @@ def test_command_line_route(setup: dict, tmp_path) -> None:
     import sys
 
     command = [
-        sys.executable, "-m", "eqloop.finetune.harness", "--model", "eqloop",
-        "--model_args", f"pretrained={setup['root'] / 'model'},loops=2",
-        "--tasks", "tiny_qa", "--include_path", str(setup["tasks"]),
-        "--output_path", str(tmp_path / "out"),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "eqloop.finetune.harness",
+        "--model",
+        "eqloop",
+        "--model_args",
+        f"pretrained={setup['root'] / 'model'},loops=2",
+        "--tasks",
+        "tiny_qa",
+        "--include_path",
+        str(setup["tasks"]),
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -269,8 +291,10 @@ def test_bad_lm_eval_settings_are_refused_clearly(setup: dict, huginn) -> None:
     with pytest.raises(ValueError, match="init_scale is a Huginn option"):
         harness.EqloopLM(pretrained=directory, init_scale=1.0)
     with pytest.warns(UserWarning, match="does not probe the memory; it runs 4 sequences"):
-        assert harness.EqloopLM(pretrained=directory, batch_size="auto:4",
-                                max_batch_size=4).batch_size == 4  # fmt: skip
+        assert (
+            harness.EqloopLM(pretrained=directory, batch_size="auto:4", max_batch_size=4).batch_size
+            == 4
+        )
     with pytest.warns(UserWarning, match="it runs 8 sequences"):
         assert harness.EqloopLM(pretrained=directory, batch_size="auto").batch_size == 8
     assert harness.EqloopLM(pretrained=directory, batch_size="2").batch_size == 2
@@ -282,6 +306,7 @@ def test_bad_lm_eval_settings_are_refused_clearly(setup: dict, huginn) -> None:
     request = Instance("generate_until", {}, ("Question: 2 + 3\nAnswer:", {"max_gen_toks": 8}), 0)
     with pytest.raises(ValueError, match="max_gen_toks 8 leaves no room for the prompt in max_le"):
         lm.generate_until([request])
+
     def request_of(continuation: str) -> list:
         ids = lm.tok_encode(continuation, add_special_tokens=False)
         return [(("1", continuation), lm.tok_encode("1"), ids)]

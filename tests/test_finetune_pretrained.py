@@ -51,8 +51,10 @@ def test_lora_on_upstream_names_merges_exactly(root: Path, arch: str) -> None:
     loaded = load_for_finetuning(root / arch, dtype=torch.float64)
     model = loaded.model.eval()
     names = attach_lora(model, list(DEFAULT_TARGETS[arch]), r=2)
-    suffixes = {name.rsplit(".", 2)[-1] if arch == "ouro" else ".".join(name.split(".")[-2:])
-                for name in names}  # fmt: skip
+    suffixes = {
+        name.rsplit(".", 2)[-1] if arch == "ouro" else ".".join(name.split(".")[-2:])
+        for name in names
+    }
     assert suffixes == {t.split(".")[-1] if arch == "ouro" else t for t in DEFAULT_TARGETS[arch]}
     if arch == "ouro":
         assert names[0] == "model.layers.0.mlp.down_proj" and len(names) == 7 * 2
@@ -70,12 +72,21 @@ def test_lora_on_upstream_names_merges_exactly(root: Path, arch: str) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_finetuned_model_is_saved_in_the_hf_layout(root: Path, tmp_path: Path, arch: str) -> None:
     config = FinetuneConfig(
-        init_from=str(root / arch), train_file=str(root / "train.jsonl"),
-        eval_file=str(root / "test.jsonl"), out_dir=str(tmp_path / "run"), mode="stars",
-        steps=2, batch_size=4, lr=1e-3, progress=False, eval_loops=[1, 2],
-        eval_equilibrium=False, max_new_tokens=8, lora=LoraOptions(r=2),
+        init_from=str(root / arch),
+        train_file=str(root / "train.jsonl"),
+        eval_file=str(root / "test.jsonl"),
+        out_dir=str(tmp_path / "run"),
+        mode="stars",
+        steps=2,
+        batch_size=4,
+        lr=1e-3,
+        progress=False,
+        eval_loops=[1, 2],
+        eval_equilibrium=False,
+        max_new_tokens=8,
+        lora=LoraOptions(r=2),
         depth={"kind": "lognormal", "mu": 1.0, "sigma": 0.4, "lo": 1, "hi": 4},
-    )  # fmt: skip
+    )
     result = finetune(config)
     saved = Path(result["model"])
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
@@ -103,9 +114,14 @@ def test_cached_generation_matches_recompute_in_evaluation(root: Path) -> None:
     eos = loaded.tokenizer.eos_id
     with torch.no_grad():  # prompts of different lengths: left padding in the cached batches
         cached = _cached_generate(
-            model, prompts, loops=3, max_new_tokens=12, eos_id=eos,
-            pad_id=loaded.tokenizer.pad_id, batch_size=3,
-        )  # fmt: skip
+            model,
+            prompts,
+            loops=3,
+            max_new_tokens=12,
+            eos_id=eos,
+            pad_id=loaded.tokenizer.pad_id,
+            batch_size=3,
+        )
         recomputed = greedy_generate(_Unrolled(model, 3), prompts, max_new_tokens=12, eos_id=eos)
     assert cached == recomputed and all(cached)
     assert len({len(p) for p in prompts}) > 1
@@ -141,11 +157,30 @@ def test_parameters_the_objective_does_not_reach_are_frozen(root: Path) -> None:
 # The README's GPU recipe ("Recipe: STARS on Ouro-1.4B with GPUs") at a tiny size: its
 # options with 2 steps on 2 gloo ranks, and the variants the README names after it.
 _RECIPE = [
-    "--mode", "stars", "--steps", "2", "--no-progress", "--set", "batch_size=4",
-    "--set", "grad_accum=2", "--set", "lr=1e-3", "--set", "warmup_steps=1",
-    "--set", "penalty_start=1", "--set", "lam=0.1", "--set", "penalty_rows=1",
-    "--set", "grad_checkpointing=true", "--set", "depth.hi=4",
-]  # fmt: skip
+    "--mode",
+    "stars",
+    "--steps",
+    "2",
+    "--no-progress",
+    "--set",
+    "batch_size=4",
+    "--set",
+    "grad_accum=2",
+    "--set",
+    "lr=1e-3",
+    "--set",
+    "warmup_steps=1",
+    "--set",
+    "penalty_start=1",
+    "--set",
+    "lam=0.1",
+    "--set",
+    "penalty_rows=1",
+    "--set",
+    "grad_checkpointing=true",
+    "--set",
+    "depth.hi=4",
+]
 _VARIANTS = {
     "ouro-stars": ("ouro", []),
     "ouro-sft": ("ouro", ["--mode", "sft"]),
@@ -161,14 +196,30 @@ def test_readme_recipe_runs_under_torchrun(root: Path, tmp_path: Path, variant: 
     arch, extra = _VARIANTS[variant]
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "eqloop.cli", "finetune", "--init-from", str(root / arch),
-        "--train-file", str(root / "train.jsonl"), "--out-dir", str(out), *_RECIPE, *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "eqloop.cli",
+        "finetune",
+        "--init-from",
+        str(root / arch),
+        "--train-file",
+        str(root / "train.jsonl"),
+        "--out-dir",
+        str(out),
+        *_RECIPE,
+        *extra,
+    ]
     done = subprocess.run(
-        command, capture_output=True, text=True, timeout=600,
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert load_checkpoint(out).step == 2
     tuned = pretrained.load(out / "model").state_dict()
@@ -203,10 +254,17 @@ def test_fingerprint_identifies_the_base_weights(root: Path) -> None:
 def test_lora_resume_refuses_changed_base_weights(root: Path, tmp_path: Path) -> None:
     base = pretrained.write_tiny_checkpoint(tmp_path / "base", arch="ouro", seed=1)
     config = FinetuneConfig(
-        init_from=str(base), train_file=str(root / "train.jsonl"), out_dir=str(tmp_path / "run"),
-        mode="sft", loops=2, steps=2, batch_size=4, lr=1e-3, progress=False,
+        init_from=str(base),
+        train_file=str(root / "train.jsonl"),
+        out_dir=str(tmp_path / "run"),
+        mode="sft",
+        loops=2,
+        steps=2,
+        batch_size=4,
+        lr=1e-3,
+        progress=False,
         lora=LoraOptions(r=2, targets=["q_proj"]),
-    )  # fmt: skip
+    )
     finetune(config)
     longer = dataclasses.replace(config, steps=3, resume=True)
     pretrained.write_tiny_checkpoint(base, arch="ouro", seed=2, overwrite=True)

@@ -243,9 +243,13 @@ def test_gradients_reach_parameters_when_inputs_do_not_require_grad() -> None:
     x = x.detach()
     f = tanh_map(w, u)
     z = fixed_point(
-        f, torch.zeros(B, D, dtype=F64), args=(x,), tol=1e-14, max_iter=300,
+        f,
+        torch.zeros(B, D, dtype=F64),
+        args=(x,),
+        tol=1e-14,
+        max_iter=300,
         backward=IFT(tol=1e-14),
-    )  # fmt: skip
+    )
     assert z.requires_grad
     (gw,) = torch.autograd.grad(z.sum(), (w,))
     (want,) = dense_implicit_grads(f, z.detach(), x, torch.ones(B, D, dtype=F64), (w,))
@@ -552,8 +556,9 @@ def test_backward_keywords_are_shorthand_for_ift_fields() -> None:
     z0 = torch.zeros(B, D, dtype=F64)
 
     def adjoint(**kwargs: Any) -> tuple[Tensor, Any]:
-        z, info = fixed_point(f, z0, args=(x,), tol=1e-12, max_iter=300, return_result=True,
-                              **kwargs)  # fmt: skip
+        z, info = fixed_point(
+            f, z0, args=(x,), tol=1e-12, max_iter=300, return_result=True, **kwargs
+        )
         (grad,) = torch.autograd.grad(z.sum(), w)
         return grad, info.backward
 
@@ -583,8 +588,10 @@ def test_a_name_means_the_default_object(mode: str) -> None:
         return z.detach(), flat(torch.autograd.grad(z.sum(), (w, u, x)))
 
     default = make_backward(mode)
-    assert default == {"ift": IFT(), "phantom": Phantom(), "truncated": Truncated(),
-                       "unroll": Unroll()}[mode]  # fmt: skip
+    assert (
+        default
+        == {"ift": IFT(), "phantom": Phantom(), "truncated": Truncated(), "unroll": Unroll()}[mode]
+    )
     by_name, by_object = run(mode), run(default)
     assert torch.equal(by_name[0], by_object[0]) and torch.equal(by_name[1], by_object[1])
 
@@ -680,9 +687,14 @@ def test_gradcheck_when_every_loop_has_a_graph(backward: Backward) -> None:
 
     def solve(w: Tensor, u: Tensor, x: Tensor) -> Tensor:
         return fixed_point(
-            tanh_map(w, u), z0, args=(x,), solver="fixed_point", max_iter=6, tol=0,
+            tanh_map(w, u),
+            z0,
+            args=(x,),
+            solver="fixed_point",
+            max_iter=6,
+            tol=0,
             backward=backward,
-        )  # fmt: skip
+        )
 
     assert torch.autograd.gradcheck(solve, (w, u, x))
 
@@ -698,9 +710,16 @@ def test_unroll_stops_each_sample_on_its_own() -> None:
 
     z0 = torch.zeros(B, D, dtype=F64)
     z, info = fixed_point(
-        f, z0, args=(rates, c), solver="fixed_point", backward="unroll", tol=1e-6,
-        max_iter=200, return_result=True, compact=True,
-    )  # fmt: skip
+        f,
+        z0,
+        args=(rates, c),
+        solver="fixed_point",
+        backward="unroll",
+        tol=1e-6,
+        max_iter=200,
+        return_result=True,
+        compact=True,
+    )
     steps = info.forward.nstep
     assert steps[0] < steps[1] < steps[2] < 200 and info.forward.status == "converged"
     for b in range(B):

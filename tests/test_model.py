@@ -440,16 +440,24 @@ def test_equilibrium_mode_calls_fixed_point_with_defaults(monkeypatch: pytest.Mo
     tokens = tokens_for()
     logits, info = model(tokens, solver="anderson", return_info=True)
     assert calls[-1] == dict(
-        solver="anderson", max_iter=EQUILIBRIUM_MAX_ITER, tol=EQUILIBRIUM_TOL,
-        stop_mode=EQUILIBRIUM_STOP_MODE, return_result=True,
-    )  # fmt: skip
+        solver="anderson",
+        max_iter=EQUILIBRIUM_MAX_ITER,
+        tol=EQUILIBRIUM_TOL,
+        stop_mode=EQUILIBRIUM_STOP_MODE,
+        return_result=True,
+    )
     assert info.loops_used is None
     torch.testing.assert_close(logits, model(tokens, loops=5))
     model(tokens, solver="broyden", tol=1e-6, max_iter=9, backward="phantom", stop_mode="abs", m=6)
     assert calls[-1] == dict(
-        solver="broyden", backward="phantom", max_iter=9, tol=1e-6, stop_mode="abs", m=6,
+        solver="broyden",
+        backward="phantom",
+        max_iter=9,
+        tol=1e-6,
+        stop_mode="abs",
+        m=6,
         return_result=True,
-    )  # fmt: skip
+    )
 
 
 def test_equilibrium_mode_reaches_the_unrolled_limit() -> None:
@@ -477,13 +485,17 @@ def test_equilibrium_mode_gradient_matches_deep_unrolling() -> None:
 
     deep = grad_of(loops=60)
     torch.testing.assert_close(
-        grad_of(solver="anderson", tol=1e-11, max_iter=200, backward="ift"), deep,
-        rtol=1e-5, atol=1e-7,
-    )  # fmt: skip
+        grad_of(solver="anderson", tol=1e-11, max_iter=200, backward="ift"),
+        deep,
+        rtol=1e-5,
+        atol=1e-7,
+    )
     torch.testing.assert_close(
-        grad_of(solver="anderson", tol=1e-11, max_iter=200, backward=Phantom(steps=60)), deep,
-        rtol=1e-5, atol=1e-7,
-    )  # fmt: skip
+        grad_of(solver="anderson", tol=1e-11, max_iter=200, backward=Phantom(steps=60)),
+        deep,
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 def test_solvers_package_finds_the_unrolled_limit() -> None:

@@ -88,9 +88,14 @@ def test_solvers_find_the_fixed_point_of_core_map(model: LoopLM, tokens: Tensor)
         # Per-sample x through args with compaction: the same fixed point.
         x = model.inject(tokens)
         compact = solvers.solve(
-            model.core_step, model.initial_state(x), "anderson", max_iter=100, tol=1e-10,
-            args=(x,), compact=True,
-        )  # fmt: skip
+            model.core_step,
+            model.initial_state(x),
+            "anderson",
+            max_iter=100,
+            tol=1e-10,
+            args=(x,),
+            compact=True,
+        )
         assert torch.allclose(compact.z, iterate, atol=1e-8)
 
 
@@ -174,13 +179,24 @@ def tiny_run(tmp_path: Path) -> TrainConfig:
     return TrainConfig.from_dict(
         dict(
             model={**TINY, "d_model": 32, "d_ff": 64, "max_seq_len": 16, "n_prelude": 1},
-            digits=2, n_train=256, n_test=64, batch_size=32, steps=30, lr=3e-3,
-            warmup_steps=3, depth={"kind": "lognormal", "mu": 1.0, "sigma": 0.5, "lo": 1, "hi": 4},
-            lam=0.1, penalty_start=5, eval_every=0, eval_loops=[2], checkpoint_every=0,
-            out_dir=str(tmp_path / "run"), data_cache_dir=str(tmp_path / "cache"),
+            digits=2,
+            n_train=256,
+            n_test=64,
+            batch_size=32,
+            steps=30,
+            lr=3e-3,
+            warmup_steps=3,
+            depth={"kind": "lognormal", "mu": 1.0, "sigma": 0.5, "lo": 1, "hi": 4},
+            lam=0.1,
+            penalty_start=5,
+            eval_every=0,
+            eval_loops=[2],
+            checkpoint_every=0,
+            out_dir=str(tmp_path / "run"),
+            data_cache_dir=str(tmp_path / "cache"),
             progress=False,
         )
-    )  # fmt: skip
+    )
 
 
 def test_train_and_evaluate_with_equilibrium(tmp_path: Path) -> None:

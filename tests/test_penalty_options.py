@@ -54,8 +54,17 @@ def test_train_step_with_the_options(fields: dict) -> None:
     model = contractive_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     targets = TOKENS.roll(-1, dims=1)
-    stats = train_step(model, model, optimizer, TOKENS, targets, 2, options(**fields),
-                       penalty_on=True, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    stats = train_step(
+        model,
+        model,
+        optimizer,
+        TOKENS,
+        targets,
+        2,
+        options(**fields),
+        penalty_on=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert stats["penalty"] > 0 and 0 < stats["rho"] < 1
     assert all(p.grad is not None for p in model.core.parameters())
 

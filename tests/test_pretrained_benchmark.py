@@ -9,8 +9,9 @@ from scripts import run_benchmark
 
 def test_quick_run_writes_json_with_every_part(tmp_path):
     out = tmp_path / "pretrained.json"
-    done = run_benchmark("pretrained.py", "--quick", "--json", str(out), "--plot",
-                         str(tmp_path / "p.png"))
+    done = run_benchmark(
+        "pretrained.py", "--quick", "--json", str(out), "--plot", str(tmp_path / "p.png")
+    )
     assert done.returncode == 0, done.stderr
     data = json.loads(out.read_text())
     assert data["decode"]["identical_outputs"] is True

@@ -28,10 +28,25 @@ def test_eval_pretrained_prints_and_writes(tmp_path, arch):
     path = pretrained.write_tiny_checkpoint(tmp_path / "ckpt", arch)
     out_json, out_png = tmp_path / "d.json", tmp_path / "d.png"
     done = eqloop(
-        "eval", "--pretrained", str(path), "--max-loops", "6", "--rho-iters", "4",
-        "--solver", "anderson", "--json", str(out_json), "--plot", str(out_png), "--no-progress",
-        "--prompt", "Hello there", "--prompt", "1+1=",
-    )  # fmt: skip
+        "eval",
+        "--pretrained",
+        str(path),
+        "--max-loops",
+        "6",
+        "--rho-iters",
+        "4",
+        "--solver",
+        "anderson",
+        "--json",
+        str(out_json),
+        "--plot",
+        str(out_png),
+        "--no-progress",
+        "--prompt",
+        "Hello there",
+        "--prompt",
+        "1+1=",
+    )
     assert done.returncode == 0, done.stderr
     assert f"({arch}, trained depth 4)" in done.stdout and "4*" in done.stdout
     data = json.loads(out_json.read_text())
@@ -60,19 +75,30 @@ def test_eval_flags_of_the_other_mode_are_errors_naming_the_mode(tmp_path):
     path = pretrained.write_tiny_checkpoint(tmp_path / "ckpt", "ouro")
     run = tmp_path / "no_run"  # never read: the flags are checked first
     for args, message in [
-        (["--pretrained", str(path), "--solver-start", "2"], "--solver-start applies to "
-         "--checkpoint runs only, not to --pretrained"),
-        (["--pretrained", str(path), "--pca", str(tmp_path / "p.png")], "--pca applies to "
-         "--checkpoint runs only"),
+        (
+            ["--pretrained", str(path), "--solver-start", "2"],
+            "--solver-start applies to --checkpoint runs only, not to --pretrained",
+        ),
+        (
+            ["--pretrained", str(path), "--pca", str(tmp_path / "p.png")],
+            "--pca applies to --checkpoint runs only",
+        ),
         (["--pretrained", str(path), "--decode", "forced"], "--decode applies to --checkpoint"),
         (["--pretrained", str(path), "--n-test", "4"], "--n-test applies to --checkpoint"),
-        (["--pretrained", str(path), "--loops", "1,2,4"], "with --pretrained, --loops takes "
-         "one count N (loops 1..N are diagnosed, as with --max-loops N), got 1,2,4"),
-        (["--pretrained", str(path), "--loops", "8", "--max-loops", "8"], "give one of "
-         "--loops N and --max-loops N"),
+        (
+            ["--pretrained", str(path), "--loops", "1,2,4"],
+            "with --pretrained, --loops takes "
+            "one count N (loops 1..N are diagnosed, as with --max-loops N), got 1,2,4",
+        ),
+        (
+            ["--pretrained", str(path), "--loops", "8", "--max-loops", "8"],
+            "give one of --loops N and --max-loops N",
+        ),
         (["--pretrained", str(path), "--max-iter", "5"], "--max-iter needs --solver"),
-        (["--checkpoint", str(run), "--dtype", "float64"], "--dtype applies to --pretrained "
-         "checkpoints only, not to --checkpoint"),
+        (
+            ["--checkpoint", str(run), "--dtype", "float64"],
+            "--dtype applies to --pretrained checkpoints only, not to --checkpoint",
+        ),
         (["--checkpoint", str(run), "--max-loops", "8"], "--max-loops applies to --pretrained"),
         (["--checkpoint", str(run), "--prompt", "hi"], "--prompt applies to --pretrained"),
         (["--checkpoint", str(run), "--no-rho"], "--no-rho applies to --pretrained"),
@@ -91,8 +117,17 @@ def test_eval_pretrained_loops_is_the_number_of_loops_diagnosed(tmp_path):
     path = pretrained.write_tiny_checkpoint(tmp_path / "ckpt", "huginn_raven")
     out_json = tmp_path / "d.json"
     done = eqloop(
-        "eval", "--pretrained", str(path), "--loops", "6", "--no-rho", "--no-progress",
-        "--json", str(out_json), "--prompt", "1+1=",
-    )  # fmt: skip
+        "eval",
+        "--pretrained",
+        str(path),
+        "--loops",
+        "6",
+        "--no-rho",
+        "--no-progress",
+        "--json",
+        str(out_json),
+        "--prompt",
+        "1+1=",
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(out_json.read_text())["loops"] == [1, 2, 3, 4, 5, 6]

@@ -444,7 +444,7 @@ def test_kv_cache_buffers_keep_shape_and_address_and_decode_reads_no_host_length
         # A decode step takes its position from the index tensor, not from `length`.
         cache.reserve(1)
         ctx = model._context(ids.shape[0], 1, token, None, cache)
-        cache.length = -10**6  # never read by the step
+        cache.length = -(10**6)  # never read by the step
         assert tuple(ctx.masks["full_attention"].shape) == (3, 1, 1, cache.capacity)
         k, _ = cache.update((0, 0), torch.ones(3, 2, 1, 12), torch.ones(3, 2, 1, 12))
         assert k.shape[2] == cache.capacity

@@ -332,9 +332,15 @@ def test_finetune_with_a_malformed_config_names_it(root, tmp_path, capsys):
     write_jsonl(tmp_path / "train.jsonl", train)
     err = _cli_error(
         [
-            "finetune", "--init-from", str(path), "--train-file", str(tmp_path / "train.jsonl"),
-            "--out-dir", str(tmp_path / "out"), "--no-progress",
+            "finetune",
+            "--init-from",
+            str(path),
+            "--train-file",
+            str(tmp_path / "train.jsonl"),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--no-progress",
         ],
         capsys,
-    )  # fmt: skip
+    )
     assert f"{path / 'config.json'} is not valid JSON" in err and "manifest" not in err

@@ -139,8 +139,10 @@ def test_result_bookkeeping(solver: str, problem: str, dtype: torch.dtype) -> No
     slack = 50 * _eps(dtype) * torch.linalg.vector_norm(fz, dim=1)
     assert ((res.abs_residual - abs_r).abs() <= 1e-3 * abs_r + slack).all()
     assert torch.allclose(
-        res.rel_residual, res.abs_residual / (torch.linalg.vector_norm(fz, dim=1) + 1e-9),
-        rtol=1e-4, atol=0,
+        res.rel_residual,
+        res.abs_residual / (torch.linalg.vector_norm(fz, dim=1) + 1e-9),
+        rtol=1e-4,
+        atol=0,
     )
     assert ((res.rel_residual - rel_r).abs() <= 1e-3 * rel_r + 50 * _eps(dtype)).all()
     assert (res.rel_residual <= tol).all()
@@ -207,8 +209,10 @@ def test_fixed_point_matches_torchdeq_step_for_step(problem: str) -> None:
     for i, k in enumerate(ours.nstep.tolist()):
         for trace in ("abs_trace", "rel_trace"):
             torch.testing.assert_close(
-                getattr(ours, trace)[i, :k], getattr(theirs, trace)[i, :k],
-                rtol=1e-6, atol=1e-14,
+                getattr(ours, trace)[i, :k],
+                getattr(theirs, trace)[i, :k],
+                rtol=1e-6,
+                atol=1e-14,
             )
 
 
@@ -265,8 +269,13 @@ def test_fixed_point_nstep_closed_form(stop_mode: str) -> None:
     tol = 2e-7
     r = torch.tensor(rates, dtype=torch.float64).unsqueeze(1)
     res = solvers.solve(
-        lambda z, r: r * z + 1, torch.zeros(4, 1, dtype=torch.float64), "fixed_point",
-        max_iter=1000, tol=tol, stop_mode=stop_mode, args=(r,),
+        lambda z, r: r * z + 1,
+        torch.zeros(4, 1, dtype=torch.float64),
+        "fixed_point",
+        max_iter=1000,
+        tol=tol,
+        stop_mode=stop_mode,
+        args=(r,),
     )
 
     def residual(rate: float, k: int) -> float:
@@ -289,7 +298,11 @@ def test_samples_are_independent(solver: str) -> None:
     batch = solvers.solve(p.f, p.z0, solver, max_iter=MAX_ITER, tol=1e-10, args=p.args)
     for i in range(p.z0.shape[0]):
         alone = solvers.solve(
-            p.f, p.z0[i : i + 1], solver, max_iter=MAX_ITER, tol=1e-10,
+            p.f,
+            p.z0[i : i + 1],
+            solver,
+            max_iter=MAX_ITER,
+            tol=1e-10,
             args=tuple(a[i : i + 1] for a in p.args),
         )
         assert int(alone.nstep) == int(batch.nstep[i])
@@ -364,8 +377,10 @@ def test_auto_check_every_reads_the_host_every_iteration_only_on_cpu() -> None:
     assert problem_of(torch.tanh, torch.zeros(2, 3), **kw).check_every == 1
     on_meta = problem_of(torch.tanh, torch.zeros(2, 3, device="meta"), **kw)
     assert on_meta.check_every == ACCELERATOR_CHECK_EVERY > 1
-    assert problem_of(torch.tanh, torch.zeros(2, 3, device="meta"), check_every=None,
-                      **kw).check_every is None
+    assert (
+        problem_of(torch.tanh, torch.zeros(2, 3, device="meta"), check_every=None, **kw).check_every
+        is None
+    )
     with pytest.raises(TypeError, match=r"check_every \(or 'auto', or None\)"):
         problem_of(torch.tanh, torch.zeros(2, 3), check_every="never", **kw)
 
@@ -399,8 +414,9 @@ def test_adapters_reject_compaction(solver: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def _unroll_map(requires_grad: bool = True) -> tuple[Callable[..., Tensor], Tensor,
-                                                      tuple[Tensor, ...], tuple[Tensor, ...]]:
+def _unroll_map(
+    requires_grad: bool = True,
+) -> tuple[Callable[..., Tensor], Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """``f(z, r, x) = tanh(r * (z W^T) + x) + c`` in float64, ``||W||_2 = 1``.
 
     Sample i contracts at rate at most r_i = (0.1, 0.4, 0.7, 0.9), so with a tolerance
@@ -424,8 +440,14 @@ def _unroll_map(requires_grad: bool = True) -> tuple[Callable[..., Tensor], Tens
     return f, z0, (r, x), leaves
 
 
-def _hand_loop(f: Callable[..., Tensor], z0: Tensor, args: tuple[Tensor, ...], loops: int,
-               tol: float, tau: float = 1.0) -> tuple[Tensor, Tensor]:
+def _hand_loop(
+    f: Callable[..., Tensor],
+    z0: Tensor,
+    args: tuple[Tensor, ...],
+    loops: int,
+    tol: float,
+    tau: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """The plain loop with per-sequence early exit, written out: a sample takes its step
     ``lerp(z, f(z), tau)`` until ``||f(z) - z|| / (||f(z)|| + 1e-9) <= tol`` (the step that
     meets it included), then keeps its state. Returns ``(z, steps per sample)``."""
@@ -436,7 +458,8 @@ def _hand_loop(f: Callable[..., Tensor], z0: Tensor, args: tuple[Tensor, ...], l
         fz = f(z, *args)
         with torch.no_grad():
             rel = torch.linalg.vector_norm(fz - z, dim=1, keepdim=True) / (
-                torch.linalg.vector_norm(fz, dim=1, keepdim=True) + 1e-9)
+                torch.linalg.vector_norm(fz, dim=1, keepdim=True) + 1e-9
+            )
         z = torch.where(active, fz if tau == 1.0 else torch.lerp(z, fz, tau), z)
         steps += active.squeeze(1)
         if tol > 0:
@@ -450,8 +473,16 @@ def test_last_output_is_f_applied_max_iter_times(problem: str, check_every: int 
     """fixed_point, tol=0, output="last": res.z is exactly f^T(z0), for every sample."""
     p = make_problem(problem, torch.float64)
     loops = 23
-    res = solvers.solve(p.f, p.z0, "fixed_point", max_iter=loops, tol=0.0, args=p.args,
-                        output="last", check_every=check_every)
+    res = solvers.solve(
+        p.f,
+        p.z0,
+        "fixed_point",
+        max_iter=loops,
+        tol=0.0,
+        args=p.args,
+        output="last",
+        check_every=check_every,
+    )
     z = p.z0
     for _ in range(loops):
         z = p.f(z, *p.args)
@@ -469,8 +500,16 @@ def test_last_output_early_exit(tau: float, compact: bool) -> None:
     residual fields describe that evaluation and later samples keep iterating."""
     f, z0, args, _ = _unroll_map(requires_grad=False)
     tol = 1e-6
-    res = solvers.solve(f, z0, solvers.FixedPointIteration(tau=tau), max_iter=200, tol=tol,
-                        args=args, output="last", compact=compact)
+    res = solvers.solve(
+        f,
+        z0,
+        solvers.FixedPointIteration(tau=tau),
+        max_iter=200,
+        tol=tol,
+        args=args,
+        output="last",
+        compact=compact,
+    )
     expected, steps = _hand_loop(f, z0, args, 200, tol, tau)
     assert res.status == "converged"
     assert res.nstep.tolist() == steps.tolist()
@@ -487,8 +526,9 @@ def test_last_output_early_exit(tau: float, compact: bool) -> None:
         before = torch.lerp(before, fz, tau)
 
 
-@pytest.mark.parametrize("solver", [solvers.Anderson(m=3), solvers.Broyden(m=4)],
-                         ids=["anderson", "broyden"])
+@pytest.mark.parametrize(
+    "solver", [solvers.Anderson(m=3), solvers.Broyden(m=4)], ids=["anderson", "broyden"]
+)
 def test_last_output_is_the_solvers_next_iterate(solver: solvers.IterativeSolver) -> None:
     """For any solver, "last" is its proposal after the final evaluation: the same
     init/step sequence run by hand gives the same tensor."""
@@ -507,10 +547,22 @@ def _gradients(z: Tensor, leaves: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 
 @pytest.mark.parametrize(
     ("tol", "compact", "check_every"),
-    [(0.0, False, None), (0.0, False, 1), (1e-4, False, 1), (1e-4, True, 1),
-     (1e-4, True, 2), (1e-4, False, None)],
-    ids=["tol0-never", "tol0-check1", "exit-full", "exit-compact", "exit-compact-check2",
-         "exit-never"],
+    [
+        (0.0, False, None),
+        (0.0, False, 1),
+        (1e-4, False, 1),
+        (1e-4, True, 1),
+        (1e-4, True, 2),
+        (1e-4, False, None),
+    ],
+    ids=[
+        "tol0-never",
+        "tol0-check1",
+        "exit-full",
+        "exit-compact",
+        "exit-compact-check2",
+        "exit-never",
+    ],
 )
 def test_gradient_through_the_driver_equals_the_hand_loop(
     tol: float, compact: bool, check_every: int | None
@@ -519,14 +571,22 @@ def test_gradient_through_the_driver_equals_the_hand_loop(
     a sample took: equal to the hand-written loop's (float64), early exit included."""
     f, z0, args, leaves = _unroll_map()
     loops = 40 if tol > 0 else 12  # 12 loops keep d z / d z0 well above rounding
-    res = solvers.solve(f, z0, "fixed_point", max_iter=loops, tol=tol, args=args,
-                        output="last", compact=compact, check_every=check_every)
+    res = solvers.solve(
+        f,
+        z0,
+        "fixed_point",
+        max_iter=loops,
+        tol=tol,
+        args=args,
+        output="last",
+        compact=compact,
+        check_every=check_every,
+    )
     expected, steps = _hand_loop(f, z0, args, loops, tol)
     assert res.nstep.tolist() == steps.tolist()
     if tol > 0:
         assert steps.min() < steps.max() < loops  # the samples exit early, at different steps
-    for ours, theirs in zip(_gradients(res.z, leaves), _gradients(expected, leaves),
-                            strict=True):
+    for ours, theirs in zip(_gradients(res.z, leaves), _gradients(expected, leaves), strict=True):
         # Bit-identical; compaction evaluates f on sub-batches, which rounds differently.
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12 if compact else 0.0)
         assert ours.abs().max() > 1e-6  # every leaf gets a real gradient
@@ -541,8 +601,9 @@ def test_gradcheck_through_unrolled_driver() -> None:
     r, x = args
 
     def run(r: Tensor, x: Tensor, z0: Tensor) -> Tensor:
-        return solvers.solve(f, z0, "fixed_point", max_iter=6, tol=0.0, args=(r, x),
-                             output="last", check_every=None).z
+        return solvers.solve(
+            f, z0, "fixed_point", max_iter=6, tol=0.0, args=(r, x), output="last", check_every=None
+        ).z
 
     assert torch.autograd.gradcheck(run, (r, x, z0))
 
@@ -559,8 +620,13 @@ def test_diverge_ratio_inf_runs_every_loop() -> None:
     assert torch.equal(full.z, torch.full_like(z0, 2.0**40 - 1))  # z_k = 2^k - 1, exact
     # NaN still stops a sample (and only that sample), whatever diverge_ratio says.
     bad = torch.tensor([[True], [False]])
-    res = solvers.solve(lambda z: torch.where(bad, math.nan, 0.5 * z), z0 + 1, "fixed_point",
-                        diverge_ratio=math.inf, **kw)
+    res = solvers.solve(
+        lambda z: torch.where(bad, math.nan, 0.5 * z),
+        z0 + 1,
+        "fixed_point",
+        diverge_ratio=math.inf,
+        **kw,
+    )
     assert res.sample_status.tolist() == [Status.NON_FINITE, Status.MAX_ITER]
     assert res.nstep.tolist() == [1, 40]
 
@@ -591,14 +657,19 @@ class _SyncSpy(TorchDispatchMode):
 @pytest.mark.parametrize("tol", [0.0, 1e-6], ids=["tol0", "tol1e-6"])
 @pytest.mark.parametrize("shape", [(4, 3, 2), (1, 5)], ids=["B4x3x2", "B1x5"])
 @pytest.mark.parametrize("solver", OURS)
-def test_runs_on_meta_device(solver: str, shape: tuple[int, ...], tol: float,
-                             output: str) -> None:
+def test_runs_on_meta_device(solver: str, shape: tuple[int, ...], tol: float, output: str) -> None:
     """check_every=None reads no values, so the solve runs on 'meta' with right shapes."""
     z0 = torch.empty(shape, device=torch.device("meta"))
     x = torch.empty(shape, device="meta")
     res = solvers.solve(
-        lambda z, x: torch.tanh(0.5 * z + x), z0, solver, max_iter=9, tol=tol,
-        check_every=None, args=(x,), output=output,
+        lambda z, x: torch.tanh(0.5 * z + x),
+        z0,
+        solver,
+        max_iter=9,
+        tol=tol,
+        check_every=None,
+        args=(x,),
+        output=output,
     )
     b = shape[0]
     assert res.z.shape == shape and res.z.device.type == "meta"
@@ -620,8 +691,9 @@ def test_no_host_reads_without_check_points(solver: str, output: str) -> None:
     """With check_every=None no aten op reads a value on the host (CPU dispatch spy)."""
     p = make_problem("tanh_net", torch.float32)
     with _SyncSpy() as spy:
-        res = solvers.solve(p.f, p.z0, solver, max_iter=12, tol=1e-5, check_every=None,
-                            args=p.args, output=output)
+        res = solvers.solve(
+            p.f, p.z0, solver, max_iter=12, tol=1e-5, check_every=None, args=p.args, output=output
+        )
     assert spy.syncs == []
     assert res.nfe == 12
     # The spy does see host reads: the default check_every=1 makes some.
@@ -642,23 +714,33 @@ def _affine() -> tuple[Callable[[Tensor], Tensor], Tensor]:
 BAD_CALLS: list[Any] = [
     pytest.param({"f": 3}, TypeError, r"\bf\b.*callable", id="f-not-callable"),
     pytest.param({"z0": [0.0, 1.0]}, TypeError, "z0", id="z0-not-tensor"),
-    pytest.param({"z0": torch.zeros(3, 4, dtype=torch.long)}, TypeError, "floating",
-                 id="z0-integer"),
+    pytest.param(
+        {"z0": torch.zeros(3, 4, dtype=torch.long)}, TypeError, "floating", id="z0-integer"
+    ),
     pytest.param({"z0": torch.zeros(0, 4)}, ValueError, "batch", id="empty-batch"),
     pytest.param({"z0": torch.tensor(1.0)}, ValueError, "batch", id="z0-scalar"),
-    pytest.param({"z0": torch.tensor([[0.0, math.nan]])}, ValueError, "NaN or Inf",
-                 id="z0-nan"),
-    pytest.param({"z0": torch.tensor([[0.0], [math.inf]])}, ValueError, "NaN or Inf",
-                 id="z0-inf"),
-    pytest.param({"solver": "newton"}, ValueError, "unknown solver 'newton'",
-                 id="unknown-solver"),
+    pytest.param({"z0": torch.tensor([[0.0, math.nan]])}, ValueError, "NaN or Inf", id="z0-nan"),
+    pytest.param({"z0": torch.tensor([[0.0], [math.inf]])}, ValueError, "NaN or Inf", id="z0-inf"),
+    pytest.param({"solver": "newton"}, ValueError, "unknown solver 'newton'", id="unknown-solver"),
     pytest.param({"solver": 3}, TypeError, "solver", id="solver-wrong-type"),
-    pytest.param({"solver": "anderson", "mem": 3}, ValueError, r"'mem'.*'lam'.*'m'.*'tau'",
-                 id="unknown-option"),
-    pytest.param({"solver": "scipy.anderson", "m": 3}, ValueError, r"\['m'\].*'M'",
-                 id="unknown-option-adapter"),
-    pytest.param({"solver": solvers.Anderson(m=3), "lam": 0.1}, ValueError, "lam",
-                 id="options-with-solver-object"),
+    pytest.param(
+        {"solver": "anderson", "mem": 3},
+        ValueError,
+        r"'mem'.*'lam'.*'m'.*'tau'",
+        id="unknown-option",
+    ),
+    pytest.param(
+        {"solver": "scipy.anderson", "m": 3},
+        ValueError,
+        r"\['m'\].*'M'",
+        id="unknown-option-adapter",
+    ),
+    pytest.param(
+        {"solver": solvers.Anderson(m=3), "lam": 0.1},
+        ValueError,
+        "lam",
+        id="options-with-solver-object",
+    ),
     pytest.param({"tol": -1e-6}, ValueError, "tol", id="negative-tol"),
     pytest.param({"tol": math.nan}, ValueError, "tol", id="nan-tol"),
     pytest.param({"tol": "1e-5"}, TypeError, "tol", id="string-tol"),
@@ -670,35 +752,39 @@ BAD_CALLS: list[Any] = [
     pytest.param({"check_every": 0}, ValueError, "check_every", id="check-every-0"),
     pytest.param({"eps": 0.0}, ValueError, "eps", id="eps-0"),
     pytest.param({"diverge_ratio": 1.0}, ValueError, "diverge_ratio", id="diverge-ratio-1"),
-    pytest.param({"args": (torch.zeros(2, 4),)}, ValueError, r"args\[0\]",
-                 id="args-wrong-batch"),
+    pytest.param({"args": (torch.zeros(2, 4),)}, ValueError, r"args\[0\]", id="args-wrong-batch"),
     pytest.param({"args": (1.0,)}, ValueError, r"args\[0\]", id="args-not-tensor"),
     pytest.param({"solver": "anderson", "m": 0}, ValueError, "m", id="anderson-m-0"),
-    pytest.param({"solver": "anderson", "lam": -1.0}, ValueError, "lam",
-                 id="anderson-negative-lam"),
+    pytest.param(
+        {"solver": "anderson", "lam": -1.0}, ValueError, "lam", id="anderson-negative-lam"
+    ),
     pytest.param({"solver": "broyden", "tau": 1.5}, ValueError, "tau", id="broyden-tau-1.5"),
-    pytest.param({"solver": "fixed_point", "tau": 0.0}, ValueError, "tau",
-                 id="fixed-point-tau-0"),
+    pytest.param({"solver": "fixed_point", "tau": 0.0}, ValueError, "tau", id="fixed-point-tau-0"),
     # Issue 10 row 4: every argument goes through solvers.checks.
     pytest.param({"tol": True}, TypeError, "tol.*bool", id="tol-bool"),
     pytest.param({"tol": math.inf}, ValueError, "tol.*finite", id="tol-inf"),
     pytest.param({"eps": math.inf}, ValueError, "eps", id="eps-inf"),
     pytest.param({"check_every": True}, TypeError, "check_every", id="check-every-bool"),
     pytest.param({"compact": 1}, TypeError, "compact", id="compact-int"),
-    pytest.param({"raise_on_failure": "yes"}, TypeError, "raise_on_failure",
-                 id="raise-on-failure-str"),
-    pytest.param({"diverge_ratio": math.nan}, ValueError, "diverge_ratio",
-                 id="diverge-ratio-nan"),
+    pytest.param(
+        {"raise_on_failure": "yes"}, TypeError, "raise_on_failure", id="raise-on-failure-str"
+    ),
+    pytest.param({"diverge_ratio": math.nan}, ValueError, "diverge_ratio", id="diverge-ratio-nan"),
     pytest.param({"output": "first"}, ValueError, "output.*'best'.*'last'", id="bad-output"),
     pytest.param({"args": torch.zeros(3, 4)}, TypeError, "args.*tuple", id="args-bare-tensor"),
-    pytest.param({"args": (torch.zeros(3, 4, device="meta"),)}, ValueError,
-                 r"args\[0\].*meta.*cpu", id="args-other-device"),
+    pytest.param(
+        {"args": (torch.zeros(3, 4, device="meta"),)},
+        ValueError,
+        r"args\[0\].*meta.*cpu",
+        id="args-other-device",
+    ),
     pytest.param({"solver": "anderson", "m": True}, TypeError, "m", id="anderson-m-bool"),
     pytest.param({"solver": "anderson", "m": 2.0}, TypeError, "m", id="anderson-m-float"),
     pytest.param({"solver": "anderson", "lam": "0.1"}, TypeError, "lam", id="anderson-lam-str"),
     pytest.param({"solver": "broyden", "m": 0}, ValueError, "m", id="broyden-m-0"),
-    pytest.param({"solver": "fixed_point", "tau": math.nan}, ValueError, "tau",
-                 id="fixed-point-tau-nan"),
+    pytest.param(
+        {"solver": "fixed_point", "tau": math.nan}, ValueError, "tau", id="fixed-point-tau-nan"
+    ),
 ]
 
 
@@ -735,17 +821,24 @@ def test_unknown_option_lists_driver_options() -> None:
     ("f", "error", "pattern"),
     [
         pytest.param(lambda z: z[:, :2] + 1, ValueError, "shape", id="drops-columns"),
-        pytest.param(lambda z: (0.5 * z + 1).reshape(4, 3), ValueError, "shape",
-                     id="same-numel-reshaped"),
+        pytest.param(
+            lambda z: (0.5 * z + 1).reshape(4, 3), ValueError, "shape", id="same-numel-reshaped"
+        ),
         pytest.param(lambda z: (0.5 * z + 1).unsqueeze(1), ValueError, "shape", id="adds-dim"),
         pytest.param(lambda z: 1.0, TypeError, "Tensor", id="returns-float"),
         # Issue 10 row 4: a wrong dtype or device is named, not a raw torch error later.
-        pytest.param(lambda z: (0.5 * z + 1).double(), TypeError, "dtype.*float64",
-                     id="returns-float64"),
-        pytest.param(lambda z: (0.5 * z + 1).long(), TypeError, "dtype.*int64",
-                     id="returns-integer"),
-        pytest.param(lambda z: torch.empty(z.shape, device="meta"), TypeError, "device.*meta",
-                     id="returns-other-device"),
+        pytest.param(
+            lambda z: (0.5 * z + 1).double(), TypeError, "dtype.*float64", id="returns-float64"
+        ),
+        pytest.param(
+            lambda z: (0.5 * z + 1).long(), TypeError, "dtype.*int64", id="returns-integer"
+        ),
+        pytest.param(
+            lambda z: torch.empty(z.shape, device="meta"),
+            TypeError,
+            "device.*meta",
+            id="returns-other-device",
+        ),
     ],
 )
 @pytest.mark.parametrize("solver", ALL_SOLVERS)
@@ -786,8 +879,13 @@ def test_divergence_step_closed_form(stop_mode: str, best: float) -> None:
     its first value at k = 14. The best iterate is z0 for the abs residual, but the last
     one for the rel residual (z_k + 1) / (2 z_k + 1), which decreases towards 1/2.
     """
-    res = solvers.solve(lambda z: 2 * z + 1, torch.zeros(2, 1, dtype=torch.float64),
-                        "fixed_point", max_iter=200, stop_mode=stop_mode)
+    res = solvers.solve(
+        lambda z: 2 * z + 1,
+        torch.zeros(2, 1, dtype=torch.float64),
+        "fixed_point",
+        max_iter=200,
+        stop_mode=stop_mode,
+    )
     assert res.status == "diverged"
     assert res.nstep.tolist() == [15, 15] and res.nfe == 15
     assert res.abs_trace[0].tolist() == [2.0**k for k in range(15)]
@@ -798,8 +896,9 @@ def test_divergence_step_closed_form(stop_mode: str, best: float) -> None:
 def test_diverging_map_raises_on_request(solver: Any) -> None:
     """raise_on_failure=True turns a diverged solve into SolveError with the counts."""
     with pytest.raises(solvers.SolveError, match="diverged"):
-        solvers.solve(lambda z: 2 * z + 1, torch.zeros(3, 2), solver, max_iter=60,
-                      raise_on_failure=True)
+        solvers.solve(
+            lambda z: 2 * z + 1, torch.zeros(3, 2), solver, max_iter=60, raise_on_failure=True
+        )
 
 
 @pytest.mark.parametrize("solver", ALL_SOLVERS)
@@ -814,15 +913,12 @@ def test_raise_on_failure_is_silent_when_converged(solver: str) -> None:
 def test_mixed_batch_statuses(solver: Any) -> None:
     """One sample converges while another diverges: per-sample statuses, worst overall."""
     a = torch.tensor([[0.5], [2.0], [0.1]])
-    res = solvers.solve(lambda z, a: a * z + 1, torch.zeros(3, 1), solver,
-                        max_iter=200, args=(a,))
+    res = solvers.solve(lambda z, a: a * z + 1, torch.zeros(3, 1), solver, max_iter=200, args=(a,))
     assert res.converged.tolist() == [True, False, True]
     assert res.sample_status.tolist() == [Status.CONVERGED, Status.DIVERGED, Status.CONVERGED]
     assert res.status == "diverged"
-    assert res.status_counts() == {"converged": 2, "max_iter": 0, "diverged": 1,
-                                   "non-finite": 0}
-    torch.testing.assert_close(res.z[[0, 2]], torch.tensor([[2.0], [1 / 0.9]]),
-                               rtol=1e-4, atol=0)
+    assert res.status_counts() == {"converged": 2, "max_iter": 0, "diverged": 1, "non-finite": 0}
+    torch.testing.assert_close(res.z[[0, 2]], torch.tensor([[2.0], [1 / 0.9]]), rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("solver", ALL_SOLVERS)
@@ -852,14 +948,18 @@ def test_nan_in_one_sample_leaves_others_alone(solver: str) -> None:
     """A sample whose map returns NaN stops; the others still converge to their answer
     (issue 10 row 3: SciPy's adapters used to end the healthy samples early)."""
     bad = torch.tensor([[False], [True], [False]])
-    res = solvers.solve(lambda z: torch.where(bad, math.nan, torch.cos(z)),
-                        torch.zeros(3, 1, dtype=torch.float64), solver, max_iter=100,
-                        tol=1e-10)
-    assert res.sample_status.tolist() == [Status.CONVERGED, Status.NON_FINITE,
-                                          Status.CONVERGED]
+    res = solvers.solve(
+        lambda z: torch.where(bad, math.nan, torch.cos(z)),
+        torch.zeros(3, 1, dtype=torch.float64),
+        solver,
+        max_iter=100,
+        tol=1e-10,
+    )
+    assert res.sample_status.tolist() == [Status.CONVERGED, Status.NON_FINITE, Status.CONVERGED]
     assert res.status == "non-finite"
-    torch.testing.assert_close(res.z[[0, 2]], torch.full((2, 1), DOTTIE, dtype=torch.float64),
-                               rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        res.z[[0, 2]], torch.full((2, 1), DOTTIE, dtype=torch.float64), rtol=0, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("solver", ALL_SOLVERS)
@@ -895,8 +995,14 @@ def test_runaway_iterate_is_not_converged(solver: str) -> None:
     ~1e8, where z + 1 rounds to z in float32: a zero residual that is only rounding. A
     residual at rounding level of an image grown past diverge_ratio times the start is
     'diverged'; no solver may call it converged."""
-    res = solvers.solve(lambda z: z + 1 + 0.1 * torch.sin(z), torch.ones(4, 8), solver,
-                        max_iter=50, tol=1e-6, stop_mode="abs")
+    res = solvers.solve(
+        lambda z: z + 1 + 0.1 * torch.sin(z),
+        torch.ones(4, 8),
+        solver,
+        max_iter=50,
+        tol=1e-6,
+        stop_mode="abs",
+    )
     assert not bool(res.converged.any()), res.status_counts()
     if solver in ("anderson", "broyden"):  # the rule itself, not only an exhausted budget
         assert res.status == "diverged" and res.nfe < 50
@@ -907,8 +1013,9 @@ def test_runaway_iterate_is_not_converged(solver: str) -> None:
 def test_doubling_map_is_never_converged() -> None:
     """Row 2: plain iteration of 2z + 1 with divergence detection pushed out of reach
     used to stop 'converged' at step 62 (||f(z)|| overflowed, rel = abs / inf = 0)."""
-    res = solvers.solve(lambda z: 2 * z + 1, torch.zeros(2, 16), "fixed_point", max_iter=200,
-                        diverge_ratio=1e300)
+    res = solvers.solve(
+        lambda z: 2 * z + 1, torch.zeros(2, 16), "fixed_point", max_iter=200, diverge_ratio=1e300
+    )
     assert res.status == "non-finite" and res.nstep.tolist() == [62, 62]
     assert not bool(res.converged.any())
 
@@ -918,8 +1025,7 @@ def test_far_fixed_point_at_rounding_level_still_converges(solver: str) -> None:
     """Row 2's rule needs both symptoms: z* = 2e6 from z0 = 0 (1x its start's size) solved
     to a residual of a few float32 ulps stays converged, with the right answer."""
     tol = 4 * torch.finfo(torch.float32).eps
-    res = solvers.solve(lambda z: 0.5 * z + 1e6, torch.zeros(3, 4), solver, max_iter=200,
-                        tol=tol)
+    res = solvers.solve(lambda z: 0.5 * z + 1e6, torch.zeros(3, 4), solver, max_iter=200, tol=tol)
     assert res.status == "converged"
     assert (res.rel_residual <= tol).all()
     torch.testing.assert_close(res.z, torch.full((3, 4), 2e6), rtol=1e-6, atol=0)
@@ -989,8 +1095,14 @@ def test_register_rejects_a_class_that_is_not_a_solver() -> None:
 # ---------------------------------------------------------------------------------------
 
 CONTRACT_NAMES = (
-    "fixed_point", "anderson", "broyden", "torchdeq.fixed_point_iter", "torchdeq.anderson",
-    "torchdeq.broyden", "scipy.anderson", "scipy.broyden1",
+    "fixed_point",
+    "anderson",
+    "broyden",
+    "torchdeq.fixed_point_iter",
+    "torchdeq.anderson",
+    "torchdeq.broyden",
+    "scipy.anderson",
+    "scipy.broyden1",
 )
 
 
@@ -1053,8 +1165,11 @@ def test_register_duplicate_name_errors() -> None:
 
 
 @pytest.mark.usefixtures("registry")
-@pytest.mark.parametrize(("name", "factory"), [("", HalfStep), (3, HalfStep), ("x", 3)],
-                         ids=["empty-name", "int-name", "non-callable-factory"])
+@pytest.mark.parametrize(
+    ("name", "factory"),
+    [("", HalfStep), (3, HalfStep), ("x", 3)],
+    ids=["empty-name", "int-name", "non-callable-factory"],
+)
 def test_register_bad_arguments(name: Any, factory: Any) -> None:
     """register() refuses empty or non-string names and non-callable factories."""
     with pytest.raises(TypeError):
@@ -1154,13 +1269,13 @@ SINGULAR_HISTORY = [
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("start", ["at-c", "at-0"])
 @pytest.mark.parametrize("solver", SINGULAR_HISTORY)
-def test_singular_history_stays_finite(solver: solvers.Solver, start: str,
-                                       dtype: torch.dtype) -> None:
+def test_singular_history_stays_finite(
+    solver: solvers.Solver, start: str, dtype: torch.dtype
+) -> None:
     """A constant map repeats its iterates (zero residual differences): no NaN appears."""
     c = torch.tensor([[1.0, -2.0, 3.0], [0.0, 0.0, 0.0]], dtype=dtype)
     z0 = c.clone() if start == "at-c" else torch.zeros_like(c)
-    res = solvers.solve(lambda z: c.clone(), z0, solver, max_iter=12, tol=0.0,
-                        check_every=None)
+    res = solvers.solve(lambda z: c.clone(), z0, solver, max_iter=12, tol=0.0, check_every=None)
     assert torch.isfinite(res.z).all()
     assert torch.isfinite(res.abs_trace).all() and torch.isfinite(res.rel_trace).all()
     torch.testing.assert_close(res.z, c)
@@ -1171,8 +1286,9 @@ def test_singular_history_stays_finite(solver: solvers.Solver, start: str,
 def test_frozen_samples_repeat_without_nan(solver: solvers.Solver) -> None:
     """Stopped samples keep being stepped (check_every=None) on repeated iterates: no NaN."""
     p = make_problem("mixed_rates", torch.float64)
-    res = solvers.solve(p.f, p.z0, solver, max_iter=MAX_ITER, tol=1e-10, check_every=None,
-                        args=p.args)
+    res = solvers.solve(
+        p.f, p.z0, solver, max_iter=MAX_ITER, tol=1e-10, check_every=None, args=p.args
+    )
     assert torch.isfinite(res.abs_trace).all() and torch.isfinite(res.z).all()
     assert res.status == "converged"
     scale = torch.linalg.vector_norm(p.z_star, dim=1)
@@ -1202,8 +1318,7 @@ class RecordingAnderson(_Recording, solvers.Anderson):
 
 
 @pytest.mark.parametrize("max_iter", [10, 80])
-@pytest.mark.parametrize("cls", [RecordingBroyden, RecordingAnderson],
-                         ids=["broyden", "anderson"])
+@pytest.mark.parametrize("cls", [RecordingBroyden, RecordingAnderson], ids=["broyden", "anderson"])
 def test_memory_is_bounded(cls: type, max_iter: int) -> None:
     """State tensors hold m slots whatever max_iter is; a full memory still converges."""
     m = 3
@@ -1211,8 +1326,9 @@ def test_memory_is_bounded(cls: type, max_iter: int) -> None:
     solver.shapes = []
     p = make_problem("tanh_net", torch.float64)
     b, n = p.z0.shape
-    res = solvers.solve(p.f, p.z0, solver, max_iter=max_iter, tol=0.0, check_every=None,
-                        args=p.args)
+    res = solvers.solve(
+        p.f, p.z0, solver, max_iter=max_iter, tol=0.0, check_every=None, args=p.args
+    )
     assert res.nfe == max_iter and len(solver.shapes) == max_iter - 1
     first = solver.shapes[0]
     assert all(s == first for s in solver.shapes)  # nothing grows
@@ -1273,8 +1389,7 @@ def test_random_tanh_networks(solver: str) -> None:
             z_star = f(z_star, x)
         z0 = torch.zeros_like(z_star)
         for compact in (False, True):
-            res = solvers.solve(f, z0, solver, max_iter=500, tol=1e-10, args=(x,),
-                                compact=compact)
+            res = solvers.solve(f, z0, solver, max_iter=500, tol=1e-10, args=(x,), compact=compact)
             assert res.status == "converged", (seed, compact)
             scale = torch.linalg.vector_norm(z_star, dim=1)
             err = torch.linalg.vector_norm(res.z - z_star, dim=1)

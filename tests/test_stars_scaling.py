@@ -31,16 +31,28 @@ def test_quick_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     args = ("--quick", "--variants", "headline", "--out-dir", str(out), "--jobs", "2")
     names = (("json", "json"), ("plot", "png"), ("pca", "png"), ("scaling", "png"))
     files = {k: tmp_path / f"{k}.{ext}" for k, ext in names}
-    proc = run_benchmark("stars_scaling.py", *args, "--json", str(files["json"]),
-                         "--plot", str(files["plot"]), "--pca", str(files["pca"]),
-                         "--scaling", str(files["scaling"]))  # fmt: skip
+    proc = run_benchmark(
+        "stars_scaling.py",
+        *args,
+        "--json",
+        str(files["json"]),
+        "--plot",
+        str(files["plot"]),
+        "--pca",
+        str(files["pca"]),
+        "--scaling",
+        str(files["scaling"]),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "exact match at t loops and at the equilibrium" in proc.stdout
     data = json.loads(files["json"].read_text())
     results = data["results"]
     assert [(r["variant"], r["seed"]) for r in results] == [
-        ("baseline", 0), ("baseline", 1), ("stars", 0), ("stars", 1)
-    ]  # fmt: skip
+        ("baseline", 0),
+        ("baseline", 1),
+        ("stars", 0),
+        ("stars", 1),
+    ]
     for res in results:
         assert res["digits"] == 2 and set(res["accuracy"]) == {"1", "2", "4", "8"}
         assert all(0.0 <= a <= 1.0 for a in res["accuracy"].values())
@@ -56,8 +68,11 @@ def test_quick_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     assert data["pca"]["stars"]["explained"][0] > 0
     scaling = data["scaling"]["table"]
     assert [(r["variant"], r["split"]) for r in scaling] == [
-        ("baseline", "long_carry"), ("baseline", "ood"), ("stars", "long_carry"), ("stars", "ood")
-    ]  # fmt: skip
+        ("baseline", "long_carry"),
+        ("baseline", "ood"),
+        ("stars", "long_carry"),
+        ("stars", "ood"),
+    ]
     assert scaling[0]["depth"] == 4.0 and 0 <= scaling[0]["x2"][0] <= 1
     for key in ("plot", "pca", "scaling"):
         assert files[key].read_bytes()[:4] == b"\x89PNG"
@@ -102,21 +117,32 @@ def test_carry_chain() -> None:
 def test_tables_take_mean_and_worst_seed() -> None:
     def entry(variant: str, seed: int, acc: float, norm: float) -> dict:
         return {
-            "variant": variant, "seed": seed, "accuracy": {4: acc, 8: acc / 2},
-            "equilibrium": acc, "dynamics": [
-                {"loops": 4, "state_norm": norm, "step_norm": 1.0, "rho_median": 0.5}
-            ],
+            "variant": variant,
+            "seed": seed,
+            "accuracy": {4: acc, 8: acc / 2},
+            "equilibrium": acc,
+            "dynamics": [{"loops": 4, "state_norm": norm, "step_norm": 1.0, "rho_median": 0.5}],
             "equilibrium_details": {"state_norm": norm, "rho_median": 0.25},
-        }  # fmt: skip
+        }
 
     results = [entry("a", 0, 1.0, 2.0), entry("a", 1, 0.5, 4.0), entry("b", 0, 0.2, 1.0)]
     rows = accuracy_table(results, [4, 8])
-    assert rows[0] == {"variant": "a", "seeds": 2, "L4": (0.75, 0.5), "L8": (0.375, 0.25),
-                       "eq": (0.75, 0.5)}  # fmt: skip
+    assert rows[0] == {
+        "variant": "a",
+        "seeds": 2,
+        "L4": (0.75, 0.5),
+        "L8": (0.375, 0.25),
+        "eq": (0.75, 0.5),
+    }
     assert rows[1]["L4"] == (0.2, 0.2)
     dyn = dynamics_table(results, [4, 8])
-    assert dyn[0] == {"variant": "a", "loops": "4", "state_norm": 3.0, "step_norm": 1.0,
-                      "rho_median": 0.5}  # fmt: skip
+    assert dyn[0] == {
+        "variant": "a",
+        "loops": "4",
+        "state_norm": 3.0,
+        "step_norm": 1.0,
+        "rho_median": 0.5,
+    }
     assert dyn[1]["loops"] == "z*" and dyn[1]["rho_median"] == 0.25
 
 
@@ -125,8 +151,9 @@ def test_set_overrides_reach_warm_started_variants(tmp_path: Path) -> None:
     stars, baseline = run_config("stars", 1, args), run_config("baseline", 1, args)
     assert stars.warmup_steps == baseline.warmup_steps == 300  # --set wins over FINETUNE
     assert stars.lr == FINETUNE["lr"] and baseline.lr == RECIPE["lr"]
-    assert stars.init_from == str(tmp_path / "baseline" / "seed1" / "checkpoints"
-                                  / f"step_{args.warm_steps:08d}")  # fmt: skip
+    assert stars.init_from == str(
+        tmp_path / "baseline" / "seed1" / "checkpoints" / f"step_{args.warm_steps:08d}"
+    )
     assert (stars.lam, stars.depth["hi"], stars.penalty_start) == (0.1, 32, args.steps // 5)
 
 
@@ -138,8 +165,18 @@ def test_a_finished_run_of_another_recipe_is_refused_not_reused(tmp_path: Path) 
     assert "stars_scaling.py: error: cannot resume the run in" in proc.stderr
     assert "['lr']" in proc.stderr
     # Two at a time (a process pool), the refusal is the same one-line error.
-    proc = run_benchmark("stars_scaling.py", *args[:-4], "--seeds", "0,1", "--jobs", "2",
-                         "--out-dir", str(tmp_path), "--set", "lr=0.01")  # fmt: skip
+    proc = run_benchmark(
+        "stars_scaling.py",
+        *args[:-4],
+        "--seeds",
+        "0,1",
+        "--jobs",
+        "2",
+        "--out-dir",
+        str(tmp_path),
+        "--set",
+        "lr=0.01",
+    )
     assert proc.returncode == 1 and "cannot resume the run in" in proc.stderr
 
 

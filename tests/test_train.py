@@ -134,9 +134,13 @@ def test_tiny_run_learns_checkpoints_and_resumes_bit_identically(
 
 def test_backward_modes_other_than_unroll_train(tmp_path: Path, cache: Path) -> None:
     config = tiny_config(
-        tmp_path, cache, steps=6, eval_every=0, backward="truncated",
+        tmp_path,
+        cache,
+        steps=6,
+        eval_every=0,
+        backward="truncated",
         backward_options={"k": 1},
-    )  # fmt: skip
+    )
     result = train(config)
     assert math.isfinite(result["train"]["loss"])
 
@@ -457,9 +461,15 @@ def test_a_non_finite_loss_between_reads_is_named_and_nothing_after_it_is_saved(
     # Issue 22 row 5: with reads every 4 steps the NaN of step 2 is found at step 4; the
     # run names step 2, logs nothing after it and writes no checkpoint of the bad steps.
     config = tiny_config(
-        tmp_path, cache, steps=8, lr=1e10, warmup_steps=1, checkpoint_every=4, eval_every=0,
+        tmp_path,
+        cache,
+        steps=8,
+        lr=1e10,
+        warmup_steps=1,
+        checkpoint_every=4,
+        eval_every=0,
         log_every=4,
-    )  # fmt: skip
+    )
     with pytest.raises(NonFiniteLoss, match=r"training diverged at step 2 \(loss nan") as stop:
         train(config)
     assert stop.value.step == 2 and stop.value.checkpoint is None
@@ -469,9 +479,7 @@ def test_a_non_finite_loss_between_reads_is_named_and_nothing_after_it_is_saved(
     assert [r["step"] for r in records] == [1, 2] and math.isnan(records[1]["loss"])
 
 
-@pytest.mark.parametrize(
-    "backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compiled_training_equals_eager(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
@@ -605,9 +613,12 @@ def _free_port() -> int:
 def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig, out: str) -> None:
     """One rank: check DDP gradients with the penalty, then run train()."""
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-        WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-    )  # fmt: skip
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
@@ -628,9 +639,16 @@ def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig, out: str)
             optimizer = _optimizer(module, step_config)
             generator = torch.Generator().manual_seed(100 + rank)
             train_step(
-                runner, module, optimizer, x[rows], y[rows], 3, step_config,
-                penalty_on=True, generator=generator,
-            )  # fmt: skip
+                runner,
+                module,
+                optimizer,
+                x[rows],
+                y[rows],
+                3,
+                step_config,
+                penalty_on=True,
+                generator=generator,
+            )
         # DDP's gradient must be the mean over ranks of the local CE + penalty gradients.
         ok = True
         for p, q in zip(model.parameters(), reference.parameters(), strict=True):
@@ -663,9 +681,19 @@ def test_torchrun_command_from_the_docstring(tmp_path: Path, cache: Path) -> Non
     file = tmp_path / "cfg.json"
     file.write_text(json.dumps(config.to_dict()))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "eqloop.cli", "train", "--config", str(file), "--out-dir", str(tmp_path / "ddp"),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "eqloop.cli",
+        "train",
+        "--config",
+        str(file),
+        "--out-dir",
+        str(tmp_path / "ddp"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

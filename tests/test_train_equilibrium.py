@@ -54,16 +54,22 @@ def test_solve_config_trains_at_the_fixed_point_and_logs_the_forward(
 
 def test_unconverged_forward_is_counted_and_warned_once(tmp_path: Path, cache: Path) -> None:
     config = tiny_config(
-        tmp_path, cache, steps=3, eval_every=0, backward="phantom", lam=0.0,
+        tmp_path,
+        cache,
+        steps=3,
+        eval_every=0,
+        backward="phantom",
+        lam=0.0,
         solve={"solver": "anderson", "tol": 1e-12, "max_iter": 1},
-    )  # fmt: skip
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(config)
     forward = [
-        w for w in caught
+        w
+        for w in caught
         if issubclass(w.category, ConvergenceWarning) and "forward solve" in str(w.message)
-    ]  # fmt: skip
+    ]
     assert len(forward) == 1, [str(w.message) for w in caught]
     assert "did not converge on 100.0% of the sequences" in str(forward[0].message)
     assert "'fwd_converged'" in str(forward[0].message)
@@ -77,9 +83,14 @@ def test_ift_without_solve_logs_its_adjoint(tmp_path: Path, cache: Path) -> None
     """The sampled-loops IFT path (no solve) reports its adjoint solves too, not a warning
     per step."""
     config = tiny_config(
-        tmp_path, cache, steps=3, eval_every=0, backward="ift", lam=0.0,
+        tmp_path,
+        cache,
+        steps=3,
+        eval_every=0,
+        backward="ift",
+        lam=0.0,
         backward_options={"max_iter": 1, "tol": 1e-12},
-    )  # fmt: skip
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(config)
@@ -93,22 +104,34 @@ def test_ift_without_solve_logs_its_adjoint(tmp_path: Path, cache: Path) -> None
 @pytest.mark.parametrize(
     ("overrides", "error", "match"),
     [
-        ({"solve": {**SOLVE, "solver": "newton"}}, ValueError,
-         r"solve\.solver must be one of 'fixed_point', .*'anderson'.*got 'newton'"),
-        ({"solve": SOLVE, "backward": "unroll"}, ValueError,
-         r"backward must be one of \('ift', 'phantom'\), got 'unroll'.*solve=null"),
+        (
+            {"solve": {**SOLVE, "solver": "newton"}},
+            ValueError,
+            r"solve\.solver must be one of 'fixed_point', .*'anderson'.*got 'newton'",
+        ),
+        (
+            {"solve": SOLVE, "backward": "unroll"},
+            ValueError,
+            r"backward must be one of \('ift', 'phantom'\), got 'unroll'.*solve=null",
+        ),
         ({"solve": SOLVE, "backward": "truncated"}, ValueError, r"got 'truncated'"),
         ({"solve": {**SOLVE, "tol": 0.0}}, ValueError, r"solve\.tol"),
         ({"solve": {**SOLVE, "max_iter": 0}}, ValueError, r"solve\.max_iter"),
         ({"solve": {**SOLVE, "start_loops": -1}}, ValueError, r"solve\.start_loops"),
         ({"solve": {**SOLVE, "stop_mode": "max"}}, ValueError, r"solve\.stop_mode"),
-        ({"solve": {**SOLVE, "tolerance": 1e-3}}, ValueError,
-         r"unknown solve keys: \['tolerance'\]; valid keys are \['max_iter', "),
-        ({"solve": {**SOLVE, "solver_options": {"bogus": 1}}}, ValueError,
-         r"solve\.solver_options: .*bogus"),
+        (
+            {"solve": {**SOLVE, "tolerance": 1e-3}},
+            ValueError,
+            r"unknown solve keys: \['tolerance'\]; valid keys are \['max_iter', ",
+        ),
+        (
+            {"solve": {**SOLVE, "solver_options": {"bogus": 1}}},
+            ValueError,
+            r"solve\.solver_options: .*bogus",
+        ),
         ({"solve": "anderson"}, TypeError, r"solve must be None or a dict"),
     ],
-)  # fmt: skip
+)
 def test_solve_config_errors(
     tmp_path: Path, cache: Path, overrides: dict[str, Any], error: type, match: str
 ) -> None:
@@ -130,9 +153,17 @@ def test_solve_config_from_overrides() -> None:
 
 def test_resume_with_solve_config_is_bit_identical(tmp_path: Path, cache: Path) -> None:
     config = tiny_config(
-        tmp_path / "a", cache, steps=4, eval_every=2, eval_loops=[2], backward="ift",
-        solve=SOLVE, lam=0.1, penalty_start=1, penalty_at="fixed_point",
-    )  # fmt: skip
+        tmp_path / "a",
+        cache,
+        steps=4,
+        eval_every=2,
+        eval_loops=[2],
+        backward="ift",
+        solve=SOLVE,
+        lam=0.1,
+        penalty_start=1,
+        penalty_at="fixed_point",
+    )
     train(config)
     interrupted = dataclasses.replace(config, out_dir=str(tmp_path / "b"))
 

@@ -43,9 +43,11 @@ def test_pca_recovers_a_planar_trajectory_exactly() -> None:
     t = torch.arange(20, dtype=torch.float64)
     radius = 0.9**t
     plane = torch.stack(
-        [torch.stack((radius * torch.cos(t + p), radius * torch.sin(t + p)), dim=1)
-         for p in (0.0, 1.5)]
-    )  # (B=2, T+1=20, 2)  # fmt: skip
+        [
+            torch.stack((radius * torch.cos(t + p), radius * torch.sin(t + p)), dim=1)
+            for p in (0.0, 1.5)
+        ]
+    )  # (B=2, T+1=20, 2)
     offset = torch.randn(12, generator=gen, dtype=torch.float64)
     features = plane @ basis.T + offset  # (2, 20, 12)
     states = features.transpose(0, 1).reshape(20, 2, 3, 4)  # (T+1, B, S, d)
@@ -102,14 +104,24 @@ def test_first_loop_leaves_out_the_start(model: LoopLM) -> None:
 
 def test_checkpoint_pca_traces_the_runs_own_test_problems(tmp_path: Path) -> None:
     config = TrainConfig(
-        model=LoopLMConfig(**{**MODEL, "max_seq_len": 16}, init_std=0.3), digits=2, n_train=64,
+        model=LoopLMConfig(**{**MODEL, "max_seq_len": 16}, init_std=0.3),
+        digits=2,
+        n_train=64,
         n_test=16,
-        batch_size=8, out_dir=str(tmp_path / "run"), data_cache_dir=str(tmp_path / "cache"),
-    )  # fmt: skip
+        batch_size=8,
+        out_dir=str(tmp_path / "run"),
+        data_cache_dir=str(tmp_path / "cache"),
+    )
     torch.manual_seed(0)
     model = LoopLM(config.model)
-    save_checkpoint(tmp_path / "run", 3, weights=model.state_dict(), config=config.to_dict(),
-                    metrics={}, training_state={})  # fmt: skip
+    save_checkpoint(
+        tmp_path / "run",
+        3,
+        weights=model.state_dict(),
+        config=config.to_dict(),
+        metrics={},
+        training_state={},
+    )
     pca = checkpoint_pca(tmp_path / "run", problems=5, loops=12)
     tokens = make_test_set(config).inputs[:5]
     expected = trajectory_pca(hidden_trajectory(model.eval(), tokens, 12), first_loop=1)
@@ -122,15 +134,35 @@ def test_eqloop_eval_pca_option(tmp_path: Path, capsys: pytest.CaptureFixture[st
     from eqloop.cli import main
 
     config = TrainConfig(
-        model=LoopLMConfig(**{**MODEL, "max_seq_len": 16}), digits=2, n_train=64, n_test=8,
-        batch_size=8, out_dir=str(tmp_path / "run"), data_cache_dir=str(tmp_path / "cache"),
-    )  # fmt: skip
+        model=LoopLMConfig(**{**MODEL, "max_seq_len": 16}),
+        digits=2,
+        n_train=64,
+        n_test=8,
+        batch_size=8,
+        out_dir=str(tmp_path / "run"),
+        data_cache_dir=str(tmp_path / "cache"),
+    )
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "run", 2, weights=LoopLM(config.model).state_dict(),
-                    config=config.to_dict(), metrics={}, training_state={})  # fmt: skip
+    save_checkpoint(
+        tmp_path / "run",
+        2,
+        weights=LoopLM(config.model).state_dict(),
+        config=config.to_dict(),
+        metrics={},
+        training_state={},
+    )
     out = tmp_path / "pca.png"
-    common = ["eval", "--checkpoint", str(tmp_path / "run"), "--loops", "1,2", "--no-progress",
-              "--no-diagnostics", "--pca", str(out)]  # fmt: skip
+    common = [
+        "eval",
+        "--checkpoint",
+        str(tmp_path / "run"),
+        "--loops",
+        "1,2",
+        "--no-progress",
+        "--no-diagnostics",
+        "--pca",
+        str(out),
+    ]
     assert main([*common, "--pca-loops", "6", "--pca-problems", "3"]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit) as stop:

@@ -393,8 +393,12 @@ def test_set_reads_a_word_that_names_a_choice_as_that_choice(
 ) -> None:
     # row 24: "none" names the no-pruning choice, it is not JSON null (the default pruner)
     args = ["--study-dir", str(tmp_path), "--print-config"]
-    for text, pruner in (("none", "none"), ('"none"', "none"), ("hyperband", "hyperband"),
-                         ("null", None)):
+    for text, pruner in (
+        ("none", "none"),
+        ('"none"', "none"),
+        ("hyperband", "hyperband"),
+        ("null", None),
+    ):
         assert main([*args, "--set", f"pruner={text}"]) == 0, capsys.readouterr().err
         assert json.loads(capsys.readouterr().out)["pruner"] == pruner
     assert main([*args, "--set", "pruner=nope"]) == 2

@@ -17,11 +17,23 @@ MODEL = dict(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=16, inje
 
 def config(tmp: Path, name: str, **overrides: Any) -> TrainConfig:
     base: dict[str, Any] = dict(
-        model=MODEL, digits=2, n_train=128, n_test=16, batch_size=16, steps=6, lr=3e-3,
-        warmup_steps=1, depth={"kind": "fixed", "t": 2}, lam=0.0, eval_every=0,
-        eval_loops=[2], checkpoint_every=0, out_dir=str(tmp / name),
-        data_cache_dir=str(tmp / "cache"), progress=False,
-    )  # fmt: skip
+        model=MODEL,
+        digits=2,
+        n_train=128,
+        n_test=16,
+        batch_size=16,
+        steps=6,
+        lr=3e-3,
+        warmup_steps=1,
+        depth={"kind": "fixed", "t": 2},
+        lam=0.0,
+        eval_every=0,
+        eval_loops=[2],
+        checkpoint_every=0,
+        out_dir=str(tmp / name),
+        data_cache_dir=str(tmp / "cache"),
+        progress=False,
+    )
     return TrainConfig.from_dict({**base, **overrides})
 
 
@@ -41,8 +53,12 @@ def test_a_warm_start_begins_at_the_source_weights(tmp_path: Path) -> None:
 
 def test_a_warm_start_needs_the_same_model(tmp_path: Path) -> None:
     train(config(tmp_path, "source"))
-    wider = config(tmp_path, "wider", init_from=str(tmp_path / "source"),
-                   model={**MODEL, "d_ff": 64, "norm_placement": "pre"})  # fmt: skip
+    wider = config(
+        tmp_path,
+        "wider",
+        init_from=str(tmp_path / "source"),
+        model={**MODEL, "d_ff": 64, "norm_placement": "pre"},
+    )
     with pytest.raises(ValueError, match=r"differs in \['d_ff', 'norm_placement'\]"):
         train(wider)
     assert not (tmp_path / "wider").exists()  # nothing written

@@ -161,10 +161,17 @@ class FinetuneConfig:
                 "2.13 (per-block sharding crashes); use penalty_product='jvp' or 'auto'"
             )
         for name, low in (
-            ("max_len", 2), ("seed", 0), ("power_steps", 1),
-            ("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("warmup_steps", 0),
-            ("max_new_tokens", 1), ("checkpoint_every", 0), ("log_every", 1),
-        ):  # fmt: skip
+            ("max_len", 2),
+            ("seed", 0),
+            ("power_steps", 1),
+            ("batch_size", 1),
+            ("grad_accum", 1),
+            ("steps", 1),
+            ("warmup_steps", 0),
+            ("max_new_tokens", 1),
+            ("checkpoint_every", 0),
+            ("log_every", 1),
+        ):
             checks.integer(name, getattr(self, name), low=low)
         check_penalty_start(self.penalty_start)
         for name in ("loops", "penalty_rows", "eval_limit", "backprop_loops"):
@@ -181,8 +188,13 @@ class FinetuneConfig:
         for beta in self.betas:
             checks.number("betas", beta, low=0.0, high=1.0, high_open=True)
         for name in (
-            "grad_checkpointing", "resume", "overwrite", "progress", "compile", "eval_equilibrium",
-        ):  # fmt: skip
+            "grad_checkpointing",
+            "resume",
+            "overwrite",
+            "progress",
+            "compile",
+            "eval_equilibrium",
+        ):
             checks.boolean(name, getattr(self, name))
         if self.resume and self.overwrite:
             raise ValueError(

@@ -163,9 +163,15 @@ def _cached_generate(
             ids[row, width - len(prompts[i]) :] = torch.tensor(list(prompts[i]))
             mask[row, width - len(prompts[i]) :] = 1
         sequences = generate(
-            model, ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            loops=loops, stop_token_ids=[eos_id], pad_token_id=pad_id, **(stage_options or {}),
-        )  # fmt: skip
+            model,
+            ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            loops=loops,
+            stop_token_ids=[eos_id],
+            pad_token_id=pad_id,
+            **(stage_options or {}),
+        )
         for row, i in enumerate(chunk):
             new = sequences[row, width:].tolist()
             out[i] = new[: new.index(eos_id)] if eos_id in new else new
@@ -203,16 +209,26 @@ def generate_continuations(
     """
     if loops is not None and _has_kv_cache(model):
         outputs = _cached_generate(
-            model, prompts, loops=loops, max_new_tokens=max_new_tokens,
-            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, batch_size=batch_size,
+            model,
+            prompts,
+            loops=loops,
+            max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+            batch_size=batch_size,
             stage_options=stage_options,
-        )  # fmt: skip
+        )
     else:
         outputs = greedy_generate(
-            predict, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-            batch_size=batch_size, stop_texts=stop_texts, decode=tokenizer.decode,
+            predict,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_id,
+            batch_size=batch_size,
+            stop_texts=stop_texts,
+            decode=tokenizer.decode,
             device=model_device(model),
-        )  # fmt: skip
+        )
     texts = []
     for ids in outputs:
         text = tokenizer.decode(ids)
@@ -264,9 +280,15 @@ def answers_correct(
         return torch.cat(right)
     prompts = [tokenizer.encode_prompt(template.format_prompt(e)) for e in examples]
     texts = generate_continuations(
-        model, prompts, loops=loops, predict=predict, tokenizer=tokenizer,
-        max_new_tokens=max_new_tokens, stop_texts=(STOP_TEXT,), batch_size=batch_size,
-    )  # fmt: skip
+        model,
+        prompts,
+        loops=loops,
+        predict=predict,
+        tokenizer=tokenizer,
+        max_new_tokens=max_new_tokens,
+        stop_texts=(STOP_TEXT,),
+        batch_size=batch_size,
+    )
     answers = [extract_answer(text) for text in texts]
     return torch.tensor(
         [e.answer is not None and a == e.answer for a, e in zip(answers, examples, strict=True)]
@@ -321,8 +343,10 @@ def accuracy_vs_loops(
                     eq = {
                         "accuracy": float(right.float().mean()),
                         "converged": solve.converged / max(1, solve.solved),
-                        "solver": solver, "tol": tol, "max_iter": max_iter,
-                    }  # fmt: skip
+                        "solver": solver,
+                        "tol": tol,
+                        "max_iter": max_iter,
+                    }
                     continue
                 predict = _Unrolled(model, t)
                 right = answers_correct(model, tokenizer, examples, predict, loops=t, **common)

@@ -348,10 +348,16 @@ class EqloopLM(TemplateLM):
             prompts = [self.tok_encode(requests[i].args[0])[-budget:] for i in indices]
             cached = self.solver is None and not self.random_start  # else via _logits
             texts = generate_continuations(
-                self.model, prompts, loops=self.loops if cached else None,
-                predict=self._logits, tokenizer=self.text_tokenizer, max_new_tokens=max_new,
-                stop_texts=until, batch_size=self.batch_size, stage_options=self._stage,
-            )  # fmt: skip
+                self.model,
+                prompts,
+                loops=self.loops if cached else None,
+                predict=self._logits,
+                tokenizer=self.text_tokenizer,
+                max_new_tokens=max_new,
+                stop_texts=until,
+                batch_size=self.batch_size,
+                stage_options=self._stage,
+            )
             for i, text in zip(indices, texts, strict=True):
                 out[i] = text
                 if self.cache_hook is not None:

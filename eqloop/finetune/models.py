@@ -174,9 +174,13 @@ def save_model(
     try:
         if isinstance(model, LoopLM):
             save_checkpoint(
-                staging, 0, weights=model.state_dict(), config={"model": model.config.to_dict()},
-                metrics=metrics or {}, training_state={},
-            )  # fmt: skip
+                staging,
+                0,
+                weights=model.state_dict(),
+                config={"model": model.config.to_dict()},
+                metrics=metrics or {},
+                training_state={},
+            )
         else:
             model.save_pretrained(staging)
             for name in TOKENIZER_FILES:

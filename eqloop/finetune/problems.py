@@ -25,9 +25,17 @@ from solvers import checks
 __all__ = ["KINDS", "make_problem", "make_problems", "make_splits"]
 
 _NAMES = (
-    ("Mia", "She"), ("Noah", "He"), ("Ava", "She"), ("Liam", "He"), ("Zoe", "She"),
-    ("Omar", "He"), ("Lena", "She"), ("Ravi", "He"), ("Ines", "She"), ("Theo", "He"),
-)  # fmt: skip
+    ("Mia", "She"),
+    ("Noah", "He"),
+    ("Ava", "She"),
+    ("Liam", "He"),
+    ("Zoe", "She"),
+    ("Omar", "He"),
+    ("Lena", "She"),
+    ("Ravi", "He"),
+    ("Ines", "She"),
+    ("Theo", "He"),
+)
 _ITEMS = ("apples", "pencils", "stickers", "marbles", "cookies", "books", "shells", "cards")
 
 Problem = dict[str, str]

@@ -104,10 +104,23 @@ __all__ = ["Objective", "OnStep", "finetune", "make_sampler", "prepare_model", "
 
 # Options a resumed run may change; every other field must match the checkpoint's config.
 _RESUME_MAY_CHANGE = frozenset(
-    {"steps", "checkpoint_every", "out_dir", "resume", "overwrite", "device", "progress",
-     "eval_file", "eval_loops", "eval_equilibrium", "eval_limit", "max_new_tokens",
-     "log_every", "compile"}
-)  # fmt: skip
+    {
+        "steps",
+        "checkpoint_every",
+        "out_dir",
+        "resume",
+        "overwrite",
+        "device",
+        "progress",
+        "eval_file",
+        "eval_loops",
+        "eval_equilibrium",
+        "eval_limit",
+        "max_new_tokens",
+        "log_every",
+        "compile",
+    }
+)
 OnStep = Callable[[int, dict[str, Any]], None]
 """Called as ``on_step(step, stats)`` after each optimisation step; may raise to stop."""
 MODEL_DIR = "model"  # sub-directory of out_dir holding the final model in its own layout
@@ -264,9 +277,12 @@ def prepare_model(loaded: LoadedModel, config: FinetuneConfig) -> list[str]:
     targets = config.lora.targets or list(DEFAULT_TARGETS[loaded.arch])
     torch.manual_seed(mix_seed(config.seed, 2))  # the adapters' initialisation
     return attach_lora(
-        loaded.model, targets, r=config.lora.r, alpha=config.lora.alpha,
+        loaded.model,
+        targets,
+        r=config.lora.r,
+        alpha=config.lora.alpha,
         dropout=config.lora.dropout,
-    )  # fmt: skip
+    )
 
 
 def _shard(objective: Objective) -> None:
@@ -431,9 +447,16 @@ def _build(
     optimizer = _optimizer(loaded.model, config)
     scheduler = LambdaLR(optimizer, partial(lr_factor, config=config))
     run = _Run(
-        loaded, objective, net, optimizer, scheduler,
-        make_sampler(config, loaded.trained_loops), env, fsdp, lora_modules,
-    )  # fmt: skip
+        loaded,
+        objective,
+        net,
+        optimizer,
+        scheduler,
+        make_sampler(config, loaded.trained_loops),
+        env,
+        fsdp,
+        lora_modules,
+    )
     if ckpt is not None:
         run.restore(ckpt)
     return run
@@ -594,9 +617,12 @@ def _finetune(
         return checkpoint_path
 
     bar = tqdm(
-        total=config.steps, initial=run.step, disable=not (env.main and config.progress),
-        desc=f"finetune {config.mode}", dynamic_ncols=True,
-    )  # fmt: skip
+        total=config.steps,
+        initial=run.step,
+        disable=not (env.main and config.progress),
+        desc=f"finetune {config.mode}",
+        dynamic_ncols=True,
+    )
     pending = PendingSteps(env.device, env.world)
     # on_step receives every step's statistics: with it, they are read after every step.
     log_every = 1 if on_step is not None else config.log_every
@@ -633,11 +659,7 @@ def _finetune(
                 # Read every log_every steps and before a checkpoint (alone, also when a
                 # signal arrived; ranks read at the same steps only).
                 stop = 0
-                if (
-                    checkpoint_due
-                    or run.step % log_every == 0
-                    or (env.world == 1 and received[0])
-                ):
+                if checkpoint_due or run.step % log_every == 0 or (env.world == 1 and received[0]):
                     stop = read(received[0])
                 if checkpoint_due:
                     save()
@@ -696,10 +718,15 @@ def _finish(
     if eval_examples:
         template = PromptTemplate(config.prompt, config.delimiter)
         result["eval"] = accuracy_vs_loops(
-            model, run.loaded.tokenizer, eval_examples, loops=config.eval_loops,
-            equilibrium=config.eval_equilibrium, template=template,
-            max_new_tokens=config.max_new_tokens, progress=config.progress,
-        )  # fmt: skip
+            model,
+            run.loaded.tokenizer,
+            eval_examples,
+            loops=config.eval_loops,
+            equilibrium=config.eval_equilibrium,
+            template=template,
+            max_new_tokens=config.max_new_tokens,
+            progress=config.progress,
+        )
         write_json_atomic(out_dir / EVAL_FILE, result["eval"])
     return result
 
@@ -728,11 +755,15 @@ def step_time_ratio(
     import statistics
 
     objective = Objective(
-        loaded.model, lam=config.lam, power_steps=config.power_steps,
-        target=config.penalty_target, product=_product(config, 1),
-        penalty_rows=config.penalty_rows, backprop_loops=config.backprop_loops,
+        loaded.model,
+        lam=config.lam,
+        power_steps=config.power_steps,
+        target=config.penalty_target,
+        product=_product(config, 1),
+        penalty_rows=config.penalty_rows,
+        backprop_loops=config.backprop_loops,
         grad_checkpointing=config.grad_checkpointing,
-    )  # fmt: skip
+    )
     optimizer = _optimizer(loaded.model, config)
     times: dict[bool, list[float]] = {False: [], True: []}
     for i in range(warmup + steps):

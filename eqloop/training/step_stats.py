@@ -98,9 +98,12 @@ class PendingSteps:
             host = [x / self.world for x in host[: len(values)]]
         numbers = iter(host)
         records = [
-            {"step": step, **{k: next(numbers) if self._reduced(v) else v
-                              for k, v in stats.items()}, **extra}
+            {
+                "step": step,
+                **{k: next(numbers) if self._reduced(v) else v for k, v in stats.items()},
+                **extra,
+            }
             for step, stats, extra in self._steps
-        ]  # fmt: skip
+        ]
         self._steps.clear()
         return records, signum

@@ -10,5 +10,13 @@ from eqloop.tune.objective import objective_values
 from eqloop.tune.report import pruning_savings
 from eqloop.tune.study import load_study, requeue, run_study
 
-__all__ = ["TuneConfig", "load_study", "load_tune_config", "main", "objective_values",
-           "pruning_savings", "requeue", "run_study"]
+__all__ = [
+    "TuneConfig",
+    "load_study",
+    "load_tune_config",
+    "main",
+    "objective_values",
+    "pruning_savings",
+    "requeue",
+    "run_study",
+]

@@ -31,10 +31,16 @@ def trial_numbers(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``eqloop tune`` argument parser."""
-    p = argparse.ArgumentParser(prog="eqloop tune", description=_DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p, file_help="JSON file with TuneConfig fields",
-                         example="--set base.steps=300 --set space.lam.high=0.5")
+    p = argparse.ArgumentParser(
+        prog="eqloop tune",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(
+        p,
+        file_help="JSON file with TuneConfig fields",
+        example="--set base.steps=300 --set space.lam.high=0.5",
+    )
     add = p.add_argument
     add("--study-name", help="study name (default stars-lam)")
     add("--study-dir", help="directory of the default storage, the trial runs and the outputs")
@@ -42,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--n-trials", type=int, help="trials in total for the study (not per worker)")
     add("--objective", help=f"one of {', '.join(OBJECTIVES)} (default deep_accuracy)")
     add("--search", help=f"parameters to search, e.g. lam,lr (ranges: {', '.join(DEFAULT_RANGES)})")
-    add("--requeue", type=trial_numbers, metavar="N,..",
-        help="first fail these RUNNING trials of a killed worker and queue them again (journal)")
+    add(
+        "--requeue",
+        type=trial_numbers,
+        metavar="N,..",
+        help="first fail these RUNNING trials of a killed worker and queue them again (journal)",
+    )
     add("--no-progress", action="store_true", help="no training progress bars or trial lines")
     add("--print-config", action="store_true", help="print the config and exit")
     return p
@@ -59,8 +69,10 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
     if args.search is not None:  # the named parameters, with their configured or default ranges
         names = [name.strip() for name in args.search.split(",") if name.strip()]
         if unknown := [n for n in names if n not in config.space and n not in DEFAULT_RANGES]:
-            raise ValueError(f"--search {','.join(unknown)}: no range configured and no default "
-                             f"range; defaults exist for {list(DEFAULT_RANGES)}")
+            raise ValueError(
+                f"--search {','.join(unknown)}: no range configured and no default "
+                f"range; defaults exist for {list(DEFAULT_RANGES)}"
+            )
         config.space = {name: config.space.get(name, {}) for name in names}
     return config
 

@@ -20,16 +20,31 @@ from eqloop.config import TrainConfig, load_config
 from eqloop.overrides import apply_overrides, read_config_file
 from solvers import checks
 
-OBJECTIVES = {"deep_accuracy": {"deep_accuracy": "maximize"},  # value name: direction
-              "multi": {"peak_accuracy": "maximize", "drop": "minimize"}}
+OBJECTIVES = {
+    "deep_accuracy": {"deep_accuracy": "maximize"},  # value name: direction
+    "multi": {"peak_accuracy": "maximize", "drop": "minimize"},
+}
 SAMPLERS = {"tpe": samplers.TPESampler, "gp": samplers.GPSampler, "random": samplers.RandomSampler}
 PrunerName = Literal["median", "percentile", "hyperband", "none"]  # --set pruner=none: "none"
-PRUNERS = dict(zip(get_args(PrunerName), (pruners.MedianPruner, pruners.PercentilePruner,
-                                          pruners.HyperbandPruner, pruners.NopPruner), strict=True))
+PRUNERS = dict(
+    zip(
+        get_args(PrunerName),
+        (
+            pruners.MedianPruner,
+            pruners.PercentilePruner,
+            pruners.HyperbandPruner,
+            pruners.NopPruner,
+        ),
+        strict=True,
+    )
+)
 DEFAULT_RANGES: dict[str, dict[str, Any]] = {  # for parameters searched without a range
-    "lam": {"low": 1e-3, "high": 1.0, "log": True}, "lr": {"low": 1e-4, "high": 1e-2, "log": True},
-    "penalty_target": {"low": 0.1, "high": 1.0}, "depth.mu": {"low": 1.0, "high": 3.0},
-    "depth.sigma": {"low": 0.2, "high": 1.0}}
+    "lam": {"low": 1e-3, "high": 1.0, "log": True},
+    "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+    "penalty_target": {"low": 0.1, "high": 1.0},
+    "depth.mu": {"low": 1.0, "high": 3.0},
+    "depth.sigma": {"low": 0.2, "high": 1.0},
+}
 _SET_BY_STUDY = ("seed", "out_dir", "resume", "eval_loops", "progress")
 _INTEGERS = {"n_trials": 1, "max_retry": 0, "heartbeat_interval": 1}  # field: lowest value
 _OPTIONAL = {"grace_period": 1, "max_failed": 1, "sampler_seed": 0}  # or None
@@ -154,15 +169,21 @@ class TuneConfig:
         _check_kwargs(SAMPLERS[self.sampler], self.sampler_options, "sampler_options", "seed")
         _check_kwargs(PRUNERS[pruner], self.pruner_options, "pruner_options")
         if pruner == "percentile" and not 0 < self.pruner_options.get("percentile", -1) < 100:
-            raise ValueError("the percentile pruner needs pruner_options['percentile'] in (0, 100)"
-                             ", the share of trials it keeps: --set pruner_options.percentile=75")
+            raise ValueError(
+                "the percentile pruner needs pruner_options['percentile'] in (0, 100)"
+                ", the share of trials it keeps: --set pruner_options.percentile=75"
+            )
         if pruner != "none" and self.objective == "multi":
-            raise ValueError(f"pruner {pruner!r} cannot be used with objective 'multi' (Optuna "
-                             "does not prune multi-objective trials): --set pruner=none")
+            raise ValueError(
+                f"pruner {pruner!r} cannot be used with objective 'multi' (Optuna "
+                "does not prune multi-objective trials): --set pruner=none"
+            )
         base = self.train_base()
         if pruner != "none" and not 0 < base.eval_every < base.steps:
-            raise ValueError(f"pruning needs intermediate evaluations: base.eval_every in (0, "
-                             f"{base.steps}), got {base.eval_every} (or --set pruner=none)")
+            raise ValueError(
+                f"pruning needs intermediate evaluations: base.eval_every in (0, "
+                f"{base.steps}), got {base.eval_every} (or --set pruner=none)"
+            )
         for name, dist in self.distributions().items():
             if name in _SET_BY_STUDY:
                 raise ValueError(f"space.{name}: this field is set by the study itself")

@@ -72,9 +72,12 @@ class Objective:
         fixed = {"seed": seed, "out_dir": str(run_dir), "progress": self.config.progress}
         config = trial_train_config(self.base, {**params, **fixed, "resume": origin is not None})
         attrs = {"seed": seed, "run_dir": str(run_dir), "retry_of": origin, "error": None}
-        attrs.update(config_path=str(run_dir / "config.json"), steps=config.steps,
-                     checkpoint_dir=str(run_dir / CHECKPOINT_DIR),
-                     metrics_path=str(run_dir / "metrics.jsonl"))
+        attrs.update(
+            config_path=str(run_dir / "config.json"),
+            steps=config.steps,
+            checkpoint_dir=str(run_dir / CHECKPOINT_DIR),
+            metrics_path=str(run_dir / "metrics.jsonl"),
+        )
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         loops, start, reported = self.config.loops, time.time(), stored.intermediate_values

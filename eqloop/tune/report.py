@@ -34,9 +34,14 @@ def pruning_savings(study: optuna.Study) -> dict[str, Any]:
 
     run, full = steps(finished, "steps_run"), steps(finished, "steps")
     run_pruned, full_pruned = steps(pruned, "steps_run"), steps(pruned, "steps")
-    return {"n_pruned": len(pruned), "steps_run_pruned": run_pruned,
-            "steps_full_pruned": full_pruned, "steps_saved": full_pruned - run_pruned,
-            "steps_run_total": run, "saved_fraction": (full - run) / full if full else 0.0}
+    return {
+        "n_pruned": len(pruned),
+        "steps_run_pruned": run_pruned,
+        "steps_full_pruned": full_pruned,
+        "steps_saved": full_pruned - run_pruned,
+        "steps_run_total": run,
+        "saved_fraction": (full - run) / full if full else 0.0,
+    }
 
 
 def _record(trial: FrozenTrial, names: list[str]) -> dict[str, Any]:
@@ -55,13 +60,18 @@ def write_report(study: optuna.Study, config: TuneConfig, storage: str, base: Tr
     if len(names) == 1:
         best = _record(study.best_trial, names) if complete else None
     shown = redact(storage)
-    summary = {"study_name": study.study_name, "storage": shown,
-               "dashboard": f"optuna-dashboard {shown.removeprefix('journal:')}",
-               "objectives": OBJECTIVES[config.objective], "loops": config.loops,
-               "space": config.param_space(), "pruning": pruning_savings(study),
-               "trials": {s.name.lower(): n for s in TrialState if (n := count(study, s))},
-               "best" if len(names) == 1 else "pareto_front": best,
-               "base": base.to_dict()}
+    summary = {
+        "study_name": study.study_name,
+        "storage": shown,
+        "dashboard": f"optuna-dashboard {shown.removeprefix('journal:')}",
+        "objectives": OBJECTIVES[config.objective],
+        "loops": config.loops,
+        "space": config.param_space(),
+        "pruning": pruning_savings(study),
+        "trials": {s.name.lower(): n for s in TrialState if (n := count(study, s))},
+        "best" if len(names) == 1 else "pareto_front": best,
+        "base": base.to_dict(),
+    }
     paths = {key: config.out_dir / name for key, name in REPORT_FILES.items()}
     write_json_atomic(paths["best_params"], summary)
     with atomic_path(paths["trials_csv"]) as tmp:

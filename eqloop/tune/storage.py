@@ -28,8 +28,10 @@ def parse(storage: str) -> tuple[str, Path | None]:
     try:
         url = make_url(storage)
     except ArgumentError as err:
-        raise ValueError(f"invalid storage {storage!r}: expected journal:PATH or a database URL "
-                         "(sqlite:///PATH, postgresql://USER:PASSWORD@HOST/DB, ...)") from err
+        raise ValueError(
+            f"invalid storage {storage!r}: expected journal:PATH or a database URL "
+            "(sqlite:///PATH, postgresql://USER:PASSWORD@HOST/DB, ...)"
+        ) from err
     if url.drivername == "postgresql" and not find_spec("psycopg") and find_spec("psycopg2"):
         url = url.set(drivername="postgresql+psycopg2")
     file = None
@@ -71,10 +73,13 @@ def connect(config: TuneConfig) -> tuple[BaseStorage, str]:
                 return JournalStorage(JournalFileBackend(str(file))), storage
             retry, engine = retry_callback(config.max_retry), {"connect_args": {"timeout": 60}}
             with experimental_api():  # heartbeat_interval: marked experimental since Optuna 2.9
-                rdb = RDBStorage(storage, engine if file else None,
-                                 heartbeat_interval=config.heartbeat_interval,
-                                 grace_period=config.grace_period,
-                                 heartbeat_stale_trial_callback=retry)
+                rdb = RDBStorage(
+                    storage,
+                    engine if file else None,
+                    heartbeat_interval=config.heartbeat_interval,
+                    grace_period=config.grace_period,
+                    heartbeat_stale_trial_callback=retry,
+                )
             return rdb, storage
         except Exception as err:  # driver import errors, connection errors, bad files
             if attempt == 2 or not isinstance(err, DBAPIError):

@@ -39,8 +39,10 @@ def _check_compatible(study: optuna.Study, config: TuneConfig, base: TrainConfig
     if (stored := study.user_attrs.get(_SIGNATURE)) is None:  # a new study
         return study.set_user_attr(_SIGNATURE, signature)
     if differ := sorted(k for k in signature | stored if stored.get(k) != signature.get(k)):
-        raise ValueError(f"study {study.study_name!r} was created with a different "
-                         f"{', '.join(differ)}; resume it as it was or use another --study-name")
+        raise ValueError(
+            f"study {study.study_name!r} was created with a different "
+            f"{', '.join(differ)}; resume it as it was or use another --study-name"
+        )
 
 
 def load_study(config: TuneConfig) -> tuple[optuna.Study, str, TrainConfig]:
@@ -50,9 +52,13 @@ def load_study(config: TuneConfig) -> tuple[optuna.Study, str, TrainConfig]:
     pruner, options = config.resolved_pruner(), dict(config.pruner_options)
     if pruner == "hyperband":  # its resources are training steps
         options = {"min_resource": base.eval_every, "max_resource": base.steps, **options}
-    study = optuna.create_study(storage=storage, pruner=PRUNERS[pruner](**options),
-                                study_name=config.study_name, load_if_exists=True,
-                                directions=list(OBJECTIVES[config.objective].values()))
+    study = optuna.create_study(
+        storage=storage,
+        pruner=PRUNERS[pruner](**options),
+        study_name=config.study_name,
+        load_if_exists=True,
+        directions=list(OBJECTIVES[config.objective].values()),
+    )
     seed = config.sampler_seed  # offset by the stored trials: a resumed study must not repeat
     seed = None if seed is None else (seed * 1_000_003 + len(study.get_trials())) % 2**32
     study.sampler = SAMPLERS[config.sampler](seed=seed, **config.sampler_options)
@@ -101,8 +107,12 @@ def run_study(config: TuneConfig, *, train_fn: TrainFn | None = None) -> optuna.
         room = count(study, *BUDGET_STATES) < config.n_trials or count(study, TrialState.WAITING)
         if room and failures(study) < max_failed:
             budget = _Budget(config.n_trials, states=BUDGET_STATES)
-            study.optimize(objective, timeout=config.timeout, catch=(Exception,),
-                           callbacks=[budget, stop_at_max_failed])
+            study.optimize(
+                objective,
+                timeout=config.timeout,
+                catch=(Exception,),
+                callbacks=[budget, stop_at_max_failed],
+            )
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)

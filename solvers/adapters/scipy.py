@@ -82,8 +82,12 @@ class SciPySolver(ExternalSolver):
         x0 = z0.detach().reshape(-1).cpu().double().numpy()
         try:
             x = method(
-                g, x0, maxiter=problem.max_iter, f_tol=max(problem.tol, 1e-300),
-                tol_norm=worst_live_residual, **self.options,
+                g,
+                x0,
+                maxiter=problem.max_iter,
+                f_tol=max(problem.tol, 1e-300),
+                tol_norm=worst_live_residual,
+                **self.options,
             )
         except scipy.optimize.NoConvergence as stopped:
             x = stopped.args[0]

@@ -59,13 +59,18 @@ class TorchDEQSolver(ExternalSolver):
             return result_from_trace(problem, self.name, z0, empty, empty, fn.calls)
         try:
             z, _, info = get_solver(self.kind)(
-                fn, z0, max_iter=inner, tol=problem.tol, stop_mode=problem.stop_mode,
+                fn,
+                z0,
+                max_iter=inner,
+                tol=problem.tol,
+                stop_mode=problem.stop_mode,
                 **self.options,
             )
         except BudgetExhausted:  # only a line search can overrun: keep the last point
             nan = z0.new_full((z0.shape[0], fn.calls), float("nan"))
-            return result_from_trace(problem, self.name, fn.last_z, nan, nan, fn.calls,
-                                     fz=fn.last_fz)
+            return result_from_trace(
+                problem, self.name, fn.last_z, nan, nan, fn.calls, fz=fn.last_fz
+            )
         # torchdeq's traces start with a 1e8 placeholder and are padded after an early stop.
         # Its anderson records no residual for the two evaluations before its loop, its
         # broyden none for the evaluation of z0.
@@ -75,6 +80,11 @@ class TorchDEQSolver(ExternalSolver):
             info[key][:, 1:][:, :steps].to(z0.dtype) for key in ("abs_trace", "rel_trace")
         )
         return result_from_trace(
-            problem, self.name, z.reshape(z0.shape), abs_trace, rel_trace, fn.calls,
+            problem,
+            self.name,
+            z.reshape(z0.shape),
+            abs_trace,
+            rel_trace,
+            fn.calls,
             unrecorded=lead,
         )
