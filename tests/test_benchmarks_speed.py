@@ -46,6 +46,7 @@ def test_speed_regression_names_a_bad_revision() -> None:
     assert "git rev-parse" in proc.stderr and "no-such-revision" in proc.stderr
 
 
+@pytest.mark.slow
 def test_speed_regression_compares_eager_with_compiled(tmp_path: Path) -> None:
     # Issue 22: --compile times the eager and the compiled training step of this tree
     # interleaved and reports the compile time (aot_eager here: the real run uses inductor).

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from scripts import run_benchmark
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_study_of_other_settings(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     args = (

@@ -80,6 +80,7 @@ def test_solve_without_check_points_is_one_graph(solver: str) -> None:
     assert counter.frame_count == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("solver", "graphs"), [("fixed_point", 5), ("anderson", 9)])
 def test_graphs_with_check_points(solver: str, graphs: int) -> None:
     """With check points (every 4) a solve is a fixed number of graphs, whatever the budget.

@@ -91,6 +91,7 @@ def test_looplm_unrolled_forward_is_one_graph(loops: int) -> None:
     torch.testing.assert_close(compiled, model(ids, loops=loops), rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["ouro", "huginn_raven"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_pretrained_unrolled_forward_is_one_graph(
@@ -105,6 +106,7 @@ def test_pretrained_unrolled_forward_is_one_graph(
     torch.testing.assert_close(compiled, model(ids, loops=3, **options), rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_equilibrium_forward_without_grad_is_one_graph() -> None:
     model, ids = looplm(), tokens()
 
@@ -115,6 +117,7 @@ def test_equilibrium_forward_without_grad_is_one_graph() -> None:
     torch.testing.assert_close(one_graph(solve, ids), solve(ids), rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_training_forward_and_loss_unroll_is_one_graph() -> None:
     """The training step's forward + loss with backprop through the loops: one graph,
     the same loss and the same gradients as eager (aot_eager builds the backward)."""
@@ -137,6 +140,7 @@ def test_training_forward_and_loss_unroll_is_one_graph() -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_compiled_forward_still_checks_token_values(tiny_pretrained: dict[str, Any]) -> None:
     """While tracing, the range check is a device-side assert in the graph, not skipped."""
     model = looplm()
@@ -181,6 +185,7 @@ def test_compile_model_bounded_graphs_for_loops_1_to_32() -> None:
     assert counter.frame_count <= 3  # no grad: at most one more, whatever the count
 
 
+@pytest.mark.slow
 def test_compile_model_serves_training_and_equilibrium_modes() -> None:
     """Random depth with backprop, early exit and an IFT solve all use the compiled step."""
     model = looplm()
@@ -228,6 +233,7 @@ def test_compile_model_copy_and_bad_argument() -> None:
         eqloop.compile_model(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backward", ["phantom", "truncated", "ift"])
 def test_training_forward_and_loss_implicit(backward: str) -> None:
     """The training step's forward + loss with an implicit backward mode (as

@@ -333,6 +333,7 @@ def test_finetune_reads_step_statistics_every_log_every_steps(
     assert logged == list(range(1, stop.value.step + 1))  # nothing after the bad step
 
 
+@pytest.mark.slow
 def test_compiled_finetuning_equals_eager(
     files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -391,7 +392,9 @@ def _finetune_command(files: dict[str, Path], out: Path, steps: int) -> list[str
     ]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)]
+)
 def test_a_signal_checkpoints_finetuning_and_prints_the_resume_command(
     files: dict[str, Path],
     tmp_path: Path,

@@ -131,8 +131,15 @@ def test_bad_arguments(models):
         pretrained.diagnose(models["ouro"], ids(), rho_iters=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["ouro", "huginn"])
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        ("ouro", torch.bfloat16),
+        pytest.param("ouro", torch.float16, marks=pytest.mark.slow),
+        pytest.param("huginn", torch.bfloat16, marks=pytest.mark.slow),
+        pytest.param("huginn", torch.float16, marks=pytest.mark.slow),
+    ],
+)
 def test_rho_of_half_precision_weights_is_computed_in_float32(tmp_path, name, dtype):
     # The published checkpoints are bfloat16; torch.linalg.eig has no half kernels.
     path = pretrained.write_tiny_checkpoint(tmp_path / name, name, initializer_range=0.2)

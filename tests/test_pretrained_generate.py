@@ -451,7 +451,14 @@ def test_kv_cache_buffers_keep_shape_and_address_and_decode_reads_no_host_length
         assert bool((k[:, :, ids.shape[1] + 5] == 1).all())
 
 
-@pytest.mark.parametrize("name", ["ouro", "ouro_variant", "huginn"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ouro",
+        pytest.param("ouro_variant", marks=pytest.mark.slow),
+        pytest.param("huginn", marks=pytest.mark.slow),
+    ],
+)
 def test_compiled_decode_is_one_graph_until_the_cache_grows(models, monkeypatch, name):
     from torch._dynamo.testing import CompileCounter
 
@@ -485,6 +492,7 @@ def test_compiled_decode_is_one_graph_until_the_cache_grows(models, monkeypatch,
     assert torch.equal(grown.sequences, eager.sequences)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "exit"), [("ouro", "threshold"), ("huginn", "none")])
 def test_compiled_generate_with_stops_and_sampling_equals_eager(models, monkeypatch, name, exit):
     from torch._dynamo.testing import CompileCounter

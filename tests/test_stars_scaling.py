@@ -85,6 +85,7 @@ def test_quick_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
 
 
+@pytest.mark.slow
 def test_bad_arguments_exit_with_a_message() -> None:
     proc = run_benchmark("stars_scaling.py", "--quick", "--variants", "baseline,nonsense")
     assert proc.returncode == 2 and "unknown variant(s) ['nonsense']" in proc.stderr
@@ -157,6 +158,7 @@ def test_set_overrides_reach_warm_started_variants(tmp_path: Path) -> None:
     assert (stars.lam, stars.depth["hi"], stars.penalty_start) == (0.1, 32, args.steps // 5)
 
 
+@pytest.mark.slow
 def test_a_finished_run_of_another_recipe_is_refused_not_reused(tmp_path: Path) -> None:
     args = ("--quick", "--variants", "baseline", "--seeds", "0", "--out-dir", str(tmp_path))
     assert run_benchmark("stars_scaling.py", *args).returncode == 0
@@ -217,6 +219,7 @@ def test_quick_runs_keep_their_own_directory() -> None:
     assert parse_args(["--quick", "--out-dir", "elsewhere"]).out_dir == "elsewhere"
 
 
+@pytest.mark.slow
 def test_overwrite_retrains_a_run_of_another_recipe(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     args = ("--quick", "--variants", "baseline", "--seeds", "0", "--out-dir", str(out))
