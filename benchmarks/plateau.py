@@ -1,0 +1,152 @@
+"""Why an arithmetic run is stuck on its loss plateau: per-digit accuracy and attention.
+
+A LoopLM trained on ``d``-digit addition (answers written least-significant digit first)
+can sit on a loss plateau where it predicts only the final carry and the end token. This
+script looks inside the final checkpoint of each run directory it is given and prints,
+per answer digit ``j`` (least significant first):
+
+- ``acc``: teacher-forced accuracy of that digit at the run's training depth;
+- ``align@t``: for loop ``t``, the attention mass that the best head puts, from the query
+  that predicts digit ``j``, on the two operand digits of the same significance (averaged
+  over test problems). A model that adds digit by digit needs a head near 1.0 here in some
+  loop; a uniform head over the prompt gives about ``2 / (prompt length)``.
+
+Usage:
+    python benchmarks/plateau.py runs/stars_scaling/baseline/seed4 runs/.../seed5 \
+        --json benchmarks/results/plateau.json
+
+The runs must be LoopLMs trained on the ``addition`` task with zero-padded operands
+(TrainConfig's defaults). Runs on one thread; a few seconds per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks.common import format_table, machine_info, print_written, write_json_atomic
+from eqloop.checkpoint import load_model
+from eqloop.config import TrainConfig
+from eqloop.evaluate import make_test_set
+from eqloop.model import CausalSelfAttention, apply_rotary
+
+
+def attention_probabilities(module: CausalSelfAttention, x: Tensor, rope: Any) -> Tensor:
+    """The causal attention weights that ``module`` computes for its input.
+
+    Args:
+        module: one attention layer of a LoopLM block.
+        x: its input, (B, S, d).
+        rope: ``(cos, sin)`` rotary tables as passed to the layer, or None.
+
+    Returns:
+        (B, heads, S, S) softmax weights; row ``q`` holds the weights of query ``q``.
+    """
+    batch, seq, d = x.shape
+    heads = module.n_heads
+    q, k, _ = module.qkv(x).view(batch, seq, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    if rope is not None:
+        cos, sin = (table.to(q.dtype) for table in rope)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    scores = q @ k.transpose(-1, -2) / (d // heads) ** 0.5
+    future = torch.ones(seq, seq, dtype=torch.bool, device=x.device).triu(1)
+    return scores.masked_fill(future, float("-inf")).softmax(-1)
+
+
+def diagnose(run: str, problems: int = 256) -> dict[str, Any]:
+    """Per-answer-digit accuracy and attention alignment of one run's final checkpoint.
+
+    Args:
+        run: a run directory or checkpoint of an ``addition`` LoopLM.
+        problems: test problems to average over.
+
+    Returns:
+        ``{"run", "loops", "digit_accuracy": [per digit], "alignment": [per loop [per
+        digit]], "uniform": 2 / prompt length}``; digits are least significant first.
+
+    Raises:
+        ValueError: the run is not an addition run with zero-padded, equal-length rows.
+    """
+    model, checkpoint = load_model(run)
+    config = TrainConfig.from_dict(checkpoint.config)
+    if config.task != "addition":
+        raise ValueError(f"run {run!r} trained task {config.task!r}; plateau.py reads 'addition'")
+    data = make_test_set(config)
+    inputs, targets = data.inputs[:problems], data.targets[:problems]
+    prompt = data.prompts.shape[1]
+    digits = config.digits
+    loops = model.default_loops if config.depth.get("kind") != "fixed" else config.depth["t"]
+
+    weights: list[Tensor] = []
+
+    def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+        weights.append(attention_probabilities(module, args[0], args[1] if len(args) > 1 else None))
+
+    hooks = [
+        m.register_forward_pre_hook(record)
+        for m in model.modules()
+        if isinstance(m, CausalSelfAttention)
+    ]
+    try:
+        with torch.no_grad():
+            logits = model(inputs, loops=loops)[:, prompt - 1 :]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    correct = (logits.argmax(-1) == targets).float().mean(0)
+    # Prompt "a_{d-1}..a_0+b_{d-1}..b_0=" ends the row's prompt (after an optional BOS).
+    start = prompt - (2 * digits + 2)
+    alignment = []
+    for probs in weights:
+        row = []
+        for j in range(digits):
+            query = prompt - 1 + j
+            a, b = start + digits - 1 - j, start + 2 * digits - j
+            mass = (probs[:, :, query, a] + probs[:, :, query, b]).mean(0)
+            row.append(round(float(mass.max()), 3))
+        alignment.append(row)
+    return {
+        "run": str(run),
+        "loops": loops,
+        "digit_accuracy": [round(float(c), 3) for c in correct[:digits]],
+        "alignment": alignment,
+        "uniform": round(2 / prompt, 3),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="run directories (or checkpoints) to diagnose")
+    p.add_argument("--problems", type=int, default=256, help="test problems to average over")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    results = [diagnose(run, args.problems) for run in args.runs]
+    rows = []
+    for r in results:
+        for j, acc in enumerate(r["digit_accuracy"]):
+            row = {"run": Path(r["run"]).name, "digit": j, "acc": acc}
+            row.update({f"t{t + 1}": loop[j] for t, loop in enumerate(r["alignment"])})
+            rows.append(row)
+    loops = max(len(r["alignment"]) for r in results)
+    columns = [("run", "run", "s"), ("digit", "digit", "d"), ("acc", "acc", ".3f")]
+    columns += [(f"t{t}", f"align@{t}", ".2f") for t in range(1, loops + 1)]
+    print(format_table(rows, columns))
+    if args.json:
+        payload = {"machine": machine_info(), "command": " ".join(sys.argv), "results": results}
+        write_json_atomic(args.json, payload)
+        print_written(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

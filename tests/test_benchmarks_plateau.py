@@ -1,0 +1,81 @@
+"""benchmarks/plateau.py: per-digit accuracy and attention alignment of an addition run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from scripts import run_benchmark
+
+from benchmarks.plateau import attention_probabilities, diagnose
+from eqloop.config import TrainConfig
+from eqloop.model import CausalSelfAttention, LoopLMConfig, rotary_tables
+from eqloop.train import train
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_attention_probabilities_reproduce_the_layer(positions: str) -> None:
+    torch.manual_seed(0)
+    config = LoopLMConfig(vocab_size=19, d_model=16, n_heads=2, d_ff=32, positions=positions)
+    layer = CausalSelfAttention(config).double()
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    rope = None
+    if positions == "rope":
+        rope = rotary_tables(7, 8, 10000.0, device=x.device, dtype=x.dtype)
+    probs = attention_probabilities(layer, x, rope)
+    v = layer.qkv(x).view(3, 7, 3, 2, 8)[:, :, 2].transpose(1, 2)  # (B, heads, S, e)
+    mixed = (probs @ v).transpose(1, 2).reshape(3, 7, 16)
+    torch.testing.assert_close(layer.proj(mixed), layer(x, rope))
+    assert torch.allclose(probs.sum(-1), torch.ones(3, 2, 7, dtype=torch.float64))
+    assert probs[..., 0, 1:].abs().max() == 0  # causal: the first query sees only itself
+
+
+def _run(tmp_path: Path, task: str = "addition") -> Path:
+    out = tmp_path / task
+    config = TrainConfig.from_dict(
+        dict(
+            model=dict(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=16),
+            task=task,
+            digits=2,
+            n_train=64,
+            n_test=16,
+            batch_size=16,
+            steps=2,
+            warmup_steps=1,
+            depth={"kind": "fixed", "t": 3},
+            lam=0.0,
+            eval_every=0,
+            eval_loops=[3],
+            out_dir=str(out),
+            data_cache_dir=str(tmp_path / "cache"),
+            progress=False,
+        )
+    )
+    train(config)
+    return out
+
+
+def test_diagnose_reports_every_digit_and_loop(tmp_path: Path) -> None:
+    result = diagnose(str(_run(tmp_path)), problems=8)
+    assert result["loops"] == 3
+    assert len(result["digit_accuracy"]) == 2
+    assert [len(row) for row in result["alignment"]] == [2, 2, 2]
+    assert all(0.0 <= mass <= 1.0 for row in result["alignment"] for mass in row)
+    assert result["uniform"] == round(2 / 7, 3)  # prompt "ab+cd=" after BOS: 7 tokens
+
+
+def test_diagnose_refuses_other_tasks(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="trained task 'multiplication'"):
+        diagnose(str(_run(tmp_path, "multiplication")), problems=8)
+
+
+@pytest.mark.slow  # a subprocess that imports torch: slow on a loaded machine
+def test_the_script_prints_the_table_and_writes_json(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    out = tmp_path / "plateau.json"
+    proc = run_benchmark("plateau.py", str(run), "--problems", "8", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "align@3" in proc.stdout
+    assert json.loads(out.read_text())["results"][0]["digit_accuracy"]
