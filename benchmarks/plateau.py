@@ -16,7 +16,7 @@ Usage:
         --json benchmarks/results/plateau.json
 
 The runs must be LoopLMs trained on the ``addition`` task with zero-padded operands
-(TrainConfig's defaults). Runs on one thread; a few seconds per run.
+(TrainConfig's defaults), in either operand order (``reverse_operands``). Runs on one thread; a few seconds per run.
 """
 
 from __future__ import annotations
@@ -103,14 +103,17 @@ def diagnose(run: str, problems: int = 256) -> dict[str, Any]:
         for hook in hooks:
             hook.remove()
     correct = (logits.argmax(-1) == targets).float().mean(0)
-    # Prompt "a_{d-1}..a_0+b_{d-1}..b_0=" ends the row's prompt (after an optional BOS).
+    # The prompt "a_{d-1}..a_0+b_{d-1}..b_0=" (after an optional BOS) ends the row.
     start = prompt - (2 * digits + 2)
     alignment = []
     for probs in weights:
         row = []
         for j in range(digits):
             query = prompt - 1 + j
-            a, b = start + digits - 1 - j, start + 2 * digits - j
+            if config.reverse_operands:  # "a_0..a_{d-1}+b_0..b_{d-1}="
+                a, b = start + j, start + digits + 1 + j
+            else:
+                a, b = start + digits - 1 - j, start + 2 * digits - j
             mass = (probs[:, :, query, a] + probs[:, :, query, b]).mean(0)
             row.append(round(float(mass.max()), 3))
         alignment.append(row)

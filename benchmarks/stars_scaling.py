@@ -680,11 +680,14 @@ def plot_pca(variants: Sequence[str], args: argparse.Namespace, path: str | Path
 # ---------------------------------------------------------------------- test-time scaling
 
 
-def carry_chain(question: str) -> int:
-    """Longest run of consecutive carries in the written addition ``"a+b"`` (equal widths)."""
+def carry_chain(question: str, *, reverse_operands: bool = False) -> int:
+    """Longest run of consecutive carries in the written addition ``"a+b"`` (equal widths),
+    its operands written most significant digit first (or least, ``reverse_operands``)."""
     a, b = question.split("+")
+    if not reverse_operands:
+        a, b = a[::-1], b[::-1]
     longest = run = carry = 0
-    for da, db in zip(reversed(a), reversed(b), strict=True):
+    for da, db in zip(a, b, strict=True):
         carry = int(int(da) + int(db) + carry >= 10)
         run = run + 1 if carry else 0
         longest = max(longest, run)
@@ -704,16 +707,28 @@ def scaling_sets(config: TrainConfig, n: int, min_chain: int) -> dict[str, Any]:
         20 * n,
         config.seed,
         split="test",
+        reverse_operands=config.reverse_operands,
         cache_dir=config.data_cache_dir,
     )
-    hard = [i for i, q in enumerate(drawn["question"]) if carry_chain(q) >= min_chain]
+    order = config.reverse_operands
+    hard = [
+        i
+        for i, q in enumerate(drawn["question"])
+        if carry_chain(q, reverse_operands=order) >= min_chain
+    ]
     if len(hard) < n:
         raise ValueError(
             f"only {len(hard)} of {len(drawn)} test problems have a carry chain "
             f">= {min_chain}; lower --scaling-chain or --scaling-n"
         )
     ood = make_arithmetic_dataset(
-        config.task, config.digits, n, config.seed, split="ood", cache_dir=config.data_cache_dir
+        config.task,
+        config.digits,
+        n,
+        config.seed,
+        split="ood",
+        reverse_operands=config.reverse_operands,
+        cache_dir=config.data_cache_dir,
     )
     return {"long_carry": make_eval_set(drawn.select(hard[:n])), "ood": make_eval_set(ood)}
 

@@ -148,6 +148,9 @@ class TrainConfig:
     model: LoopLMConfig = field(default_factory=_default_model)  # vocab >= 19 for arithmetic
     task: str = "addition"  # one of eqloop.data.TASKS
     digits: int = 3  # operand length of train and test problems
+    # Write operands least-significant digit first, like the answer: every answer digit
+    # then finds its operand digits at one fixed distance (one rotary attention pattern).
+    reverse_operands: bool = False
     n_train: int = 100000  # distinct training problems (of 900k 3-digit additions)
     n_test: int = 1000  # distinct test problems for exact-match evaluation
     seed: int = 0  # seeds the weights, data draw and order, depth draws and penalty vectors
@@ -286,7 +289,7 @@ class TrainConfig:
             raise ValueError(
                 f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', got {self.device!r}"
             )
-        for name in ("resume", "overwrite", "progress", "compile"):
+        for name in ("reverse_operands", "resume", "overwrite", "progress", "compile"):
             checks.boolean(name, getattr(self, name))
         if self.resume and self.overwrite:
             raise ValueError(
@@ -345,7 +348,13 @@ class TrainConfig:
         if n is None:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         return make_arithmetic_examples(
-            self.task, self.digits, n, self.seed, split=split, cache_dir=self.data_cache_dir
+            self.task,
+            self.digits,
+            n,
+            self.seed,
+            split=split,
+            reverse_operands=self.reverse_operands,
+            cache_dir=self.data_cache_dir,
         )
 
     # -- conversion ------------------------------------------------------------------------

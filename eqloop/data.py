@@ -404,6 +404,7 @@ class _ArithmeticSpec:
     seed: int
     split: str
     reverse_answer: bool
+    reverse_operands: bool
     zero_pad: bool
     terms: int
     ood_digits: int
@@ -432,6 +433,8 @@ class _ArithmeticSpec:
     def fingerprint(self) -> str:
         """Hash of everything that decides the dataset's rows."""
         config = {**asdict(self), "format_version": _FORMAT_VERSION}
+        if not self.reverse_operands:  # the format before the option existed: same hashes
+            del config["reverse_operands"]
         unused = "test_fraction" if self.split == "ood" else "ood_digits"
         config[unused] = None  # it does not affect this split's rows
         return _digest(json.dumps(config, sort_keys=True))
@@ -541,10 +544,14 @@ def _sample_problems(spec: _ArithmeticSpec) -> list[tuple[int, ...]]:
 
 
 def _format_problem(spec: _ArithmeticSpec, operands: tuple[int, ...]) -> tuple[str, str]:
-    """(question, answer) text of one problem, e.g. ``("0123+4567", "09640")``."""
+    """(question, answer) text of one problem, e.g. ``("0123+4567", "09640")``, or
+    ``("3210+7654", "09640")`` with ``reverse_operands``."""
     width = spec.width if spec.zero_pad else 0
     answer_width = spec.answer_width if spec.zero_pad else 0
-    question = _OPERATORS[spec.task].join(str(x).zfill(width) for x in operands)
+    texts = (str(x).zfill(width) for x in operands)
+    if spec.reverse_operands:
+        texts = (text[::-1] for text in texts)
+    question = _OPERATORS[spec.task].join(texts)
     answer = str(_evaluate(spec.task, operands)).zfill(answer_width)
     return question, answer[::-1] if spec.reverse_answer else answer
 
@@ -557,6 +564,7 @@ def _make_spec(
     *,
     split: str,
     reverse_answer: bool,
+    reverse_operands: bool,
     zero_pad: bool,
     terms: int | None,
     ood_digits: int | None,
@@ -591,6 +599,7 @@ def _make_spec(
         seed=seed,
         split=split,
         reverse_answer=checks.boolean("reverse_answer", reverse_answer),
+        reverse_operands=checks.boolean("reverse_operands", reverse_operands),
         zero_pad=checks.boolean("zero_pad", zero_pad),
         terms=terms if task == "chain_addition" else 2,
         ood_digits=ood_digits,
@@ -624,6 +633,7 @@ def make_arithmetic_examples(
     *,
     split: str = "train",
     reverse_answer: bool = True,
+    reverse_operands: bool = False,
     zero_pad: bool = True,
     terms: int | None = None,
     ood_digits: int | None = None,
@@ -653,6 +663,10 @@ def make_arithmetic_examples(
         seed: seed of the draw (non-negative).
         split: one of :data:`SPLITS`.
         reverse_answer: write the answer least-significant digit first (STARS).
+        reverse_operands: write the operands least-significant digit first too. Then
+            the operand digits that answer digit ``j`` adds sit at the same distance
+            from it for every ``j``, so with rotary positions one attention pattern
+            serves every digit (see ``benchmarks/plateau.py``).
         zero_pad: write operands with exactly ``width`` digits and the answer with the
             largest result's digit count, so all rows have one length; if False, numbers
             are written without leading zeros and rows vary in length.
@@ -679,6 +693,7 @@ def make_arithmetic_examples(
         seed,
         split=split,
         reverse_answer=reverse_answer,
+        reverse_operands=reverse_operands,
         zero_pad=zero_pad,
         terms=terms,
         ood_digits=ood_digits,

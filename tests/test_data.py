@@ -112,6 +112,33 @@ def test_answer_reversal_and_padding(tmp_path: Path) -> None:
         assert all(x == str(int(x)) for x in row["question"].split("+"))
 
 
+def test_operand_reversal_writes_the_same_problems_least_significant_digit_first(
+    tmp_path: Path,
+) -> None:
+    kwargs = {"task": "addition", "digits": 4, "n": 50, "seed": 3, "cache_dir": tmp_path}
+    plain = make_arithmetic_dataset(**kwargs)
+    flipped = make_arithmetic_dataset(**kwargs, reverse_operands=True)
+    assert flipped["answer"] == plain["answer"]  # same problems, same answer format
+    for rev, question in zip(flipped["question"], plain["question"], strict=True):
+        assert rev.split("+") == [operand[::-1] for operand in question.split("+")]
+    assert flipped._fingerprint != plain._fingerprint  # cached apart
+    assert len(list((tmp_path / "datasets").iterdir())) == 2
+    with pytest.raises(TypeError, match="reverse_operands must be true or false"):
+        make_arithmetic_examples(**kwargs, reverse_operands="yes")
+
+
+def test_a_train_config_passes_the_operand_order_to_its_data(tmp_path: Path) -> None:
+    from eqloop.config import TrainConfig
+
+    settings = {"digits": 2, "n_train": 64, "n_test": 8, "data_cache_dir": str(tmp_path)}
+    plain = TrainConfig.from_dict(settings).make_examples("test").columns()["question"]
+    config = TrainConfig.from_dict({**settings, "reverse_operands": True})
+    flipped = config.make_examples("test").columns()["question"]
+    assert flipped == ["+".join(x[::-1] for x in q.split("+")) for q in plain]
+    with pytest.raises(TypeError, match="reverse_operands"):
+        TrainConfig.from_dict({**settings, "reverse_operands": 1})
+
+
 def test_same_config_same_fingerprint_and_rows(tmp_path: Path) -> None:
     first = make_arithmetic_dataset("addition", 4, 300, seed=1, cache_dir=tmp_path / "a")
     second = make_arithmetic_dataset("addition", 4, 300, seed=1, cache_dir=tmp_path / "b")

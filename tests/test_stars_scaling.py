@@ -113,6 +113,7 @@ def test_carry_chain() -> None:
     assert carry_chain("0195+0005") == 2  # 5+5 carries, 9+0+1 carries, 1+0+1 does not
     assert carry_chain("9999+0001") == 4
     assert carry_chain("5050+5050") == 1
+    assert carry_chain("5910+5000", reverse_operands=True) == 2  # "0195+0005" written LSB first
 
 
 def test_tables_take_mean_and_worst_seed() -> None:
