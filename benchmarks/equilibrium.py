@@ -31,7 +31,9 @@ measures, per (variant, seed):
                (its forward solver with tol 0 and max_iter = depth - start_loops); an
                unrolled variant runs a fixed loop count equal to the mean depth (its saved
                bytes are linear in the loops, so this is also the mean over random depths).
-               Penalty on when the variant's lam > 0, as in the trained steps.
+               Penalty on when the variant's lam > 0, as in the trained steps; with a
+               forward solve it is taken at the point the solve returned (see
+               :func:`step_config`).
   step_ms      median wall time of that training step; each variant's steps are
                interleaved with those of ``stars`` at the same depth (``--time-repeats``
                rounds, benchmarks.common.interleaved_times) and ``step_ratio`` is the
@@ -294,6 +296,7 @@ def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
         "rho_iters": args.rho_iters,
         "diagnostic_samples": args.diagnostic_samples,
         "depths": list(args.depths),
+        "step": "forward solve tol 0, max_iter = depth - start_loops; penalty at its point",
         "time_repeats": args.time_repeats,
         "reference": REFERENCE,
     }
