@@ -110,6 +110,7 @@ from eqloop.files import write_json_atomic
 from eqloop.model import LoopLM
 from eqloop.plotting import pyplot, style_axis
 from eqloop.train import _optimizer, batch_rows, make_train_tensors, train_step
+from eqloop.training.run_dir import read_metrics
 
 REFERENCE = "stars"  # the unrolled recipe every step time is compared with
 STARTS = ("z0", "random")
@@ -278,6 +279,30 @@ def step_measures(
     return {"memory": memory, "step_ms": step_ms, "step_ratio": ratio}
 
 
+def training_summary(folder: Path, config: TrainConfig) -> dict[str, float | None]:
+    """What the run's own steps cost once the penalty was on (from its metrics.jsonl).
+
+    Returns:
+        ``seconds_per_step`` (median time between consecutive steps; the interval
+        across a resume is dropped), and the means of ``fwd_nfe``, ``fwd_converged`` and
+        ``bwd_nfe`` (None for a run without that solve).
+    """
+    start = config.penalty_start if isinstance(config.penalty_start, int) else 0
+    records = [
+        r for r in read_metrics(folder / "metrics.jsonl") if "time" in r and r["step"] > start
+    ]
+    gaps = [
+        b["time"] - a["time"]
+        for a, b in zip(records, records[1:], strict=False)
+        if b["step"] == a["step"] + 1 and b["time"] > a["time"]
+    ]
+    out: dict[str, float | None] = {"seconds_per_step": statistics.median(gaps) if gaps else None}
+    for key in ("fwd_nfe", "fwd_converged", "bwd_nfe"):
+        values = [r[key] for r in records if r.get(key) is not None]
+        out[f"{key}_mean"] = statistics.fmean(values) if values else None
+    return out
+
+
 # ------------------------------------------------------------------------ one (variant, seed)
 
 
@@ -297,6 +322,7 @@ def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
         "diagnostic_samples": args.diagnostic_samples,
         "depths": list(args.depths),
         "step": "forward solve tol 0, max_iter = depth - start_loops; penalty at its point",
+        "training": "metrics.jsonl after penalty_start",
         "time_repeats": args.time_repeats,
         "reference": REFERENCE,
     }
@@ -369,6 +395,7 @@ def measure_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, 
     }
     _say(variant, seed, f"training step memory and time at depths {args.depths}")
     result.update(step_measures(variant, seed, config, model, args))
+    result["training"] = training_summary(folder, config)
     result["train_seconds"] = float(ckpt.metrics.get("train_time", train_wall))
     result["eval_seconds"] = time.perf_counter() - start
     result["final_train_metrics"] = ckpt.metrics.get("train")
@@ -395,6 +422,8 @@ def _row(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         for field in ("accuracy", "converged", "median_nfe"):
             row[f"{key}:{field}"] = result["equilibria"][key][field]
     row["rho"] = result["rho"]["median"]
+    row["train_s"] = result["training"]["seconds_per_step"]
+    row["train_nfe"] = result["training"]["fwd_nfe_mean"]
     for depth in args.depths:
         row[f"mem{depth}"] = result["memory"][str(depth)] / MiB
         row[f"ms{depth}"] = result["step_ms"][str(depth)]
@@ -414,13 +443,17 @@ def summary_rows(results: Sequence[dict[str, Any]], args: argparse.Namespace) ->
         mine = [_row(r, args) for r in results if r["variant"] == variant]
         rows.extend(mine)
         numeric = [k for k in mine[0] if k not in ("variant", "seed")]
+        known = {k: [r[k] for r in mine if r[k] is not None] for k in numeric}
         rows.append(
             {"variant": variant, "seed": "mean"}
-            | {k: statistics.fmean(r[k] for r in mine) for k in numeric}
+            | {k: statistics.fmean(v) if v else None for k, v in known.items()}
         )
         rows.append(
             {"variant": variant, "seed": "worst"}
-            | {k: (min if _higher_is_better(k) else max)(r[k] for r in mine) for k in numeric}
+            | {
+                k: (min if _higher_is_better(k) else max)(v) if v else None
+                for k, v in known.items()
+            }
         )
     return rows
 
@@ -447,8 +480,12 @@ def print_tables(results: Sequence[dict[str, Any]], args: argparse.Namespace) ->
         for r in rows
     ]
     print(format_table(eq_rows, head + [(key, key, "") for key in eq_keys(args)]))
-    print(f"\nrho(J(z*)) (median), training step: saved MiB, ms, x {REFERENCE} at mean depth")
-    cols = head + [("rho", "rho", ".3f")]
+    print(
+        f"\nrho(J(z*)) (median); the run's own steps with the penalty on: s/step, mean "
+        f"forward f-evals; one training step at mean depth: saved MiB, ms, x {REFERENCE}"
+    )
+    cols = head + [("rho", "rho", ".3f"), ("train_s", "s/step", ".2f")]
+    cols += [("train_nfe", "fwd nfe", ".1f")]
     for depth in args.depths:
         cols += [(f"mem{depth}", f"MiB@{depth}", ".2f"), (f"ms{depth}", f"ms@{depth}", ".0f")]
         cols += [(f"x{depth}", f"x{REFERENCE}@{depth}", ".2f")]
@@ -606,6 +643,7 @@ def plot(results: Sequence[dict[str, Any]], args: argparse.Namespace, path: str 
         ax_acc, "unrolled loops | z* of solver@start (filled: z0, open: random)", "exact match"
     )
     ax_acc.set_title("exact match vs loops and at each solver's z*")
+    ax_nfe.axhline(args.max_iter, color="k", ls="--", lw=0.8, label="budget")
     ax_nfe.set_xticks(range(len(keys)), keys, rotation=30, fontsize=8)
     ax_nfe.set_yscale("log")
     style_axis(

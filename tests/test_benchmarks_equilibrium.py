@@ -61,6 +61,11 @@ def test_quick_run_writes_the_schema_and_reuses_its_cache(
     assert by["deq_ift"]["trained_at"] == "fixed_point" and by["deq_ift"]["backward"] == "ift"
     assert by["deq_ift"]["memory"]["4"] == by["deq_ift"]["memory"]["2"] > 0
     assert by["stars"]["step_ratio"] == {"2": 1.0, "4": 1.0}
+    # The runs' own steps: the implicit one solved (at most solve.max_iter f-evaluations).
+    assert by["stars"]["training"]["fwd_nfe_mean"] is None
+    assert 1 <= by["deq_ift"]["training"]["fwd_nfe_mean"] <= 30
+    assert by["deq_ift"]["training"]["bwd_nfe_mean"] >= 1
+    assert all(r["training"]["seconds_per_step"] > 0 for r in results)
     targets = {(t["variant"], t["target"]): t for t in data["targets"]}
     flat = targets["deq_ift", "saved bytes at depth 4 <= 1.1x at 2"]
     assert flat["passed"] and flat["value"] == "1.000x"
