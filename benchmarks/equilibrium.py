@@ -601,7 +601,7 @@ def plot(results: Sequence[dict[str, Any]], args: argparse.Namespace, path: str 
     fig, (ax_acc, ax_nfe) = plt.subplots(1, 2, figsize=(13, 4.8))
     keys = eq_keys(args)
     loops = list(args.loops)
-    spots = [loops[-1] * 2 ** (1 + 0.6 * i) for i in range(len(keys))]
+    spots = [loops[-1] * 2 ** (1 + 0.9 * i) for i in range(len(keys))]
     markers = dict(zip(args.solvers, "Dos^vP", strict=False))
     variants = list(dict.fromkeys(r["variant"] for r in results))
     width = 0.8 / len(variants)
