@@ -38,6 +38,12 @@ Variants (``--variants`` takes names or the group names in brackets):
                target, more power steps, the Arnoldi direction
   [fixed_point] stars with the penalty at the solver's fixed point (a solve every step:
                about 8x the cost of a stars step)
+  [equilibrium] trained AT the fixed point (TrainConfig.solve, recipe in :data:`DEQ`):
+               input injection, warm from baseline_add, every step solves the core with
+               Anderson and takes the gradient there, penalty at z*
+    deq_ift                implicit-function-theorem backward
+    deq_phantom            phantom gradient (a few damped steps with a graph)
+               (benchmarks/equilibrium.py evaluates them against stars)
 
 ``headline`` is ``baseline,stars``; ``grid`` the paper's groups ``norms``, ``random`` and
 ``injection``; ``beyond`` the groups ``internal`` and ``options``; ``all`` everything.
@@ -136,6 +142,16 @@ FINETUNE = {"lr": 1e-3, "warmup_steps": 50}  # a run that starts warm (before --
 FIXED = {"depth": {"kind": "fixed", "t": 4}, "lam": 0.0}
 RANDOM = {"depth": {"kind": "lognormal", "mu": 2.0, "sigma": 0.7, "lo": 1, "hi": 100}}
 PENALTY = {"lam": 0.1}
+# Training at the fixed point (the "equilibrium" group): edit here to retune both
+# variants; each adds only its "backward". Input injection makes z*(x) a function of the
+# input, the forward solve replaces the sampled depth (depth is then not drawn).
+DEQ: dict[str, Any] = {
+    "model.injection": "add",
+    "model.init_state": None,
+    "solve": {"solver": "anderson", "tol": 1e-4, "max_iter": 30},
+    "lam": 0.1,
+    "penalty_at": "fixed_point",
+}
 
 
 @dataclass(frozen=True)
@@ -242,6 +258,20 @@ def _variants() -> dict[str, Variant]:
             {**stars, **pre, "penalty_arnoldi": 8},
             "baseline_pre",
         ),
+        Variant(
+            "deq_ift",
+            "equilibrium",
+            "input injection, trained at the Anderson fixed point, IFT backward",
+            {**DEQ, "backward": "ift"},
+            "baseline_add",
+        ),
+        Variant(
+            "deq_phantom",
+            "equilibrium",
+            "input injection, trained at the Anderson fixed point, phantom backward",
+            {**DEQ, "backward": "phantom"},
+            "baseline_add",
+        ),
     ]
     return {v.name: v for v in table}
 
@@ -258,7 +288,15 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "headline": ("baseline", "stars"),
     **{
         g: _members(g)
-        for g in ("norms", "random", "injection", "internal", "options", "fixed_point")
+        for g in (
+            "norms",
+            "random",
+            "injection",
+            "internal",
+            "options",
+            "fixed_point",
+            "equilibrium",
+        )
     },
     "grid": _members("norms", "random", "injection"),
     "beyond": _members("internal", "options"),
@@ -371,27 +409,37 @@ def summarize(variant: str, seed: int, config: TrainConfig, raw: dict[str, Any])
     }
 
 
-def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Train (or resume, or reuse) one (variant, seed) and evaluate it (or reuse that).
+def train_run(variant: str, seed: int, args: argparse.Namespace) -> float:
+    """Train (or resume, or reuse) one (variant, seed); returns this call's wall seconds.
 
-    Runs in a worker process when ``--jobs > 1``; every process uses one thread.
+    A finished run is reused only if it holds this recipe's run (else ValueError, naming
+    ``--overwrite`` and ``--out-dir``). Every process uses one thread.
     """
     torch.set_num_threads(1)
     config = run_config(variant, seed, args)
-    folder = Path(config.out_dir)
-    done = latest_checkpoint(folder)
+    done = latest_checkpoint(Path(config.out_dir))
     start = time.perf_counter()
     try:
         if done is None or done.name != step_dir_name(config.steps):
             train(config)
         else:  # a finished run is reused only if it is this recipe's
             check_resumable(load_checkpoint(done).config, config, done)
-    except ValueError as error:  # name this script's way out, not TrainConfig's fields
+    except ValueError as error:  # name the script's way out, not TrainConfig's fields
         raise ValueError(
             f"{error}. With this script: --overwrite retrains the runs it needs, or "
             f"--out-dir DIR trains them elsewhere (now {args.out_dir})"
         ) from None
-    train_wall = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or resume, or reuse) one (variant, seed) and evaluate it (or reuse that).
+
+    Runs in a worker process when ``--jobs > 1``; every process uses one thread.
+    """
+    train_wall = train_run(variant, seed, args)
+    config = run_config(variant, seed, args)
+    folder = Path(config.out_dir)
     cache = folder / "eval.json"
     settings = _eval_settings(args)
     checkpoint = latest_checkpoint(folder)
@@ -436,13 +484,19 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     return result
 
 
-def run_all(pairs: Sequence[tuple[str, int]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every (variant, seed), ``args.jobs`` at a time; results in the order of ``pairs``.
+def run_all(
+    pairs: Sequence[tuple[str, int]],
+    args: argparse.Namespace,
+    job: Callable[[str, int, argparse.Namespace], dict[str, Any]] = run_one,
+) -> list[dict[str, Any]]:
+    """``job`` (default :func:`run_one`) for every (variant, seed), ``args.jobs`` at a
+    time; results in the order of ``pairs``.
 
     Runs that others start from (``warm_from``) go first, even when they were not
     asked for (their results are then not returned); the others start in the order of
     ``pairs`` (variant by variant with ``--variants``), a warm-started one as soon as a
     worker is free and the run it starts from is done, so no worker waits for a round.
+    ``job`` must be a module-level function (spawned workers import it).
     """
     sources = list(
         dict.fromkeys(
@@ -458,7 +512,7 @@ def run_all(pairs: Sequence[tuple[str, int]], args: argparse.Namespace) -> list[
     if args.overwrite:  # start these runs over: weights, checkpoints and cached evaluations
         for variant, seed in todo:
             shutil.rmtree(run_dir(variant, seed, args), ignore_errors=True)
-    done = _run_jobs(run_one, todo, args, source)
+    done = _run_jobs(job, todo, args, source)
     return [done[p] for p in pairs]
 
 
@@ -825,13 +879,62 @@ def plot_scaling(runs: Sequence[dict[str, Any]], path: str | Path) -> None:
 # ------------------------------------------------------------------------------ CLI
 
 
-def _names(text: str) -> list[str]:
+# --quick: tiny runs in seconds (tests); benchmarks/equilibrium.py trains the same ones.
+QUICK_RECIPE: dict[str, Any] = {
+    "batch_size": 16,
+    "n_train": 256,
+    "digits": 2,
+    "warmup_steps": 2,
+    "model.d_model": 16,
+    "model.n_heads": 2,
+    "model.d_ff": 32,
+}
+QUICK_STEPS = {"warm_steps": 6, "steps": 4, "depth_hi": 4}
+
+
+def variant_names(text: str, check: bool = True) -> list[str]:
+    """Comma-separated variants and group names -> variant names, groups expanded.
+
+    Raises:
+        ValueError: with ``check``, a name that is neither a variant nor a group.
+    """
     out: list[str] = []
     for item in (s for s in text.split(",") if s):
         for name in GROUPS.get(item, (item,)):
             if name not in out:
                 out.append(name)
+    unknown = [v for v in out if v not in VARIANTS]
+    if check and unknown:
+        raise ValueError(
+            f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} "
+            f"or the groups {', '.join(GROUPS)}"
+        )
     return out
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items -> recipe overrides (values JSON if they parse, else text).
+
+    Raises:
+        ValueError: an item without ``=`` or without a key.
+    """
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r} must look like KEY=VALUE")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    """``--quick``: the tiny recipe (``--set`` still wins) and training steps, in place."""
+    args.recipe_overrides = QUICK_RECIPE | args.recipe_overrides
+    for key, value in QUICK_STEPS.items():
+        setattr(args, key, value)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -912,43 +1015,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny runs in seconds (tests)")
     args = p.parse_args(argv)
-    args.recipe_overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            p.error(f"--set {item!r} must look like KEY=VALUE")
-        try:
-            args.recipe_overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            args.recipe_overrides[key] = value
+    try:
+        args.recipe_overrides = parse_set(args.set)
+        args.variants = variant_names(args.variants)
+    except ValueError as error:
+        p.error(str(error))
     if args.out_dir is None:
         args.out_dir = "runs/stars_scaling_quick" if args.quick else "runs/stars_scaling"
     if args.quick:
-        args.recipe_overrides = {
-            "batch_size": 16,
-            "n_train": 256,
-            "digits": 2,
-            "warmup_steps": 2,
-            "model.d_model": 16,
-            "model.n_heads": 2,
-            "model.d_ff": 32,
-        } | args.recipe_overrides
-        args.warm_steps, args.steps = 6, 4
-        args.depth_hi = 4
+        apply_quick(args)
         args.n_test, args.diagnostic_samples, args.rho_iters = 32, 8, 4
         args.loops, args.solver_max_iter, args.pca_problems = "1,2,4,8", 20, 3
         args.scaling_n, args.scaling_chain = 16, 1
         if args.seeds == "0,1,2":
             args.seeds = "0,1"
-    args.variants = _names(args.variants)
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        p.error(
-            f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} "
-            f"or the groups {', '.join(GROUPS)}"
-        )
-    args.pca_variants = _names(args.pca_variants)
-    args.scaling_variants = _names(args.scaling_variants)
+    args.pca_variants = variant_names(args.pca_variants, check=False)
+    args.scaling_variants = variant_names(args.scaling_variants, check=False)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s]
         args.loops = [int(t) for t in args.loops.split(",") if t]

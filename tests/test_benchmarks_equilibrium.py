@@ -1,0 +1,171 @@
+"""benchmarks/equilibrium.py: the quick run end to end, its schema and cache, the measured
+training step, the random start, bad input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from scripts import run_benchmark
+
+from benchmarks.equilibrium import STARTS, main, parse_args, random_start, step_config
+from benchmarks.stars_scaling import DEQ, GROUPS, VARIANTS, run_config
+from benchmarks.stars_scaling import parse_args as stars_args
+from eqloop.model import LoopLM
+from eqloop.train import _optimizer, make_train_tensors, train_step
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The benchmark's runs set one torch thread; give the test process its count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_run_writes_the_schema_and_reuses_its_cache(
+    tmp_path: Path, one_thread: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "runs"
+    files = {"json": tmp_path / "eq.json", "plot": tmp_path / "eq.png"}
+    # stars (the reference) and one implicit variant keep this in seconds; the slow test
+    # runs the default variants as a script.
+    argv = ["--quick", "--variants", "stars,deq_ift", "--no-progress", "--out-dir", str(out)]
+    main([*argv, "--json", str(files["json"]), "--plot", str(files["plot"])])
+    printed = capsys.readouterr().out
+    assert "exact match at t unrolled loops" in printed and "targets (issue 20)" in printed
+    data = json.loads(files["json"].read_text())
+    assert {"machine", "date", "command", "settings", "wall_seconds", "results"} <= set(data)
+    assert data["command"].startswith("python benchmarks/equilibrium.py --quick")
+    assert data["settings"]["evaluation"]["tol"] == 1e-4
+    assert data["settings"]["variants"]["deq_ift"]["overrides"]["backward"] == "ift"
+    results = data["results"]
+    assert [(r["variant"], r["seed"]) for r in results] == [("stars", 0), ("deq_ift", 0)]
+    keys = {f"{s}@{start}" for s in ("fixed_point", "anderson", "broyden") for start in STARTS}
+    for res in results:
+        assert set(res["accuracy"]) == {"1", "2", "4", "8"}
+        assert all(0.0 <= a <= 1.0 for a in res["accuracy"].values())
+        assert set(res["equilibria"]) == keys
+        for eq in res["equilibria"].values():
+            assert 0.0 <= eq["accuracy"] <= 1.0 and 0.0 <= eq["converged"] <= 1.0
+            assert 1 <= eq["median_nfe"] <= 20  # the quick budget
+        assert res["rho"]["median"] > 0 and 0 <= res["rho"]["share_below_1"] <= 1
+        assert set(res["memory"]) == set(res["step_ms"]) == {"2", "4"}
+        assert all(ms > 0 for ms in res["step_ms"].values())
+    by = {r["variant"]: r for r in results}
+    # Unrolled memory grows with depth; a step at the fixed point saves the same bytes.
+    assert by["stars"]["memory"]["4"] > by["stars"]["memory"]["2"] > 0
+    assert by["deq_ift"]["trained_at"] == "fixed_point" and by["deq_ift"]["backward"] == "ift"
+    assert by["deq_ift"]["memory"]["4"] == by["deq_ift"]["memory"]["2"] > 0
+    assert by["stars"]["step_ratio"] == {"2": 1.0, "4": 1.0}
+    # The runs' own steps: the implicit one solved (at most solve.max_iter f-evaluations).
+    assert by["stars"]["training"]["fwd_nfe_mean"] is None
+    assert 1 <= by["deq_ift"]["training"]["fwd_nfe_mean"] <= 30
+    assert by["deq_ift"]["training"]["bwd_nfe_mean"] >= 1
+    assert all(r["training"]["seconds_per_step"] > 0 for r in results)
+    targets = {(t["variant"], t["target"]): t for t in data["targets"]}
+    flat = targets["deq_ift", "saved bytes at depth 4 <= 1.1x at 2"]
+    assert flat["passed"] and flat["value"] == "1.000x"
+    assert "PASS  deq_ift: saved bytes at depth 4 <= 1.1x at 2: 1.000x" in printed
+    assert files["plot"].read_bytes()[:4] == b"\x89PNG"
+
+    # A rerun trains nothing and evaluates nothing: every run file and cache is kept.
+    kept = [p for p in out.rglob("*") if p.suffix in (".json", ".safetensors")]
+    assert sum(p.name == "equilibrium.json" for p in kept) == 2  # not in baseline runs
+    stamp = {p: p.stat().st_mtime_ns for p in kept}
+    again = main([*argv, "--json", str(tmp_path / "again.json")])
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    assert again["results"] == results
+
+
+def test_unknown_variants_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--quick", "--variants", "stars,nonsense"])
+    assert exit_info.value.code == 2
+    assert "unknown variant(s) ['nonsense']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--solvers", "fixed_point,newton"])
+    assert "--solvers: unknown or none ['newton']" in capsys.readouterr().err
+
+
+def test_groups_and_defaults() -> None:
+    args = parse_args([])
+    assert args.variants == ["stars", "deq_ift", "deq_phantom"]
+    assert args.out_dir == "runs/stars_scaling" and args.depths == [8, 32]
+    assert parse_args(["--quick"]).out_dir == "runs/stars_scaling_quick"
+    assert parse_args(["--variants", "equilibrium"]).variants == ["deq_ift", "deq_phantom"]
+    assert GROUPS["equilibrium"] == ("deq_ift", "deq_phantom")
+
+
+def test_equilibrium_variants_train_at_the_fixed_point(tmp_path: Path) -> None:
+    args = stars_args(["--out-dir", str(tmp_path)])
+    for variant, backward in (("deq_ift", "ift"), ("deq_phantom", "phantom")):
+        assert VARIANTS[variant].overrides == {**DEQ, "backward": backward}
+        config = run_config(variant, 2, args)
+        config.validate()
+        assert config.backward == backward and config.model.injection == "add"
+        assert (config.solve.solver, config.solve.tol, config.solve.max_iter) == (
+            "anderson",
+            1e-4,
+            30,
+        )
+        assert (config.lam, config.penalty_at, config.steps) == (0.1, "fixed_point", args.steps)
+        assert config.init_from == str(
+            tmp_path / "baseline_add" / "seed2" / "checkpoints" / f"step_{args.warm_steps:08d}"
+        )
+
+
+def test_the_measured_step_runs_exactly_depth_f_evaluations(tmp_path: Path) -> None:
+    args = parse_args(["--quick", "--out-dir", str(tmp_path)])
+    config = run_config("deq_ift", 0, args)
+    measured, loops = step_config(config, 6)
+    assert loops is None and measured.solve.tol == 0.0 and measured.solve.max_iter == 6
+    assert measured.penalty_at == "trajectory" and config.solve.tol == 1e-4  # a copy
+    model = LoopLM(measured.model)
+    x, y = make_train_tensors(measured)
+    stats = train_step(
+        model, model, _optimizer(model, measured), x[:4], y[:4], loops, measured, penalty_on=True
+    )
+    assert stats["fwd_nfe"] == 6 and float(stats["fwd_converged"]) == 0.0
+    stars = run_config("stars", 0, args)
+    assert step_config(stars, 6) == (stars, 6)
+    started = run_config("deq_ift", 0, args)
+    started.solve.start_loops = 6
+    with pytest.raises(ValueError, match=r"--depths 6 must exceed solve.start_loops \(6\)"):
+        step_config(started, 6)
+
+
+def test_random_start_has_the_per_token_scale_of_one_loop() -> None:
+    z0 = torch.randn(2, 3, 4096)
+    scale = torch.tensor([1.0, 2.0, 5.0]).view(1, 3, 1)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return scale * z / z.pow(2).mean(-1, keepdim=True).sqrt()  # per-token RMS 1, 2, 5
+
+    z = random_start(f, z0, torch.Generator().manual_seed(0))
+    rms = z.pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, scale.view(1, 3).expand(2, 3), rtol=0.05)
+    again = random_start(f, z0, torch.Generator().manual_seed(0))
+    assert torch.equal(z, again) and not torch.allclose(z, f(z0), atol=0.5)
+
+
+@pytest.mark.slow
+def test_script_runs_two_jobs_and_refuses_bad_input(tmp_path: Path) -> None:
+    out = str(tmp_path / "runs")
+    proc = run_benchmark("equilibrium.py", "--quick", "--jobs", "2", "--out-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "done measure_one deq_phantom seed 0" in proc.stdout
+    assert "MISS  deq_phantom: mean exact match >= 0.99 at z* of every solver" in proc.stdout
+    phantom = json.loads((Path(out) / "deq_phantom" / "seed0" / "equilibrium.json").read_text())
+    memory = phantom["result"]["memory"]
+    assert phantom["result"]["backward"] == "phantom" and memory["4"] == memory["2"] > 0
+    proc = run_benchmark("equilibrium.py", "--quick", "--variants", "deq_ift,nonsense")
+    assert proc.returncode == 2 and "unknown variant(s) ['nonsense']" in proc.stderr
+    proc = run_benchmark(
+        "equilibrium.py", "--quick", "--variants", "deq_ift", "--out-dir", out, "--set", "lr=0.01"
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "equilibrium.py: error: cannot resume the run in" in proc.stderr
