@@ -16,7 +16,8 @@ Usage:
         --json benchmarks/results/plateau.json
 
 The runs must be LoopLMs trained on the ``addition`` task with zero-padded operands
-(TrainConfig's defaults), in either operand order (``reverse_operands``). Runs on one thread; a few seconds per run.
+(TrainConfig's defaults), in either operand order (``reverse_operands``). Runs on one
+thread; a few seconds per run.
 """
 
 from __future__ import annotations
