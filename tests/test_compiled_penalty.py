@@ -7,6 +7,8 @@ at run time under inductor (its buffers reused an efficient zero tensor). Checke
 float64 on a tiny LoopLM against the eager forward-mode penalty and against the paper's
 vjp penalty: with the whole orthonormal basis as probe vectors both are
 ``||J||_F^2 / n`` (the expectation of the one-vector estimate), value and gradient.
+Eagerly the LayerNorm jvp penalty's gradient was wrong too (torch's forward-mode formula
+of native_layer_norm); the same test without compiling checks that.
 Inductor compiles take ~30 s each on a loaded 2-core CPU; one per norm in the default run.
 """
 
@@ -57,8 +59,8 @@ def basis_point(model: LoopLM) -> tuple[CoreMap, Tensor, Tensor]:
     tokens = torch.randint(0, 11, (1, SEQ), generator=torch.Generator().manual_seed(1))
     _, info = model(tokens, loops=2, return_info=True)
     n = SEQ * D
-    f = CoreMap(info.f.step, tuple(a.detach().expand(n, -1, -1) for a in info.f.args))
-    z = info.z.detach().expand(n, -1, -1)
+    f = CoreMap(info.f.step, tuple(a.detach().repeat(n, 1, 1) for a in info.f.args))
+    z = info.z.detach().repeat(n, 1, 1)
     v = torch.eye(n, dtype=z.dtype).view(n, SEQ, D)
     return f, z, v
 
@@ -107,6 +109,19 @@ def test_compiled_jvp_penalty_equals_eager_and_the_paper_penalty(norm: str, back
     assert_same(compiled, value_and_grads(model, product="jvp"), rho=True)
     assert_same(compiled, value_and_grads(model, product="vjp"), rho=False)
     assert compiled[0] > 0 and any(g.abs().sum() > 0 for g in compiled[2])
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_eager_jvp_penalty_gradients_equal_the_vjp_penalty(norm: str) -> None:
+    """Reverse over forward through a LayerNorm block gives the paper penalty's gradient.
+
+    torch's forward-mode formula of native_layer_norm drops the gradient through the
+    norm's statistics; eqloop runs layer norms as primitives inside the jvp.
+    """
+    model = tiny(norm)
+    assert_same(
+        value_and_grads(model, product="jvp"), value_and_grads(model, product="vjp"), rho=False
+    )
 
 
 @pytest.mark.slow
