@@ -20,19 +20,29 @@ of a 3-digit addition example):
           ``--loops`` unrolled loops, backward "unroll", no penalty;
   solve   an equilibrium solve of the model's core in eval mode without a graph:
           ``model(tokens, solver="anderson", max_iter=--solve-iters, tol=0)``, i.e. a
-          fixed number of Anderson iterations through ``eqloop.fixed_point``.
+          fixed number of Anderson iterations through ``eqloop.fixed_point``;
+  stars   (``--compile`` only) the ``train`` step with the STARS penalty on (lam 0.1, one
+          random probe vector): eagerly the paper's vjp penalty (double backward, what
+          ``eqloop train`` runs by default), compiled the forward-mode penalty
+          (``penalty_product="jvp"``, compiled as one graph with its backward, what
+          ``eqloop train --compile --set penalty_product=jvp`` runs). Both estimate
+          ``||J||_F^2 / n``.
 
 With ``--compile`` the two sides are this tree run eager ("baseline" in the table) and
 compiled ("current", inductor, before the warm-up: ``--compile step`` is
 ``eqloop.compile_model(model)``, the per-loop step, as ``eqloop train --compile`` runs it;
 ``--compile model`` is ``torch.compile(model)``, the whole forward), on
-the ``train`` workload only; the JSON also holds each side's ``setup_s``: the wall time of
-building the model and running the warm-up; ``setup_extra_s``, the compiled side's minus
-the eager side's, is the compile time.
+the ``train`` workload (``--workloads train stars`` adds the STARS step); the JSON also
+holds each side's ``setup_s``: the wall time of building the model and running the
+warm-up; ``setup_extra_s``, the compiled side's minus the eager side's, is the compile
+time of all workloads, and ``compile_s`` per workload the compiled side's first call
+minus the eager side's (the compile time of that workload's graphs).
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/speed_regression.py --compile step --loops 8 \\
         --json benchmarks/results/compiled_train_step.json   # eager vs compiled step
+    OMP_NUM_THREADS=1 python benchmarks/speed_regression.py --compile step --loops 8 \\
+        --workloads train stars --json benchmarks/results/compiled_stars_step.json
     OMP_NUM_THREADS=1 python benchmarks/speed_regression.py \\
         --json benchmarks/results/speed_regression.json      # a few minutes
     python benchmarks/speed_regression.py --quick --baseline HEAD   # seconds (tests)
@@ -43,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -58,6 +69,7 @@ from benchmarks.common import format_table, machine_info, print_written, write_j
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = ("train", "solve")
+COMPILE_WORKLOADS = ("train", "stars")
 DEFAULT_BASELINE = "99a4b31"  # main before the issue-9 redesign of the loop and the backward
 
 COLUMNS = [
@@ -69,12 +81,15 @@ COLUMNS = [
     ("wall_ratio", "wall-time ratio", ".3f"),
     ("runs", "runs per tree", "d"),
 ]
-COMPILE_COLUMNS = [("setup_extra_s", "compile s (extra set-up)", ".1f")]
+COMPILE_COLUMNS = [
+    ("compile_s", "compile s (first call)", ".1f"),
+    ("setup_extra_s", "compile s (extra set-up)", ".1f"),
+]
 
 # The worker: builds the workloads from the tree on its PYTHONPATH, then answers one
 # JSON request per line ({"workload": ..., "repeats": n}) with n [cpu, wall] times.
 WORKER = r"""
-import json, sys, time
+import dataclasses, json, sys, time
 start = time.perf_counter()
 import torch
 from eqloop.config import TrainConfig
@@ -98,6 +113,12 @@ inputs = torch.randint(0, config.model.vocab_size, (settings["batch"], 13), gene
 targets = torch.randint(0, config.model.vocab_size, (settings["batch"], 13), generator=g)
 targets[:, :8] = -100
 eval_model = LoopLM(config.model).eval()
+# STARS: eagerly the paper's vjp penalty; compiled the jvp penalty, compiled as a whole.
+compiled = settings["compile"] is not None
+stars_config = dataclasses.replace(
+    config, penalty_product="jvp" if compiled else "vjp", compile=compiled
+)
+pen_gen = torch.Generator().manual_seed(2)
 
 def train():
     train_step(net, model, optimizer, inputs, targets, settings["loops"], config,
@@ -107,11 +128,20 @@ def solve():
     with torch.no_grad():
         eval_model(inputs, solver="anderson", max_iter=settings["solve_iters"], tol=0.0)
 
-work = {"train": train, "solve": solve}
-for _ in range(settings["warmup"]):
+def stars():
+    train_step(net, model, optimizer, inputs, targets, settings["loops"], stars_config,
+               penalty_on=True, generator=pen_gen)
+
+work = {"train": train, "solve": solve, "stars": stars}
+first_call = {}
+for i in range(settings["warmup"]):
     for name in settings["workloads"]:
+        wall = time.perf_counter()
         work[name]()
-print(json.dumps({"ready": True, "setup_s": time.perf_counter() - start}), flush=True)
+        if i == 0:
+            first_call[name] = time.perf_counter() - wall
+ready = {"ready": True, "setup_s": time.perf_counter() - start, "first_call_s": first_call}
+print(json.dumps(ready), flush=True)
 for line in sys.stdin:
     request = json.loads(line)
     fn, times = work[request["workload"]], []
@@ -138,7 +168,8 @@ class Worker:
         )
         self.stdin = cast(IO[str], self.proc.stdin)  # both are pipes (PIPE above)
         self.stdout = cast(IO[str], self.proc.stdout)
-        self.setup_s = self._read()["setup_s"]  # the "ready" line, after the warm-up
+        ready = self._read()  # the "ready" line, after the warm-up
+        self.setup_s, self.first_call_s = ready["setup_s"], ready["first_call_s"]
 
     def _read(self) -> Any:
         line = self.stdout.readline()
@@ -186,7 +217,7 @@ def extract(revision: str, into: Path) -> str:
 
 def measure(trees: dict[str, Path], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Interleaved timings of every workload on both trees; one row per workload."""
-    workloads = ("train",) if args.compile else WORKLOADS
+    workloads = tuple(args.workloads)
     settings = dict(
         threads=args.threads,
         batch=args.batch,
@@ -201,6 +232,7 @@ def measure(trees: dict[str, Path], args: argparse.Namespace) -> list[dict[str, 
         for name, tree in trees.items()
     }
     setup = {name: worker.setup_s for name, worker in workers.items()}
+    first = {name: worker.first_call_s for name, worker in workers.items()}
     times: dict[tuple[str, str], list[list[float]]] = {
         (name, w): [] for name in trees for w in workloads
     }
@@ -237,6 +269,13 @@ def measure(trees: dict[str, Path], args: argparse.Namespace) -> list[dict[str, 
                 "baseline_setup_s": setup["baseline"],
                 "current_setup_s": setup["current"],
                 "setup_extra_s": setup["current"] - setup["baseline"],  # --compile: compiling
+                "baseline_first_call_s": first["baseline"].get(workload),
+                "current_first_call_s": first["current"].get(workload),
+                "compile_s": (
+                    first["current"][workload] - first["baseline"][workload]
+                    if workload in first["current"]
+                    else None
+                ),
                 "baseline_cpu_s": base_cpu,
                 "current_cpu_s": cur_cpu,
                 "baseline_wall_s": base_wall,
@@ -268,6 +307,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "per loop count)",
     )
     p.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=WORKLOADS + COMPILE_WORKLOADS[1:],
+        help="workloads to time (default: train solve; with --compile: train); stars needs "
+        "--compile",
+    )
+    p.add_argument(
         "--backend",
         default="inductor",
         help="torch.compile backend of --compile (tests: aot_eager)",
@@ -280,6 +326,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    allowed = COMPILE_WORKLOADS if args.compile else WORKLOADS
+    if args.workloads is None:
+        args.workloads = ["train"] if args.compile else list(WORKLOADS)
+    for name in args.workloads:
+        if name not in allowed:
+            p.error(f"--workloads {name} needs {'no ' if args.compile else ''}--compile")
+    if args.compile and args.warmup < 1:
+        p.error("--compile needs --warmup >= 1 (the first call compiles)")
     return args
 
 
@@ -297,6 +351,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dirty = bool(git("status", "--porcelain", "--", "eqloop", "solvers"))
     result = {
         "machine": machine_info(),
+        "command": shlex.join(
+            [
+                f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}",
+                "python",
+                "benchmarks/speed_regression.py",
+                *(sys.argv[1:] if argv is None else argv),
+            ]
+        ),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "baseline_commit": baseline_commit,
         "current_commit": git("rev-parse", "HEAD") + ("+uncommitted" if dirty else ""),

@@ -10,6 +10,11 @@ around the step (injection, readout, the solver driver) stays eager.
 
 Compiling the whole forward instead (``torch.compile(model, fullgraph=True)``) also works
 and gives one graph per forward, but one per loop count, since torch unrolls the loop.
+
+Every function eqloop compiles goes through :func:`compile_function`, which works around
+PyTorch's efficient zero tensors under inductor (see :class:`MaterializeZeroTensors`): the
+STARS penalty's forward-mode product (:func:`eqloop.stars.jsrr_penalty` with
+``compile_options``) compiles with it.
 """
 
 from __future__ import annotations
@@ -20,11 +25,18 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from eqloop.looped import CoreMap, LoopedLM
 
-__all__ = ["compile_model", "eager_core_step", "eager_map"]
+__all__ = [
+    "MaterializeZeroTensors",
+    "compile_function",
+    "compile_model",
+    "eager_core_step",
+    "eager_map",
+]
 
 ModelT = TypeVar("ModelT", bound=LoopedLM)
 
@@ -44,7 +56,9 @@ def compile_model(model: ModelT, **compile_kwargs: Any) -> ModelT:
           Higher-order autodiff through it (``create_graph=True`` then a second backward,
           or forward-mode JVPs, as the STARS penalty takes) is not supported by
           ``torch.compile``: give such terms :func:`eager_core_step` (the same map,
-          uncompiled), e.g. ``CoreMap(eager_core_step(model), info.f.args)``.
+          uncompiled), e.g. ``CoreMap(eager_core_step(model), info.f.args)``; the
+          forward-mode penalty compiles as a whole instead (``jsrr_penalty(...,
+          product="jvp", compile_options={})``).
         * Compile after moving/casting the model and after copying it: a deep copy keeps
           its own compiled step (rebound to the copy), but ``torch.save(model)`` (pickling
           the whole module) is not supported; save the ``state_dict`` as eqloop does.
@@ -69,7 +83,7 @@ def compile_model(model: ModelT, **compile_kwargs: Any) -> ModelT:
     # Compile the class's function and bind it to this model: a deep copy rebinds the
     # method to the copy (copy.deepcopy copies a bound method's __self__), and the
     # instance attribute shadows the class's method for every caller of model.core_step.
-    step = torch.compile(type(model).core_step, **compile_kwargs)
+    step = compile_function(type(model).core_step, **compile_kwargs)
     model.core_step = types.MethodType(step, model)  # type: ignore[method-assign]
     return model
 
@@ -104,3 +118,61 @@ def eager_map(model: LoopedLM, f: CoreMap) -> CoreMap:
         A :class:`~eqloop.looped.CoreMap` with ``f``'s arguments and the class's step.
     """
     return dataclasses.replace(f, step=eager_core_step(model))
+
+
+class MaterializeZeroTensors(CustomGraphPass):
+    """Inductor pass: ``aten._efficientzerotensor`` nodes become ``aten.full(size, 0)``.
+
+    PyTorch's forward-mode derivative formulas give every input without a tangent (in a
+    JVP of a model: its parameters) an "efficient" zero tensor, a tensor flagged as zero
+    with no storage (``linear``'s formula ``x_t W^T + x W_t^T`` with ``W_t = 0``). AOT
+    autograd keeps them in the backward graph as ``_efficientzerotensor`` calls, and
+    inductor runs that op as a fallback, then reuses its buffer for a later result,
+    which fails at run time: "ZeroTensors are immutable" (torch 2.13). Replaced by an
+    ordinary zero tensor before lowering, the graph computes the same values (a product
+    with zeros is zero) and inductor may write into the buffer.
+    """
+
+    def __call__(self, graph: fx.Graph) -> None:
+        """Rewrite ``graph`` in place (runs on every post-grad graph inductor compiles)."""
+        for node in graph.nodes:
+            if (
+                node.op == "call_function"
+                and node.target is torch.ops.aten._efficientzerotensor.default
+            ):
+                # Same keywords (dtype, layout, device, pin_memory); the fill value 0.
+                node.target = torch.ops.aten.full.default
+                node.args = (node.args[0], 0.0)
+
+    def uuid(self) -> str:
+        """Key of the pass in inductor's compiled-graph cache."""
+        return "eqloop.compiling.MaterializeZeroTensors/1"
+
+
+def compile_function(fn: Callable[..., Any], **compile_kwargs: Any) -> Callable[..., Any]:
+    """``torch.compile(fn, **compile_kwargs)``, with :class:`MaterializeZeroTensors` under inductor.
+
+    The one place where eqloop calls :func:`torch.compile`. With the inductor backend
+    (the default) the pass is added to ``options["post_grad_custom_pre_pass"]``; other
+    backends get ``compile_kwargs`` unchanged.
+
+    Args:
+        fn: the function (or unbound method) to compile.
+        **compile_kwargs: passed to :func:`torch.compile`.
+
+    Returns:
+        The compiled function.
+
+    Raises:
+        ValueError: ``options`` already set ``post_grad_custom_pre_pass`` under inductor.
+    """
+    if compile_kwargs.get("backend", "inductor") == "inductor":
+        options = dict(compile_kwargs.get("options") or {})
+        if options.get("post_grad_custom_pre_pass") is not None:
+            raise ValueError(
+                "compile options: post_grad_custom_pre_pass is taken by eqloop's "
+                "MaterializeZeroTensors pass; leave it unset"
+            )
+        options["post_grad_custom_pre_pass"] = MaterializeZeroTensors()
+        compile_kwargs = {**compile_kwargs, "options": options}
+    return torch.compile(fn, **compile_kwargs)

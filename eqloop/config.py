@@ -190,6 +190,11 @@ class TrainConfig:
     # > 0: the product starts from the dominant Ritz vector of this many Arnoldi steps, so
     # ||J v|| estimates rho(J) (forward-mode product); 0: a random vector (paper).
     penalty_arnoldi: int = 0
+    # The penalty's Jacobian product: "vjp" (paper: ||v^T J||^2, a double backward) | "jvp"
+    # (||J v||^2: forward mode, then one backward; the same expectation for a random v).
+    # With compile, "jvp" runs compiled (jsrr_penalty's compile_options); "vjp" stays eager
+    # (torch.compile has no double backward). penalty_arnoldi > 0 always takes "jvp".
+    penalty_product: str = "vjp"
     # -- evaluation, checkpoints, logging ------------------------------------------------
     eval_every: int = 500  # exact-match evaluation every n steps (0: only at the end)
     eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # loop counts
@@ -205,8 +210,8 @@ class TrainConfig:
     # eqloop.training.step_stats). 1: read after every step (a host sync per step).
     log_every: int = 10
     # Run the model's per-loop step compiled (torch.compile through eqloop.compile_model,
-    # forward and backward; the STARS penalty runs on the eager step); the results equal
-    # eager ones to float tolerance.
+    # forward and backward) and the "jvp" penalty as one compiled graph ("vjp" runs on the
+    # eager step); the results equal eager ones to float tolerance.
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -232,6 +237,7 @@ class TrainConfig:
         """
         from eqloop.data import TASKS
         from eqloop.model import LoopLMConfig
+        from eqloop.stars import PRODUCTS
 
         if not isinstance(self.model, LoopLMConfig):
             raise TypeError(f"model must be a LoopLMConfig or a dict, got {self.model!r}")
@@ -264,6 +270,7 @@ class TrainConfig:
         if self.penalty_target is not None:
             checks.number("penalty_target", self.penalty_target, low=0)
         checks.choice("penalty_at", self.penalty_at, PENALTY_POINTS)
+        checks.choice("penalty_product", self.penalty_product, PRODUCTS)
         if not isinstance(self.betas, tuple) or len(self.betas) != 2:
             raise TypeError(f"betas must be two numbers like (0.9, 0.98), got {self.betas!r}")
         for i, beta in enumerate(self.betas):

@@ -25,13 +25,15 @@ fast kernel.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from solvers import checks
 
@@ -148,12 +150,60 @@ def _jvp(f: Map, z: Tensor, v: Tensor) -> Tensor:
     """Forward-mode product ``J(z) v`` for every sample; ``z``, ``v``: ``(B, ...)``.
 
     Differentiable with respect to the parameters of ``f`` (reverse over forward) when
-    called with gradients enabled.
+    called with gradients enabled. The layer norms of ``f`` run as primitive ops here
+    (:class:`_PrimitiveLayerNorm`), eagerly and compiled.
     """
-    with sdpa_kernel(SDPBackend.MATH):
+    with sdpa_kernel(SDPBackend.MATH), _PrimitiveLayerNorm():
         out, jv = torch.func.jvp(f, (z,), (v,))
     _check_same_shape(out, z)
     return jv
+
+
+class _PrimitiveLayerNorm(TorchFunctionMode):
+    """Runs ``F.layer_norm`` (so ``nn.LayerNorm``) as mean, variance, rsqrt and affine ops.
+
+    The same function as the fused kernel up to rounding (biased variance, ``eps`` inside
+    the square root, statistics in at least float32, output in the input's dtype), for
+    two faults of ``native_layer_norm``'s forward-mode derivative formula (torch 2.13):
+
+    * Reverse over forward is wrong: the formula reads the kernel's saved mean and
+      inverse standard deviation, outputs autograd treats as non-differentiable, so the
+      gradient of ``J v`` with respect to the parameters before the norm misses every
+      path through the statistics (on a tiny LayerNorm LoopLM the jvp penalty's gradient
+      for the attention's qkv bias came out 3.6e-6 at most where the vjp penalty, with
+      the same value, gives 9.6e-3; with this rewrite the two agree to rounding).
+    * Traced by ``torch.compile``, the formula's "efficient" zero tangent of the weight
+      (which has no tangent in a JVP with respect to the state) escapes the fake tensor
+      mode ("Please convert all Tensors to FakeTensors first", surfacing as a
+      ``_fw_primal`` INTERNAL ASSERT).
+
+    Every other function passes through unchanged.
+    """
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.layer_norm:
+            return func(*args, **kwargs)
+        # F.layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5)
+        names = ("input", "normalized_shape", "weight", "bias", "eps")
+        given = {**dict(zip(names[: len(args)], args, strict=True)), **kwargs}
+        x = given["input"]
+        dims = tuple(range(-len(given["normalized_shape"]), 0))
+        h = x.to(_work_dtype(x))
+        centred = h - h.mean(dims, keepdim=True)
+        var = centred.pow(2).mean(dims, keepdim=True)
+        y = centred * torch.rsqrt(var + given.get("eps", 1e-5))
+        if given.get("weight") is not None:
+            y = y * given["weight"]
+        if given.get("bias") is not None:
+            y = y + given["bias"]
+        return y.to(x.dtype)
 
 
 def _vjp(f: Map, z: Tensor, v: Tensor, create_graph: bool) -> Tensor:
@@ -394,6 +444,7 @@ def jsrr_penalty(
     detach_state: bool = True,
     generator: torch.Generator | None = None,
     return_details: bool = False,
+    compile_options: Mapping[str, Any] | None = None,
 ) -> Tensor | JSRRResult:
     """The STARS Jacobian spectral-radius regulariser (JSRR), a differentiable scalar.
 
@@ -437,17 +488,39 @@ def jsrr_penalty(
         generator: Random generator for the start vectors.
         return_details: Return a :class:`JSRRResult` with the per-sample estimates and
             the vectors for a warm start instead of the bare scalar.
+        compile_options: ``None`` runs the products eagerly. A mapping (``{}``: inductor)
+            runs each forward-mode product, ``J v`` with the forward pass of ``f`` and
+            (with gradients) its backward to the parameters, as one compiled graph:
+            keywords of :func:`torch.compile` (``fullgraph=True`` unless given) through
+            :func:`eqloop.compiling.compile_function`. Same value and gradients as
+            eager up to rounding; the random start vectors stay eager. Only with
+            ``product="jvp"``: torch.compile cannot take the double backward of ``"vjp"``.
 
     Returns:
         The scalar penalty, or a :class:`JSRRResult` when ``return_details`` is true.
 
     Raises:
         ValueError: Unknown ``product``, ``power_steps < 1``, negative ``target``, ``v``
-            of the wrong shape, or ``f`` changing the shape of its input.
-        TypeError: ``power_steps`` or ``target`` of the wrong type.
+            of the wrong shape, ``f`` changing the shape of its input, or
+            ``compile_options`` with ``product="vjp"``.
+        TypeError: ``power_steps`` or ``target`` of the wrong type, ``compile_options``
+            not a mapping.
     """
     if product not in PRODUCTS:
         raise ValueError(f"unknown product {product!r}; valid products: {', '.join(PRODUCTS)}")
+    jvp = _jvp
+    if compile_options is not None:
+        if not isinstance(compile_options, Mapping):
+            raise TypeError(
+                f"compile_options must be a mapping of torch.compile keywords or None, "
+                f"got {type(compile_options).__name__}"
+            )
+        if product != "jvp":
+            raise ValueError(
+                f"compile_options needs product='jvp', got product={product!r}: torch.compile "
+                "cannot take the double backward of the vjp product"
+            )
+        jvp = _compiled_jvp(compile_options)
     checks.integer("power_steps", power_steps, low=1)
     if target is not None:
         checks.number("target", target, low=0)
@@ -457,10 +530,10 @@ def jsrr_penalty(
     state = z.detach()
     v = _start_vectors(state, v, generator)
     for _ in range(power_steps - 1):
-        v = _normalize(_jacobian_product(f, state, v, product, differentiable=False))
+        v = _normalize(_jacobian_product(f, state, v, product, jvp, differentiable=False))
     if not detach_state:
         state = z
-    jv = _jacobian_product(f, state, v, product, differentiable=True)
+    jv = _jacobian_product(f, state, v, product, jvp, differentiable=True)
 
     rho = _sample_norm(jv)
     if target is None:
@@ -472,19 +545,37 @@ def jsrr_penalty(
     return penalty
 
 
-def _jacobian_product(f: Map, z: Tensor, v: Tensor, product: str, differentiable: bool) -> Tensor:
-    """``J v`` (``product="jvp"``) or ``v^T J`` (``"vjp"``) at ``z``, both ``(B, ...)``.
+def _jacobian_product(
+    f: Map, z: Tensor, v: Tensor, product: str, jvp: Callable[..., Tensor], differentiable: bool
+) -> Tensor:
+    """``J v`` (``product="jvp"``, computed by ``jvp``) or ``v^T J`` (``"vjp"``) at ``z``.
 
-    With ``differentiable`` the result carries the graph to the parameters of ``f`` (and
-    to ``z`` if it requires grad); otherwise it is detached.
+    ``z`` and ``v`` are ``(B, ...)``; so is the result. With ``differentiable`` it
+    carries the graph to the parameters of ``f`` (and to ``z`` if it requires grad);
+    otherwise it is detached.
     """
     if product == "jvp":
         if differentiable:
-            return _jvp(f, z, v)
+            return jvp(f, z, v)
         with torch.no_grad():
-            return _jvp(f, z.detach(), v)
+            return jvp(f, z.detach(), v)
     if not z.requires_grad:
         z = z.detach().requires_grad_(True)
     with torch.enable_grad():
         vj = _vjp(f, z, v, create_graph=differentiable)
     return vj if differentiable else vj.detach()
+
+
+_COMPILED_JVPS: dict[str, Callable[..., Tensor]] = {}
+"""Compiled :func:`_jvp` per ``compile_options`` (by ``repr``), so calls share graphs."""
+
+
+def _compiled_jvp(compile_options: Mapping[str, Any]) -> Callable[..., Tensor]:
+    """:func:`_jvp` compiled with ``compile_options`` (``fullgraph=True`` unless given)."""
+    from eqloop.compiling import compile_function  # compiling imports the models
+
+    options = {"fullgraph": True, **compile_options}
+    key = repr(sorted(options.items()))
+    if key not in _COMPILED_JVPS:
+        _COMPILED_JVPS[key] = compile_function(_jvp, **options)
+    return _COMPILED_JVPS[key]

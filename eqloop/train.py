@@ -31,7 +31,8 @@ the same values. A non-finite loss or gradient norm stops the run with
 :class:`NonFiniteLoss` naming the first such step, found at the next read (up to
 ``log_every - 1`` steps later); no checkpoint is written after it, so the newest
 checkpoint is the last finite one. ``compile`` runs the model's per-loop step compiled
-(:func:`eqloop.compile_model`); the penalty differentiates the eager step.
+(:func:`eqloop.compile_model`); the penalty differentiates the eager step, and with
+``penalty_product="jvp"`` runs compiled as a whole (forward-mode product and its backward).
 
 Every step draws one loop count ``t`` from the depth sampler (the same ``t`` on every
 rank, logged), runs the model ``t`` loops and minimises
@@ -381,8 +382,8 @@ def train_step(
         inputs: (B, S) token ids.
         targets: (B, S) next tokens, -100 where no loss is taken.
         loops: loop count of this batch (None with ``config.solve``, which ignores it).
-        config: supplies ``lam``, ``power_steps``, ``grad_clip``, ``backward`` and
-            ``solve``.
+        config: supplies ``lam``, ``power_steps``, ``penalty_product``, ``compile``,
+            ``grad_clip``, ``backward`` and ``solve``.
         penalty_on: add the STARS penalty (weight ``lam``) to the loss.
         generator: random start vectors of the penalty.
 
@@ -396,17 +397,20 @@ def train_step(
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     loss, penalty, rho = ce, None, None
     if penalty_on:
-        f = eager_map(model, info.f)  # the penalty's double backward needs the eager step
+        f = eager_map(model, info.f)  # second-order/forward-mode AD needs the eager step
         point, start = penalty_point(f, info.z, config, generator)
+        product = "jvp" if start is not None else config.penalty_product
         result = jsrr_penalty(
             f,
             point,
-            product="jvp" if start is not None else "vjp",
+            product=product,
             power_steps=config.power_steps,
             v=start,
             target=config.penalty_target,
             generator=generator,
             return_details=True,
+            # compiled: the jvp product as one graph with its backward (inductor)
+            compile_options={} if config.compile and product == "jvp" else None,
         )
         loss = (1 - config.lam) * ce + config.lam * result.penalty
         penalty, rho = result.penalty.detach(), result.rho.detach().mean()
