@@ -86,6 +86,7 @@ import math
 import os
 import statistics
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -149,6 +150,7 @@ __all__ = [
     "penalty_overhead",
     "penalty_point",
     "read_metrics",
+    "run_env",
     "setup_run",
     "train",
     "train_step",
@@ -502,6 +504,49 @@ def setup_run(device: str) -> RunEnv:
     return RunEnv(rank, world, torch.device("cuda", index), owns)
 
 
+@contextlib.contextmanager
+def run_env(device: str) -> Iterator[RunEnv]:
+    """:func:`setup_run` for the length of a run (train, finetune), then leave the group.
+
+    The process group is destroyed at the end if this call created it. Under data
+    parallelism the run's DDP wrapper must be gone before the group is: the wrapper's
+    reducer holds a reference to the group, and when it holds the last one, deleting the
+    wrapper runs the gloo group's destructor with the GIL held. That destructor joins the
+    gloo worker threads, and a worker still freeing the tensors of a finished collective
+    needs the GIL to do so: both wait for ever (pytorch/pytorch#56297; a rank of a test
+    hung this way when the tiny runs ended). So the runs drop their wrapper when their
+    loop ends, and when a run raises under DDP, the locals of the frames its traceback
+    keeps (a wrapper passed down as ``net``) are cleared before the exception leaves
+    (line numbers stay).
+
+    Yields:
+        The :class:`RunEnv` of this process.
+    """
+    env = setup_run(device)
+    try:
+        yield env
+    except BaseException as err:
+        if env.world > 1:
+            _clear_frames(err)
+        raise
+    finally:
+        if env.owns_group:
+            dist.destroy_process_group()
+
+
+def _clear_frames(err: BaseException) -> None:
+    """Drop the locals of the finished frames in the tracebacks of ``err`` and its causes."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [err]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)  # skips the frames still running
+        pending += [current.__cause__, current.__context__]
+
+
 # ----------------------------------------------------------------------- run directory
 
 
@@ -666,12 +711,8 @@ def train(config: TrainConfig, *, on_eval: OnEval | None = None) -> dict[str, An
             naming the step); the newest checkpoint is the last finite one.
     """
     config.validate()
-    env = setup_run(config.device)
-    try:
+    with run_env(config.device) as env:
         return _train(config, env, on_eval)
-    finally:
-        if env.owns_group:
-            dist.destroy_process_group()
 
 
 def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str, Any]:
@@ -804,6 +845,7 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
         bar.close()
         if log is not None:
             log.close()
+        state.net = state.model  # the DDP wrapper goes while the group lives (see run_env)
     return {**state.metrics(), "checkpoint": str(checkpoint) if checkpoint else None}
 
 

@@ -12,7 +12,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,8 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import run_ranks
 
 from eqloop import pretrained
 from eqloop.checkpoint import load_checkpoint, load_model, save_checkpoint
@@ -465,32 +463,14 @@ def test_print_config_and_overwrite(
 # -------------------------------------------------------------------------------- DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, configs: list[FinetuneConfig], out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    try:
-        for i, config in enumerate(configs):
-            result = finetune(config)
-            Path(out, f"run{i}_rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, configs: list[FinetuneConfig], out: str) -> None:
+    for i, config in enumerate(configs):
+        result = finetune(config)
+        Path(out, f"run{i}_rank{rank}.json").write_text(json.dumps(result))
 
 
 def _two_ranks(configs: list[FinetuneConfig], out: Path) -> list[list[dict]]:
-    mp.spawn(_worker, args=(2, _free_port(), configs, str(out)), nprocs=2, join=True)
+    run_ranks(_worker, configs, str(out))
     return [
         [json.loads((out / f"run{i}_rank{r}.json").read_text()) for r in range(2)]
         for i in range(len(configs))

@@ -95,7 +95,7 @@ from eqloop.finetune.models import (
     save_model,
 )
 from eqloop.stars import PenaltySchedule, jsrr_penalty
-from eqloop.train import RunEnv, batch_rows, lr_factor, mix_seed, setup_run
+from eqloop.train import RunEnv, batch_rows, lr_factor, mix_seed, run_env
 from eqloop.training import run_dir
 from eqloop.training.run_dir import TrainingInterrupted
 from eqloop.training.step_stats import PendingSteps
@@ -560,12 +560,8 @@ def finetune(
         config.validate()
     except TypeError as err:
         raise ValueError(str(err)) from None
-    env = setup_run(config.device)
-    try:
+    with run_env(config.device) as env:  # no DDP wrapper outlives the group it made
         return _finetune(config, env, loaded, eval_examples, on_step)
-    finally:
-        if env.owns_group:
-            dist.destroy_process_group()
 
 
 def _finetune(
@@ -679,6 +675,7 @@ def _finetune(
         bar.close()
         if log is not None:
             log.close()
+        run.net = run.objective  # the DDP wrapper goes while the group lives (see run_env)
     return _finish(run, config, eval_examples, checkpoint_path)
 
 
