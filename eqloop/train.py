@@ -87,7 +87,6 @@ import os
 import statistics
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -104,7 +103,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 import solvers
-from eqloop.backward import ConvergenceWarning
 from eqloop.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -133,7 +131,7 @@ from eqloop.training.run_dir import (  # re-exported: they were defined here
     changed_fields,
     read_metrics,
 )
-from eqloop.training.solve import solve_forward, solve_stats, warn_unconverged
+from eqloop.training.solve import quiet_solves, solve_forward, solve_stats, warn_unconverged
 from eqloop.training.step_stats import PendingSteps
 
 __all__ = [
@@ -305,15 +303,7 @@ def penalty_point(
     return point, v
 
 
-@contextlib.contextmanager
-def _quiet_solves() -> Iterator[None]:
-    """Silence ``ConvergenceWarning`` (used as a decorator on :func:`train_step`)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        yield
-
-
-@_quiet_solves()
+@quiet_solves()
 def train_step(
     net: nn.Module,
     model: LoopLM,

@@ -14,8 +14,9 @@ run and kind (:func:`warn_unconverged`) instead of once per solve.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,7 +29,13 @@ if TYPE_CHECKING:
     from eqloop.config import SolveConfig
     from eqloop.looped import LoopInfo
 
-__all__ = ["merge_solve_stats", "solve_forward", "solve_stats", "warn_unconverged"]
+__all__ = [
+    "merge_solve_stats",
+    "quiet_solves",
+    "solve_forward",
+    "solve_stats",
+    "warn_unconverged",
+]
 
 
 def solve_forward(
@@ -119,6 +126,18 @@ def merge_solve_stats(parts: Sequence[Mapping[str, Tensor | int]]) -> dict[str, 
         else:  # shares, 0-d tensors
             merged[key] = torch.stack(values).mean()
     return merged
+
+
+@contextlib.contextmanager
+def quiet_solves() -> Iterator[None]:
+    """Silence ``ConvergenceWarning`` (a decorator of the training steps).
+
+    A step's solves report through :func:`solve_stats`; the loops warn once per run with
+    :func:`warn_unconverged` instead of once per unconverged solve.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
 
 
 def warn_unconverged(
