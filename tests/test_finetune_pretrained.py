@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -298,8 +299,16 @@ def test_solve_on_pretrained_models_where_the_loop_sees_its_input(
             log_every=1,
         )
 
-    result = finetune(config("huginn_raven"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = finetune(config("huginn_raven"))
     assert result["train"]["loops"] is None
+    # Unconverged solves are counted and warned about once per run, not once per solve.
+    assert not [w for w in caught if "eqloop.fixed_point" in str(w.message)]
+    rows = [json.loads(line) for line in (tmp_path / "huginn_raven" / "metrics.jsonl").open()]
+    unconverged = any(r["fwd_converged"] < 1 for r in rows if "event" not in r)
+    warned = sum("the forward solve did not converge" in str(w.message) for w in caught)
+    assert warned == int(unconverged)
     assert 0.0 <= result["train"]["fwd_converged"] <= 1.0 and 1 <= result["train"]["fwd_nfe"] <= 8
     with pytest.raises(ValueError, match=r"^solve: .*Ouro's loop z <- norm\(layers\(z\)\) has no"):
         finetune(config("ouro"))

@@ -23,7 +23,12 @@ as in the STARS paper's Ouro-1.4B run), runs ``t`` loops of the model's map ``f`
     loss = (1 - lam) * CE(completion tokens) + lam * JSRR(f, z_t.detach())
 
 with the penalty (STARS only) from ``penalty_start`` on (a step, or a fraction of
-``steps``). The forward runs under bf16 autocast where the device supports it
+``steps``). With ``solve`` (training at the fixed point, as in ``eqloop train``; see
+:mod:`eqloop.training.solve`) the loop is solved to its equilibrium instead of run ``t``
+times (no loop count is drawn) and ``backward`` (``ift`` or ``phantom``) takes the
+gradient at the point the solver returned; the steps log ``fwd_*`` (and with IFT
+``bwd_*``) statistics. A model whose loop does not see its input (Ouro) is refused
+(:func:`check_solvable`). The forward runs under bf16 autocast where the device supports it
 (``precision``); the penalty always runs in float32 with the math attention kernel (its
 double backward needs it), on the float32 master weights. ``grad_checkpointing``
 recomputes each loop during the backward, so the activation memory of the loop is that of
@@ -520,7 +525,8 @@ def _build(
     # What the objective never reaches (Ouro's exit gate) does not train: DDP needs a
     # gradient for every trainable parameter. Probed on one 2-token sequence, 1 loop.
     probe = torch.zeros(1, 2, dtype=torch.long, device=env.device)
-    freeze_unreached(loaded.model, lambda: objective(probe, probe, 1)[0])
+    with quiet_solves():  # with solve, the probe's solve converging or not tells nothing
+        freeze_unreached(loaded.model, lambda: objective(probe, probe, 1)[0])
     objective.solve_info = None  # the probe's
     fsdp = config.parallel == "fsdp" and env.world > 1
     net: nn.Module = objective
