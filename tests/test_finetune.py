@@ -603,10 +603,22 @@ def _assert_same_model(a: str, b: str) -> None:
 def test_ddp_two_ranks_gloo_match_one_process(files: dict[str, Path], tmp_path: Path) -> None:
     # Without the penalty 2 ranks x 4 rows compute the gradient of 1 process x 8 rows (the CE
     # is normalised by the target tokens of the global batch); with it, the run goes through.
+    # Training at the fixed point (IFT) too: the solves' statistics are averaged over ranks.
     sft = _config(files, tmp_path / "sft", mode="sft", steps=3, grad_accum=2)
     stars = _config(files, tmp_path / "stars", mode="stars", steps=2)
+    solve = _config(
+        files,
+        tmp_path / "solve",
+        init_from=str(files["injected"]),
+        mode="sft",
+        steps=2,
+        solve=SOLVE,
+        backward="ift",
+    )
     one = finetune(dataclasses.replace(sft, out_dir=str(tmp_path / "one")))
-    (sft0, sft1), (stars0, _) = _two_ranks([sft, stars], tmp_path)
+    (sft0, sft1), (stars0, _), (solve0, solve1) = _two_ranks([sft, stars, solve], tmp_path)
+    assert solve0["train"] == solve1["train"] and solve0["train"]["loops"] is None
+    assert 0 <= solve0["train"]["fwd_converged"] <= 1 and solve0["train"]["bwd_nfe"] >= 1
     assert sft0["model"] and "model" not in sft1  # only rank 0 writes
     assert sft0["train"]["loops"] == sft1["train"]["loops"] == one["train"]["loops"]
     assert sft0["train"]["ce"] == pytest.approx(one["train"]["ce"], rel=1e-5)
