@@ -41,6 +41,7 @@ __all__ = [
     "SolveConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_backward",
     "check_device",
     "check_penalty_start",
     "load_config",
@@ -113,6 +114,53 @@ class SolveConfig:
             solvers.make_solver(self.solver, **self.solver_options)
         except (TypeError, ValueError) as err:
             raise type(err)(f"solve.solver_options: {err}") from None
+
+
+def check_backward(
+    backward: str,
+    options: Any,
+    solve: Any,
+    *,
+    modes: tuple[str, ...] | None = None,
+) -> None:
+    """Check a config's ``backward``, ``backward_options`` and ``solve`` (train, finetune).
+
+    Args:
+        backward: the backward mode's name.
+        options: its ``backward_options`` (a dict of the mode's fields).
+        solve: the ``solve`` section: None or a :class:`SolveConfig`; with it, the
+            backward must take its gradient at the solver's point (:data:`SOLVE_BACKWARDS`).
+        modes: the names the config accepts (default: every mode of ``eqloop.backward``).
+
+    Raises:
+        TypeError: ``solve`` or ``options`` of the wrong type, or an option the mode lacks.
+        ValueError: an unknown mode, a bad ``solve`` field, a backward that cannot follow a
+            solve, or a bad option value.
+    """
+    from eqloop.backward import BACKWARD_MODES, make_backward
+
+    checks.choice("backward", backward, modes or BACKWARD_MODES)
+    if solve is not None:
+        if not isinstance(solve, SolveConfig):
+            raise TypeError(
+                f"solve must be None or a dict of SolveConfig fields such as "
+                f'{{"solver": "anderson", "tol": 1e-4}}, got {solve!r}'
+            )
+        solve.validate()
+        if backward not in SOLVE_BACKWARDS:
+            raise ValueError(
+                f"solve trains at the fixed point the solver returns, so backward must "
+                f"be one of {SOLVE_BACKWARDS}, got {backward!r}; for backprop "
+                "through the sampled loops ('unroll', 'truncated') set solve=null"
+            )
+    if not isinstance(options, dict):
+        raise TypeError(f"backward_options must be a dict, got {options!r}")
+    try:
+        make_backward(backward, **options)
+    except TypeError as err:  # a field the mode does not have, or of the wrong type
+        raise TypeError(f"backward_options: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"backward_options: {err}") from None
 
 
 def _default_model() -> LoopLMConfig:
@@ -306,30 +354,7 @@ class TrainConfig:
 
     def _check_backward(self) -> None:
         """Check ``backward``, ``backward_options`` and ``solve`` before any step."""
-        from eqloop.backward import BACKWARD_MODES
-
-        checks.choice("backward", self.backward, BACKWARD_MODES)
-        if self.solve is not None:
-            if not isinstance(self.solve, SolveConfig):
-                raise TypeError(
-                    f"solve must be None or a dict of SolveConfig fields such as "
-                    f'{{"solver": "anderson", "tol": 1e-4}}, got {self.solve!r}'
-                )
-            self.solve.validate()
-            if self.backward not in SOLVE_BACKWARDS:
-                raise ValueError(
-                    f"solve trains at the fixed point the solver returns, so backward must "
-                    f"be one of {SOLVE_BACKWARDS}, got {self.backward!r}; for backprop "
-                    "through the sampled loops ('unroll', 'truncated') set solve=null"
-                )
-        if not isinstance(self.backward_options, dict):
-            raise TypeError(f"backward_options must be a dict, got {self.backward_options!r}")
-        try:
-            self.make_backward()
-        except TypeError as err:  # a field the mode does not have, or of the wrong type
-            raise TypeError(f"backward_options: {err}") from None
-        except ValueError as err:
-            raise ValueError(f"backward_options: {err}") from None
+        check_backward(self.backward, self.backward_options, self.solve)
 
     def make_backward(self) -> Backward:
         """The backward mode object (``eqloop.backward``) of ``backward`` and its options."""

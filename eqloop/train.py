@@ -87,7 +87,7 @@ import math
 import os
 import statistics
 import time
-import warnings
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -104,7 +104,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 import solvers
-from eqloop.backward import ConvergenceWarning
 from eqloop.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -133,6 +132,7 @@ from eqloop.training.run_dir import (  # re-exported: they were defined here
     changed_fields,
     read_metrics,
 )
+from eqloop.training.solve import quiet_solves, solve_forward, solve_stats, warn_unconverged
 from eqloop.training.step_stats import PendingSteps
 
 __all__ = [
@@ -150,6 +150,7 @@ __all__ = [
     "penalty_overhead",
     "penalty_point",
     "read_metrics",
+    "run_env",
     "setup_run",
     "train",
     "train_step",
@@ -250,20 +251,8 @@ def _forward(
     leaving the working batch (``compact=True``), and the backward mode (``ift`` or
     ``phantom``) takes its gradient at the point the solver returned.
     """
-    solve = config.solve
-    if solve is not None:
-        return net(
-            inputs,
-            solver=solve.solver,
-            tol=solve.tol,
-            max_iter=solve.max_iter,
-            stop_mode=solve.stop_mode,
-            start_loops=solve.start_loops,
-            backward=config.make_backward(),
-            return_info=True,
-            compact=True,
-            **solve.solver_options,
-        )
+    if config.solve is not None:
+        return solve_forward(net, inputs, config.solve, config.make_backward())
     if config.backward == "unroll":
         return net(inputs, loops=loops, return_info=True)
     return net(
@@ -274,37 +263,6 @@ def _forward(
         backward=config.make_backward(),
         return_info=True,
     )
-
-
-def _solve_stats(info: Any, config: TrainConfig) -> dict[str, Tensor | int]:
-    """What the step's solves did, as device tensors (no host read) and host ints.
-
-    Args:
-        info: the forward's LoopInfo, read after the backward pass (the IFT adjoint
-            solve appears in it then).
-        config: ``solve`` and ``backward`` select the keys.
-
-    Returns:
-        With ``config.solve``: ``fwd_converged`` (share of sequences whose forward solve
-        met ``solve.tol``), ``fwd_nfe`` (f-evaluations of the solve, after the start
-        loops) and ``fwd_residual`` (largest residual in ``solve.stop_mode`` over the
-        batch). With an IFT backward: ``bwd_converged`` (share of sequences whose adjoint
-        solve met its tolerance) and ``bwd_nfe`` (its vector-Jacobian products).
-    """
-    stats: dict[str, Tensor | int] = {}
-    fixed = info.fixed_point
-    if fixed is None:
-        return stats
-    if config.solve is not None and fixed.forward is not None:
-        forward = fixed.forward
-        residual = forward.rel_residual if config.solve.stop_mode == "rel" else forward.abs_residual
-        stats["fwd_converged"] = forward.converged.float().mean()
-        stats["fwd_nfe"] = forward.nfe
-        stats["fwd_residual"] = residual.detach().max()
-    if fixed.backward is not None:
-        stats["bwd_converged"] = fixed.backward.converged.float().mean()
-        stats["bwd_nfe"] = fixed.backward.nfe
-    return stats
 
 
 def penalty_point(
@@ -346,15 +304,7 @@ def penalty_point(
     return point, v
 
 
-@contextlib.contextmanager
-def _quiet_solves() -> Iterator[None]:
-    """Silence ``ConvergenceWarning`` (used as a decorator on :func:`train_step`)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        yield
-
-
-@_quiet_solves()
+@quiet_solves()
 def train_step(
     net: nn.Module,
     model: LoopLM,
@@ -390,7 +340,8 @@ def train_step(
     Returns:
         0-d detached tensors: ``loss``, ``ce``, ``penalty`` and ``rho`` (the penalty's
         mean one-step estimate ``||v^T J||``; None when the penalty is off) and the
-        pre-clipping ``grad_norm``; and the solve statistics of :func:`_solve_stats` as
+        pre-clipping ``grad_norm``; and the solve statistics of
+        :func:`eqloop.training.solve.solve_stats` as
         device tensors and ints.
     """
     logits, info = _forward(net, inputs, loops, config)
@@ -424,49 +375,8 @@ def train_step(
         "penalty": penalty,
         "rho": rho,
         "grad_norm": grad_norm.detach(),
-        **_solve_stats(info, config),
+        **solve_stats(info, config.solve),
     }
-
-
-def _warn_unconverged(
-    stats: dict[str, Any], step: int, config: TrainConfig, warned: set[str]
-) -> None:
-    """Warn, once per run and kind, when a step's forward or adjoint solve did not converge.
-
-    Args:
-        stats: the step's statistics read to the host (``fwd_converged``,
-            ``bwd_converged``: shares of converged sequences).
-        step: steps completed, counting this one (named in the message).
-        config: the run (its ``solve`` and ``backward_options`` settings are named).
-        warned: the kinds already warned about; updated.
-    """
-    for key, what, meaning, fix in (
-        (
-            "fwd_converged",
-            "forward solve",
-            "trained at the solver's best iterate, not at a fixed point",
-            f"raise solve.max_iter or loosen solve.tol (solve={config.solve})",
-        ),
-        (
-            "bwd_converged",
-            "IFT adjoint solve",
-            "given the adjoint's best iterate, not the implicit gradient",
-            "raise backward_options max_iter or loosen its tol "
-            f"(backward_options={config.backward_options})",
-        ),
-    ):
-        share = stats.get(key)
-        if share is None or share >= 1 or key in warned:
-            continue
-        warned.add(key)
-        warnings.warn(
-            f"step {step}: the {what} did not converge on {1 - share:.1%} of the sequences, "
-            f"which are {meaning}. Every step's share is logged as {key!r} in "
-            f"metrics.jsonl; this warning is not repeated. To fix: {fix}, or strengthen the "
-            "contraction (lam, penalty_target).",
-            ConvergenceWarning,
-            stacklevel=5,  # the caller of train() (via _train's read)
-        )
 
 
 # ---------------------------------------------------------------------- distributed setup
@@ -504,6 +414,49 @@ def setup_run(device: str) -> RunEnv:
         index = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
     torch.cuda.set_device(index)
     return RunEnv(rank, world, torch.device("cuda", index), owns)
+
+
+@contextlib.contextmanager
+def run_env(device: str) -> Iterator[RunEnv]:
+    """:func:`setup_run` for the length of a run (train, finetune), then leave the group.
+
+    The process group is destroyed at the end if this call created it. Under data
+    parallelism the run's DDP wrapper must be gone before the group is: the wrapper's
+    reducer holds a reference to the group, and when it holds the last one, deleting the
+    wrapper runs the gloo group's destructor with the GIL held. That destructor joins the
+    gloo worker threads, and a worker still freeing the tensors of a finished collective
+    needs the GIL to do so: both wait for ever (pytorch/pytorch#56297; a rank of a test
+    hung this way when the tiny runs ended). So the runs drop their wrapper when their
+    loop ends, and when a run raises under DDP, the locals of the frames its traceback
+    keeps (a wrapper passed down as ``net``) are cleared before the exception leaves
+    (line numbers stay).
+
+    Yields:
+        The :class:`RunEnv` of this process.
+    """
+    env = setup_run(device)
+    try:
+        yield env
+    except BaseException as err:
+        if env.world > 1:
+            _clear_frames(err)
+        raise
+    finally:
+        if env.owns_group:
+            dist.destroy_process_group()
+
+
+def _clear_frames(err: BaseException) -> None:
+    """Drop the locals of the finished frames in the tracebacks of ``err`` and its causes."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [err]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)  # skips the frames still running
+        pending += [current.__cause__, current.__context__]
 
 
 # ----------------------------------------------------------------------- run directory
@@ -670,12 +623,8 @@ def train(config: TrainConfig, *, on_eval: OnEval | None = None) -> dict[str, An
             naming the step); the newest checkpoint is the last finite one.
     """
     config.validate()
-    env = setup_run(config.device)
-    try:
+    with run_env(config.device) as env:
         return _train(config, env, on_eval)
-    finally:
-        if env.owns_group:
-            dist.destroy_process_group()
 
 
 def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str, Any]:
@@ -725,7 +674,7 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
         """Log the pending steps, stop at a non-finite one; the largest signal of any rank."""
         records, stop = pending.read(signum)
         for record in records:
-            _warn_unconverged(record, record["step"], config, warned)
+            warn_unconverged(record, record["step"], config.solve, config.backward_options, warned)
             if log is not None:
                 log.write(record)
             run_dir.check_finite(record, record["step"], out_dir)  # before anything is saved
@@ -808,6 +757,7 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
         bar.close()
         if log is not None:
             log.close()
+        state.net = state.model  # the DDP wrapper goes while the group lives (see run_env)
     return {**state.metrics(), "checkpoint": str(checkpoint) if checkpoint else None}
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,8 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import run_ranks
 
 from eqloop import pretrained
 from eqloop.checkpoint import load_checkpoint, load_model, save_checkpoint
@@ -42,7 +41,7 @@ from eqloop.training.step_stats import PendingSteps
 TRAINED_LOOPS = 3
 
 
-def _write_base(path: Path, seed: int = 0) -> Path:
+def _write_base(path: Path, seed: int = 0, injection: str = "none") -> Path:
     torch.manual_seed(seed)
     config = LoopLMConfig(
         vocab_size=CharTokenizer.printable().vocab_size,
@@ -50,7 +49,7 @@ def _write_base(path: Path, seed: int = 0) -> Path:
         n_heads=2,
         d_ff=32,
         max_seq_len=64,
-        injection="none",
+        injection=injection,
         norm_placement="post_sandwich",
         positions="rope",
         default_loops=TRAINED_LOOPS,
@@ -80,6 +79,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("finetune")
     return {
         "base": _write_base(root / "base"),
+        "injected": _write_base(root / "injected", injection="add"),
         "train": _write_data(root / "train.jsonl", 48, seed=0),
         "test": _write_data(root / "test.jsonl", 8, seed=1),
     }
@@ -192,6 +192,121 @@ def test_sft_and_stars_draw_depths_as_configured(files: dict[str, Path], tmp_pat
         json.loads(x) for x in (tmp_path / "late" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["penalty"] is None for r in records] == [True, True, False, False]
+
+
+# ------------------------------------------------------------- training at the fixed point
+
+SOLVE = {"solver": "anderson", "tol": 1e-3, "max_iter": 12}
+
+
+def _step_rows(out: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "event" not in r]
+
+
+@pytest.mark.parametrize(("backward", "mode"), [("ift", "stars"), ("phantom", "sft")])
+def test_solve_finetunes_at_the_fixed_point_and_logs_the_forward(
+    files: dict[str, Path], tmp_path: Path, backward: str, mode: str
+) -> None:
+    # Issue 20 item 1 (finetune): the forward solve of TrainConfig.solve, on a LoopLM whose
+    # loop sees its input; two micro-batches per step, the penalty at the solver's point.
+    config = _config(
+        files,
+        tmp_path / "run",
+        init_from=str(files["injected"]),
+        solve=SOLVE,
+        backward=backward,
+        mode=mode,
+        grad_accum=2,
+        steps=3,
+        penalty_start=1,
+    )
+    result = finetune(FinetuneConfig.from_dict(config.to_dict()))
+    assert math.isfinite(result["train"]["loss"])
+    rows = _step_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["loops"] is None  # no sampled depth: the solver decides
+        assert 0.0 <= row["fwd_converged"] <= 1.0
+        # f-evaluations of the step: both micro-batches' solves, each within the budget
+        assert isinstance(row["fwd_nfe"], int) and 2 <= row["fwd_nfe"] <= 2 * 12
+        assert (row["fwd_converged"] < 1) == (row["fwd_residual"] > SOLVE["tol"])
+        assert ("bwd_converged" in row) == (backward == "ift")
+    assert (rows[-1]["penalty"] is not None) == (mode == "stars")
+    saved = load_checkpoint(tmp_path / "run").config
+    assert saved["solve"]["max_iter"] == 12 and saved["backward"] == backward
+
+
+def test_the_solve_gradient_is_taken_at_the_solvers_point(files: dict[str, Path]) -> None:
+    # One phantom step (tau 1) from the detached z*: the gradient must be that of
+    # CE(readout(f(z*))) at the point the solver returned, not at z0 or after some loops.
+    from eqloop.backward import Phantom
+    from eqloop.config import SolveConfig
+
+    loaded = load_for_finetuning(files["injected"], dtype=torch.float64)
+    model = loaded.model
+    template = PromptTemplate(FinetuneConfig().prompt, FinetuneConfig().delimiter)
+    examples = load_jsonl(files["train"])[:4]
+    inputs, targets = encode_examples(examples, loaded.tokenizer, template, max_len=64)
+    solve = SolveConfig(**SOLVE)
+    objective = Objective(model, lam=0.0, solve=solve, backward=Phantom(steps=1))
+    loss, *_ = objective(inputs, targets, None)
+    loss.backward()
+    solved = objective.solve_info.fixed_point.forward
+    assert solved.nfe > 1 and objective.solve_info.loops_used is None
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    f, z0 = model.core_map(inputs)
+    z_star = solved.z.detach()
+    assert not torch.allclose(z_star, z0)
+    logits = model.readout(f(z_star)).float()  # as the objective's CE
+    ce = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=-100
+    )
+    torch.testing.assert_close(loss, ce)
+    ce.backward()
+    for got, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"backward": "ift"}, r"backward='ift' takes its gradient at the fixed point .*set solve"),
+        ({"solve": SOLVE}, r"backward must be one of \('ift', 'phantom'\), got 'unroll'"),
+        ({"solve": SOLVE, "backward": "truncated"}, r"backward must be one of 'unroll', 'ift'"),
+        ({"solve": {**SOLVE, "tol": 0.0}, "backward": "ift"}, r"solve\.tol"),
+        (
+            {"solve": SOLVE, "backward": "ift", "backprop_loops": 2},
+            r"backprop_loops=2 \(truncated backprop .*\) applies to unrolled loops",
+        ),
+        ({"solve": SOLVE, "backward": "ift", "loops": 3}, r"loops=3 \(the SFT loop count\)"),
+        (
+            {"solve": SOLVE, "backward": "phantom", "grad_checkpointing": True},
+            r"grad_checkpointing=True .* set grad_checkpointing to its default, or solve=null",
+        ),
+        (
+            {"solve": SOLVE, "backward": "ift", "backward_options": {"k": 2}},
+            r"backward_options: .*k",
+        ),
+    ],
+)
+def test_solve_settings_are_checked(
+    files: dict[str, Path], tmp_path: Path, overrides: dict[str, Any], match: str
+) -> None:
+    with pytest.raises((ValueError, TypeError), match=match):
+        FinetuneConfig.from_dict(_config(files, tmp_path / "run", **overrides).to_dict())
+
+
+def test_solve_is_refused_for_a_loop_that_does_not_see_its_input(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    # The base LoopLM has injection="none" (as Ouro): its fixed point is not a function
+    # of the input. Refused before anything is written; the CLI says it in one line.
+    config = _config(files, tmp_path / "run", solve=SOLVE, backward="ift")
+    with pytest.raises(ValueError, match=r"solve: .* injection='none', so the input only sets"):
+        finetune(config)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 # ---------------------------------------------------------------------- resume, saving
@@ -465,32 +580,14 @@ def test_print_config_and_overwrite(
 # -------------------------------------------------------------------------------- DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, configs: list[FinetuneConfig], out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    try:
-        for i, config in enumerate(configs):
-            result = finetune(config)
-            Path(out, f"run{i}_rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, configs: list[FinetuneConfig], out: str) -> None:
+    for i, config in enumerate(configs):
+        result = finetune(config)
+        Path(out, f"run{i}_rank{rank}.json").write_text(json.dumps(result))
 
 
 def _two_ranks(configs: list[FinetuneConfig], out: Path) -> list[list[dict]]:
-    mp.spawn(_worker, args=(2, _free_port(), configs, str(out)), nprocs=2, join=True)
+    run_ranks(_worker, configs, str(out))
     return [
         [json.loads((out / f"run{i}_rank{r}.json").read_text()) for r in range(2)]
         for i in range(len(configs))
@@ -506,10 +603,22 @@ def _assert_same_model(a: str, b: str) -> None:
 def test_ddp_two_ranks_gloo_match_one_process(files: dict[str, Path], tmp_path: Path) -> None:
     # Without the penalty 2 ranks x 4 rows compute the gradient of 1 process x 8 rows (the CE
     # is normalised by the target tokens of the global batch); with it, the run goes through.
+    # Training at the fixed point (IFT) too: the solves' statistics are averaged over ranks.
     sft = _config(files, tmp_path / "sft", mode="sft", steps=3, grad_accum=2)
     stars = _config(files, tmp_path / "stars", mode="stars", steps=2)
+    solve = _config(
+        files,
+        tmp_path / "solve",
+        init_from=str(files["injected"]),
+        mode="sft",
+        steps=2,
+        solve=SOLVE,
+        backward="ift",
+    )
     one = finetune(dataclasses.replace(sft, out_dir=str(tmp_path / "one")))
-    (sft0, sft1), (stars0, _) = _two_ranks([sft, stars], tmp_path)
+    (sft0, sft1), (stars0, _), (solve0, solve1) = _two_ranks([sft, stars, solve], tmp_path)
+    assert solve0["train"] == solve1["train"] and solve0["train"]["loops"] is None
+    assert 0 <= solve0["train"]["fwd_converged"] <= 1 and solve0["train"]["bwd_nfe"] >= 1
     assert sft0["model"] and "model" not in sft1  # only rank 0 writes
     assert sft0["train"]["loops"] == sft1["train"]["loops"] == one["train"]["loops"]
     assert sft0["train"]["ce"] == pytest.approx(one["train"]["ce"], rel=1e-5)

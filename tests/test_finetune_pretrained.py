@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,39 @@ def test_lora_resume_refuses_changed_base_weights(root: Path, tmp_path: Path) ->
     assert load_checkpoint(tmp_path / "run").step == 2  # nothing written
     pretrained.write_tiny_checkpoint(base, arch="ouro", seed=1, overwrite=True)
     assert finetune(longer)["step"] == 3  # the original base weights resume
+
+
+def test_solve_on_pretrained_models_where_the_loop_sees_its_input(
+    root: Path, tmp_path: Path
+) -> None:
+    # Issue 20 item 1 (finetune): Huginn injects its input (adapter([z, e])), so it trains at
+    # its fixed point; Ouro's loop z <- norm(layers(z)) does not see the input: refused,
+    # naming the field and the reason, before anything is written.
+    def config(arch: str) -> FinetuneConfig:
+        return FinetuneConfig(
+            init_from=str(root / arch),
+            train_file=str(root / "train.jsonl"),
+            out_dir=str(tmp_path / arch),
+            steps=2,
+            batch_size=4,
+            lr=1e-3,
+            progress=False,
+            solve={"solver": "anderson", "tol": 1e-3, "max_iter": 8},
+            backward="phantom",
+            log_every=1,
+        )
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = finetune(config("huginn_raven"))
+    assert result["train"]["loops"] is None
+    # Unconverged solves are counted and warned about once per run, not once per solve.
+    assert not [w for w in caught if "eqloop.fixed_point" in str(w.message)]
+    rows = [json.loads(line) for line in (tmp_path / "huginn_raven" / "metrics.jsonl").open()]
+    unconverged = any(r["fwd_converged"] < 1 for r in rows if "event" not in r)
+    warned = sum("the forward solve did not converge" in str(w.message) for w in caught)
+    assert warned == int(unconverged)
+    assert 0.0 <= result["train"]["fwd_converged"] <= 1.0 and 1 <= result["train"]["fwd_nfe"] <= 8
+    with pytest.raises(ValueError, match=r"^solve: .*Ouro's loop z <- norm\(layers\(z\)\) has no"):
+        finetune(config("ouro"))
+    assert not (tmp_path / "ouro" / "metrics.jsonl").exists()

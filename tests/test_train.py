@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import run_ranks
+from torch.nn.parallel import DistributedDataParallel
 
 from eqloop.checkpoint import CheckpointError, load_checkpoint
 from eqloop.config import TrainConfig, load_config
@@ -607,71 +608,96 @@ def test_penalty_overhead_helper(tmp_path: Path, cache: Path) -> None:
 # ----------------------------------------------------------------------------------- DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ddp_wrappers() -> list[DistributedDataParallel]:
+    """The DDP wrappers alive in this process (also unreachable ones not yet collected)."""
+    return [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
 
 
-def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig, out: str) -> None:
-    """One rank: check DDP gradients with the penalty, then run train()."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
+def _ddp_gradient_is_the_mean(rank: int, world: int, config: TrainConfig) -> bool:
+    """One train_step through DDP with the penalty vs. the mean of the ranks' local steps.
+
+    A function of its own: its DDP wrapper dies when it returns, before the group does.
+    """
+    from eqloop.model import LoopLM
+    from eqloop.train import _optimizer, make_train_tensors
+
+    torch.manual_seed(0)
+    model = LoopLM(config.model)
+    reference = LoopLM(config.model)
+    reference.load_state_dict(model.state_dict())
+    net = DistributedDataParallel(model)
+    x, y = make_train_tensors(config)
+    rows = slice(8 * rank, 8 * rank + 8)
+    step_config = dataclasses.replace(config, grad_clip=0.0, lam=0.3)
+    for module, runner in ((model, net), (reference, reference)):
+        optimizer = _optimizer(module, step_config)
+        generator = torch.Generator().manual_seed(100 + rank)
+        train_step(
+            runner,
+            module,
+            optimizer,
+            x[rows],
+            y[rows],
+            3,
+            step_config,
+            penalty_on=True,
+            generator=generator,
+        )
+    # DDP's gradient must be the mean over ranks of the local CE + penalty gradients.
+    ok = True
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        expected = q.grad.clone()
+        dist.all_reduce(expected)
+        ok &= torch.allclose(p.grad, expected / world, atol=1e-6, rtol=1e-5)
+    return bool(ok)
+
+
+def _failed_runs_leave(config: TrainConfig) -> dict[str, Any]:
+    """Runs that fail under DDP, and the wrappers left while their exceptions are kept.
+
+    A wrapper that outlives the process group frees the gloo group in its reducer's
+    destructor with the GIL held, which deadlocks against a gloo worker thread needing the
+    GIL (a rank of this test hung so, on the wrapper of the gradient check, after its
+    group was destroyed). train() drops its wrapper before it returns or raises: the
+    traceback of its error (NonFiniteLoss with lr=1e10; an error inside the step, where
+    the wrapper is passed down) must not keep it.
+    """
+    import eqloop.train
+
+    diverging = dataclasses.replace(
+        config, out_dir=f"{config.out_dir}-nan", lr=1e10, warmup_steps=1, steps=3, eval_every=0
     )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
     try:
-        from torch.nn.parallel import DistributedDataParallel
+        train(diverging)
+    except NonFiniteLoss as err:
+        diverged = err  # kept, as a caller that reports it later keeps it
+        left = [len(_ddp_wrappers())]
 
-        from eqloop.model import LoopLM
-        from eqloop.train import _optimizer, make_train_tensors
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a collective timed out")
 
-        torch.manual_seed(0)
-        model = LoopLM(config.model)
-        reference = LoopLM(config.model)
-        reference.load_state_dict(model.state_dict())
-        net = DistributedDataParallel(model)
-        x, y = make_train_tensors(config)
-        rows = slice(8 * rank, 8 * rank + 8)
-        step_config = dataclasses.replace(config, grad_clip=0.0, lam=0.3)
-        for module, runner in ((model, net), (reference, reference)):
-            optimizer = _optimizer(module, step_config)
-            generator = torch.Generator().manual_seed(100 + rank)
-            train_step(
-                runner,
-                module,
-                optimizer,
-                x[rows],
-                y[rows],
-                3,
-                step_config,
-                penalty_on=True,
-                generator=generator,
-            )
-        # DDP's gradient must be the mean over ranks of the local CE + penalty gradients.
-        ok = True
-        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
-            expected = q.grad.clone()
-            dist.all_reduce(expected)
-            ok &= torch.allclose(p.grad, expected / world, atol=1e-6, rtol=1e-5)
-        result = train(config)
-        Path(out, f"rank{rank}.json").write_text(json.dumps({"grads_ok": bool(ok), **result}))
-    finally:
-        dist.destroy_process_group()
+    eqloop.train._forward = broken
+    try:
+        train(dataclasses.replace(diverging, out_dir=f"{config.out_dir}-broken"))
+    except RuntimeError as err:
+        failed = err
+        left.append(len(_ddp_wrappers()))
+    return {"diverged_at": diverged.step, "error": str(failed), "left_after_errors": left}
 
 
-# Slow: in the full default suite in CI's fresh venv (pytest 9.2) its mp.spawn hung with one
-# rank finished and the other in native code; alone it passes. torchrun DDP training is
-# covered in CI by test_torchrun_command_from_the_docstring.
-@pytest.mark.slow
+def _ddp_worker(rank: int, world: int, config: TrainConfig, out: str) -> None:
+    """One rank: check DDP gradients with the penalty, run train(), then failing runs."""
+    ok = _ddp_gradient_is_the_mean(rank, world, config)
+    result = train(config)
+    left = len(_ddp_wrappers())  # train's wrapper died with the run
+    record = {"grads_ok": ok, "left": left, **result, **_failed_runs_leave(config)}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+
+
 def test_ddp_two_ranks_gloo(tmp_path: Path, cache: Path) -> None:
     config = tiny_config(tmp_path, cache, steps=6, eval_every=3, lam=0.0)
     single = train(dataclasses.replace(config, out_dir=str(tmp_path / "single")))
-    mp.spawn(_ddp_worker, args=(2, _free_port(), config, str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_ddp_worker, config, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["grads_ok"] for r in ranks)
     assert ranks[0]["checkpoint"] and ranks[1]["checkpoint"] is None  # only rank 0 writes
@@ -680,6 +706,10 @@ def test_ddp_two_ranks_gloo(tmp_path: Path, cache: Path) -> None:
     ddp = load_checkpoint(config.out_dir).weights
     one = load_checkpoint(single["checkpoint"]).weights
     assert all(torch.allclose(ddp[k], one[k], atol=1e-5) for k in ddp)
+    # No DDP wrapper outlives a run, finished or failed (see _failed_runs_leave).
+    for r in ranks:
+        assert r["left"] == 0 and r["left_after_errors"] == [0, 0]
+        assert (r["diverged_at"], r["error"]) == (2, "a collective timed out")
 
 
 @pytest.mark.slow

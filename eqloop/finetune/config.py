@@ -13,14 +13,18 @@ import copy
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from eqloop.config import SCHEDULES, check_penalty_start
+from eqloop.config import SCHEDULES, SolveConfig, check_backward, check_penalty_start
 from eqloop.depth import make_depth_sampler
 from eqloop.overrides import apply_overrides, read_config_file
 from solvers import checks
 
+if TYPE_CHECKING:
+    from eqloop.backward import Backward
+
 __all__ = [
+    "BACKWARDS",
     "MODES",
     "PARALLEL",
     "PENALTY_PRODUCTS",
@@ -34,6 +38,7 @@ MODES: tuple[str, ...] = ("sft", "stars")
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 PARALLEL: tuple[str, ...] = ("ddp", "fsdp")
 PENALTY_PRODUCTS: tuple[str, ...] = ("auto", "vjp", "jvp")
+BACKWARDS: tuple[str, ...] = ("unroll", "ift", "phantom")  # "ift", "phantom": with solve
 
 
 def _stars_depth() -> dict[str, Any]:
@@ -102,6 +107,14 @@ class FinetuneConfig:
     backprop_loops: int | None = None  # backprop through the last k loops only (Huginn: 8)
     grad_checkpointing: bool = False  # recompute each loop in the backward (memory ~ 1 loop)
     parallel: str = "ddp"  # with torchrun: "ddp" | "fsdp" (shards every layer list's blocks)
+    # -- training at the fixed point -----------------------------------------------------
+    # Each step solves the loop to its equilibrium with these settings (eqloop.config.
+    # SolveConfig, as TrainConfig.solve; loops and the depth sampler are then not used)
+    # and backward ("ift" or "phantom") takes the gradient there. Needs a model whose loop
+    # sees its input (a LoopLM with injection, Huginn; not Ouro). None: run the loops.
+    solve: SolveConfig | None = None
+    backward: str = "unroll"  # "unroll": through the loops | with solve: "ift" | "phantom"
+    backward_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"max_iter": 20}
     # -- evaluation, checkpoints, logging ------------------------------------------------
     eval_loops: list[int] = field(default_factory=lambda: list(range(1, 17)))  # loop counts
     eval_equilibrium: bool = True  # also evaluate at the anderson fixed point
@@ -124,6 +137,8 @@ class FinetuneConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.solve, Mapping):
+            self.solve = SolveConfig.from_dict(self.solve)
         if isinstance(self.lora, Mapping):
             unknown = sorted(set(self.lora) - {f.name for f in fields(LoraOptions)})
             if unknown:
@@ -219,8 +234,39 @@ class FinetuneConfig:
             self.lora.validate()
         if self.mode == "stars":
             self.make_stars_sampler()  # raises ValueError on bad kinds and parameters
+        self._check_solve()
         if not isinstance(self.device, str) or not self.device.startswith(("auto", "cpu", "cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}")
+
+    def _check_solve(self) -> None:
+        """Check ``solve``, ``backward`` and ``backward_options``, and what a solve excludes."""
+        check_backward(self.backward, self.backward_options, self.solve, modes=BACKWARDS)
+        if self.solve is None:
+            if self.backward != "unroll":
+                raise ValueError(
+                    f"backward={self.backward!r} takes its gradient at the fixed point a "
+                    "solver returns: set solve too (e.g. solve.solver=anderson), or keep "
+                    "backward='unroll' (backprop through the loops; backprop_loops truncates)"
+                )
+            return
+        for name, meaning in (
+            ("loops", "the SFT loop count"),
+            ("backprop_loops", "truncated backprop through the last loops"),
+            ("grad_checkpointing", "recomputing each loop in the backward"),
+        ):
+            if getattr(self, name):
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} ({meaning}) applies to unrolled loops, "
+                    "but solve trains at the fixed point the solver returns (the backward "
+                    f"{self.backward!r} keeps no loop): set {name} to its default, or "
+                    "solve=null"
+                )
+
+    def make_backward(self) -> Backward:
+        """The backward mode object (``eqloop.backward``) of ``backward`` and its options."""
+        from eqloop.backward import make_backward
+
+        return make_backward(self.backward, **self.backward_options)
 
     def make_stars_sampler(self) -> Any:
         """A fresh STARS depth sampler (seeded with ``seed``) from the ``depth`` dict."""

@@ -23,7 +23,12 @@ as in the STARS paper's Ouro-1.4B run), runs ``t`` loops of the model's map ``f`
     loss = (1 - lam) * CE(completion tokens) + lam * JSRR(f, z_t.detach())
 
 with the penalty (STARS only) from ``penalty_start`` on (a step, or a fraction of
-``steps``). The forward runs under bf16 autocast where the device supports it
+``steps``). With ``solve`` (training at the fixed point, as in ``eqloop train``; see
+:mod:`eqloop.training.solve`) the loop is solved to its equilibrium instead of run ``t``
+times (no loop count is drawn) and ``backward`` (``ift`` or ``phantom``) takes the
+gradient at the point the solver returned; the steps log ``fwd_*`` (and with IFT
+``bwd_*``) statistics. A model whose loop does not see its input (Ouro) is refused
+(:func:`check_solvable`). The forward runs under bf16 autocast where the device supports it
 (``precision``); the penalty always runs in float32 with the math attention kernel (its
 double backward needs it), on the float32 master weights. ``grad_checkpointing``
 recomputes each loop during the backward, so the activation memory of the loop is that of
@@ -61,7 +66,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -95,12 +100,32 @@ from eqloop.finetune.models import (
     save_model,
 )
 from eqloop.stars import PenaltySchedule, jsrr_penalty
-from eqloop.train import RunEnv, batch_rows, lr_factor, mix_seed, setup_run
+from eqloop.train import RunEnv, batch_rows, lr_factor, mix_seed, run_env
 from eqloop.training import run_dir
 from eqloop.training.run_dir import TrainingInterrupted
+from eqloop.training.solve import (
+    merge_solve_stats,
+    quiet_solves,
+    solve_forward,
+    solve_stats,
+    warn_unconverged,
+)
 from eqloop.training.step_stats import PendingSteps
 
-__all__ = ["Objective", "OnStep", "finetune", "make_sampler", "prepare_model", "step_time_ratio"]
+if TYPE_CHECKING:
+    from eqloop.backward import Backward
+    from eqloop.config import SolveConfig
+    from eqloop.looped import CoreMap, LoopInfo
+
+__all__ = [
+    "Objective",
+    "OnStep",
+    "check_solvable",
+    "finetune",
+    "make_sampler",
+    "prepare_model",
+    "step_time_ratio",
+]
 
 # Options a resumed run may change; every other field must match the checkpoint's config.
 _RESUME_MAY_CHANGE = frozenset(
@@ -145,6 +170,16 @@ class Objective(nn.Module):
             truncated backprop, k=8); None: through every loop (the STARS paper).
         grad_checkpointing: recompute each loop in the backward.
         autocast: bf16 autocast of the forward (not of the penalty).
+        solve: train at the fixed point: the forward solves the loop with these settings
+            (``loops`` is then not used, nor ``backprop_loops``/``grad_checkpointing``)
+            through :func:`eqloop.training.solve.solve_forward`; None: run the loops.
+        backward: with ``solve``, the backward mode (``IFT``/``Phantom``) that takes the
+            gradient at the point the solver returned.
+
+    Attributes:
+        solve_info: with ``solve``, the LoopInfo of the last forward (its solves' records,
+            the IFT adjoint's after the backward), for
+            :func:`eqloop.training.solve.solve_stats`; None otherwise.
     """
 
     def __init__(
@@ -159,8 +194,12 @@ class Objective(nn.Module):
         backprop_loops: int | None = None,
         grad_checkpointing: bool = False,
         autocast: bool = False,
+        solve: SolveConfig | None = None,
+        backward: Backward | None = None,
     ) -> None:
         super().__init__()
+        if (solve is None) != (backward is None):
+            raise ValueError("solve and backward go together: pass both or neither")
         self.model = model
         self.lam = lam
         self.power_steps = power_steps
@@ -170,12 +209,15 @@ class Objective(nn.Module):
         self.backprop_loops = backprop_loops
         self.grad_checkpointing = grad_checkpointing
         self.autocast = autocast
+        self.solve = solve
+        self.backward = backward
+        self.solve_info: LoopInfo | None = None
 
     def forward(
         self,
         inputs: Tensor,
         targets: Tensor,
-        loops: int,
+        loops: int | None,
         penalty_on: bool = False,
         generator: torch.Generator | None = None,
         ce_scale: Tensor | None = None,
@@ -185,7 +227,7 @@ class Objective(nn.Module):
         Args:
             inputs: (B, S) token ids.
             targets: (B, S) next tokens, -100 where no loss is taken.
-            loops: loop count of this step.
+            loops: loop count of this step (None with ``solve``, which ignores it).
             penalty_on: add the STARS penalty.
             generator: random start vectors of the penalty.
             ce_scale: the CE is the sum over target tokens times this (a 0-d tensor);
@@ -199,17 +241,13 @@ class Objective(nn.Module):
         """
         device = inputs.device.type
         with torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast):
-            f, z = self.model.core_map(inputs)
-            detached = 0 if self.backprop_loops is None else max(0, loops - self.backprop_loops)
-            with torch.no_grad():
-                for _ in range(detached):
-                    z = f(z)
-            for _ in range(loops - detached):
-                if self.grad_checkpointing and torch.is_grad_enabled():
-                    z = checkpoint(f, z, use_reentrant=False)
-                else:
-                    z = f(z)
-            logits = self.model.readout(z)
+            if self.solve is not None:  # z: the point the solver returned
+                logits, self.solve_info = solve_forward(
+                    self.model, inputs, self.solve, self.backward
+                )
+                f, z = self.solve_info.f, self.solve_info.z
+            else:
+                logits, f, z = self._unrolled(inputs, loops)
         ce = F.cross_entropy(
             logits.float().flatten(0, 1),
             targets.flatten(),
@@ -240,6 +278,24 @@ class Objective(nn.Module):
             )
         loss = (1 - self.lam) * ce + self.lam * result.penalty
         return loss, ce, result.penalty.detach(), result.rho.mean()
+
+    def _unrolled(self, inputs: Tensor, loops: int) -> tuple[Tensor, CoreMap, Tensor]:
+        """``loops`` loops of the map from z0 (the last ``backprop_loops`` with a graph).
+
+        Returns:
+            ``(logits, f, z)``: logits (B, S, V), the batch's map and the (B, S, d) state.
+        """
+        f, z = self.model.core_map(inputs)
+        detached = 0 if self.backprop_loops is None else max(0, loops - self.backprop_loops)
+        with torch.no_grad():
+            for _ in range(detached):
+                z = f(z)
+        for _ in range(loops - detached):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                z = checkpoint(f, z, use_reentrant=False)
+            else:
+                z = f(z)
+        return self.model.readout(z), f, z
 
 
 # ------------------------------------------------------------------------------ set-up
@@ -282,6 +338,36 @@ def prepare_model(loaded: LoadedModel, config: FinetuneConfig) -> list[str]:
         r=config.lora.r,
         alpha=config.lora.alpha,
         dropout=config.lora.dropout,
+    )
+
+
+def check_solvable(loaded: LoadedModel, config: FinetuneConfig) -> None:
+    """Refuse ``solve`` for a model whose loop does not see its input.
+
+    Training at the fixed point needs a map that takes the input, ``z <- f(z; x)``: then
+    z*(x) is a function of the input, and the implicit (or phantom) gradient at it
+    reaches everything before the loop through ``x``. Without input injection (Ouro's
+    ``z <- norm(layers(z))``, a LoopLM with ``injection='none'``) the input only sets the
+    starting state: the start picks one of many fixed points, and the gradient at it
+    never reaches the start. Huginn injects its input (``adapter([z, e])``), as a LoopLM
+    does by default.
+
+    Raises:
+        ValueError: ``config.solve`` is set and the model's loop has no input injection.
+    """
+    if config.solve is None:
+        return
+    if loaded.arch == "ouro":
+        why = "Ouro's loop z <- norm(layers(z)) has no input injection"
+    elif loaded.arch == "looplm" and loaded.model.config.injection == "none":
+        why = "this LoopLM has injection='none'"
+    else:
+        return
+    raise ValueError(
+        f"solve: {config.init_from} cannot be trained at its fixed point: {why}, so the "
+        "input only sets the starting state; the fixed point is not a function of the "
+        f"input (the start picks one of many) and the {config.backward} gradient at it "
+        "never reaches the start. Fine-tune it through its loops (solve=null)"
     )
 
 
@@ -418,6 +504,7 @@ def _build(
     """Model (with adapters), wrappers, optimizer, scheduler, sampler; restored from ``ckpt``."""
     if loaded is None:
         loaded = load_for_finetuning(config.init_from, device=env.device)
+    check_solvable(loaded, config)
     lora_modules = prepare_model(loaded, config)
     loaded.model.to(env.device).train()
     if config.compile:  # in place, after the adapters and the move; the penalty stays eager
@@ -432,11 +519,15 @@ def _build(
         backprop_loops=config.backprop_loops,
         grad_checkpointing=config.grad_checkpointing,
         autocast=_autocast_on(config, env.device),
+        solve=config.solve,
+        backward=config.make_backward() if config.solve is not None else None,
     )
     # What the objective never reaches (Ouro's exit gate) does not train: DDP needs a
     # gradient for every trainable parameter. Probed on one 2-token sequence, 1 loop.
     probe = torch.zeros(1, 2, dtype=torch.long, device=env.device)
-    freeze_unreached(loaded.model, lambda: objective(probe, probe, 1)[0])
+    with quiet_solves():  # with solve, the probe's solve converging or not tells nothing
+        freeze_unreached(loaded.model, lambda: objective(probe, probe, 1)[0])
+    objective.solve_info = None  # the probe's
     fsdp = config.parallel == "fsdp" and env.world > 1
     net: nn.Module = objective
     if fsdp:
@@ -462,6 +553,7 @@ def _build(
     return run
 
 
+@quiet_solves()
 def _train_step(
     run: _Run, inputs: Tensor, targets: Tensor, config: FinetuneConfig, penalty_on: bool
 ) -> dict[str, Any]:
@@ -470,13 +562,16 @@ def _train_step(
     Returns:
         The rank-local mean over micro-batches of ``loss``, ``ce``, ``penalty`` and
         ``rho`` (None without the penalty) and the ``grad_norm``, as 0-d device tensors
-        (nothing is read from the device: see :mod:`eqloop.training.step_stats`), and
-        the host value ``loops``.
+        (nothing is read from the device: see :mod:`eqloop.training.step_stats`); with
+        ``solve`` the solves' statistics (``fwd_*``, with IFT ``bwd_*``; see
+        :func:`eqloop.training.solve.merge_solve_stats`); and the host value ``loops``
+        (None with ``solve``).
     """
     step, env = run.step, run.env
     torch.manual_seed(mix_seed(config.seed, step, env.rank, 0))  # dropout, if any
     generator = torch.Generator(env.device).manual_seed(mix_seed(config.seed, step, env.rank, 1))
-    loops = run.sampler.sample()
+    # Training at the fixed point runs no sampled depth: the sampler is not drawn.
+    loops = run.sampler.sample() if config.solve is None else None
     micro = inputs.shape[0] // config.grad_accum
     tokens = (targets != IGNORE_INDEX).sum().double()
     if env.world > 1:
@@ -485,6 +580,7 @@ def _train_step(
     run.optimizer.zero_grad(set_to_none=True)
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, ce, penalty
     rho_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    solves = []  # what each micro-batch's solves did (with solve; an IFT adjoint)
     for k in range(config.grad_accum):
         rows = slice(k * micro, (k + 1) * micro)
         last = k == config.grad_accum - 1
@@ -496,6 +592,9 @@ def _train_step(
                 inputs[rows], targets[rows], loops, penalty_on, generator, ce_scale
             )
             (loss / config.grad_accum).backward()
+        if run.objective.solve_info is not None:  # read after the backward (IFT adjoint)
+            solves.append(solve_stats(run.objective.solve_info, config.solve))
+            run.objective.solve_info = None  # its graph and states go now
         penalty = penalty if penalty is not None else ce.new_zeros(())
         sums += torch.stack([loss.detach(), ce.detach(), penalty]).double()
         if rho is not None:
@@ -512,6 +611,7 @@ def _train_step(
         "penalty": penalty if penalty_on else None,
         "rho": rho if penalty_on else None,
         "grad_norm": getattr(grad_norm, "full_tensor", lambda: grad_norm)(),
+        **merge_solve_stats(solves),
         "loops": loops,
     }
 
@@ -560,12 +660,8 @@ def finetune(
         config.validate()
     except TypeError as err:
         raise ValueError(str(err)) from None
-    env = setup_run(config.device)
-    try:
+    with run_env(config.device) as env:  # no DDP wrapper outlives the group it made
         return _finetune(config, env, loaded, eval_examples, on_step)
-    finally:
-        if env.owns_group:
-            dist.destroy_process_group()
 
 
 def _finetune(
@@ -624,6 +720,7 @@ def _finetune(
         dynamic_ncols=True,
     )
     pending = PendingSteps(env.device, env.world)
+    warned: set[str] = set()  # the solves warned about (once per run each)
     # on_step receives every step's statistics: with it, they are read after every step.
     log_every = 1 if on_step is not None else config.log_every
 
@@ -631,6 +728,7 @@ def _finetune(
         """Log the pending steps, stop at a non-finite one; the largest signal of any rank."""
         records, stop = pending.read(signum)
         for record in records:
+            warn_unconverged(record, record["step"], config.solve, config.backward_options, warned)
             if log is not None:
                 log.write(record)
             run_dir.check_finite(record, record["step"], out_dir)  # before anything is saved
@@ -679,6 +777,7 @@ def _finetune(
         bar.close()
         if log is not None:
             log.close()
+        run.net = run.objective  # the DDP wrapper goes while the group lives (see run_env)
     return _finish(run, config, eval_examples, checkpoint_path)
 
 
