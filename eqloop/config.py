@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from eqloop.overrides import apply_overrides, read_config_file, register_type_names
+from eqloop.overrides import apply_overrides, load_config_data, register_type_names
 from solvers import checks
 
 if TYPE_CHECKING:
@@ -503,7 +503,9 @@ def load_config(
 
     Args:
         path: a ``.json`` or ``.toml`` file holding a (partial) config; nested tables or
-            objects for ``model`` and ``depth``.
+            objects for ``model`` (merged into the defaults entry by entry) and ``depth``
+            (replacing the default sampler whole); see
+            :func:`eqloop.overrides.load_config_data`.
         overrides: ``key=value`` strings applied after the file, parsed by field type
             (see :func:`apply_overrides`).
         values: typed values applied last (the command line's own flags).
@@ -513,13 +515,6 @@ def load_config(
         ValueError: unreadable file, unknown keys or invalid values.
         TypeError: values of the wrong type.
     """
-    data: dict[str, Any] = TrainConfig().to_dict()
-    if path is not None:
-        loaded = read_config_file(path, data, kind="TrainConfig", toml=True)
-        model = loaded.pop("model", {})
-        if not isinstance(model, dict):
-            raise TypeError(f"model in {path} must be an object/table, got {model!r}")
-        data.update(loaded, model={**data["model"], **model})
-    data = apply_overrides(data, overrides, schema=TrainConfig)
+    data = load_config_data(TrainConfig().to_dict(), path, overrides, schema=TrainConfig)
     data.update(values or {})
     return TrainConfig.from_dict(data)

@@ -1,9 +1,15 @@
 """Config files and ``key=value`` overrides, read by the type of the field they set.
 
-Shared by every eqloop command that takes ``--config FILE`` and ``--set KEY=VALUE``::
+Shared by every eqloop command that takes ``--config FILE`` and ``--set KEY=VALUE``;
+:func:`load_config_data` is the one way they read a config::
 
-    data = read_config_file("tune.json", defaults, kind="TrainConfig", toml=True)
-    data = apply_overrides(data, ["resume=no", "betas=0.9,0.95"], schema=TrainConfig)
+    data = load_config_data(TrainConfig().to_dict(), "run.toml", ["resume=no"], schema=TrainConfig)
+
+It reads the file (JSON, or TOML by the ``.toml`` suffix; :func:`read_config_file`), merges
+it into the defaults by one rule (:func:`merge_config`: a config-dataclass section such as
+``model`` is updated entry by entry, any other value replaces the default whole) and then
+applies the ``--set`` overrides (:func:`apply_overrides`: a dotted key sets one entry at any
+depth).
 
 With a ``schema`` (a config dataclass), each value is parsed by its field's type hint
 (:func:`parse_value`): booleans from true/false, yes/no, on/off, 1/0; tuples and lists from
@@ -31,6 +37,8 @@ __all__ = [
     "CONFIG_FORMATS",
     "add_config_arguments",
     "apply_overrides",
+    "load_config_data",
+    "merge_config",
     "parse_value",
     "read_config_file",
     "register_type_names",
@@ -292,9 +300,97 @@ def read_config_file(
         ) from None
     if not isinstance(loaded, dict):
         raise ValueError(f"config file {file} must hold an object{'/table' if toml else ''}")
-    unknown = sorted(set(loaded) - set(valid))
+    _check_keys(loaded, valid, kind=kind, where=str(file))
+    return loaded
+
+
+def _check_keys(given: Iterable[str], valid: Iterable[str], *, kind: str, where: str) -> None:
+    """Raise the one unknown-keys error: ``unknown <kind> keys in <where>: [...]; valid ...``."""
+    unknown = sorted(set(given) - set(valid))
     if unknown:
         raise ValueError(
-            f"unknown {kind} keys in {file}: {unknown}; valid keys are {sorted(valid)}"
+            f"unknown {kind} keys in {where}: {unknown}; valid keys are {sorted(valid)}"
         )
-    return loaded
+
+
+def _section(kind: Any) -> type | None:
+    """The config dataclass a field of type ``kind`` holds (``X`` or ``X | None``), else None."""
+    options = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+    if len(options) == 1 and dataclasses.is_dataclass(options[0]):
+        return typing.cast(type, options[0])
+    return None
+
+
+def merge_config(
+    data: Mapping[str, Any], update: Mapping[str, Any], *, schema: type, where: str
+) -> dict[str, Any]:
+    """``data`` updated with ``update`` by the one merge rule of eqloop's config files.
+
+    A key whose field is a config dataclass (``TrainConfig.model``, ``FinetuneConfig.lora``)
+    is a section: ``update``'s entries update the section's own, recursively, so a file
+    sets ``model.d_model`` without repeating the other model fields (an unset optional
+    section starts from its defaults). Any other value, a dict such as ``depth``
+    included, replaces the current one whole. (A dotted ``--set`` key sets one entry at any
+    depth instead: :func:`apply_overrides`.)
+
+    Args:
+        data: the config as a dict (e.g. ``TrainConfig().to_dict()``).
+        update: the keys to set, e.g. a config file's contents.
+        schema: the config dataclass ``data`` describes.
+        where: what ``update`` is, for messages (a file name, ``"base"``).
+
+    Returns:
+        A new dict; neither argument is modified.
+
+    Raises:
+        ValueError: a key that is not a field of ``schema`` (the valid ones are listed).
+        TypeError: ``update`` or a section in it is not an object/table.
+    """
+    if not isinstance(update, Mapping):
+        raise TypeError(f"{where} must be an object/table, got {update!r}")
+    kinds = _field_types(schema)
+    _check_keys(update, kinds, kind=schema.__name__, where=where)
+    out = copy.deepcopy(dict(data))
+    for key, value in update.items():
+        section = _section(kinds[key])
+        if section is None:
+            out[key] = copy.deepcopy(value)
+            continue
+        current = out.get(key)
+        if dataclasses.is_dataclass(current) and not isinstance(current, type):
+            current = asdict(current)
+        out[key] = merge_config(current or {}, value, schema=section, where=f"{key} of {where}")
+    return out
+
+
+def load_config_data(
+    defaults: Mapping[str, Any],
+    path: str | os.PathLike[str] | None,
+    overrides: Iterable[str],
+    *,
+    schema: type,
+) -> dict[str, Any]:
+    """A config as a dict: ``defaults``, then the file at ``path``, then ``overrides``.
+
+    The one loader of the ``train`` and ``tune`` commands (see the module docstring).
+
+    Args:
+        defaults: the config's defaults as a dict (e.g. ``TrainConfig().to_dict()``).
+        path: a JSON or (by the ``.toml`` suffix) TOML file, or None.
+        overrides: ``key=value`` strings (:func:`apply_overrides`).
+        schema: the config dataclass; the file's and the overrides' keys are checked
+            against it, the overrides' values parsed by its field types.
+
+    Returns:
+        A new dict (not yet validated: the config's ``from_dict`` does that).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: an unreadable file, unknown keys or values that do not fit.
+        TypeError: a section of the file that is not an object/table.
+    """
+    data = copy.deepcopy(dict(defaults))
+    if path is not None:
+        loaded = read_config_file(path, data, kind=schema.__name__, toml=True)
+        data = merge_config(data, loaded, schema=schema, where=str(path))
+    return apply_overrides(data, overrides, schema=schema)

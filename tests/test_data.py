@@ -43,6 +43,65 @@ def test_public_exports() -> None:
     assert eqloop.load_qa_jsonl is load_qa_jsonl
 
 
+def test_every_tokenizer_lives_in_one_module() -> None:
+    from eqloop import finetune, pretrained
+    from eqloop.data import tokenizers
+
+    assert pretrained.load_tokenizer is tokenizers.load_tokenizer
+    assert finetune.as_text_tokenizer is tokenizers.as_text_tokenizer
+    assert CharTokenizer is tokenizers.CharTokenizer
+
+
+def _tiny_checkpoint(path: Path) -> Path:
+    pytest.importorskip("transformers")
+    from eqloop import pretrained
+
+    return pretrained.write_tiny_checkpoint(path, "ouro")
+
+
+def test_tokenizer_config_that_is_no_object_is_an_error_naming_it(tmp_path: Path) -> None:
+    from eqloop.data import load_tokenizer
+
+    path = _tiny_checkpoint(tmp_path / "ouro")
+    assert load_tokenizer(path).pad_token_id == 0
+    (path / "tokenizer_config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"tokenizer_config.json must hold a JSON object"):
+        load_tokenizer(path)
+
+
+def test_pad_token_defaults_to_eos(tmp_path: Path) -> None:
+    from eqloop.data import SpecialTokenWarning, load_tokenizer
+
+    path = _tiny_checkpoint(tmp_path / "ouro")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        data = json.loads((path / name).read_text())
+        del data["pad_token"]
+        (path / name).write_text(json.dumps(data))
+    with pytest.warns(SpecialTokenWarning, match=r"config.json pad_token_id=0 \(tokenizer: 2\)"):
+        tokenizer = load_tokenizer(path)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 2
+
+
+def test_prompts_of_a_directory_without_tokenizer_are_bytes_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    from eqloop import pretrained
+    from eqloop.data import encode_prompts
+
+    path = _tiny_checkpoint(tmp_path / "ouro")
+    with_tokenizer = encode_prompts(path, ["ab", "abcd"], 100)
+    assert with_tokenizer[1].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / name).unlink()
+    with pytest.warns(UserWarning, match=r"has no tokenizer.json: .* UTF-8 bytes modulo .* \(7\)"):
+        ids, mask = encode_prompts(path, ["a", "\u00e9b"], 7)
+    assert ids.tolist() == [[0, 0, 97 % 7], [0xC3 % 7, 0xA9 % 7, 98 % 7]]
+    assert mask.tolist() == [[0, 0, 1], [1, 1, 1]]
+    # What `eqloop eval --pretrained DIR` runs on a weights-only directory: said, not silent.
+    with pytest.warns(UserWarning, match="has no tokenizer.json"):
+        pretrained.diagnose_checkpoint(path, prompts=["hi"], loops=1, rho=False)
+
+
 def test_tokenizer_round_trip_and_specials() -> None:
     tok = CharTokenizer()
     text = "0123+4567*89=, -"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from eqloop.data import CharTokenizer
+from eqloop.data.tokenizers import as_text_tokenizer
 from eqloop.finetune.data import (
     Example,
     PromptTemplate,
@@ -19,7 +20,6 @@ from eqloop.finetune.data import (
     write_jsonl,
 )
 from eqloop.finetune.problems import KINDS, make_problems, make_splits
-from eqloop.finetune.tokenizer import as_text_tokenizer
 
 GSM8K_LINE = {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3+4=7\n#### 7"}
 

@@ -27,6 +27,7 @@ pytest.importorskip("pandas")
 
 from optuna.trial import TrialState  # noqa: E402
 
+from eqloop.config import TrainConfig  # noqa: E402
 from eqloop.train import train  # noqa: E402
 from eqloop.tune import (  # noqa: E402
     TuneConfig,
@@ -362,7 +363,7 @@ def test_cli_reports_bad_input_and_unknown_keys(
     config = tmp_path / "tune.json"
     config.write_text(json.dumps({"n_trial": 3}))
     assert main(["--config", str(config), "--study-dir", study_dir]) == 2
-    assert "unknown tune config keys" in capsys.readouterr().err
+    assert "unknown TuneConfig keys in" in capsys.readouterr().err
     assert main(["--study-dir", study_dir, "--search", "lam,nosuch"]) == 2
     assert "--search nosuch" in capsys.readouterr().err
     assert not Path(study_dir).exists()
@@ -406,6 +407,93 @@ def test_set_reads_a_word_that_names_a_choice_as_that_choice(
         "pruner must be one of 'median', 'percentile', 'hyperband', 'none'; got 'nope'"
         in capsys.readouterr().err
     )
+
+
+# ------------------------------------------------------- one config loader with train
+
+
+TUNE_TOML = """
+study_name = "toml-study"
+loops = [2, 4]
+pruner = "none"
+[space.lam]
+low = 0.01
+high = 0.5
+[base]
+steps = 12
+lr = 0.002
+[base.model]
+d_model = 16
+[base.depth]
+kind = "fixed"
+t = 3
+"""
+
+
+def test_tune_config_from_toml_equals_the_same_from_json(tmp_path: Path) -> None:
+    import tomllib
+
+    from eqloop.tune import load_tune_config
+
+    data = tomllib.loads(TUNE_TOML)
+    (tmp_path / "tune.toml").write_text(TUNE_TOML)
+    (tmp_path / "tune.json").write_text(json.dumps(data))
+    from_toml = load_tune_config(tmp_path / "tune.toml", ["n_trials=3"])
+    assert from_toml.to_dict() == load_tune_config(tmp_path / "tune.json", ["n_trials=3"]).to_dict()
+    assert (from_toml.study_name, from_toml.space, from_toml.n_trials) == (
+        "toml-study",
+        {"lam": {"low": 0.01, "high": 0.5}},
+        3,
+    )
+    # base merges into the base config as train merges its own file: model entry by entry
+    # (the other model fields keep their defaults), depth replaced whole
+    base = from_toml.train_base()
+    assert (base.steps, base.lr, base.model.d_model, base.depth) == (
+        12,
+        0.002,
+        16,
+        {"kind": "fixed", "t": 3},
+    )
+    assert base.model.n_heads == TrainConfig().model.n_heads
+
+
+def test_set_on_a_nested_base_key_merges_like_train(tmp_path: Path) -> None:
+    from eqloop.config import load_config
+    from eqloop.tune import load_tune_config
+
+    sets = ["depth.mu=2.5", "model.d_model=48", "lr=0.002", "betas=0.9,0.95"]
+    tune = load_tune_config(None, [f"base.{item}" for item in sets] + ["loops=2,4"])
+    want = load_config(None, sets).to_dict()
+    assert tune.train_base().to_dict() == {**want, "eval_loops": [2, 4]}
+    assert tune.base["depth"] == {**TrainConfig().depth, "mu": 2.5}  # kind and sigma kept
+    # the base config file, then base from the tune file, then base.* overrides
+    (tmp_path / "train.toml").write_text('lam = 0.3\n[depth]\nkind = "fixed"\nt = 5\n')
+    (tmp_path / "tune.json").write_text(json.dumps({"base": {"steps": 7}}))
+    tune = load_tune_config(
+        tmp_path / "tune.json", [f"base_config={tmp_path / 'train.toml'}", "base.depth.t=6"]
+    )
+    assert tune.base == {"steps": 7, "depth": {"kind": "fixed", "t": 6}}
+    base = tune.train_base()
+    assert (base.lam, base.steps, base.depth) == (0.3, 7, {"kind": "fixed", "t": 6})
+    with pytest.raises(ValueError, match=r"base: lr must be a number, got 'fast'"):
+        load_tune_config(None, ["base.lr=fast"])
+
+
+def test_unknown_tune_keys_are_rejected_naming_the_key(tmp_path: Path) -> None:
+    from eqloop.tune import load_tune_config
+
+    (tmp_path / "tune.toml").write_text("n_trial = 3\n")
+    with pytest.raises(ValueError, match=r"unknown TuneConfig keys in .*tune.toml: \['n_trial'\]"):
+        load_tune_config(tmp_path / "tune.toml")
+    with pytest.raises(ValueError, match=r"base: unknown TrainConfig keys: \['lamda'\]"):
+        load_tune_config(None, ["base.lamda=0.1"])
+    with pytest.raises(ValueError, match=r"unknown LoopLMConfig keys: \['widht'\] \(in model\)"):
+        load_tune_config(None, ["base.model.widht=3"])
+    (tmp_path / "tune.toml").write_text("[base.model]\nwidht = 3\n")
+    with pytest.raises(
+        ValueError, match=r"unknown LoopLMConfig keys in model of base: \['widht'\]"
+    ):
+        load_tune_config(tmp_path / "tune.toml").train_base()
 
 
 # ------------------------------------------------------------------- worker processes

@@ -5,7 +5,6 @@ Modules, each small:
 * ``config``: :class:`FinetuneConfig` (one dataclass, JSON/TOML, ``--set`` overrides);
 * ``data``: GSM8K and prompt/completion JSONL, the prompt template, answer extraction;
 * ``problems``: offline grade-school word problems with known answers;
-* ``tokenizer``: one interface over eqloop's and Hugging Face's tokenizers;
 * ``models``: loading a pretrained or eqloop directory, saving in its own layout;
 * ``lora``: peft adapters on named modules, merged back exactly;
 * ``train``: the fine-tuning loop (SFT / STARS, DDP / FSDP, resumable);
@@ -32,7 +31,7 @@ _EXPORTS: dict[str, str] = {
     "write_jsonl": "eqloop.finetune.data",
     "make_problems": "eqloop.finetune.problems",
     "make_splits": "eqloop.finetune.problems",
-    "as_text_tokenizer": "eqloop.finetune.tokenizer",
+    "as_text_tokenizer": "eqloop.data.tokenizers",
     "load_for_finetuning": "eqloop.finetune.models",
     "save_model": "eqloop.finetune.models",
     "attach_lora": "eqloop.finetune.lora",

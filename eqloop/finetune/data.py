@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from eqloop.data import IGNORE_INDEX
+from eqloop.data.tokenizers import TextTokenizer
 from eqloop.files import jsonl_records, write_text_atomic
-from eqloop.finetune.tokenizer import TextTokenizer
 
 __all__ = [
     "FORMATS",
@@ -308,7 +308,7 @@ def encode_examples(
 
     Args:
         examples: the examples.
-        tokenizer: see :class:`~eqloop.finetune.tokenizer.TextTokenizer`.
+        tokenizer: see :class:`~eqloop.data.tokenizers.TextTokenizer`.
         template: prompt template (default :class:`PromptTemplate`).
         max_len: longest allowed sequence (``inputs`` have at most ``max_len`` columns).
 

@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import solvers
+from eqloop.data.tokenizers import TextTokenizer
 from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_SOLVER, EQUILIBRIUM_TOL
 from eqloop.finetune.data import Example, PromptTemplate, encode_examples, extract_answer
-from eqloop.finetune.tokenizer import TextTokenizer
 from solvers import checks
 
 __all__ = [

@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from eqloop.checkpoint import load_model, save_checkpoint
+from eqloop.data.tokenizers import CharTokenizer, TextTokenizer, as_text_tokenizer
 from eqloop.files import umask_mode
-from eqloop.finetune.tokenizer import TextTokenizer, as_text_tokenizer
 from eqloop.model import LoopLM
 from eqloop.pretrained.io import is_pretrained_dir  # raises on a malformed config.json
 
@@ -99,8 +99,6 @@ def _looplm_tokenizer(model: LoopLM) -> TextTokenizer:
     ``eqloop train`` trains on arithmetic with ``CharTokenizer()``; its ids are a prefix of
     ``CharTokenizer.printable()``'s, so a model with a large enough vocabulary reads both.
     """
-    from eqloop.data import CharTokenizer
-
     printable = CharTokenizer.printable()
     if model.config.vocab_size >= printable.vocab_size:
         return as_text_tokenizer(printable)

@@ -19,7 +19,7 @@ _EXPORTS: dict[str, str] = {
     "load": "eqloop.pretrained.io",
     "load_config": "eqloop.pretrained.io",
     "save_pretrained": "eqloop.pretrained.saving",
-    "load_tokenizer": "eqloop.pretrained.tokenizer",
+    "load_tokenizer": "eqloop.data.tokenizers",
     "write_tiny_checkpoint": "eqloop.pretrained.tiny",
     "generate": "eqloop.pretrained.generation",
     "GenerateOutput": "eqloop.pretrained.generation",

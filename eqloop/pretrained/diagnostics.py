@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from eqloop import defaults
+from eqloop.data.tokenizers import encode_prompts
 from eqloop.files import write_json_atomic
 from eqloop.pretrained.base import PretrainedLoopedLM
 from eqloop.pretrained.exits import exit_distribution
@@ -452,7 +453,8 @@ def diagnose_checkpoint(
 
     What ``eqloop eval --pretrained DIR`` calls. The prompts are tokenized with the
     directory's tokenizer (left-padded into one batch); without a tokenizer.json they
-    are encoded as bytes modulo the vocabulary, which is enough for dynamics.
+    are encoded as bytes modulo the vocabulary, with a warning
+    (:func:`eqloop.data.tokenizers.encode_prompts`).
 
     Returns:
         The :class:`Diagnostics`; also written to ``json_path`` / ``plot_path`` if given.
@@ -463,7 +465,7 @@ def diagnose_checkpoint(
     texts = list(DEFAULT_PROMPTS if prompts is None else prompts)
     if not texts or not all(isinstance(t, str) and t for t in texts):
         raise ValueError("prompts must be non-empty strings")
-    ids, mask = _encode(path, texts, model.vocab_size)
+    ids, mask = encode_prompts(path, texts, model.vocab_size)
     device = model._embedding().weight.device
     result = diagnose(
         model,
@@ -484,20 +486,3 @@ def diagnose_checkpoint(
     if plot_path is not None:
         result.plot(plot_path)
     return result
-
-
-def _encode(path: str | os.PathLike[str], texts: list[str], vocab: int) -> tuple[Tensor, Tensor]:
-    """Left-padded (ids, mask) from the checkpoint's tokenizer, or bytes without one."""
-    if (Path(path) / "tokenizer.json").is_file():
-        from eqloop.pretrained.tokenizer import load_tokenizer
-
-        batch = load_tokenizer(path)(texts, padding=True, return_tensors="pt")
-        return batch["input_ids"], batch["attention_mask"]
-    rows = [list(t.encode("utf-8")) for t in texts]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row) % vocab
-        mask[i, width - len(row) :] = 1
-    return ids, mask

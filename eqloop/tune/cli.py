@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(
         p,
-        file_help="JSON file with TuneConfig fields",
+        file_help="JSON or TOML file with TuneConfig fields",
         example="--set base.steps=300 --set space.lam.high=0.5",
     )
     add = p.add_argument

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import json
 import warnings
@@ -17,7 +16,7 @@ from optuna import distributions as od
 from optuna import pruners, samplers
 
 from eqloop.config import TrainConfig, load_config
-from eqloop.overrides import apply_overrides, read_config_file
+from eqloop.overrides import apply_overrides, load_config_data, merge_config
 from solvers import checks
 
 OBJECTIVES = {
@@ -132,15 +131,15 @@ class TuneConfig:
         """The search space as Optuna distributions, ``lam`` first."""
         return {name: distribution(name, spec) for name, spec in self.param_space().items()}
 
+    def train_data(self) -> dict[str, Any]:
+        """``base_config`` with ``base`` merged in as a train config file would be
+        (:func:`eqloop.overrides.merge_config`), as a dict."""
+        data = load_config(self.base_config).to_dict()
+        return merge_config(data, self.base, schema=TrainConfig, where="base")
+
     def train_base(self) -> TrainConfig:
         """The fixed part of every trial: ``base_config``, then ``base``, then ``loops``."""
-        data = load_config(self.base_config).to_dict()
-        base = copy.deepcopy(self.base)
-        model = base.pop("model", {})
-        if unknown := sorted(set(base) - set(data)):
-            raise ValueError(f"unknown TrainConfig keys in base: {unknown}; valid: {sorted(data)}")
-        data.update(base, model={**data["model"], **model}, eval_loops=list(self.loops))
-        return TrainConfig.from_dict(data)
+        return TrainConfig.from_dict({**self.train_data(), "eval_loops": list(self.loops)})
 
     def validate(self) -> TrainConfig:
         """Check every field, and each end of each range in the base config (a bad name or
@@ -207,12 +206,32 @@ def _check_kwargs(cls: type, options: Mapping[str, Any], what: str, *reserved: s
 
 
 def load_tune_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TuneConfig:
-    """A :class:`TuneConfig` from defaults, an optional JSON file and ``key=value`` overrides
-    read by field type (:func:`eqloop.overrides.apply_overrides`); unknown keys are errors."""
-    data = TuneConfig().to_dict()
-    if path is not None:
-        data.update(read_config_file(path, data, kind="tune config", toml=False))
-    return TuneConfig(**apply_overrides(data, overrides, schema=TuneConfig))
+    """A :class:`TuneConfig` from defaults, an optional file and ``key=value`` overrides.
+
+    Read as ``eqloop train`` reads its config (:func:`eqloop.overrides.load_config_data`:
+    JSON or TOML by suffix, one merge rule, unknown keys are errors). An override
+    ``base.<key>=<value>`` is train's ``--set <key>=<value>`` on the base config
+    (``base_config`` with ``base``): parsed by TrainConfig's field types, and a dotted key
+    sets one entry, so ``base.depth.mu=2.5`` keeps the other depth-sampler settings. The
+    top-level TrainConfig fields it changes are stored in ``base``.
+
+    Raises:
+        FileNotFoundError: ``path`` (or, with ``base.`` overrides, ``base_config``) does
+            not exist.
+        ValueError: an unreadable file, unknown keys or values that do not fit.
+    """
+    items = [item.strip() for item in overrides]
+    on_base = [item.removeprefix("base.") for item in items if item.startswith("base.")]
+    rest = [item for item in items if not item.startswith("base.")]
+    config = TuneConfig(**load_config_data(TuneConfig().to_dict(), path, rest, schema=TuneConfig))
+    if on_base:
+        try:
+            data = apply_overrides(config.train_data(), on_base, schema=TrainConfig)
+        except ValueError as err:
+            raise ValueError(f"base: {err}") from None
+        changed = {item.partition("=")[0].strip().split(".")[0] for item in on_base}
+        config.base = {**config.base, **{key: data[key] for key in sorted(changed)}}
+    return config
 
 
 def trial_train_config(base: TrainConfig, settings: Mapping[str, Any]) -> TrainConfig:

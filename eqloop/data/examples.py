@@ -36,11 +36,10 @@ import itertools
 import json
 import math
 import os
-import string
 import warnings
 import zipfile
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from eqloop.data.tokenizers import CharTokenizer
 from eqloop.files import jsonl_records, write_bytes_atomic
 from solvers import checks
 
@@ -55,13 +55,10 @@ if TYPE_CHECKING:
     import datasets
 
 __all__ = [
-    "ARITHMETIC_CHARS",
     "IGNORE_INDEX",
     "SEPARATOR",
-    "SPECIAL_TOKENS",
     "SPLITS",
     "TASKS",
-    "CharTokenizer",
     "Examples",
     "default_cache_dir",
     "eval_prompts",
@@ -73,8 +70,6 @@ __all__ = [
 
 TASKS: tuple[str, ...] = ("addition", "multiplication", "chain_addition")
 SPLITS: tuple[str, ...] = ("train", "test", "ood")
-SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2
-ARITHMETIC_CHARS = "0123456789+-*=, "  # ids 3.. in every CharTokenizer
 IGNORE_INDEX = -100  # label of positions the loss skips (torch's cross-entropy default)
 SEPARATOR = "="  # between question and answer
 
@@ -88,116 +83,6 @@ _DRAW_CHUNK = 4096
 # Operands are drawn in blocks of at most this many decimal digits (int64-safe).
 _BLOCK_DIGITS = 18
 _OPERATORS = {"addition": "+", "multiplication": "*", "chain_addition": "+"}
-
-
-# ---------------------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CharTokenizer:
-    """One token per character, plus the special tokens ``<pad>``, ``<bos>``, ``<eos>``.
-
-    The vocabulary is ``SPECIAL_TOKENS + ARITHMETIC_CHARS + extra_chars``, so the ids of
-    the arithmetic characters are the same in every ``CharTokenizer``: a model trained on
-    arithmetic reads them the same way under a larger vocabulary.
-
-    Args:
-        extra_chars: characters appended to the vocabulary (no repeats, none of
-            ``ARITHMETIC_CHARS``). :meth:`printable` adds all printable ASCII.
-    """
-
-    extra_chars: str = ""
-    _ids: dict[str, int] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        chars = ARITHMETIC_CHARS + self.extra_chars
-        repeated = sorted({c for c in chars if chars.count(c) > 1})
-        if repeated:
-            raise ValueError(
-                f"extra_chars repeats characters already in the vocabulary: {repeated}"
-            )
-        offset = len(SPECIAL_TOKENS)
-        object.__setattr__(self, "_ids", {c: offset + i for i, c in enumerate(chars)})
-
-    @classmethod
-    def printable(cls) -> CharTokenizer:
-        """A tokenizer for general text: printable ASCII, tab and newline."""
-        extra = "".join(c for c in string.printable if c not in ARITHMETIC_CHARS + "\r\x0b\x0c")
-        return cls(extra_chars=extra)
-
-    @property
-    def chars(self) -> str:
-        """The non-special characters, in id order (the first has id ``len(SPECIAL_TOKENS)``)."""
-        return ARITHMETIC_CHARS + self.extra_chars
-
-    @property
-    def vocab(self) -> tuple[str, ...]:
-        """Every token, indexed by id."""
-        return SPECIAL_TOKENS + tuple(self.chars)
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids (special tokens included)."""
-        return len(SPECIAL_TOKENS) + len(self.chars)
-
-    @property
-    def pad_id(self) -> int:
-        """Id of ``<pad>``."""
-        return 0
-
-    @property
-    def bos_id(self) -> int:
-        """Id of ``<bos>``."""
-        return 1
-
-    @property
-    def eos_id(self) -> int:
-        """Id of ``<eos>``."""
-        return 2
-
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Token ids of ``text``, one per character.
-
-        Raises:
-            ValueError: a character of ``text`` is not in the vocabulary (the message names
-                it and its position).
-        """
-        try:
-            ids = [self._ids[c] for c in text]
-        except KeyError:
-            position, char = next((i, c) for i, c in enumerate(text) if c not in self._ids)
-            raise ValueError(
-                f"character {char!r} (U+{ord(char):04X}) at position {position} is not in the "
-                "tokenizer vocabulary; add it with CharTokenizer(extra_chars=...)"
-            ) from None
-        return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
-
-    def decode(
-        self, ids: Iterable[int], *, skip_special: bool = True, stop_at_eos: bool = False
-    ) -> str:
-        """Text of token ids (ints or 0-d tensors); ``decode(encode(s)) == s``.
-
-        Args:
-            ids: token ids.
-            skip_special: drop ``<pad>``, ``<bos>`` and ``<eos>`` instead of writing them out.
-            stop_at_eos: ignore everything from the first ``<eos>`` on (for generations).
-
-        Raises:
-            ValueError: an id is outside ``[0, vocab_size)``.
-        """
-        vocab = self.vocab
-        pieces = []
-        for raw in ids:
-            token = int(raw)
-            if not 0 <= token < len(vocab):
-                raise ValueError(f"token id {token} is outside the vocabulary [0, {len(vocab)})")
-            if stop_at_eos and token == self.eos_id:
-                break
-            if not (skip_special and token < len(SPECIAL_TOKENS)):
-                pieces.append(vocab[token])
-        return "".join(pieces)
 
 
 def _datasets() -> Any:
