@@ -15,7 +15,8 @@ from benchmarks.equilibrium import STARTS, main, parse_args, random_start, step_
 from benchmarks.stars_scaling import DEQ, GROUPS, VARIANTS, run_config
 from benchmarks.stars_scaling import parse_args as stars_args
 from eqloop.model import LoopLM
-from eqloop.train import _optimizer, make_train_tensors, train_step
+from eqloop.train import make_train_tensors, train_step
+from eqloop.training.optim import make_optimizer
 
 
 @pytest.fixture
@@ -127,7 +128,7 @@ def test_the_measured_step_runs_exactly_depth_f_evaluations(tmp_path: Path) -> N
     model = LoopLM(measured.model)
     x, y = make_train_tensors(measured)
     stats = train_step(
-        model, model, _optimizer(model, measured), x[:4], y[:4], loops, measured, penalty_on=True
+        model, model, make_optimizer(model, measured), x[:4], y[:4], loops, measured, penalty_on=True
     )
     assert stats["fwd_nfe"] == 6 and float(stats["fwd_converged"]) == 0.0
     stars = run_config("stars", 0, args)
