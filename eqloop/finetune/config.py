@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from eqloop.config import SCHEDULES, SolveConfig, check_backward, check_penalty_start
 from eqloop.depth import make_depth_sampler
-from eqloop.overrides import apply_overrides, read_config_file
+from eqloop.overrides import load_config_data
 from solvers import checks
 
 if TYPE_CHECKING:
@@ -311,20 +311,16 @@ def load_finetune_config(
 ) -> FinetuneConfig:
     """A validated :class:`FinetuneConfig` from defaults, an optional file and overrides.
 
-    ``lora.r=16`` switches LoRA on with the other LoRA options at their defaults;
-    ``lora=null`` switches it off. ``complete=False`` accepts an empty ``init_from`` and
-    ``train_file`` (see :meth:`FinetuneConfig.validate`).
+    Read as ``eqloop train`` reads its config (:func:`eqloop.overrides.load_config_data`): a
+    file's ``lora`` or ``solve`` section updates its defaults entry by entry, so
+    ``lora.r=16`` (in the file or as an override) switches LoRA on with the other LoRA
+    options at their defaults; ``lora=null`` switches it off. ``complete=False`` accepts an
+    empty ``init_from`` and ``train_file`` (see :meth:`FinetuneConfig.validate`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: unreadable file, unknown keys or invalid values.
+        TypeError: a section of the file that is not an object/table.
     """
-    data: dict[str, Any] = FinetuneConfig().to_dict()
-    if path is not None:
-        data.update(read_config_file(path, data, kind="FinetuneConfig", toml=True))
-    overrides = list(overrides)
-    if any(item.strip().startswith("lora.") for item in overrides) and data.get("lora") is None:
-        data["lora"] = asdict(LoraOptions())
-    return FinetuneConfig.from_dict(
-        apply_overrides(data, overrides, schema=FinetuneConfig), complete=complete
-    )
+    data = load_config_data(FinetuneConfig().to_dict(), path, overrides, schema=FinetuneConfig)
+    return FinetuneConfig.from_dict(data, complete=complete)
