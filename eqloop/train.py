@@ -93,7 +93,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
 import solvers
@@ -427,8 +426,7 @@ def _build(config: TrainConfig, env: RunEnv, ckpt: Checkpoint | None) -> _State:
         state.step, state.train_time = ckpt.step, float(saved["train_time"])
         state.last_eval, state.last_train = ckpt.metrics.get("eval"), ckpt.metrics.get("train")
     if env.world > 1:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        state.net = DistributedDataParallel(model, device_ids=device_ids)
+        state.net = env.data_parallel(model)
     return state
 
 
@@ -518,10 +516,7 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
 
     def one_step(step: int) -> tuple[dict[str, Any], int | None, float]:
         """Optimisation step ``step`` on this rank's rows of its global batch."""
-        torch.manual_seed(mix_seed(config.seed, step, env.rank, 0))  # dropout, if any
-        generator = torch.Generator(env.device).manual_seed(
-            mix_seed(config.seed, step, env.rank, 1)
-        )
+        generator = env.seed_step(config.seed, step)  # dropout, penalty vectors
         rows = batch_rows(step, len(train_x), config.batch_size, config.seed)
         rows = rows[env.rank :: env.world].to(env.device)
         # Training at the fixed point runs no sampled depth: the sampler is not drawn.

@@ -502,8 +502,7 @@ def _build(
     if fsdp:
         _shard(objective)
     elif env.world > 1:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        net = DistributedDataParallel(objective, device_ids=device_ids)
+        net = env.data_parallel(objective)
     optimizer = make_optimizer(loaded.model, config)
     scheduler = make_scheduler(optimizer, config)
     run = _Run(
@@ -537,8 +536,7 @@ def _train_step(
         (None with ``solve``).
     """
     step, env = run.step, run.env
-    torch.manual_seed(mix_seed(config.seed, step, env.rank, 0))  # dropout, if any
-    generator = torch.Generator(env.device).manual_seed(mix_seed(config.seed, step, env.rank, 1))
+    generator = env.seed_step(config.seed, step)  # dropout, penalty vectors
     # Training at the fixed point runs no sampled depth: the sampler is not drawn.
     loops = run.sampler.sample() if config.solve is None else None
     micro = inputs.shape[0] // config.grad_accum

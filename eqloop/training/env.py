@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from eqloop.config import check_device
 
@@ -55,6 +56,19 @@ class RunEnv:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def seed_step(self, seed: int, step: int) -> torch.Generator:
+        """Seed step ``step``'s global RNG (dropout, if any); its penalty vectors' generator.
+
+        Both derive from ``(seed, step, rank)`` only, so a resumed run draws the same.
+        """
+        torch.manual_seed(mix_seed(seed, step, self.rank, 0))
+        return torch.Generator(self.device).manual_seed(mix_seed(seed, step, self.rank, 1))
+
+    def data_parallel(self, module: nn.Module) -> DistributedDataParallel:
+        """``module`` wrapped for DDP on this process's device (under ``world > 1``)."""
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids)
 
 
 def setup_run(device: str) -> RunEnv:
