@@ -325,8 +325,9 @@ def merge_config(
     A key whose field is a config dataclass (``TrainConfig.model``, ``FinetuneConfig.lora``)
     is a section: ``update``'s entries update the section's own, recursively, so a file
     sets ``model.d_model`` without repeating the other model fields (an unset optional
-    section starts from its defaults). Any other value, a dict such as ``depth``
-    included, replaces the current one whole. (A dotted ``--set`` key sets one entry at any
+    section starts from its defaults; null switches an optional section off, as
+    ``to_dict()`` writes it). Any other value, a dict such as ``depth`` included, replaces
+    the current one whole. (A dotted ``--set`` key sets one entry at any
     depth instead: :func:`apply_overrides`.)
 
     Args:
@@ -349,7 +350,8 @@ def merge_config(
     out = copy.deepcopy(dict(data))
     for key, value in update.items():
         section = _section(kinds[key])
-        if section is None:
+        optional = type(None) in typing.get_args(kinds[key])
+        if section is None or (value is None and optional):  # null: an optional section off
             out[key] = copy.deepcopy(value)
             continue
         current = out.get(key)

@@ -753,3 +753,9 @@ def test_a_finetune_toml_and_set_merge_by_trains_rule(tmp_path: Path) -> None:
     file.write_text('init_from = "x"\ntrain_file = "y"\n[lora]\nrank = 4\n')
     with pytest.raises(ValueError, match=r"unknown LoraOptions keys in lora of .*ft\.toml"):
         load_finetune_config(file)
+    # A whole config as to_dict() writes it (lora and solve null) loads back.
+    config = load_finetune_config(None, ["init_from=x", "train_file=y", "lora.r=4"])
+    config.lora = None
+    saved = tmp_path / "ft.json"
+    saved.write_text(json.dumps(config.to_dict()))
+    assert load_finetune_config(saved).to_dict() == config.to_dict()

@@ -208,6 +208,20 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
         load_config(None, ["lam"])
 
 
+def test_a_config_file_written_by_to_dict_loads_back(tmp_path: Path) -> None:
+    # Issue 19: a file holding a whole config (solve null, as to_dict() writes it) is read
+    # by the one loader; the null optional section stays off, a section switches it on.
+    config = TrainConfig(lam=0.2, eval_loops=[1, 3])
+    assert config.solve is None
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps(config.to_dict()))
+    assert load_config(file).to_dict() == config.to_dict()
+    file.write_text(json.dumps({"solve": {"solver": "anderson"}, "backward": "ift"}))
+    assert load_config(file).solve.solver == "anderson"
+    file.write_text(json.dumps({**config.to_dict(), "solve": None}))
+    assert load_config(file, ["solve.solver=anderson", "backward=ift"]).solve.solver == "anderson"
+
+
 def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path, cache: Path) -> None:
     config = tiny_config(tmp_path, cache, steps=2, eval_every=0)
     train(config)
