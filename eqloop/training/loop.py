@@ -79,7 +79,7 @@ class TrainingLoop:
             ``solve`` and ``backward_options``.
         env: this process's rank, world and device.
         state: the run state the loop advances (``step``, ``train_time``, ``last_train``).
-        step: runs one optimisation step (:data:`StepFn`).
+        step_fn: runs one optimisation step (:data:`StepFn`).
         save: checkpoints ``state``'s current step; called on every rank (collective under
             FSDP), returns the checkpoint written (None on the other ranks).
         log: the metrics log (rank 0), None elsewhere.
@@ -95,7 +95,7 @@ class TrainingLoop:
     config: LoopConfig
     env: RunEnv
     state: LoopState
-    step: StepFn
+    step_fn: StepFn
     save: Callable[[], Path | None]
     log: MetricsLog | None
     desc: str
@@ -141,7 +141,7 @@ class TrainingLoop:
         """Step ``step``, timed; its statistics join the pending ones unread."""
         state = self.state
         start = time.perf_counter()
-        stats, loops, lr = self.step(step)
+        stats, loops, lr = self.step_fn(step)
         state.step = step + 1
         state.train_time += time.perf_counter() - start
         self._pending.add(state.step, stats, {"loops": loops, "lr": lr, "time": state.train_time})
