@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import math
 import os
@@ -232,6 +233,24 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path, cache: P
         train(dataclasses.replace(config, resume=True, lr=1e-2))
     after = {p: p.read_bytes() for p in Path(config.out_dir).rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_a_run_saved_before_a_field_existed_resumes_at_that_fields_default(
+    tmp_path: Path, cache: Path
+) -> None:
+    config = tiny_config(tmp_path, cache, steps=2, eval_every=0)
+    train(config)
+    step = load_checkpoint(config.out_dir).path  # rewrite it as an older eqloop wrote it
+    saved = json.loads((step / "config.json").read_text())
+    del saved["penalty_product"]
+    (step / "config.json").write_text(json.dumps(saved))
+    manifest = json.loads((step / "manifest.json").read_text())
+    digest = hashlib.sha256((step / "config.json").read_bytes()).hexdigest()
+    manifest["files"]["config.json"] = digest
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"differs from .* in \['penalty_product'\]"):
+        train(dataclasses.replace(config, resume=True, steps=3, penalty_product="jvp"))
+    assert train(dataclasses.replace(config, resume=True, steps=3))["step"] == 3
 
 
 def test_corrupted_checkpoint_is_reported_and_nothing_is_overwritten(

@@ -652,7 +652,10 @@ def _finetune(
     if eval_examples is not None and env.main:
         warn_shared_prompts(train_examples, eval_examples)
     plan = run_dir.plan_run_dir(
-        config.to_dict(), may_change=_RESUME_MAY_CHANGE, outputs=(MODEL_DIR, EVAL_FILE)
+        config.to_dict(),
+        may_change=_RESUME_MAY_CHANGE,
+        outputs=(MODEL_DIR, EVAL_FILE),
+        defaults=FinetuneConfig().to_dict(),
     )
     if env.world > 1:
         dist.barrier()  # every rank has looked at out_dir before rank 0 changes it
