@@ -15,7 +15,8 @@ from benchmarks.equilibrium import STARTS, main, parse_args, random_start, step_
 from benchmarks.stars_scaling import DEQ, DEQ_SHARE, GROUPS, VARIANTS, run_config, warm_chain
 from benchmarks.stars_scaling import parse_args as stars_args
 from eqloop.model import LoopLM
-from eqloop.train import _optimizer, make_train_tensors, train_step
+from eqloop.train import make_train_tensors, train_step
+from eqloop.training.optim import make_optimizer
 
 
 @pytest.fixture
@@ -130,9 +131,8 @@ def test_the_measured_step_runs_exactly_depth_f_evaluations(tmp_path: Path) -> N
     assert measured.penalty_at == "trajectory" and config.solve.tol == 1e-4  # a copy
     model = LoopLM(measured.model)
     x, y = make_train_tensors(measured)
-    stats = train_step(
-        model, model, _optimizer(model, measured), x[:4], y[:4], loops, measured, penalty_on=True
-    )
+    optimizer = make_optimizer(model, measured)
+    stats = train_step(model, model, optimizer, x[:4], y[:4], loops, measured, penalty_on=True)
     assert stats["fwd_nfe"] == 6 and float(stats["fwd_converged"]) == 0.0
     stars = run_config("stars", 0, args)
     assert step_config(stars, 6) == (stars, 6)

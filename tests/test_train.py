@@ -209,6 +209,20 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
         load_config(None, ["lam"])
 
 
+def test_a_config_file_written_by_to_dict_loads_back(tmp_path: Path) -> None:
+    # Issue 19: a file holding a whole config (solve null, as to_dict() writes it) is read
+    # by the one loader; the null optional section stays off, a section switches it on.
+    config = TrainConfig(lam=0.2, eval_loops=[1, 3])
+    assert config.solve is None
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps(config.to_dict()))
+    assert load_config(file).to_dict() == config.to_dict()
+    file.write_text(json.dumps({"solve": {"solver": "anderson"}, "backward": "ift"}))
+    assert load_config(file).solve.solver == "anderson"
+    file.write_text(json.dumps({**config.to_dict(), "solve": None}))
+    assert load_config(file, ["solve.solver=anderson", "backward=ift"]).solve.solver == "anderson"
+
+
 def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path, cache: Path) -> None:
     config = tiny_config(tmp_path, cache, steps=2, eval_every=0)
     train(config)
@@ -467,12 +481,13 @@ def test_step_statistics_are_read_every_log_every_steps_with_the_same_values(
 def _one_step_args(config: TrainConfig) -> tuple[Any, ...]:
     """Model, optimizer and a batch for one train_step call (3 loops)."""
     from eqloop.model import LoopLM
-    from eqloop.train import _optimizer, make_train_tensors
+    from eqloop.train import make_train_tensors
+    from eqloop.training.optim import make_optimizer
 
     torch.manual_seed(0)
     model = LoopLM(config.model)
     x, y = make_train_tensors(config)
-    return model, model, _optimizer(model, config), x[:8], y[:8], 3, config
+    return model, model, make_optimizer(model, config), x[:8], y[:8], 3, config
 
 
 def test_a_non_finite_loss_between_reads_is_named_and_nothing_after_it_is_saved(
@@ -638,7 +653,8 @@ def _ddp_gradient_is_the_mean(rank: int, world: int, config: TrainConfig) -> boo
     A function of its own: its DDP wrapper dies when it returns, before the group does.
     """
     from eqloop.model import LoopLM
-    from eqloop.train import _optimizer, make_train_tensors
+    from eqloop.train import make_train_tensors
+    from eqloop.training.optim import make_optimizer
 
     torch.manual_seed(0)
     model = LoopLM(config.model)
@@ -649,7 +665,7 @@ def _ddp_gradient_is_the_mean(rank: int, world: int, config: TrainConfig) -> boo
     rows = slice(8 * rank, 8 * rank + 8)
     step_config = dataclasses.replace(config, grad_clip=0.0, lam=0.3)
     for module, runner in ((model, net), (reference, reference)):
-        optimizer = _optimizer(module, step_config)
+        optimizer = make_optimizer(module, step_config)
         generator = torch.Generator().manual_seed(100 + rank)
         train_step(
             runner,

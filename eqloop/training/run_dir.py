@@ -54,6 +54,7 @@ from eqloop.files import write_json_atomic, write_text_atomic
 __all__ = [
     "MetricsLog",
     "NonFiniteLoss",
+    "RESUME_MAY_CHANGE",
     "RunPlan",
     "TrainingInterrupted",
     "any_rank_signal",
@@ -69,6 +70,23 @@ __all__ = [
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FINITE_STATS = ("loss", "grad_norm")  # a step with either non-finite has damaged the weights
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "steps",
+        "checkpoint_every",
+        "eval_loops",
+        "out_dir",
+        "resume",
+        "overwrite",
+        "device",
+        "progress",
+        "log_every",
+        "compile",
+    }
+)
+"""Config fields every recipe's resumed run may change: how long and where it runs, how
+often it checkpoints, logs and evaluates, how it shows progress. Every other field must
+match the checkpoint's config; a recipe adds its own (its ``plan_run_dir(may_change=...)``)."""
 
 
 # ------------------------------------------------------------------------------ stopping
