@@ -102,11 +102,15 @@ torch.manual_seed(0)
 config = TrainConfig()
 model = LoopLM(config.model)
 net = model  # what the training step runs forward
-if settings["compile"] == "step":
+whole = None  # --compile whole: the fixed-depth loss compiled as one graph
+if settings["compile"] in ("step", "whole"):
     from eqloop import compile_model
     compile_model(model, backend=settings["backend"])
 elif settings["compile"] == "model":
     net = torch.compile(model, backend=settings["backend"])
+if settings["compile"] == "whole":
+    from eqloop.compiling import WholeStep
+    whole = WholeStep(model, lam=config.lam, backend=settings["backend"])
 optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
 g = torch.Generator().manual_seed(1)
 inputs = torch.randint(0, config.model.vocab_size, (settings["batch"], 13), generator=g)
@@ -122,7 +126,7 @@ pen_gen = torch.Generator().manual_seed(2)
 
 def train():
     train_step(net, model, optimizer, inputs, targets, settings["loops"], config,
-               penalty_on=False)
+               penalty_on=False, whole=whole)
 
 def solve():
     with torch.no_grad():
@@ -130,7 +134,7 @@ def solve():
 
 def stars():
     train_step(net, model, optimizer, inputs, targets, settings["loops"], stars_config,
-               penalty_on=True, generator=pen_gen)
+               penalty_on=True, generator=pen_gen, whole=whole)
 
 work = {"train": train, "solve": solve, "stars": stars}
 first_call = {}
@@ -300,7 +304,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny run for tests (seconds)")
     p.add_argument(
         "--compile",
-        choices=("step", "model"),
+        choices=("step", "whole", "model"),
         help="compare this tree eager (baseline) with compiled (current) instead of a "
         "revision: 'step' = eqloop.compile_model (the per-loop step, what --compile of the "
         "eqloop commands does), 'model' = torch.compile(model) (the whole forward, one graph "
