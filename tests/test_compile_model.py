@@ -308,8 +308,13 @@ def test_huginn_random_initial_state_is_one_graph(tiny_pretrained: dict[str, Any
 WHOLE_COUNTER = CompileCounterWithBackend("aot_eager")
 
 
-def whole_step_run(whole: bool, penalty_on: bool, loops: int) -> tuple[dict[str, Any], LoopLM]:
-    """One train_step of a float64 LoopLM (train mode), with or without a WholeStep."""
+def whole_step_run(
+    whole: bool, penalty_on: bool, loops: int, backend: Any = None
+) -> tuple[dict[str, Any], LoopLM]:
+    """One train_step of a float64 LoopLM (train mode), with or without a WholeStep.
+
+    ``backend`` compiles the WholeStep (default: ``WHOLE_COUNTER``).
+    """
     from eqloop.compiling import WholeStep
     from eqloop.config import TrainConfig
     from eqloop.train import train_step
@@ -317,7 +322,8 @@ def whole_step_run(whole: bool, penalty_on: bool, loops: int) -> tuple[dict[str,
     model = looplm().train()
     config = TrainConfig(lam=0.3, penalty_product="jvp", depth={"kind": "fixed", "t": loops})
     # the counting backend over aot_eager: seconds, and the graphs are counted
-    step = WholeStep(model, lam=config.lam, backend=WHOLE_COUNTER) if whole else None
+    backend = WHOLE_COUNTER if backend is None else backend
+    step = WholeStep(model, lam=config.lam, backend=backend) if whole else None
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     targets = tokens(3, low=0)
     targets[:, :2] = -100
@@ -351,6 +357,17 @@ def test_whole_step_equals_eager_train_step(penalty_on: bool) -> None:
             torch.testing.assert_close(fast[key], eager[key], rtol=1e-10, atol=1e-12)
     for (name, a), b in zip(eager_model.named_parameters(), fast_model.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.slow
+def test_whole_step_equals_eager_train_step_inductor() -> None:
+    # The real compiler (inductor, max_autotune, math attention on the CPU), float64.
+    eager, eager_model = whole_step_run(False, True, 2)
+    fast, fast_model = whole_step_run(True, True, 2, backend="inductor")
+    for key in ("loss", "ce", "penalty", "rho", "grad_norm"):
+        torch.testing.assert_close(fast[key], eager[key], rtol=1e-9, atol=1e-11)
+    for a, b in zip(eager_model.parameters(), fast_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
 
 
 def test_whole_step_graphs_per_loop_count_are_bounded() -> None:
