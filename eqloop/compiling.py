@@ -10,6 +10,9 @@ around the step (injection, readout, the solver driver) stays eager.
 
 Compiling the whole forward instead (``torch.compile(model, fullgraph=True)``) also works
 and gives one graph per forward, but one per loop count, since torch unrolls the loop.
+Where the loop count is fixed (training at a fixed depth) that is the faster choice:
+:class:`WholeStep` compiles the training loss (unrolled forward, cross-entropy, the
+forward-mode STARS penalty) as one graph per loop count, for a bounded number of counts.
 
 Every function eqloop compiles goes through :func:`compile_function`, which works around
 PyTorch's efficient zero tensors under inductor (see :class:`MaterializeZeroTensors`): the
