@@ -35,6 +35,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from eqloop.looped import CoreMap, LoopedLM
+from eqloop.model import LoopLM
 from eqloop.stars import _random_unit, jsrr_penalty
 
 if TYPE_CHECKING:  # config imports the models' configs only; kept out of the import graph
@@ -226,7 +227,7 @@ class WholeStep:
 
     def __init__(
         self,
-        model: LoopedLM,
+        model: LoopLM,
         *,
         lam: float,
         penalty: bool = True,
@@ -235,8 +236,8 @@ class WholeStep:
         max_counts: int | None = None,
         **compile_kwargs: Any,
     ) -> None:
-        if not isinstance(model, LoopedLM):
-            raise TypeError(f"WholeStep needs an eqloop LoopedLM, got {type(model).__name__}")
+        if not isinstance(model, LoopLM):
+            raise TypeError(f"WholeStep needs an eqloop LoopLM, got {type(model).__name__}")
         limit = torch._dynamo.config.recompile_limit
         self.max_counts = limit if max_counts is None else max_counts
         if not 1 <= self.max_counts <= limit:
@@ -257,7 +258,7 @@ class WholeStep:
         self._loss = compile_function(self._whole_loss, **options)
 
     @classmethod
-    def for_training(cls, model: LoopedLM, config: TrainConfig) -> WholeStep | None:
+    def for_training(cls, model: LoopLM, config: TrainConfig) -> WholeStep | None:
         """The whole loss of a run, or None when its steps do not fit one.
 
         A run fits when it trains at a fixed depth (``depth`` of kind ``"fixed"``), through

@@ -391,7 +391,7 @@ def test_whole_step_graphs_per_loop_count_are_bounded() -> None:
         no_penalty(x, x, 2, True)
     with pytest.raises(ValueError, match="max_counts must lie in"):
         WholeStep(model, lam=0.1, max_counts=0)
-    with pytest.raises(TypeError, match="WholeStep needs an eqloop LoopedLM"):
+    with pytest.raises(TypeError, match="WholeStep needs an eqloop LoopLM"):
         WholeStep(torch.nn.Linear(2, 2), lam=0.1)  # type: ignore[arg-type]
 
 
