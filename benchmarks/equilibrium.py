@@ -109,7 +109,8 @@ from eqloop.evaluate import (
 from eqloop.files import write_json_atomic
 from eqloop.model import LoopLM
 from eqloop.plotting import pyplot, style_axis
-from eqloop.train import _optimizer, batch_rows, make_train_tensors, train_step
+from eqloop.train import batch_rows, make_train_tensors, train_step
+from eqloop.training.optim import make_optimizer
 from eqloop.training.run_dir import read_metrics
 
 REFERENCE = "stars"  # the unrolled recipe every step time is compared with
@@ -230,7 +231,7 @@ def step_runner(config: TrainConfig, depth: int, model: LoopLM) -> tuple[Callabl
     """
     config, loops = step_config(config, depth)
     net = copy.deepcopy(model).train()
-    optimizer = _optimizer(net, config)
+    optimizer = make_optimizer(net, config)
     train_x, train_y = make_train_tensors(config)
     calls = iter(range(10**9))
 

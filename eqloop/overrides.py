@@ -264,15 +264,14 @@ def _read_toml(file: Path) -> Any:
 
 
 def read_config_file(
-    path: str | os.PathLike[str], valid: Mapping[str, Any], *, kind: str, toml: bool
+    path: str | os.PathLike[str], valid: Mapping[str, Any], *, kind: str
 ) -> dict[str, Any]:
     """The top-level object of a config file, checked against the valid keys.
 
     Args:
-        path: a JSON file, or TOML (by the ``.toml`` suffix) when ``toml`` is true.
+        path: a JSON file, or TOML by the ``.toml`` suffix (:data:`CONFIG_FORMATS`).
         valid: the defaults; only their keys may appear in the file.
         kind: the config's name in the unknown-keys message (``"TrainConfig"``).
-        toml: accept TOML files.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -280,13 +279,10 @@ def read_config_file(
             object, or unknown keys.
     """
     file = Path(path)
-    formats = {s: f for s, f in CONFIG_FORMATS.items() if toml or f != "TOML"}
-    read = " and ".join(f"{f} ({s})" for s, f in formats.items())
+    read = " and ".join(f"{f} ({s})" for s, f in CONFIG_FORMATS.items())
     if not file.is_file():
         raise FileNotFoundError(f"no such config file: {file}")
-    if file.suffix.lower() in (".yaml", ".yml", ".ini", ".cfg", ".toml") and (
-        file.suffix.lower() not in formats
-    ):
+    if file.suffix.lower() in (".yaml", ".yml", ".ini", ".cfg"):
         raise ValueError(
             f"cannot read config file {file}: its format is not read; eqloop reads {read}"
         )
@@ -299,7 +295,7 @@ def read_config_file(
             f"cannot parse config file {file} as {as_format} ({err}); eqloop reads {read}"
         ) from None
     if not isinstance(loaded, dict):
-        raise ValueError(f"config file {file} must hold an object{'/table' if toml else ''}")
+        raise ValueError(f"config file {file} must hold an object/table")
     _check_keys(loaded, valid, kind=kind, where=str(file))
     return loaded
 
@@ -329,8 +325,9 @@ def merge_config(
     A key whose field is a config dataclass (``TrainConfig.model``, ``FinetuneConfig.lora``)
     is a section: ``update``'s entries update the section's own, recursively, so a file
     sets ``model.d_model`` without repeating the other model fields (an unset optional
-    section starts from its defaults). Any other value, a dict such as ``depth``
-    included, replaces the current one whole. (A dotted ``--set`` key sets one entry at any
+    section starts from its defaults; null switches an optional section off, as
+    ``to_dict()`` writes it). Any other value, a dict such as ``depth`` included, replaces
+    the current one whole. (A dotted ``--set`` key sets one entry at any
     depth instead: :func:`apply_overrides`.)
 
     Args:
@@ -353,7 +350,8 @@ def merge_config(
     out = copy.deepcopy(dict(data))
     for key, value in update.items():
         section = _section(kinds[key])
-        if section is None:
+        optional = type(None) in typing.get_args(kinds[key])
+        if section is None or (value is None and optional):  # null: an optional section off
             out[key] = copy.deepcopy(value)
             continue
         current = out.get(key)
@@ -372,7 +370,8 @@ def load_config_data(
 ) -> dict[str, Any]:
     """A config as a dict: ``defaults``, then the file at ``path``, then ``overrides``.
 
-    The one loader of the ``train`` and ``tune`` commands (see the module docstring).
+    The one loader of the ``train``, ``finetune`` and ``tune`` commands (see the module
+    docstring).
 
     Args:
         defaults: the config's defaults as a dict (e.g. ``TrainConfig().to_dict()``).
@@ -391,6 +390,6 @@ def load_config_data(
     """
     data = copy.deepcopy(dict(defaults))
     if path is not None:
-        loaded = read_config_file(path, data, kind=schema.__name__, toml=True)
+        loaded = read_config_file(path, data, kind=schema.__name__)
         data = merge_config(data, loaded, schema=schema, where=str(path))
     return apply_overrides(data, overrides, schema=schema)

@@ -82,26 +82,18 @@ checkpoint (and a torn last line left by a crash, with a warning).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import statistics
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
-from tqdm.auto import tqdm
 
 import solvers
 from eqloop.checkpoint import (
@@ -112,7 +104,7 @@ from eqloop.checkpoint import (
     save_checkpoint,
 )
 from eqloop.compiling import WholeStep, compile_model, eager_map
-from eqloop.config import TrainConfig, check_device, penalty_start_step
+from eqloop.config import TrainConfig, penalty_start_step
 from eqloop.data import IGNORE_INDEX, CharTokenizer, to_tensors
 from eqloop.defaults import (
     EQUILIBRIUM_MAX_ITER,
@@ -125,6 +117,15 @@ from eqloop.evaluate import EvalSet, evaluate_model, make_test_set
 from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.stars import PenaltySchedule, jsrr_penalty, spectral_radius
 from eqloop.training import run_dir
+from eqloop.training.env import (  # re-exported: they were defined here
+    RunEnv,
+    batch_rows,
+    mix_seed,
+    run_env,
+    setup_run,
+)
+from eqloop.training.loop import OnEval, TrainingLoop  # OnEval: re-exported
+from eqloop.training.optim import lr_factor, make_optimizer, make_scheduler  # lr_factor: too
 from eqloop.training.run_dir import (  # re-exported: they were defined here
     MetricsLog,
     NonFiniteLoss,
@@ -132,8 +133,8 @@ from eqloop.training.run_dir import (  # re-exported: they were defined here
     changed_fields,
     read_metrics,
 )
-from eqloop.training.solve import quiet_solves, solve_forward, solve_stats, warn_unconverged
-from eqloop.training.step_stats import PendingSteps
+from eqloop.training.solve import quiet_solves, solve_forward, solve_stats
+from eqloop.training.timing import penalty_step_times
 
 __all__ = [
     "MetricsLog",
@@ -156,35 +157,12 @@ __all__ = [
     "train_step",
 ]
 
-OnEval = Callable[[int, dict[str, Any]], None]
-"""Called as ``on_eval(step, metrics)`` after each periodic evaluation; may raise to stop."""
-
-# Options a resumed run may change; every other field must match the checkpoint's config.
-_RESUME_MAY_CHANGE = frozenset(
-    {
-        "steps",
-        "eval_every",
-        "eval_loops",
-        "n_test",
-        "checkpoint_every",
-        "out_dir",
-        "resume",
-        "overwrite",
-        "device",
-        "progress",
-        "data_cache_dir",
-        "log_every",
-        "compile",
-    }
-)
+# Options a resumed run may change (besides run_dir.RESUME_MAY_CHANGE); every other field
+# must match the checkpoint's config.
+_RESUME_MAY_CHANGE = run_dir.RESUME_MAY_CHANGE | {"eval_every", "n_test", "data_cache_dir"}
 
 
 # ------------------------------------------------------------------------------- helpers
-
-
-def mix_seed(*values: int) -> int:
-    """A 63-bit seed that depends on every value (NumPy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence(list(values)).generate_state(2, np.uint64)[0] >> 1)
 
 
 def make_train_tensors(config: TrainConfig) -> tuple[Tensor, Tensor]:
@@ -194,43 +172,6 @@ def make_train_tensors(config: TrainConfig) -> tuple[Tensor, Tensor]:
         ``inputs`` (N, S) and ``targets`` (N, S) int64; targets are -100 on the prompt.
     """
     return to_tensors(config.make_examples("train"), CharTokenizer())
-
-
-def batch_rows(step: int, n: int, batch_size: int, seed: int) -> Tensor:
-    """Row indices of the global batch of ``step``: epochs of seeded random permutations.
-
-    Depends only on its arguments, so resuming needs no data-loader state.
-
-    Returns:
-        (batch_size,) int64 indices into the training set; the last ``n % batch_size``
-        rows of each epoch's permutation are skipped.
-    """
-    epoch, index = divmod(step, n // batch_size)
-    generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
-    return torch.randperm(n, generator=generator)[index * batch_size : (index + 1) * batch_size]
-
-
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Learning rate of ``step`` (0-based) relative to ``config.lr``."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (
-        1 + math.cos(math.pi * progress)
-    )
-
-
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 
 # ---------------------------------------------------------------------------- one step
@@ -387,86 +328,6 @@ def train_step(
     }
 
 
-# ---------------------------------------------------------------------- distributed setup
-
-
-@dataclass(frozen=True)
-class RunEnv:
-    """Where this process runs: rank, world size, device, and who owns the process group."""
-
-    rank: int
-    world: int
-    device: torch.device
-    owns_group: bool
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_run(device: str) -> RunEnv:
-    """Join the process group torchrun describes (``WORLD_SIZE > 1``) or run alone."""
-    device = check_device(device)
-    cuda = device.startswith("cuda")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or dist.is_initialized()
-    owns = distributed and not dist.is_initialized()
-    if owns:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
-    if not cuda:
-        return RunEnv(rank, world, torch.device("cpu"), owns)
-    if device.startswith("cuda:"):
-        index = torch.device(device).index
-    else:
-        index = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
-    torch.cuda.set_device(index)
-    return RunEnv(rank, world, torch.device("cuda", index), owns)
-
-
-@contextlib.contextmanager
-def run_env(device: str) -> Iterator[RunEnv]:
-    """:func:`setup_run` for the length of a run (train, finetune), then leave the group.
-
-    The process group is destroyed at the end if this call created it. Under data
-    parallelism the run's DDP wrapper must be gone before the group is: the wrapper's
-    reducer holds a reference to the group, and when it holds the last one, deleting the
-    wrapper runs the gloo group's destructor with the GIL held. That destructor joins the
-    gloo worker threads, and a worker still freeing the tensors of a finished collective
-    needs the GIL to do so: both wait for ever (pytorch/pytorch#56297; a rank of a test
-    hung this way when the tiny runs ended). So the runs drop their wrapper when their
-    loop ends, and when a run raises under DDP, the locals of the frames its traceback
-    keeps (a wrapper passed down as ``net``) are cleared before the exception leaves
-    (line numbers stay).
-
-    Yields:
-        The :class:`RunEnv` of this process.
-    """
-    env = setup_run(device)
-    try:
-        yield env
-    except BaseException as err:
-        if env.world > 1:
-            _clear_frames(err)
-        raise
-    finally:
-        if env.owns_group:
-            dist.destroy_process_group()
-
-
-def _clear_frames(err: BaseException) -> None:
-    """Drop the locals of the finished frames in the tracebacks of ``err`` and its causes."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [err]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        traceback.clear_frames(current.__traceback__)  # skips the frames still running
-        pending += [current.__cause__, current.__context__]
-
-
 # ----------------------------------------------------------------------- run directory
 
 
@@ -478,7 +339,9 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig, source: Path) ->
         config: the config that would continue (or reuse) that run.
         source: the checkpoint, named in the message.
     """
-    run_dir.check_resumable(saved, config.to_dict(), _RESUME_MAY_CHANGE, source)
+    run_dir.check_resumable(
+        saved, config.to_dict(), _RESUME_MAY_CHANGE, source, TrainConfig().to_dict()
+    )
 
 
 # -------------------------------------------------------------------------------- train
@@ -552,8 +415,8 @@ def _build(config: TrainConfig, env: RunEnv, ckpt: Checkpoint | None) -> _State:
     """
     torch.manual_seed(config.seed)
     model = LoopLM(config.model).to(env.device)
-    optimizer = _optimizer(model, config)
-    scheduler = LambdaLR(optimizer, partial(lr_factor, config=config))
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config)
     state = _State(model, model, optimizer, scheduler, config.make_sampler())
     if ckpt is None and config.init_from is not None:
         model.load_state_dict(initial_weights(config))
@@ -575,8 +438,7 @@ def _build(config: TrainConfig, env: RunEnv, ckpt: Checkpoint | None) -> _State:
         state.step, state.train_time = ckpt.step, float(saved["train_time"])
         state.last_eval, state.last_train = ckpt.metrics.get("eval"), ckpt.metrics.get("train")
     if env.world > 1:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        state.net = DistributedDataParallel(model, device_ids=device_ids)
+        state.net = env.data_parallel(model)
     return state
 
 
@@ -638,12 +500,15 @@ def train(config: TrainConfig, *, on_eval: OnEval | None = None) -> dict[str, An
 
 
 def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str, Any]:
+    """:func:`train` in the process environment ``env``."""
     if config.batch_size % env.world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {env.world} ranks")
     vocab = CharTokenizer().vocab_size
     if config.model.vocab_size < vocab:
         raise ValueError(f"model.vocab_size must be >= {vocab} (the tokenizer's vocabulary)")
-    plan = run_dir.plan_run_dir(config.to_dict(), may_change=_RESUME_MAY_CHANGE)
+    plan = run_dir.plan_run_dir(
+        config.to_dict(), may_change=_RESUME_MAY_CHANGE, defaults=TrainConfig().to_dict()
+    )
     if env.world > 1:
         dist.barrier()  # every rank has looked at out_dir before rank 0 changes it
     train_x, train_y = make_train_tensors(config)
@@ -662,112 +527,51 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
     log = plan.start(config.to_dict()) if env.main else None  # nothing is written before
     start_step = penalty_start_step(config.penalty_start, config.steps, lam=config.lam)
     schedule = PenaltySchedule(start_step, config.penalty_every)
-    bar = tqdm(
-        total=config.steps,
-        initial=state.step,
-        disable=not (env.main and config.progress),
+
+    def one_step(step: int) -> tuple[dict[str, Any], int | None, float]:
+        """Optimisation step ``step`` on this rank's rows of its global batch."""
+        generator = env.seed_step(config.seed, step)  # dropout, penalty vectors
+        rows = batch_rows(step, len(train_x), config.batch_size, config.seed)
+        rows = rows[env.rank :: env.world].to(env.device)
+        # Training at the fixed point runs no sampled depth: the sampler is not drawn.
+        loops = state.sampler.sample() if config.solve is None else None
+        lr = state.scheduler.get_last_lr()[0]
+        state.model.train()
+        stats = train_step(
+            state.net,
+            state.model,
+            state.optimizer,
+            train_x[rows],
+            train_y[rows],
+            loops,
+            config,
+            penalty_on=config.lam > 0 and schedule.active(step),
+            generator=generator,
+            whole=state.whole,
+        )
+        state.scheduler.step()
+        return stats, loops, lr
+
+    def evaluate() -> dict[str, Any]:
+        """Exact match at ``eval_loops`` (every rank gets rank 0's), kept in ``state``."""
+        state.last_eval = _evaluate(state, test, config, env)
+        return state.last_eval
+
+    loop = TrainingLoop(
+        config,
+        env,
+        state,
+        one_step,
+        save=lambda: state.save(out_dir, config) if env.main else None,
+        log=log,
         desc=f"train {out_dir.name}",
-        dynamic_ncols=True,
+        evaluate=evaluate,
+        eval_every=config.eval_every,
+        on_eval=on_eval,
     )
-    checkpoint, saved_step = None, -1
-    warned: set[str] = set()  # the solves warned about (once per run each)
-
-    def save() -> Path | None:
-        nonlocal checkpoint, saved_step
-        if env.main and saved_step != state.step:
-            checkpoint, saved_step = state.save(out_dir, config), state.step
-        return checkpoint
-
-    pending = PendingSteps(env.device, env.world)
-
-    def read(signum: int) -> int:
-        """Log the pending steps, stop at a non-finite one; the largest signal of any rank."""
-        records, stop = pending.read(signum)
-        for record in records:
-            warn_unconverged(record, record["step"], config.solve, config.backward_options, warned)
-            if log is not None:
-                log.write(record)
-            run_dir.check_finite(record, record["step"], out_dir)  # before anything is saved
-        if records:
-            last = records[-1]
-            state.last_train = {k: v for k, v in last.items() if k not in ("step", "time")}
-            bar.set_postfix(ce=f"{last['ce']:.3f}", loops=last["loops"], refresh=False)
-        return stop
-
     try:
-        with run_dir.stop_signals() as received:
-            for step in range(state.step, config.steps):
-                start = time.perf_counter()
-                torch.manual_seed(mix_seed(config.seed, step, env.rank, 0))  # dropout, if any
-                generator = torch.Generator(env.device).manual_seed(
-                    mix_seed(config.seed, step, env.rank, 1)
-                )
-                rows = batch_rows(step, len(train_x), config.batch_size, config.seed)
-                rows = rows[env.rank :: env.world].to(env.device)
-                # Training at the fixed point runs no sampled depth: the sampler is not drawn.
-                loops = state.sampler.sample() if config.solve is None else None
-                lr = state.scheduler.get_last_lr()[0]
-                state.model.train()
-                stats = train_step(
-                    state.net,
-                    state.model,
-                    state.optimizer,
-                    train_x[rows],
-                    train_y[rows],
-                    loops,
-                    config,
-                    penalty_on=config.lam > 0 and schedule.active(step),
-                    generator=generator,
-                    whole=state.whole,
-                )
-                state.scheduler.step()
-                state.step = step + 1
-                state.train_time += time.perf_counter() - start
-                pending.add(state.step, stats, {"loops": loops, "lr": lr, "time": state.train_time})
-                bar.update(1)
-
-                evaluate = (config.eval_every and state.step % config.eval_every == 0) or (
-                    state.step == config.steps
-                )
-                checkpoint_due = (
-                    config.checkpoint_every and state.step % config.checkpoint_every == 0
-                ) or state.step == config.steps
-                # Read the statistics every log_every steps and before anything uses them
-                # (alone, also when a signal arrived; ranks read at the same steps only).
-                stop = 0
-                if (
-                    evaluate
-                    or checkpoint_due
-                    or state.step % config.log_every == 0
-                    or (env.world == 1 and received[0])
-                ):
-                    stop = read(received[0])
-                if evaluate:
-                    state.last_eval = _evaluate(state, test, config, env)
-                    if log is not None:
-                        log.write({"event": "eval", **state.last_eval})
-                    bar.set_postfix(
-                        ce=f"{state.last_train['ce']:.3f}",
-                        acc=f"{state.last_eval['mean_accuracy']:.3f}",
-                    )
-                    if on_eval is not None:
-                        try:
-                            on_eval(state.step, state.last_eval)
-                        except BaseException:
-                            save()  # the steps were read before the evaluation
-                            raise
-                if checkpoint_due:
-                    save()
-                if env.world == 1:  # alone, a signal during the evaluation counts as well
-                    stop = received[0]
-                if stop and state.step < config.steps:
-                    if len(pending):  # alone, a signal after the read above
-                        read(0)
-                    raise TrainingInterrupted(state.step, save(), stop)
+        checkpoint = loop.run()
     finally:
-        bar.close()
-        if log is not None:
-            log.close()
         state.net = state.model  # the DDP wrapper goes while the group lives (see run_env)
     return {**state.metrics(), "checkpoint": str(checkpoint) if checkpoint else None}
 
@@ -798,23 +602,24 @@ def penalty_overhead(
     train_x, train_y = make_train_tensors(config)
     torch.manual_seed(config.seed)
     model = LoopLM(config.model)
-    optimizer = _optimizer(model, config)
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for i in range(warmup + steps):
-        for penalty_on in (False, True):
-            rows = batch_rows(2 * i + penalty_on, len(train_x), config.batch_size, config.seed)
-            start = time.perf_counter()
-            train_step(
-                model,
-                model,
-                optimizer,
-                train_x[rows],
-                train_y[rows],
-                loops,
-                config,
-                penalty_on=penalty_on,
-            )
-            if i >= warmup:
-                times[penalty_on].append(time.perf_counter() - start)
-    ce, stars = statistics.median(times[False]), statistics.median(times[True])
+    optimizer = make_optimizer(model, config)
+
+    def run_step(rows: Tensor, penalty_on: bool) -> None:
+        train_step(
+            model,
+            model,
+            optimizer,
+            train_x[rows],
+            train_y[rows],
+            loops,
+            config,
+            penalty_on=penalty_on,
+        )
+
+    ce, stars = penalty_step_times(
+        lambda i: batch_rows(i, len(train_x), config.batch_size, config.seed),
+        run_step,
+        steps=steps,
+        warmup=warmup,
+    )
     return {"loops": loops, "step_time_ce": ce, "step_time_stars": stars, "ratio": stars / ce}

@@ -43,7 +43,7 @@ def _rank_main(rank: int, fn: Callable[..., None], world: int, store: str, args:
         fn(rank, world, *args)
     except BaseException as err:
         # The frames of the traceback hold fn's locals (a DDP wrapper): free them while the
-        # group lives (see eqloop.train.run_env on why a wrapper must not outlive it).
+        # group lives (see eqloop.training.env.run_env on why a wrapper must not outlive it).
         traceback.clear_frames(err.__traceback__)
         raise
     finally:

@@ -12,10 +12,11 @@ import torch
 from scripts import run_benchmark
 
 from benchmarks.equilibrium import STARTS, main, parse_args, random_start, step_config
-from benchmarks.stars_scaling import DEQ, GROUPS, VARIANTS, run_config
+from benchmarks.stars_scaling import DEQ, DEQ_SHARE, GROUPS, VARIANTS, run_config, warm_chain
 from benchmarks.stars_scaling import parse_args as stars_args
 from eqloop.model import LoopLM
-from eqloop.train import _optimizer, make_train_tensors, train_step
+from eqloop.train import make_train_tensors, train_step
+from eqloop.training.optim import make_optimizer
 
 
 @pytest.fixture
@@ -112,10 +113,14 @@ def test_equilibrium_variants_train_at_the_fixed_point(tmp_path: Path) -> None:
             1e-4,
             30,
         )
-        assert (config.lam, config.penalty_at, config.steps) == (0.1, "fixed_point", args.steps)
+        steps = round(DEQ_SHARE * args.steps)
+        assert (config.lam, config.penalty_at, config.steps) == (0.1, "fixed_point", steps)
+        assert config.checkpoint_every == steps // 4
+        # From stars_add's last step, which itself starts from baseline_add's.
         assert config.init_from == str(
-            tmp_path / "baseline_add" / "seed2" / "checkpoints" / f"step_{args.warm_steps:08d}"
+            tmp_path / "stars_add" / "seed2" / "checkpoints" / f"step_{args.steps:08d}"
         )
+        assert warm_chain(variant) == ["baseline_add", "stars_add"]
 
 
 def test_the_measured_step_runs_exactly_depth_f_evaluations(tmp_path: Path) -> None:
@@ -126,9 +131,8 @@ def test_the_measured_step_runs_exactly_depth_f_evaluations(tmp_path: Path) -> N
     assert measured.penalty_at == "trajectory" and config.solve.tol == 1e-4  # a copy
     model = LoopLM(measured.model)
     x, y = make_train_tensors(measured)
-    stats = train_step(
-        model, model, _optimizer(model, measured), x[:4], y[:4], loops, measured, penalty_on=True
-    )
+    optimizer = make_optimizer(model, measured)
+    stats = train_step(model, model, optimizer, x[:4], y[:4], loops, measured, penalty_on=True)
     assert stats["fwd_nfe"] == 6 and float(stats["fwd_converged"]) == 0.0
     stars = run_config("stars", 0, args)
     assert step_config(stars, 6) == (stars, 6)

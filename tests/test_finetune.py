@@ -739,3 +739,23 @@ def test_bf16_autocast_forward_with_a_float32_penalty(files: dict[str, Path]) ->
     assert penalty.dtype == torch.float32 and torch.isfinite(loss)
     grads = [p.grad for p in loaded.model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_a_finetune_toml_and_set_merge_by_trains_rule(tmp_path: Path) -> None:
+    # Issue 19: load_finetune_config is eqloop.overrides.load_config_data, as train's loader:
+    # a file's section updates the defaults entry by entry, --set reaches one entry, and an
+    # unknown key of a file's section is named with the file and section.
+    file = tmp_path / "ft.toml"
+    file.write_text('init_from = "x"\ntrain_file = "y"\n[lora]\nalpha = 32.0\n')
+    config = load_finetune_config(file, ["lora.r=4"])
+    assert config.lora == LoraOptions(r=4, alpha=32.0)
+    assert load_finetune_config(file, ["lora=null"]).lora is None
+    file.write_text('init_from = "x"\ntrain_file = "y"\n[lora]\nrank = 4\n')
+    with pytest.raises(ValueError, match=r"unknown LoraOptions keys in lora of .*ft\.toml"):
+        load_finetune_config(file)
+    # A whole config as to_dict() writes it (lora and solve null) loads back.
+    config = load_finetune_config(None, ["init_from=x", "train_file=y", "lora.r=4"])
+    config.lora = None
+    saved = tmp_path / "ft.json"
+    saved.write_text(json.dumps(config.to_dict()))
+    assert load_finetune_config(saved).to_dict() == config.to_dict()

@@ -138,3 +138,42 @@ def test_every_module_imports_in_a_fresh_interpreter(package: str) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def _is_recipe_or_cli(name: str) -> bool:
+    """The entry points: the train and finetune recipes, the tune recipe, every ``cli``."""
+    return (
+        name in ("eqloop.train", "eqloop.finetune.train", "eqloop.cli")
+        or name.endswith(".cli")
+        or name == "eqloop.tune"
+        or name.startswith("eqloop.tune.")
+    )
+
+
+def test_no_module_imports_a_recipe_or_cli() -> None:
+    # Issue 19: what the recipes share lives in eqloop.training (and below), never in a
+    # recipe; only a CLI runs a recipe (and tune, whose trials are eqloop train runs).
+    graph = import_graph(discover())
+    wrong = {
+        (module, target)
+        for module, targets in graph.items()
+        if not _is_recipe_or_cli(module)
+        for target in targets
+        if _is_recipe_or_cli(target)
+    }
+    assert not wrong, f"modules importing a recipe or CLI: {sorted(wrong)}"
+    assert "eqloop.train" not in graph["eqloop.finetune.train"]
+
+
+def test_no_training_function_is_longer_than_80_lines() -> None:
+    # Issue 19: the recipes and the shared training pieces are short named steps.
+    files = [ROOT / "eqloop/train.py", ROOT / "eqloop/finetune/train.py"]
+    files += sorted((ROOT / "eqloop/training").glob("*.py"))
+    long = [
+        f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in files
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > 80
+    ]
+    assert not long, long

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import math
 import os
@@ -208,6 +209,20 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
         load_config(None, ["lam"])
 
 
+def test_a_config_file_written_by_to_dict_loads_back(tmp_path: Path) -> None:
+    # Issue 19: a file holding a whole config (solve null, as to_dict() writes it) is read
+    # by the one loader; the null optional section stays off, a section switches it on.
+    config = TrainConfig(lam=0.2, eval_loops=[1, 3])
+    assert config.solve is None
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps(config.to_dict()))
+    assert load_config(file).to_dict() == config.to_dict()
+    file.write_text(json.dumps({"solve": {"solver": "anderson"}, "backward": "ift"}))
+    assert load_config(file).solve.solver == "anderson"
+    file.write_text(json.dumps({**config.to_dict(), "solve": None}))
+    assert load_config(file, ["solve.solver=anderson", "backward=ift"]).solve.solver == "anderson"
+
+
 def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path, cache: Path) -> None:
     config = tiny_config(tmp_path, cache, steps=2, eval_every=0)
     train(config)
@@ -218,6 +233,24 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path, cache: P
         train(dataclasses.replace(config, resume=True, lr=1e-2))
     after = {p: p.read_bytes() for p in Path(config.out_dir).rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_a_run_saved_before_a_field_existed_resumes_at_that_fields_default(
+    tmp_path: Path, cache: Path
+) -> None:
+    config = tiny_config(tmp_path, cache, steps=2, eval_every=0)
+    train(config)
+    step = load_checkpoint(config.out_dir).path  # rewrite it as an older eqloop wrote it
+    saved = json.loads((step / "config.json").read_text())
+    del saved["penalty_product"]
+    (step / "config.json").write_text(json.dumps(saved))
+    manifest = json.loads((step / "manifest.json").read_text())
+    digest = hashlib.sha256((step / "config.json").read_bytes()).hexdigest()
+    manifest["files"]["config.json"] = digest
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"differs from .* in \['penalty_product'\]"):
+        train(dataclasses.replace(config, resume=True, steps=3, penalty_product="jvp"))
+    assert train(dataclasses.replace(config, resume=True, steps=3))["step"] == 3
 
 
 def test_corrupted_checkpoint_is_reported_and_nothing_is_overwritten(
@@ -448,12 +481,13 @@ def test_step_statistics_are_read_every_log_every_steps_with_the_same_values(
 def _one_step_args(config: TrainConfig) -> tuple[Any, ...]:
     """Model, optimizer and a batch for one train_step call (3 loops)."""
     from eqloop.model import LoopLM
-    from eqloop.train import _optimizer, make_train_tensors
+    from eqloop.train import make_train_tensors
+    from eqloop.training.optim import make_optimizer
 
     torch.manual_seed(0)
     model = LoopLM(config.model)
     x, y = make_train_tensors(config)
-    return model, model, _optimizer(model, config), x[:8], y[:8], 3, config
+    return model, model, make_optimizer(model, config), x[:8], y[:8], 3, config
 
 
 def test_a_non_finite_loss_between_reads_is_named_and_nothing_after_it_is_saved(
@@ -619,7 +653,8 @@ def _ddp_gradient_is_the_mean(rank: int, world: int, config: TrainConfig) -> boo
     A function of its own: its DDP wrapper dies when it returns, before the group does.
     """
     from eqloop.model import LoopLM
-    from eqloop.train import _optimizer, make_train_tensors
+    from eqloop.train import make_train_tensors
+    from eqloop.training.optim import make_optimizer
 
     torch.manual_seed(0)
     model = LoopLM(config.model)
@@ -630,7 +665,7 @@ def _ddp_gradient_is_the_mean(rank: int, world: int, config: TrainConfig) -> boo
     rows = slice(8 * rank, 8 * rank + 8)
     step_config = dataclasses.replace(config, grad_clip=0.0, lam=0.3)
     for module, runner in ((model, net), (reference, reference)):
-        optimizer = _optimizer(module, step_config)
+        optimizer = make_optimizer(module, step_config)
         generator = torch.Generator().manual_seed(100 + rank)
         train_step(
             runner,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from eqloop.config import SCHEDULES, SolveConfig, check_backward, check_penalty_start
 from eqloop.depth import make_depth_sampler
-from eqloop.overrides import apply_overrides, read_config_file
+from eqloop.overrides import load_config_data
 from solvers import checks
 
 if TYPE_CHECKING:
@@ -156,52 +156,8 @@ class FinetuneConfig:
             complete: require ``init_from`` and ``train_file``; False accepts them empty
                 (a template to fill in, as ``eqloop finetune --print-config`` shows).
         """
-        for name in ("init_from", "train_file", "out_dir"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or (not value and (complete or name == "out_dir")):
-                raise ValueError(f"{name} must be a non-empty path, got {value!r}")
-        if self.eval_file is not None and (
-            not isinstance(self.eval_file, str) or not self.eval_file
-        ):
-            raise ValueError(f"eval_file must be null or a path, got {self.eval_file!r}")
-        checks.choice("data_format", self.data_format, ("auto", "gsm8k", "prompt_completion"))
-        checks.choice("mode", self.mode, MODES)
-        checks.choice("precision", self.precision, PRECISIONS)
-        checks.choice("parallel", self.parallel, PARALLEL)
-        checks.choice("penalty_product", self.penalty_product, PENALTY_PRODUCTS)
-        checks.choice("schedule", self.schedule, SCHEDULES)
-        if self.parallel == "fsdp" and self.penalty_product == "vjp":
-            raise ValueError(
-                "penalty_product='vjp' (a double backward) does not run under FSDP in torch "
-                "2.13 (per-block sharding crashes); use penalty_product='jvp' or 'auto'"
-            )
-        for name, low in (
-            ("max_len", 2),
-            ("seed", 0),
-            ("power_steps", 1),
-            ("batch_size", 1),
-            ("grad_accum", 1),
-            ("steps", 1),
-            ("warmup_steps", 0),
-            ("max_new_tokens", 1),
-            ("checkpoint_every", 0),
-            ("log_every", 1),
-        ):
-            checks.integer(name, getattr(self, name), low=low)
-        check_penalty_start(self.penalty_start)
-        for name in ("loops", "penalty_rows", "eval_limit", "backprop_loops"):
-            if getattr(self, name) is not None:
-                checks.integer(name, getattr(self, name), low=1)
-        checks.number("lam", self.lam, low=0.0, high=1.0)
-        checks.number("lr", self.lr, low=0.0, low_open=True)
-        for name in ("weight_decay", "min_lr_ratio", "grad_clip"):
-            checks.number(name, getattr(self, name), low=0.0)
-        if self.penalty_target is not None:
-            checks.number("penalty_target", self.penalty_target, low=0.0)
-        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        for beta in self.betas:
-            checks.number("betas", beta, low=0.0, high=1.0, high_open=True)
+        self._check_paths_and_choices(complete)
+        self._check_numbers()
         for name in (
             "grad_checkpointing",
             "resume",
@@ -237,6 +193,58 @@ class FinetuneConfig:
         self._check_solve()
         if not isinstance(self.device, str) or not self.device.startswith(("auto", "cpu", "cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}")
+
+    def _check_paths_and_choices(self, complete: bool) -> None:
+        """The paths (see :meth:`validate` on ``complete``) and the fields with a set of choices."""
+        for name in ("init_from", "train_file", "out_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or (not value and (complete or name == "out_dir")):
+                raise ValueError(f"{name} must be a non-empty path, got {value!r}")
+        if self.eval_file is not None and (
+            not isinstance(self.eval_file, str) or not self.eval_file
+        ):
+            raise ValueError(f"eval_file must be null or a path, got {self.eval_file!r}")
+        checks.choice("data_format", self.data_format, ("auto", "gsm8k", "prompt_completion"))
+        checks.choice("mode", self.mode, MODES)
+        checks.choice("precision", self.precision, PRECISIONS)
+        checks.choice("parallel", self.parallel, PARALLEL)
+        checks.choice("penalty_product", self.penalty_product, PENALTY_PRODUCTS)
+        checks.choice("schedule", self.schedule, SCHEDULES)
+        if self.parallel == "fsdp" and self.penalty_product == "vjp":
+            raise ValueError(
+                "penalty_product='vjp' (a double backward) does not run under FSDP in torch "
+                "2.13 (per-block sharding crashes); use penalty_product='jvp' or 'auto'"
+            )
+
+    def _check_numbers(self) -> None:
+        """The integer and real fields: types and ranges."""
+        for name, low in (
+            ("max_len", 2),
+            ("seed", 0),
+            ("power_steps", 1),
+            ("batch_size", 1),
+            ("grad_accum", 1),
+            ("steps", 1),
+            ("warmup_steps", 0),
+            ("max_new_tokens", 1),
+            ("checkpoint_every", 0),
+            ("log_every", 1),
+        ):
+            checks.integer(name, getattr(self, name), low=low)
+        check_penalty_start(self.penalty_start)
+        for name in ("loops", "penalty_rows", "eval_limit", "backprop_loops"):
+            if getattr(self, name) is not None:
+                checks.integer(name, getattr(self, name), low=1)
+        checks.number("lam", self.lam, low=0.0, high=1.0)
+        checks.number("lr", self.lr, low=0.0, low_open=True)
+        for name in ("weight_decay", "min_lr_ratio", "grad_clip"):
+            checks.number(name, getattr(self, name), low=0.0)
+        if self.penalty_target is not None:
+            checks.number("penalty_target", self.penalty_target, low=0.0)
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        for beta in self.betas:
+            checks.number("betas", beta, low=0.0, high=1.0, high_open=True)
 
     def _check_solve(self) -> None:
         """Check ``solve``, ``backward`` and ``backward_options``, and what a solve excludes."""
@@ -311,20 +319,16 @@ def load_finetune_config(
 ) -> FinetuneConfig:
     """A validated :class:`FinetuneConfig` from defaults, an optional file and overrides.
 
-    ``lora.r=16`` switches LoRA on with the other LoRA options at their defaults;
-    ``lora=null`` switches it off. ``complete=False`` accepts an empty ``init_from`` and
-    ``train_file`` (see :meth:`FinetuneConfig.validate`).
+    Read as ``eqloop train`` reads its config (:func:`eqloop.overrides.load_config_data`): a
+    file's ``lora`` or ``solve`` section updates its defaults entry by entry, so
+    ``lora.r=16`` (in the file or as an override) switches LoRA on with the other LoRA
+    options at their defaults; ``lora=null`` switches it off. ``complete=False`` accepts an
+    empty ``init_from`` and ``train_file`` (see :meth:`FinetuneConfig.validate`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: unreadable file, unknown keys or invalid values.
+        TypeError: a section of the file that is not an object/table.
     """
-    data: dict[str, Any] = FinetuneConfig().to_dict()
-    if path is not None:
-        data.update(read_config_file(path, data, kind="FinetuneConfig", toml=True))
-    overrides = list(overrides)
-    if any(item.strip().startswith("lora.") for item in overrides) and data.get("lora") is None:
-        data["lora"] = asdict(LoraOptions())
-    return FinetuneConfig.from_dict(
-        apply_overrides(data, overrides, schema=FinetuneConfig), complete=complete
-    )
+    data = load_config_data(FinetuneConfig().to_dict(), path, overrides, schema=FinetuneConfig)
+    return FinetuneConfig.from_dict(data, complete=complete)

@@ -60,11 +60,9 @@ Exact resume: the data order, dropout RNG and penalty vectors of every step deri
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +73,6 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
 from eqloop.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from eqloop.compiling import compile_model, eager_map
@@ -100,17 +97,12 @@ from eqloop.finetune.models import (
     save_model,
 )
 from eqloop.stars import PenaltySchedule, jsrr_penalty
-from eqloop.train import RunEnv, batch_rows, lr_factor, mix_seed, run_env
 from eqloop.training import run_dir
-from eqloop.training.run_dir import TrainingInterrupted
-from eqloop.training.solve import (
-    merge_solve_stats,
-    quiet_solves,
-    solve_forward,
-    solve_stats,
-    warn_unconverged,
-)
-from eqloop.training.step_stats import PendingSteps
+from eqloop.training.env import RunEnv, batch_rows, mix_seed, run_env
+from eqloop.training.loop import OnStep, TrainingLoop  # OnStep: re-exported
+from eqloop.training.optim import make_optimizer, make_scheduler
+from eqloop.training.solve import merge_solve_stats, quiet_solves, solve_forward, solve_stats
+from eqloop.training.timing import penalty_step_times
 
 if TYPE_CHECKING:
     from eqloop.backward import Backward
@@ -127,27 +119,14 @@ __all__ = [
     "step_time_ratio",
 ]
 
-# Options a resumed run may change; every other field must match the checkpoint's config.
-_RESUME_MAY_CHANGE = frozenset(
-    {
-        "steps",
-        "checkpoint_every",
-        "out_dir",
-        "resume",
-        "overwrite",
-        "device",
-        "progress",
-        "eval_file",
-        "eval_loops",
-        "eval_equilibrium",
-        "eval_limit",
-        "max_new_tokens",
-        "log_every",
-        "compile",
-    }
-)
-OnStep = Callable[[int, dict[str, Any]], None]
-"""Called as ``on_step(step, stats)`` after each optimisation step; may raise to stop."""
+# Options a resumed run may change (besides run_dir.RESUME_MAY_CHANGE); every other field
+# must match the checkpoint's config.
+_RESUME_MAY_CHANGE = run_dir.RESUME_MAY_CHANGE | {
+    "eval_file",
+    "eval_equilibrium",
+    "eval_limit",
+    "max_new_tokens",
+}
 MODEL_DIR = "model"  # sub-directory of out_dir holding the final model in its own layout
 EVAL_FILE = "eval.json"  # the final evaluation in out_dir
 
@@ -382,16 +361,6 @@ def _shard(objective: Objective) -> None:
     fully_shard(objective)
 
 
-def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, weight decay on matrices only."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
-
-
 # ---------------------------------------------------------------------------- the run
 
 
@@ -410,7 +379,7 @@ class _Run:
     lora_modules: list[str]
     step: int = 0
     train_time: float = 0.0
-    last: dict[str, Any] = field(default_factory=dict)
+    last_train: dict[str, Any] | None = field(default_factory=dict)
 
     def full_state(self) -> dict[str, Tensor]:
         """Every weight (base and adapters); gathered over the ranks on CPU under FSDP."""
@@ -454,7 +423,7 @@ class _Run:
             self.step,
             weights=weights,
             config=config.to_dict(),
-            metrics={"step": self.step, "train_time": self.train_time, "train": self.last},
+            metrics={"step": self.step, "train_time": self.train_time, "train": self.last_train},
             training_state={
                 "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
@@ -495,7 +464,7 @@ class _Run:
         self.scheduler.load_state_dict(saved["scheduler"])
         self.sampler.load_state_dict(saved["sampler"])
         self.step, self.train_time = ckpt.step, float(saved["train_time"])
-        self.last = ckpt.metrics.get("train") or {}
+        self.last_train = ckpt.metrics.get("train") or {}
 
 
 def _build(
@@ -533,10 +502,9 @@ def _build(
     if fsdp:
         _shard(objective)
     elif env.world > 1:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        net = DistributedDataParallel(objective, device_ids=device_ids)
-    optimizer = _optimizer(loaded.model, config)
-    scheduler = LambdaLR(optimizer, partial(lr_factor, config=config))
+        net = env.data_parallel(objective)
+    optimizer = make_optimizer(loaded.model, config)
+    scheduler = make_scheduler(optimizer, config)
     run = _Run(
         loaded,
         objective,
@@ -568,8 +536,7 @@ def _train_step(
         (None with ``solve``).
     """
     step, env = run.step, run.env
-    torch.manual_seed(mix_seed(config.seed, step, env.rank, 0))  # dropout, if any
-    generator = torch.Generator(env.device).manual_seed(mix_seed(config.seed, step, env.rank, 1))
+    generator = env.seed_step(config.seed, step)  # dropout, penalty vectors
     # Training at the fixed point runs no sampled depth: the sampler is not drawn.
     loops = run.sampler.sample() if config.solve is None else None
     micro = inputs.shape[0] // config.grad_accum
@@ -671,6 +638,7 @@ def _finetune(
     eval_examples: Sequence[Example] | None,
     on_step: OnStep | None,
 ) -> dict[str, Any]:
+    """:func:`finetune` in the process environment ``env``."""
     if config.batch_size % (env.world * config.grad_accum):
         raise ValueError(
             f"batch_size {config.batch_size} is not divisible by {env.world} ranks x "
@@ -684,7 +652,10 @@ def _finetune(
     if eval_examples is not None and env.main:
         warn_shared_prompts(train_examples, eval_examples)
     plan = run_dir.plan_run_dir(
-        config.to_dict(), may_change=_RESUME_MAY_CHANGE, outputs=(MODEL_DIR, EVAL_FILE)
+        config.to_dict(),
+        may_change=_RESUME_MAY_CHANGE,
+        outputs=(MODEL_DIR, EVAL_FILE),
+        defaults=FinetuneConfig().to_dict(),
     )
     if env.world > 1:
         dist.barrier()  # every rank has looked at out_dir before rank 0 changes it
@@ -701,82 +672,30 @@ def _finetune(
         return _finish(run, config, eval_examples, latest_checkpoint(out_dir))
     log = plan.start(config.to_dict()) if env.main else None  # nothing is written before
     lam = config.lam if config.mode == "stars" else 0.0  # SFT has no penalty to miss
-    start_step = penalty_start_step(config.penalty_start, config.steps, lam=lam)
-    schedule = PenaltySchedule(start_step, 1)
-    checkpoint_path, saved_step = None, -1
+    schedule = PenaltySchedule(penalty_start_step(config.penalty_start, config.steps, lam=lam), 1)
 
-    def save() -> Path | None:
-        """Checkpoint the current step once (collective under FSDP; rank 0 writes)."""
-        nonlocal checkpoint_path, saved_step
-        if saved_step != run.step:
-            checkpoint_path, saved_step = run.save(out_dir, config), run.step
-        return checkpoint_path
+    def one_step(step: int) -> tuple[dict[str, Any], int | None, float]:
+        """Optimisation step ``step`` on this rank's rows of its global batch."""
+        rows = batch_rows(step, inputs.shape[0], config.batch_size, config.seed)
+        rows = rows[env.rank :: env.world].to(env.device)
+        lr = run.scheduler.get_last_lr()[0]
+        penalty_on = config.mode == "stars" and config.lam > 0 and schedule.active(step)
+        stats = _train_step(run, inputs[rows], targets[rows], config, penalty_on)
+        return stats, stats.pop("loops"), lr
 
-    bar = tqdm(
-        total=config.steps,
-        initial=run.step,
-        disable=not (env.main and config.progress),
+    loop = TrainingLoop(
+        config,
+        env,
+        run,
+        one_step,
+        save=lambda: run.save(out_dir, config),  # collective under FSDP; rank 0 writes
+        log=log,
         desc=f"finetune {config.mode}",
-        dynamic_ncols=True,
+        on_step=on_step,
     )
-    pending = PendingSteps(env.device, env.world)
-    warned: set[str] = set()  # the solves warned about (once per run each)
-    # on_step receives every step's statistics: with it, they are read after every step.
-    log_every = 1 if on_step is not None else config.log_every
-
-    def read(signum: int) -> int:
-        """Log the pending steps, stop at a non-finite one; the largest signal of any rank."""
-        records, stop = pending.read(signum)
-        for record in records:
-            warn_unconverged(record, record["step"], config.solve, config.backward_options, warned)
-            if log is not None:
-                log.write(record)
-            run_dir.check_finite(record, record["step"], out_dir)  # before anything is saved
-        if records:
-            run.last = {k: v for k, v in records[-1].items() if k not in ("step", "time")}
-            bar.set_postfix(ce=f"{run.last['ce']:.3f}", loops=run.last["loops"], refresh=False)
-        return stop
-
     try:
-        with run_dir.stop_signals() as received:
-            for step in range(run.step, config.steps):
-                start = time.perf_counter()
-                rows = batch_rows(step, inputs.shape[0], config.batch_size, config.seed)
-                rows = rows[env.rank :: env.world].to(env.device)
-                lr = run.scheduler.get_last_lr()[0]
-                penalty_on = config.mode == "stars" and config.lam > 0 and schedule.active(step)
-                stats = _train_step(run, inputs[rows], targets[rows], config, penalty_on)
-                loops = stats.pop("loops")
-                run.step = step + 1
-                run.train_time += time.perf_counter() - start
-                pending.add(run.step, stats, {"loops": loops, "lr": lr, "time": run.train_time})
-                bar.update(1)
-                checkpoint_due = (
-                    config.checkpoint_every and run.step % config.checkpoint_every == 0
-                ) or run.step == config.steps
-                # Read every log_every steps and before a checkpoint (alone, also when a
-                # signal arrived; ranks read at the same steps only).
-                stop = 0
-                if checkpoint_due or run.step % log_every == 0 or (env.world == 1 and received[0]):
-                    stop = read(received[0])
-                if checkpoint_due:
-                    save()
-                if on_step is not None:
-                    try:
-                        on_step(run.step, run.last)
-                    except BaseException:
-                        save()
-                        raise
-                if env.world == 1:  # alone, a signal after the read counts as well
-                    stop = received[0]
-                if stop and run.step < config.steps:
-                    if len(pending):  # alone, a signal after the read above
-                        read(0)
-                    raise TrainingInterrupted(run.step, save(), stop)
+        checkpoint_path = loop.run()
     finally:
-        bar.close()
-        if log is not None:
-            log.close()
         run.net = run.objective  # the DDP wrapper goes while the group lives (see run_env)
     return _finish(run, config, eval_examples, checkpoint_path)
 
@@ -800,16 +719,16 @@ def _finish(
             fresh.model.load_state_dict(full)
             model = fresh.model
     if not run.env.main:
-        return {"step": run.step, "train_time": run.train_time, "train": run.last}
+        return {"step": run.step, "train_time": run.train_time, "train": run.last_train}
     merge_lora(model)
     model.eval()
     target = out_dir / MODEL_DIR
     if not target.exists():  # a resumed run that trained further has removed the old one
-        save_model(model, target, source=config.init_from, metrics={"train": run.last})
+        save_model(model, target, source=config.init_from, metrics={"train": run.last_train})
     result: dict[str, Any] = {
         "step": run.step,
         "train_time": run.train_time,
-        "train": run.last,
+        "train": run.last_train,
         "checkpoint": str(checkpoint_path) if checkpoint_path else None,
         "model": str(target),
         "eval": None,
@@ -851,8 +770,6 @@ def step_time_ratio(
     Returns:
         ``loops``, ``step_time_sft`` and ``step_time_stars`` (seconds) and their ``ratio``.
     """
-    import statistics
-
     objective = Objective(
         loaded.model,
         lam=config.lam,
@@ -863,17 +780,18 @@ def step_time_ratio(
         backprop_loops=config.backprop_loops,
         grad_checkpointing=config.grad_checkpointing,
     )
-    optimizer = _optimizer(loaded.model, config)
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for i in range(warmup + steps):
-        for penalty_on in (False, True):
-            rows = batch_rows(2 * i + penalty_on, inputs.shape[0], config.batch_size, config.seed)
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss, *_ = objective(inputs[rows], targets[rows], loops, penalty_on)
-            loss.backward()
-            optimizer.step()
-            if i >= warmup:
-                times[penalty_on].append(time.perf_counter() - start)
-    sft, stars = statistics.median(times[False]), statistics.median(times[True])
+    optimizer = make_optimizer(loaded.model, config)
+
+    def run_step(rows: Tensor, penalty_on: bool) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss, *_ = objective(inputs[rows], targets[rows], loops, penalty_on)
+        loss.backward()
+        optimizer.step()
+
+    sft, stars = penalty_step_times(
+        lambda i: batch_rows(i, inputs.shape[0], config.batch_size, config.seed),
+        run_step,
+        steps=steps,
+        warmup=warmup,
+    )
     return {"loops": loops, "step_time_sft": sft, "step_time_stars": stars, "ratio": stars / sft}

@@ -54,6 +54,7 @@ from eqloop.files import write_json_atomic, write_text_atomic
 __all__ = [
     "MetricsLog",
     "NonFiniteLoss",
+    "RESUME_MAY_CHANGE",
     "RunPlan",
     "TrainingInterrupted",
     "any_rank_signal",
@@ -69,6 +70,23 @@ __all__ = [
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FINITE_STATS = ("loss", "grad_norm")  # a step with either non-finite has damaged the weights
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "steps",
+        "checkpoint_every",
+        "eval_loops",
+        "out_dir",
+        "resume",
+        "overwrite",
+        "device",
+        "progress",
+        "log_every",
+        "compile",
+    }
+)
+"""Config fields every recipe's resumed run may change: how long and where it runs, how
+often it checkpoints, logs and evaluates, how it shows progress. Every other field must
+match the checkpoint's config; a recipe adds its own (its ``plan_run_dir(may_change=...)``)."""
 
 
 # ------------------------------------------------------------------------------ stopping
@@ -274,9 +292,19 @@ class MetricsLog:
 
 
 def changed_fields(
-    saved: Mapping[str, Any], current: Mapping[str, Any], may_change: frozenset[str]
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    may_change: frozenset[str],
+    defaults: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """The config fields, outside ``may_change``, whose values differ (sorted)."""
+    """The config fields, outside ``may_change``, whose values differ (sorted).
+
+    A top-level field that ``saved`` lacks but ``defaults`` has was added to the config
+    after that run was saved: the run was trained with its default, so the field counts
+    as changed only if ``current`` sets another value.
+    """
+    if defaults is not None:
+        saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     keys = set(saved) | set(current)
     return sorted(k for k in keys - may_change if saved.get(k) != current.get(k))
 
@@ -286,6 +314,7 @@ def check_resumable(
     current: Mapping[str, Any],
     may_change: frozenset[str],
     source: Path,
+    defaults: Mapping[str, Any] | None = None,
 ) -> None:
     """Raise ``ValueError`` if ``current`` changes fields a resumed run must keep.
 
@@ -294,8 +323,11 @@ def check_resumable(
         current: the config (as a dict) that would continue (or reuse) that run.
         may_change: the fields a resumed run may change.
         source: the checkpoint or config file, named in the message.
+        defaults: the config class's defaults (``Config().to_dict()``): a field added
+            since the run was saved then compares as its default (see
+            :func:`changed_fields`). None: every missing field counts as changed.
     """
-    changed = changed_fields(saved, current, may_change)
+    changed = changed_fields(saved, current, may_change, defaults)
     if changed:
         raise ValueError(
             f"cannot resume the run in {current.get('out_dir')}: the config differs from "
@@ -368,7 +400,11 @@ def _check_apart(out_dir: Path, init_from: str | None) -> None:
 
 
 def plan_run_dir(
-    config: Mapping[str, Any], *, may_change: frozenset[str], outputs: Sequence[str] = ()
+    config: Mapping[str, Any],
+    *,
+    may_change: frozenset[str],
+    outputs: Sequence[str] = (),
+    defaults: Mapping[str, Any] | None = None,
 ) -> RunPlan:
     """Decide, before any work, how the run uses its directory; nothing is changed yet.
 
@@ -378,6 +414,8 @@ def plan_run_dir(
         may_change: the config fields a resumed run may change.
         outputs: names of the final outputs the recipe writes into ``out_dir`` besides
             ``config.json``, ``metrics.jsonl`` and ``checkpoints/`` (e.g. ``model``).
+        defaults: the config class's defaults, for fields added since the run was saved
+            (see :func:`changed_fields`).
 
     Raises:
         ValueError: ``out_dir`` is not a usable directory, it is, contains or lies inside
@@ -404,7 +442,7 @@ def plan_run_dir(
         )
     if latest is not None:
         ckpt = load_checkpoint(latest)
-        check_resumable(ckpt.config, config, may_change, ckpt.path)
+        check_resumable(ckpt.config, config, may_change, ckpt.path, defaults)
         log = out_dir / "metrics.jsonl"
         records = read_metrics(log) if log.is_file() else []
         kept = tuple(r for r in records if r.get("step", 0) <= ckpt.step)
@@ -422,5 +460,5 @@ def plan_run_dir(
         saved_config = json.loads(saved.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read {saved}: {err}") from None
-    check_resumable(saved_config, config, may_change, saved)
+    check_resumable(saved_config, config, may_change, saved, defaults)
     return RunPlan(out_dir, None, clear=tuple(present))
