@@ -418,3 +418,46 @@ def test_whole_step_only_for_fixed_depth_runs() -> None:
     assert isinstance(state.whole, WholeStep) and state.whole.model is state.model
     state = _build(TrainConfig.from_dict({"model": small, "compile": True}), env, None)
     assert state.whole is None
+
+
+def test_fixed_depth_training_with_compile_runs_the_whole_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # eqloop train --compile at a fixed depth with the jvp penalty: every step runs the
+    # WholeStep (one graph per penalty on/off), and the run equals the eager run.
+    import eqloop.compiling
+    from eqloop.config import TrainConfig
+    from eqloop.train import train
+
+    made: list[Any] = []
+    compile_function = eqloop.compiling.compile_function
+
+    def quick(fn: Any, **kwargs: Any) -> Any:  # aot_eager: seconds, not minutes
+        made.append(fn)
+        return compile_function(fn, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(eqloop.compiling, "compile_function", quick)
+    run = dict(
+        model=dict(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=16),
+        digits=2,
+        n_train=64,
+        n_test=16,
+        batch_size=16,
+        steps=4,
+        depth={"kind": "fixed", "t": 2},
+        penalty_start=2,
+        penalty_product="jvp",
+        eval_every=0,
+        eval_loops=[2],
+        log_every=2,
+        data_cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
+    eager = train(TrainConfig.from_dict({**run, "out_dir": str(tmp_path / "eager")}))
+    fast = train(TrainConfig.from_dict({**run, "out_dir": str(tmp_path / "c"), "compile": True}))
+    wholes = [fn for fn in made if getattr(fn, "__name__", "") == "_whole_loss"]
+    assert len(wholes) == 1 and wholes[0].__self__.counts == {2}
+    assert fast["train"]["penalty"] is not None  # the last step ran the penalty
+    for key in ("loss", "ce", "penalty", "grad_norm"):
+        want, got = eager["train"][key], fast["train"][key]
+        assert got == pytest.approx(want, rel=1e-4), key
