@@ -33,6 +33,8 @@ the same values. A non-finite loss or gradient norm stops the run with
 checkpoint is the last finite one. ``compile`` runs the model's per-loop step compiled
 (:func:`eqloop.compile_model`); the penalty differentiates the eager step, and with
 ``penalty_product="jvp"`` runs compiled as a whole (forward-mode product and its backward).
+At a fixed depth the forward, loss and jvp penalty compile as one graph
+(:class:`eqloop.compiling.WholeStep`).
 
 Every step draws one loop count ``t`` from the depth sampler (the same ``t`` on every
 rank, logged), runs the model ``t`` loops and minimises
