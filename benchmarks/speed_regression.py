@@ -30,8 +30,11 @@ of a 3-digit addition example):
 
 With ``--compile`` the two sides are this tree run eager ("baseline" in the table) and
 compiled ("current", inductor, before the warm-up: ``--compile step`` is
-``eqloop.compile_model(model)``, the per-loop step, as ``eqloop train --compile`` runs it;
-``--compile model`` is ``torch.compile(model)``, the whole forward), on
+``eqloop.compile_model(model)``, the per-loop step, as ``eqloop train --compile`` runs it
+at a random depth; ``--compile whole`` adds ``eqloop.compiling.WholeStep``, the forward,
+loss and jvp penalty as one graph for the fixed loop count, as ``eqloop train --compile``
+runs it at a fixed depth; ``--compile model`` is ``torch.compile(model)``, the whole
+forward), on
 the ``train`` workload (``--workloads train stars`` adds the STARS step); the JSON also
 holds each side's ``setup_s``: the wall time of building the model and running the
 warm-up; ``setup_extra_s``, the compiled side's minus the eager side's, is the compile
@@ -43,6 +46,8 @@ Usage:
         --json benchmarks/results/compiled_train_step.json   # eager vs compiled step
     OMP_NUM_THREADS=1 python benchmarks/speed_regression.py --compile step --loops 8 \\
         --workloads train stars --json benchmarks/results/compiled_stars_step.json
+    OMP_NUM_THREADS=1 python benchmarks/speed_regression.py --compile whole --loops 8 \\
+        --workloads train stars --json benchmarks/results/compiled_whole_step.json
     OMP_NUM_THREADS=1 python benchmarks/speed_regression.py \\
         --json benchmarks/results/speed_regression.json      # a few minutes
     python benchmarks/speed_regression.py --quick --baseline HEAD   # seconds (tests)
@@ -102,11 +107,15 @@ torch.manual_seed(0)
 config = TrainConfig()
 model = LoopLM(config.model)
 net = model  # what the training step runs forward
-if settings["compile"] == "step":
+whole = None  # --compile whole: the fixed-depth loss compiled as one graph
+if settings["compile"] in ("step", "whole"):
     from eqloop import compile_model
     compile_model(model, backend=settings["backend"])
 elif settings["compile"] == "model":
     net = torch.compile(model, backend=settings["backend"])
+if settings["compile"] == "whole":
+    from eqloop.compiling import WholeStep
+    whole = WholeStep(model, lam=config.lam, backend=settings["backend"])
 optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
 g = torch.Generator().manual_seed(1)
 inputs = torch.randint(0, config.model.vocab_size, (settings["batch"], 13), generator=g)
@@ -122,7 +131,7 @@ pen_gen = torch.Generator().manual_seed(2)
 
 def train():
     train_step(net, model, optimizer, inputs, targets, settings["loops"], config,
-               penalty_on=False)
+               penalty_on=False, whole=whole)
 
 def solve():
     with torch.no_grad():
@@ -130,7 +139,7 @@ def solve():
 
 def stars():
     train_step(net, model, optimizer, inputs, targets, settings["loops"], stars_config,
-               penalty_on=True, generator=pen_gen)
+               penalty_on=True, generator=pen_gen, whole=whole)
 
 work = {"train": train, "solve": solve, "stars": stars}
 first_call = {}
@@ -300,11 +309,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny run for tests (seconds)")
     p.add_argument(
         "--compile",
-        choices=("step", "model"),
+        choices=("step", "whole", "model"),
         help="compare this tree eager (baseline) with compiled (current) instead of a "
         "revision: 'step' = eqloop.compile_model (the per-loop step, what --compile of the "
-        "eqloop commands does), 'model' = torch.compile(model) (the whole forward, one graph "
-        "per loop count)",
+        "eqloop commands does at a random depth), 'whole' = that and eqloop.compiling.WholeStep "
+        "(forward, loss and jvp penalty as one graph per loop count, what eqloop train "
+        "--compile does at a fixed depth), 'model' = torch.compile(model) (the whole forward, "
+        "one graph per loop count)",
     )
     p.add_argument(
         "--workloads",

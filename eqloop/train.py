@@ -33,6 +33,8 @@ the same values. A non-finite loss or gradient norm stops the run with
 checkpoint is the last finite one. ``compile`` runs the model's per-loop step compiled
 (:func:`eqloop.compile_model`); the penalty differentiates the eager step, and with
 ``penalty_product="jvp"`` runs compiled as a whole (forward-mode product and its backward).
+At a fixed depth the forward, loss and jvp penalty compile as one graph
+(:class:`eqloop.compiling.WholeStep`).
 
 Every step draws one loop count ``t`` from the depth sampler (the same ``t`` on every
 rank, logged), runs the model ``t`` loops and minimises
@@ -103,7 +105,7 @@ from eqloop.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from eqloop.compiling import compile_model, eager_map
+from eqloop.compiling import WholeStep, compile_model, eager_map
 from eqloop.config import TrainConfig, penalty_start_step
 from eqloop.data import IGNORE_INDEX, CharTokenizer, to_tensors
 from eqloop.defaults import (
@@ -257,6 +259,7 @@ def train_step(
     *,
     penalty_on: bool,
     generator: torch.Generator | None = None,
+    whole: WholeStep | None = None,
 ) -> dict[str, Tensor | int | None]:
     """One optimisation step; returns (rank-local) loss and solve statistics.
 
@@ -277,6 +280,8 @@ def train_step(
             ``grad_clip``, ``backward`` and ``solve``.
         penalty_on: add the STARS penalty (weight ``lam``) to the loss.
         generator: random start vectors of the penalty.
+        whole: the compiled whole loss (fixed depth, ``WholeStep.for_training``), used
+            when it covers the step and ``net`` is ``model``.
 
     Returns:
         0-d detached tensors: ``loss``, ``ce``, ``penalty`` and ``rho`` (the penalty's
@@ -285,27 +290,32 @@ def train_step(
         :func:`eqloop.training.solve.solve_stats` as
         device tensors and ints.
     """
-    logits, info = _forward(net, inputs, loops, config)
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-    loss, penalty, rho = ce, None, None
-    if penalty_on:
-        f = eager_map(model, info.f)  # second-order/forward-mode AD needs the eager step
-        point, start = penalty_point(f, info.z, config, generator)
-        product = "jvp" if start is not None else config.penalty_product
-        result = jsrr_penalty(
-            f,
-            point,
-            product=product,
-            power_steps=config.power_steps,
-            v=start,
-            target=config.penalty_target,
-            generator=generator,
-            return_details=True,
-            # compiled: the jvp product as one graph with its backward (inductor)
-            compile_options={} if config.compile and product == "jvp" else None,
-        )
-        loss = (1 - config.lam) * ce + config.lam * result.penalty
-        penalty, rho = result.penalty.detach(), result.rho.detach().mean()
+    info = None
+    if whole is not None and net is model and whole.covers(loops, penalty_on):
+        # fixed depth, compiled: forward, CE and the jvp penalty as one graph per count
+        loss, ce, penalty, rho = whole(inputs, targets, loops, penalty_on, generator)
+    else:
+        logits, info = _forward(net, inputs, loops, config)
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss, penalty, rho = ce, None, None
+        if penalty_on:
+            f = eager_map(model, info.f)  # second-order/forward-mode AD needs the eager step
+            point, start = penalty_point(f, info.z, config, generator)
+            product = "jvp" if start is not None else config.penalty_product
+            result = jsrr_penalty(
+                f,
+                point,
+                product=product,
+                power_steps=config.power_steps,
+                v=start,
+                target=config.penalty_target,
+                generator=generator,
+                return_details=True,
+                # compiled: the jvp product as one graph with its backward (inductor)
+                compile_options={} if config.compile and product == "jvp" else None,
+            )
+            loss = (1 - config.lam) * ce + config.lam * result.penalty
+            penalty, rho = result.penalty.detach(), result.rho.detach().mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
@@ -316,7 +326,7 @@ def train_step(
         "penalty": penalty,
         "rho": rho,
         "grad_norm": grad_norm.detach(),
-        **solve_stats(info, config.solve),
+        **(solve_stats(info, config.solve) if info is not None else {}),
     }
 
 
@@ -352,6 +362,7 @@ class _State:
     train_time: float = 0.0
     last_eval: dict[str, Any] | None = None
     last_train: dict[str, Any] | None = None
+    whole: WholeStep | None = None  # the compiled whole loss at a fixed depth
 
     def metrics(self) -> dict[str, Any]:
         """The metrics stored with a checkpoint and returned by :func:`train`."""
@@ -413,6 +424,7 @@ def _build(config: TrainConfig, env: RunEnv, ckpt: Checkpoint | None) -> _State:
         model.load_state_dict(initial_weights(config))
     if config.compile:  # in place, before the DDP wrapper; the penalty stays eager
         compile_model(model)
+        state.whole = WholeStep.for_training(model, config)
     if ckpt is not None:
         saved = ckpt.training_state(map_location=env.device)
         scheduled = saved["scheduler"].get("last_epoch")
@@ -537,6 +549,7 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
             config,
             penalty_on=config.lam > 0 and schedule.active(step),
             generator=generator,
+            whole=state.whole,
         )
         state.scheduler.step()
         return stats, loops, lr

@@ -301,3 +301,163 @@ def test_huginn_random_initial_state_is_one_graph(tiny_pretrained: dict[str, Any
     std = model.config.init_std * model.config.embed_scale
     assert 0 < state.abs().max() <= 3 * std * (1 + 1e-12)
     assert 0.5 * std < state.std() < 1.5 * std
+
+
+# --------------------------------------------------- the fixed-depth loss as one graph
+
+WHOLE_COUNTER = CompileCounterWithBackend("aot_eager")
+
+
+def whole_step_run(
+    whole: bool, penalty_on: bool, loops: int, backend: Any = None
+) -> tuple[dict[str, Any], LoopLM]:
+    """One train_step of a float64 LoopLM (train mode), with or without a WholeStep.
+
+    ``backend`` compiles the WholeStep (default: ``WHOLE_COUNTER``).
+    """
+    from eqloop.compiling import WholeStep
+    from eqloop.config import TrainConfig
+    from eqloop.train import train_step
+
+    model = looplm().train()
+    config = TrainConfig(lam=0.3, penalty_product="jvp", depth={"kind": "fixed", "t": loops})
+    # the counting backend over aot_eager: seconds, and the graphs are counted
+    backend = WHOLE_COUNTER if backend is None else backend
+    step = WholeStep(model, lam=config.lam, backend=backend) if whole else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    targets = tokens(3, low=0)
+    targets[:, :2] = -100
+    stats = train_step(
+        model,
+        model,
+        optimizer,
+        tokens(3),
+        targets,
+        loops,
+        config,
+        penalty_on=penalty_on,
+        generator=torch.Generator().manual_seed(5),
+        whole=step,
+    )
+    return stats, model
+
+
+@pytest.mark.parametrize("penalty_on", [False, True])
+def test_whole_step_equals_eager_train_step(penalty_on: bool) -> None:
+    # Issue 22 CPU target: at a fixed depth the forward, CE and jvp penalty compile as one
+    # graph; the step's statistics and updated weights equal the eager step's (float64).
+    WHOLE_COUNTER.clear()
+    eager, eager_model = whole_step_run(False, penalty_on, 3)
+    fast, fast_model = whole_step_run(True, penalty_on, 3)
+    assert WHOLE_COUNTER.frame_count == 1  # the whole loss: one graph, no break
+    for key in ("loss", "ce", "penalty", "rho", "grad_norm"):
+        if eager[key] is None:
+            assert fast[key] is None and not penalty_on
+        else:
+            torch.testing.assert_close(fast[key], eager[key], rtol=1e-10, atol=1e-12)
+    for (name, a), b in zip(eager_model.named_parameters(), fast_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.slow
+def test_whole_step_equals_eager_train_step_inductor() -> None:
+    # The real compiler (inductor, max_autotune, math attention on the CPU), float64.
+    eager, eager_model = whole_step_run(False, True, 2)
+    fast, fast_model = whole_step_run(True, True, 2, backend="inductor")
+    for key in ("loss", "ce", "penalty", "rho", "grad_norm"):
+        torch.testing.assert_close(fast[key], eager[key], rtol=1e-9, atol=1e-11)
+    for a, b in zip(eager_model.parameters(), fast_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+
+
+def test_whole_step_graphs_per_loop_count_are_bounded() -> None:
+    # One graph per loop count (and per penalty on/off), reused; past max_counts a new
+    # count is not covered, and train_step runs the ordinary path for it.
+    from eqloop.compiling import WholeStep
+
+    model = looplm().train()
+    counter = CompileCounterWithBackend("aot_eager")
+    whole = WholeStep(model, lam=0.1, max_counts=2, backend=counter)
+    x = tokens(2)
+    for loops in (2, 3, 2, 3):
+        whole(x, x, loops, False)
+    assert counter.frame_count == 2 and whole.counts == {2, 3}
+    assert whole.covers(3, True) and not whole.covers(4, False) and not whole.covers(None, False)
+    with pytest.raises(ValueError, match=r"does not cover loops=4.*max_counts=2"):
+        whole(x, x, 4, False)
+    assert counter.frame_count == 2
+    no_penalty = WholeStep(model, lam=0.1, penalty=False, backend=counter)
+    with pytest.raises(ValueError, match="penalty only when built with penalty=True"):
+        no_penalty(x, x, 2, True)
+    with pytest.raises(ValueError, match="max_counts must lie in"):
+        WholeStep(model, lam=0.1, max_counts=0)
+    with pytest.raises(TypeError, match="WholeStep needs an eqloop LoopLM"):
+        WholeStep(torch.nn.Linear(2, 2), lam=0.1)  # type: ignore[arg-type]
+
+
+def test_whole_step_only_for_fixed_depth_runs() -> None:
+    # eqloop train --compile builds the whole loss only when every step fits it; random
+    # depth keeps compile_model's per-loop step (bounded graphs for loop counts 1..32).
+    from eqloop.compiling import WholeStep
+    from eqloop.config import TrainConfig
+    from eqloop.train import RunEnv, _build
+
+    fixed = {"kind": "fixed", "t": 4}
+    model = looplm().train()
+    assert WholeStep.for_training(model, TrainConfig()) is None  # lognormal depth
+    assert WholeStep.for_training(model, TrainConfig(depth=fixed, backward="ift")) is None
+    assert WholeStep.for_training(model, TrainConfig(depth=fixed, penalty_arnoldi=2)) is None
+    vjp = WholeStep.for_training(model, TrainConfig(depth=fixed))
+    assert vjp is not None and not vjp.penalty  # the paper's vjp penalty stays eager
+    jvp = WholeStep.for_training(model, TrainConfig(depth=fixed, penalty_product="jvp"))
+    assert jvp is not None and jvp.penalty
+    env = RunEnv(0, 1, torch.device("cpu"), False)
+    small = dict(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=16)
+    run = {"model": small, "compile": True, "depth": fixed}
+    state = _build(TrainConfig.from_dict(run), env, None)
+    assert isinstance(state.whole, WholeStep) and state.whole.model is state.model
+    state = _build(TrainConfig.from_dict({"model": small, "compile": True}), env, None)
+    assert state.whole is None
+
+
+def test_fixed_depth_training_with_compile_runs_the_whole_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # eqloop train --compile at a fixed depth with the jvp penalty: every step runs the
+    # WholeStep (one graph per penalty on/off), and the run equals the eager run.
+    import eqloop.compiling
+    from eqloop.config import TrainConfig
+    from eqloop.train import train
+
+    made: list[Any] = []
+    compile_function = eqloop.compiling.compile_function
+
+    def quick(fn: Any, **kwargs: Any) -> Any:  # aot_eager: seconds, not minutes
+        made.append(fn)
+        return compile_function(fn, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(eqloop.compiling, "compile_function", quick)
+    run = dict(
+        model=dict(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=16),
+        digits=2,
+        n_train=64,
+        n_test=16,
+        batch_size=16,
+        steps=4,
+        depth={"kind": "fixed", "t": 2},
+        penalty_start=2,
+        penalty_product="jvp",
+        eval_every=0,
+        eval_loops=[2],
+        log_every=2,
+        data_cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
+    eager = train(TrainConfig.from_dict({**run, "out_dir": str(tmp_path / "eager")}))
+    fast = train(TrainConfig.from_dict({**run, "out_dir": str(tmp_path / "c"), "compile": True}))
+    wholes = [fn for fn in made if getattr(fn, "__name__", "") == "_whole_loss"]
+    assert len(wholes) == 1 and wholes[0].__self__.counts == {2}
+    assert fast["train"]["penalty"] is not None  # the last step ran the penalty
+    for key in ("loss", "ce", "penalty", "grad_norm"):
+        want, got = eager["train"][key], fast["train"][key]
+        assert got == pytest.approx(want, rel=1e-4), key
