@@ -31,7 +31,7 @@ of a 3-digit addition example):
 With ``--compile`` the two sides are this tree run eager ("baseline" in the table) and
 compiled ("current", inductor, before the warm-up: ``--compile step`` is
 ``eqloop.compile_model(model)``, the per-loop step, as ``eqloop train --compile`` runs it
-at a random depth; ``--compile whole`` adds ``eqloop.compiling.WholeStep``, the forward,
+at a random depth; ``--compile whole`` adds ``eqloop.training.whole_step.WholeStep``, the forward,
 loss and jvp penalty as one graph for the fixed loop count, as ``eqloop train --compile``
 runs it at a fixed depth; ``--compile model`` is ``torch.compile(model)``, the whole
 forward), on
@@ -114,7 +114,7 @@ if settings["compile"] in ("step", "whole"):
 elif settings["compile"] == "model":
     net = torch.compile(model, backend=settings["backend"])
 if settings["compile"] == "whole":
-    from eqloop.compiling import WholeStep
+    from eqloop.training.whole_step import WholeStep
     whole = WholeStep(model, lam=config.lam, backend=settings["backend"])
 optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
 g = torch.Generator().manual_seed(1)
@@ -312,7 +312,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("step", "whole", "model"),
         help="compare this tree eager (baseline) with compiled (current) instead of a "
         "revision: 'step' = eqloop.compile_model (the per-loop step, what --compile of the "
-        "eqloop commands does at a random depth), 'whole' = that and eqloop.compiling.WholeStep "
+        "eqloop commands does at a random depth), 'whole' = that and "
+        "eqloop.training.whole_step.WholeStep "
         "(forward, loss and jvp penalty as one graph per loop count, what eqloop train "
         "--compile does at a fixed depth), 'model' = torch.compile(model) (the whole forward, "
         "one graph per loop count)",

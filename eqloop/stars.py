@@ -114,7 +114,7 @@ def _normalize(x: Tensor) -> Tensor:
     return x / _per_sample(_sample_norm(x).clamp_min(tiny), x)
 
 
-def _random_unit(z: Tensor, generator: torch.Generator | None) -> Tensor:
+def random_unit(z: Tensor, generator: torch.Generator | None) -> Tensor:
     """Random unit vectors shaped like ``z`` ``(B, ...)``, uniform on each sample's sphere."""
     noise = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=generator)
     return _normalize(noise)
@@ -122,7 +122,7 @@ def _random_unit(z: Tensor, generator: torch.Generator | None) -> Tensor:
 
 def _start_vectors(z: Tensor, v0: Tensor | None, generator: torch.Generator | None) -> Tensor:
     """Unit start vectors ``(B, ...)``: ``v0`` normalised, random where ``v0`` is absent or 0."""
-    fresh = _random_unit(z, generator)
+    fresh = random_unit(z, generator)
     if v0 is None:
         return fresh
     if v0.shape != z.shape:

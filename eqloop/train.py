@@ -34,7 +34,7 @@ checkpoint is the last finite one. ``compile`` runs the model's per-loop step co
 (:func:`eqloop.compile_model`); the penalty differentiates the eager step, and with
 ``penalty_product="jvp"`` runs compiled as a whole (forward-mode product and its backward).
 At a fixed depth the forward, loss and jvp penalty compile as one graph
-(:class:`eqloop.compiling.WholeStep`).
+(:class:`eqloop.training.whole_step.WholeStep`).
 
 Every step draws one loop count ``t`` from the depth sampler (the same ``t`` on every
 rank, logged), runs the model ``t`` loops and minimises
@@ -105,7 +105,7 @@ from eqloop.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from eqloop.compiling import WholeStep, compile_model, eager_map
+from eqloop.compiling import compile_model, eager_map
 from eqloop.config import TrainConfig, penalty_start_step
 from eqloop.data import IGNORE_INDEX, CharTokenizer, to_tensors
 from eqloop.defaults import (
@@ -137,6 +137,7 @@ from eqloop.training.run_dir import (  # re-exported: they were defined here
 )
 from eqloop.training.solve import quiet_solves, solve_forward, solve_stats
 from eqloop.training.timing import penalty_step_times
+from eqloop.training.whole_step import WholeStep
 
 __all__ = [
     "MetricsLog",

@@ -315,9 +315,9 @@ def whole_step_run(
 
     ``backend`` compiles the WholeStep (default: ``WHOLE_COUNTER``).
     """
-    from eqloop.compiling import WholeStep
     from eqloop.config import TrainConfig
     from eqloop.train import train_step
+    from eqloop.training.whole_step import WholeStep
 
     model = looplm().train()
     config = TrainConfig(lam=0.3, penalty_product="jvp", depth={"kind": "fixed", "t": loops})
@@ -373,7 +373,7 @@ def test_whole_step_equals_eager_train_step_inductor() -> None:
 def test_whole_step_graphs_per_loop_count_are_bounded() -> None:
     # One graph per loop count (and per penalty on/off), reused; past max_counts a new
     # count is not covered, and train_step runs the ordinary path for it.
-    from eqloop.compiling import WholeStep
+    from eqloop.training.whole_step import WholeStep
 
     model = looplm().train()
     counter = CompileCounterWithBackend("aot_eager")
@@ -398,9 +398,9 @@ def test_whole_step_graphs_per_loop_count_are_bounded() -> None:
 def test_whole_step_only_for_fixed_depth_runs() -> None:
     # eqloop train --compile builds the whole loss only when every step fits it; random
     # depth keeps compile_model's per-loop step (bounded graphs for loop counts 1..32).
-    from eqloop.compiling import WholeStep
     from eqloop.config import TrainConfig
     from eqloop.train import RunEnv, _build
+    from eqloop.training.whole_step import WholeStep
 
     fixed = {"kind": "fixed", "t": 4}
     model = looplm().train()
@@ -426,6 +426,7 @@ def test_fixed_depth_training_with_compile_runs_the_whole_step(
     # eqloop train --compile at a fixed depth with the jvp penalty: every step runs the
     # WholeStep (one graph per penalty on/off), and the run equals the eager run.
     import eqloop.compiling
+    import eqloop.training.whole_step
     from eqloop.config import TrainConfig
     from eqloop.train import train
 
@@ -437,6 +438,7 @@ def test_fixed_depth_training_with_compile_runs_the_whole_step(
         return compile_function(fn, **{**kwargs, "backend": "aot_eager"})
 
     monkeypatch.setattr(eqloop.compiling, "compile_function", quick)
+    monkeypatch.setattr(eqloop.training.whole_step, "compile_function", quick)
     run = dict(
         model=dict(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=16),
         digits=2,

@@ -16,6 +16,8 @@ objective; everything a run does the same way lives here:
 * ``solve``: training at the fixed point (a config's ``solve``): the solving forward, the
   solves' statistics of a step and the once-per-run warning when a solve did not converge;
 * ``timing``: the step time with and without the STARS penalty;
+* ``whole_step``: the training loss at a fixed loop count compiled as one graph per count
+  (what ``--compile`` uses at a fixed depth);
 * ``flags``: the command-line flags every training command shares (no torch import, so
   ``eqloop --help`` stays fast).
 
