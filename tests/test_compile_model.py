@@ -426,7 +426,6 @@ def test_fixed_depth_training_with_compile_runs_the_whole_step(
     # eqloop train --compile at a fixed depth with the jvp penalty: every step runs the
     # WholeStep (one graph per penalty on/off), and the run equals the eager run.
     import eqloop.compiling
-    import eqloop.training.whole_step
     from eqloop.config import TrainConfig
     from eqloop.train import train
 
@@ -438,7 +437,6 @@ def test_fixed_depth_training_with_compile_runs_the_whole_step(
         return compile_function(fn, **{**kwargs, "backend": "aot_eager"})
 
     monkeypatch.setattr(eqloop.compiling, "compile_function", quick)
-    monkeypatch.setattr(eqloop.training.whole_step, "compile_function", quick)
     run = dict(
         model=dict(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=16),
         digits=2,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from eqloop.compiling import compile_function, eager_core_step
+from eqloop import compiling
 from eqloop.model import LoopLM
 from eqloop.stars import jsrr_penalty, random_unit
 
@@ -56,8 +56,8 @@ class WholeStep:
         max_counts: most loop counts compiled; None: torch's recompile limit
             (``torch._dynamo.config.recompile_limit``), past which torch would stop
             compiling the function.
-        **compile_kwargs: passed to :func:`compile_function` (``fullgraph=True`` and
-            ``dynamic=False`` unless given: a static loop count per graph; under inductor
+        **compile_kwargs: passed to :func:`eqloop.compiling.compile_function` (``fullgraph=True``
+            and ``dynamic=False`` unless given: a static loop count per graph; under inductor
             without a ``mode``, ``options`` gets ``max_autotune=True`` unless it says
             otherwise).
     """
@@ -86,13 +86,13 @@ class WholeStep:
         self.power_steps, self.target = power_steps, target
         self.counts: set[int] = set()  # loop counts compiled so far
         # The uncompiled step for the penalty's jvp, bound here: the trace cannot build it.
-        self._eager_step = eager_core_step(model)
+        self._eager_step = compiling.eager_core_step(model)
         options = {"fullgraph": True, "dynamic": False, **compile_kwargs}
         if options.get("backend", "inductor") == "inductor" and "mode" not in options:
             # Autotuned GEMMs: on the CPU inductor's templated micro-GEMMs beat the library
             # bmm for attention's many tiny products (head_dim 8, 13 tokens: up to 10x).
             options["options"] = {"max_autotune": True, **(options.get("options") or {})}
-        self._loss = compile_function(self._whole_loss, **options)
+        self._loss = compiling.compile_function(self._whole_loss, **options)
 
     @classmethod
     def for_training(cls, model: LoopLM, config: TrainConfig) -> WholeStep | None:
