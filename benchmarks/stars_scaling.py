@@ -35,7 +35,8 @@ Variants (``--variants`` takes names or the group names in brackets):
   [internal]   beyond the paper: STARS on internal-norm blocks
     stars_pre, stars_pre_sandwich
   [options]    the penalty options on stars_pre: at the solver's fixed point, a hinge
-               target, more power steps, the Arnoldi direction
+               target, more power steps, the Arnoldi direction; stars_arnoldi: the
+               Arnoldi direction on the post-sandwich stars recipe
   [fixed_point] stars with the penalty at the solver's fixed point (a solve every step:
                about 8x the cost of a stars step)
   [equilibrium] trained AT the fixed point (TrainConfig.solve, recipe in :data:`DEQ`):
@@ -271,6 +272,13 @@ def _variants() -> dict[str, Variant]:
             "stars_pre, product along an 8-step Ritz vector",
             {**stars, **pre, "penalty_arnoldi": 8},
             "baseline_pre",
+        ),
+        Variant(
+            "stars_arnoldi",
+            "options",
+            "stars, product along an 8-step Ritz vector (the dominant direction)",
+            {**stars, "penalty_arnoldi": 8},
+            "baseline",
         ),
         Variant(
             "deq_ift",
