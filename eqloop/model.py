@@ -21,9 +21,9 @@ inside :func:`sdpa_math`, which selects the math attention kernel.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from eqloop.config import ConfigBase
 from eqloop.looped import LoopedLM
 from solvers import checks
 
@@ -64,8 +65,12 @@ _NORM_EPS = 1e-5
 
 
 @dataclass
-class LoopLMConfig:
-    """Hyperparameters of a :class:`LoopLM`. Defaults follow the STARS addition setup."""
+class LoopLMConfig(ConfigBase):
+    """Hyperparameters of a :class:`LoopLM`. Defaults follow the STARS addition setup.
+
+    ``to_dict``/``from_dict`` (unknown keys are errors naming them) come from
+    :class:`eqloop.config.ConfigBase`; a config is validated when it is made.
+    """
 
     vocab_size: int = 32  # number of token ids; set it from the tokenizer
     d_model: int = 512  # width of the residual stream and of the recurrent state z
@@ -94,6 +99,7 @@ class LoopLMConfig:
     init_std: float = 0.02  # std of the normal init of Linear and Embedding weights
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.init_state is None:
             self.init_state = "input" if self.injection == "none" else "zeros"
         self.validate()
@@ -145,26 +151,6 @@ class LoopLMConfig:
     def head_dim(self) -> int:
         """Width of one attention head, ``d_model // n_heads``."""
         return self.d_model // self.n_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        """All fields as a JSON-serialisable dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LoopLMConfig:
-        """Build a config from a dict; missing keys take their defaults.
-
-        Raises:
-            ValueError: ``data`` has keys that are not fields (they are listed), or a value
-                is invalid.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown LoopLMConfig keys: {unknown}; valid keys are {sorted(known)}"
-            )
-        return cls(**dict(data))
 
 
 # ------------------------------------------------------------------------ building blocks

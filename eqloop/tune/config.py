@@ -7,7 +7,7 @@ import inspect
 import json
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -15,7 +15,7 @@ import optuna
 from optuna import distributions as od
 from optuna import pruners, samplers
 
-from eqloop.config import TrainConfig, load_config
+from eqloop.config import ConfigBase, TrainConfig, load_config
 from eqloop.overrides import apply_overrides, load_config_data, merge_config
 from solvers import checks
 
@@ -82,7 +82,7 @@ def suggest(trial: optuna.Trial, name: str, dist: od.BaseDistribution) -> Any:
 
 
 @dataclass
-class TuneConfig:
+class TuneConfig(ConfigBase):
     """Everything that defines a study and how a worker runs it (see ``eqloop.tune``)."""
 
     study_name: str = "stars-lam"  # several studies may share one storage
@@ -193,10 +193,6 @@ class TuneConfig:
                 except ValueError as err:
                     raise ValueError(f"space.{name}={value!r} is not valid: {err}") from err
         return base
-
-    def to_dict(self) -> dict[str, Any]:
-        """All fields as a JSON-serialisable dict."""
-        return asdict(self)
 
 
 def _check_kwargs(cls: type, options: Mapping[str, Any], what: str, *reserved: str) -> None:
