@@ -550,13 +550,15 @@ def load_config(
             :func:`eqloop.overrides.load_config_data`.
         overrides: ``key=value`` strings applied after the file, parsed by field type
             (see :func:`apply_overrides`).
-        values: typed values applied last (the command line's own flags).
+        values: typed values applied last (the command line's own flags; see
+            :func:`eqloop.overrides.load_config_data`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: unreadable file, unknown keys or invalid values.
         TypeError: values of the wrong type.
     """
-    data = load_config_data(TrainConfig().to_dict(), path, overrides, schema=TrainConfig)
-    data.update(values or {})
+    data = load_config_data(
+        TrainConfig().to_dict(), path, overrides, schema=TrainConfig, values=values
+    )
     return TrainConfig.from_dict(data)

@@ -390,8 +390,10 @@ def load_config_data(
     overrides: Iterable[str],
     *,
     schema: type,
+    values: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A config as a dict: ``defaults``, then the file at ``path``, then ``overrides``.
+    """A config as a dict: ``defaults``, then the file at ``path``, then ``overrides``, then
+    ``values``.
 
     The one loader of the ``train``, ``finetune`` and ``tune`` commands (see the module
     docstring).
@@ -402,6 +404,9 @@ def load_config_data(
         overrides: ``key=value`` strings (:func:`apply_overrides`).
         schema: the config dataclass; the file's and the overrides' keys are checked
             against it, the overrides' values parsed by its field types.
+        values: typed values applied last, by the file's merge rule (the command line's
+            own flags, :func:`eqloop.training.flags.flag_values`; ``{"lora": {}}`` switches
+            a section on with its defaults unless the config already sets it).
 
     Returns:
         A new dict (not yet validated: the config's ``from_dict`` does that).
@@ -415,4 +420,5 @@ def load_config_data(
     if path is not None:
         loaded = read_config_file(path, data, kind=schema.__name__)
         data = merge_config(data, loaded, schema=schema, where=str(path))
-    return apply_overrides(data, overrides, schema=schema)
+    data = apply_overrides(data, overrides, schema=schema)
+    return merge_config(data, values or {}, schema=schema, where="the command-line flags")

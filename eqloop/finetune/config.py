@@ -284,9 +284,11 @@ def load_finetune_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Iterable[str] = (),
     *,
+    values: Mapping[str, Any] | None = None,
     complete: bool = True,
 ) -> FinetuneConfig:
-    """A validated :class:`FinetuneConfig` from defaults, an optional file and overrides.
+    """A validated :class:`FinetuneConfig` from defaults, an optional file, overrides and
+    typed values (the command line's flags, applied last).
 
     Read as ``eqloop train`` reads its config (:func:`eqloop.overrides.load_config_data`): a
     file's ``lora`` or ``solve`` section updates its defaults entry by entry, so
@@ -299,5 +301,7 @@ def load_finetune_config(
         ValueError: unreadable file, unknown keys or invalid values.
         TypeError: a section of the file that is not an object/table.
     """
-    data = load_config_data(FinetuneConfig().to_dict(), path, overrides, schema=FinetuneConfig)
+    data = load_config_data(
+        FinetuneConfig().to_dict(), path, overrides, schema=FinetuneConfig, values=values
+    )
     return FinetuneConfig.from_dict(data, complete=complete)

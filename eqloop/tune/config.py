@@ -201,8 +201,13 @@ def _check_kwargs(cls: type, options: Mapping[str, Any], what: str, *reserved: s
         raise ValueError(f"{what}: unknown options {unknown}; {cls.__name__} takes {accepted}")
 
 
-def load_tune_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TuneConfig:
-    """A :class:`TuneConfig` from defaults, an optional file and ``key=value`` overrides.
+def load_tune_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    values: Mapping[str, Any] | None = None,
+) -> TuneConfig:
+    """A :class:`TuneConfig` from defaults, an optional file, ``key=value`` overrides and
+    typed ``values`` (the command line's flags, applied last).
 
     Read as ``eqloop train`` reads its config (:func:`eqloop.overrides.load_config_data`:
     JSON or TOML by suffix, one merge rule, unknown keys are errors). An override
@@ -219,7 +224,8 @@ def load_tune_config(path: str | Path | None = None, overrides: Sequence[str] = 
     items = [item.strip() for item in overrides]
     on_base = [item.removeprefix("base.") for item in items if item.startswith("base.")]
     rest = [item for item in items if not item.startswith("base.")]
-    config = TuneConfig(**load_config_data(TuneConfig().to_dict(), path, rest, schema=TuneConfig))
+    defaults = TuneConfig().to_dict()
+    config = TuneConfig(**load_config_data(defaults, path, rest, schema=TuneConfig, values=values))
     if on_base:
         try:
             data = apply_overrides(config.train_data(), on_base, schema=TrainConfig)
