@@ -1,4 +1,10 @@
-"""The training configuration: one dataclass, loaded from JSON or TOML, overridable by flags.
+"""The config base of every eqloop config, and the training configuration.
+
+:class:`ConfigBase` gives every config dataclass (``LoopLMConfig``, ``SolveConfig``,
+``TrainConfig``, ``FinetuneConfig``, ``LoraOptions``, ``TuneConfig``) its ``to_dict`` /
+``from_dict``, the one unknown-keys error and the section rule; files and ``--set``
+overrides are read by :func:`eqloop.overrides.load_config_data`. :class:`TrainConfig` is
+one dataclass, loaded from JSON or TOML, overridable by flags.
 
 Example::
 

@@ -21,10 +21,12 @@ inside :func:`sdpa_math`, which selects the math attention kernel.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from eqloop.config import ConfigBase
+from eqloop.files import atomic_path, read_json, staged_directory, write_json_atomic
 from eqloop.looped import LoopedLM
 from solvers import checks
 
@@ -59,6 +62,8 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post", "pre_sandwich", "post_sandwich")
 
 _NORM_EPS = 1e-5
+_CONFIG_FILE = "config.json"  # the files of LoopLM.save_pretrained (Hugging Face layout)
+_WEIGHTS_FILE = "model.safetensors"
 
 
 # ----------------------------------------------------------------------------- config
@@ -359,6 +364,8 @@ class LoopLM(LoopedLM):
         torch.Size([4, 8, 16])
     """
 
+    model_type: ClassVar[str] = "looplm"  # config.json's model_type (see save_pretrained)
+
     def __init__(self, config: LoopLMConfig) -> None:
         super().__init__()
         config.validate()  # catches fields changed after construction
@@ -396,6 +403,103 @@ class LoopLM(LoopedLM):
     def num_parameters(self) -> int:
         """Number of trainable scalars (the tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+    # -- the model directory (Hugging Face layout) ---------------------------------------
+
+    def save_pretrained(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the model as a directory in the layout of Ouro's and Huginn's checkpoints.
+
+        ``config.json`` holds ``model_type: "looplm"``, the :class:`LoopLMConfig` fields and
+        the weights' ``torch_dtype``; ``model.safetensors`` the state dict. Load it with
+        :func:`eqloop.pretrained.load` (or :meth:`from_pretrained`). The directory is
+        written beside ``path`` and renamed into place (:func:`eqloop.files.staged_directory`),
+        so it appears whole or not at all. Training state (optimizer, step) is not saved:
+        it lives in the run's step checkpoints (:mod:`eqloop.checkpoint`).
+
+        Args:
+            path: the directory (created with its parents).
+            overwrite: replace the whole directory if it exists and is not empty.
+
+        Returns:
+            The directory.
+
+        Raises:
+            FileExistsError: ``path`` is a file, or a non-empty directory without
+                ``overwrite``.
+        """
+        from safetensors.torch import save_file
+
+        checks.boolean("overwrite", overwrite)
+        directory = Path(path)
+        if directory.exists() and not directory.is_dir():
+            raise FileExistsError(f"{str(directory)!r} exists and is not a directory")
+        if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"{str(directory)!r} is not empty; pass overwrite=True to replace it"
+            )
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        dtype = str(self.tok_emb.weight.dtype).removeprefix("torch.")
+        config = {"model_type": self.model_type, "torch_dtype": dtype, **self.config.to_dict()}
+        with staged_directory(directory) as staging:
+            with atomic_path(staging / _WEIGHTS_FILE) as tmp:
+                save_file(weights, str(tmp), metadata={"format": "pt"})
+            write_json_atomic(staging / _CONFIG_FILE, config)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> LoopLM:
+        """Load a directory written by :meth:`save_pretrained`, in eval mode.
+
+        Args:
+            path: the directory (``config.json`` and ``model.safetensors``).
+            dtype: parameter dtype; None keeps the saved one.
+            device: where the parameters go (default CPU).
+
+        Raises:
+            FileNotFoundError: no ``config.json`` or ``model.safetensors``.
+            ValueError: a file eqloop cannot use, named in the message with the key: not
+                JSON, another ``model_type``, unknown or invalid config fields, damaged
+                weights, or weights that do not fit the config.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        directory = Path(path)
+        config_file, weights_file = directory / _CONFIG_FILE, directory / _WEIGHTS_FILE
+        for file in (config_file, weights_file):
+            if not file.is_file():
+                raise FileNotFoundError(f"{file} does not exist: not a saved LoopLM directory")
+        data = read_json(config_file)
+        if not isinstance(data, dict) or data.get("model_type") != cls.model_type:
+            found = data.get("model_type") if isinstance(data, dict) else data
+            raise ValueError(f"{config_file}: model_type must be {cls.model_type!r}, got {found!r}")
+        fields = {k: v for k, v in data.items() if k not in ("model_type", "torch_dtype")}
+        try:
+            config = LoopLMConfig.from_dict(fields)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{config_file}: {err}") from None
+        try:
+            weights = load_file(str(weights_file))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(
+                f"{weights_file} is not a readable safetensors file ({err}): it is truncated "
+                "or damaged"
+            ) from None
+        model = cls(config)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
+            raise ValueError(f"{weights_file} does not fit {config_file}: {err}") from None
+        saved = weights["tok_emb.weight"].dtype
+        return model.to(device=device or "cpu", dtype=dtype or saved).eval()
 
     # -- the stages ----------------------------------------------------------------------
 
