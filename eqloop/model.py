@@ -77,6 +77,9 @@ class LoopLMConfig(ConfigBase):
     :class:`eqloop.config.ConfigBase`; a config is validated when it is made.
     """
 
+    # config.json's model_type in LoopLM.save_pretrained's directory (as OuroConfig's "ouro")
+    model_type: ClassVar[str] = "looplm"
+
     vocab_size: int = 32  # number of token ids; set it from the tokenizer
     d_model: int = 512  # width of the residual stream and of the recurrent state z
     n_heads: int = 8  # attention heads; must divide d_model
@@ -364,8 +367,6 @@ class LoopLM(LoopedLM):
         torch.Size([4, 8, 16])
     """
 
-    model_type: ClassVar[str] = "looplm"  # config.json's model_type (see save_pretrained)
-
     def __init__(self, config: LoopLMConfig) -> None:
         super().__init__()
         config.validate()  # catches fields changed after construction
@@ -439,7 +440,8 @@ class LoopLM(LoopedLM):
             )
         weights = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         dtype = str(self.tok_emb.weight.dtype).removeprefix("torch.")
-        config = {"model_type": self.model_type, "torch_dtype": dtype, **self.config.to_dict()}
+        config = {"model_type": self.config.model_type, "torch_dtype": dtype}
+        config.update(self.config.to_dict())
         with staged_directory(directory) as staging:
             with atomic_path(staging / _WEIGHTS_FILE) as tmp:
                 save_file(weights, str(tmp), metadata={"format": "pt"})
@@ -478,9 +480,10 @@ class LoopLM(LoopedLM):
             if not file.is_file():
                 raise FileNotFoundError(f"{file} does not exist: not a saved LoopLM directory")
         data = read_json(config_file)
-        if not isinstance(data, dict) or data.get("model_type") != cls.model_type:
+        expected = LoopLMConfig.model_type
+        if not isinstance(data, dict) or data.get("model_type") != expected:
             found = data.get("model_type") if isinstance(data, dict) else data
-            raise ValueError(f"{config_file}: model_type must be {cls.model_type!r}, got {found!r}")
+            raise ValueError(f"{config_file}: model_type must be {expected!r}, got {found!r}")
         fields = {k: v for k, v in data.items() if k not in ("model_type", "torch_dtype")}
         try:
             config = LoopLMConfig.from_dict(fields)

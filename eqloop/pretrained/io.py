@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from eqloop.files import STAGING_PREFIX, read_json
-from eqloop.model import LoopLM
+from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.pretrained.base import PretrainedLoopedLM
 from eqloop.pretrained.config import HuginnConfig, OuroConfig, config_from_dict
 from eqloop.pretrained.huginn import HuginnForCausalLM
@@ -44,7 +44,7 @@ __all__ = ["check_checkpoint", "is_pretrained_dir", "load", "load_config", "weig
 
 # eqloop's own models in this layout (written by their save_pretrained), by model_type:
 # load() hands such a directory to the class's from_pretrained.
-_OWN_MODELS: dict[str, type[LoopLM]] = {LoopLM.model_type: LoopLM}
+_OWN_MODELS: dict[str, type[LoopLM]] = {LoopLMConfig.model_type: LoopLM}
 
 # Weight dtypes eqloop computes with (safetensors header names); others are refused.
 _FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
