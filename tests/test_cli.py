@@ -479,3 +479,16 @@ def test_flags_are_applied_by_the_loader_after_the_file_and_the_sets(tmp_path: P
     assert load_finetune_config(None, ["init_from=x", "train_file=y"], values=values).lora == (
         LoraOptions()
     )
+
+
+def test_eval_pretrained_refuses_a_looplm_directory_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # eqloop.pretrained.load reads a LoopLM's save_pretrained directory; the Ouro/Huginn
+    # diagnostics say so instead of failing on an attribute the LoopLM does not have.
+    from eqloop.model import LoopLM, LoopLMConfig
+
+    config = LoopLMConfig(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=16)
+    directory = LoopLM(config).save_pretrained(tmp_path / "looplm")
+    _, line = exits_with_one_line(["eval", "--pretrained", str(directory), "--no-rho"], capsys)
+    assert "holds a LoopLM (model_type 'looplm'); eqloop eval --pretrained diagnoses" in line
