@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from scripts import run_experiment
+from helpers import run_experiment
 
 from eqloop.model import LoopLM
 from eqloop.train import make_train_tensors, train_step

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from scripts import run_experiment
+from helpers import run_experiment
 
 from eqloop.config import TrainConfig
 from eqloop.model import CausalSelfAttention, LoopLMConfig, rotary_tables

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scripts import run_experiment
+from helpers import run_experiment
 
 from experiments.stars_scaling.run import (
     FINETUNE,

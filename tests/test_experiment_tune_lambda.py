@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from scripts import run_experiment
+from helpers import run_experiment
 
 
 @pytest.mark.slow
