@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: timing, memory, tables, atomic output."""
+"""Helpers shared by the benchmark and experiment scripts: timing, memory, tables, atomic
+output, model shapes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from eqloop.files import write_json_atomic
 
 __all__ = [
+    "OURO_14B",
     "PeakMemory",
     "extra_peak_bytes",
     "format_table",
@@ -24,6 +26,10 @@ __all__ = [
     "print_written",
     "write_json_atomic",
 ]
+
+#: Ouro-1.4B's shape, from its config.json (PRETRAINED.md): the GPU benchmark builds it
+#: with random weights, the fine-tuning experiment estimates its memory from it.
+OURO_14B = {"vocab": 49152, "hidden": 2048, "ffn": 5632, "layers": 24, "heads": 16}
 
 
 def print_written(*paths: str | os.PathLike[str] | None) -> None:

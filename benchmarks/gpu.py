@@ -3,7 +3,7 @@
 One command, meant for one H100 (under 8 minutes), with random weights (nothing is
 downloaded). Two models:
 
-  ouro     Ouro-1.4B's shape (``OURO_14B`` of benchmarks/finetune_stars.py, from
+  ouro     Ouro-1.4B's shape (``OURO_14B`` of benchmarks/common.py, from
            PRETRAINED.md: vocabulary 49152, hidden 2048, FFN 5632, 24 layers, 16 heads,
            16 KV heads, 4 loops; 1.43B parameters) built from ``eqloop.pretrained``'s
            ``OuroConfig`` with ``init_weights``;
@@ -93,6 +93,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
+    OURO_14B,
     extra_peak_bytes,
     format_table,
     interleaved_times,
@@ -100,7 +101,6 @@ from benchmarks.common import (
     print_written,
     write_json_atomic,
 )
-from benchmarks.finetune_stars import OURO_14B
 from eqloop.backward import ConvergenceWarning
 from eqloop.config import TrainConfig
 from eqloop.finetune.config import FinetuneConfig
@@ -119,9 +119,9 @@ OURO_QUICK = {"vocab": 128, "hidden": 32, "ffn": 64, "layers": 2, "heads": 4}
 
 #: Batch shapes per model: forward (batch x seq), decode (batch, prompt, new tokens),
 #: training step and solve (batch x seq). The full Ouro step (512 tokens at 16 loops)
-#: needs about 60 GiB (benchmarks/results/finetune_memory.json: 3.6 GiB of bf16
-#: activations per loop and 1k tokens, 14.6 GiB of penalty per 1k tokens, 21.4 GiB of
-#: weights, gradients and AdamW states).
+#: needs about 60 GiB (experiments/finetune_stars/results/finetune_memory.json: 3.6 GiB of
+#: bf16 activations per loop and 1k tokens, 14.6 GiB of penalty per 1k tokens, 21.4 GiB
+#: of weights, gradients and AdamW states).
 SHAPES: dict[bool, dict[str, dict[str, int]]] = {
     False: {
         "ouro": dict(

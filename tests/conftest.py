@@ -1,5 +1,5 @@
-"""Shared pytest setup: ``tests/`` importable under any import mode (``problems.py``,
-``scripts.py``), and the fixtures several test files use."""
+"""Shared pytest setup: ``tests/`` importable under any import mode (``helpers.py``,
+``problems.py``, ``ranks.py``), and the fixtures several test files use."""
 
 from __future__ import annotations
 
@@ -13,6 +13,12 @@ import pytest
 _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One dataset cache per test module: the tiny datasets are generated once."""
+    return tmp_path_factory.mktemp("data-cache")
 
 
 @pytest.fixture

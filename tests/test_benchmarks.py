@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from scripts import run_benchmark
+from helpers import run_benchmark
 
 import solvers
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from scripts import run_benchmark
+from helpers import run_benchmark
 
 from benchmarks import gpu
 

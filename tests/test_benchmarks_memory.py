@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from scripts import run_benchmark
+from helpers import run_benchmark
 
 
 def test_memory_depth_quick_writes_json_and_plot(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from scripts import run_benchmark
+from helpers import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 

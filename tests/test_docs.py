@@ -1,11 +1,13 @@
-"""The README and docs/*.md: every Python block runs as written, every command shown exists.
+"""The README, docs/*.md and experiments/*/README.md: every Python block runs as written,
+every command shown exists, every link resolves.
 
 Each file's ```python blocks run in order, in one namespace per file, exactly as a reader
 would paste them; all files run in one fresh directory (the README first), so no page
 writes over another page's files. The
-commands of the ```bash blocks are not run; each ``eqloop``, ``eqloop-lm-eval`` and
-``benchmarks/*.py`` command must exist and every ``--flag`` it shows must be in its
-``--help``.
+commands of the ```bash blocks are not run; each ``eqloop``, ``eqloop-lm-eval``,
+``benchmarks/*.py`` and ``experiments/*/run.py`` command must exist and every ``--flag``
+it shows must be in its ``--help``. Every experiment is a folder with its script, its
+README and its results.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOC_FILES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+EXPERIMENTS = sorted(script.parent for script in (ROOT / "experiments").glob("*/run.py"))
+# The experiments' READMEs: their commands and links are checked like the docs pages'.
+EXPERIMENT_READMES = [path / "README.md" for path in EXPERIMENTS]
 
 # What running a file's blocks must leave behind (relative to its directory), beyond
 # running without an error: the files the snippets say they write.
@@ -137,9 +142,9 @@ def help_text(words: list[str]) -> str | None:
         main, argv = importlib.import_module("eqloop.cli").main, [words[1], "--help"]
     elif words[0] == "eqloop-lm-eval":  # lm-eval >= 0.4.10 lists its flags under `run`
         main, argv = importlib.import_module("eqloop.finetune.harness").main, ["run", "--help"]
-    elif words[0] == "python" and words[1].startswith("benchmarks/"):
+    elif words[0] == "python" and words[1].startswith(("benchmarks/", "experiments/")):
         module = importlib.import_module(words[1].removesuffix(".py").replace("/", "."))
-        main, argv = module.parse_args, ["--help"]
+        main, argv = getattr(module, "parse_args", module.main), ["--help"]
     else:
         return None
     out = io.StringIO()
@@ -152,7 +157,7 @@ def help_text(words: list[str]) -> str | None:
 def test_commands_shown_exist_with_their_flags() -> None:
     helps: dict[str, str | None] = {}
     checked = 0
-    for path in DOC_FILES:
+    for path in [*DOC_FILES, *EXPERIMENT_READMES]:
         for line, words in shell_commands(path):
             key = " ".join(words[:2])
             if key not in helps:
@@ -174,12 +179,13 @@ def _anchor(heading: str) -> str:
 
 
 def test_links_between_the_pages_resolve() -> None:
+    pages = [*DOC_FILES, *EXPERIMENT_READMES]
     anchors = {
         path.resolve(): {_anchor(m) for m in re.findall(r"^#+ (.*)$", path.read_text(), re.M)}
-        for path in DOC_FILES
+        for path in pages
     }
     checked = 0
-    for path in DOC_FILES:
+    for path in pages:
         for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text(encoding="utf-8")):
             if target.startswith(("http://", "https://")):
                 continue
@@ -190,3 +196,28 @@ def test_links_between_the_pages_resolve() -> None:
                 assert anchor in anchors.get(resolved, set()), f"{path.name}: no anchor {target}"
             checked += 1
     assert checked >= 30
+
+
+def test_every_experiment_is_a_folder_with_script_readme_and_results() -> None:
+    names = [path.name for path in EXPERIMENTS]
+    for name in ("stars_scaling", "finetune_stars", "tune_lambda", "equilibrium", "plateau"):
+        assert name in names, f"experiments/{name}/run.py is missing"
+        assert not (ROOT / "benchmarks" / f"{name}.py").exists(), f"benchmarks/{name}.py"
+    for path in EXPERIMENTS:
+        assert (path / "__init__.py").exists(), f"experiments/{path.name}/__init__.py"
+        assert any((path / "results").iterdir()), f"experiments/{path.name}/results is empty"
+        scripts = {words[1] for _, words in shell_commands(path / "README.md") if len(words) > 1}
+        assert f"experiments/{path.name}/run.py" in scripts, f"{path.name}/README.md: no command"
+
+
+def test_result_files_named_in_the_text_exist() -> None:
+    """Every ``benchmarks/results/...`` or ``experiments/*/results/...`` file the pages name
+    outside their command blocks (where they are outputs) is in the repository."""
+    checked = 0
+    for path in [*DOC_FILES, *EXPERIMENT_READMES]:
+        text = path.read_text(encoding="utf-8")
+        prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+        for name in re.findall(r"(?:benchmarks|experiments/\w+)/results/[\w.]+\.\w+", prose):
+            assert (ROOT / name).exists(), f"{path.name}: {name} does not exist"
+            checked += 1
+    assert checked >= 10

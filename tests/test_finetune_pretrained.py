@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_torchrun
 
 from eqloop import pretrained
 from eqloop.checkpoint import load_checkpoint
@@ -196,14 +194,7 @@ _VARIANTS = {
 def test_readme_recipe_runs_under_torchrun(root: Path, tmp_path: Path, variant: str) -> None:
     arch, extra = _VARIANTS[variant]
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "eqloop.cli",
+    done = run_torchrun(
         "finetune",
         "--init-from",
         str(root / arch),
@@ -213,13 +204,7 @@ def test_readme_recipe_runs_under_torchrun(root: Path, tmp_path: Path, variant: 
         str(out),
         *_RECIPE,
         *extra,
-    ]
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
         timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert load_checkpoint(out).step == 2

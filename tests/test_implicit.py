@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 from torch import Tensor
 
 import eqloop
@@ -86,10 +87,6 @@ def dense_implicit_grads(
     eye = torch.eye(z_star.shape[1], dtype=z_star.dtype)
     g = torch.linalg.solve((eye - jac).transpose(1, 2), v.unsqueeze(2)).squeeze(2)
     return torch.autograd.grad(f(z_star.detach(), x), inputs, g)
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def flat(grads: tuple[Tensor, ...]) -> Tensor:

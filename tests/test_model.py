@@ -37,7 +37,7 @@ from eqloop.model import (
 VOCAB, D, HEADS, SEQ = 16, 32, 2, 8
 
 
-def tiny_config(**overrides: Any) -> LoopLMConfig:
+def tiny_model_config(**overrides: Any) -> LoopLMConfig:
     base: dict[str, Any] = dict(
         vocab_size=VOCAB, d_model=D, n_heads=HEADS, d_ff=64, max_seq_len=SEQ, default_loops=3
     )
@@ -57,7 +57,7 @@ def contractive_model(**overrides: Any) -> LoopLM:
     the injected input dominates the normalised sublayers, so z barely moves f(z).
     """
     torch.manual_seed(0)
-    cfg = tiny_config(injection="concat", norm_placement="post_sandwich", **overrides)
+    cfg = tiny_model_config(injection="concat", norm_placement="post_sandwich", **overrides)
     model = LoopLM(cfg).double().eval()
     with torch.no_grad():
         model.injection.adapter.weight[:, :D] *= 0.2
@@ -69,7 +69,7 @@ def contractive_model(**overrides: Any) -> LoopLM:
 
 
 def test_config_round_trip() -> None:
-    cfg = tiny_config(positions="rope", norm="rmsnorm", injection="concat", n_prelude=1)
+    cfg = tiny_model_config(positions="rope", norm="rmsnorm", injection="concat", n_prelude=1)
     data = cfg.to_dict()
     assert data["positions"] == "rope" and data["n_prelude"] == 1
     assert LoopLMConfig.from_dict(data) == cfg
@@ -106,22 +106,22 @@ def test_config_from_dict_rejects_unknown_keys() -> None:
 )
 def test_config_rejects_bad_field(field: str, value: Any, error: type) -> None:
     with pytest.raises(error, match=f"LoopLMConfig.{field}"):
-        tiny_config(**{field: value})
+        tiny_model_config(**{field: value})
 
 
 def test_config_rejects_heads_not_dividing_width_and_odd_rope_heads() -> None:
     with pytest.raises(ValueError, match="n_heads"):
-        tiny_config(n_heads=3)
+        tiny_model_config(n_heads=3)
     with pytest.raises(ValueError, match="rope"):
-        tiny_config(d_model=6, n_heads=2, positions="rope")  # head size 3
+        tiny_model_config(d_model=6, n_heads=2, positions="rope")  # head size 3
 
 
 def test_model_revalidates_a_mutated_config_and_keeps_a_copy() -> None:
-    cfg = tiny_config()
+    cfg = tiny_model_config()
     cfg.norm_placement = "sideways"
     with pytest.raises(ValueError, match="norm_placement"):
         LoopLM(cfg)
-    cfg = tiny_config()
+    cfg = tiny_model_config()
     model = LoopLM(cfg)
     cfg.default_loops = 99
     assert model.config.default_loops == 3
@@ -137,7 +137,7 @@ class _Double(nn.Module):
 
 @pytest.mark.parametrize("placement", NORM_PLACEMENTS)
 def test_sublayer_implements_its_placement_formula(placement: str) -> None:
-    cfg = tiny_config(norm_placement=placement)
+    cfg = tiny_model_config(norm_placement=placement)
     layer = Sublayer(_Double(), cfg)
     x = torch.randn(2, 5, D) * 3 + 1
 
@@ -173,7 +173,7 @@ def test_rotary_scores_depend_only_on_relative_position() -> None:
 
 
 def test_rotary_tables_are_buffers_that_follow_the_module() -> None:
-    model = LoopLM(tiny_config(positions="rope"))
+    model = LoopLM(tiny_model_config(positions="rope"))
     rotary = model.rotary
     assert rotary.cos.shape == (SEQ, D // HEADS // 2) and rotary.cos.dtype == torch.float32
     assert not any("rotary" in key for key in model.state_dict())  # non-persistent
@@ -187,7 +187,7 @@ def test_rotary_tables_are_buffers_that_follow_the_module() -> None:
 
 
 def test_rotary_tables_are_float64_accurate_in_float64() -> None:
-    model = LoopLM(tiny_config(positions="rope", max_seq_len=64)).double()
+    model = LoopLM(tiny_model_config(positions="rope", max_seq_len=64)).double()
     head_dim = D // HEADS
     angle = [63 * 10000.0 ** (-2 * i / head_dim) for i in range(head_dim // 2)]
     exact = torch.tensor([math.cos(a) for a in angle], dtype=torch.float64)
@@ -195,7 +195,7 @@ def test_rotary_tables_are_float64_accurate_in_float64() -> None:
 
 
 def test_rotary_tables_are_not_rebuilt_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = LoopLM(tiny_config(positions="rope", n_prelude=1, n_coda=1))
+    model = LoopLM(tiny_model_config(positions="rope", n_prelude=1, n_coda=1))
     expected = model(tokens_for(), loops=2)
 
     def fail(*args: Any, **kwargs: Any) -> Any:
@@ -215,7 +215,7 @@ def test_variant_forward_backward_and_causal(
     placement: str, injection: str, positions: str, norm: str
 ) -> None:
     torch.manual_seed(0)
-    cfg = tiny_config(
+    cfg = tiny_model_config(
         norm_placement=placement,
         injection=injection,
         positions=positions,
@@ -249,7 +249,7 @@ def test_variant_forward_backward_and_causal(
 
 @pytest.mark.parametrize("init_state", INIT_STATES)
 def test_initial_states(init_state: str) -> None:
-    model = LoopLM(tiny_config(init_state=init_state))
+    model = LoopLM(tiny_model_config(init_state=init_state))
     x = model.inject(tokens_for())
     z0 = model.initial_state(x, generator=torch.Generator().manual_seed(1))
     assert z0.shape == x.shape
@@ -266,16 +266,16 @@ def test_initial_states(init_state: str) -> None:
 
 
 def test_tied_head_is_stored_once_and_untied_head_is_separate() -> None:
-    tied = LoopLM(tiny_config())
+    tied = LoopLM(tiny_model_config())
     assert tied.lm_head is None
     assert not any(k.startswith("lm_head") for k in tied.state_dict())
-    untied = LoopLM(tiny_config(tie_embeddings=False))
+    untied = LoopLM(tiny_model_config(tie_embeddings=False))
     assert untied.lm_head is not None
     assert untied.num_parameters() == tied.num_parameters() + VOCAB * D
 
 
 def test_dropout_is_active_only_in_training() -> None:
-    model = LoopLM(tiny_config(dropout=0.3))
+    model = LoopLM(tiny_model_config(dropout=0.3))
     tokens = tokens_for()
     model.train()
     assert not torch.equal(model(tokens, loops=2), model(tokens, loops=2))
@@ -288,7 +288,7 @@ def test_dropout_is_active_only_in_training() -> None:
 
 def test_loop_counts_and_stages_compose() -> None:
     torch.manual_seed(0)
-    model = LoopLM(tiny_config(init_state="input", n_prelude=1, n_coda=1)).double().eval()
+    model = LoopLM(tiny_model_config(init_state="input", n_prelude=1, n_coda=1)).double().eval()
     tokens = tokens_for()
     states = model.unroll(tokens, 4, return_states=True)
     assert isinstance(states, list) and len(states) == 5
@@ -312,7 +312,7 @@ def test_loop_counts_and_stages_compose() -> None:
 def test_loops_run_through_the_driver_and_equal_a_hand_loop() -> None:
     """loops=T is exactly T applications of core_step, and the driver reports them."""
     torch.manual_seed(0)
-    model = LoopLM(tiny_config(positions="rope", n_prelude=1)).eval()
+    model = LoopLM(tiny_model_config(positions="rope", n_prelude=1)).eval()
     tokens = tokens_for(batch=4)
     x = model.inject(tokens)
     hand = model.initial_state(x)
@@ -332,7 +332,7 @@ def test_loops_run_through_the_driver_and_equal_a_hand_loop() -> None:
 
 def test_unrolled_loops_never_read_the_host() -> None:
     """On the meta device any host read raises: the plain loop and its result make none."""
-    model = LoopLM(tiny_config(positions="rope", injection="concat")).to("meta")
+    model = LoopLM(tiny_model_config(positions="rope", injection="concat")).to("meta")
     x = torch.randn(3, SEQ, D, device="meta")
     f, z0 = model.core_map(x)
     result = model.loop(f, z0, 5)
@@ -342,7 +342,7 @@ def test_unrolled_loops_never_read_the_host() -> None:
 
 def test_unrolled_gradient_equals_the_hand_loop_gradient() -> None:
     torch.manual_seed(0)
-    model = LoopLM(tiny_config(injection="concat")).double()
+    model = LoopLM(tiny_model_config(injection="concat")).double()
     tokens = tokens_for()
 
     def grads(loss: Tensor) -> Tensor:
@@ -360,7 +360,7 @@ def test_unrolled_gradient_equals_the_hand_loop_gradient() -> None:
 
 
 def test_core_map_matches_core_step_and_never_mixes_sequences() -> None:
-    model = LoopLM(tiny_config(positions="rope", init_state="random")).double().eval()
+    model = LoopLM(tiny_model_config(positions="rope", init_state="random")).double().eval()
     tokens = tokens_for(batch=5)
     torch.manual_seed(3)
     f, z0 = model.core_map(tokens)
@@ -376,7 +376,7 @@ def test_core_map_matches_core_step_and_never_mixes_sequences() -> None:
 
 
 def test_gradcheck_core_step_in_float64() -> None:
-    cfg = tiny_config(d_model=8, n_heads=2, d_ff=16, positions="rope", injection="concat")
+    cfg = tiny_model_config(d_model=8, n_heads=2, d_ff=16, positions="rope", injection="concat")
     model = LoopLM(cfg).double().eval()
     z = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
@@ -387,7 +387,7 @@ def test_gradcheck_core_step_in_float64() -> None:
 
 
 def test_early_exit_with_zero_threshold_equals_plain_unrolling() -> None:
-    model = LoopLM(tiny_config()).eval()
+    model = LoopLM(tiny_model_config()).eval()
     tokens = tokens_for(batch=4)
     plain = model(tokens, loops=6)
     logits, info = model(tokens, loops=6, exit_threshold=0.0, return_info=True)
@@ -439,7 +439,7 @@ def test_equilibrium_mode_calls_fixed_point_with_defaults(monkeypatch: pytest.Mo
         return z, eqloop.looped.FixedPointInfo("ift", None)
 
     monkeypatch.setattr(eqloop.looped, "fixed_point", fake_fixed_point)
-    model = LoopLM(tiny_config()).eval()
+    model = LoopLM(tiny_model_config()).eval()
     tokens = tokens_for()
     logits, info = model(tokens, solver="anderson", return_info=True)
     assert calls[-1] == dict(
@@ -533,7 +533,7 @@ def test_convergence_warning_points_at_the_model_call() -> None:
 def test_double_backward_through_the_core_with_sdpa_math(positions: str) -> None:
     """The STARS pattern: a VJP with create_graph, then backward of its square norm."""
     torch.manual_seed(0)
-    model = LoopLM(tiny_config(positions=positions, n_core=2))
+    model = LoopLM(tiny_model_config(positions=positions, n_core=2))
     tokens = tokens_for()
     with torch.no_grad():
         z = model.unroll(tokens, 3)
@@ -549,7 +549,7 @@ def test_double_backward_through_the_core_with_sdpa_math(positions: str) -> None
 
 
 def test_gradgradcheck_core_step_with_sdpa_math() -> None:
-    cfg = tiny_config(d_model=8, n_heads=2, d_ff=16, positions="rope")
+    cfg = tiny_model_config(d_model=8, n_heads=2, d_ff=16, positions="rope")
     model = LoopLM(cfg).double().eval()
     z = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
     x = torch.randn(1, 3, 8, dtype=torch.float64)
@@ -563,7 +563,7 @@ def test_gradgradcheck_core_step_with_sdpa_math() -> None:
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_forward_mode_jvp_with_sdpa_math() -> None:
-    model = LoopLM(tiny_config()).double().eval()
+    model = LoopLM(tiny_model_config()).double().eval()
     f, z0 = model.core_map(tokens_for())
     z = torch.randn_like(z0)
     v = torch.randn_like(z0)
@@ -579,7 +579,7 @@ def test_forward_mode_jvp_with_sdpa_math() -> None:
 
 @pytest.fixture(scope="module")
 def model() -> LoopLM:
-    return LoopLM(tiny_config())
+    return LoopLM(tiny_model_config())
 
 
 def test_float_tokens_raise_type_error(model: LoopLM) -> None:
@@ -658,7 +658,7 @@ def test_unknown_arguments_are_named_as_unknown(model: LoopLM) -> None:
 def test_no_injection_is_the_papers_loop() -> None:
     """injection="none": z0 = x (embedding + prelude) and f(z) = core(z), blind to x."""
     torch.manual_seed(0)
-    model = LoopLM(tiny_config(injection="none", n_prelude=1, n_coda=1)).double().eval()
+    model = LoopLM(tiny_model_config(injection="none", n_prelude=1, n_coda=1)).double().eval()
     assert model.config.init_state == "input"  # the default for no injection
     tokens = tokens_for()
     f, z0 = model.core_map(tokens)
@@ -681,8 +681,8 @@ def test_no_injection_is_the_papers_loop() -> None:
 
 def test_no_injection_needs_the_input_as_start() -> None:
     with pytest.raises(ValueError, match="injection='none' needs init_state='input'"):
-        tiny_config(injection="none", init_state="zeros")
-    assert tiny_config().init_state == "zeros"  # unchanged default with injection
+        tiny_model_config(injection="none", init_state="zeros")
+    assert tiny_model_config().init_state == "zeros"  # unchanged default with injection
 
 
 # ------------------------------------------------------------- the protocol, for any model

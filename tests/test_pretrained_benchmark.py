@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from scripts import run_benchmark
+from helpers import run_benchmark
 
 
 def test_quick_run_writes_json_with_every_part(tmp_path):

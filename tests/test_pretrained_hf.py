@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import rel_err
 from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
@@ -14,10 +15,6 @@ from eqloop import pretrained  # noqa: E402
 from eqloop.pretrained.hf import register_auto_classes  # noqa: E402
 
 FIXTURES = Path("/work/shared/fixtures")
-
-
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.skipif(not FIXTURES.is_dir(), reason="no upstream fixtures")

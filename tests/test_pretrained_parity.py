@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import rel_err
 from safetensors.torch import load_file
 
 from eqloop.pretrained import load
@@ -24,10 +25,6 @@ TOL = 1e-4
 pytestmark = pytest.mark.skipif(
     not (OURO / "reference.safetensors").is_file(), reason=f"no upstream fixtures in {FIXTURES}"
 )
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,19 @@ import os
 import shutil
 import signal
 import stat
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import (
+    TINY_TRAIN_MODEL,
+    read_jsonl,
+    run_torchrun,
+    same_weights,
+    tiny_train_config,
+)
 from ranks import run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
@@ -35,46 +40,6 @@ from eqloop.train import (
 )
 from eqloop.training.step_stats import PendingSteps
 
-MODEL = dict(vocab_size=19, d_model=32, n_heads=2, d_ff=64, max_seq_len=16)
-
-
-def tiny_config(tmp: Path, cache: Path, **overrides: Any) -> TrainConfig:
-    """A 2-digit addition run that takes a few seconds on a CPU."""
-    base: dict[str, Any] = dict(
-        model=MODEL,
-        digits=2,
-        n_train=256,
-        n_test=64,
-        batch_size=32,
-        steps=24,
-        lr=3e-3,
-        warmup_steps=4,
-        depth={"kind": "lognormal", "mu": 1.0, "sigma": 0.5, "lo": 1, "hi": 3},
-        penalty_start=6,
-        eval_every=12,
-        eval_loops=[1, 2, 4],
-        checkpoint_every=0,
-        out_dir=str(tmp / "run"),
-        data_cache_dir=str(cache),
-        progress=False,
-    )
-    base.update(overrides)
-    return TrainConfig.from_dict(base)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("data-cache")
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = load_checkpoint(a).weights, load_checkpoint(b).weights
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
 
 class Stop(Exception):
     """Raised by on_eval to interrupt a run."""
@@ -84,9 +49,11 @@ class Stop(Exception):
 
 
 def test_tiny_run_learns_checkpoints_and_resumes_bit_identically(
-    tmp_path: Path, cache: Path
+    tmp_path: Path, data_cache: Path
 ) -> None:
-    config = tiny_config(tmp_path / "a", cache, model={**MODEL, "dropout": 0.1})
+    config = tiny_train_config(
+        tmp_path / "a", data_cache, model={**TINY_TRAIN_MODEL, "dropout": 0.1}
+    )
     seen: list[int] = []
     result = train(config, on_eval=lambda step, metrics: seen.append(step))
     assert seen == [12, 24]
@@ -134,10 +101,10 @@ def test_tiny_run_learns_checkpoints_and_resumes_bit_identically(
     assert train(dataclasses.replace(interrupted, resume=True))["step"] == 24
 
 
-def test_backward_modes_other_than_unroll_train(tmp_path: Path, cache: Path) -> None:
-    config = tiny_config(
+def test_backward_modes_other_than_unroll_train(tmp_path: Path, data_cache: Path) -> None:
+    config = tiny_train_config(
         tmp_path,
-        cache,
+        data_cache,
         steps=6,
         eval_every=0,
         backward="truncated",
@@ -175,13 +142,13 @@ def test_backward_modes_other_than_unroll_train(tmp_path: Path, cache: Path) -> 
     ],
 )
 def test_bad_config_is_rejected_before_anything_is_written(
-    tmp_path: Path, cache: Path, override: dict[str, Any], message: str
+    tmp_path: Path, data_cache: Path, override: dict[str, Any], message: str
 ) -> None:
-    data = {**tiny_config(tmp_path, cache).to_dict(), **override}
+    data = {**tiny_train_config(tmp_path, data_cache).to_dict(), **override}
     with pytest.raises((ValueError, TypeError), match=message):
         TrainConfig.from_dict(data)
     if not {"bogus", "model"} & set(override):  # train() validates a config changed later
-        config = tiny_config(tmp_path, cache)
+        config = tiny_train_config(tmp_path, data_cache)
         for key, value in override.items():
             setattr(config, key, value)
         with pytest.raises((ValueError, TypeError), match=message):
@@ -223,8 +190,8 @@ def test_a_config_file_written_by_to_dict_loads_back(tmp_path: Path) -> None:
     assert load_config(file, ["solve.solver=anderson", "backward=ift"]).solve.solver == "anderson"
 
 
-def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path, cache: Path) -> None:
-    config = tiny_config(tmp_path, cache, steps=2, eval_every=0)
+def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path, data_cache: Path) -> None:
+    config = tiny_train_config(tmp_path, data_cache, steps=2, eval_every=0)
     train(config)
     before = {p: p.read_bytes() for p in Path(config.out_dir).rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match="already holds a training run"):
@@ -236,9 +203,9 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path, cache: P
 
 
 def test_a_run_saved_before_a_field_existed_resumes_at_that_fields_default(
-    tmp_path: Path, cache: Path
+    tmp_path: Path, data_cache: Path
 ) -> None:
-    config = tiny_config(tmp_path, cache, steps=2, eval_every=0)
+    config = tiny_train_config(tmp_path, data_cache, steps=2, eval_every=0)
     train(config)
     step = load_checkpoint(config.out_dir).path  # rewrite it as an older eqloop wrote it
     saved = json.loads((step / "config.json").read_text())
@@ -254,9 +221,9 @@ def test_a_run_saved_before_a_field_existed_resumes_at_that_fields_default(
 
 
 def test_corrupted_checkpoint_is_reported_and_nothing_is_overwritten(
-    tmp_path: Path, cache: Path
+    tmp_path: Path, data_cache: Path
 ) -> None:
-    config = tiny_config(tmp_path, cache, steps=2, eval_every=0)
+    config = tiny_train_config(tmp_path, data_cache, steps=2, eval_every=0)
     train(config)
     weights = load_checkpoint(config.out_dir).path / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -277,9 +244,9 @@ def snapshot(run: Path) -> dict[Path, bytes]:
 
 
 @pytest.fixture
-def finished(tmp_path: Path, cache: Path) -> TrainConfig:
+def finished(tmp_path: Path, data_cache: Path) -> TrainConfig:
     """A finished 3-step run with a checkpoint after every step."""
-    config = tiny_config(tmp_path, cache, steps=3, eval_every=0, checkpoint_every=1)
+    config = tiny_train_config(tmp_path, data_cache, steps=3, eval_every=0, checkpoint_every=1)
     train(config)
     return config
 
@@ -312,8 +279,8 @@ def test_a_run_directory_is_never_reused_without_an_explicit_choice(
     assert TrainConfig.from_dict(load_checkpoint(copy).config).lam == 0.9
 
 
-def test_a_directory_with_run_files_but_no_checkpoint(tmp_path: Path, cache: Path) -> None:
-    config = tiny_config(tmp_path, cache, steps=2, eval_every=0)
+def test_a_directory_with_run_files_but_no_checkpoint(tmp_path: Path, data_cache: Path) -> None:
+    config = tiny_train_config(tmp_path, data_cache, steps=2, eval_every=0)
     run = Path(config.out_dir)
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
@@ -360,10 +327,10 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(finished: TrainConfig) ->
 
 
 def test_stale_staging_is_removed_and_permissions_follow_the_umask(
-    tmp_path: Path, cache: Path
+    tmp_path: Path, data_cache: Path
 ) -> None:
     # Row 8: what a SIGKILL during a save leaves behind.
-    config = tiny_config(tmp_path, cache, steps=2, eval_every=0, checkpoint_every=1)
+    config = tiny_train_config(tmp_path, data_cache, steps=2, eval_every=0, checkpoint_every=1)
     previous = os.umask(0o027)
     try:
         train(dataclasses.replace(config, steps=1))
@@ -385,10 +352,12 @@ def test_stale_staging_is_removed_and_permissions_follow_the_umask(
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_checkpoints_the_step_and_resume_is_exact(
-    tmp_path: Path, cache: Path, sig: signal.Signals
+    tmp_path: Path, data_cache: Path, sig: signal.Signals
 ) -> None:
     # Row 12: the signal arrives during step 4; the run stops after it with a checkpoint.
-    config = tiny_config(tmp_path / "a", cache, steps=8, eval_every=2, checkpoint_every=0)
+    config = tiny_train_config(
+        tmp_path / "a", data_cache, steps=8, eval_every=2, checkpoint_every=0
+    )
     reference = train(config)
 
     def send(step: int, metrics: dict[str, Any]) -> None:
@@ -426,11 +395,11 @@ def test_a_warm_start_never_writes_into_the_run_it_starts_from(
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(
-    tmp_path: Path, cache: Path
+    tmp_path: Path, data_cache: Path
 ) -> None:
     # Issue 21 row 8: lr=1e10 turns the weights to NaN after step 1 (the loss of step 2).
-    config = tiny_config(
-        tmp_path, cache, steps=6, lr=1e10, warmup_steps=1, checkpoint_every=1, eval_every=0
+    config = tiny_train_config(
+        tmp_path, data_cache, steps=6, lr=1e10, warmup_steps=1, checkpoint_every=1, eval_every=0
     )
     with pytest.raises(NonFiniteLoss, match=r"training diverged at step 2 \(loss nan") as stop:
         train(config)
@@ -442,11 +411,13 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(
 
 
 def test_step_statistics_are_read_every_log_every_steps_with_the_same_values(
-    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, data_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Issue 22 row 5: the step returns device tensors; the loop reads them every log_every
     # steps (and before an evaluation or checkpoint), and metrics.jsonl is unchanged.
-    config = tiny_config(tmp_path, cache, steps=8, eval_every=0, penalty_start=2, log_every=1)
+    config = tiny_train_config(
+        tmp_path, data_cache, steps=8, eval_every=0, penalty_start=2, log_every=1
+    )
     with pytest.raises(ValueError, match="log_every"):
         dataclasses.replace(config, log_every=0).validate()
     with pytest.raises(TypeError, match="compile"):
@@ -491,13 +462,13 @@ def _one_step_args(config: TrainConfig) -> tuple[Any, ...]:
 
 
 def test_a_non_finite_loss_between_reads_is_named_and_nothing_after_it_is_saved(
-    tmp_path: Path, cache: Path
+    tmp_path: Path, data_cache: Path
 ) -> None:
     # Issue 22 row 5: with reads every 4 steps the NaN of step 2 is found at step 4; the
     # run names step 2, logs nothing after it and writes no checkpoint of the bad steps.
-    config = tiny_config(
+    config = tiny_train_config(
         tmp_path,
-        cache,
+        data_cache,
         steps=8,
         lr=1e10,
         warmup_steps=1,
@@ -516,7 +487,7 @@ def test_a_non_finite_loss_between_reads_is_named_and_nothing_after_it_is_saved(
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compiled_training_equals_eager(
-    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+    tmp_path: Path, data_cache: Path, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
     # Issue 22 row 7: compile=True (eqloop train --compile) runs the model's step compiled;
     # the CE and STARS steps (the penalty on the eager step) give the eager results.
@@ -531,7 +502,9 @@ def test_compiled_training_equals_eager(
         return eqloop.compiling.compile_model(model, backend=backend)
 
     monkeypatch.setattr(eqloop.train, "compile_model", compile_with)
-    config = tiny_config(tmp_path, cache, steps=4, eval_every=0, penalty_start=2, log_every=2)
+    config = tiny_train_config(
+        tmp_path, data_cache, steps=4, eval_every=0, penalty_start=2, log_every=2
+    )
     eager = train(config)
     fast = train(dataclasses.replace(config, out_dir=str(tmp_path / "compiled"), compile=True))
     assert len(compiled) == 1  # only the compiled run
@@ -590,10 +563,12 @@ def test_compile_flags_of_train_and_eval(
     assert results[1]["accuracy"] == results[0]["accuracy"]
 
 
-def test_penalty_start_is_a_fraction_of_training_by_default(tmp_path: Path, cache: Path) -> None:
+def test_penalty_start_is_a_fraction_of_training_by_default(
+    tmp_path: Path, data_cache: Path
+) -> None:
     # Issue 21 row 23: 0.2 of 10 steps -> the penalty is on from the third step.
     assert TrainConfig().penalty_start == 0.2
-    config = tiny_config(tmp_path, cache, steps=10, eval_every=0, penalty_start=0.2)
+    config = tiny_train_config(tmp_path, data_cache, steps=10, eval_every=0, penalty_start=0.2)
     train(config)
     steps = [r for r in read_jsonl(Path(config.out_dir) / "metrics.jsonl") if "event" not in r]
     assert [r["penalty"] is None for r in steps] == [True, True] + [False] * 8
@@ -622,8 +597,8 @@ def test_batch_rows_are_deterministic_epochs() -> None:
     assert not torch.equal(batch_rows(3, n, batch, seed=1), batch_rows(0, n, batch, seed=1))
 
 
-def test_lr_schedule_warms_up_then_decays(tmp_path: Path, cache: Path) -> None:
-    config = tiny_config(tmp_path, cache, steps=100, warmup_steps=10, min_lr_ratio=0.1)
+def test_lr_schedule_warms_up_then_decays(tmp_path: Path, data_cache: Path) -> None:
+    config = tiny_train_config(tmp_path, data_cache, steps=100, warmup_steps=10, min_lr_ratio=0.1)
     factors = [lr_factor(s, config) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
@@ -632,8 +607,8 @@ def test_lr_schedule_warms_up_then_decays(tmp_path: Path, cache: Path) -> None:
     assert lr_factor(50, constant) == 1.0
 
 
-def test_penalty_overhead_helper(tmp_path: Path, cache: Path) -> None:
-    config = tiny_config(tmp_path, cache)
+def test_penalty_overhead_helper(tmp_path: Path, data_cache: Path) -> None:
+    config = tiny_train_config(tmp_path, data_cache)
     result = penalty_overhead(config, steps=3, warmup=1, loops=2)
     assert result["loops"] == 2 and result["ratio"] > 0
     assert result["step_time_stars"] > 0 and result["step_time_ce"] > 0
@@ -729,8 +704,8 @@ def _ddp_worker(rank: int, world: int, config: TrainConfig, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
 
 
-def test_ddp_two_ranks_gloo(tmp_path: Path, cache: Path) -> None:
-    config = tiny_config(tmp_path, cache, steps=6, eval_every=3, lam=0.0)
+def test_ddp_two_ranks_gloo(tmp_path: Path, data_cache: Path) -> None:
+    config = tiny_train_config(tmp_path, data_cache, steps=6, eval_every=3, lam=0.0)
     single = train(dataclasses.replace(config, out_dir=str(tmp_path / "single")))
     run_ranks(_ddp_worker, config, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -748,25 +723,12 @@ def test_ddp_two_ranks_gloo(tmp_path: Path, cache: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_command_from_the_docstring(tmp_path: Path, cache: Path) -> None:
-    config = tiny_config(tmp_path, cache, steps=4, eval_every=0)
+def test_torchrun_command_from_the_docstring(tmp_path: Path, data_cache: Path) -> None:
+    config = tiny_train_config(tmp_path, data_cache, steps=4, eval_every=0)
     file = tmp_path / "cfg.json"
     file.write_text(json.dumps(config.to_dict()))
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "eqloop.cli",
-        "train",
-        "--config",
-        str(file),
-        "--out-dir",
-        str(tmp_path / "ddp"),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    done = run_torchrun(
+        "train", "--config", str(file), "--out-dir", str(tmp_path / "ddp"), timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert load_checkpoint(tmp_path / "ddp").step == 4

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_train import read_jsonl, same_weights, tiny_config
+from helpers import read_jsonl, same_weights, tiny_train_config
 
 from eqloop.backward import ConvergenceWarning
 from eqloop.checkpoint import load_checkpoint
@@ -20,21 +20,16 @@ from eqloop.train import train
 SOLVE = {"solver": "anderson", "tol": 1e-3, "max_iter": 12}
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("data-cache")
-
-
 def step_rows(out_dir: str) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(Path(out_dir) / "metrics.jsonl") if "event" not in r]
 
 
 @pytest.mark.parametrize("backward", ["ift", "phantom"])
 def test_solve_config_trains_at_the_fixed_point_and_logs_the_forward(
-    tmp_path: Path, cache: Path, backward: str
+    tmp_path: Path, data_cache: Path, backward: str
 ) -> None:
-    config = tiny_config(
-        tmp_path, cache, steps=4, eval_every=0, backward=backward, solve=SOLVE, lam=0.0
+    config = tiny_train_config(
+        tmp_path, data_cache, steps=4, eval_every=0, backward=backward, solve=SOLVE, lam=0.0
     )
     assert isinstance(config.solve, SolveConfig) and config.solve.max_iter == 12
     result = train(config)
@@ -52,10 +47,10 @@ def test_solve_config_trains_at_the_fixed_point_and_logs_the_forward(
     assert load_checkpoint(config.out_dir).config["solve"]["max_iter"] == 12
 
 
-def test_unconverged_forward_is_counted_and_warned_once(tmp_path: Path, cache: Path) -> None:
-    config = tiny_config(
+def test_unconverged_forward_is_counted_and_warned_once(tmp_path: Path, data_cache: Path) -> None:
+    config = tiny_train_config(
         tmp_path,
-        cache,
+        data_cache,
         steps=3,
         eval_every=0,
         backward="phantom",
@@ -79,12 +74,12 @@ def test_unconverged_forward_is_counted_and_warned_once(tmp_path: Path, cache: P
     assert all(r["fwd_nfe"] == 1 and r["fwd_residual"] > 1e-12 for r in rows)
 
 
-def test_ift_without_solve_logs_its_adjoint(tmp_path: Path, cache: Path) -> None:
+def test_ift_without_solve_logs_its_adjoint(tmp_path: Path, data_cache: Path) -> None:
     """The sampled-loops IFT path (no solve) reports its adjoint solves too, not a warning
     per step."""
-    config = tiny_config(
+    config = tiny_train_config(
         tmp_path,
-        cache,
+        data_cache,
         steps=3,
         eval_every=0,
         backward="ift",
@@ -133,10 +128,12 @@ def test_ift_without_solve_logs_its_adjoint(tmp_path: Path, cache: Path) -> None
     ],
 )
 def test_solve_config_errors(
-    tmp_path: Path, cache: Path, overrides: dict[str, Any], error: type, match: str
+    tmp_path: Path, data_cache: Path, overrides: dict[str, Any], error: type, match: str
 ) -> None:
     with pytest.raises(error, match=match):
-        tiny_config(tmp_path, cache, backward=overrides.pop("backward", "ift"), **overrides)
+        tiny_train_config(
+            tmp_path, data_cache, backward=overrides.pop("backward", "ift"), **overrides
+        )
 
 
 def test_solve_config_from_overrides() -> None:
@@ -151,10 +148,10 @@ def test_solve_config_from_overrides() -> None:
     assert TrainConfig().solve is None  # default: the sampled loops of the paper
 
 
-def test_resume_with_solve_config_is_bit_identical(tmp_path: Path, cache: Path) -> None:
-    config = tiny_config(
+def test_resume_with_solve_config_is_bit_identical(tmp_path: Path, data_cache: Path) -> None:
+    config = tiny_train_config(
         tmp_path / "a",
-        cache,
+        data_cache,
         steps=4,
         eval_every=2,
         eval_loops=[2],

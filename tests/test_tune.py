@@ -41,13 +41,7 @@ from eqloop.tune import (  # noqa: E402
 TINY_MODEL = {"d_model": 16, "n_heads": 2, "d_ff": 32}
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One dataset cache for the module (the tiny datasets are generated once)."""
-    return tmp_path_factory.mktemp("data-cache")
-
-
-def tiny_base(cache_dir: Path, **changes: Any) -> dict[str, Any]:
+def tiny_base(data_cache: Path, **changes: Any) -> dict[str, Any]:
     """A TrainConfig override dict for runs of a few CPU seconds."""
     base = {
         "steps": 12,
@@ -60,14 +54,14 @@ def tiny_base(cache_dir: Path, **changes: Any) -> dict[str, Any]:
         "penalty_start": 2,
         "model": dict(TINY_MODEL),
         "depth": {"kind": "lognormal", "mu": 1.0, "sigma": 0.5, "lo": 1, "hi": 4},
-        "data_cache_dir": str(cache_dir),
+        "data_cache_dir": str(data_cache),
     }
     base.update(changes)
     return base
 
 
-def tiny_config(tmp_path: Path, cache_dir: Path, **changes: Any) -> TuneConfig:
-    base = tiny_base(cache_dir, **changes.pop("base", {}))
+def tiny_tune_config(tmp_path: Path, data_cache: Path, **changes: Any) -> TuneConfig:
+    base = tiny_base(data_cache, **changes.pop("base", {}))
     fields = {
         "study_dir": str(tmp_path / "study"),
         "n_trials": 3,
@@ -87,8 +81,8 @@ def finished(study: Any) -> list[Any]:
 # ------------------------------------------------------------------------- in process
 
 
-def test_tiny_study_completes_and_writes_reports(tmp_path: Path, cache_dir: Path) -> None:
-    config = tiny_config(tmp_path, cache_dir)
+def test_tiny_study_completes_and_writes_reports(tmp_path: Path, data_cache: Path) -> None:
+    config = tiny_tune_config(tmp_path, data_cache)
     study = run_study(config)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
@@ -118,11 +112,11 @@ def test_tiny_study_completes_and_writes_reports(tmp_path: Path, cache_dir: Path
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_resume_adds_trials_and_keeps_finished_ones(tmp_path: Path, cache_dir: Path) -> None:
-    first = run_study(tiny_config(tmp_path, cache_dir, n_trials=2)).get_trials()
-    again = run_study(tiny_config(tmp_path, cache_dir, n_trials=2)).get_trials()
+def test_resume_adds_trials_and_keeps_finished_ones(tmp_path: Path, data_cache: Path) -> None:
+    first = run_study(tiny_tune_config(tmp_path, data_cache, n_trials=2)).get_trials()
+    again = run_study(tiny_tune_config(tmp_path, data_cache, n_trials=2)).get_trials()
     assert len(again) == 2  # budget reached: nothing run
-    study = run_study(tiny_config(tmp_path, cache_dir, n_trials=3))
+    study = run_study(tiny_tune_config(tmp_path, data_cache, n_trials=3))
     trials = study.get_trials()
     assert [t.number for t in trials] == [0, 1, 2]
     for old, new in zip(first, trials, strict=False):
@@ -134,21 +128,21 @@ def test_resume_adds_trials_and_keeps_finished_ones(tmp_path: Path, cache_dir: P
     assert trials[2].state == TrialState.COMPLETE
 
 
-def test_resume_with_changed_setup_is_refused(tmp_path: Path, cache_dir: Path) -> None:
-    run_study(tiny_config(tmp_path, cache_dir, n_trials=1))
-    changed = tiny_config(tmp_path, cache_dir, n_trials=2, base={"steps": 8})
+def test_resume_with_changed_setup_is_refused(tmp_path: Path, data_cache: Path) -> None:
+    run_study(tiny_tune_config(tmp_path, data_cache, n_trials=1))
+    changed = tiny_tune_config(tmp_path, data_cache, n_trials=2, base={"steps": 8})
     with pytest.raises(ValueError, match=r"different base\.steps;"):
         run_study(changed)
     with pytest.raises(ValueError, match="different loops"):
-        run_study(tiny_config(tmp_path, cache_dir, n_trials=2, loops=[2, 8]))
+        run_study(tiny_tune_config(tmp_path, data_cache, n_trials=2, loops=[2, 8]))
     with pytest.raises(ValueError, match="different objective"):
-        run_study(tiny_config(tmp_path, cache_dir, n_trials=2, objective="multi"))
+        run_study(tiny_tune_config(tmp_path, data_cache, n_trials=2, objective="multi"))
 
 
-def test_multi_objective_with_gp_sampler(tmp_path: Path, cache_dir: Path) -> None:
-    config = tiny_config(
+def test_multi_objective_with_gp_sampler(tmp_path: Path, data_cache: Path) -> None:
+    config = tiny_tune_config(
         tmp_path,
-        cache_dir,
+        data_cache,
         objective="multi",
         sampler="gp",
         sampler_options={"n_startup_trials": 1},
@@ -190,13 +184,13 @@ def fake_train(bad_above: float, steps_seen: list[int]) -> Callable[..., dict[st
 
 
 @pytest.mark.parametrize("pruner", ["median", "percentile", "hyperband"])
-def test_pruning_stops_bad_trials_early(tmp_path: Path, cache_dir: Path, pruner: str) -> None:
+def test_pruning_stops_bad_trials_early(tmp_path: Path, data_cache: Path, pruner: str) -> None:
     """Good trials (lam <= 0.01) first, then bad ones: every bad one stops at step 10."""
     good = [0.001, 0.002, 0.005]
     bad = [0.2, 0.5, 0.9]
-    config = tiny_config(
+    config = tiny_tune_config(
         tmp_path,
-        cache_dir,
+        data_cache,
         n_trials=6,
         pruner=pruner,
         pruner_options={
@@ -226,7 +220,7 @@ def test_pruning_stops_bad_trials_early(tmp_path: Path, cache_dir: Path, pruner:
         assert all(by_lam[lam].user_attrs["pruned_at_step"] == 10 for lam in bad)
 
 
-def test_pruned_real_trial_is_checkpointed_at_its_step(tmp_path: Path, cache_dir: Path) -> None:
+def test_pruned_real_trial_is_checkpointed_at_its_step(tmp_path: Path, data_cache: Path) -> None:
     """Real training; the reported accuracy is rigged so that lam = 0.9 looks bad."""
 
     def rigged(config: Any, *, on_eval: Callable[..., None]) -> dict[str, Any]:
@@ -237,9 +231,9 @@ def test_pruned_real_trial_is_checkpointed_at_its_step(tmp_path: Path, cache_dir
 
         return train(config, on_eval=report)
 
-    config = tiny_config(
+    config = tiny_tune_config(
         tmp_path,
-        cache_dir,
+        data_cache,
         n_trials=2,
         pruner="median",
         pruner_options={"n_startup_trials": 1},
@@ -256,7 +250,7 @@ def test_pruned_real_trial_is_checkpointed_at_its_step(tmp_path: Path, cache_dir
     assert latest.read_text().strip() == "step_00000004"
 
 
-def test_crashing_trial_is_failed_and_replaced(tmp_path: Path, cache_dir: Path) -> None:
+def test_crashing_trial_is_failed_and_replaced(tmp_path: Path, data_cache: Path) -> None:
     calls: list[int] = []
 
     def flaky(config: Any, *, on_eval: Callable[..., None]) -> dict[str, Any]:
@@ -265,7 +259,7 @@ def test_crashing_trial_is_failed_and_replaced(tmp_path: Path, cache_dir: Path) 
             raise RuntimeError("boom")
         return fake_train(1.0, [])(config, on_eval=on_eval)
 
-    study = run_study(tiny_config(tmp_path, cache_dir, n_trials=3), train_fn=flaky)
+    study = run_study(tiny_tune_config(tmp_path, data_cache, n_trials=3), train_fn=flaky)
     states = [t.state for t in study.get_trials()]
     assert states == [
         TrialState.COMPLETE,
@@ -280,14 +274,14 @@ def test_crashing_trial_is_failed_and_replaced(tmp_path: Path, cache_dir: Path) 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
 def test_trial_started_past_the_budget_is_failed_as_surplus(
-    tmp_path: Path, cache_dir: Path
+    tmp_path: Path, data_cache: Path
 ) -> None:
     """The race the budget callback cannot close: two workers' trials fill the budget
     while a third worker, which saw a free place, starts one more."""
     from eqloop.tune.objective import Objective
     from eqloop.tune.study import failures
 
-    config = tiny_config(tmp_path, cache_dir, n_trials=2)
+    config = tiny_tune_config(tmp_path, data_cache, n_trials=2)
     study, _, base = load_study(config)
     running = [study.ask() for _ in range(2)]  # the other workers' trials
     calls: list[int] = []
@@ -301,11 +295,11 @@ def test_trial_started_past_the_budget_is_failed_as_surplus(
     assert run_study(config).get_trials()[:2] == study.get_trials()[:2]
 
 
-def test_max_failed_stops_the_worker(tmp_path: Path, cache_dir: Path) -> None:
+def test_max_failed_stops_the_worker(tmp_path: Path, data_cache: Path) -> None:
     def broken(config: Any, *, on_eval: Callable[..., None]) -> dict[str, Any]:
         raise RuntimeError("always")
 
-    config = tiny_config(tmp_path, cache_dir, n_trials=3, max_failed=2)
+    config = tiny_tune_config(tmp_path, data_cache, n_trials=3, max_failed=2)
     study = run_study(config, train_fn=broken)
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL] * 2
 
@@ -340,9 +334,9 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize(("changes", "message"), BAD_INPUTS)
 def test_bad_input_fails_before_any_trial(
-    tmp_path: Path, cache_dir: Path, changes: dict[str, Any], message: str
+    tmp_path: Path, data_cache: Path, changes: dict[str, Any], message: str
 ) -> None:
-    config = tiny_config(tmp_path, cache_dir, **changes)
+    config = tiny_tune_config(tmp_path, data_cache, **changes)
     calls: list[Any] = []
     with pytest.raises(ValueError, match=message):
         run_study(config, train_fn=lambda *a, **k: calls.append(a))
@@ -499,8 +493,8 @@ def test_unknown_tune_keys_are_rejected_naming_the_key(tmp_path: Path) -> None:
 # ------------------------------------------------------------------- worker processes
 
 
-def write_tune_config(path: Path, cache_dir: Path, **changes: Any) -> Path:
-    base = tiny_base(cache_dir, **changes.pop("base", {}))
+def write_tune_config(path: Path, data_cache: Path, **changes: Any) -> Path:
+    base = tiny_base(data_cache, **changes.pop("base", {}))
     data = {"n_trials": 4, "loops": [2, 4], "base": base, "pruner": "none", "progress": False}
     data.update(changes)
     path.write_text(json.dumps(data))
@@ -538,9 +532,9 @@ def open_study(kind: str, tmp_path: Path) -> Any:
 
 
 @pytest.mark.parametrize("kind", [pytest.param("sqlite", marks=pytest.mark.slow), "journal"])
-def test_two_workers_run_n_trials_in_total(tmp_path: Path, cache_dir: Path, kind: str) -> None:
+def test_two_workers_run_n_trials_in_total(tmp_path: Path, data_cache: Path, kind: str) -> None:
     config = write_tune_config(
-        tmp_path / "tune.json", cache_dir, n_trials=5, study_dir=str(tmp_path / "study")
+        tmp_path / "tune.json", data_cache, n_trials=5, study_dir=str(tmp_path / "study")
     )
     procs = [worker(config, *storage_args(kind, tmp_path)) for _ in range(2)]
     outputs = [finish(p) for p in procs]
@@ -583,7 +577,7 @@ def running_trial_with_steps(kind: str, tmp_path: Path, number: int, steps: int)
 def start_and_kill_in_trial_1(
     kind: str,
     tmp_path: Path,
-    cache_dir: Path,
+    data_cache: Path,
     procs: list[subprocess.Popen[str]],
     sig: int = signal.SIGKILL,
     **changes: Any,
@@ -591,7 +585,7 @@ def start_and_kill_in_trial_1(
     """Run a 3-trial study; stop the worker with ``sig`` halfway through trial 1."""
     config = write_tune_config(
         tmp_path / "tune.json",
-        cache_dir,
+        data_cache,
         n_trials=3,
         study_dir=str(tmp_path / "study"),
         base={"steps": 400, "eval_every": 20, "checkpoint_every": 20},
@@ -610,12 +604,12 @@ def start_and_kill_in_trial_1(
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_killed_worker_is_detected_and_its_trial_retried(
-    tmp_path: Path, cache_dir: Path, kind: str, processes: list[subprocess.Popen[str]]
+    tmp_path: Path, data_cache: Path, kind: str, processes: list[subprocess.Popen[str]]
 ) -> None:
     """SIGKILL mid-trial. SQLite: the heartbeat goes stale and the next worker fails and
     queues the trial; journal (no heartbeat): the user requeues it with --requeue."""
     config, first, killed_at = start_and_kill_in_trial_1(
-        kind, tmp_path, cache_dir, processes, heartbeat_interval=1, grace_period=2
+        kind, tmp_path, data_cache, processes, heartbeat_interval=1, grace_period=2
     )
     killed = open_study(kind, tmp_path).get_trials()[1]
     assert killed.state == TrialState.RUNNING  # SIGKILL: nobody could mark it
@@ -656,9 +650,9 @@ def _logged_steps(metrics: Path) -> list[int]:
 
 
 def test_requeue_refuses_a_trial_that_is_not_running(
-    tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, data_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = tiny_config(tmp_path, cache_dir, n_trials=1)
+    config = tiny_tune_config(tmp_path, data_cache, n_trials=1)
     run_study(config, train_fn=fake_train(1.0, []))
     config_file = tmp_path / "tune.json"
     config_file.write_text(json.dumps(config.to_dict()))
@@ -670,10 +664,10 @@ def test_requeue_refuses_a_trial_that_is_not_running(
 
 @pytest.mark.slow
 def test_sigterm_fails_the_trial_and_queues_it(
-    tmp_path: Path, cache_dir: Path, processes: list[subprocess.Popen[str]]
+    tmp_path: Path, data_cache: Path, processes: list[subprocess.Popen[str]]
 ) -> None:
     config, _, _ = start_and_kill_in_trial_1(
-        "journal", tmp_path, cache_dir, processes, sig=signal.SIGTERM
+        "journal", tmp_path, data_cache, processes, sig=signal.SIGTERM
     )
     assert processes[0].returncode == 130
     trials = open_study("journal", tmp_path).get_trials()
@@ -691,18 +685,18 @@ def test_sigterm_fails_the_trial_and_queues_it(
 
 
 def test_tune_lambda_benchmark_quick(
-    tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, data_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import importlib.util
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_lambda.py"
+    script = Path(__file__).resolve().parents[1] / "experiments" / "tune_lambda" / "run.py"
     spec = importlib.util.spec_from_file_location("tune_lambda_benchmark", script)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     args = ["--quick", "--out-dir", str(tmp_path / "b"), "--study-name", "q", "--no-progress"]
-    args += ["--data-cache-dir", str(cache_dir), "--json", str(out_json), "--plot", str(out_png)]
+    args += ["--data-cache-dir", str(data_cache), "--json", str(out_json), "--plot", str(out_png)]
     result = bench.main(args)
     printed = capsys.readouterr().out
     assert "best lam = " in printed and "separation" in printed

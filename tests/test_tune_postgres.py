@@ -107,18 +107,13 @@ def _throwaway_cluster(bindir: Path) -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("data-cache")
-
-
 def test_killed_worker_on_postgres_is_retried_from_its_heartbeat(
-    postgres_url: str, tmp_path: Path, cache_dir: Path, processes: list[subprocess.Popen[str]]
+    postgres_url: str, tmp_path: Path, data_cache: Path, processes: list[subprocess.Popen[str]]
 ) -> None:
     study_name = f"pg-{uuid.uuid4().hex[:12]}"  # the CI database outlives the test
     n_trials = 4
     config = tmp_path / "tune.json"
-    base = tiny_base(cache_dir, steps=60, eval_every=20, checkpoint_every=20)
+    base = tiny_base(data_cache, steps=60, eval_every=20, checkpoint_every=20)
     settings = {"study_name": study_name, "study_dir": str(tmp_path / "study"), "base": base}
     settings.update(storage=postgres_url, n_trials=n_trials, loops=[2, 4], pruner="none")
     settings.update(progress=False, heartbeat_interval=1, grace_period=GRACE)

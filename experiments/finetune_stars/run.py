@@ -28,9 +28,10 @@ deletes each seed's directory first and runs it again. ``--quick`` is a seconds-
 smoke run (tests) in its own directory, ``runs/finetune_stars_quick``.
 
 Usage:
-    python benchmarks/finetune_stars.py --json benchmarks/results/finetune_stars.json \\
-        --plot benchmarks/results/finetune_stars.png
-    python benchmarks/finetune_stars.py --quick --json /tmp/q.json
+    python experiments/finetune_stars/run.py \\
+        --json experiments/finetune_stars/results/finetune_stars.json \\
+        --plot experiments/finetune_stars/results/finetune_stars.png
+    python experiments/finetune_stars/run.py --quick --json /tmp/q.json
 """
 
 from __future__ import annotations
@@ -47,11 +48,17 @@ from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-from benchmarks.common import format_table, machine_info, print_written, write_json_atomic
+from benchmarks.common import (
+    OURO_14B,
+    format_table,
+    machine_info,
+    print_written,
+    write_json_atomic,
+)
 from eqloop import pretrained
 from eqloop.data import make_arithmetic_dataset
 from eqloop.finetune.config import FinetuneConfig
@@ -61,12 +68,16 @@ from eqloop.finetune.models import load_for_finetuning
 from eqloop.finetune.train import MODEL_DIR, finetune, step_time_ratio
 from eqloop.plotting import pyplot, style_axis
 
+PROG = "experiments/finetune_stars/run.py"  # the script in usage and error lines
+
 STAGES = ("pretrained", "sft", "stars")
 TRAINED_LOOPS = 4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (one model each)")
     p.add_argument("--digits", type=int, default=2, help="operand digits of the addition task")
     p.add_argument("--n-train", type=int, default=8000, help="training problems")
@@ -369,9 +380,6 @@ def plot(per_seed: list[dict[str, Any]], path: str) -> None:
 
 # ------------------------------------------------------------------ memory of Ouro-1.4B
 
-# Ouro-1.4B's config.json (PRETRAINED.md).
-OURO_14B = {"vocab": 49152, "hidden": 2048, "ffn": 5632, "layers": 24, "heads": 16}
-
 
 def _saved_bytes(objective: Any, tokens: torch.Tensor, loops: int, penalty: bool) -> int:
     """Bytes of the tensors autograd saves for the backward (parameters excluded)."""
@@ -474,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         per_seed = [run_seed(seed, args) for seed in seeds]
     except ValueError as error:  # e.g. a stage directory that holds another config's run
         sys.exit(
-            f"finetune_stars.py: error: {error}. With this script: --overwrite runs the "
+            f"{PROG}: error: {error}. With this script: --overwrite runs the "
             f"seeds again from scratch, or --out-dir DIR runs them elsewhere (now {args.out_dir})"
         )
     wall = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""benchmarks/stars_scaling.py: the quick run end to end, resumption, tables, bad input."""
+"""experiments/stars_scaling/run.py: the quick run end to end, resumption, tables, bad input."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scripts import run_benchmark
+from helpers import run_experiment
 
-from benchmarks.stars_scaling import (
+from experiments.stars_scaling.run import (
     FINETUNE,
     GROUPS,
     RECIPE,
@@ -31,8 +31,8 @@ def test_quick_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     args = ("--quick", "--variants", "headline", "--out-dir", str(out), "--jobs", "2")
     names = (("json", "json"), ("plot", "png"), ("pca", "png"), ("scaling", "png"))
     files = {k: tmp_path / f"{k}.{ext}" for k, ext in names}
-    proc = run_benchmark(
-        "stars_scaling.py",
+    proc = run_experiment(
+        "stars_scaling",
         *args,
         "--json",
         str(files["json"]),
@@ -80,20 +80,20 @@ def test_quick_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     # Rerunning trains nothing and reuses every cached evaluation.
     kept = [p for p in out.rglob("*") if p.suffix in (".json", ".safetensors")]
     stamp = {p: p.stat().st_mtime_ns for p in kept}
-    again = run_benchmark("stars_scaling.py", *args)
+    again = run_experiment("stars_scaling", *args)
     assert again.returncode == 0, again.stderr
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
 
 
 @pytest.mark.slow
 def test_bad_arguments_exit_with_a_message() -> None:
-    proc = run_benchmark("stars_scaling.py", "--quick", "--variants", "baseline,nonsense")
+    proc = run_experiment("stars_scaling", "--quick", "--variants", "baseline,nonsense")
     assert proc.returncode == 2 and "unknown variant(s) ['nonsense']" in proc.stderr
-    proc = run_benchmark("stars_scaling.py", "--quick", "--set", "lr")
+    proc = run_experiment("stars_scaling", "--quick", "--set", "lr")
     assert proc.returncode == 2 and "must look like KEY=VALUE" in proc.stderr
-    proc = run_benchmark("stars_scaling.py", "--quick", "--solver", "fixed_point,anderson@x")
+    proc = run_experiment("stars_scaling", "--quick", "--solver", "fixed_point,anderson@x")
     assert proc.returncode == 2 and "write NAME@K" in proc.stderr
-    proc = run_benchmark("stars_scaling.py", "--quick", "--solver", "newton@4")
+    proc = run_experiment("stars_scaling", "--quick", "--solver", "newton@4")
     assert proc.returncode == 2 and "unknown solver(s) ['newton']" in proc.stderr
 
 
@@ -162,14 +162,14 @@ def test_set_overrides_reach_warm_started_variants(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_finished_run_of_another_recipe_is_refused_not_reused(tmp_path: Path) -> None:
     args = ("--quick", "--variants", "baseline", "--seeds", "0", "--out-dir", str(tmp_path))
-    assert run_benchmark("stars_scaling.py", *args).returncode == 0
-    proc = run_benchmark("stars_scaling.py", *args, "--set", "lr=0.01")
+    assert run_experiment("stars_scaling", *args).returncode == 0
+    proc = run_experiment("stars_scaling", *args, "--set", "lr=0.01")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "stars_scaling.py: error: cannot resume the run in" in proc.stderr
+    assert "experiments/stars_scaling/run.py: error: cannot resume the run in" in proc.stderr
     assert "['lr']" in proc.stderr
     # Two at a time (a process pool), the refusal is the same one-line error.
-    proc = run_benchmark(
-        "stars_scaling.py",
+    proc = run_experiment(
+        "stars_scaling",
         *args[:-4],
         "--seeds",
         "0,1",
@@ -224,13 +224,13 @@ def test_quick_runs_keep_their_own_directory() -> None:
 def test_overwrite_retrains_a_run_of_another_recipe(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     args = ("--quick", "--variants", "baseline", "--seeds", "0", "--out-dir", str(out))
-    first = run_benchmark("stars_scaling.py", *args, "--json", str(tmp_path / "a.json"))
+    first = run_experiment("stars_scaling", *args, "--json", str(tmp_path / "a.json"))
     assert first.returncode == 0, first.stderr
     assert f"wrote {tmp_path / 'a.json'}" in first.stdout and f"runs in {out}" in first.stdout
-    refused = run_benchmark("stars_scaling.py", *args, "--set", "lr=0.01")
+    refused = run_experiment("stars_scaling", *args, "--set", "lr=0.01")
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "--overwrite retrains the runs it needs" in refused.stderr
-    again = run_benchmark("stars_scaling.py", *args, "--set", "lr=0.01", "--overwrite")
+    again = run_experiment("stars_scaling", *args, "--set", "lr=0.01", "--overwrite")
     assert again.returncode == 0, again.stderr
     saved = json.loads((out / "baseline" / "seed0" / "config.json").read_text())
     assert saved["lr"] == 0.01

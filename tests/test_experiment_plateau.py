@@ -1,4 +1,4 @@
-"""benchmarks/plateau.py: per-digit accuracy and attention alignment of an addition run."""
+"""experiments/plateau/run.py: per-digit accuracy and attention alignment of an addition run."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from scripts import run_benchmark
+from helpers import run_experiment
 
-from benchmarks.plateau import attention_probabilities, diagnose
 from eqloop.config import TrainConfig
 from eqloop.model import CausalSelfAttention, LoopLMConfig, rotary_tables
 from eqloop.train import train
+from experiments.plateau.run import attention_probabilities, diagnose
 
 
 @pytest.mark.parametrize("positions", ["learned", "rope"])
@@ -75,7 +75,7 @@ def test_diagnose_refuses_other_tasks(tmp_path: Path) -> None:
 def test_the_script_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     run = _run(tmp_path)
     out = tmp_path / "plateau.json"
-    proc = run_benchmark("plateau.py", str(run), "--problems", "8", "--json", str(out))
+    proc = run_experiment("plateau", str(run), "--problems", "8", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "align@3" in proc.stdout
     assert json.loads(out.read_text())["results"][0]["digit_accuracy"]

@@ -1,4 +1,4 @@
-"""benchmarks/tune_lambda.py: --overwrite starts a study of the same name again."""
+"""experiments/tune_lambda/run.py: --overwrite starts a study of the same name again."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from scripts import run_benchmark
+from helpers import run_experiment
 
 
 @pytest.mark.slow
@@ -24,13 +24,16 @@ def test_overwrite_replaces_a_study_of_other_settings(tmp_path: Path) -> None:
         "--data-cache-dir",
         str(tmp_path / "cache"),
     )
-    first = run_benchmark("tune_lambda.py", *args, "--lams", "0.001")
+    first = run_experiment("tune_lambda", *args, "--lams", "0.001")
     assert first.returncode == 0, first.stderr
     # The same study with another lam space is refused; --overwrite runs it anew.
-    refused = run_benchmark("tune_lambda.py", *args, "--lams", "0.1")
+    refused = run_experiment("tune_lambda", *args, "--lams", "0.1")
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert "tune_lambda.py: error:" in refused.stderr and "--overwrite deletes" in refused.stderr
-    again = run_benchmark("tune_lambda.py", *args, "--lams", "0.1", "--overwrite")
+    assert (
+        "experiments/tune_lambda/run.py: error:" in refused.stderr
+        and "--overwrite deletes" in refused.stderr
+    )
+    again = run_experiment("tune_lambda", *args, "--lams", "0.1", "--overwrite")
     assert again.returncode == 0, again.stderr
     data = json.loads((out / "q" / "tune_lambda.json").read_text())
     assert [t["lam"] for t in data["trials"]] == [0.1]

@@ -12,8 +12,8 @@ per answer digit ``j`` (least significant first):
   loop; a uniform head over the prompt gives about ``2 / (prompt length)``.
 
 Usage:
-    python benchmarks/plateau.py runs/stars_scaling/baseline/seed4 runs/.../seed5 \
-        --json benchmarks/results/plateau.json
+    python experiments/plateau/run.py runs/stars_scaling/baseline/seed4 runs/.../seed5 \
+        --json experiments/plateau/results/plateau.json
 
 The runs must be LoopLMs trained on the ``addition`` task with zero-padded operands
 (TrainConfig's defaults), in either operand order (``reverse_operands``). Runs on one
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,8 @@ from eqloop.checkpoint import load_model
 from eqloop.config import TrainConfig
 from eqloop.evaluate import make_test_set
 from eqloop.model import CausalSelfAttention, apply_rotary
+
+PROG = "experiments/plateau/run.py"  # the script in usage and error lines
 
 
 def attention_probabilities(module: CausalSelfAttention, x: Tensor, rope: Any) -> Tensor:
@@ -80,7 +82,7 @@ def diagnose(run: str, problems: int = 256) -> dict[str, Any]:
     model, checkpoint = load_model(run)
     config = TrainConfig.from_dict(checkpoint.config)
     if config.task != "addition":
-        raise ValueError(f"run {run!r} trained task {config.task!r}; plateau.py reads 'addition'")
+        raise ValueError(f"run {run!r} trained task {config.task!r}; {PROG} reads 'addition'")
     data = make_test_set(config)
     inputs, targets = data.inputs[:problems], data.targets[:problems]
     prompt = data.prompts.shape[1]
@@ -128,7 +130,7 @@ def diagnose(run: str, problems: int = 256) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run directories (or checkpoints) to diagnose")
     p.add_argument("--problems", type=int, default=256, help="test problems to average over")
     p.add_argument("--json", help="write the results here")

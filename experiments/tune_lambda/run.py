@@ -1,6 +1,6 @@
 """An Optuna study of the STARS penalty weight lam, with the training seed as a nuisance.
 
-The setting is the hardest one of ``benchmarks/stars_scaling.py`` whose objective is not
+The setting is the hardest one of ``experiments/stars_scaling/run.py`` whose objective is not
 saturated: the ``stars`` variant's second phase (4-digit addition, no input injection,
 random loop counts plus the penalty), warm-started from the seed-0 fixed-loop baseline,
 the seed whose baseline is slowest to recover under random loops, and given a short
@@ -21,9 +21,9 @@ resumes it (``--overwrite`` deletes it and starts again). ``<out-dir>`` is
 ``runs/bench/tune_lambda``, or ``runs/bench/tune_lambda_quick`` with ``--quick``.
 
 Usage:
-    python benchmarks/stars_scaling.py --variants baseline --seeds 0    # the warm start
-    python benchmarks/tune_lambda.py --workers 2 --study-name lam-seeds
-    python benchmarks/tune_lambda.py --quick --json out.json --plot out.png
+    python experiments/stars_scaling/run.py --variants baseline --seeds 0    # the warm start
+    python experiments/tune_lambda/run.py --workers 2 --study-name lam-seeds
+    python experiments/tune_lambda/run.py --quick --json out.json --plot out.png
     optuna-dashboard sqlite:///runs/bench/tune_lambda/study.db          # browse the study
 """
 
@@ -41,14 +41,13 @@ from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
 from benchmarks.common import format_table, machine_info, print_written
-from benchmarks.stars_scaling import FINETUNE, RANDOM, RECIPE, WARM_STEPS, config_dict
 from eqloop.checkpoint import CHECKPOINT_DIR, step_dir_name
 from eqloop.config import TrainConfig
 from eqloop.files import write_json_atomic
@@ -56,6 +55,9 @@ from eqloop.plotting import pyplot, style_axis
 from eqloop.train import train
 from eqloop.tune import TuneConfig, load_study, run_study
 from eqloop.tune.storage import connect
+from experiments.stars_scaling.run import FINETUNE, RANDOM, RECIPE, WARM_STEPS, config_dict
+
+PROG = "experiments/tune_lambda/run.py"  # the script in usage and error lines
 
 DEFAULT_INIT = f"runs/stars_scaling/baseline/seed0/{CHECKPOINT_DIR}/{step_dir_name(WARM_STEPS)}"
 FULL: dict[str, Any] = {
@@ -219,7 +221,9 @@ def plot(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="tiny preset for tests (seconds)")
     p.add_argument(
         "--out-dir",
@@ -312,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not init_from.is_dir():
             sys.exit(
                 f"tune_lambda: error: no warm-start checkpoint at {init_from}; train it "
-                "with `python benchmarks/stars_scaling.py --variants baseline --seeds 0` "
+                "with `python experiments/stars_scaling/run.py --variants baseline --seeds 0` "
                 "or pass --init-from"
             )
     config = tune_config(preset, args, init_from)
@@ -323,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         study, _, _ = load_study(config)
     except ValueError as error:  # e.g. a study of this name made with other settings
         sys.exit(
-            f"tune_lambda.py: error: {error}. With this script: --overwrite deletes "
+            f"{PROG}: error: {error}. With this script: --overwrite deletes "
             f"study {config.study_name!r} and runs it again, or pass another --study-name"
         )
     if not study.get_trials():

@@ -1,4 +1,4 @@
-"""benchmarks/equilibrium.py: the quick run end to end, its schema and cache, the measured
+"""experiments/equilibrium/run.py: the quick run end to end, its schema and cache, the measured
 training step, the random start, bad input."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from scripts import run_benchmark
+from helpers import run_experiment
 
-from benchmarks.equilibrium import STARTS, main, parse_args, random_start, step_config
-from benchmarks.stars_scaling import DEQ, DEQ_SHARE, GROUPS, VARIANTS, run_config, warm_chain
-from benchmarks.stars_scaling import parse_args as stars_args
 from eqloop.model import LoopLM
 from eqloop.train import make_train_tensors, train_step
 from eqloop.training.optim import make_optimizer
+from experiments.equilibrium.run import STARTS, main, parse_args, random_start, step_config
+from experiments.stars_scaling.run import DEQ, DEQ_SHARE, GROUPS, VARIANTS, run_config, warm_chain
+from experiments.stars_scaling.run import parse_args as stars_args
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_quick_run_writes_the_schema_and_reuses_its_cache(
     assert "exact match at t unrolled loops" in printed and "targets (issue 20)" in printed
     data = json.loads(files["json"].read_text())
     assert {"machine", "date", "command", "settings", "wall_seconds", "results"} <= set(data)
-    assert data["command"].startswith("python benchmarks/equilibrium.py --quick")
+    assert data["command"].startswith("python experiments/equilibrium/run.py --quick")
     assert data["settings"]["evaluation"]["tol"] == 1e-4
     assert data["settings"]["variants"]["deq_ift"]["overrides"]["backward"] == "ift"
     results = data["results"]
@@ -159,17 +159,17 @@ def test_random_start_has_the_per_token_scale_of_one_loop() -> None:
 @pytest.mark.slow
 def test_script_runs_two_jobs_and_refuses_bad_input(tmp_path: Path) -> None:
     out = str(tmp_path / "runs")
-    proc = run_benchmark("equilibrium.py", "--quick", "--jobs", "2", "--out-dir", out)
+    proc = run_experiment("equilibrium", "--quick", "--jobs", "2", "--out-dir", out)
     assert proc.returncode == 0, proc.stderr
     assert "done measure_one deq_phantom seed 0" in proc.stdout
     assert "MISS  deq_phantom: mean exact match >= 0.99 at z* of every solver" in proc.stdout
     phantom = json.loads((Path(out) / "deq_phantom" / "seed0" / "equilibrium.json").read_text())
     memory = phantom["result"]["memory"]
     assert phantom["result"]["backward"] == "phantom" and memory["4"] == memory["2"] > 0
-    proc = run_benchmark("equilibrium.py", "--quick", "--variants", "deq_ift,nonsense")
+    proc = run_experiment("equilibrium", "--quick", "--variants", "deq_ift,nonsense")
     assert proc.returncode == 2 and "unknown variant(s) ['nonsense']" in proc.stderr
-    proc = run_benchmark(
-        "equilibrium.py", "--quick", "--variants", "deq_ift", "--out-dir", out, "--set", "lr=0.01"
+    proc = run_experiment(
+        "equilibrium", "--quick", "--variants", "deq_ift", "--out-dir", out, "--set", "lr=0.01"
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "equilibrium.py: error: cannot resume the run in" in proc.stderr
+    assert "experiments/equilibrium/run.py: error: cannot resume the run in" in proc.stderr

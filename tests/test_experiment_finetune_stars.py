@@ -1,4 +1,4 @@
-"""benchmarks/finetune_stars.py runs end to end in --quick mode, resumes, and reports."""
+"""experiments/finetune_stars/run.py runs end to end in --quick mode, resumes, and reports."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import finetune_stars
+from experiments.finetune_stars import run as finetune_stars
 
 
 def test_finetune_stars_quick_writes_table_json_plot_and_resumes(
@@ -63,7 +63,8 @@ def test_a_run_of_other_settings_is_one_line_and_overwrite_reruns_it(
     assert finetune_stars.main([*argv, "--json", str(tmp_path / "a.json")]) == 0
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'a.json'}" in out and f"stages in {tmp_path / 'runs'}" in out
-    with pytest.raises(SystemExit, match=r"^finetune_stars.py: error: .*--overwrite runs the"):
+    refused = r"^experiments/finetune_stars/run.py: error: .*--overwrite runs the"
+    with pytest.raises(SystemExit, match=refused):
         finetune_stars.main([*argv, "--finetune-lr", "0.01"])
     assert finetune_stars.main([*argv, "--finetune-lr", "0.01", "--overwrite"]) == 0
     saved = json.loads((tmp_path / "runs" / "seed0" / "sft" / "config.json").read_text())

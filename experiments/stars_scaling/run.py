@@ -45,7 +45,7 @@ Variants (``--variants`` takes names or the group names in brackets):
                Anderson and takes the gradient there, penalty at z*
     deq_ift                implicit-function-theorem backward
     deq_phantom            phantom gradient (a few damped steps with a graph)
-               (benchmarks/equilibrium.py evaluates them against stars)
+               (experiments/equilibrium/run.py evaluates them against stars)
 
 ``headline`` is ``baseline,stars``; ``grid`` the paper's groups ``norms``, ``random`` and
 ``injection``; ``beyond`` the groups ``internal`` and ``options``; ``all`` everything.
@@ -67,9 +67,9 @@ components, a collapsing variant next to STARS), ``--scaling`` (test-time scalin
 harder split, see :func:`scaling_study`).
 
 Usage:
-    python benchmarks/stars_scaling.py --variants headline --jobs 2 --json r.json --plot r.png
-    python benchmarks/stars_scaling.py --variants all --jobs 2 --out-dir runs/stars_scaling
-    python benchmarks/stars_scaling.py --quick --json out.json --plot out.png --pca pca.png
+    python experiments/stars_scaling/run.py --variants headline --jobs 2 --json r.json --plot r.png
+    python experiments/stars_scaling/run.py --variants all --jobs 2 --out-dir runs/stars_scaling
+    python experiments/stars_scaling/run.py --quick --json out.json --plot out.png --pca pca.png
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
@@ -115,6 +115,8 @@ from eqloop.plotting import pyplot, style_axis
 from eqloop.train import check_resumable, penalty_overhead, train
 from eqloop.trajectory import checkpoint_pca, plot_trajectories
 
+PROG = "experiments/stars_scaling/run.py"  # the script in usage and error lines
+
 EVAL_LOOPS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 # The CPU recipe every variant starts from (TrainConfig fields; "model.x" for the model).
@@ -130,7 +132,7 @@ RECIPE: dict[str, Any] = {
     # answer digit reads its operand digits at one fixed distance, so one attention pattern
     # serves every digit. With the operands written most-significant first and learned
     # positions, each digit needed its own pattern and 2 of seeds 0-6 never formed them all
-    # in 3000 steps (benchmarks/plateau.py; docs/benchmarks.md, "seeds").
+    # in 3000 steps (experiments/plateau/run.py; docs/benchmarks.md, "seeds").
     "reverse_operands": True,
     "model.positions": "rope",
     "model.d_model": 64,
@@ -925,7 +927,7 @@ def plot_scaling(runs: Sequence[dict[str, Any]], path: str | Path) -> None:
 # ------------------------------------------------------------------------------ CLI
 
 
-# --quick: tiny runs in seconds (tests); benchmarks/equilibrium.py trains the same ones.
+# --quick: tiny runs in seconds (tests); experiments/equilibrium/run.py trains the same ones.
 QUICK_RECIPE: dict[str, Any] = {
     "batch_size": 16,
     "n_train": 256,
@@ -985,7 +987,9 @@ def apply_quick(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument(
         "--variants",
         default="headline",
@@ -1182,4 +1186,4 @@ if __name__ == "__main__":
     try:
         main()
     except ValueError as error:  # e.g. a run directory that holds another recipe's run
-        sys.exit(f"stars_scaling.py: error: {error}")
+        sys.exit(f"{PROG}: error: {error}")

@@ -1,6 +1,6 @@
 """Equilibrium LoopLMs on 4-digit addition: trained at the fixed point, found by any solver.
 
-Trains (through ``benchmarks/stars_scaling.py``'s machinery: its recipe, its variant
+Trains (through ``experiments/stars_scaling/run.py``'s machinery: its recipe, its variant
 table, its resumable run directories ``out_dir/<variant>/seed<k>``, ``--jobs``) and then
 measures, per (variant, seed):
 
@@ -47,13 +47,14 @@ targets become "90% of the seeds".
 
 Variants are stars_scaling's (``--variants`` takes names or its groups, e.g.
 ``equilibrium``); the fixed-point recipe is its ``DEQ`` dict. The runs are shared with
-stars_scaling.py: same default ``--out-dir`` (runs/stars_scaling, with ``--quick``
+experiments/stars_scaling/run.py: same default ``--out-dir`` (runs/stars_scaling, with ``--quick``
 runs/stars_scaling_quick), so a stars run trained there is reused here and vice versa.
 
 Usage:
-    OMP_NUM_THREADS=1 python benchmarks/equilibrium.py --seeds 0,1,2 --jobs 2 \\
-        --json benchmarks/results/equilibrium.json --plot benchmarks/results/equilibrium.png
-    python benchmarks/equilibrium.py --quick --json out.json --plot out.png   # seconds
+    OMP_NUM_THREADS=1 python experiments/equilibrium/run.py --seeds 0,1,2 --jobs 2 \\
+        --json experiments/equilibrium/results/equilibrium.json \\
+        --plot experiments/equilibrium/results/equilibrium.png
+    python experiments/equilibrium/run.py --quick --json out.json --plot out.png   # seconds
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 from torch import Tensor
@@ -80,21 +81,6 @@ from torch import Tensor
 import solvers
 from benchmarks.common import format_table, interleaved_times, machine_info, print_written
 from benchmarks.memory_depth import saved_bytes
-from benchmarks.stars_scaling import (
-    EVAL_LOOPS,
-    GROUPS,
-    RECIPE,
-    STEPS,
-    VARIANTS,
-    WARM_STEPS,
-    apply_quick,
-    parse_set,
-    run_all,
-    run_config,
-    run_dir,
-    train_run,
-    variant_names,
-)
 from eqloop.checkpoint import latest_checkpoint, load_model
 from eqloop.config import TrainConfig
 from eqloop.evaluate import (
@@ -112,6 +98,23 @@ from eqloop.plotting import pyplot, style_axis
 from eqloop.train import batch_rows, make_train_tensors, train_step
 from eqloop.training.optim import make_optimizer
 from eqloop.training.run_dir import read_metrics
+from experiments.stars_scaling.run import (
+    EVAL_LOOPS,
+    GROUPS,
+    RECIPE,
+    STEPS,
+    VARIANTS,
+    WARM_STEPS,
+    apply_quick,
+    parse_set,
+    run_all,
+    run_config,
+    run_dir,
+    train_run,
+    variant_names,
+)
+
+PROG = "experiments/equilibrium/run.py"  # the script in usage and error lines
 
 REFERENCE = "stars"  # the unrolled recipe every step time is compared with
 STARTS = ("z0", "random")
@@ -673,7 +676,9 @@ def _ints(text: str, name: str, low: int) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument(
         "--variants",
         default=DEFAULT_VARIANTS,
@@ -687,7 +692,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a recipe field for every variant (as in stars_scaling.py)",
+        help="override a recipe field for every variant (as in experiments/stars_scaling/run.py)",
     )
     p.add_argument("--depth-hi", type=int, default=32, help="largest sampled loop count")
     p.add_argument("--n-test", type=int, default=1000, help="test problems")
@@ -704,8 +709,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out-dir",
         default=None,
-        help="runs (resumable, shared with stars_scaling.py); default runs/stars_scaling, "
-        "with --quick runs/stars_scaling_quick",
+        help="runs (resumable, shared with the stars_scaling experiment); default "
+        "runs/stars_scaling, with --quick runs/stars_scaling_quick",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="delete and retrain the runs this command needs"
@@ -747,9 +752,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train and evaluate every (variant, seed); print the tables and targets; write outputs."""
     args = parse_args(argv)
-    command = shlex.join(
-        ["python", "benchmarks/equilibrium.py", *(sys.argv[1:] if argv is None else argv)]
-    )
+    command = shlex.join(["python", PROG, *(sys.argv[1:] if argv is None else argv)])
     start = time.perf_counter()
     pairs = [(v, s) for v in args.variants for s in args.seeds]
     results = run_all(pairs, args, measure_one)
@@ -792,4 +795,4 @@ if __name__ == "__main__":
     try:
         main()
     except ValueError as error:  # e.g. a run directory that holds another recipe's run
-        sys.exit(f"equilibrium.py: error: {error}")
+        sys.exit(f"{PROG}: error: {error}")

@@ -1,0 +1,1 @@
+"""The STARS paper's arithmetic experiment at CPU scale (``run.py``; README.md)."""
