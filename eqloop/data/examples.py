@@ -551,7 +551,7 @@ def make_arithmetic_examples(
         reverse_operands: write the operands least-significant digit first too. Then
             the operand digits that answer digit ``j`` adds sit at the same distance
             from it for every ``j``, so with rotary positions one attention pattern
-            serves every digit (see ``benchmarks/plateau.py``).
+            serves every digit (see ``experiments/plateau/run.py``).
         zero_pad: write operands with exactly ``width`` digits and the answer with the
             largest result's digit count, so all rows have one length; if False, numbers
             are written without leading zeros and rows vary in length.
