@@ -1,4 +1,4 @@
-"""Tests for eqloop.evaluate and eqloop.checkpoint: exact match, diagnostics, corruption."""
+"""Tests for eqloop.evaluation and eqloop.checkpoint: exact match, diagnostics, corruption."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from eqloop.checkpoint import (
     save_checkpoint,
 )
 from eqloop.config import TrainConfig
-from eqloop.evaluate import (
+from eqloop.evaluation import (
     EvalSet,
     check_options,
     correct_answers,
@@ -34,7 +34,6 @@ from eqloop.evaluate import (
     make_test_set,
     plot_results,
     quantiles,
-    solve_core,
     unrolled,
 )
 from eqloop.model import LoopLM, LoopLMConfig
@@ -122,11 +121,12 @@ def test_a_solver_can_start_after_some_loops() -> None:
     model = LoopLM(config).eval()  # far from a contraction: every loop changes the logits
     tokens = torch.randint(0, 19, (3, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        x = model.inject(tokens)
         for start in (0, 3):
             # tol 0 and the last iterate: the solver is 5 plain loops after `start` loops.
-            res = solve_core(model, x, "fixed_point", 5, 0.0, "rel", {"output": "last"}, start)
-            logits = model.readout(res.z)
+            solve = equilibrium(
+                model, "fixed_point", max_iter=5, tol=0.0, start_loops=start, output="last"
+            )
+            logits = solve(tokens)
             assert torch.allclose(logits, model(tokens, loops=start + 5), atol=1e-5)
             assert not torch.allclose(logits, model(tokens, loops=start + 4), atol=1e-2)
             # The model's own equilibrium mode starts the same way.
