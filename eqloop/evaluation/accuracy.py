@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from eqloop.checkpoint import load_model
@@ -140,19 +141,9 @@ def evaluate_model(
             bar.update()
         sample = data.inputs[:diagnostic_samples]
         if solver is not None:
-            bar.set_description(f"accuracy at equilibrium ({solver})")
-            acc = exact_match(predictors.equilibrium(model, solver, **options), data, **score)
-            result["equilibrium"] = {"accuracy": acc, "solver": solver, **options}
-            bar.update()
-            if diagnostics:
-                bar.set_description("contraction at equilibrium")
-                generator = torch.Generator(device=sample.device).manual_seed(seed)
-                result["equilibrium"].update(
-                    equilibrium_diagnostics(
-                        model, sample, solver, rho_iters=rho_iters, generator=generator, **options
-                    )
-                )
-                bar.update()
+            diag = sample if diagnostics else None
+            eq = _at_equilibrium(model, data, solver, options, score, diag, rho_iters, seed, bar)
+            result["equilibrium"] = eq
         if diagnostics and deep:
             bar.set_description("diagnostics per depth")
             generator = torch.Generator(device=sample.device).manual_seed(seed)
@@ -165,6 +156,35 @@ def evaluate_model(
                 on_record=lambda t: bar.update(),
             )
     return result
+
+
+def _at_equilibrium(
+    model: LoopedLM,
+    data: EvalSet,
+    solver: str,
+    options: dict[str, Any],
+    score: dict[str, Any],
+    sample: Tensor | None,
+    rho_iters: int,
+    seed: int,
+    bar: Any,
+) -> dict[str, Any]:
+    """The ``equilibrium`` entry of :func:`evaluate_model`: accuracy at the solver's fixed
+    point and, given a (B, S) ``sample`` of inputs, :func:`equilibrium_diagnostics` on it."""
+    bar.set_description(f"accuracy at equilibrium ({solver})")
+    acc = exact_match(predictors.equilibrium(model, solver, **options), data, **score)
+    out = {"accuracy": acc, "solver": solver, **options}
+    bar.update()
+    if sample is not None:
+        bar.set_description("contraction at equilibrium")
+        generator = torch.Generator(device=sample.device).manual_seed(seed)
+        out.update(
+            equilibrium_diagnostics(
+                model, sample, solver, rho_iters=rho_iters, generator=generator, **options
+            )
+        )
+        bar.update()
+    return out
 
 
 def evaluate_checkpoint(
@@ -261,18 +281,13 @@ def accuracy_vs_loops(
     """Exact match of free-text answers at every loop count and at the equilibrium.
 
     Args:
-        model: the looped LM (eqloop's, Ouro or Huginn).
-        tokenizer: its tokenizer.
-        examples: examples with reference answers.
+        model, tokenizer, examples: the looped LM (LoopLM, Ouro or Huginn), its tokenizer
+            and examples with reference answers.
         loops: loop counts >= 1.
-        equilibrium: also evaluate at the solver's fixed point.
-        solver, tol, max_iter: the equilibrium solve.
-        solver_options: its other settings: ``stop_mode``, ``start_loops``, ``compact``
-            and the solver's hyperparameters (see :func:`eqloop.evaluation.equilibrium`).
-        template: prompt template.
-        decode: ``"greedy"`` or ``"forced"`` (see :func:`answers_correct`).
-        max_new_tokens: generation budget.
-        batch_size: sequences per forward pass.
+        equilibrium: also evaluate at the fixed point of ``solver`` (``tol``, ``max_iter``
+            and ``solver_options``: ``stop_mode``, ``start_loops``, ``compact`` and the
+            solver's hyperparameters; see :func:`eqloop.evaluation.equilibrium`).
+        template, decode, max_new_tokens, batch_size: see :func:`answers_correct`.
         progress: show a tqdm bar over the runs.
 
     Returns:
@@ -303,20 +318,18 @@ def accuracy_vs_loops(
     try:
         with torch.no_grad():
             for t in tqdm(runs, desc="eval loops", disable=not progress, leave=False):
-                if t is None:
-                    predict = predictors.equilibrium(model, solver, **solve)
-                else:
-                    predict = unrolled(model, t)
-                right = answers_correct(predict, tokenizer, examples, **common)
-                if t is not None:
-                    accuracy[str(t)] = float(right.float().mean())
+                at_eq = t is None
+                predict = (
+                    predictors.equilibrium(model, solver, **solve) if at_eq else unrolled(model, t)
+                )
+                share = float(
+                    answers_correct(predict, tokenizer, examples, **common).float().mean()
+                )
+                if not at_eq:
+                    accuracy[str(t)] = share
                     continue
-                eq = {
-                    "accuracy": float(right.float().mean()),
-                    "converged": predict.converged_share or 0.0,
-                    "solver": solver,
-                    **solve,
-                }
+                converged = predict.converged_share or 0.0
+                eq = {"accuracy": share, "converged": converged, "solver": solver, **solve}
     finally:
         model.train(was_training)
     best = max(accuracy, key=lambda k: (accuracy[k], -int(k)))
