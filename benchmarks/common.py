@@ -7,12 +7,13 @@ import os
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from eqloop.evaluation.report import format_table  # the one table formatter
 from eqloop.files import write_json_atomic
 
 __all__ = [
@@ -157,30 +158,6 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, (tuple, list)):
         return [t for o in out for t in _tensors(o)]
     return []
-
-
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
-    """Render rows as an aligned plain-text table.
-
-    Args:
-        rows: one dict per row.
-        columns: (key, header, format spec) per column, e.g. ``("nfe", "f-evals", "d")``.
-    """
-    cells = [[h for _, h, _ in columns]]
-    for row in rows:
-        cells.append([_fmt(row.get(key), spec) for key, _, spec in columns])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _fmt(value: Any, spec: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and spec and not spec.endswith("s"):
-        return format(value, spec)
-    return format(value, spec) if spec else str(value)
 
 
 def machine_info() -> dict[str, Any]:

@@ -33,7 +33,7 @@ from eqloop.training.flags import add_flag, add_run_arguments, flag_values
 
 __all__ = ["build_parser", "main"]
 
-# Copies of eqloop.evaluate.DECODES / DEFAULT_LOOPS (checked by the tests), so that
+# Copies of eqloop.evaluation.DECODES / DEFAULT_LOOPS (checked by the tests), so that
 # building the parser and --help do not import torch and the solvers.
 _DECODES = ("greedy", "forced")
 _DEFAULT_LOOPS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -179,7 +179,7 @@ def _add_eval(sub: Any) -> None:
         "--pca",
         type=Path,
         help="write hidden-state trajectories on their first two principal components here "
-        "(PNG, one panel per checkpoint; eqloop.trajectory)",
+        "(PNG, one panel per checkpoint; eqloop.evaluation.trajectory)",
     )
     run.add_argument(
         "--pca-problems",
@@ -309,7 +309,7 @@ def _eval(args: argparse.Namespace) -> int:
         return run(args)
     from eqloop.checkpoint import CheckpointError, resolve_checkpoint
     from eqloop.config import check_device
-    from eqloop.evaluate import check_options, evaluate_checkpoint, format_result, plot_results
+    from eqloop.evaluation import check_options, evaluate_checkpoint, format_result, plot_results
     from eqloop.files import write_text_atomic
     from solvers import checks
 
@@ -360,7 +360,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.plot is not None and results:
         plot_results(results, args.plot)
     if args.pca is not None and results:
-        from eqloop.trajectory import plot_checkpoint_trajectories
+        from eqloop.evaluation import plot_checkpoint_trajectories
 
         done = [r["checkpoint"] for r in results]
         plot_checkpoint_trajectories(

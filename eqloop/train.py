@@ -115,7 +115,7 @@ from eqloop.defaults import (
     EQUILIBRIUM_TOL,
 )
 from eqloop.depth import DepthSampler
-from eqloop.evaluate import EvalSet, evaluate_model, make_test_set
+from eqloop.evaluation import EvalSet, evaluate_model, make_test_set
 from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.stars import PenaltySchedule, jsrr_penalty, spectral_radius
 from eqloop.training import run_dir

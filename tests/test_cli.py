@@ -20,7 +20,7 @@ import torch
 from eqloop import cli
 from eqloop.checkpoint import load_checkpoint
 from eqloop.cli import main
-from eqloop.evaluate import DECODES, DEFAULT_LOOPS
+from eqloop.evaluation import DECODES, DEFAULT_LOOPS
 
 TINY = [
     "--set",

@@ -1,4 +1,4 @@
-"""Tests for eqloop.evaluate and eqloop.checkpoint: exact match, diagnostics, corruption."""
+"""Tests for eqloop.evaluation and eqloop.checkpoint: exact match, diagnostics, corruption."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import os
 import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor
 
+import solvers
 from eqloop.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -21,22 +23,29 @@ from eqloop.checkpoint import (
     save_checkpoint,
 )
 from eqloop.config import TrainConfig
-from eqloop.evaluate import (
+from eqloop.data import CharTokenizer
+from eqloop.data.tokenizers import TextTokenizer, as_text_tokenizer
+from eqloop.evaluation import (
+    DECODES,
     EvalSet,
+    accuracy_vs_loops,
     check_options,
     correct_answers,
+    early_exit,
     equilibrium,
     equilibrium_diagnostics,
     evaluate_checkpoint,
     exact_match,
     format_result,
+    format_table,
+    greedy_generate,
     loop_diagnostics,
     make_test_set,
     plot_results,
     quantiles,
-    solve_core,
     unrolled,
 )
+from eqloop.finetune.data import Example, PromptTemplate, encode_examples
 from eqloop.model import LoopLM, LoopLMConfig
 
 MODEL = LoopLMConfig(vocab_size=19, d_model=32, n_heads=2, d_ff=64, max_seq_len=16)
@@ -122,11 +131,12 @@ def test_a_solver_can_start_after_some_loops() -> None:
     model = LoopLM(config).eval()  # far from a contraction: every loop changes the logits
     tokens = torch.randint(0, 19, (3, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        x = model.inject(tokens)
         for start in (0, 3):
             # tol 0 and the last iterate: the solver is 5 plain loops after `start` loops.
-            res = solve_core(model, x, "fixed_point", 5, 0.0, "rel", {"output": "last"}, start)
-            logits = model.readout(res.z)
+            solve = equilibrium(
+                model, "fixed_point", max_iter=5, tol=0.0, start_loops=start, output="last"
+            )
+            logits = solve(tokens)
             assert torch.allclose(logits, model(tokens, loops=start + 5), atol=1e-5)
             assert not torch.allclose(logits, model(tokens, loops=start + 4), atol=1e-2)
             # The model's own equilibrium mode starts the same way.
@@ -283,3 +293,142 @@ def test_damaged_checkpoint_raises_checkpoint_error(tmp_path: Path, damage: str)
         load_checkpoint(run)
     with pytest.raises(CheckpointError):
         evaluate_checkpoint(run, loops=[1], diagnostics=False)
+
+
+# ------------------------------------------------- issue 19: one evaluation path
+
+
+def text_setup() -> tuple[LoopLM, TextTokenizer, list[Example]]:
+    """A tiny LoopLM without input injection over printable characters, its tokenizer
+    and two word-problem examples."""
+    tokenizer = as_text_tokenizer(CharTokenizer.printable())
+    config = LoopLMConfig(
+        vocab_size=tokenizer.vocab_size,
+        d_model=32,
+        n_heads=2,
+        d_ff=64,
+        max_seq_len=48,
+        injection="none",
+        init_std=0.3,
+    )
+    torch.manual_seed(0)
+    examples = [Example(f"{a} + {b}", f" {a + b}", str(a + b)) for a, b in [(2, 3), (4, 4)]]
+    return LoopLM(config).eval(), tokenizer, examples
+
+
+def test_text_equilibrium_passes_start_loops_compact_and_stop_mode_to_the_solve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before, eqloop.finetune.evaluate's equilibrium predictor called solvers.solve with
+    # tol and max_iter only: start_loops, compact and stop_mode were dropped.
+    model, tokenizer, examples = text_setup()
+    calls: list[tuple[Tensor, dict[str, Any]]] = []
+    solve = solvers.solve
+
+    def spy(f: Any, z0: Tensor, *args: Any, **kwargs: Any) -> solvers.SolveResult:
+        calls.append((z0, kwargs))
+        return solve(f, z0, *args, **kwargs)
+
+    monkeypatch.setattr(solvers, "solve", spy)
+    options = {"start_loops": 3, "stop_mode": "abs", "compact": False}
+    result = accuracy_vs_loops(
+        model,
+        tokenizer,
+        examples,
+        loops=[1],
+        solver="anderson",
+        tol=1e-3,
+        max_iter=7,
+        solver_options=options,
+        decode="forced",
+    )
+    eq = result["equilibrium"]
+    assert {k: eq[k] for k in options} == options and eq["max_iter"] == 7
+    solves = [(z0, kw) for z0, kw in calls if kw.get("max_iter") == 7]
+    assert len(solves) == 1  # the one forced pass at equilibrium
+    z0, kwargs = solves[0]
+    assert kwargs["stop_mode"] == "abs" and kwargs["compact"] is False and kwargs["tol"] == 1e-3
+    # The solve starts from the state after 3 loops, not from z0.
+    template = PromptTemplate()
+    inputs, _ = encode_examples(examples, tokenizer, template, max_len=1 << 30)
+    with torch.no_grad():
+        after_3 = model.unroll(inputs, 3)
+    assert torch.allclose(z0, after_3, atol=1e-6)
+    assert not torch.allclose(z0, model.unroll(inputs, 0), atol=1e-3)
+
+
+def test_the_equilibrium_predictor_reads_out_where_its_start_puts_it() -> None:
+    # The same predictor scores fixed-format and free-text answers: with tol 0 and the
+    # last iterate, fixed_point for 5 steps after 3 loops is 8 loops, after 0 it is 5.
+    model, tokenizer, examples = text_setup()
+    inputs, _ = encode_examples(examples, tokenizer, PromptTemplate(), max_len=1 << 30)
+    with torch.no_grad():
+        for start in (0, 3):
+            predict = equilibrium(
+                model, "fixed_point", max_iter=5, tol=0.0, start_loops=start, output="last"
+            )
+            logits = predict(inputs)
+            assert torch.allclose(logits, model(inputs, loops=start + 5), atol=1e-5)
+            assert predict.solved == len(examples) and predict.converged_share is not None
+            assert predict.cache_loops is None  # no KV-cache shortcut at equilibrium
+    assert unrolled(model, 4).cache_loops == 4 and early_exit(model, 4, 0.1).cache_loops is None
+    with torch.no_grad():
+        got = early_exit(model, 6, 1e-2)(inputs)
+        want = model(inputs, loops=6, exit_threshold=1e-2)
+    assert torch.equal(got, want)
+
+
+def test_one_decode_vocabulary() -> None:
+    model, tokenizer, examples = text_setup()
+    assert DECODES == ("greedy", "forced")
+    message = r"unknown decode 'generate'; valid: \['greedy', 'forced'\] \('generate' is now"
+    with pytest.raises(ValueError, match=message):
+        accuracy_vs_loops(model, tokenizer, examples, loops=[1], decode="generate")
+    with pytest.raises(ValueError, match=message):
+        check_options([1], decode="generate")
+    greedy = accuracy_vs_loops(
+        model, tokenizer, examples, loops=[1], equilibrium=False, max_new_tokens=3
+    )
+    assert greedy["decode"] == "greedy" and set(greedy["accuracy"]) == {"1"}
+
+
+def test_greedy_generate_stops_each_row_where_it_ends() -> None:
+    # Rows stop at eos (left out), at a stop text (kept) or at their first token that
+    # differs from the reference (kept); the others run to max_new_tokens.
+    vocab = 6
+
+    def predict(tokens: Tensor) -> Tensor:
+        """Next token = (last token + 1) mod vocab, as logits."""
+        return torch.nn.functional.one_hot((tokens + 1) % vocab, vocab).float()
+
+    prompts = [[0], [3], [1, 2]]
+    assert greedy_generate(predict, prompts, max_new_tokens=4, eos_id=5) == [
+        [1, 2, 3, 4],
+        [4],
+        [3, 4],
+    ]
+    refs = [[1, 2, 0, 0], [4, 5, 0, 1], [3, 3, 3, 3]]
+    got = greedy_generate(predict, prompts, max_new_tokens=4, eos_id=None, references=refs)
+    assert got == [[1, 2, 3], [4, 5, 0, 1], [3, 4]]
+    text = greedy_generate(
+        predict, [[0]], max_new_tokens=4, eos_id=None, stop_texts=["2"], decode=str
+    )
+    assert text == [[1, 2]]
+    with pytest.raises(ValueError, match="references must hold max_new_tokens"):
+        greedy_generate(predict, prompts, max_new_tokens=4, eos_id=None, references=refs[:2])
+
+
+def test_one_table_formatter() -> None:
+    from benchmarks import common
+
+    rows = [{"name": "anderson", "nfe": 12, "res": 3.14159e-6}, {"name": "broyden", "res": None}]
+    columns = [("name", "solver", ""), ("nfe", "f-evals", "d"), ("res", "residual", ".2e")]
+    assert format_table(rows, columns) == (
+        "  solver  f-evals  residual\n"
+        "--------  -------  --------\n"
+        "anderson       12  3.14e-06\n"
+        " broyden        -         -"
+    )
+    assert format_table(rows[:1], columns[:2], rule=False) == "  solver  f-evals\nanderson       12"
+    assert format_table([{"x": float("nan")}], [("x", "x", ".3f")]).endswith("nan")
+    assert common.format_table is format_table  # the benchmarks print with the same one

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from eqloop.checkpoint import save_checkpoint
 from eqloop.data import CharTokenizer
+from eqloop.evaluation import greedy_generate
 from eqloop.finetune.data import write_jsonl
-from eqloop.finetune.evaluate import greedy_generate
 from eqloop.model import LoopLM, LoopLMConfig
 
 lm_eval = pytest.importorskip("lm_eval")

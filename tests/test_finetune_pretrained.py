@@ -13,14 +13,10 @@ from helpers import run_torchrun
 
 from eqloop import pretrained
 from eqloop.checkpoint import load_checkpoint
+from eqloop.evaluation import accuracy_vs_loops, greedy_generate, unrolled
+from eqloop.evaluation.decoding import cached_generate
 from eqloop.finetune.config import FinetuneConfig, LoraOptions
 from eqloop.finetune.data import PromptTemplate, load_jsonl, write_jsonl
-from eqloop.finetune.evaluate import (
-    _cached_generate,
-    _Unrolled,
-    accuracy_vs_loops,
-    greedy_generate,
-)
 from eqloop.finetune.lora import DEFAULT_TARGETS, attach_lora, merge_lora
 from eqloop.finetune.models import freeze_unreached, load_for_finetuning, weights_fingerprint
 from eqloop.finetune.problems import make_splits
@@ -112,7 +108,7 @@ def test_cached_generation_matches_recompute_in_evaluation(root: Path) -> None:
     prompts = [loaded.tokenizer.encode_prompt(template.format_prompt(e)) for e in examples]
     eos = loaded.tokenizer.eos_id
     with torch.no_grad():  # prompts of different lengths: left padding in the cached batches
-        cached = _cached_generate(
+        cached = cached_generate(
             model,
             prompts,
             loops=3,
@@ -121,7 +117,7 @@ def test_cached_generation_matches_recompute_in_evaluation(root: Path) -> None:
             pad_id=loaded.tokenizer.pad_id,
             batch_size=3,
         )
-        recomputed = greedy_generate(_Unrolled(model, 3), prompts, max_new_tokens=12, eos_id=eos)
+        recomputed = greedy_generate(unrolled(model, 3), prompts, max_new_tokens=12, eos_id=eos)
     assert cached == recomputed and all(cached)
     assert len({len(p) for p in prompts}) > 1
     result = accuracy_vs_loops(model, loaded.tokenizer, examples, loops=[2], max_new_tokens=4)

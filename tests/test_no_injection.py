@@ -24,7 +24,7 @@ import solvers
 from eqloop.backward import IFT, Phantom, Truncated, Unroll
 from eqloop.checkpoint import load_model
 from eqloop.config import TrainConfig
-from eqloop.evaluate import equilibrium, evaluate_checkpoint, exact_match, make_test_set
+from eqloop.evaluation import equilibrium, evaluate_checkpoint, exact_match, make_test_set
 from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.stars import jacobian_eigvals, jsrr_penalty, spectral_radius
 from eqloop.train import train

@@ -535,7 +535,7 @@ def test_compile_flags_of_train_and_eval(
 ) -> None:
     # Issue 22 row 7: eqloop train/finetune --compile (shared flags) and eqloop eval --compile.
     import eqloop.compiling
-    import eqloop.evaluate
+    import eqloop.evaluation.accuracy
     from eqloop.cli import main
 
     for command in ("train", "finetune"):
@@ -552,7 +552,7 @@ def test_compile_flags_of_train_and_eval(
         compiled.append(model)
         return eqloop.compiling.compile_model(model, backend="aot_eager")
 
-    monkeypatch.setattr(eqloop.evaluate, "compile_model", compile_with)
+    monkeypatch.setattr(eqloop.evaluation.accuracy, "compile_model", compile_with)
     results = []
     for flags in ([], ["--compile"]):
         out = tmp_path / f"eval{len(flags)}.json"

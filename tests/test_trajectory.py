@@ -1,4 +1,4 @@
-"""Tests for eqloop.trajectory: the unrolled states and their PCA projection."""
+"""Tests for eqloop.evaluation.trajectory: the unrolled states and their PCA projection."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ import torch
 
 from eqloop.checkpoint import save_checkpoint
 from eqloop.config import TrainConfig
-from eqloop.evaluate import make_test_set
+from eqloop.evaluation import (
+    checkpoint_pca,
+    hidden_trajectory,
+    make_test_set,
+    plot_trajectories,
+    trajectory_pca,
+)
 from eqloop.model import LoopLM, LoopLMConfig
-from eqloop.trajectory import checkpoint_pca, hidden_trajectory, plot_trajectories, trajectory_pca
 
 MODEL = dict(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=8, injection="none")
 

@@ -8,7 +8,6 @@ Modules, each small:
 * ``models``: loading a pretrained or eqloop directory, saving in its own layout;
 * ``lora``: peft adapters on named modules, merged back exactly;
 * ``train``: the fine-tuning loop (SFT / STARS, DDP / FSDP, resumable);
-* ``evaluate``: exact match at loops 1..16 and at equilibrium;
 * ``harness``: the ``eqloop`` model class for lm-evaluation-harness, ``eqloop-lm-eval``;
 * ``cli``: the ``eqloop finetune`` subcommand.
 
@@ -37,7 +36,7 @@ _EXPORTS: dict[str, str] = {
     "attach_lora": "eqloop.finetune.lora",
     "merge_lora": "eqloop.finetune.lora",
     "finetune": "eqloop.finetune.train",
-    "accuracy_vs_loops": "eqloop.finetune.evaluate",
+    "accuracy_vs_loops": "eqloop.evaluation.accuracy",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 import solvers
 from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_TOL
-from eqloop.finetune.evaluate import generate_continuations
+from eqloop.evaluation.decoding import generate_continuations
 from eqloop.finetune.models import load_for_finetuning
 from solvers import checks
 

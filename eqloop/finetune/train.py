@@ -707,7 +707,7 @@ def _finish(
     checkpoint_path: Path | None,
 ) -> dict[str, Any]:
     """Merge adapters, save the model in its own layout, evaluate (rank 0)."""
-    from eqloop.finetune.evaluate import accuracy_vs_loops
+    from eqloop.evaluation import accuracy_vs_loops
 
     out_dir = Path(config.out_dir)
     model = run.loaded.model

@@ -4,7 +4,7 @@ Trains (through ``experiments/stars_scaling/run.py``'s machinery: its recipe, it
 table, its resumable run directories ``out_dir/<variant>/seed<k>``, ``--jobs``) and then
 measures, per (variant, seed):
 
-  accuracy     exact match (teacher-forced, see :mod:`eqloop.evaluate`) after 1, 2, 4, ...,
+  accuracy     exact match (teacher-forced, see :mod:`eqloop.evaluation`) after 1, 2, 4, ...,
                128 unrolled loops.
   equilibria   for each solver of ``--solvers`` (fixed_point, anderson, broyden) and each
                start: exact match at the z* it returns, the share of test sequences whose
@@ -22,7 +22,7 @@ measures, per (variant, seed):
                only in z0.
   rho          the spectral radius of J(z*) at the plain iteration's z* from z0 (power
                iteration, ``--rho-iters`` steps, on the first ``--diagnostic-samples`` test
-               sequences): median, max, share below 1 (:func:`eqloop.evaluate.
+               sequences): median, max, share below 1 (:func:`eqloop.evaluation.
                equilibrium_diagnostics`).
   memory       bytes autograd saves during one training step (forward, penalty and
                backward; :func:`benchmarks.memory_depth.saved_bytes`: distinct
@@ -83,9 +83,9 @@ from benchmarks.common import format_table, interleaved_times, machine_info, pri
 from benchmarks.memory_depth import saved_bytes
 from eqloop.checkpoint import latest_checkpoint, load_model
 from eqloop.config import TrainConfig
-from eqloop.evaluate import (
+from eqloop.evaluation import (
     EvalSet,
-    Predictor,
+    PredictFn,
     correct_answers,
     equilibrium_diagnostics,
     exact_match,
@@ -151,7 +151,7 @@ def solve_predictor(
     args: argparse.Namespace,
     generator: torch.Generator,
     record: list[solvers.SolveResult],
-) -> Predictor:
+) -> PredictFn:
     """Predictor reading out at the z* ``solver`` finds from ``start`` (one of STARTS).
 
     Every solve is appended to ``record`` (per-sequence convergence and f-evaluations).

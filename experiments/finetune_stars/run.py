@@ -15,7 +15,7 @@ CPU, per seed:
    0.4)), 1, 16) (the paper's Ouro setting) and the Jacobian penalty with weight ``lam``;
 3. **evaluate** all three at loops 1..16 and at the Anderson equilibrium (exact match;
    teacher-forced argmax, which for unrolled loops gives the same verdict as greedy
-   decoding, see ``eqloop.finetune.evaluate``), and report peak and drop at 8 and 16
+   decoding, see ``eqloop.evaluation``), and report peak and drop at 8 and 16
    loops;
 4. **time** an SFT step and a STARS step at the same loop count (interleaved medians).
 
@@ -61,9 +61,9 @@ from benchmarks.common import (
 )
 from eqloop import pretrained
 from eqloop.data import make_arithmetic_dataset
+from eqloop.evaluation import accuracy_vs_loops
 from eqloop.finetune.config import FinetuneConfig
 from eqloop.finetune.data import PromptTemplate, encode_examples, load_jsonl, write_jsonl
-from eqloop.finetune.evaluate import accuracy_vs_loops
 from eqloop.finetune.models import load_for_finetuning
 from eqloop.finetune.train import MODEL_DIR, finetune, step_time_ratio
 from eqloop.plotting import pyplot, style_axis

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from benchmarks.common import format_table, machine_info, print_written, write_json_atomic
 from eqloop.checkpoint import load_model
 from eqloop.config import TrainConfig
-from eqloop.evaluate import make_test_set
+from eqloop.evaluation import make_test_set
 from eqloop.model import CausalSelfAttention, apply_rotary
 
 PROG = "experiments/plateau/run.py"  # the script in usage and error lines

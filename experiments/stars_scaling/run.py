@@ -102,18 +102,19 @@ from eqloop.checkpoint import (
 )
 from eqloop.config import TrainConfig, apply_overrides
 from eqloop.data import make_arithmetic_dataset
-from eqloop.evaluate import (
+from eqloop.evaluation import (
+    checkpoint_pca,
     equilibrium,
     evaluate_model,
     exact_match,
     make_eval_set,
     make_test_set,
+    plot_trajectories,
     unrolled,
 )
 from eqloop.files import write_json_atomic
 from eqloop.plotting import pyplot, style_axis
 from eqloop.train import check_resumable, penalty_overhead, train
-from eqloop.trajectory import checkpoint_pca, plot_trajectories
 
 PROG = "experiments/stars_scaling/run.py"  # the script in usage and error lines
 
@@ -407,7 +408,7 @@ def solver_spec(spec: str) -> tuple[str, dict[str, int]]:
     """``"anderson@4"`` -> ``("anderson", {"start_loops": 4})``: the solver and its start.
 
     ``name@k`` starts the solver from the state after ``k`` loops instead of the loop's
-    initial state (see :func:`eqloop.evaluate.solve_core`).
+    initial state (see :func:`eqloop.evaluation.equilibrium`).
     """
     name, at, start = spec.partition("@")
     if not at:
@@ -431,7 +432,7 @@ def _eval_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summarize(variant: str, seed: int, config: TrainConfig, raw: dict[str, Any]) -> dict[str, Any]:
-    """One ``results`` entry from :func:`eqloop.evaluate.evaluate_model` output."""
+    """One ``results`` entry from :func:`eqloop.evaluation.evaluate_model` output."""
     eq = raw.get("equilibrium") or {}
     contraction = eq.get("contraction") or {}
     return {

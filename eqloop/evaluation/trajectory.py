@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eqloop.model import LoopLM
+from eqloop.looped import LoopedLM
 from eqloop.plotting import pyplot, style_axis
 from solvers import checks
 
@@ -45,11 +45,11 @@ __all__ = [
 FEATURES: tuple[str, ...] = ("sequence", "last")
 
 
-def hidden_trajectory(model: LoopLM, tokens: Tensor, loops: int) -> Tensor:
+def hidden_trajectory(model: LoopedLM, tokens: Tensor, loops: int) -> Tensor:
     """The states ``z_0 .. z_T`` of the unrolled loop, without gradients.
 
     Args:
-        model: the LoopLM (put it in eval mode for a deterministic trajectory).
+        model: the looped LM (eval mode for a deterministic trajectory).
         tokens: (B, S) token ids.
         loops: number of loops T >= 1.
 
@@ -179,7 +179,7 @@ def checkpoint_pca(
     """
     from eqloop.checkpoint import load_model
     from eqloop.config import TrainConfig
-    from eqloop.evaluate import make_test_set
+    from eqloop.evaluation.scoring import make_test_set
 
     problems = checks.integer("problems", problems, low=1)
     model, ckpt = load_model(path, device=device)
