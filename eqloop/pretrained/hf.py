@@ -133,7 +133,7 @@ def register_auto_classes() -> dict[str, type]:
             "from_pretrained": classmethod(from_pretrained),
             "_init_weights": lambda self, module: None,  # weights come from the files
             "eqloop": property(lambda self: self._eqloop, doc="The eqloop model (same modules)."),
-            "get_input_embeddings": lambda self: self._eqloop._embedding(),
+            "get_input_embeddings": lambda self: self._eqloop.get_input_embeddings(),
         }
         model_cls = type(f"Eqloop{prefix}ForCausalLM", (PreTrainedModel,), body)
         AutoConfig.register(model_type, config_cls, exist_ok=True)

@@ -17,24 +17,110 @@ convention and runs causal SDPA.
 ``loops=(n, k)`` is upstream's ``num_steps=(n, k)``: n steps without a graph, then k
 with one (a plain int upstream means ``(T, 0)``). ``init_scale=0.0`` starts from zeros,
 deterministically (upstream's ``init_scale``; the default 1.0 draws the random state).
+
+Decoding (the base class's decode-step interface): ``exit="none"`` runs every step;
+an exit criterion (:data:`HUGINN_EXITS`, :class:`ExitCriterion`) stops a new token's
+loop once it holds (upstream's adaptive compute). Its state stays fixed while the rest
+of the batch loops on, and the cache slots of the steps it skipped get the keys/values of
+its last computed step (upstream's "latest" lookup rule), so later tokens attending to
+it see what it computed.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eqloop.pretrained.base import PretrainedLoopedLM
+from eqloop.pretrained.base import DecodeOptions, PretrainedLoopedLM
 from eqloop.pretrained.config import HuginnConfig
+from eqloop.pretrained.exits import check_exit
 from eqloop.pretrained.generation import GenerationMixin
-from eqloop.pretrained.layers import Context, RMSNorm, attend, rotate_interleaved_pairs
+from eqloop.pretrained.layers import Context, KVCache, RMSNorm, attend, rotate_interleaved_pairs
 from eqloop.pretrained.saving import SaveMixin
 from solvers import checks
 
-__all__ = ["HuginnForCausalLM"]
+__all__ = ["HUGINN_EXITS", "ExitCriterion", "HuginnForCausalLM"]
+
+HUGINN_EXITS: dict[str, float] = {
+    "none": 0.0,
+    "latent-diff": 0.03,
+    "kl": 5e-4,
+    "entropy-diff": 1e-3,
+    "argmax-stability": 5,
+}
+"""Huginn's per-token exit criteria and their default thresholds (see ``ExitCriterion``)."""
+
+
+class ExitCriterion:
+    """Huginn's per-token exit test after every recurrent step (one new token per row).
+
+    ``latent-diff``: ``||s_t - s_{t-1}|| / ||s_t|| < threshold``;
+    ``kl``: ``KL(p_{t-1} || p_t) < threshold`` between the decoded distributions
+    (p_0 uniform); ``entropy-diff``: ``|H(p_t) - H(p_{t-1})| < threshold`` (H_0 = 100);
+    ``argmax-stability``: the argmax has not changed for ``threshold`` steps.
+    """
+
+    def __init__(self, name: str, threshold: float | None) -> None:
+        criteria = [exit for exit in HUGINN_EXITS if exit != "none"]
+        check_exit(name, threshold, HUGINN_EXITS, criteria)
+        self.name = name
+        default = HUGINN_EXITS[name]
+        if name == "argmax-stability":
+            value = default if threshold is None else threshold
+            self.threshold: float = checks.integer("exit_threshold", value, low=1)
+        else:
+            value = default if threshold is None else threshold
+            self.threshold = checks.number("exit_threshold", value, low=0.0)
+        self.prev: Any = None
+        self.count: Tensor | None = None
+
+    @property
+    def decodes(self) -> bool:
+        """Whether the criterion needs the logits of every step."""
+        return self.name in ("kl", "entropy-diff", "argmax-stability")
+
+    def start(self, z0: Tensor, vocab: int) -> None:
+        """Reset for a new token; ``z0``: (B, n, d) initial states."""
+        batch = z0.shape[0]
+        if self.name == "latent-diff":
+            self.prev = z0
+        elif self.name == "kl":
+            self.prev = torch.full((batch, vocab), -math.log(vocab), device=z0.device)
+        elif self.name == "entropy-diff":
+            self.prev = torch.full((batch,), 100.0, device=z0.device)
+        elif self.name == "argmax-stability":
+            self.prev = torch.full((batch,), -1, dtype=torch.long, device=z0.device)
+            self.count = torch.zeros(batch, dtype=torch.long, device=z0.device)
+
+    def check(self, z: Tensor, logits: Tensor | None) -> Tensor:
+        """(B,) bool: rows whose new token may stop. ``z``: (B, 1, d); ``logits``: (B, V)."""
+        if self.name == "none":
+            return torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+        if self.name == "latent-diff":
+            change = (z - self.prev).norm(dim=-1) / z.norm(dim=-1).clamp_min(
+                torch.finfo(z.dtype).tiny
+            )
+            self.prev = z
+            return change.mean(dim=1) < self.threshold
+        log_p = F.log_softmax(logits.float(), dim=-1)
+        if self.name == "kl":
+            value = (self.prev.exp() * (self.prev - log_p)).sum(dim=-1)
+            self.prev = log_p
+            return value < self.threshold
+        if self.name == "entropy-diff":
+            entropy = -(log_p.exp() * log_p).sum(dim=-1)
+            value = (entropy - self.prev).abs()
+            self.prev = entropy
+            return value < self.threshold
+        top = logits.argmax(dim=-1)
+        self.count = torch.where(top == self.prev, self.count + 1, torch.zeros_like(self.count))
+        self.prev = top
+        return self.count >= self.threshold
 
 
 class HuginnAttention(nn.Module):
@@ -176,7 +262,7 @@ class HuginnForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
 
     # ------------------------------------------------------------------- the stages
 
-    def _embedding(self) -> nn.Embedding:
+    def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.wte
 
     def _rope_base(self) -> float:
@@ -217,6 +303,140 @@ class HuginnForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
         for i, block in enumerate(self.transformer.coda):
             h = block(h, ctx, ("coda", i))
         return self.head(self.transformer.ln_f(h))
+
+    # ----------------------------------------------------------- decode-step interface
+
+    def start_options(
+        self, init_scale: float | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """``init_scale`` (default 0: the zero state, deterministic) and ``generator``."""
+        return {"init_scale": 0.0 if init_scale is None else init_scale, "generator": generator}
+
+    def decode_options(
+        self,
+        exit: str | None = None,
+        exit_threshold: float | None = None,
+        *,
+        init_scale: float | None = None,
+        use_cache: bool = True,
+        compiled: bool = False,
+    ) -> DecodeOptions:
+        """``exit="none"`` (default) or an exit criterion of :data:`HUGINN_EXITS` (its
+        default threshold filled in); a criterion needs the cache and cannot be compiled
+        (the host decides after every step whether to go on)."""
+        criterion = ExitCriterion("none" if exit is None else exit, exit_threshold)
+        if not use_cache and criterion.name != "none":
+            raise ValueError("Huginn's exit criteria need the cache (use_cache=True)")
+        if compiled and criterion.name != "none":
+            raise ValueError(
+                f"compile does not apply to Huginn's exit={criterion.name!r}: the loop decides "
+                "on the host after every step whether to go on; use exit='none' to compile"
+            )
+        threshold = None if criterion.name == "none" else criterion.threshold
+        return DecodeOptions(criterion.name, threshold, init_scale)
+
+    def decode_start(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None,
+        options: DecodeOptions,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The initial state (B, n, d) of the new tokens, drawn here, outside
+        :meth:`decode_step`: a compiled step then holds no random draw (which
+        ``torch.compile`` cannot capture with a generator) and draws the same numbers."""
+        d = self.transformer.wte.weight.shape[1]
+        like = self.transformer.wte.weight.new_empty(*tokens.shape, d)
+        plain = self._context(*tokens.shape, tokens, attention_mask)  # no cache: padding only
+        return self._initial_state(like, plain, options.init_scale, generator)
+
+    def decode_step(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None,
+        cache: KVCache,
+        loops: int,
+        options: DecodeOptions,
+        start: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Every one of ``loops`` steps over the new tokens (B, n) from the initial state
+        ``start`` (B, n, d): last-position logits (B, V) and steps run (B,)."""
+        ctx = self._context(*tokens.shape, tokens, attention_mask, cache)
+        x = self._inject(tokens, ctx)
+        z = self._cached_loops(start, x, ctx, loops)
+        used = torch.full((tokens.shape[0],), loops, device=tokens.device)
+        return self._readout(z, ctx)[:, -1], used
+
+    def decode_call(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None,
+        cache: KVCache,
+        loops: int,
+        options: DecodeOptions,
+        generator: torch.Generator | None = None,
+        step: Callable[..., tuple[Tensor, Tensor]] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The base class's cached call, except that one new token per row with an exit
+        criterion loops until each row's criterion holds (host-side: the batch stops
+        looping once every row exited)."""
+        if options.exit == "none" or tokens.shape[1] > 1:
+            return super().decode_call(
+                tokens, attention_mask, cache, loops, options, generator, step
+            )
+        z0 = self.decode_start(tokens, attention_mask, options, generator)
+        cache.reserve(1)
+        ctx = self._context(*tokens.shape, tokens, attention_mask, cache)
+        x = self._inject(tokens, ctx)
+        criterion = ExitCriterion(options.exit, options.exit_threshold)
+        z, used = self._adaptive_loops(z0, x, ctx, loops, criterion)
+        logits = self._readout(z, ctx)[:, -1]
+        cache.advance(1)
+        return logits, used
+
+    def _adaptive_loops(
+        self, z: Tensor, x: Tensor, ctx: Context, loops: int, criterion: ExitCriterion
+    ) -> tuple[Tensor, Tensor]:
+        """Steps for one new token per row (z, x: (B, 1, d)) until each row's criterion
+        holds (see the module docstring): the state (B, 1, d) and the steps run (B,)."""
+        core_layers = len(self.transformer.core_block)
+        active = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+        used = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+        criterion.start(z, self.vocab_size)
+        for t in range(loops):
+            z_next = self._core(z, x, ctx, t)
+            if t > 0:
+                for j in range(core_layers):  # exited rows keep their last computed keys/values
+                    ctx.cache.copy_rows((t, j), (t - 1, j), ~active, ctx.n_new)
+            z = torch.where(active[:, None, None], z_next, z)
+            used = used + active.long()
+            logits = self._readout(z, ctx)[:, -1] if criterion.decodes else None
+            active = active & ~criterion.check(z, logits)
+            if not bool(active.any()):  # one host read per step: stop once every row exited
+                everyone = torch.ones_like(active)
+                for s in range(t + 1, loops):
+                    for j in range(core_layers):
+                        ctx.cache.copy_rows((s, j), (s - 1, j), everyone, ctx.n_new)
+                break
+        return z, used
+
+    def decode_recompute(
+        self,
+        sequences: Tensor,
+        attention_mask: Tensor | None,
+        loops: int,
+        options: DecodeOptions,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` over the whole ``sequences``, every step run."""
+        logits = self(
+            sequences,
+            loops,
+            attention_mask=attention_mask,
+            init_scale=options.init_scale,
+            generator=generator,
+        )
+        return logits[:, -1], torch.full((sequences.shape[0],), loops, device=sequences.device)
 
 
 def _trunc_normal_(t: Tensor, std: float, generator: torch.Generator | None) -> Tensor:

@@ -267,7 +267,7 @@ def _carry_over(old: Path, staging: Path, *, keep_generation: bool) -> None:
 def _config_json(model: PretrainedLoopedLM) -> dict[str, Any]:
     data = config_to_dict(model.config)
     data.setdefault("architectures", [_ARCHITECTURE_NAMES[model.config.model_type]])
-    dtype = str(model._embedding().weight.dtype).removeprefix("torch.")
+    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     for key in ("torch_dtype", "dtype"):
         if key in data:
             data[key] = dtype
