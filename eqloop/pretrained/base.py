@@ -180,10 +180,16 @@ class PretrainedLoopedLM(LoopedLM):
 
     # ----------------------------------------------------------------- context, checks
 
-    def _check_tokens(self, tokens: Any) -> Tensor:
-        """``LoopedLM.check_tokens`` against the embedding's rows, and at least one
-        sequence (the stages reshape by batch size, which fails on an empty batch). On
-        the meta device, where values cannot be read, only the type and shape are checked."""
+    def check_input_ids(self, tokens: Any) -> Tensor:
+        """Token ids (B, S) checked for this model, returned unchanged.
+
+        ``LoopedLM.check_tokens`` against the embedding's rows, and at least one sequence
+        (the stages reshape by batch size, which fails on an empty batch). On the meta
+        device, where values cannot be read, only the type and shape are checked.
+
+        Raises:
+            TypeError, ValueError: not an integer (B, S) tensor of ids in [0, V), B >= 1.
+        """
         if isinstance(tokens, Tensor) and tokens.is_meta:
             self.check_tokens(torch.zeros(tokens.shape, dtype=tokens.dtype), self.vocab_size)
         else:
@@ -195,8 +201,9 @@ class PretrainedLoopedLM(LoopedLM):
             )
         return tokens
 
-    def _check_mask(self, attention_mask: Any, shape: tuple[int, ...]) -> Tensor | None:
-        """The padding mask as a (B, S) bool tensor (True at real tokens), or ``None``.
+    def check_attention_mask(self, attention_mask: Any, shape: tuple[int, ...]) -> Tensor | None:
+        """The padding mask (B, S) = ``shape`` as a bool tensor (True at real tokens), or
+        ``None`` for ``None``.
 
         A 0/1 mask of any dtype costs one host read to check its values; a bool mask is
         binary by construction and costs none, so the entry points (:meth:`_prepare`,
@@ -237,7 +244,7 @@ class PretrainedLoopedLM(LoopedLM):
         stages, the loop and ``forward``'s readout all receive it."""
         mask = options.get("attention_mask")
         if mask is not None and isinstance(inputs, Tensor) and inputs.dim() >= 2:
-            options["attention_mask"] = self._check_mask(mask, tuple(inputs.shape[:2]))
+            options["attention_mask"] = self.check_attention_mask(mask, tuple(inputs.shape[:2]))
         return super()._prepare(inputs, options, tokens_only=tokens_only)
 
     def _check_state(self, name: str, t: Any, like: Tensor | None = None) -> Tensor:
@@ -280,8 +287,8 @@ class PretrainedLoopedLM(LoopedLM):
 
         Other stage options (Huginn's ``init_scale``, ``generator``) do not concern it.
         """
-        tokens = self._check_tokens(tokens)
-        mask = self._check_mask(attention_mask, tokens.shape)
+        tokens = self.check_input_ids(tokens)
+        mask = self.check_attention_mask(attention_mask, tokens.shape)
         return self._inject(tokens, self._context(*tokens.shape, tokens, mask))
 
     def initial_state(
@@ -294,7 +301,7 @@ class PretrainedLoopedLM(LoopedLM):
     ) -> Tensor:
         """The state z0 (B, S, d) the loop starts from (Ouro: x; Huginn: see its class)."""
         x = self._check_state("x", x)
-        mask = self._check_mask(attention_mask, x.shape[:2])
+        mask = self.check_attention_mask(attention_mask, x.shape[:2])
         return self._initial_state(x, self._context(*x.shape[:2], x, mask), init_scale, generator)
 
     def step_args(
@@ -302,20 +309,20 @@ class PretrainedLoopedLM(LoopedLM):
     ) -> tuple[Tensor, ...]:
         """``(x,)``, or ``(x, attention_mask)`` for a padded batch: per-sample tensors
         (the mask as bool, so the loop's ``core_step`` calls never read it again)."""
-        mask = self._check_mask(attention_mask, x.shape[:2])
+        mask = self.check_attention_mask(attention_mask, x.shape[:2])
         return (x,) if mask is None else (x, mask)
 
     def core_step(self, z: Tensor, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """One loop ``f(z; x)``: (B, S, d) -> (B, S, d); sequences never mix."""
         z = self._check_state("z", z)
         x = self._check_state("x", x, like=z)
-        mask = self._check_mask(attention_mask, z.shape[:2])
+        mask = self.check_attention_mask(attention_mask, z.shape[:2])
         return self._core(z, x, self._context(*z.shape[:2], z, mask))
 
     def readout(self, z: Tensor, *, attention_mask: Tensor | None = None, **_: Any) -> Tensor:
         """Logits (B, S, V) decoded from a state z (B, S, d)."""
         z = self._check_state("z", z)
-        mask = self._check_mask(attention_mask, z.shape[:2])
+        mask = self.check_attention_mask(attention_mask, z.shape[:2])
         return self._readout(z, self._context(*z.shape[:2], z, mask))
 
     # ------------------------------------------------------------------------ forward

@@ -226,9 +226,9 @@ def diagnose(
     rho_iters = checks.integer("rho_iters", rho_iters, low=1)
     rho_every = checks.integer("rho_every", rho_every, low=1)
     rho_batch = checks.integer("rho_batch", rho_batch, low=1)
-    input_ids = model._check_tokens(input_ids)
-    # Checked once; the bool mask then costs no host read per loop (see _check_mask).
-    mask = model._check_mask(attention_mask, input_ids.shape)
+    input_ids = model.check_input_ids(input_ids)
+    # Checked once; the bool mask then costs no host read per loop (see check_attention_mask).
+    mask = model.check_attention_mask(attention_mask, input_ids.shape)
     # The model's reproducible start: Huginn's init_scale (0 by default); none for Ouro.
     stage: dict[str, Any] = {"attention_mask": mask, **model.start_options(init_scale, generator)}
     started = time.perf_counter()

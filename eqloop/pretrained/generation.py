@@ -292,9 +292,9 @@ def generate(
     """
     if not isinstance(model, PretrainedLoopedLM):
         raise TypeError(f"model must be an eqloop pretrained looped LM, got {type(model).__name__}")
-    input_ids = model._check_tokens(input_ids)
+    input_ids = model.check_input_ids(input_ids)
     batch, prompt_len = input_ids.shape
-    mask = model._check_mask(attention_mask, input_ids.shape)
+    mask = model.check_attention_mask(attention_mask, input_ids.shape)
     if mask is not None:
         _check_left_padded(mask)
     max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, low=0)
@@ -442,8 +442,8 @@ def adaptive_forward(
     """
     if not isinstance(model, PretrainedLoopedLM):
         raise TypeError(f"model must be an eqloop pretrained looped LM, got {type(model).__name__}")
-    tokens = model._check_tokens(tokens)
-    mask = model._check_mask(attention_mask, tokens.shape)
+    tokens = model.check_input_ids(tokens)
+    mask = model.check_attention_mask(attention_mask, tokens.shape)
     options = model.decode_options(exit, exit_threshold, init_scale=init_scale)
     loops = model.trained_loops if loops is None else checks.integer("loops", loops, low=1)
     cache = KVCache(tokens.shape[0], tokens.shape[1])

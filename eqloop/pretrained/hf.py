@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from eqloop.pretrained.config import config_from_dict
-from eqloop.pretrained.io import _model_class, check_checkpoint
+from eqloop.pretrained.io import check_checkpoint, model_class
 
 __all__ = ["register_auto_classes"]
 
@@ -80,7 +80,7 @@ def register_auto_classes() -> dict[str, type]:
         def __init__(self: Any, config: Any) -> None:
             PreTrainedModel.__init__(self, config)
             eqloop_config = _eqloop_config(config)
-            inner = _model_class(eqloop_config)(eqloop_config)
+            inner = model_class(eqloop_config)(eqloop_config)
             for name, module in inner.named_children():
                 setattr(self, name, module)  # the same modules: upstream key names
             object.__setattr__(self, "_eqloop", inner)  # not a child: no duplicate keys

@@ -39,13 +39,21 @@ from eqloop.pretrained.keys import LISTED, RECOMPUTED, check_keys, listing
 from eqloop.pretrained.ouro import OuroForCausalLM
 from eqloop.pretrained.saving import CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 
-__all__ = ["check_checkpoint", "is_pretrained_dir", "load", "load_config", "weight_files"]
+__all__ = [
+    "check_checkpoint",
+    "is_pretrained_dir",
+    "load",
+    "load_config",
+    "model_class",
+    "weight_files",
+]
 
 # Weight dtypes eqloop computes with (safetensors header names); others are refused.
 _FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
-def _model_class(config: OuroConfig | HuginnConfig) -> type[PretrainedLoopedLM]:
+def model_class(config: OuroConfig | HuginnConfig) -> type[PretrainedLoopedLM]:
+    """The model class of a config (build it with ``model_class(config)(config)``)."""
     return OuroForCausalLM if isinstance(config, OuroConfig) else HuginnForCausalLM
 
 
@@ -280,7 +288,7 @@ def check_checkpoint(
             )
         del shapes[head]
     with torch.device("meta"):
-        model = _model_class(config)(config)
+        model = model_class(config)(config)
     check_keys(model, shapes, config)
     return config, files, model
 

@@ -182,8 +182,8 @@ def write_tiny_checkpoint(
 
 
 def _random_model(config: OuroConfig | HuginnConfig, seed: int) -> Any:
-    from eqloop.pretrained.io import _model_class
+    from eqloop.pretrained.io import model_class
 
-    model = _model_class(config)(config)
+    model = model_class(config)(config)
     model.init_weights(torch.Generator().manual_seed(seed))
     return model
