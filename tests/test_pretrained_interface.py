@@ -135,3 +135,54 @@ def test_a_new_architecture_gets_adaptive_forward_and_the_cached_call():
     cache = KVCache(1, 3)
     model.decode_call(tokens, None, cache, 2, model.decode_options())
     assert cache.length == 3  # decode_call reserved and advanced the cache around the step
+
+
+# ---------------------------------------------------------- one folder per architecture
+
+ARCHITECTURE_PACKAGES = {
+    "ouro": ("OuroConfig", "OuroForCausalLM"),
+    "huginn": ("HuginnConfig", "HuginnForCausalLM"),
+}
+# The registries (ARCHITECTURES, MODEL_CLASSES) may import the architectures' modules;
+# no other shared module may, and none compares model_type.
+REGISTRIES = ("config.py", "io.py")
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURE_PACKAGES))
+def test_each_architecture_lives_in_its_own_folder(arch):
+    import importlib
+
+    folder = PACKAGE / arch
+    assert sorted(p.name for p in folder.glob("*.py")) == [
+        "__init__.py",
+        "config.py",
+        "modeling.py",
+    ]
+    config_name, model_name = ARCHITECTURE_PACKAGES[arch]
+    package = importlib.import_module(f"eqloop.pretrained.{arch}")
+    config_cls = getattr(package, config_name)
+    model_cls = getattr(package, model_name)
+    assert config_cls.__module__ == f"eqloop.pretrained.{arch}.config"
+    assert model_cls.__module__ == f"eqloop.pretrained.{arch}.modeling"
+    # The public names keep working from eqloop.pretrained and its config module.
+    assert getattr(pretrained, config_name) is config_cls
+    assert getattr(pretrained, model_name) is model_cls
+    assert pretrained.ARCHITECTURES[config_cls.model_type] is config_cls
+
+
+def test_every_public_name_of_eqloop_pretrained_imports():
+    missing = [name for name in pretrained.__all__ if getattr(pretrained, name, None) is None]
+    assert missing == []
+
+
+def test_shared_modules_never_ask_which_architecture_they_have():
+    found = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.name == "__init__.py":  # names the modules as strings (lazy exports)
+            continue
+        branches = _architecture_branches(path)
+        if path.name in REGISTRIES:  # importing the architectures is their job
+            branches = [b for b in branches if ": imports " not in b and ": names " not in b]
+        if branches:
+            found[path.name] = branches
+    assert found == {}

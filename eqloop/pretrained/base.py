@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from eqloop.looped import CoreMap, LoopedLM, LoopInfo, all_true
-from eqloop.pretrained.config import HuginnConfig, OuroConfig
+from eqloop.pretrained.config import PretrainedConfig
 from eqloop.pretrained.layers import Context, KVCache, make_context
 from solvers import checks
 
@@ -121,7 +121,7 @@ class PretrainedLoopedLM(LoopedLM):
     the published checkpoints.
     """
 
-    config: OuroConfig | HuginnConfig
+    config: PretrainedConfig
     stage_options = ("attention_mask",)
 
     # ------------------------------------------------------------ subclass interface
@@ -481,6 +481,12 @@ class PretrainedLoopedLM(LoopedLM):
                 f"init_scale is not an option of {type(self).__name__}: its loop starts from "
                 "its input, not from a random state"
             )
+        return {}
+
+    def upstream_buffers(self) -> dict[str, Tensor]:
+        """Tensors upstream's files hold that eqloop recomputes rather than loads (the
+        config's ``RECOMPUTED_KEYS``), as upstream writes them; ``save_pretrained`` adds
+        them. ``{}`` by default; Huginn: its rotary table ``freqs_cis``."""
         return {}
 
     def gate_logits(self, z: Tensor) -> Tensor | None:

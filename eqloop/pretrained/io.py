@@ -33,10 +33,10 @@ from torch import Tensor
 
 from eqloop.files import STAGING_PREFIX, read_json
 from eqloop.pretrained.base import PretrainedLoopedLM
-from eqloop.pretrained.config import HuginnConfig, OuroConfig, config_from_dict
-from eqloop.pretrained.huginn import HuginnForCausalLM
-from eqloop.pretrained.keys import LISTED, RECOMPUTED, check_keys, listing
-from eqloop.pretrained.ouro import OuroForCausalLM
+from eqloop.pretrained.config import PretrainedConfig, config_from_dict
+from eqloop.pretrained.huginn.modeling import HuginnForCausalLM
+from eqloop.pretrained.keys import LISTED, check_keys, listing
+from eqloop.pretrained.ouro.modeling import OuroForCausalLM
 from eqloop.pretrained.saving import CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "is_pretrained_dir",
     "load",
     "load_config",
+    "MODEL_CLASSES",
     "model_class",
     "weight_files",
 ]
@@ -52,9 +53,16 @@ __all__ = [
 _FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
-def model_class(config: OuroConfig | HuginnConfig) -> type[PretrainedLoopedLM]:
+MODEL_CLASSES: dict[str, type[PretrainedLoopedLM]] = {
+    "ouro": OuroForCausalLM,
+    "huginn_raven": HuginnForCausalLM,
+}
+"""The model class of each ``model_type`` of :data:`eqloop.pretrained.config.ARCHITECTURES`."""
+
+
+def model_class(config: PretrainedConfig) -> type[PretrainedLoopedLM]:
     """The model class of a config (build it with ``model_class(config)(config)``)."""
-    return OuroForCausalLM if isinstance(config, OuroConfig) else HuginnForCausalLM
+    return MODEL_CLASSES[config.model_type]
 
 
 def _directory(path: str | os.PathLike[str]) -> Path:
@@ -89,7 +97,7 @@ def is_pretrained_dir(path: str | os.PathLike[str]) -> bool:
     return isinstance(data, dict) and "model_type" in data
 
 
-def load_config(path: str | os.PathLike[str], *, strict: bool = True) -> OuroConfig | HuginnConfig:
+def load_config(path: str | os.PathLike[str], *, strict: bool = True) -> PretrainedConfig:
     """Read and check ``config.json`` of a checkpoint directory.
 
     Raises:
@@ -203,9 +211,7 @@ def _read_tensors(files: dict[str, Path]) -> dict[str, Tensor]:
     return tensors
 
 
-def _check_layer_counts(
-    directory: Path, config: OuroConfig | HuginnConfig, keys: Iterable[str]
-) -> None:
+def _check_layer_counts(directory: Path, config: PretrainedConfig, keys: Iterable[str]) -> None:
     """Config.json must not count more layers than the files hold.
 
     Runs before the model is built, so an absurd count fails at once rather than after
@@ -224,10 +230,10 @@ def _check_layer_counts(
 
 
 def _check_dtypes(
-    config: OuroConfig | HuginnConfig, headers: dict[str, tuple[str, tuple[int, ...], Path]]
+    config: PretrainedConfig, headers: dict[str, tuple[str, tuple[int, ...], Path]]
 ) -> None:
     """Every weight must be a float eqloop computes with (no int, bool or float8)."""
-    recomputed = set(RECOMPUTED.get(config.model_type, ()))
+    recomputed = set(config.RECOMPUTED_KEYS)
     bad = sorted(
         f"{key} ({dtype} in {file.name})"
         for key, (dtype, _, file) in headers.items()
@@ -241,18 +247,9 @@ def _check_dtypes(
         )
 
 
-def _tied_head(config: OuroConfig | HuginnConfig) -> tuple[str, str] | None:
-    """(head key, embedding key) when the config ties them, else None."""
-    if isinstance(config, OuroConfig):
-        return (
-            ("lm_head.weight", "model.embed_tokens.weight") if config.tie_word_embeddings else None
-        )
-    return ("lm_head.weight", "transformer.wte.weight") if config.tie_embeddings else None
-
-
 def check_checkpoint(
     path: str | os.PathLike[str], *, strict_config: bool = True
-) -> tuple[OuroConfig | HuginnConfig, dict[str, Path], PretrainedLoopedLM]:
+) -> tuple[PretrainedConfig, dict[str, Path], PretrainedLoopedLM]:
     """Everything loading checks before it reads the weights; shared by every loading path.
 
     Reads config.json and the safetensors headers (and, for a tied head stored in the
@@ -277,7 +274,7 @@ def check_checkpoint(
     _check_dtypes(config, headers)
     _check_layer_counts(directory, config, headers)
     shapes = {key: shape for key, (_, shape, _) in headers.items()}
-    tied = _tied_head(config)
+    tied = config.tied_head
     if tied is not None and tied[0] in shapes:
         head, embedding = tied
         pair = _read_tensors({key: files[key] for key in tied if key in files})
@@ -335,10 +332,10 @@ def load(
     directory = _directory(path)
     config, files, model = check_checkpoint(directory, strict_config=strict_config)
     tensors = _read_tensors(files)
-    tied = _tied_head(config)
+    tied = config.tied_head
     if tied is not None:
         tensors.pop(tied[0], None)  # checked equal to the embedding
-    for name in RECOMPUTED.get(config.model_type, ()):
+    for name in config.RECOMPUTED_KEYS:
         tensors.pop(name, None)
     target = _checkpoint_dtype(tensors) if dtype is None else dtype
     state = {

@@ -44,14 +44,17 @@ from eqloop.pretrained.base import (
     PretrainedLoopInfo,
     split_loops,
 )
-from eqloop.pretrained.config import OuroConfig
-from eqloop.pretrained.exits import EXIT_MODES, check_exit, exit_distribution, threshold_exit
+from eqloop.pretrained.exits import check_exit, exit_distribution, threshold_exit
 from eqloop.pretrained.generation import GenerationMixin
 from eqloop.pretrained.layers import Context, KVCache, RMSNorm, attend, rotate_half_pairs
+from eqloop.pretrained.ouro.config import OuroConfig
 from eqloop.pretrained.saving import SaveMixin
 from solvers import checks
 
-__all__ = ["OuroForCausalLM"]
+__all__ = ["EXIT_MODES", "OuroForCausalLM"]
+
+EXIT_MODES = ("last", "threshold", "expected")
+"""Values of ``exit`` in :meth:`OuroForCausalLM.forward` and in Ouro's generation."""
 
 
 class OuroAttention(nn.Module):

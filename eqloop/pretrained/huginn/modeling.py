@@ -37,10 +37,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eqloop.pretrained.base import DecodeOptions, PretrainedLoopedLM
-from eqloop.pretrained.config import HuginnConfig
 from eqloop.pretrained.exits import check_exit
 from eqloop.pretrained.generation import GenerationMixin
-from eqloop.pretrained.layers import Context, KVCache, RMSNorm, attend, rotate_interleaved_pairs
+from eqloop.pretrained.huginn.config import HuginnConfig
+from eqloop.pretrained.layers import (
+    Context,
+    KVCache,
+    RMSNorm,
+    attend,
+    rotary_angles,
+    rotate_interleaved_pairs,
+)
 from eqloop.pretrained.saving import SaveMixin
 from solvers import checks
 
@@ -303,6 +310,13 @@ class HuginnForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
         for i, block in enumerate(self.transformer.coda):
             h = block(h, ctx, ("coda", i))
         return self.head(self.transformer.ln_f(h))
+
+    def upstream_buffers(self) -> dict[str, Tensor]:
+        """Upstream's persistent rotary table ``freqs_cis`` (block_size, head_dim / 2, 1, 2),
+        written on save as upstream does (loading recomputes it instead)."""
+        positions = torch.arange(self.config.block_size)[None]
+        cos, sin = rotary_angles(positions, self.config.head_size, self.config.rope_base)
+        return {"freqs_cis": torch.stack((cos, sin), dim=-1)[:, :, None].contiguous()}
 
     # ----------------------------------------------------------- decode-step interface
 
