@@ -36,7 +36,8 @@ Variants (``--variants`` takes names or the group names in brackets):
     stars_pre, stars_pre_sandwich
   [options]    the penalty options on stars_pre: at the solver's fixed point, a hinge
                target, more power steps, the Arnoldi direction; stars_arnoldi: the
-               Arnoldi direction on the post-sandwich stars recipe
+               Arnoldi direction on the post-sandwich stars recipe (stars_arnoldi) and
+               on stars_add (stars_add_arnoldi)
   [fixed_point] stars with the penalty at the solver's fixed point (a solve every step:
                about 8x the cost of a stars step)
   [equilibrium] trained AT the fixed point (TrainConfig.solve, recipe in :data:`DEQ`):
@@ -279,6 +280,13 @@ def _variants() -> dict[str, Variant]:
             "stars, product along an 8-step Ritz vector (the dominant direction)",
             {**stars, "penalty_arnoldi": 8},
             "baseline",
+        ),
+        Variant(
+            "stars_add_arnoldi",
+            "options",
+            "stars_add, product along an 8-step Ritz vector",
+            {**stars, **add, "penalty_arnoldi": 8},
+            "baseline_add",
         ),
         Variant(
             "deq_ift",

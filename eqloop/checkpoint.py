@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,8 +46,7 @@ from torch import Tensor
 from eqloop.files import (
     STAGING_PREFIX,
     atomic_path,
-    replace_directory,
-    umask_mode,
+    staged_directory,
     write_json_atomic,
     write_text_atomic,
 )
@@ -161,11 +159,8 @@ def save_checkpoint(
         The checkpoint directory.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}-", dir=root))
-    try:
-        os.chmod(staging, umask_mode(directory=True))  # mkdtemp makes it private
+    with staged_directory(final) as staging:  # the same step written again is replaced
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
         with atomic_path(staging / _WEIGHTS) as tmp:
             save_file(cpu, str(tmp), metadata={"step": str(step)})
@@ -175,9 +170,6 @@ def save_checkpoint(
             torch.save(training_state, tmp)
         files = {name: _sha256(staging / name) for name in (_WEIGHTS, _CONFIG, _METRICS, _STATE)}
         write_json_atomic(staging / _MANIFEST, {"format": _FORMAT, "step": step, "files": files})
-        replace_directory(staging, final)  # the same step written again is replaced
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     write_text_atomic(root / _LATEST, final.name + "\n")
     return final
 

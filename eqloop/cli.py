@@ -29,7 +29,7 @@ from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_TOL
 from eqloop.finetune import cli as finetune_cli
 from eqloop.overrides import add_config_arguments
 from eqloop.pretrained.cli import add_arguments as add_pretrained_arguments
-from eqloop.training.flags import add_run_arguments, run_flag_values
+from eqloop.training.flags import add_flag, add_run_arguments, flag_values
 
 __all__ = ["build_parser", "main"]
 
@@ -170,15 +170,9 @@ def _add_eval(sub: Any) -> None:
         "--rho-iters", type=int, default=30, help="power-iteration steps per rho estimate"
     )
     run = p.add_argument_group("run and output")
-    run.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:<n> or auto")
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    run.add_argument(
-        "--compile",
-        action="store_true",
-        default=None,
-        help="run the model's per-loop step compiled (torch.compile via eqloop.compile_model; "
-        "results equal eager ones to float tolerance)",
-    )
+    add_flag(run, "--device", default="cpu", help="cpu (default), cuda, cuda:<n> or auto")
+    add_flag(run, "--no-progress")
+    add_flag(run, "--compile", default=None)  # None: not given (see _EVAL_NEEDS)
     run.add_argument("--json", type=Path, help="write the results (a JSON list) here")
     run.add_argument("--plot", type=Path, help="write the accuracy/rho plot here (PNG)")
     run.add_argument(
@@ -226,7 +220,7 @@ def _train(args: argparse.Namespace) -> int:
     from eqloop.train import TrainingInterrupted, train
     from eqloop.training.run_dir import report_interrupt
 
-    config = load_config(args.config, args.overrides, run_flag_values(args))
+    config = load_config(args.config, args.overrides, flag_values(args))
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0

@@ -1,4 +1,10 @@
-"""The training configuration: one dataclass, loaded from JSON or TOML, overridable by flags.
+"""The config base of every eqloop config, and the training configuration.
+
+:class:`ConfigBase` gives every config dataclass (``LoopLMConfig``, ``SolveConfig``,
+``TrainConfig``, ``FinetuneConfig``, ``LoraOptions``, ``TuneConfig``) its ``to_dict`` /
+``from_dict``, the one unknown-keys error and the section rule; files and ``--set``
+overrides are read by :func:`eqloop.overrides.load_config_data`. :class:`TrainConfig` is
+one dataclass, loaded from JSON or TOML, overridable by flags.
 
 Example::
 
@@ -18,14 +24,23 @@ need them, so reading and printing a configuration stays cheap.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
+import typing
 import warnings
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from eqloop.overrides import apply_overrides, load_config_data, register_type_names
+from eqloop.overrides import (
+    apply_overrides,
+    check_keys,
+    config_section,
+    field_types,
+    load_config_data,
+    register_type_names,
+)
 from solvers import checks
 
 if TYPE_CHECKING:
@@ -36,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PENALTY_POINTS",
+    "ConfigBase",
     "SCHEDULES",
     "SOLVE_BACKWARDS",
     "SolveConfig",
@@ -56,9 +72,91 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 SOLVE_BACKWARDS: tuple[str, ...] = ("ift", "phantom")
 """Backward modes that take their gradient at the point a training solve returned."""
 
+_Config = TypeVar("_Config", bound="ConfigBase")
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with every tuple turned into a list, through nested dicts and lists."""
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+class ConfigBase:
+    """The base of every eqloop config dataclass (model, train, solve, finetune, LoRA, tune).
+
+    A subclass is a ``@dataclass`` (a comment per field) with a ``validate`` method that
+    checks every field and raises ``TypeError``/``ValueError`` naming it. It gets:
+
+    - :meth:`from_dict`: missing keys take their defaults, unknown keys are one
+      ``ValueError`` naming them and the valid keys, and the result is validated;
+    - :meth:`to_dict`: every field as a JSON-serialisable dict (nested configs as dicts,
+      tuples as lists), which :meth:`from_dict` reads back;
+    - on construction, a field holding a config (``X`` or ``X | None``, a *section* such as
+      ``TrainConfig.model``) given as a dict becomes that config through its ``from_dict``;
+      a ``tuple[...]`` field given as a list becomes a tuple, a ``list[...]`` field given as
+      a tuple a list (as JSON and TOML files give them);
+    - ``class C(ConfigBase, type_names=f)``: ``f()`` returns ``{"TypeName": type}`` for the
+      types the module imports lazily and the field hints name
+      (:func:`eqloop.overrides.register_type_names`), so ``--set`` values are parsed by
+      type.
+
+    Files and ``--set`` overrides are read by :func:`eqloop.overrides.load_config_data`.
+    """
+
+    config_name: ClassVar[str] = ""  # the name unknown-key errors use ("": the class name)
+
+    def __init_subclass__(
+        cls, *, type_names: Callable[[], dict[str, Any]] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if type_names is not None:
+            register_type_names(cls, type_names)
+
+    def __post_init__(self) -> None:
+        """Turn dict sections into their configs and lists/tuples into the field's type."""
+        for name, kind in field_types(type(self)).items():
+            value = getattr(self, name)
+            section = config_section(kind)
+            origin = typing.get_origin(kind)
+            if section is not None and isinstance(value, Mapping):
+                setattr(self, name, typing.cast(type[ConfigBase], section).from_dict(value))
+            elif origin is tuple and isinstance(value, list):
+                setattr(self, name, tuple(value))
+            elif origin is list and isinstance(value, tuple):
+                setattr(self, name, list(value))
+
+    def validate(self, **options: Any) -> Any:
+        """Check every field (each subclass defines it; ``options`` are its own)."""
+        raise NotImplementedError(f"{type(self).__name__} must define validate()")
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-serialisable dict (nested configs as dicts, tuples as lists)."""
+        return typing.cast(dict[str, Any], _jsonable(asdict(typing.cast(Any, self))))
+
+    @classmethod
+    def from_dict(cls: type[_Config], data: Mapping[str, Any], **options: Any) -> _Config:
+        """Build and validate a config; missing keys take their defaults.
+
+        Args:
+            data: config fields (a section may be given as a dict).
+            **options: passed to ``validate`` (e.g. ``complete`` of FinetuneConfig).
+
+        Raises:
+            ValueError: unknown keys (they and the valid keys are listed) or invalid values.
+            TypeError: values of the wrong type.
+        """
+        known = [f.name for f in dataclasses.fields(typing.cast(Any, cls))]
+        check_keys(data, known, kind=cls.config_name or cls.__name__)
+        config = cls(**copy.deepcopy(dict(data)))
+        config.validate(**options)
+        return config
+
 
 @dataclass
-class SolveConfig:
+class SolveConfig(ConfigBase):
     """The forward solve of a training step that trains at the fixed point.
 
     With ``TrainConfig.solve`` set, every step solves the core to its equilibrium z*
@@ -76,18 +174,7 @@ class SolveConfig:
     stop_mode: str = "rel"  # "rel" (||f(z) - z|| / ||f(z)||) | "abs" (||f(z) - z||)
     solver_options: dict[str, Any] = field(default_factory=dict)  # hyperparameters, e.g. {"m": 5}
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SolveConfig:
-        """A SolveConfig from a dict (missing keys take their defaults).
-
-        Raises:
-            ValueError: unknown keys (the valid ones are listed).
-        """
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"unknown solve keys: {unknown}; valid keys are {sorted(known)}")
-        return cls(**copy.deepcopy(dict(data)))
+    config_name: ClassVar[str] = "solve"  # as its messages name its fields: solve.<field>
 
     def validate(self) -> None:
         """Check every field (messages name them as ``solve.<field>``).
@@ -188,8 +275,15 @@ def _default_depth() -> dict[str, Any]:
     return {"kind": "lognormal", "mu": 2.0, "sigma": 0.7, "lo": 1, "hi": 100}
 
 
+def _model_type_names() -> dict[str, Any]:
+    """The names TrainConfig's type hints use that this module imports lazily."""
+    from eqloop.model import LoopLMConfig
+
+    return {"LoopLMConfig": LoopLMConfig}
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigBase, type_names=_model_type_names):
     """Everything that defines a training run (see ``eqloop.train``)."""
 
     # -- model and data ------------------------------------------------------------------
@@ -261,18 +355,6 @@ class TrainConfig:
     # forward and backward) and the "jvp" penalty as one compiled graph ("vjp" runs on the
     # eager step); the results equal eager ones to float tolerance.
     compile: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.model, Mapping):
-            from eqloop.model import LoopLMConfig
-
-            self.model = LoopLMConfig.from_dict(self.model)
-        if isinstance(self.betas, list):
-            self.betas = tuple(self.betas)
-        if isinstance(self.eval_loops, tuple):
-            self.eval_loops = list(self.eval_loops)
-        if isinstance(self.solve, Mapping):
-            self.solve = SolveConfig.from_dict(self.solve)
 
     # -- checks ----------------------------------------------------------------------------
 
@@ -389,40 +471,6 @@ class TrainConfig:
             cache_dir=self.data_cache_dir,
         )
 
-    # -- conversion ------------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        """All fields as a JSON-serialisable dict (``model`` nested)."""
-        data = asdict(self)
-        data["betas"] = list(self.betas)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        """Build and validate a config; missing keys take their defaults.
-
-        Raises:
-            ValueError: unknown keys (the valid ones are listed) or invalid values.
-            TypeError: values of the wrong type.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys: {unknown}; valid keys are {sorted(known)}")
-        config = cls(**copy.deepcopy(dict(data)))
-        config.validate()
-        return config
-
-
-def _model_type_names() -> dict[str, Any]:
-    """The names TrainConfig's type hints use that this module imports lazily."""
-    from eqloop.model import LoopLMConfig
-
-    return {"LoopLMConfig": LoopLMConfig}
-
-
-register_type_names(TrainConfig, _model_type_names)
-
 
 def check_penalty_start(value: Any) -> None:
     """Check a ``penalty_start``: a step (an integer >= 0) or a fraction in (0, 1).
@@ -508,13 +556,15 @@ def load_config(
             :func:`eqloop.overrides.load_config_data`.
         overrides: ``key=value`` strings applied after the file, parsed by field type
             (see :func:`apply_overrides`).
-        values: typed values applied last (the command line's own flags).
+        values: typed values applied last (the command line's own flags; see
+            :func:`eqloop.overrides.load_config_data`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: unreadable file, unknown keys or invalid values.
         TypeError: values of the wrong type.
     """
-    data = load_config_data(TrainConfig().to_dict(), path, overrides, schema=TrainConfig)
-    data.update(values or {})
+    data = load_config_data(
+        TrainConfig().to_dict(), path, overrides, schema=TrainConfig, values=values
+    )
     return TrainConfig.from_dict(data)

@@ -26,6 +26,7 @@ __all__ = [
     "jsonl_records",
     "read_json",
     "replace_directory",
+    "staged_directory",
     "umask_mode",
     "write_bytes_atomic",
     "write_json_atomic",
@@ -126,6 +127,30 @@ def replace_directory(staging: str | os.PathLike[str], target: str | os.PathLike
     os.replace(target, old / target.name)
     os.replace(staging, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """A hidden, empty staging sibling of ``target`` that replaces it when the block exits.
+
+    The block writes the whole directory into the staging one; on a clean exit it takes
+    ``target``'s place with :func:`replace_directory`. On an exception (or a kill) it is
+    removed (or left hidden) and ``target`` stays as it was. The parent directory is
+    created if needed, and the directory gets the user's umask permissions.
+
+    Example:
+        >>> with staged_directory("out/model") as staging:    # doctest: +SKIP
+        ...     write_json_atomic(staging / "config.json", config)
+    """
+    final = Path(target)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}-", dir=final.parent))
+    try:
+        os.chmod(staging, umask_mode(directory=True))  # mkdtemp makes it private
+        yield staging
+        replace_directory(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def jsonl_records(

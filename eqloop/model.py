@@ -21,10 +21,12 @@ inside :func:`sdpa_math`, which selects the math attention kernel.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from eqloop.config import ConfigBase
+from eqloop.files import atomic_path, read_json, staged_directory, write_json_atomic
 from eqloop.looped import LoopedLM
 from solvers import checks
 
@@ -58,14 +62,23 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post", "pre_sandwich", "post_sandwich")
 
 _NORM_EPS = 1e-5
+_CONFIG_FILE = "config.json"  # the files of LoopLM.save_pretrained (Hugging Face layout)
+_WEIGHTS_FILE = "model.safetensors"
 
 
 # ----------------------------------------------------------------------------- config
 
 
 @dataclass
-class LoopLMConfig:
-    """Hyperparameters of a :class:`LoopLM`. Defaults follow the STARS addition setup."""
+class LoopLMConfig(ConfigBase):
+    """Hyperparameters of a :class:`LoopLM`. Defaults follow the STARS addition setup.
+
+    ``to_dict``/``from_dict`` (unknown keys are errors naming them) come from
+    :class:`eqloop.config.ConfigBase`; a config is validated when it is made.
+    """
+
+    # config.json's model_type in LoopLM.save_pretrained's directory (as OuroConfig's "ouro")
+    model_type: ClassVar[str] = "looplm"
 
     vocab_size: int = 32  # number of token ids; set it from the tokenizer
     d_model: int = 512  # width of the residual stream and of the recurrent state z
@@ -94,6 +107,7 @@ class LoopLMConfig:
     init_std: float = 0.02  # std of the normal init of Linear and Embedding weights
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.init_state is None:
             self.init_state = "input" if self.injection == "none" else "zeros"
         self.validate()
@@ -145,26 +159,6 @@ class LoopLMConfig:
     def head_dim(self) -> int:
         """Width of one attention head, ``d_model // n_heads``."""
         return self.d_model // self.n_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        """All fields as a JSON-serialisable dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LoopLMConfig:
-        """Build a config from a dict; missing keys take their defaults.
-
-        Raises:
-            ValueError: ``data`` has keys that are not fields (they are listed), or a value
-                is invalid.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown LoopLMConfig keys: {unknown}; valid keys are {sorted(known)}"
-            )
-        return cls(**dict(data))
 
 
 # ------------------------------------------------------------------------ building blocks
@@ -410,6 +404,105 @@ class LoopLM(LoopedLM):
     def num_parameters(self) -> int:
         """Number of trainable scalars (the tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+    # -- the model directory (Hugging Face layout) ---------------------------------------
+
+    def save_pretrained(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the model as a directory in the layout of Ouro's and Huginn's checkpoints.
+
+        ``config.json`` holds ``model_type: "looplm"``, the :class:`LoopLMConfig` fields and
+        the weights' ``torch_dtype``; ``model.safetensors`` the state dict. Load it with
+        :func:`eqloop.pretrained.load` (or :meth:`from_pretrained`). The directory is
+        written beside ``path`` and renamed into place (:func:`eqloop.files.staged_directory`),
+        so it appears whole or not at all. Training state (optimizer, step) is not saved:
+        it lives in the run's step checkpoints (:mod:`eqloop.checkpoint`).
+
+        Args:
+            path: the directory (created with its parents).
+            overwrite: replace the whole directory if it exists and is not empty.
+
+        Returns:
+            The directory.
+
+        Raises:
+            FileExistsError: ``path`` is a file, or a non-empty directory without
+                ``overwrite``.
+        """
+        from safetensors.torch import save_file
+
+        checks.boolean("overwrite", overwrite)
+        directory = Path(path)
+        if directory.exists() and not directory.is_dir():
+            raise FileExistsError(f"{str(directory)!r} exists and is not a directory")
+        if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"{str(directory)!r} is not empty; pass overwrite=True to replace it"
+            )
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        dtype = str(self.tok_emb.weight.dtype).removeprefix("torch.")
+        config = {"model_type": self.config.model_type, "torch_dtype": dtype}
+        config.update(self.config.to_dict())
+        with staged_directory(directory) as staging:
+            with atomic_path(staging / _WEIGHTS_FILE) as tmp:
+                save_file(weights, str(tmp), metadata={"format": "pt"})
+            write_json_atomic(staging / _CONFIG_FILE, config)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> LoopLM:
+        """Load a directory written by :meth:`save_pretrained`, in eval mode.
+
+        Args:
+            path: the directory (``config.json`` and ``model.safetensors``).
+            dtype: parameter dtype; None keeps the saved one.
+            device: where the parameters go (default CPU).
+
+        Raises:
+            FileNotFoundError: no ``config.json`` or ``model.safetensors``.
+            ValueError: a file eqloop cannot use, named in the message with the key: not
+                JSON, another ``model_type``, unknown or invalid config fields, damaged
+                weights, or weights that do not fit the config.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        directory = Path(path)
+        config_file, weights_file = directory / _CONFIG_FILE, directory / _WEIGHTS_FILE
+        for file in (config_file, weights_file):
+            if not file.is_file():
+                raise FileNotFoundError(f"{file} does not exist: not a saved LoopLM directory")
+        data = read_json(config_file)
+        expected = LoopLMConfig.model_type
+        if not isinstance(data, dict) or data.get("model_type") != expected:
+            found = data.get("model_type") if isinstance(data, dict) else data
+            raise ValueError(f"{config_file}: model_type must be {expected!r}, got {found!r}")
+        fields = {k: v for k, v in data.items() if k not in ("model_type", "torch_dtype")}
+        try:
+            config = LoopLMConfig.from_dict(fields)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{config_file}: {err}") from None
+        try:
+            weights = load_file(str(weights_file))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(
+                f"{weights_file} is not a readable safetensors file ({err}): it is truncated "
+                "or damaged"
+            ) from None
+        model = cls(config)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
+            raise ValueError(f"{weights_file} does not fit {config_file}: {err}") from None
+        saved = weights["tok_emb.weight"].dtype
+        return model.to(device=device or "cpu", dtype=dtype or saved).eval()
 
     # -- the stages ----------------------------------------------------------------------
 

@@ -37,6 +37,9 @@ __all__ = [
     "CONFIG_FORMATS",
     "add_config_arguments",
     "apply_overrides",
+    "check_keys",
+    "config_section",
+    "field_types",
     "load_config_data",
     "merge_config",
     "parse_value",
@@ -80,10 +83,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, file_help: str, exa
     )
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    """The resolved type of every field of a config dataclass."""
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type of every field of a config dataclass (ClassVars excluded).
+
+    Names that ``cls``'s module imports lazily are resolved by the function registered
+    with :func:`register_type_names`.
+    """
     names = _TYPE_NAMES[cls]() if cls in _TYPE_NAMES else {}
-    return typing.get_type_hints(cls, localns=names)
+    hints = typing.get_type_hints(cls, localns=names)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _json_or_text(text: str) -> Any:
@@ -197,12 +205,8 @@ def _child_type(kind: Any, key: str, path: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _child_type(inner[0], key, path) if len(inner) == 1 else None
     if dataclasses.is_dataclass(kind):
-        known = _field_types(kind)
-        if key not in known:
-            where = f" (in {path})" if path else ""
-            raise ValueError(
-                f"unknown {kind.__name__} keys: [{key!r}]{where}; valid keys are {sorted(known)}"
-            )
+        known = field_types(kind)
+        check_keys([key], known, kind=kind.__name__, within=path)
         return known[key]
     if origin is dict:
         return args[1] if len(args) == 2 else None
@@ -296,20 +300,39 @@ def read_config_file(
         ) from None
     if not isinstance(loaded, dict):
         raise ValueError(f"config file {file} must hold an object/table")
-    _check_keys(loaded, valid, kind=kind, where=str(file))
+    check_keys(loaded, valid, kind=kind, where=str(file))
     return loaded
 
 
-def _check_keys(given: Iterable[str], valid: Iterable[str], *, kind: str, where: str) -> None:
-    """Raise the one unknown-keys error: ``unknown <kind> keys in <where>: [...]; valid ...``."""
-    unknown = sorted(set(given) - set(valid))
+def check_keys(
+    given: Iterable[str], valid: Iterable[str], *, kind: str, where: str = "", within: str = ""
+) -> None:
+    """Raise the one unknown-keys error of eqloop's configs, naming the keys and the valid ones.
+
+    The message reads ``unknown <kind> keys[ in <where>]: [...][ (in <within>)]; valid keys
+    are [...]``.
+
+    Args:
+        given: the keys the user wrote.
+        valid: the keys the config takes.
+        kind: the config's name (``"TrainConfig"``).
+        where: the file or section the keys came from (``"run.toml"``, ``"model of base"``).
+        within: the dotted path of the section a ``--set`` key was under (``"model"``).
+
+    Raises:
+        ValueError: a key of ``given`` that is not in ``valid``.
+    """
+    valid = set(valid)
+    unknown = sorted(set(given) - valid)
     if unknown:
+        origin = f" in {where}" if where else ""
+        inside = f" (in {within})" if within else ""
         raise ValueError(
-            f"unknown {kind} keys in {where}: {unknown}; valid keys are {sorted(valid)}"
+            f"unknown {kind} keys{origin}: {unknown}{inside}; valid keys are {sorted(valid)}"
         )
 
 
-def _section(kind: Any) -> type | None:
+def config_section(kind: Any) -> type | None:
     """The config dataclass a field of type ``kind`` holds (``X`` or ``X | None``), else None."""
     options = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
     if len(options) == 1 and dataclasses.is_dataclass(options[0]):
@@ -345,11 +368,11 @@ def merge_config(
     """
     if not isinstance(update, Mapping):
         raise TypeError(f"{where} must be an object/table, got {update!r}")
-    kinds = _field_types(schema)
-    _check_keys(update, kinds, kind=schema.__name__, where=where)
+    kinds = field_types(schema)
+    check_keys(update, kinds, kind=schema.__name__, where=where)
     out = copy.deepcopy(dict(data))
     for key, value in update.items():
-        section = _section(kinds[key])
+        section = config_section(kinds[key])
         optional = type(None) in typing.get_args(kinds[key])
         if section is None or (value is None and optional):  # null: an optional section off
             out[key] = copy.deepcopy(value)
@@ -367,8 +390,10 @@ def load_config_data(
     overrides: Iterable[str],
     *,
     schema: type,
+    values: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A config as a dict: ``defaults``, then the file at ``path``, then ``overrides``.
+    """A config as a dict: ``defaults``, then the file at ``path``, then ``overrides``, then
+    ``values``.
 
     The one loader of the ``train``, ``finetune`` and ``tune`` commands (see the module
     docstring).
@@ -379,6 +404,9 @@ def load_config_data(
         overrides: ``key=value`` strings (:func:`apply_overrides`).
         schema: the config dataclass; the file's and the overrides' keys are checked
             against it, the overrides' values parsed by its field types.
+        values: typed values applied last, by the file's merge rule (the command line's
+            own flags, :func:`eqloop.training.flags.flag_values`; ``{"lora": {}}`` switches
+            a section on with its defaults unless the config already sets it).
 
     Returns:
         A new dict (not yet validated: the config's ``from_dict`` does that).
@@ -392,4 +420,5 @@ def load_config_data(
     if path is not None:
         loaded = read_config_file(path, data, kind=schema.__name__)
         data = merge_config(data, loaded, schema=schema, where=str(path))
-    return apply_overrides(data, overrides, schema=schema)
+    data = apply_overrides(data, overrides, schema=schema)
+    return merge_config(data, values or {}, schema=schema, where="the command-line flags")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -431,3 +432,63 @@ def test_a_fresh_venv_without_extras_trains(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["step"] == 2
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The options of a parser, by flag."""
+    return {flag: action for action in parser._actions for flag in action.option_strings}
+
+
+def test_shared_flags_are_defined_once_in_the_flag_table() -> None:
+    # Issue 19: --device, --no-progress, --compile, --print-config, ... were written again
+    # in each command; now each is FLAGS' entry (a command may change default and help only).
+    from eqloop.training.flags import FLAGS
+    from eqloop.tune.cli import build_parser as tune_parser
+
+    parser = cli.build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = {name: _options(sub) for name, sub in subcommands.choices.items()}
+    commands["tune"] = _options(tune_parser())
+    seen = 0
+    for command, options in commands.items():
+        for name, flag in FLAGS.items():
+            if name not in options:
+                continue
+            seen += 1
+            action, table = options[name], flag.options
+            assert type(action).__name__ == {"store_true": "_StoreTrueAction"}.get(
+                table.get("action"), "_StoreAction"
+            ), (command, name)
+            assert action.type is table.get("type"), (command, name)
+    assert seen >= 17  # train 8, finetune 8, eval 3 (--device, --no-progress, --compile), ...
+
+
+def test_flags_are_applied_by_the_loader_after_the_file_and_the_sets(tmp_path: Path) -> None:
+    # The command line's flags are typed values the one loader merges last (train, finetune
+    # and tune alike); --lora is {"lora": {}}: LoRA on, the file's LoRA options kept.
+    from eqloop.finetune.config import LoraOptions, load_finetune_config
+    from eqloop.training.flags import flag_values
+
+    file = tmp_path / "ft.toml"
+    file.write_text('init_from = "x"\ntrain_file = "y"\nseed = 3\n[lora]\nalpha = 32.0\n')
+    args = argparse.Namespace(seed=0, no_progress=True, compile=False, resume=False)
+    values = {**flag_values(args), "lora": {}}
+    assert values == {"seed": 0, "progress": False, "lora": {}}
+    config = load_finetune_config(file, ["seed=5"], values=values)
+    assert (config.seed, config.progress, config.lora) == (0, False, LoraOptions(alpha=32.0))
+    assert load_finetune_config(None, ["init_from=x", "train_file=y"], values=values).lora == (
+        LoraOptions()
+    )
+
+
+def test_eval_pretrained_refuses_a_looplm_directory_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # eqloop.pretrained.load reads a LoopLM's save_pretrained directory; the Ouro/Huginn
+    # diagnostics say so instead of failing on an attribute the LoopLM does not have.
+    from eqloop.model import LoopLM, LoopLMConfig
+
+    config = LoopLMConfig(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=16)
+    directory = LoopLM(config).save_pretrained(tmp_path / "looplm")
+    _, line = exits_with_one_line(["eval", "--pretrained", str(directory), "--no-rho"], capsys)
+    assert "holds a LoopLM (model_type 'looplm'); eqloop eval --pretrained diagnoses" in line

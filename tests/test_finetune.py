@@ -141,6 +141,18 @@ def test_lora_attaches_to_named_modules_only_and_merges_exactly(files: dict[str,
 # -------------------------------------------------------------------------- the steps
 
 
+def test_a_looplm_saved_with_save_pretrained_is_fine_tuned_like_a_run(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    # Issue 19: the model-directory format (config.json with model_type + safetensors) of
+    # Ouro and Huginn holds a LoopLM too; fine-tuning reads it as it reads the run.
+    run = load_for_finetuning(files["base"], dtype=torch.float64)
+    saved = load_for_finetuning(run.model.save_pretrained(tmp_path / "looplm"), dtype=torch.float64)
+    assert (saved.arch, saved.trained_loops) == ("looplm", run.trained_loops)
+    assert saved.tokenizer.vocab_size == run.tokenizer.vocab_size
+    assert saved.fingerprint == run.fingerprint
+
+
 def test_a_stars_step_lowers_the_penalty(files: dict[str, Path]) -> None:
     loaded = load_for_finetuning(files["base"])
     config = _config(files, Path("unused"))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -755,3 +758,71 @@ def test_the_protocol_serves_any_looped_model() -> None:
     torch.testing.assert_close(z_star, model(tokens, loops=200, drop_last=True))
     with pytest.raises(TypeError, match=r"unknown argument\(s\) \['mask'\].*drop_last"):
         model(tokens, loops=2, mask=None)
+
+
+# ------------------------------------------------------------ the model directory (issue 19)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_pretrained_then_load_gives_identical_logits(tmp_path: Path, dtype: Any) -> None:
+    # A LoopLM is saved in the layout of Ouro's and Huginn's checkpoints and loaded by the
+    # same eqloop.pretrained.load.
+    from eqloop import pretrained
+
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(positions="rope", injection="concat", n_prelude=1)).to(dtype)
+    out = model.save_pretrained(tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging left behind
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "looplm" and saved["torch_dtype"] == str(dtype)[6:]
+    loaded = pretrained.load(out)
+    assert type(loaded) is LoopLM and loaded.config == model.config and not loaded.training
+    assert loaded.tok_emb.weight.dtype == dtype
+    tokens = tokens_for()
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, loops=3), model.eval()(tokens, loops=3))
+    with pytest.raises(FileExistsError, match="not empty; pass overwrite=True"):
+        model.save_pretrained(out)
+    model.save_pretrained(out, overwrite=True)
+
+
+def _saved(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    return LoopLM(tiny_config()).save_pretrained(tmp_path / "model")
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda d: (d / "config.json").write_text("{"), r"config\.json is not valid JSON"),
+        (
+            lambda d: (d / "config.json").write_text('{"model_type": "llama"}'),
+            r"config\.json: unsupported model_type 'llama'",
+        ),
+        (
+            lambda d: _edit_config(d, n_layer=2),
+            r"config\.json: unknown LoopLMConfig keys: \['n_layer'\]",
+        ),
+        (lambda d: _edit_config(d, d_model=48), r"model\.safetensors does not fit .*config\.json"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes(b"\x08" + b"\x00" * 20),
+            r"model\.safetensors is not a readable safetensors file",
+        ),
+    ],
+    ids=["not-json", "other-model-type", "unknown-key", "wrong-shapes", "damaged-weights"],
+)
+def test_a_damaged_model_directory_names_the_file(
+    tmp_path: Path, damage: Callable[[Path], Any], match: str
+) -> None:
+    from eqloop import pretrained
+
+    directory = _saved(tmp_path)
+    damage(directory)
+    with pytest.raises(ValueError, match=match):
+        pretrained.load(directory)
+
+
+def _edit_config(directory: Path, **changes: Any) -> None:
+    data = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**data, **changes}))

@@ -9,7 +9,7 @@ import argparse
 import json
 from typing import Any
 
-from eqloop.training.flags import add_run_arguments, run_flag_values
+from eqloop.training.flags import add_run_arguments, flag_values
 
 __all__ = ["add_parser", "run"]
 
@@ -51,21 +51,20 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handle ``eqloop finetune``; invalid settings raise ``ValueError`` (one-line error)."""
-    from eqloop.finetune.config import LoraOptions, load_finetune_config
+    from eqloop.finetune.config import load_finetune_config
 
-    flags = {
+    own = {
         "init_from": args.init_from,
         "train_file": args.train_file,
         "eval_file": args.eval_file,
         "mode": args.mode,
-        **run_flag_values(args),
+        "lora": {} if args.lora else None,  # a section: on with its defaults unless set
     }
-    overrides = list(args.overrides)
-    overrides += [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    values = {**{k: v for k, v in own.items() if v is not None}, **flag_values(args)}
     try:  # --print-config shows a template: init_from and train_file may still be empty
-        config = load_finetune_config(args.config, overrides, complete=not args.print_config)
-        if args.lora and config.lora is None:
-            config.lora = LoraOptions()
+        config = load_finetune_config(
+            args.config, args.overrides, values=values, complete=not args.print_config
+        )
     except TypeError as err:
         raise ValueError(str(err)) from None
     if args.print_config:

@@ -9,13 +9,18 @@ Every check runs in :meth:`FinetuneConfig.validate`, before anything is loaded o
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from eqloop.config import SCHEDULES, SolveConfig, check_backward, check_penalty_start
+from eqloop.config import (
+    SCHEDULES,
+    ConfigBase,
+    SolveConfig,
+    check_backward,
+    check_penalty_start,
+)
 from eqloop.depth import make_depth_sampler
 from eqloop.overrides import load_config_data
 from solvers import checks
@@ -47,7 +52,7 @@ def _stars_depth() -> dict[str, Any]:
 
 
 @dataclass
-class LoraOptions:
+class LoraOptions(ConfigBase):
     """LoRA adapters (peft) instead of full fine-tuning; merged into the weights on save."""
 
     r: int = 8  # adapter rank
@@ -56,6 +61,7 @@ class LoraOptions:
     targets: list[str] | None = None  # module names; None: eqloop.finetune.lora.DEFAULT_TARGETS
 
     def validate(self) -> None:
+        """Check every field (messages name them as ``lora.<field>``)."""
         checks.integer("lora.r", self.r, low=1)
         checks.number("lora.alpha", self.alpha, low=0.0, low_open=True)
         checks.number("lora.dropout", self.dropout, low=0.0, high=1.0, high_open=True)
@@ -68,8 +74,11 @@ class LoraOptions:
 
 
 @dataclass
-class FinetuneConfig:
-    """Everything that defines a fine-tuning run (see ``eqloop.finetune.train``)."""
+class FinetuneConfig(ConfigBase):
+    """Everything that defines a fine-tuning run (see ``eqloop.finetune.train``).
+
+    ``from_dict(data, complete=...)`` passes ``complete`` to :meth:`validate`.
+    """
 
     # -- model and data ------------------------------------------------------------------
     init_from: str = ""  # pretrained directory (HF layout: Ouro, Huginn) or eqloop run dir
@@ -135,19 +144,6 @@ class FinetuneConfig:
     # forward and backward; the STARS penalty runs on the eager step); the results equal
     # eager ones to float tolerance.
     compile: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.solve, Mapping):
-            self.solve = SolveConfig.from_dict(self.solve)
-        if isinstance(self.lora, Mapping):
-            unknown = sorted(set(self.lora) - {f.name for f in fields(LoraOptions)})
-            if unknown:
-                raise ValueError(f"unknown lora keys {unknown}; valid: r, alpha, dropout, targets")
-            self.lora = LoraOptions(**self.lora)
-        if isinstance(self.betas, (list, tuple)):
-            self.betas = tuple(self.betas)
-        if isinstance(self.eval_loops, (list, tuple)):
-            self.eval_loops = list(self.eval_loops)
 
     def validate(self, *, complete: bool = True) -> None:
         """Check every field; raise ``ValueError``/``TypeError`` naming the field.
@@ -283,41 +279,16 @@ class FinetuneConfig:
         params = {k: v for k, v in self.depth.items() if k != "kind"}
         return make_depth_sampler(self.depth["kind"], seed=self.seed, **params)
 
-    def to_dict(self) -> dict[str, Any]:
-        """All fields as a JSON-serialisable dict."""
-        data = asdict(self)
-        data["betas"] = list(self.betas)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, complete: bool = True) -> FinetuneConfig:
-        """Build and validate a config; missing keys take their defaults.
-
-        Args:
-            data: config fields.
-            complete: see :meth:`validate`.
-
-        Raises:
-            ValueError: unknown keys (the valid ones are listed) or invalid values.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown FinetuneConfig keys: {unknown}; valid keys are {sorted(known)}"
-            )
-        config = cls(**copy.deepcopy(dict(data)))
-        config.validate(complete=complete)
-        return config
-
 
 def load_finetune_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Iterable[str] = (),
     *,
+    values: Mapping[str, Any] | None = None,
     complete: bool = True,
 ) -> FinetuneConfig:
-    """A validated :class:`FinetuneConfig` from defaults, an optional file and overrides.
+    """A validated :class:`FinetuneConfig` from defaults, an optional file, overrides and
+    typed values (the command line's flags, applied last).
 
     Read as ``eqloop train`` reads its config (:func:`eqloop.overrides.load_config_data`): a
     file's ``lora`` or ``solve`` section updates its defaults entry by entry, so
@@ -330,5 +301,7 @@ def load_finetune_config(
         ValueError: unreadable file, unknown keys or invalid values.
         TypeError: a section of the file that is not an object/table.
     """
-    data = load_config_data(FinetuneConfig().to_dict(), path, overrides, schema=FinetuneConfig)
+    data = load_config_data(
+        FinetuneConfig().to_dict(), path, overrides, schema=FinetuneConfig, values=values
+    )
     return FinetuneConfig.from_dict(data, complete=complete)

@@ -15,7 +15,8 @@ Two kinds of directory hold one:
   tokenizer files, so the result loads with ``eqloop.pretrained.load`` (and upstream's
   tools);
 * an eqloop run or checkpoint directory (``eqloop train``'s LoopLM): loaded with
-  :func:`eqloop.checkpoint.load_model`, saved as an eqloop checkpoint.
+  :func:`eqloop.checkpoint.load_model`, saved as an eqloop checkpoint; a LoopLM saved with
+  ``model.save_pretrained`` (the layout above, ``model_type: "looplm"``) loads too.
 
 Two safeguards of a fine-tuning run live here too: :func:`freeze_unreached` freezes the
 parameters the training objective never uses (Ouro's exit gate: DDP needs a gradient for
@@ -27,7 +28,6 @@ so that a LoRA checkpoint (adapters only) is never resumed on other base weights
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -120,18 +120,18 @@ def load_for_finetuning(
     source = Path(path)
     if not source.exists():
         raise FileNotFoundError(f"no such model directory: {source}")
-    if is_pretrained_dir(source):
-        from eqloop import pretrained
+    from eqloop import pretrained
 
+    if is_pretrained_dir(source):  # Ouro, Huginn, or a LoopLM's save_pretrained
         model = pretrained.load(source, dtype=dtype, device=device)
-        tokenizer = as_text_tokenizer(pretrained.load_tokenizer(source))
-        arch = json.loads((source / "config.json").read_text())["model_type"]
-        trained = int(model.trained_loops)
+    else:  # an eqloop run or step checkpoint
+        model = load_model(source, device=device)[0].to(dtype)
+    arch = model.config.model_type
+    if isinstance(model, LoopLM):
+        tokenizer, trained = _looplm_tokenizer(model), int(model.config.default_loops)
     else:
-        model, _ = load_model(source, device=device)
-        model = model.to(dtype)
-        tokenizer = _looplm_tokenizer(model)
-        arch, trained = "looplm", int(model.config.default_loops)
+        tokenizer = as_text_tokenizer(pretrained.load_tokenizer(source))
+        trained = int(model.trained_loops)
     if tokenizer.vocab_size > _vocab_size(model):
         raise ValueError(
             f"the tokenizer of {source} has {tokenizer.vocab_size} ids but the model only "

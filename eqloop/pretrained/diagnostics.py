@@ -458,6 +458,12 @@ def diagnose_checkpoint(
     from eqloop.pretrained.io import load
 
     model = load(path, dtype=dtype, device=device)
+    if not isinstance(model, PretrainedLoopedLM):  # a LoopLM's save_pretrained directory
+        raise ValueError(
+            f"{path} holds a {type(model).__name__} (model_type "
+            f"{model.config.model_type!r}); eqloop eval --pretrained diagnoses Ouro and "
+            "Huginn checkpoints: evaluate a LoopLM's run with eqloop eval --checkpoint RUN"
+        )
     texts = list(DEFAULT_PROMPTS if prompts is None else prompts)
     if not texts or not all(isinstance(t, str) and t for t in texts):
         raise ValueError("prompts must be non-empty strings")

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from eqloop.files import STAGING_PREFIX, read_json
+from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.pretrained.base import PretrainedLoopedLM
 from eqloop.pretrained.config import PretrainedConfig, config_from_dict
 from eqloop.pretrained.huginn.modeling import HuginnForCausalLM
@@ -48,6 +49,10 @@ __all__ = [
     "model_class",
     "weight_files",
 ]
+
+# eqloop's own models in this layout (written by their save_pretrained), by model_type:
+# load() hands such a directory to the class's from_pretrained.
+_OWN_MODELS: dict[str, type[LoopLM]] = {LoopLMConfig.model_type: LoopLM}
 
 # Weight dtypes eqloop computes with (safetensors header names); others are refused.
 _FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
@@ -304,8 +309,11 @@ def load(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     strict_config: bool = True,
-) -> PretrainedLoopedLM:
+) -> PretrainedLoopedLM | LoopLM:
     """Load an Ouro or Huginn checkpoint directory as an eqloop looped LM, offline.
+
+    A directory written by ``LoopLM.save_pretrained`` (``model_type: "looplm"``) loads as
+    that :class:`~eqloop.model.LoopLM` (:meth:`~eqloop.model.LoopLM.from_pretrained`).
 
     Args:
         path: directory with config.json and model.safetensors (or the sharded
@@ -330,6 +338,10 @@ def load(
             f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}"
         )
     directory = _directory(path)
+    data = read_json(directory / CONFIG_FILE) if (directory / CONFIG_FILE).is_file() else None
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if isinstance(model_type, str) and model_type in _OWN_MODELS:
+        return _OWN_MODELS[model_type].from_pretrained(directory, dtype=dtype, device=device)
     config, files, model = check_checkpoint(directory, strict_config=strict_config)
     tensors = _read_tensors(files)
     tied = config.tied_head

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import optuna
 
 from eqloop.overrides import add_config_arguments
+from eqloop.training.flags import add_flag, flag_values
 from eqloop.tune.config import DEFAULT_RANGES, OBJECTIVES, TuneConfig, load_tune_config
 from eqloop.tune.report import REPORT_FILES
 from eqloop.tune.study import load_study, requeue, run_study
@@ -54,18 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N,..",
         help="first fail these RUNNING trials of a killed worker and queue them again (journal)",
     )
-    add("--no-progress", action="store_true", help="no training progress bars or trial lines")
-    add("--print-config", action="store_true", help="print the config and exit")
+    add_flag(p, "--no-progress", help="no training progress bars or trial lines")
+    add_flag(p, "--print-config")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TuneConfig:
     """The :class:`TuneConfig` of parsed ``eqloop tune`` arguments."""
-    config = load_tune_config(args.config, args.overrides)
-    for key in {f.name for f in dataclasses.fields(TuneConfig)} & set(vars(args)):
-        if getattr(args, key) is not None:
-            setattr(config, key, getattr(args, key))
-    config.progress = config.progress and not args.no_progress
+    own = {f.name for f in dataclasses.fields(TuneConfig)} & set(vars(args))
+    values = {key: getattr(args, key) for key in sorted(own) if getattr(args, key) is not None}
+    config = load_tune_config(args.config, args.overrides, {**values, **flag_values(args)})
     if args.search is not None:  # the named parameters, with their configured or default ranges
         names = [name.strip() for name in args.search.split(",") if name.strip()]
         if unknown := [n for n in names if n not in config.space and n not in DEFAULT_RANGES]:

@@ -7,7 +7,7 @@ import inspect
 import json
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -15,7 +15,7 @@ import optuna
 from optuna import distributions as od
 from optuna import pruners, samplers
 
-from eqloop.config import TrainConfig, load_config
+from eqloop.config import ConfigBase, TrainConfig, load_config
 from eqloop.overrides import apply_overrides, load_config_data, merge_config
 from solvers import checks
 
@@ -82,7 +82,7 @@ def suggest(trial: optuna.Trial, name: str, dist: od.BaseDistribution) -> Any:
 
 
 @dataclass
-class TuneConfig:
+class TuneConfig(ConfigBase):
     """Everything that defines a study and how a worker runs it (see ``eqloop.tune``)."""
 
     study_name: str = "stars-lam"  # several studies may share one storage
@@ -194,10 +194,6 @@ class TuneConfig:
                     raise ValueError(f"space.{name}={value!r} is not valid: {err}") from err
         return base
 
-    def to_dict(self) -> dict[str, Any]:
-        """All fields as a JSON-serialisable dict."""
-        return asdict(self)
-
 
 def _check_kwargs(cls: type, options: Mapping[str, Any], what: str, *reserved: str) -> None:
     accepted = sorted(set(inspect.signature(cls).parameters) - set(reserved))
@@ -205,8 +201,13 @@ def _check_kwargs(cls: type, options: Mapping[str, Any], what: str, *reserved: s
         raise ValueError(f"{what}: unknown options {unknown}; {cls.__name__} takes {accepted}")
 
 
-def load_tune_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TuneConfig:
-    """A :class:`TuneConfig` from defaults, an optional file and ``key=value`` overrides.
+def load_tune_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    values: Mapping[str, Any] | None = None,
+) -> TuneConfig:
+    """A :class:`TuneConfig` from defaults, an optional file, ``key=value`` overrides and
+    typed ``values`` (the command line's flags, applied last).
 
     Read as ``eqloop train`` reads its config (:func:`eqloop.overrides.load_config_data`:
     JSON or TOML by suffix, one merge rule, unknown keys are errors). An override
@@ -223,7 +224,8 @@ def load_tune_config(path: str | Path | None = None, overrides: Sequence[str] = 
     items = [item.strip() for item in overrides]
     on_base = [item.removeprefix("base.") for item in items if item.startswith("base.")]
     rest = [item for item in items if not item.startswith("base.")]
-    config = TuneConfig(**load_config_data(TuneConfig().to_dict(), path, rest, schema=TuneConfig))
+    defaults = TuneConfig().to_dict()
+    config = TuneConfig(**load_config_data(defaults, path, rest, schema=TuneConfig, values=values))
     if on_base:
         try:
             data = apply_overrides(config.train_data(), on_base, schema=TrainConfig)
