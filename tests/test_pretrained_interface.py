@@ -33,6 +33,8 @@ def _architecture_branches(path: Path) -> list[str]:
             operands = [node.left, *node.comparators]
             if any(isinstance(o, ast.Attribute) and o.attr == "model_type" for o in operands):
                 found.append(f"{where}: compares model_type")
+            elif any(isinstance(o, ast.Constant) and o.value in ARCH_NAMES for o in operands):
+                found.append(f"{where}: compares with an architecture's name")
         elif isinstance(node, ast.Name) and node.id in {"is_ouro", "is_huginn"}:
             found.append(f"{where}: flag {node.id}")
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -56,10 +58,13 @@ def test_the_branch_finder_finds_a_branch(tmp_path):
         "from eqloop.pretrained.ouro import OuroForCausalLM\n"
         "def f(model):\n"
         "    return isinstance(model, OuroForCausalLM) or model.model_type == 'huginn_raven'\n"
+        "def g(data):\n"
+        "    return data.get('model_type') == 'ouro'\n"
     )
     found = _architecture_branches(bad)
     assert sorted(line.split(": ", 1)[1] for line in found) == [
         "compares model_type",
+        "compares with an architecture's name",
         "imports eqloop.pretrained.ouro",
         "names OuroForCausalLM",
     ]

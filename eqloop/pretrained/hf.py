@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from functools import cache
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eqloop.pretrained.config import config_from_dict
+from eqloop.pretrained.config import ARCHITECTURES, config_from_dict
 from eqloop.pretrained.io import check_checkpoint, model_class
 
 __all__ = ["register_auto_classes"]
@@ -49,8 +50,12 @@ def _eqloop_config(hf_config: Any) -> Any:
         )
     for key in _TRANSFORMERS_KEYS:
         data.pop(key, None)
-    if data.get("model_type") == "huginn_raven" and data.get("rope_scaling", 0) is None:
-        data.pop("rope_scaling")  # added by the config class above, not a Huginn key
+    # transformers' config class adds rope_scaling=None: drop it for an architecture
+    # without that key (Huginn), so strict reading does not see an unknown key.
+    cls = ARCHITECTURES.get(data.get("model_type"))
+    keys = set() if cls is None else {f.name for f in fields(cls)}
+    if cls is not None and data.get("rope_scaling", 0) is None and "rope_scaling" not in keys:
+        data.pop("rope_scaling")
     return config_from_dict(data, strict=False)
 
 
@@ -64,7 +69,8 @@ def register_auto_classes() -> dict[str, type]:
     from transformers.modeling_outputs import CausalLMOutput
 
     classes: dict[str, type] = {}
-    for model_type, prefix in (("ouro", "Ouro"), ("huginn_raven", "Huginn")):
+    for model_type, arch in ARCHITECTURES.items():
+        prefix = arch.__name__.removesuffix("Config")  # EqloopOuroConfig, ...
 
         def config_init(self: Any, rope_scaling: Any = None, **kwargs: Any) -> None:
             PretrainedConfig.__init__(self, **kwargs)
@@ -125,8 +131,9 @@ def register_auto_classes() -> dict[str, type]:
 
         body = {
             "config_class": config_cls,
-            "base_model_prefix": "model" if model_type == "ouro" else "transformer",
-            "_keys_to_ignore_on_load_unexpected": [r"^freqs_cis$"],
+            "base_model_prefix": arch.BASE_MODEL_PREFIX,
+            # Tensors upstream files carry that eqloop recomputes (Huginn's freqs_cis).
+            "_keys_to_ignore_on_load_unexpected": [f"^{key}$" for key in arch.RECOMPUTED_KEYS],
             "__init__": __init__,
             "forward": forward,
             "generate": torch.no_grad()(generate),

@@ -67,6 +67,8 @@ class HuginnConfig:
             "sampling_scheme",
         }
     )
+    # Prefix of the parameters under the head (upstream's base_model_prefix).
+    BASE_MODEL_PREFIX: ClassVar[str] = "transformer"
     # Upstream's class name, written to config.json["architectures"] when absent.
     UPSTREAM_ARCHITECTURE: ClassVar[str] = "RavenForCausalLM"
     # Tensors upstream files may carry that eqloop recomputes instead of loading.

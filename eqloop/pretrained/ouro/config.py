@@ -54,6 +54,8 @@ class OuroConfig:
     TRAINING_KEYS: ClassVar[frozenset[str]] = frozenset()
     # Upstream class names: only this value is implemented, kept verbatim.
     FIXED_KEYS: ClassVar[dict[str, str]] = {}
+    # Prefix of the parameters under the head (upstream's base_model_prefix).
+    BASE_MODEL_PREFIX: ClassVar[str] = "model"
     # Upstream's class name, written to config.json["architectures"] when absent.
     UPSTREAM_ARCHITECTURE: ClassVar[str] = "OuroForCausalLM"
     # Tensors upstream files may carry that eqloop recomputes instead of loading.
