@@ -11,8 +11,9 @@ kl              mean over real tokens of ``KL(p_{t-1} || p_t)`` between the
                 distributions decoded from consecutive loops (from t = 2)
 entropy         mean over real tokens of the entropy of p_t (nats)
 argmax_changed  share of real tokens whose argmax differs from loop t - 1
-exit_pdf        Ouro only: mean exit probability of loop t (gate over the N loops)
-gate            Ouro only: mean gate ``sigmoid(early_exit_gate(z_t))``
+exit_pdf        models with an exit gate (Ouro): mean exit probability of loop t
+                (the gate over the N loops)
+gate            models with an exit gate (Ouro): mean gate ``sigmoid(gate_logits(z_t))``
 =============== ==============================================================
 
 Optionally (``solver=...``) the loop is also solved to its equilibrium from z_0 and the
@@ -225,25 +226,20 @@ def diagnose(
     rho_iters = checks.integer("rho_iters", rho_iters, low=1)
     rho_every = checks.integer("rho_every", rho_every, low=1)
     rho_batch = checks.integer("rho_batch", rho_batch, low=1)
-    input_ids = model._check_tokens(input_ids)
-    # Checked once; the bool mask then costs no host read per loop (see _check_mask).
-    mask = model._check_mask(attention_mask, input_ids.shape)
-    stage: dict[str, Any] = {"attention_mask": mask}
-    if model.model_type == "huginn_raven":
-        init_scale = 0.0 if init_scale is None else init_scale
-        stage.update(init_scale=init_scale, generator=generator)
-    elif init_scale is not None:
-        raise TypeError("init_scale is a Huginn option: Ouro's loop starts from the embeddings")
+    input_ids = model.check_input_ids(input_ids)
+    # Checked once; the bool mask then costs no host read per loop (see check_attention_mask).
+    mask = model.check_attention_mask(attention_mask, input_ids.shape)
+    # The model's reproducible start: Huginn's init_scale (0 by default); none for Ouro.
+    stage: dict[str, Any] = {"attention_mask": mask, **model.start_options(init_scale, generator)}
     started = time.perf_counter()
     with torch.no_grad():
         f, z = model.core_map(input_ids, **stage)
     valid = (torch.ones(input_ids.shape) if mask is None else mask).to(z.device, torch.float32)
-    is_ouro = model.model_type == "ouro"
 
     per: dict[str, list[Any]] = {
         k: [] for k in ("residual", "state_norm", "rho", "kl", "entropy", "argmax_changed")
     }
-    gates: list[Tensor] = []
+    gates: list[Tensor] = []  # (B, S) per loop, for a model with an exit gate
     prev_log_p: Tensor | None = None
     prev_top: Tensor | None = None
     pending: list[tuple[int, Tensor]] = []  # (loop, state) waiting for the batched rho
@@ -273,8 +269,9 @@ def diagnose(
                     _masked_mean((top != prev_top).float(), valid).tolist()
                 )
             prev_log_p, prev_top = log_p, top
-            if is_ouro:
-                gates.append(model.gate_logits(z).float())
+            gate = model.gate_logits(z)
+            if gate is not None:
+                gates.append(gate.float())
             per["rho"].append(None)
             if rho and (t % rho_every == 0 or t == n):
                 pending.append((t, z))
@@ -294,7 +291,7 @@ def diagnose(
         return [None if r is None else float(sum(r) / len(r)) for r in rows]
 
     gate_mean = exit_mean = None
-    if is_ouro:
+    if gates:
         stacked = torch.stack(gates, dim=-1)  # (B, S, N)
         pdf = exit_distribution(stacked)
         lam = torch.sigmoid(stacked)
@@ -337,7 +334,7 @@ def diagnose(
             "rho_iters": rho_iters,
             "rho_every": rho_every,
             "rho_batch": rho_batch,
-            "init_scale": init_scale,
+            "init_scale": stage.get("init_scale"),
             "dtype": str(z.dtype).removeprefix("torch."),
             "seconds": time.perf_counter() - started,
         },
@@ -364,8 +361,7 @@ def _batched_rho(
     stage: dict[str, Any] = {}
     if attention_mask is not None:
         stage["attention_mask"] = attention_mask.repeat(k, 1)
-    if model.model_type == "huginn_raven":
-        stage["init_scale"] = 0.0  # the map does not depend on the start
+    stage.update(model.start_options())  # the map does not depend on the start
     with torch.no_grad():
         f, _ = model.core_map(input_ids.repeat(k, 1), **stage)
     stacked = torch.cat([z for _, z in states], dim=0)
@@ -472,7 +468,7 @@ def diagnose_checkpoint(
     if not texts or not all(isinstance(t, str) and t for t in texts):
         raise ValueError("prompts must be non-empty strings")
     ids, mask = encode_prompts(path, texts, model.vocab_size)
-    device = model._embedding().weight.device
+    device = model.get_input_embeddings().weight.device
     result = diagnose(
         model,
         ids.to(device),
