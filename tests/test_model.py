@@ -770,7 +770,7 @@ def test_save_pretrained_then_load_gives_identical_logits(tmp_path: Path, dtype:
     from eqloop import pretrained
 
     torch.manual_seed(0)
-    model = LoopLM(tiny_config(positions="rope", injection="concat", n_prelude=1)).to(dtype)
+    model = LoopLM(tiny_model_config(positions="rope", injection="concat", n_prelude=1)).to(dtype)
     out = model.save_pretrained(tmp_path / "model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging left behind
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
@@ -789,7 +789,7 @@ def test_save_pretrained_then_load_gives_identical_logits(tmp_path: Path, dtype:
 
 def _saved(tmp_path: Path) -> Path:
     torch.manual_seed(0)
-    return LoopLM(tiny_config()).save_pretrained(tmp_path / "model")
+    return LoopLM(tiny_model_config()).save_pretrained(tmp_path / "model")
 
 
 @pytest.mark.parametrize(
