@@ -37,6 +37,7 @@ from torch import Tensor
 
 from eqloop import defaults
 from eqloop.data.tokenizers import encode_prompts
+from eqloop.evaluation.report import format_cell, format_table
 from eqloop.files import write_json_atomic
 from eqloop.pretrained.base import PretrainedLoopedLM
 from eqloop.pretrained.exits import exit_distribution
@@ -91,27 +92,21 @@ class Diagnostics:
     def table(self) -> str:
         """A plain-text table, one row per loop; ``*`` marks the trained depth."""
         columns = [c for c in _COLUMNS if getattr(self, c[0]) is not None]
-        header = ["loop"] + [title for _, title, _ in columns]
-        rows = [header]
-        for i, loop in enumerate(self.loops):
-            mark = "*" if loop == self.trained_loops else " "
-            cells = [f"{loop}{mark}"]
-            for key, _, spec in columns:
-                value = getattr(self, key)[i]
-                cells.append(
-                    "-" if value is None or not math.isfinite(value) else format(value, spec)
-                )
-            rows.append(cells)
-        widths = [max(len(r[j]) for r in rows) for j in range(len(header))]
-        lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        text = "\n".join(lines)
+        rows = [
+            {
+                "loop": f"{loop}{'*' if loop == self.trained_loops else ' '}",
+                **{key: _finite(getattr(self, key)[i]) for key, _, _ in columns},
+            }
+            for i, loop in enumerate(self.loops)
+        ]
+        text = format_table(rows, [("loop", "loop", ""), *columns])
         if self.equilibrium is not None:
             eq = self.equilibrium
             text += (
                 f"\nequilibrium ({eq['solver']}): {eq['status']}, {eq['nfe']} f-evals, "
-                f"residual {eq['rel_residual']:.3e}, rho(J(z*)) {_fmt(eq.get('rho'))}, "
-                f"KL(loop {self.loops[-1]} || z*) {_fmt(eq.get('kl_from_last'))}"
+                f"residual {eq['rel_residual']:.3e}, "
+                f"rho(J(z*)) {format_cell(eq.get('rho'), '.4g')}, "
+                f"KL(loop {self.loops[-1]} || z*) {format_cell(eq.get('kl_from_last'), '.4g')}"
             )
         return text
 
@@ -156,10 +151,6 @@ class Diagnostics:
             fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
         plt.close(fig)
         return Path(path)
-
-
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.4g}"
 
 
 def _finite(data: Any) -> Any:
