@@ -375,22 +375,21 @@ def _equilibrium(
     last_log_p: Tensor | None,
     valid: Tensor,
 ) -> dict[str, Any]:
-    import solvers
+    from eqloop.evaluation.predictors import equilibrium
     from eqloop.stars import spectral_radius
 
+    predictor = equilibrium(
+        model,
+        solver,
+        max_iter=defaults.EQUILIBRIUM_MAX_ITER if max_iter is None else max_iter,
+        tol=defaults.EQUILIBRIUM_TOL if tol is None else tol,
+        compact=False,
+        stage=stage,
+    )
     with torch.no_grad():
-        f, z0 = model.core_map(input_ids, **stage)
-        result = solvers.solve(
-            f,
-            z0,
-            solver,
-            max_iter=defaults.EQUILIBRIUM_MAX_ITER if max_iter is None else max_iter,
-            tol=defaults.EQUILIBRIUM_TOL if tol is None else tol,
-            stop_mode=defaults.EQUILIBRIUM_STOP_MODE,
-        )
-        log_p = F.log_softmax(
-            model.readout(result.z, attention_mask=stage["attention_mask"]).float(), dim=-1
-        )
+        logits, info = predictor.run(input_ids)
+        log_p = F.log_softmax(logits.float(), dim=-1)
+    f, result = info.f, info.result
     out: dict[str, Any] = {
         "solver": solver,
         "status": result.status,
@@ -405,9 +404,7 @@ def _equilibrium(
         kl = (last_log_p.exp() * (last_log_p - log_p)).sum(-1)
         out["kl_from_last"] = float(_masked_mean(kl, valid).mean())
     if rho:
-        radius = spectral_radius(
-            f, result.z, method="arnoldi", iters=rho_iters, generator=generator
-        )
+        radius = spectral_radius(f, info.z, method="arnoldi", iters=rho_iters, generator=generator)
         out["rho"] = float(radius.mean())
         out["rho_per_sequence"] = radius.tolist()
     return out
