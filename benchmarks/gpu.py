@@ -5,7 +5,7 @@ downloaded). Two models:
 
   ouro     Ouro-1.4B's shape (``OURO_14B`` of benchmarks/common.py, from
            PRETRAINED.md: vocabulary 49152, hidden 2048, FFN 5632, 24 layers, 16 heads,
-           16 KV heads, 4 loops; 1.43B parameters) built from ``eqloop.pretrained``'s
+           16 KV heads, 4 loops; 1.43B parameters) built from ``eqloop.models``'s
            ``OuroConfig`` with ``init_weights``;
   looplm   the arithmetic LoopLM (``TrainConfig().model``: d=64, 8 heads, FFN 256,
            prelude + post-sandwich core + coda, 8 loops).
@@ -14,7 +14,7 @@ Workloads (a row per variant; rows of one group are timed interleaved):
 
   step     one training step at ``--step-loops`` (4, 8, 16) loops, float32 master weights under bf16
            autocast, AdamW (lr 1e-6) over every weight; time and peak memory.
-           ``stars_unrolled``: eqloop.finetune's ``Objective`` with the STARS penalty on
+           ``stars_unrolled``: eqloop.recipes.finetune's ``Objective`` with the STARS penalty on
            (lam 0.1, its float32 JSRR on the whole batch), i.e. the fine-tuning step;
            ``implicit_ift``: ``eqloop.fixed_point`` with ``loops`` plain iterations
            without a graph (tol 0), one with, the head, the cross-entropy, and the IFT
@@ -101,12 +101,12 @@ from benchmarks.common import (
     print_written,
     write_json_atomic,
 )
-from eqloop.backward import ConvergenceWarning
-from eqloop.finetune.config import FinetuneConfig
-from eqloop.finetune.train import Objective
-from eqloop.implicit import fixed_point
-from eqloop.model import LoopLM
-from eqloop.pretrained import OuroConfig, OuroForCausalLM
+from eqloop.core.backward import ConvergenceWarning
+from eqloop.core.implicit import fixed_point
+from eqloop.models import OuroConfig, OuroForCausalLM
+from eqloop.models.looplm.modeling import LoopLM
+from eqloop.recipes.finetune.config import FinetuneConfig
+from eqloop.recipes.finetune.train import Objective
 from eqloop.training.config import TrainConfig
 
 MiB = 2.0**20
@@ -239,7 +239,7 @@ class Run:
 def compile_model(model: nn.Module, mode: str | None, backend: str) -> Callable[..., Any]:
     """The compiled model the ``forward`` rows time.
 
-    Switch point: ``eqloop.compile_model(model)`` (eqloop/compiling.py) once it exists.
+    Switch point: ``eqloop.compile_model(model)`` (eqloop/core/compiling.py) once it exists.
     """
     if backend == "none":
         raise Skipped("--compile-backend none")

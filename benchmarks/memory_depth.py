@@ -80,9 +80,9 @@ from benchmarks.common import (
     print_written,
     write_json_atomic,
 )
-from eqloop.backward import BACKWARD_MODES, Phantom
-from eqloop.implicit import fixed_point
-from eqloop.model import LoopLM, LoopLMConfig
+from eqloop.core.backward import BACKWARD_MODES, Phantom
+from eqloop.core.implicit import fixed_point
+from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
 from eqloop.plotting import pyplot
 
 MiB = 2.0**20

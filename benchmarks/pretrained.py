@@ -16,7 +16,7 @@ vocabulary 8192, trained depth 4 loops: 21.2M parameters):
             cross-entropy), at 4 and 16 loops, counted as in benchmarks/memory_depth.py
             (distinct non-parameter storages packed by ``saved_tensors_hooks``). Target:
             ``ift`` at 16 loops <= 1.1x its bytes at 4 loops; ``unroll`` for contrast.
-  diagnose  wall time of ``eqloop.pretrained.diagnose`` for 32 loops (8x the trained
+  diagnose  wall time of ``eqloop.models.diagnose`` for 32 loops (8x the trained
             depth) of one 32-token sequence, with rho(J) by Arnoldi (20 vectors) at
             every loop. Target: under a minute.
 
@@ -44,8 +44,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from benchmarks.common import format_table, machine_info, print_written, write_json_atomic
 from benchmarks.memory_depth import saved_bytes
-from eqloop.implicit import fixed_point
-from eqloop.pretrained import OuroConfig, OuroForCausalLM, diagnose
+from eqloop.core.implicit import fixed_point
+from eqloop.models import OuroConfig, OuroForCausalLM, diagnose
 
 MiB = 2.0**20
 PARTS = ("decode", "memory", "diagnose")

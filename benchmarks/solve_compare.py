@@ -137,10 +137,10 @@ def looplm_problem(
     checkpoint: str | None,
 ) -> BenchProblem:
     """The recurrent core of a LoopLM (its ``core_map``) over (B, S, d) states."""
-    from eqloop.model import LoopLM, LoopLMConfig
+    from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
 
     if checkpoint is not None:
-        from eqloop.checkpoint import load_model
+        from eqloop.training.checkpoint import load_model
 
         model, _ = load_model(checkpoint)
     else:

@@ -16,7 +16,7 @@ Workloads (the TrainConfig-default LoopLM: d=64, 8 heads, FFN 256, prelude + one
 post-sandwich core block + coda; a batch of ``--batch`` random sequences of the length
 of a 3-digit addition example):
 
-  train   one ``eqloop.train.train_step`` (forward, backward, AdamW step) with
+  train   one ``eqloop.recipes.train.train_step`` (forward, backward, AdamW step) with
           ``--loops`` unrolled loops, backward "unroll", no penalty;
   solve   an equilibrium solve of the model's core in eval mode without a graph:
           ``model(tokens, solver="anderson", max_iter=--solve-iters, tol=0)``, i.e. a
@@ -98,8 +98,8 @@ import dataclasses, json, sys, time
 start = time.perf_counter()
 import torch
 from eqloop.training.config import TrainConfig
-from eqloop.model import LoopLM
-from eqloop.train import train_step
+from eqloop.models.looplm.modeling import LoopLM
+from eqloop.recipes.train import train_step
 
 settings = json.loads(sys.argv[1])
 torch.set_num_threads(settings["threads"])

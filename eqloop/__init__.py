@@ -13,24 +13,24 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     # models
-    "LoopLM": "eqloop.model",
-    "LoopLMConfig": "eqloop.model",
-    "LoopedLM": "eqloop.looped",
-    "compile_model": "eqloop.compiling",
+    "LoopLM": "eqloop.models.looplm.modeling",
+    "LoopLMConfig": "eqloop.models.looplm.modeling",
+    "LoopedLM": "eqloop.models.looped",
+    "compile_model": "eqloop.core.compiling",
     # differentiable fixed points and their backward modes
-    "fixed_point": "eqloop.implicit",
-    "IFT": "eqloop.backward",
-    "Phantom": "eqloop.backward",
-    "Truncated": "eqloop.backward",
-    "Unroll": "eqloop.backward",
-    "BACKWARD_MODES": "eqloop.backward",
-    "ConvergenceWarning": "eqloop.backward",
+    "fixed_point": "eqloop.core.implicit",
+    "IFT": "eqloop.core.backward",
+    "Phantom": "eqloop.core.backward",
+    "Truncated": "eqloop.core.backward",
+    "Unroll": "eqloop.core.backward",
+    "BACKWARD_MODES": "eqloop.core.backward",
+    "ConvergenceWarning": "eqloop.core.backward",
     # STARS
-    "spectral_radius": "eqloop.stars",
-    "jsrr_penalty": "eqloop.stars",
+    "spectral_radius": "eqloop.core.stars",
+    "jsrr_penalty": "eqloop.core.stars",
     # depth samplers
-    "DepthSampler": "eqloop.depth",
-    "make_depth_sampler": "eqloop.depth",
+    "DepthSampler": "eqloop.training.depth",
+    "make_depth_sampler": "eqloop.training.depth",
     # data
     "CharTokenizer": "eqloop.data",
     "make_arithmetic_dataset": "eqloop.data",

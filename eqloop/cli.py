@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from eqloop.config import add_config_arguments
-from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_TOL
-from eqloop.finetune import cli as finetune_cli
-from eqloop.pretrained.cli import add_arguments as add_pretrained_arguments
+from eqloop.core.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_TOL
+from eqloop.recipes.finetune import cli as finetune_cli
+from eqloop.recipes.pretrained import add_arguments as add_pretrained_arguments
 from eqloop.training.flags import add_flag, add_run_arguments, flag_values
 
 __all__ = ["build_parser", "main"]
@@ -191,12 +191,12 @@ def _add_eval(sub: Any) -> None:
         type=int,
         help=f"loops traced in --pca (default {_EVAL_DEFAULTS['pca_loops']})",
     )
-    add_pretrained_arguments(p)  # eqloop eval --pretrained DIR: eqloop.pretrained.cli
+    add_pretrained_arguments(p)  # eqloop eval --pretrained DIR: eqloop.recipes.pretrained
 
 
 def _add_tune(sub: Any) -> None:
     p = sub.add_parser("tune", help="Optuna study over the STARS hyperparameters", add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of eqloop.tune")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of eqloop.recipes.tune")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from eqloop.train import TrainingInterrupted, train
+    from eqloop.recipes.train import TrainingInterrupted, train
     from eqloop.training.config import load_config
     from eqloop.training.run_dir import report_interrupt
 
@@ -304,12 +304,12 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("give --checkpoint (eqloop runs) or --pretrained DIR (Ouro, Huginn)")
     _check_eval_flags(args)
     if args.pretrained is not None:
-        from eqloop.pretrained.cli import run
+        from eqloop.recipes.pretrained import run
 
         return run(args)
-    from eqloop.checkpoint import CheckpointError, resolve_checkpoint
     from eqloop.evaluation import check_options, evaluate_checkpoint, format_result, plot_results
     from eqloop.files import write_text_atomic
+    from eqloop.training.checkpoint import CheckpointError, resolve_checkpoint
     from eqloop.training.config import check_device
     from solvers import checks
 
@@ -385,13 +385,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     try:
-        from eqloop import tune
+        from eqloop.recipes import tune
     except ModuleNotFoundError as err:
         if err.name == "optuna":
             raise ValueError("eqloop tune needs Optuna: pip install 'eqloop[tune]'") from None
-        if err.name != "eqloop.tune":
+        if err.name != "eqloop.recipes.tune":
             raise
-        raise ValueError("eqloop.tune is not available in this installation") from None
+        raise ValueError("eqloop.recipes.tune is not available in this installation") from None
     return int(tune.main(args.args) or 0)
 
 

@@ -117,7 +117,7 @@ def replace_directory(staging: str | os.PathLike[str], target: str | os.PathLike
     hidden sibling ``.<name>-old-XXXX/<name>``, then ``staging`` to ``target``, then the
     old copy is deleted: a kill at any point leaves ``target`` either the old or the new
     directory, except between the two renames, when ``target`` is absent and the old
-    directory is still whole in the hidden sibling (:func:`eqloop.pretrained.load` says so).
+    directory is still whole in the hidden sibling (:func:`eqloop.models.load` says so).
     """
     staging, target = Path(staging), Path(target)
     if not target.exists():

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eqloop.checkpoint import load_checkpoint
+from eqloop.training.checkpoint import load_checkpoint
 from eqloop.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

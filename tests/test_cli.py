@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from eqloop import cli
-from eqloop.checkpoint import load_checkpoint
 from eqloop.cli import main
 from eqloop.evaluation import DECODES, DEFAULT_LOOPS
+from eqloop.training.checkpoint import load_checkpoint
 
 TINY = [
     "--set",
@@ -354,10 +354,10 @@ def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_tune_hook_forwards_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str]] = []
-    fake = types.ModuleType("eqloop.tune")
+    fake = types.ModuleType("eqloop.recipes.tune")
     fake.main = lambda argv: seen.append(list(argv)) or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "eqloop.tune", fake)
-    monkeypatch.setattr("eqloop.tune", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "eqloop.recipes.tune", fake)
+    monkeypatch.setattr("eqloop.recipes.tune", fake, raising=False)
     assert main(["tune", "--n-trials", "3", "--storage", "sqlite:///x.db"]) == 0
     assert seen == [["--n-trials", "3", "--storage", "sqlite:///x.db"]]
 
@@ -442,8 +442,8 @@ def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 def test_shared_flags_are_defined_once_in_the_flag_table() -> None:
     # Issue 19: --device, --no-progress, --compile, --print-config, ... were written again
     # in each command; now each is FLAGS' entry (a command may change default and help only).
+    from eqloop.recipes.tune.cli import build_parser as tune_parser
     from eqloop.training.flags import FLAGS
-    from eqloop.tune.cli import build_parser as tune_parser
 
     parser = cli.build_parser()
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -466,7 +466,7 @@ def test_shared_flags_are_defined_once_in_the_flag_table() -> None:
 def test_flags_are_applied_by_the_loader_after_the_file_and_the_sets(tmp_path: Path) -> None:
     # The command line's flags are typed values the one loader merges last (train, finetune
     # and tune alike); --lora is {"lora": {}}: LoRA on, the file's LoRA options kept.
-    from eqloop.finetune.config import LoraOptions, load_finetune_config
+    from eqloop.recipes.finetune.config import LoraOptions, load_finetune_config
     from eqloop.training.flags import flag_values
 
     file = tmp_path / "ft.toml"
@@ -484,9 +484,9 @@ def test_flags_are_applied_by_the_loader_after_the_file_and_the_sets(tmp_path: P
 def test_eval_pretrained_refuses_a_looplm_directory_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # eqloop.pretrained.load reads a LoopLM's save_pretrained directory; the Ouro/Huginn
+    # eqloop.models.load reads a LoopLM's save_pretrained directory; the Ouro/Huginn
     # diagnostics say so instead of failing on an attribute the LoopLM does not have.
-    from eqloop.model import LoopLM, LoopLMConfig
+    from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
 
     config = LoopLMConfig(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=16)
     directory = LoopLM(config).save_pretrained(tmp_path / "looplm")

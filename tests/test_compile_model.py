@@ -21,7 +21,7 @@ from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import eqloop
 from eqloop import pretrained
-from eqloop.model import LoopLM, LoopLMConfig
+from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
 
 VOCAB, SEQ = 16, 6
 
@@ -237,7 +237,7 @@ def test_compile_model_copy_and_bad_argument() -> None:
 @pytest.mark.parametrize("backward", ["phantom", "truncated", "ift"])
 def test_training_forward_and_loss_implicit(backward: str) -> None:
     """The training step's forward + loss with an implicit backward mode (as
-    ``eqloop.train`` runs it): Phantom and Truncated compile to one graph; IFT attaches
+    ``eqloop.recipes.train`` runs it): Phantom and Truncated compile to one graph; IFT attaches
     its adjoint hook eagerly (the hook differentiates autograd's own graph of f(z*)), so
     its forward splits there: 4 graphs, one per frame resumed after the eager part.
     Loss and gradients equal eager's either way."""
@@ -270,9 +270,9 @@ def test_training_forward_and_loss_implicit(backward: str) -> None:
 
 def test_eager_core_step_gives_higher_order_gradients() -> None:
     """The compiled step has no double backward; eager_core_step, the same map, has."""
-    from eqloop.compiling import eager_core_step
-    from eqloop.looped import CoreMap
-    from eqloop.model import sdpa_math
+    from eqloop.core.compiling import eager_core_step
+    from eqloop.models.looped import CoreMap
+    from eqloop.models.looplm.modeling import sdpa_math
 
     model = eqloop.compile_model(looplm(), backend="aot_eager")
     f, z0 = model.core_map(tokens())
@@ -315,7 +315,7 @@ def whole_step_run(
 
     ``backend`` compiles the WholeStep (default: ``WHOLE_COUNTER``).
     """
-    from eqloop.train import train_step
+    from eqloop.recipes.train import train_step
     from eqloop.training.config import TrainConfig
     from eqloop.training.whole_step import WholeStep
 
@@ -398,7 +398,7 @@ def test_whole_step_graphs_per_loop_count_are_bounded() -> None:
 def test_whole_step_only_for_fixed_depth_runs() -> None:
     # eqloop train --compile builds the whole loss only when every step fits it; random
     # depth keeps compile_model's per-loop step (bounded graphs for loop counts 1..32).
-    from eqloop.train import RunEnv, _build
+    from eqloop.recipes.train import RunEnv, _build
     from eqloop.training.config import TrainConfig
     from eqloop.training.whole_step import WholeStep
 
@@ -425,18 +425,18 @@ def test_fixed_depth_training_with_compile_runs_the_whole_step(
 ) -> None:
     # eqloop train --compile at a fixed depth with the jvp penalty: every step runs the
     # WholeStep (one graph per penalty on/off), and the run equals the eager run.
-    import eqloop.compiling
-    from eqloop.train import train
+    import eqloop.core.compiling
+    from eqloop.recipes.train import train
     from eqloop.training.config import TrainConfig
 
     made: list[Any] = []
-    compile_function = eqloop.compiling.compile_function
+    compile_function = eqloop.core.compiling.compile_function
 
     def quick(fn: Any, **kwargs: Any) -> Any:  # aot_eager: seconds, not minutes
         made.append(fn)
         return compile_function(fn, **{**kwargs, "backend": "aot_eager"})
 
-    monkeypatch.setattr(eqloop.compiling, "compile_function", quick)
+    monkeypatch.setattr(eqloop.core.compiling, "compile_function", quick)
     run = dict(
         model=dict(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=16),
         digits=2,

@@ -25,11 +25,11 @@ from torch import Tensor
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import eqloop
-from eqloop.compiling import eager_map
-from eqloop.looped import CoreMap
-from eqloop.model import LoopLM, LoopLMConfig
-from eqloop.stars import jsrr_penalty
-from eqloop.train import train_step
+from eqloop.core.compiling import eager_map
+from eqloop.core.stars import jsrr_penalty
+from eqloop.models.looped import CoreMap
+from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
+from eqloop.recipes.train import train_step
 from eqloop.training.config import TrainConfig
 
 SEQ, D = 4, 8
@@ -176,7 +176,7 @@ def test_training_with_compile_runs_the_jvp_penalty_compiled(
             kwargs["compile_options"] = {"backend": "aot_eager"}  # seconds, not minutes
         return jsrr_penalty(*args, **kwargs)
 
-    monkeypatch.setattr(eqloop.train, "jsrr_penalty", spy)
+    monkeypatch.setattr(eqloop.recipes.train, "jsrr_penalty", spy)
     config = TrainConfig(lam=0.5, penalty_product="jvp", compile=True)
     stats = []
     for compile_ in (True, False):

@@ -10,10 +10,10 @@ from dataclasses import fields
 import pytest
 
 from eqloop.config import ConfigBase
-from eqloop.finetune.config import FinetuneConfig, LoraOptions
-from eqloop.model import LoopLMConfig
+from eqloop.models.looplm.modeling import LoopLMConfig
+from eqloop.recipes.finetune.config import FinetuneConfig, LoraOptions
+from eqloop.recipes.tune.config import TuneConfig
 from eqloop.training.config import SolveConfig, TrainConfig
-from eqloop.tune.config import TuneConfig
 
 # One valid instance of each config (FinetuneConfig needs its two paths to validate).
 CONFIGS: list[ConfigBase] = [

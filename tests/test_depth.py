@@ -1,4 +1,4 @@
-"""Tests of eqloop.depth: distributions, determinism, resumption and argument errors."""
+"""Tests of eqloop.training.depth: distributions, determinism, resumption and argument errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from scipy import integrate, stats
 
 import eqloop
-from eqloop.depth import DEPTH_KINDS, DepthSampler, make_depth_sampler
+from eqloop.training.depth import DEPTH_KINDS, DepthSampler, make_depth_sampler
 
 # (kind, params) covering every kind, with the paper settings where there are some.
 CONFIGS: list[tuple[str, dict]] = [

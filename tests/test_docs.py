@@ -102,7 +102,7 @@ def docs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("docs")
 
 
-@pytest.mark.filterwarnings("ignore::eqloop.implicit.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::eqloop.core.implicit.ConvergenceWarning")
 @pytest.mark.parametrize("path", DOC_FILES, ids=[p.name for p in DOC_FILES])
 def test_python_blocks_run_as_written(
     path: Path, docs_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
@@ -141,7 +141,7 @@ def help_text(words: list[str]) -> str | None:
     if words[0] == "eqloop":
         main, argv = importlib.import_module("eqloop.cli").main, [words[1], "--help"]
     elif words[0] == "eqloop-lm-eval":  # lm-eval >= 0.4.10 lists its flags under `run`
-        main, argv = importlib.import_module("eqloop.finetune.harness").main, ["run", "--help"]
+        main, argv = importlib.import_module("eqloop.evaluation.harness").main, ["run", "--help"]
     elif words[0] == "python" and words[1].startswith(("benchmarks/", "experiments/")):
         module = importlib.import_module(words[1].removesuffix(".py").replace("/", "."))
         main, argv = getattr(module, "parse_args", module.main), ["--help"]

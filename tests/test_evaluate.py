@@ -1,4 +1,4 @@
-"""Tests for eqloop.evaluation and eqloop.checkpoint: exact match, diagnostics, corruption."""
+"""Tests for eqloop.evaluation and eqloop.training.checkpoint: exact match, diagnostics."""
 
 from __future__ import annotations
 
@@ -14,15 +14,8 @@ import torch
 from torch import Tensor
 
 import solvers
-from eqloop.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
-    load_model,
-    resolve_checkpoint,
-    save_checkpoint,
-)
 from eqloop.data import CharTokenizer
+from eqloop.data.qa import Example, PromptTemplate, encode_examples
 from eqloop.data.tokenizers import TextTokenizer, as_text_tokenizer
 from eqloop.evaluation import (
     DECODES,
@@ -44,8 +37,15 @@ from eqloop.evaluation import (
     quantiles,
     unrolled,
 )
-from eqloop.finetune.data import Example, PromptTemplate, encode_examples
-from eqloop.model import LoopLM, LoopLMConfig
+from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
+from eqloop.training.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from eqloop.training.config import TrainConfig
 
 MODEL = LoopLMConfig(vocab_size=19, d_model=32, n_heads=2, d_ff=64, max_seq_len=16)
@@ -319,7 +319,7 @@ def text_setup() -> tuple[LoopLM, TextTokenizer, list[Example]]:
 def test_text_equilibrium_passes_start_loops_compact_and_stop_mode_to_the_solve(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Before, eqloop.finetune.evaluate's equilibrium predictor called solvers.solve with
+    # Before, eqloop.recipes.finetune.evaluate's equilibrium predictor called solvers.solve with
     # tol and max_iter only: start_loops, compact and stop_mode were dropped.
     model, tokenizer, examples = text_setup()
     calls: list[tuple[Tensor, dict[str, Any]]] = []

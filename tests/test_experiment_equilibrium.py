@@ -11,8 +11,8 @@ import pytest
 import torch
 from helpers import run_experiment
 
-from eqloop.model import LoopLM
-from eqloop.train import make_train_tensors, train_step
+from eqloop.models.looplm.modeling import LoopLM
+from eqloop.recipes.train import make_train_tensors, train_step
 from eqloop.training.optim import make_optimizer
 from experiments.equilibrium.run import STARTS, main, parse_args, random_start, step_config
 from experiments.stars_scaling.run import DEQ, DEQ_SHARE, GROUPS, VARIANTS, run_config, warm_chain

@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import run_experiment
 
-from eqloop.model import CausalSelfAttention, LoopLMConfig, rotary_tables
-from eqloop.train import train
+from eqloop.models.looplm.modeling import CausalSelfAttention, LoopLMConfig, rotary_tables
+from eqloop.recipes.train import train
 from eqloop.training.config import TrainConfig
 from experiments.plateau.run import attention_probabilities, diagnose
 

@@ -25,16 +25,16 @@ import torch
 from ranks import run_ranks
 
 from eqloop import pretrained
-from eqloop.checkpoint import load_checkpoint, load_model, save_checkpoint
 from eqloop.cli import main
 from eqloop.data import CharTokenizer
-from eqloop.depth import make_depth_sampler
-from eqloop.finetune.config import FinetuneConfig, LoraOptions, load_finetune_config
-from eqloop.finetune.data import PromptTemplate, encode_examples, load_jsonl, write_jsonl
-from eqloop.finetune.lora import attach_lora, lora_module_names, merge_lora
-from eqloop.finetune.models import load_for_finetuning
-from eqloop.finetune.train import Objective, finetune, step_time_ratio
-from eqloop.model import LoopLM, LoopLMConfig
+from eqloop.data.qa import PromptTemplate, encode_examples, load_jsonl, write_jsonl
+from eqloop.models.auto import load_for_finetuning
+from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
+from eqloop.recipes.finetune.config import FinetuneConfig, LoraOptions, load_finetune_config
+from eqloop.recipes.finetune.train import Objective, finetune, step_time_ratio
+from eqloop.training.checkpoint import load_checkpoint, load_model, save_checkpoint
+from eqloop.training.depth import make_depth_sampler
+from eqloop.training.lora import attach_lora, lora_module_names, merge_lora
 from eqloop.training.run_dir import NonFiniteLoss
 from eqloop.training.step_stats import PendingSteps
 
@@ -252,7 +252,7 @@ def test_solve_finetunes_at_the_fixed_point_and_logs_the_forward(
 def test_the_solve_gradient_is_taken_at_the_solvers_point(files: dict[str, Path]) -> None:
     # One phantom step (tau 1) from the detached z*: the gradient must be that of
     # CE(readout(f(z*))) at the point the solver returned, not at z0 or after some loops.
-    from eqloop.backward import Phantom
+    from eqloop.core.backward import Phantom
     from eqloop.training.config import SolveConfig
 
     loaded = load_for_finetuning(files["injected"], dtype=torch.float64)
@@ -467,16 +467,16 @@ def test_compiled_finetuning_equals_eager(
     # Issue 22 row 7: compile=True (eqloop finetune --compile) compiles the model's step;
     # SFT and STARS steps (the penalty on the eager step) give the eager results. aot_eager
     # checks the plumbing in seconds (tests/test_train.py also runs inductor, slow).
-    import eqloop.compiling
-    import eqloop.finetune.train
+    import eqloop.core.compiling
+    import eqloop.recipes.finetune.train
 
     compiled: list[object] = []
 
     def compile_with(model: Any) -> Any:
         compiled.append(model)
-        return eqloop.compiling.compile_model(model, backend="aot_eager")
+        return eqloop.core.compiling.compile_model(model, backend="aot_eager")
 
-    monkeypatch.setattr(eqloop.finetune.train, "compile_model", compile_with)
+    monkeypatch.setattr(eqloop.recipes.finetune.train, "compile_model", compile_with)
     options = {"mode": "stars", "steps": 3, "penalty_start": 1, "checkpoint_every": 0}
     eager = finetune(_config(files, tmp_path / "eager", **options))
     fast = finetune(_config(files, tmp_path / "compiled", **options, compile=True))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from eqloop.data import CharTokenizer
-from eqloop.data.tokenizers import as_text_tokenizer
-from eqloop.finetune.data import (
+from eqloop.data.problems import KINDS, make_problems, make_splits
+from eqloop.data.qa import (
     Example,
     PromptTemplate,
     encode_examples,
@@ -19,7 +19,7 @@ from eqloop.finetune.data import (
     load_jsonl,
     write_jsonl,
 )
-from eqloop.finetune.problems import KINDS, make_problems, make_splits
+from eqloop.data.tokenizers import as_text_tokenizer
 
 GSM8K_LINE = {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3+4=7\n#### 7"}
 

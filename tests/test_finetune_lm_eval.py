@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eqloop.checkpoint import save_checkpoint
 from eqloop.data import CharTokenizer
+from eqloop.data.qa import write_jsonl
 from eqloop.evaluation import greedy_generate
-from eqloop.finetune.data import write_jsonl
-from eqloop.model import LoopLM, LoopLMConfig
+from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
+from eqloop.training.checkpoint import save_checkpoint
 
 lm_eval = pytest.importorskip("lm_eval")
-harness = pytest.importorskip("eqloop.finetune.harness")
+harness = pytest.importorskip("eqloop.evaluation.harness")
 
 QA = [
     {"question": "2 + 3", "answer": "#### 5"},
@@ -210,7 +210,7 @@ def test_command_line_route(setup: dict, tmp_path) -> None:
     command = [
         sys.executable,
         "-m",
-        "eqloop.finetune.harness",
+        "eqloop.evaluation.harness",
         "--model",
         "eqloop",
         "--model_args",

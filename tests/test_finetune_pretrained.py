@@ -12,15 +12,15 @@ import torch
 from helpers import run_torchrun
 
 from eqloop import pretrained
-from eqloop.checkpoint import load_checkpoint
+from eqloop.data.problems import make_splits
+from eqloop.data.qa import PromptTemplate, load_jsonl, write_jsonl
 from eqloop.evaluation import accuracy_vs_loops, greedy_generate, unrolled
 from eqloop.evaluation.decoding import cached_generate
-from eqloop.finetune.config import FinetuneConfig, LoraOptions
-from eqloop.finetune.data import PromptTemplate, load_jsonl, write_jsonl
-from eqloop.finetune.lora import DEFAULT_TARGETS, attach_lora, merge_lora
-from eqloop.finetune.models import freeze_unreached, load_for_finetuning, weights_fingerprint
-from eqloop.finetune.problems import make_splits
-from eqloop.finetune.train import Objective, finetune
+from eqloop.models.auto import freeze_unreached, load_for_finetuning, weights_fingerprint
+from eqloop.recipes.finetune.config import FinetuneConfig, LoraOptions
+from eqloop.recipes.finetune.train import Objective, finetune
+from eqloop.training.checkpoint import load_checkpoint
+from eqloop.training.lora import DEFAULT_TARGETS, attach_lora, merge_lora
 
 ARCHS = ("ouro", "huginn_raven")
 

@@ -1,4 +1,4 @@
-"""Tests for eqloop.implicit and eqloop.backward: fixed points under the four backward modes.
+"""Tests for eqloop.core.implicit and eqloop.core.backward: fixed points, four backward modes.
 
 References are exact: the affine map ``f(z) = z A^T + x U^T + c`` has the closed-form
 fixed point ``z* = (I - A)^{-1} (U x + c)`` (differentiated by autograd through
@@ -22,15 +22,15 @@ from torch import Tensor
 
 import eqloop
 import solvers
-from eqloop.backward import IFT, Backward, Phantom, Truncated, Unroll, make_backward
-from eqloop.implicit import (
+from eqloop.core.backward import IFT, Backward, Phantom, Truncated, Unroll, make_backward
+from eqloop.core.implicit import (
     BACKWARD_MODES,
     ConvergenceWarning,
     FixedPointInfo,
     default_backward_tol,
     fixed_point,
 )
-from eqloop.model import LoopLM, LoopLMConfig
+from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
 
 F64 = torch.float64
 D, B = 5, 3
@@ -400,7 +400,7 @@ def test_lazy_exports() -> None:
         Truncated,
         Unroll,
     )
-    assert eqloop.backward.make_backward is make_backward
+    assert eqloop.core.backward.make_backward is make_backward
     assert eqloop.ConvergenceWarning is ConvergenceWarning
 
 

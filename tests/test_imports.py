@@ -100,8 +100,10 @@ def test_the_graph_reader_sees_cycles_and_deferred_imports() -> None:
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
     graph = import_graph(discover())
-    assert "eqloop.looped" in graph["eqloop.model"]  # absolute from-import
-    assert "solvers.checks" in graph["eqloop.model"]  # "from solvers import checks"
+    assert "eqloop.models.looped" in graph["eqloop.models.looplm.modeling"]  # absolute from-import
+    assert (
+        "solvers.checks" in graph["eqloop.models.looplm.modeling"]
+    )  # "from solvers import checks"
     assert "solvers._result" in graph["solvers._driver"]  # relative import
 
 
@@ -112,15 +114,25 @@ def test_no_import_cycles() -> None:
 
 
 def test_layers_point_one_way() -> None:
-    """solvers <- eqloop.implicit / eqloop.backward <- eqloop.looped <- eqloop.model."""
+    """solvers <- core.implicit / core.backward <- models.looped <- models.looplm.modeling."""
     graph = import_graph(discover())
     assert not any(
         t.startswith("eqloop") for m, ts in graph.items() if m.startswith("solvers") for t in ts
     )
-    assert not graph["eqloop.model"] & {"eqloop.implicit", "eqloop.backward"}
-    assert not graph["eqloop.backward"] & {"eqloop.implicit", "eqloop.looped", "eqloop.model"}
-    assert not graph["eqloop.implicit"] & {"eqloop.looped", "eqloop.model"}
-    assert not graph["eqloop.looped"] & {"eqloop.model"}
+    assert not graph["eqloop.models.looplm.modeling"] & {
+        "eqloop.core.implicit",
+        "eqloop.core.backward",
+    }
+    assert not graph["eqloop.core.backward"] & {
+        "eqloop.core.implicit",
+        "eqloop.models.looped",
+        "eqloop.models.looplm.modeling",
+    }
+    assert not graph["eqloop.core.implicit"] & {
+        "eqloop.models.looped",
+        "eqloop.models.looplm.modeling",
+    }
+    assert not graph["eqloop.models.looped"] & {"eqloop.models.looplm.modeling"}
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -143,10 +155,10 @@ def test_every_module_imports_in_a_fresh_interpreter(package: str) -> None:
 def _is_recipe_or_cli(name: str) -> bool:
     """The entry points: the train and finetune recipes, the tune recipe, every ``cli``."""
     return (
-        name in ("eqloop.train", "eqloop.finetune.train", "eqloop.cli")
+        name in ("eqloop.recipes.train", "eqloop.recipes.finetune.train", "eqloop.cli")
         or name.endswith(".cli")
-        or name == "eqloop.tune"
-        or name.startswith("eqloop.tune.")
+        or name == "eqloop.recipes.tune"
+        or name.startswith("eqloop.recipes.tune.")
     )
 
 
@@ -162,12 +174,12 @@ def test_no_module_imports_a_recipe_or_cli() -> None:
         if _is_recipe_or_cli(target)
     }
     assert not wrong, f"modules importing a recipe or CLI: {sorted(wrong)}"
-    assert "eqloop.train" not in graph["eqloop.finetune.train"]
+    assert "eqloop.recipes.train" not in graph["eqloop.recipes.finetune.train"]
 
 
 def test_no_training_function_is_longer_than_80_lines() -> None:
     # Issue 19: the recipes and the shared training pieces are short named steps.
-    files = [ROOT / "eqloop/train.py", ROOT / "eqloop/finetune/train.py"]
+    files = [ROOT / "eqloop/recipes/train.py", ROOT / "eqloop/recipes/finetune/train.py"]
     files += sorted((ROOT / "eqloop/training").glob("*.py"))
     long = [
         f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"

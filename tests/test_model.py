@@ -1,4 +1,4 @@
-"""Tests for eqloop.model: the looped LM, its fixed-point map and its error messages."""
+"""Tests for eqloop.models.looplm: the looped LM, its fixed-point map and its error messages."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import eqloop.looped
-import eqloop.model
+import eqloop.models.looped
+import eqloop.models.looplm.modeling
 import solvers
-from eqloop.backward import ConvergenceWarning, Phantom
-from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_STOP_MODE, EQUILIBRIUM_TOL
-from eqloop.looped import CoreMap, LoopedLM, LoopInfo
-from eqloop.model import (
+from eqloop.core.backward import ConvergenceWarning, Phantom
+from eqloop.core.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_STOP_MODE, EQUILIBRIUM_TOL
+from eqloop.models.looped import CoreMap, LoopedLM, LoopInfo
+from eqloop.models.looplm.modeling import (
     INIT_STATES,
     INJECTIONS,
     NORM_PLACEMENTS,
@@ -201,7 +201,7 @@ def test_rotary_tables_are_not_rebuilt_per_call(monkeypatch: pytest.MonkeyPatch)
     def fail(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("rotary_tables was called during a forward pass")
 
-    monkeypatch.setattr(eqloop.model, "rotary_tables", fail)
+    monkeypatch.setattr(eqloop.models.looplm.modeling, "rotary_tables", fail)
     torch.testing.assert_close(model(tokens_for(), loops=2), expected, rtol=0, atol=0)
 
 
@@ -436,9 +436,9 @@ def test_equilibrium_mode_calls_fixed_point_with_defaults(monkeypatch: pytest.Mo
         z = z0
         for _ in range(5):
             z = f(z, *args)
-        return z, eqloop.looped.FixedPointInfo("ift", None)
+        return z, eqloop.models.looped.FixedPointInfo("ift", None)
 
-    monkeypatch.setattr(eqloop.looped, "fixed_point", fake_fixed_point)
+    monkeypatch.setattr(eqloop.models.looped, "fixed_point", fake_fixed_point)
     model = LoopLM(tiny_model_config()).eval()
     tokens = tokens_for()
     logits, info = model(tokens, solver="anderson", return_info=True)
@@ -766,7 +766,7 @@ def test_the_protocol_serves_any_looped_model() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_save_pretrained_then_load_gives_identical_logits(tmp_path: Path, dtype: Any) -> None:
     # A LoopLM is saved in the layout of Ouro's and Huginn's checkpoints and loaded by the
-    # same eqloop.pretrained.load.
+    # same eqloop.models.load.
     from eqloop import pretrained
 
     torch.manual_seed(0)

@@ -21,12 +21,12 @@ from torch import Tensor
 
 import eqloop
 import solvers
-from eqloop.backward import IFT, Phantom, Truncated, Unroll
-from eqloop.checkpoint import load_model
+from eqloop.core.backward import IFT, Phantom, Truncated, Unroll
+from eqloop.core.stars import jacobian_eigvals, jsrr_penalty, spectral_radius
 from eqloop.evaluation import equilibrium, evaluate_checkpoint, exact_match, make_test_set
-from eqloop.model import LoopLM, LoopLMConfig
-from eqloop.stars import jacobian_eigvals, jsrr_penalty, spectral_radius
-from eqloop.train import train
+from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
+from eqloop.recipes.train import train
+from eqloop.training.checkpoint import load_model
 from eqloop.training.config import TrainConfig
 
 F64 = torch.float64

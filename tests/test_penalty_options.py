@@ -9,9 +9,9 @@ import torch
 from test_no_injection import contractive_model
 
 import solvers
-from eqloop.model import sdpa_math
-from eqloop.stars import jacobian_eigvals
-from eqloop.train import penalty_point, train_step
+from eqloop.core.stars import jacobian_eigvals
+from eqloop.models.looplm.modeling import sdpa_math
+from eqloop.recipes.train import penalty_point, train_step
 from eqloop.training.config import TrainConfig
 
 TOKENS = torch.randint(3, 19, (4, 6), generator=torch.Generator().manual_seed(2))
@@ -31,7 +31,7 @@ def test_fixed_point_option_solves_from_the_trajectory_state() -> None:
     with torch.no_grad():
         residual = (f(point) - point).flatten(1).norm(dim=1) / f(point).flatten(1).norm(dim=1)
         exact = solvers.solve(f, z0, "anderson", max_iter=100, tol=1e-12).z
-    assert residual.max() < 1e-4  # the equilibrium tolerance of eqloop.defaults
+    assert residual.max() < 1e-4  # the equilibrium tolerance of eqloop.core.defaults
     assert torch.allclose(point, exact, atol=1e-3)
 
 

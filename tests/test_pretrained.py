@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import eqloop
 import solvers
 from eqloop import pretrained
-from eqloop.pretrained import HuginnForCausalLM, OuroForCausalLM
+from eqloop.models import HuginnForCausalLM, OuroForCausalLM
 
 # Grouped-query attention, an explicit head_dim, sliding-window layers, a tied head.
 OURO_VARIANT = dict(
@@ -341,7 +341,7 @@ def test_sliding_window_limits_what_a_query_sees(tmp_path):
 # -------------------------------------------------------------- fixed-point tools
 
 
-@pytest.mark.filterwarnings("ignore::eqloop.implicit.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::eqloop.core.implicit.ConvergenceWarning")
 @pytest.mark.parametrize("name", ["ouro", "huginn"])
 def test_solvers_and_spectral_tools_run_on_the_core(models, name):
     model, ids = models[name], tokens()
@@ -366,7 +366,7 @@ def test_solvers_and_spectral_tools_run_on_the_core(models, name):
         assert torch.allclose(logits, model.readout(res.z), atol=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore::eqloop.implicit.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::eqloop.core.implicit.ConvergenceWarning")
 @pytest.mark.parametrize("name", ["ouro", "huginn"])
 @pytest.mark.parametrize("backward", ["ift", "phantom", "truncated", "unroll"])
 def test_fixed_point_backward_modes_reach_the_parameters(models, name, backward):
@@ -627,7 +627,7 @@ def test_tokenizer_special_ids_come_from_the_tokenizer_files(dirs, tmp_path):
 
 def test_core_import_stays_light():
     code = (
-        "import sys, eqloop, eqloop.pretrained as p; "
+        "import sys, eqloop, eqloop.models as p; "
         "m = p.load(sys.argv[1]); m(__import__('torch').tensor([[5, 6]])); "
         "bad = [n for n in ('transformers', 'tokenizers') if n in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
@@ -656,8 +656,8 @@ def test_direct_construction_and_init(models):
 def test_loops_and_solves_never_read_the_host(model_type):
     # The meta device raises on any host read: the loop, the masks and a solve with
     # check_every=None must run without one.
-    from eqloop.pretrained.config import config_from_dict
-    from eqloop.pretrained.tiny import TINY_DEFAULTS
+    from eqloop.models.config import config_from_dict
+    from eqloop.models.tiny import TINY_DEFAULTS
 
     config = config_from_dict({"model_type": model_type, **TINY_DEFAULTS[model_type]})
     cls = OuroForCausalLM if model_type == "ouro" else HuginnForCausalLM

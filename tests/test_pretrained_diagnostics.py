@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from eqloop import pretrained
-from eqloop.stars import jacobian_eigvals
+from eqloop.core.stars import jacobian_eigvals
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from eqloop import pretrained
-from eqloop.pretrained import generation
-from eqloop.pretrained.generation import adaptive_forward
-from eqloop.pretrained.layers import KVCache
+from eqloop.models import generation
+from eqloop.models.generation import adaptive_forward
+from eqloop.models.layers import KVCache
 
 OURO_VARIANT = dict(
     num_hidden_layers=3,

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 
 from eqloop import pretrained  # noqa: E402
-from eqloop.pretrained.hf import register_auto_classes  # noqa: E402
+from eqloop.models.hf import register_auto_classes  # noqa: E402
 
 FIXTURES = Path("/work/shared/fixtures")
 

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eqloop import pretrained
-from eqloop.pretrained.base import DecodeOptions, PretrainedLoopedLM
-from eqloop.pretrained.generation import GenerationMixin
-from eqloop.pretrained.layers import KVCache
+from eqloop.models.base import DecodeOptions, PretrainedLoopedLM
+from eqloop.models.generation import GenerationMixin
+from eqloop.models.layers import KVCache
 
-PACKAGE = Path(__file__).resolve().parents[1] / "eqloop" / "pretrained"
-SHARED = ("generation.py", "diagnostics.py")
+EQLOOP = Path(__file__).resolve().parents[1] / "eqloop"
+PACKAGE = EQLOOP / "models"
+SHARED = ("models/generation.py", "evaluation/diagnostics.py")
 ARCH_NAMES = {"ouro", "huginn", "huginn_raven", "OuroForCausalLM", "HuginnForCausalLM"}
 
 
@@ -49,13 +50,13 @@ def _architecture_branches(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", SHARED)
 def test_shared_decoding_and_diagnostics_have_no_architecture_branches(name):
-    assert _architecture_branches(PACKAGE / name) == []
+    assert _architecture_branches(EQLOOP / name) == []
 
 
 def test_the_branch_finder_finds_a_branch(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text(
-        "from eqloop.pretrained.ouro import OuroForCausalLM\n"
+        "from eqloop.models.ouro import OuroForCausalLM\n"
         "def f(model):\n"
         "    return isinstance(model, OuroForCausalLM) or model.model_type == 'huginn_raven'\n"
         "def g(data):\n"
@@ -65,7 +66,7 @@ def test_the_branch_finder_finds_a_branch(tmp_path):
     assert sorted(line.split(": ", 1)[1] for line in found) == [
         "compares model_type",
         "compares with an architecture's name",
-        "imports eqloop.pretrained.ouro",
+        "imports eqloop.models.ouro",
         "names OuroForCausalLM",
     ]
 
@@ -164,12 +165,12 @@ def test_each_architecture_lives_in_its_own_folder(arch):
         "modeling.py",
     ]
     config_name, model_name = ARCHITECTURE_PACKAGES[arch]
-    package = importlib.import_module(f"eqloop.pretrained.{arch}")
+    package = importlib.import_module(f"eqloop.models.{arch}")
     config_cls = getattr(package, config_name)
     model_cls = getattr(package, model_name)
-    assert config_cls.__module__ == f"eqloop.pretrained.{arch}.config"
-    assert model_cls.__module__ == f"eqloop.pretrained.{arch}.modeling"
-    # The public names keep working from eqloop.pretrained and its config module.
+    assert config_cls.__module__ == f"eqloop.models.{arch}.config"
+    assert model_cls.__module__ == f"eqloop.models.{arch}.modeling"
+    # The public names keep working from eqloop.models and its config module.
     assert getattr(pretrained, config_name) is config_cls
     assert getattr(pretrained, model_name) is model_cls
     assert pretrained.ARCHITECTURES[config_cls.model_type] is config_cls

@@ -1,6 +1,6 @@
 """Loading and saving pretrained checkpoints: no broken recipe, no lost model, no misread.
 
-One check (``eqloop.pretrained.io.check_checkpoint``) runs on every loading path, the
+One check (``eqloop.models.io.check_checkpoint``) runs on every loading path, the
 direct loader and transformers' ``AutoModelForCausalLM``; a save is all-or-nothing even
 when the process is killed. Every checkpoint here is a tiny random one written by
 ``write_tiny_checkpoint``.
@@ -166,7 +166,7 @@ def test_a_failed_save_keeps_the_old_model_and_the_other_files(root, tmp_path, m
 
 def test_auto_model_is_as_strict_as_load(root, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from eqloop.pretrained.hf import register_auto_classes
+    from eqloop.models.hf import register_auto_classes
 
     register_auto_classes()
     auto = transformers.AutoModelForCausalLM
@@ -280,7 +280,7 @@ def test_eval_pretrained_on_a_truncated_file_is_one_line(root, tmp_path, capsys)
 
 
 def test_layer_count_is_checked_against_the_files_before_building(root, tmp_path, monkeypatch):
-    from eqloop.pretrained.ouro import modeling as ouro
+    from eqloop.models.ouro import modeling as ouro
 
     path = _copy(root / "ouro", tmp_path / "model")
     _edit_json(path / "config.json", num_hidden_layers=10**6)
@@ -298,7 +298,7 @@ def test_layer_count_is_checked_against_the_files_before_building(root, tmp_path
 
 def test_save_refuses_unmerged_lora_and_non_bool_overwrite(root, tmp_path):
     pytest.importorskip("peft")
-    from eqloop.finetune.lora import DEFAULT_TARGETS, attach_lora, merge_lora
+    from eqloop.training.lora import DEFAULT_TARGETS, attach_lora, merge_lora
 
     model = pretrained.load(root / "ouro")
     attach_lora(model, DEFAULT_TARGETS["ouro"], r=2)
@@ -323,8 +323,8 @@ def test_eval_checkpoint_on_a_pretrained_directory_points_to_pretrained(root, ca
 
 
 def test_finetune_with_a_malformed_config_names_it(root, tmp_path, capsys):
-    from eqloop.finetune.data import write_jsonl
-    from eqloop.finetune.problems import make_splits
+    from eqloop.data.problems import make_splits
+    from eqloop.data.qa import write_jsonl
 
     path = _copy(root / "ouro", tmp_path / "model")
     (path / "config.json").write_text('{"model_type": "ouro",')

@@ -15,7 +15,7 @@ import torch
 from helpers import rel_err
 from safetensors.torch import load_file
 
-from eqloop.pretrained import load
+from eqloop.models import load
 
 FIXTURES = Path(os.environ.get("EQLOOP_FIXTURES", "/work/shared/fixtures"))
 OURO = FIXTURES / "ouro-tiny"

@@ -18,7 +18,7 @@ PACKAGES = ("eqloop", "solvers")
 ALLOWED: dict[str, str] = {
     # torch._assert_async: torch's private device-side assert (no public equivalent);
     # looped.py belongs to the evaluation work, not to the pretrained package.
-    "eqloop/looped.py": "calls torch._assert_async (a third-party private function)",
+    "eqloop/models/looped.py": "calls torch._assert_async (a third-party private function)",
 }
 
 

@@ -1,4 +1,4 @@
-"""Tests for eqloop.stars: spectral-radius estimators and the STARS (JSRR) penalty.
+"""Tests for eqloop.core.stars: spectral-radius estimators and the STARS (JSRR) penalty.
 
 References are dense: per-sample Jacobians from ``torch.func.jacrev`` and
 ``torch.linalg.eigvals``, or closed forms for linear maps ``f(z) = z A^T``.
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from helpers import rel_err_per_sample
 from torch import Tensor, nn
 
-from eqloop.stars import (
+from eqloop.core.stars import (
     METHODS,
     PRODUCTS,
     JSRRResult,

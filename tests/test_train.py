@@ -1,4 +1,4 @@
-"""Tests for eqloop.train: a tiny run, exact resume, bad input, DDP, penalty overhead."""
+"""Tests for eqloop.recipes.train: a tiny run, exact resume, bad input, DDP, penalty overhead."""
 
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ from helpers import (
 from ranks import run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
-from eqloop.checkpoint import CheckpointError, load_checkpoint
-from eqloop.train import (
+from eqloop.recipes.train import (
     NonFiniteLoss,
     TrainingInterrupted,
     batch_rows,
@@ -37,6 +36,7 @@ from eqloop.train import (
     train,
     train_step,
 )
+from eqloop.training.checkpoint import CheckpointError, load_checkpoint
 from eqloop.training.config import TrainConfig, load_config
 from eqloop.training.step_stats import PendingSteps
 
@@ -451,8 +451,8 @@ def test_step_statistics_are_read_every_log_every_steps_with_the_same_values(
 
 def _one_step_args(config: TrainConfig) -> tuple[Any, ...]:
     """Model, optimizer and a batch for one train_step call (3 loops)."""
-    from eqloop.model import LoopLM
-    from eqloop.train import make_train_tensors
+    from eqloop.models.looplm.modeling import LoopLM
+    from eqloop.recipes.train import make_train_tensors
     from eqloop.training.optim import make_optimizer
 
     torch.manual_seed(0)
@@ -492,16 +492,16 @@ def test_compiled_training_equals_eager(
     # Issue 22 row 7: compile=True (eqloop train --compile) runs the model's step compiled;
     # the CE and STARS steps (the penalty on the eager step) give the eager results.
     # aot_eager checks the plumbing in seconds; inductor (slow) is the real compiler.
-    import eqloop.compiling
-    import eqloop.train
+    import eqloop.core.compiling
+    import eqloop.recipes.train
 
     compiled: list[object] = []
 
     def compile_with(model: Any) -> Any:
         compiled.append(model)
-        return eqloop.compiling.compile_model(model, backend=backend)
+        return eqloop.core.compiling.compile_model(model, backend=backend)
 
-    monkeypatch.setattr(eqloop.train, "compile_model", compile_with)
+    monkeypatch.setattr(eqloop.recipes.train, "compile_model", compile_with)
     config = tiny_train_config(
         tmp_path, data_cache, steps=4, eval_every=0, penalty_start=2, log_every=2
     )
@@ -534,7 +534,7 @@ def test_compile_flags_of_train_and_eval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Issue 22 row 7: eqloop train/finetune --compile (shared flags) and eqloop eval --compile.
-    import eqloop.compiling
+    import eqloop.core.compiling
     import eqloop.evaluation.accuracy
     from eqloop.cli import main
 
@@ -550,7 +550,7 @@ def test_compile_flags_of_train_and_eval(
 
     def compile_with(model: Any) -> Any:
         compiled.append(model)
-        return eqloop.compiling.compile_model(model, backend="aot_eager")
+        return eqloop.core.compiling.compile_model(model, backend="aot_eager")
 
     monkeypatch.setattr(eqloop.evaluation.accuracy, "compile_model", compile_with)
     results = []
@@ -627,8 +627,8 @@ def _ddp_gradient_is_the_mean(rank: int, world: int, config: TrainConfig) -> boo
 
     A function of its own: its DDP wrapper dies when it returns, before the group does.
     """
-    from eqloop.model import LoopLM
-    from eqloop.train import make_train_tensors
+    from eqloop.models.looplm.modeling import LoopLM
+    from eqloop.recipes.train import make_train_tensors
     from eqloop.training.optim import make_optimizer
 
     torch.manual_seed(0)
@@ -672,7 +672,7 @@ def _failed_runs_leave(config: TrainConfig) -> dict[str, Any]:
     traceback of its error (NonFiniteLoss with lr=1e10; an error inside the step, where
     the wrapper is passed down) must not keep it.
     """
-    import eqloop.train
+    import eqloop.recipes.train
 
     diverging = dataclasses.replace(
         config, out_dir=f"{config.out_dir}-nan", lr=1e10, warmup_steps=1, steps=3, eval_every=0
@@ -686,7 +686,7 @@ def _failed_runs_leave(config: TrainConfig) -> dict[str, Any]:
     def broken(*args: Any) -> Any:
         raise RuntimeError("a collective timed out")
 
-    eqloop.train._forward = broken
+    eqloop.recipes.train._forward = broken
     try:
         train(dataclasses.replace(diverging, out_dir=f"{config.out_dir}-broken"))
     except RuntimeError as err:

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from helpers import read_jsonl, same_weights, tiny_train_config
 
-from eqloop.backward import ConvergenceWarning
-from eqloop.checkpoint import load_checkpoint
-from eqloop.train import train
+from eqloop.core.backward import ConvergenceWarning
+from eqloop.recipes.train import train
+from eqloop.training.checkpoint import load_checkpoint
 from eqloop.training.config import SolveConfig, TrainConfig, load_config
 
 SOLVE = {"solver": "anderson", "tol": 1e-3, "max_iter": 12}

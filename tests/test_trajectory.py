@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from eqloop.checkpoint import save_checkpoint
 from eqloop.evaluation import (
     checkpoint_pca,
     hidden_trajectory,
@@ -16,7 +15,8 @@ from eqloop.evaluation import (
     plot_trajectories,
     trajectory_pca,
 )
-from eqloop.model import LoopLM, LoopLMConfig
+from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
+from eqloop.training.checkpoint import save_checkpoint
 from eqloop.training.config import TrainConfig
 
 MODEL = dict(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=8, injection="none")

@@ -1,5 +1,5 @@
 """Optuna studies over training runs: reports, resuming, workers sharing a study, killed
-workers, pruning and input checks (``eqloop.tune``).
+workers, pruning and input checks (``eqloop.recipes.tune``).
 
 Trials are tiny real training runs (a 16-wide model, a dozen steps) except where a fake
 training function makes the objective depend on ``lam`` in a known way (pruning).
@@ -27,9 +27,8 @@ pytest.importorskip("pandas")
 
 from optuna.trial import TrialState  # noqa: E402
 
-from eqloop.train import train  # noqa: E402
-from eqloop.training.config import TrainConfig  # noqa: E402
-from eqloop.tune import (  # noqa: E402
+from eqloop.recipes.train import train  # noqa: E402
+from eqloop.recipes.tune import (  # noqa: E402
     TuneConfig,
     load_study,
     main,
@@ -37,6 +36,7 @@ from eqloop.tune import (  # noqa: E402
     pruning_savings,
     run_study,
 )
+from eqloop.training.config import TrainConfig  # noqa: E402
 
 TINY_MODEL = {"d_model": 16, "n_heads": 2, "d_ff": 32}
 
@@ -278,8 +278,8 @@ def test_trial_started_past_the_budget_is_failed_as_surplus(
 ) -> None:
     """The race the budget callback cannot close: two workers' trials fill the budget
     while a third worker, which saw a free place, starts one more."""
-    from eqloop.tune.objective import Objective
-    from eqloop.tune.study import failures
+    from eqloop.recipes.tune.objective import Objective
+    from eqloop.recipes.tune.study import failures
 
     config = tiny_tune_config(tmp_path, data_cache, n_trials=2)
     study, _, base = load_study(config)
@@ -427,7 +427,7 @@ t = 3
 def test_tune_config_from_toml_equals_the_same_from_json(tmp_path: Path) -> None:
     import tomllib
 
-    from eqloop.tune import load_tune_config
+    from eqloop.recipes.tune import load_tune_config
 
     data = tomllib.loads(TUNE_TOML)
     (tmp_path / "tune.toml").write_text(TUNE_TOML)
@@ -452,8 +452,8 @@ def test_tune_config_from_toml_equals_the_same_from_json(tmp_path: Path) -> None
 
 
 def test_set_on_a_nested_base_key_merges_like_train(tmp_path: Path) -> None:
+    from eqloop.recipes.tune import load_tune_config
     from eqloop.training.config import load_config
-    from eqloop.tune import load_tune_config
 
     sets = ["depth.mu=2.5", "model.d_model=48", "lr=0.002", "betas=0.9,0.95"]
     tune = load_tune_config(None, [f"base.{item}" for item in sets] + ["loops=2,4"])
@@ -474,7 +474,7 @@ def test_set_on_a_nested_base_key_merges_like_train(tmp_path: Path) -> None:
 
 
 def test_unknown_tune_keys_are_rejected_naming_the_key(tmp_path: Path) -> None:
-    from eqloop.tune import load_tune_config
+    from eqloop.recipes.tune import load_tune_config
 
     (tmp_path / "tune.toml").write_text("n_trial = 3\n")
     with pytest.raises(ValueError, match=r"unknown TuneConfig keys in .*tune.toml: \['n_trial'\]"):

@@ -34,7 +34,7 @@ optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
 from test_tune import finish, retried_from, tiny_base, wait_for, worker  # noqa: E402
 
-from eqloop.tune.storage import parse as parse_storage  # noqa: E402
+from eqloop.recipes.tune.storage import parse as parse_storage  # noqa: E402
 
 URL_VARIABLE = "EQLOOP_TEST_POSTGRES_URL"
 HOW_TO_RUN = (

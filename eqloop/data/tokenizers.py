@@ -192,7 +192,7 @@ def load_tokenizer(path: str | os.PathLike[str], *, padding_side: str = "left") 
             ``tokenizer_config.json`` / ``special_tokens_map.json`` naming the special
             tokens). Without a pad token the end-of-sequence token pads (the usual
             choice for decoder-only models).
-        padding_side: ``"left"`` (default: what :func:`eqloop.pretrained.generate`
+        padding_side: ``"left"`` (default: what :func:`eqloop.models.generate`
             needs for batched prompts) or ``"right"``.
 
     Returns:

@@ -1,7 +1,7 @@
 """Evaluation of looped LMs: accuracy as the loops grow, dynamics, trajectories, reports.
 
 One path for eqloop's LoopLM, Ouro and Huginn (anything implementing
-:class:`eqloop.looped.LoopedLM`). Modules, from the bottom up:
+:class:`eqloop.models.looped.LoopedLM`). Modules, from the bottom up:
 
 * ``predictors``: :class:`Predictor`, one way of running a model: :func:`unrolled`,
   :func:`early_exit` or :func:`equilibrium` (``model(tokens, solver=..., ...)``);
@@ -13,7 +13,9 @@ One path for eqloop's LoopLM, Ouro and Huginn (anything implementing
   (``eqloop eval``) and :func:`accuracy_vs_loops` (``eqloop finetune``);
 * ``trajectory``: hidden-state trajectories projected on principal components;
 * ``report``: :func:`format_table` (every table eqloop prints), :func:`format_result`,
-  :func:`plot_results`.
+  :func:`plot_results`;
+* ``diagnostics``: per-loop diagnostics of a pretrained looped LM (Ouro, Huginn);
+* ``harness``: the lm-evaluation-harness model ``eqloop`` and ``eqloop-lm-eval``.
 
 Names are imported lazily, so that importing the package stays cheap.
 """

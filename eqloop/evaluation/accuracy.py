@@ -25,17 +25,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from eqloop.checkpoint import load_model
-from eqloop.compiling import compile_model
+from eqloop.core.compiling import compile_model
+from eqloop.core.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_SOLVER, EQUILIBRIUM_TOL
+from eqloop.data.qa import Example, PromptTemplate
 from eqloop.data.tokenizers import TextTokenizer
-from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_SOLVER, EQUILIBRIUM_TOL
 from eqloop.evaluation import predictors
 from eqloop.evaluation.decoding import check_decode
 from eqloop.evaluation.dynamics import equilibrium_diagnostics, loop_diagnostics
 from eqloop.evaluation.predictors import check_solve_options, unrolled
 from eqloop.evaluation.scoring import EvalSet, answers_correct, exact_match, make_test_set
-from eqloop.finetune.data import Example, PromptTemplate
-from eqloop.looped import LoopedLM
+from eqloop.models.looped import LoopedLM
+from eqloop.training.checkpoint import load_model
 from eqloop.training.config import TrainConfig, check_device
 from solvers import checks
 
@@ -100,7 +100,7 @@ def evaluate_model(
         loops: loop counts to evaluate (diagnostics skip a loop count of 0).
         solver: also solve the core to equilibrium with this solver (e.g. ``"anderson"``).
         solver_options: ``max_iter``, ``tol``, ``stop_mode`` (defaults in
-            :mod:`eqloop.defaults`), ``start_loops`` (loops before the solver starts,
+            :mod:`eqloop.core.defaults`), ``start_loops`` (loops before the solver starts,
             default 0), ``compact`` and solver hyperparameters (see
             :func:`eqloop.evaluation.equilibrium`).
         decode: ``"greedy"`` or ``"forced"`` (identical verdicts for unrolled loops).
@@ -223,7 +223,7 @@ def evaluate_checkpoint(
     Raises:
         ValueError, TypeError: bad settings or an unusable device (before the checkpoint
             is read).
-        eqloop.checkpoint.CheckpointError: missing or corrupted checkpoint.
+        eqloop.training.checkpoint.CheckpointError: missing or corrupted checkpoint.
     """
     options = {"max_iter": EQUILIBRIUM_MAX_ITER, "tol": EQUILIBRIUM_TOL, **(solver_options or {})}
     check_options(loops, solver, options, decode, diagnostic_samples, rho_iters, batch_size)

@@ -216,7 +216,7 @@ def cached_generate(
     """Greedy decoding with a pretrained model's KV cache (``model.generate``), prompts
     left-padded in batches; ``stage_options`` (e.g. Huginn's ``init_scale``) go to
     ``generate``. Returns the new token ids of every prompt (``eos_id`` cut off)."""
-    from eqloop.pretrained import generate
+    from eqloop.models import generate
 
     device = model_device(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -246,9 +246,9 @@ def cached_generate(
 
 
 def _has_kv_cache(model: nn.Module) -> bool:
-    """Whether ``model`` is an Ouro/Huginn model of :mod:`eqloop.pretrained` (cached decoding)."""
+    """Whether ``model`` is an Ouro/Huginn model of :mod:`eqloop.models` (cached decoding)."""
     try:
-        from eqloop.pretrained.base import PretrainedLoopedLM
+        from eqloop.models.base import PretrainedLoopedLM
     except ImportError:
         return False
     return isinstance(model, PretrainedLoopedLM)

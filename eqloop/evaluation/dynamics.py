@@ -8,7 +8,7 @@
   below 1 (``z*`` is then locally attracting) with the distribution of ``rho``.
 
 Norms are taken per sequence over the whole ``(S, d)`` state; the reports hold their
-mean or :func:`quantiles`. Both work on any :class:`eqloop.looped.LoopedLM`.
+mean or :func:`quantiles`. Both work on any :class:`eqloop.models.looped.LoopedLM`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_STOP_MODE, EQUILIBRIUM_TOL
+from eqloop.core.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_STOP_MODE, EQUILIBRIUM_TOL
+from eqloop.core.stars import spectral_radius
 from eqloop.evaluation.predictors import equilibrium
-from eqloop.looped import LoopedLM
-from eqloop.stars import spectral_radius
+from eqloop.models.looped import LoopedLM
 from solvers import checks
 
 __all__ = ["equilibrium_diagnostics", "loop_diagnostics", "quantiles"]
@@ -60,7 +60,7 @@ def loop_diagnostics(
         model: the looped LM (put it in eval mode).
         inputs: (B, S) token ids.
         loops: loop counts >= 1 at which to record.
-        rho_method, rho_iters: passed to :func:`eqloop.stars.spectral_radius`.
+        rho_method, rho_iters: passed to :func:`eqloop.core.stars.spectral_radius`.
         generator: random start vectors of the power iteration.
         on_record: called with each loop count once its record is made (progress bars).
 
@@ -120,7 +120,7 @@ def equilibrium_diagnostics(
         solver: a name from ``solvers.available()``.
         max_iter, tol, stop_mode, start_loops, **solver_options: see
             :func:`eqloop.evaluation.equilibrium`.
-        rho_method, rho_iters, generator: for :func:`eqloop.stars.spectral_radius`.
+        rho_method, rho_iters, generator: for :func:`eqloop.core.stars.spectral_radius`.
 
     Returns:
         ``status`` (readable solver status), ``converged`` (share), ``nstep`` and

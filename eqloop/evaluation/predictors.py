@@ -1,7 +1,7 @@
 """Predictors: the ways of running a looped LM that evaluation scores.
 
 A :class:`Predictor` maps token ids (B, S) to logits (B, S, V) through the model's own
-``forward`` (:class:`eqloop.looped.LoopedLM`), so one predictor serves eqloop's LoopLM,
+``forward`` (:class:`eqloop.models.looped.LoopedLM`), so one predictor serves eqloop's LoopLM,
 Ouro and Huginn alike:
 
 * :func:`unrolled`: ``model(tokens, loops=T)``;
@@ -24,9 +24,9 @@ import torch
 from torch import Tensor, nn
 
 import solvers
-from eqloop.backward import ConvergenceWarning
-from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_STOP_MODE, EQUILIBRIUM_TOL
-from eqloop.looped import LoopedLM, LoopInfo
+from eqloop.core.backward import ConvergenceWarning
+from eqloop.core.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_STOP_MODE, EQUILIBRIUM_TOL
+from eqloop.models.looped import LoopedLM, LoopInfo
 from solvers import checks
 
 __all__ = [
@@ -73,7 +73,7 @@ class Predictor:
 
     def run(self, tokens: Tensor) -> tuple[Tensor, LoopInfo]:
         """(B, S) token ids -> ``(logits, info)``: (B, S, V) logits and the model's
-        :class:`~eqloop.looped.LoopInfo` (final state, map, the solve's result)."""
+        :class:`~eqloop.models.looped.LoopInfo` (final state, map, the solve's result)."""
         if self.solver is None:
             return self.model(
                 tokens,
@@ -128,7 +128,7 @@ def check_solve_options(solver: Any, options: Mapping[str, Any]) -> dict[str, An
 
     Args:
         solver: a registered solver name.
-        options: ``max_iter``, ``tol``, ``stop_mode`` (defaults in :mod:`eqloop.defaults`),
+        options: ``max_iter``, ``tol``, ``stop_mode`` (defaults in :mod:`eqloop.core.defaults`),
             ``start_loops`` (loops run before the solver starts, default 0: without input
             injection the start selects which fixed point the solver finds), ``solvers``
             driver options (e.g. ``compact``) and the solver's hyperparameters.

@@ -4,7 +4,7 @@
   answer tokens; a sequence is right when every answer token and ``<eos>`` is
   (:func:`correct_answers`, :func:`exact_match`).
 * Free-text answers (GSM8K-style word problems): :func:`answers_correct` compares the
-  number the model gives (:func:`eqloop.finetune.data.extract_answer`: after ``####``,
+  number the model gives (:func:`eqloop.data.qa.extract_answer`: after ``####``,
   else the last number) with the reference; with ``decode="forced"`` the completion's
   tokens are checked teacher-forced instead.
 
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from eqloop.data import IGNORE_INDEX, CharTokenizer, Examples, eval_prompts
+from eqloop.data.qa import Example, PromptTemplate, encode_examples, extract_answer
 from eqloop.data.tokenizers import TextTokenizer
 from eqloop.evaluation.decoding import (
     PredictFn,
@@ -30,7 +31,6 @@ from eqloop.evaluation.decoding import (
     greedy_generate,
 )
 from eqloop.evaluation.predictors import Predictor, model_device
-from eqloop.finetune.data import Example, PromptTemplate, encode_examples, extract_answer
 from eqloop.training.config import TrainConfig
 
 __all__ = [

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eqloop.looped import LoopedLM
+from eqloop.models.looped import LoopedLM
 from eqloop.plotting import pyplot, style_axis
 from solvers import checks
 
@@ -174,11 +174,11 @@ def checkpoint_pca(
         device: where to run.
 
     Raises:
-        eqloop.checkpoint.CheckpointError: missing or corrupted checkpoint.
+        eqloop.training.checkpoint.CheckpointError: missing or corrupted checkpoint.
         ValueError: bad ``problems``, ``loops`` or ``first_loop``, or a diverged trajectory.
     """
-    from eqloop.checkpoint import load_model
     from eqloop.evaluation.scoring import make_test_set
+    from eqloop.training.checkpoint import load_model
     from eqloop.training.config import TrainConfig
 
     problems = checks.integer("problems", problems, low=1)
@@ -201,7 +201,7 @@ def plot_checkpoint_trajectories(
 
     Panels are titled ``<run>/<step>``. Returns the projections by title.
     """
-    from eqloop.checkpoint import resolve_checkpoint
+    from eqloop.training.checkpoint import resolve_checkpoint
 
     panels = {}
     for path in paths:

@@ -1,7 +1,7 @@
 """Pieces shared by every training recipe of eqloop (``eqloop train`` and ``eqloop finetune``).
 
-The recipes (:mod:`eqloop.train`, :mod:`eqloop.finetune.train`) build the model, data and
-objective; everything a run does the same way lives here:
+The recipes (:mod:`eqloop.recipes.train`, :mod:`eqloop.recipes.finetune.train`) build the
+model, data and objective; everything a run does the same way lives here:
 
 * ``loop``: the step loop (:class:`~eqloop.training.loop.TrainingLoop`): reading the step
   statistics, evaluation and checkpoint cadence, callbacks, SIGINT/SIGTERM;

@@ -35,10 +35,10 @@ from eqloop.config import (
 from solvers import checks
 
 if TYPE_CHECKING:
-    from eqloop.backward import Backward
+    from eqloop.core.backward import Backward
     from eqloop.data import Examples
-    from eqloop.depth import DepthSampler
-    from eqloop.model import LoopLMConfig
+    from eqloop.models.looplm.modeling import LoopLMConfig
+    from eqloop.training.depth import DepthSampler
 
 __all__ = [
     "PENALTY_POINTS",
@@ -125,14 +125,14 @@ def check_backward(
         options: its ``backward_options`` (a dict of the mode's fields).
         solve: the ``solve`` section: None or a :class:`SolveConfig`; with it, the
             backward must take its gradient at the solver's point (:data:`SOLVE_BACKWARDS`).
-        modes: the names the config accepts (default: every mode of ``eqloop.backward``).
+        modes: the names the config accepts (default: every mode of ``eqloop.core.backward``).
 
     Raises:
         TypeError: ``solve`` or ``options`` of the wrong type, or an option the mode lacks.
         ValueError: an unknown mode, a bad ``solve`` field, a backward that cannot follow a
             solve, or a bad option value.
     """
-    from eqloop.backward import BACKWARD_MODES, make_backward
+    from eqloop.core.backward import BACKWARD_MODES, make_backward
 
     checks.choice("backward", backward, modes or BACKWARD_MODES)
     if solve is not None:
@@ -164,7 +164,7 @@ def _default_model() -> LoopLMConfig:
     (The paper's addition model is one d=512, 8-head, FFN-1024 block.) ``init_std=0.1``
     instead of 0.02 shortens the initial loss plateau of such a narrow model severalfold.
     """
-    from eqloop.model import LoopLMConfig
+    from eqloop.models.looplm.modeling import LoopLMConfig
 
     return LoopLMConfig(
         vocab_size=19,
@@ -185,14 +185,14 @@ def _default_depth() -> dict[str, Any]:
 
 def _model_type_names() -> dict[str, Any]:
     """The names TrainConfig's type hints use that this module imports lazily."""
-    from eqloop.model import LoopLMConfig
+    from eqloop.models.looplm.modeling import LoopLMConfig
 
     return {"LoopLMConfig": LoopLMConfig}
 
 
 @dataclass
 class TrainConfig(ConfigBase, type_names=_model_type_names):
-    """Everything that defines a training run (see ``eqloop.train``)."""
+    """Everything that defines a training run (see ``eqloop.recipes.train``)."""
 
     # -- model and data ------------------------------------------------------------------
     model: LoopLMConfig = field(default_factory=_default_model)  # vocab >= 19 for arithmetic
@@ -273,9 +273,9 @@ class TrainConfig(ConfigBase, type_names=_model_type_names):
             TypeError: a field of the wrong type (the message names it).
             ValueError: a value out of range, an unknown choice or conflicting fields.
         """
+        from eqloop.core.stars import PRODUCTS
         from eqloop.data import TASKS
-        from eqloop.model import LoopLMConfig
-        from eqloop.stars import PRODUCTS
+        from eqloop.models.looplm.modeling import LoopLMConfig
 
         if not isinstance(self.model, LoopLMConfig):
             raise TypeError(f"model must be a LoopLMConfig or a dict, got {self.model!r}")
@@ -347,14 +347,14 @@ class TrainConfig(ConfigBase, type_names=_model_type_names):
         check_backward(self.backward, self.backward_options, self.solve)
 
     def make_backward(self) -> Backward:
-        """The backward mode object (``eqloop.backward``) of ``backward`` and its options."""
-        from eqloop.backward import make_backward
+        """The backward mode object (``eqloop.core.backward``) of ``backward`` and its options."""
+        from eqloop.core.backward import make_backward
 
         return make_backward(self.backward, **self.backward_options)
 
     def make_sampler(self) -> DepthSampler:
         """A fresh depth sampler (seeded with ``seed``) from the ``depth`` dict."""
-        from eqloop.depth import make_depth_sampler
+        from eqloop.training.depth import make_depth_sampler
 
         params = {k: v for k, v in self.depth.items() if k != "kind"}
         return make_depth_sampler(self.depth["kind"], seed=self.seed, **params)

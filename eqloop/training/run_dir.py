@@ -42,14 +42,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from eqloop.checkpoint import (
+from eqloop.files import write_json_atomic, write_text_atomic
+from eqloop.training.checkpoint import (
     Checkpoint,
     latest_checkpoint,
     load_checkpoint,
     remove_staging,
     run_files,
 )
-from eqloop.files import write_json_atomic, write_text_atomic
 
 __all__ = [
     "MetricsLog",
@@ -422,7 +422,7 @@ def plan_run_dir(
             ``init_from``, it holds another run and neither ``resume`` nor ``overwrite``
             is set, the run it holds differs from ``config`` in a field outside
             ``may_change``, or its ``metrics.jsonl`` is damaged other than in its last line.
-        eqloop.checkpoint.CheckpointError: the checkpoint to resume from is damaged.
+        eqloop.training.checkpoint.CheckpointError: the checkpoint to resume from is damaged.
     """
     out_dir = Path(config["out_dir"])
     _check_writable(out_dir)

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from eqloop.backward import ConvergenceWarning
+from eqloop.core.backward import ConvergenceWarning
 
 if TYPE_CHECKING:
-    from eqloop.backward import Backward
-    from eqloop.looped import LoopInfo
+    from eqloop.core.backward import Backward
+    from eqloop.models.looped import LoopInfo
     from eqloop.training.config import SolveConfig
 
 __all__ = [
@@ -49,7 +49,7 @@ def solve_forward(
     takes its gradient at the point the solver returned.
 
     Args:
-        net: a looped LM (:class:`eqloop.looped.LoopedLM`), or a DDP wrapper of one.
+        net: a looped LM (:class:`eqloop.models.looped.LoopedLM`), or a DDP wrapper of one.
         inputs: (B, S) token ids.
         solve: the solve's settings.
         backward: the backward mode (``IFT`` or ``Phantom``).

@@ -1,7 +1,8 @@
 """The cost of the STARS penalty: median step time with and without it, measured alike.
 
-Shared by ``eqloop.train.penalty_overhead`` and ``eqloop.finetune.train.step_time_ratio``;
-the recipes pass a function that runs one of their steps.
+Shared by ``eqloop.recipes.train.penalty_overhead`` and
+``eqloop.recipes.finetune.train.step_time_ratio``; the recipes pass a function that runs
+one of their steps.
 """
 
 from __future__ import annotations

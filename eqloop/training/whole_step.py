@@ -1,6 +1,6 @@
 """The training loss at a fixed loop count, compiled whole: :class:`WholeStep`.
 
-:func:`eqloop.compiling.compile_model` compiles the per-loop step so that any number of
+:func:`eqloop.core.compiling.compile_model` compiles the per-loop step so that any number of
 loop counts share its graphs. At a fixed depth the whole unrolled forward, the
 cross-entropy and the forward-mode STARS penalty compile as one graph per loop count
 instead, which is what ``eqloop train --compile`` uses there (see docs/compiling.md).
@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from eqloop import compiling
-from eqloop.model import LoopLM
-from eqloop.stars import jsrr_penalty, random_unit
+from eqloop.core import compiling
+from eqloop.core.stars import jsrr_penalty, random_unit
+from eqloop.models.looplm.modeling import LoopLM
 
 if TYPE_CHECKING:  # config imports the models' configs only; kept out of the import graph
     from eqloop.training.config import TrainConfig
@@ -40,7 +40,7 @@ class WholeStep:
     (and per penalty on/off), for at most ``max_counts`` loop counts; :meth:`covers` says
     whether a step can run here (the caller runs its ordinary path otherwise).
 
-    The loss is the one :func:`eqloop.train.train_step` computes with ``backward="unroll"``:
+    The loss is the one :func:`eqloop.recipes.train.train_step` computes with ``backward="unroll"``:
     ``CE`` (targets -100 ignored), and with the penalty ``(1 - lam) * CE + lam * P`` where
     ``P`` is the jvp penalty at the detached final state from a random unit vector drawn
     (eagerly) from the caller's generator, as the eager penalty draws it.
@@ -56,9 +56,9 @@ class WholeStep:
         max_counts: most loop counts compiled; None: torch's recompile limit
             (``torch._dynamo.config.recompile_limit``), past which torch would stop
             compiling the function.
-        **compile_kwargs: passed to :func:`eqloop.compiling.compile_function` (``fullgraph=True``
-            and ``dynamic=False`` unless given: a static loop count per graph; under inductor
-            without a ``mode``, ``options`` gets ``max_autotune=True`` unless it says
+        **compile_kwargs: passed to :func:`eqloop.core.compiling.compile_function`
+            (``fullgraph=True`` and ``dynamic=False`` unless given: a static loop count per
+            graph; under inductor without a ``mode``, ``options`` gets ``max_autotune=True`` unless it says
             otherwise).
     """
 

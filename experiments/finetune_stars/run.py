@@ -5,7 +5,7 @@ accuracy drops 20.47 points from its peak by 8 loops, after STARS 8.26 points, w
 peak 4.01 points higher. This script runs the same pattern on a model small enough for a
 CPU, per seed:
 
-1. **pre-train** a random-initialised Ouro-architecture model (``eqloop.pretrained``'s
+1. **pre-train** a random-initialised Ouro-architecture model (``eqloop.models``'s
    tiny-checkpoint writer with a larger config: no input injection, every layer looped,
    the final norm inside the loop, an exit gate) from scratch with a fixed 4 loops on
    n-digit addition (answers least-significant digit first, ``eqloop.data``), until its
@@ -61,12 +61,12 @@ from benchmarks.common import (
 )
 from eqloop import pretrained
 from eqloop.data import make_arithmetic_dataset
+from eqloop.data.qa import PromptTemplate, encode_examples, load_jsonl, write_jsonl
 from eqloop.evaluation import accuracy_vs_loops
-from eqloop.finetune.config import FinetuneConfig
-from eqloop.finetune.data import PromptTemplate, encode_examples, load_jsonl, write_jsonl
-from eqloop.finetune.models import load_for_finetuning
-from eqloop.finetune.train import MODEL_DIR, finetune, step_time_ratio
+from eqloop.models.auto import load_for_finetuning
 from eqloop.plotting import pyplot, style_axis
+from eqloop.recipes.finetune.config import FinetuneConfig
+from eqloop.recipes.finetune.train import MODEL_DIR, finetune, step_time_ratio
 
 PROG = "experiments/finetune_stars/run.py"  # the script in usage and error lines
 
@@ -409,7 +409,7 @@ def memory_estimate(path: str, tokens: int = 64) -> dict[str, Any]:
     map with its double-backward graph). Weights, gradients and AdamW states follow from
     the parameter count.
     """
-    from eqloop.finetune.train import Objective
+    from eqloop.recipes.finetune.train import Objective
 
     c = OURO_14B
     layer = pretrained.write_tiny_checkpoint(

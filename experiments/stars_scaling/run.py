@@ -93,13 +93,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from benchmarks.common import format_table, machine_info, print_written
-from eqloop.checkpoint import (
-    CHECKPOINT_DIR,
-    latest_checkpoint,
-    load_checkpoint,
-    load_model,
-    step_dir_name,
-)
 from eqloop.data import make_arithmetic_dataset
 from eqloop.evaluation import (
     checkpoint_pca,
@@ -113,7 +106,14 @@ from eqloop.evaluation import (
 )
 from eqloop.files import write_json_atomic
 from eqloop.plotting import pyplot, style_axis
-from eqloop.train import check_resumable, penalty_overhead, train
+from eqloop.recipes.train import check_resumable, penalty_overhead, train
+from eqloop.training.checkpoint import (
+    CHECKPOINT_DIR,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    step_dir_name,
+)
 from eqloop.training.config import TrainConfig, apply_overrides
 
 PROG = "experiments/stars_scaling/run.py"  # the script in usage and error lines

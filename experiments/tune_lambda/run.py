@@ -7,7 +7,7 @@ the seed whose baseline is slowest to recover under random loops, and given a sh
 budget (``--steps``, default 500 instead of the benchmark's 4000). The objective is the
 mean exact match at 4, 8, ..., 128 loops.
 
-Every lam in ``--lams`` is trained ``--repeats`` times; eqloop.tune gives trial ``n`` the
+Every lam in ``--lams`` is trained ``--repeats`` times; eqloop.recipes.tune gives trial ``n`` the
 training seed ``n`` (data order, loop-count draws, penalty directions), so the trials at
 one lam differ only in that seed. All trials are queued up front (the design is a grid:
 no sampler decides anything) and no trial is pruned (a pruned trial would leave its lam
@@ -48,13 +48,13 @@ import torch
 from optuna.trial import TrialState
 
 from benchmarks.common import format_table, machine_info, print_written
-from eqloop.checkpoint import CHECKPOINT_DIR, step_dir_name
 from eqloop.files import write_json_atomic
 from eqloop.plotting import pyplot, style_axis
-from eqloop.train import train
+from eqloop.recipes.train import train
+from eqloop.recipes.tune import TuneConfig, load_study, run_study
+from eqloop.recipes.tune.storage import connect
+from eqloop.training.checkpoint import CHECKPOINT_DIR, step_dir_name
 from eqloop.training.config import TrainConfig
-from eqloop.tune import TuneConfig, load_study, run_study
-from eqloop.tune.storage import connect
 from experiments.stars_scaling.run import FINETUNE, RANDOM, RECIPE, WARM_STEPS, config_dict
 
 PROG = "experiments/tune_lambda/run.py"  # the script in usage and error lines

@@ -1,0 +1,55 @@
+"""Fine-tuning of pretrained looped LMs with SFT or STARS (``eqloop finetune``).
+
+Modules, each small:
+
+* ``config``: :class:`FinetuneConfig` (one dataclass, JSON/TOML, ``--set`` overrides);
+* ``data``: GSM8K and prompt/completion JSONL, the prompt template, answer extraction;
+* ``problems``: offline grade-school word problems with known answers;
+* ``models``: loading a pretrained or eqloop directory, saving in its own layout;
+* ``lora``: peft adapters on named modules, merged back exactly;
+* ``train``: the fine-tuning loop (SFT / STARS, DDP / FSDP, resumable);
+* ``harness``: the ``eqloop`` model class for lm-evaluation-harness, ``eqloop-lm-eval``;
+* ``cli``: the ``eqloop finetune`` subcommand.
+
+Names are imported lazily so that ``import eqloop.recipes.finetune`` does not load torch or peft.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "FinetuneConfig": "eqloop.recipes.finetune.config",
+    "LoraOptions": "eqloop.recipes.finetune.config",
+    "load_finetune_config": "eqloop.recipes.finetune.config",
+    "Example": "eqloop.data.qa",
+    "PromptTemplate": "eqloop.data.qa",
+    "extract_answer": "eqloop.data.qa",
+    "load_jsonl": "eqloop.data.qa",
+    "write_jsonl": "eqloop.data.qa",
+    "make_problems": "eqloop.data.problems",
+    "make_splits": "eqloop.data.problems",
+    "as_text_tokenizer": "eqloop.data.tokenizers",
+    "load_for_finetuning": "eqloop.models.auto",
+    "save_model": "eqloop.models.auto",
+    "attach_lora": "eqloop.training.lora",
+    "merge_lora": "eqloop.training.lora",
+    "finetune": "eqloop.recipes.finetune.train",
+    "accuracy_vs_loops": "eqloop.evaluation.accuracy",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'eqloop.recipes.finetune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
