@@ -66,7 +66,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -167,9 +167,22 @@ def train_step(model: LoopLM, tokens: Tensor, targets: Tensor, options: dict[str
 # ------------------------------------------------------------------------- the meters
 
 
-def saved_bytes(model: LoopLM, forward: Callable[[], Any]) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves during ``forward()``."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def saved_bytes(model: nn.Module | None, forward: Callable[[], Any]) -> int:
+    """Bytes of the distinct storages autograd saves for the backward during ``forward()``.
+
+    Each storage counts once however many saved tensors view it.
+
+    Args:
+        model: its parameters are not counted (they exist whatever the depth); None
+            counts every saved storage.
+        forward: builds the graph, e.g. ``lambda: model(tokens)``; its result is dropped.
+
+    Returns:
+        The bytes saved, an int.
+    """
+    params = (
+        set() if model is None else {p.untyped_storage().data_ptr() for p in model.parameters()}
+    )
     storages: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
