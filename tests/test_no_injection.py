@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import TINY_NO_INJECTION, contractive_model
 from torch import Tensor
 
 import eqloop
@@ -25,30 +26,11 @@ from eqloop.backward import IFT, Phantom, Truncated, Unroll
 from eqloop.checkpoint import load_model
 from eqloop.config import TrainConfig
 from eqloop.evaluate import equilibrium, evaluate_checkpoint, exact_match, make_test_set
-from eqloop.model import LoopLM, LoopLMConfig
+from eqloop.model import LoopLM
 from eqloop.stars import jacobian_eigvals, jsrr_penalty, spectral_radius
 from eqloop.train import train
 
 F64 = torch.float64
-TINY = dict(vocab_size=19, d_model=8, n_heads=2, d_ff=16, max_seq_len=8, injection="none")
-
-
-def contractive_model(placement: str = "post_sandwich", seed: int = 0) -> LoopLM:
-    """A float64 LoopLM without injection whose core is a contraction.
-
-    Every core sublayer ends in ``g * N(u) + b`` with a small gain ``g`` and a bias ``b``
-    of unit size: the next sublayer normalises ``b + O(g)``, whose spread is set by
-    ``b``, so each sublayer shrinks perturbations by about ``g``.
-    """
-    torch.manual_seed(seed)
-    model = LoopLM(LoopLMConfig(**TINY, norm_placement=placement, n_prelude=1)).to(F64)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for block in model.core:
-            for sub in (block.attn, block.mlp):
-                sub.norm_out.weight.fill_(0.3)
-                sub.norm_out.bias.copy_(torch.randn(8, generator=generator, dtype=F64))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +160,13 @@ def test_jsrr_penalty_is_the_squared_vjp_and_trains_only_the_core(
 def tiny_run(tmp_path: Path) -> TrainConfig:
     return TrainConfig.from_dict(
         dict(
-            model={**TINY, "d_model": 32, "d_ff": 64, "max_seq_len": 16, "n_prelude": 1},
+            model={
+                **TINY_NO_INJECTION,
+                "d_model": 32,
+                "d_ff": 64,
+                "max_seq_len": 16,
+                "n_prelude": 1,
+            },
             digits=2,
             n_train=256,
             n_test=64,

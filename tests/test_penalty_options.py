@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_no_injection import contractive_model
+from helpers import contractive_model
 
 import solvers
 from eqloop.config import TrainConfig
