@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -94,3 +95,26 @@ def test_jsonl_records_name_the_line(tmp_path: Path) -> None:
     ):
         with pytest.raises(ValueError, match=message):
             list(jsonl_records(path, text))
+
+
+# Files that still stage directories by hand. eqloop/pretrained/saving.py keeps an existing
+# directory's mode; it belongs to the pretrained rework (issue 19) and should then use
+# staged_directory too, and leave this set empty.
+STAGES_ITS_OWN = {"eqloop/pretrained/saving.py"}
+
+
+def test_directories_are_staged_only_by_eqloop_files() -> None:
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("eqloop", "solvers", "benchmarks", "experiments"):
+        for path in sorted((root / folder).rglob("*.py")):
+            name = path.relative_to(root).as_posix()
+            if name == "eqloop/files.py" or name in STAGES_ITS_OWN:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), name)):
+                call = node.func if isinstance(node, ast.Call) else None
+                if isinstance(call, ast.Attribute) and isinstance(call.value, ast.Name):
+                    spelled = f"{call.value.id}.{call.attr}"
+                    assert spelled not in ("tempfile.mkdtemp", "os.replace", "os.rename"), (
+                        f"{name}:{node.lineno} calls {spelled}: write directories with "
+                        "eqloop.files.staged_directory and files with eqloop.files.atomic_path"
+                    )
