@@ -60,6 +60,7 @@ __all__ = [
     "check_backward",
     "check_device",
     "check_penalty_start",
+    "check_run_options",
     "load_config",
     "penalty_start_step",
 ]
@@ -416,23 +417,13 @@ class TrainConfig(ConfigBase, type_names=_model_type_names):
             raise TypeError(f"depth must be a dict with a 'kind' key, got {self.depth!r}")
         self.make_sampler()  # raises ValueError on bad kinds and parameters
         self._check_backward()
-        for name in ("out_dir", "device"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise TypeError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise TypeError(f"out_dir must be a non-empty string, got {self.out_dir!r}")
         for name in ("data_cache_dir", "init_from"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a path or None, got {getattr(self, name)!r}")
-        if not _DEVICE.fullmatch(self.device):
-            raise ValueError(
-                f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', got {self.device!r}"
-            )
-        for name in ("reverse_operands", "resume", "overwrite", "progress", "compile"):
-            checks.boolean(name, getattr(self, name))
-        if self.resume and self.overwrite:
-            raise ValueError(
-                "resume and overwrite exclude each other: resume continues the run in "
-                "out_dir, overwrite deletes it"
-            )
+        checks.boolean("reverse_operands", self.reverse_operands)
+        check_run_options(self)
 
     def _check_backward(self) -> None:
         """Check ``backward``, ``backward_options`` and ``solve`` before any step."""
@@ -510,6 +501,33 @@ def penalty_start_step(penalty_start: float | int, steps: int, *, lam: float = 0
             stacklevel=4,  # the caller of train() / finetune()
         )
     return int(start)
+
+
+def check_run_options(config: Any) -> None:
+    """Check the run options every training config has (``TrainConfig``, ``FinetuneConfig``).
+
+    Args:
+        config: a config with ``device`` (a name :func:`check_device` accepts; whether
+            this machine has it is checked when the run starts) and the flags ``resume``,
+            ``overwrite``, ``progress`` and ``compile``.
+
+    Raises:
+        TypeError: ``device`` is not a non-empty string, or a flag is not a bool.
+        ValueError: an unknown device name, or ``resume`` together with ``overwrite``.
+    """
+    if not isinstance(config.device, str) or not config.device:
+        raise TypeError(f"device must be a non-empty string, got {config.device!r}")
+    if not _DEVICE.fullmatch(config.device):
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', got {config.device!r}"
+        )
+    for name in ("resume", "overwrite", "progress", "compile"):
+        checks.boolean(name, getattr(config, name))
+    if config.resume and config.overwrite:
+        raise ValueError(
+            "resume and overwrite exclude each other: resume continues the run in "
+            "out_dir, overwrite deletes it"
+        )
 
 
 def check_device(name: str) -> str:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -27,6 +28,7 @@ from ranks import run_ranks
 from eqloop import pretrained
 from eqloop.checkpoint import load_checkpoint, load_model, save_checkpoint
 from eqloop.cli import main
+from eqloop.config import TrainConfig
 from eqloop.data import CharTokenizer
 from eqloop.depth import make_depth_sampler
 from eqloop.finetune.config import FinetuneConfig, LoraOptions, load_finetune_config
@@ -652,6 +654,24 @@ def test_fsdp_two_ranks_gloo(files: dict[str, Path], tmp_path: Path) -> None:
     assert not lora_module_names(load_model(lora0["model"])[0])
     with pytest.raises(ValueError, match="penalty_product='vjp'.*FSDP"):
         dataclasses.replace(stars, penalty_product="vjp").validate()
+
+
+@pytest.mark.parametrize(
+    ("device", "error", "match"),
+    [
+        ("cpu0", ValueError, "device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', got 'cpu0'"),
+        ("cudax", ValueError, "device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', got 'cudax'"),
+        (5, TypeError, "device must be a non-empty string, got 5"),
+    ],
+)
+def test_finetune_checks_the_run_options_as_train_does(
+    device: object, error: type[Exception], match: str
+) -> None:
+    # One check (eqloop.config.check_run_options): finetune accepted any "cpu*"/"cuda*".
+    finetune_config = FinetuneConfig(init_from="base", train_file="train.jsonl", device=device)
+    for config in (finetune_config, TrainConfig(device=device)):
+        with pytest.raises(error, match=re.escape(match)):
+            config.validate()
 
 
 # -------------------------------------------------------------------------------- CLI

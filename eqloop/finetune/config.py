@@ -20,6 +20,7 @@ from eqloop.config import (
     SolveConfig,
     check_backward,
     check_penalty_start,
+    check_run_options,
 )
 from eqloop.depth import make_depth_sampler
 from eqloop.overrides import load_config_data
@@ -154,20 +155,9 @@ class FinetuneConfig(ConfigBase):
         """
         self._check_paths_and_choices(complete)
         self._check_numbers()
-        for name in (
-            "grad_checkpointing",
-            "resume",
-            "overwrite",
-            "progress",
-            "compile",
-            "eval_equilibrium",
-        ):
+        for name in ("grad_checkpointing", "eval_equilibrium"):
             checks.boolean(name, getattr(self, name))
-        if self.resume and self.overwrite:
-            raise ValueError(
-                "resume and overwrite exclude each other: resume continues the run in "
-                "out_dir, overwrite deletes it"
-            )
+        check_run_options(self)
         for name in ("prompt", "delimiter"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
@@ -187,8 +177,6 @@ class FinetuneConfig(ConfigBase):
         if self.mode == "stars":
             self.make_stars_sampler()  # raises ValueError on bad kinds and parameters
         self._check_solve()
-        if not isinstance(self.device, str) or not self.device.startswith(("auto", "cpu", "cuda")):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}")
 
     def _check_paths_and_choices(self, complete: bool) -> None:
         """The paths (see :meth:`validate` on ``complete``) and the fields with a set of choices."""
