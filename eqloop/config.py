@@ -56,6 +56,7 @@ __all__ = [
     "SOLVE_BACKWARDS",
     "SolveConfig",
     "TrainConfig",
+    "TrainingConfigMixin",
     "apply_overrides",
     "check_backward",
     "check_device",
@@ -283,8 +284,39 @@ def _model_type_names() -> dict[str, Any]:
     return {"LoopLMConfig": LoopLMConfig}
 
 
+class TrainingConfigMixin:
+    """What a training config builds from the fields ``TrainConfig`` and ``FinetuneConfig``
+    share: the backward mode (``backward``, ``backward_options``) and the depth sampler
+    (``depth``, ``seed``)."""
+
+    backward: str
+    backward_options: dict[str, Any]
+    depth: dict[str, Any]
+    seed: int
+
+    def make_backward(self) -> Backward:
+        """The backward mode object (``eqloop.backward``) of ``backward`` and its options."""
+        from eqloop.backward import make_backward
+
+        return make_backward(self.backward, **self.backward_options)
+
+    def make_sampler(self) -> DepthSampler:
+        """A fresh depth sampler (seeded with ``seed``) from the ``depth`` dict.
+
+        Raises:
+            TypeError: ``depth`` is not a dict with a ``"kind"`` key.
+            ValueError: an unknown kind or bad parameters (:func:`make_depth_sampler`).
+        """
+        from eqloop.depth import make_depth_sampler
+
+        if not isinstance(self.depth, Mapping) or "kind" not in self.depth:
+            raise TypeError(f"depth must be a dict with a 'kind' key, got {self.depth!r}")
+        params = {k: v for k, v in self.depth.items() if k != "kind"}
+        return make_depth_sampler(self.depth["kind"], seed=self.seed, **params)
+
+
 @dataclass
-class TrainConfig(ConfigBase, type_names=_model_type_names):
+class TrainConfig(TrainingConfigMixin, ConfigBase, type_names=_model_type_names):
     """Everything that defines a training run (see ``eqloop.train``)."""
 
     # -- model and data ------------------------------------------------------------------
@@ -413,9 +445,7 @@ class TrainConfig(ConfigBase, type_names=_model_type_names):
             )
         for t in self.eval_loops:
             checks.integer("eval_loops entries", t, low=0)
-        if not isinstance(self.depth, Mapping) or "kind" not in self.depth:
-            raise TypeError(f"depth must be a dict with a 'kind' key, got {self.depth!r}")
-        self.make_sampler()  # raises ValueError on bad kinds and parameters
+        self.make_sampler()  # raises TypeError/ValueError on a bad depth dict
         self._check_backward()
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise TypeError(f"out_dir must be a non-empty string, got {self.out_dir!r}")
@@ -428,19 +458,6 @@ class TrainConfig(ConfigBase, type_names=_model_type_names):
     def _check_backward(self) -> None:
         """Check ``backward``, ``backward_options`` and ``solve`` before any step."""
         check_backward(self.backward, self.backward_options, self.solve)
-
-    def make_backward(self) -> Backward:
-        """The backward mode object (``eqloop.backward``) of ``backward`` and its options."""
-        from eqloop.backward import make_backward
-
-        return make_backward(self.backward, **self.backward_options)
-
-    def make_sampler(self) -> DepthSampler:
-        """A fresh depth sampler (seeded with ``seed``) from the ``depth`` dict."""
-        from eqloop.depth import make_depth_sampler
-
-        params = {k: v for k, v in self.depth.items() if k != "kind"}
-        return make_depth_sampler(self.depth["kind"], seed=self.seed, **params)
 
     def make_examples(self, split: str) -> Examples:
         """The run's ``"train"`` (``n_train`` rows) or ``"test"`` split.

@@ -674,6 +674,21 @@ def test_finetune_checks_the_run_options_as_train_does(
             config.validate()
 
 
+def test_finetune_builds_the_sampler_and_backward_as_train_does() -> None:
+    # One implementation (eqloop.config.TrainingConfigMixin) for both configs.
+    depth = {"kind": "lognormal", "mu": 1.5, "sigma": 0.6, "lo": 1, "hi": 12}
+    shared = dict(depth=depth, seed=3, backward="unroll")
+    finetune_config = FinetuneConfig(init_from="base", train_file="train.jsonl", **shared)
+    train_config = TrainConfig(**shared)
+    a, b = finetune_config.make_sampler(), train_config.make_sampler()
+    assert [a.sample() for _ in range(20)] == [b.sample() for _ in range(20)]
+    assert type(finetune_config.make_backward()) is type(train_config.make_backward())
+    for config in (finetune_config, train_config):
+        config.depth = {"mu": 1.0}
+        with pytest.raises(TypeError, match="depth must be a dict with a 'kind' key"):
+            config.validate()
+
+
 # -------------------------------------------------------------------------------- CLI
 
 

@@ -12,22 +12,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from eqloop.config import (
     SCHEDULES,
     ConfigBase,
     SolveConfig,
+    TrainingConfigMixin,
     check_backward,
     check_penalty_start,
     check_run_options,
 )
-from eqloop.depth import make_depth_sampler
 from eqloop.overrides import load_config_data
 from solvers import checks
-
-if TYPE_CHECKING:
-    from eqloop.backward import Backward
 
 __all__ = [
     "BACKWARDS",
@@ -75,7 +72,7 @@ class LoraOptions(ConfigBase):
 
 
 @dataclass
-class FinetuneConfig(ConfigBase):
+class FinetuneConfig(TrainingConfigMixin, ConfigBase):
     """Everything that defines a fine-tuning run (see ``eqloop.finetune.train``).
 
     ``from_dict(data, complete=...)`` passes ``complete`` to :meth:`validate`.
@@ -175,7 +172,7 @@ class FinetuneConfig(ConfigBase):
                 raise ValueError(f"lora must be null or an object, got {self.lora!r}")
             self.lora.validate()
         if self.mode == "stars":
-            self.make_stars_sampler()  # raises ValueError on bad kinds and parameters
+            self.make_sampler()  # raises TypeError/ValueError on a bad depth dict
         self._check_solve()
 
     def _check_paths_and_choices(self, complete: bool) -> None:
@@ -253,19 +250,6 @@ class FinetuneConfig(ConfigBase):
                     f"{self.backward!r} keeps no loop): set {name} to its default, or "
                     "solve=null"
                 )
-
-    def make_backward(self) -> Backward:
-        """The backward mode object (``eqloop.backward``) of ``backward`` and its options."""
-        from eqloop.backward import make_backward
-
-        return make_backward(self.backward, **self.backward_options)
-
-    def make_stars_sampler(self) -> Any:
-        """A fresh STARS depth sampler (seeded with ``seed``) from the ``depth`` dict."""
-        if not isinstance(self.depth, Mapping) or "kind" not in self.depth:
-            raise ValueError(f"depth must be a dict with a 'kind' key, got {self.depth!r}")
-        params = {k: v for k, v in self.depth.items() if k != "kind"}
-        return make_depth_sampler(self.depth["kind"], seed=self.seed, **params)
 
 
 def load_finetune_config(
