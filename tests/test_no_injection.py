@@ -11,13 +11,17 @@ The machinery is the same.)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import TINY_NO_INJECTION, contractive_model
+from helpers import (
+    TINY_TRAIN_MODEL,
+    contractive_model,
+    read_jsonl,
+    tiny_train_config,
+)
 from torch import Tensor
 
 import eqloop
@@ -157,40 +161,26 @@ def test_jsrr_penalty_is_the_squared_vjp_and_trains_only_the_core(
 # --------------------------------------------------------------- train and evaluate
 
 
-def tiny_run(tmp_path: Path) -> TrainConfig:
-    return TrainConfig.from_dict(
-        dict(
-            model={
-                **TINY_NO_INJECTION,
-                "d_model": 32,
-                "d_ff": 64,
-                "max_seq_len": 16,
-                "n_prelude": 1,
-            },
-            digits=2,
-            n_train=256,
-            n_test=64,
-            batch_size=32,
-            steps=30,
-            lr=3e-3,
-            warmup_steps=3,
-            depth={"kind": "lognormal", "mu": 1.0, "sigma": 0.5, "lo": 1, "hi": 4},
-            lam=0.1,
-            penalty_start=5,
-            eval_every=0,
-            eval_loops=[2],
-            checkpoint_every=0,
-            out_dir=str(tmp_path / "run"),
-            data_cache_dir=str(tmp_path / "cache"),
-            progress=False,
-        )
+def tiny_run(tmp_path: Path, data_cache: Path) -> TrainConfig:
+    """The tiny training run of tests/helpers.py without injection, with a prelude block."""
+    return tiny_train_config(
+        tmp_path,
+        data_cache,
+        model={**TINY_TRAIN_MODEL, "injection": "none", "n_prelude": 1},
+        steps=30,
+        warmup_steps=3,
+        depth={"kind": "lognormal", "mu": 1.0, "sigma": 0.5, "lo": 1, "hi": 4},
+        lam=0.1,
+        penalty_start=5,
+        eval_every=0,
+        eval_loops=[2],
     )
 
 
-def test_train_and_evaluate_with_equilibrium(tmp_path: Path) -> None:
-    config = tiny_run(tmp_path)
+def test_train_and_evaluate_with_equilibrium(tmp_path: Path, data_cache: Path) -> None:
+    config = tiny_run(tmp_path, data_cache)
     result = train(config)
-    records = [json.loads(line) for line in (Path(config.out_dir) / "metrics.jsonl").open()]
+    records = read_jsonl(Path(config.out_dir) / "metrics.jsonl")
     steps = [r for r in records if "event" not in r]
     assert steps[2]["penalty"] is None and all(r["penalty"] > 0 for r in steps[5:])
     first = sum(r["ce"] for r in steps[:3]) / 3
