@@ -18,12 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor
 
 from eqloop.checkpoint import load_checkpoint
 from eqloop.config import TrainConfig
 from eqloop.model import LoopLM, LoopLMConfig
+from eqloop.training.step_stats import PendingSteps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,6 +121,20 @@ def tiny_train_config(tmp: Path, cache: Path, **overrides: Any) -> TrainConfig:
     )
     base.update(overrides)
     return TrainConfig.from_dict(base)
+
+
+def count_step_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record, for the rest of the test, how many steps each read of the step statistics
+    (``PendingSteps.read``) takes from the device; returns the list it appends to."""
+    reads: list[int] = []
+    original = PendingSteps.read
+
+    def counted(self: PendingSteps, signum: int = 0) -> Any:
+        reads.append(len(self))
+        return original(self, signum)
+
+    monkeypatch.setattr(PendingSteps, "read", counted)
+    return reads
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import count_step_reads
 from ranks import run_ranks
 
 from eqloop import pretrained
@@ -38,7 +39,6 @@ from eqloop.finetune.models import load_for_finetuning
 from eqloop.finetune.train import Objective, finetune, step_time_ratio
 from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.training.run_dir import NonFiniteLoss
-from eqloop.training.step_stats import PendingSteps
 
 TRAINED_LOOPS = 3
 
@@ -430,14 +430,7 @@ def test_finetune_reads_step_statistics_every_log_every_steps(
     # Issue 22 row 5: the same records as a read per step; a NaN between reads is named.
     options = {"mode": "stars", "steps": 5, "checkpoint_every": 0, "penalty_start": 1}
     finetune(_config(files, tmp_path / "every", **options, log_every=1))
-    reads: list[int] = []
-    original = PendingSteps.read
-
-    def counted(self: PendingSteps, signum: int = 0) -> Any:
-        reads.append(len(self))
-        return original(self, signum)
-
-    monkeypatch.setattr(PendingSteps, "read", counted)
+    reads = count_step_reads(monkeypatch)
     spaced = finetune(_config(files, tmp_path / "spaced", **options, log_every=2))
     assert reads == [2, 2, 1]  # steps 2, 4 and the end (5)
 

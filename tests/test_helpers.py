@@ -20,6 +20,9 @@ SHARED = {
     '"torch.distributed.run"': "helpers.run_torchrun",
     'mktemp("data-cache")': "the data_cache fixture of conftest.py",
     "def run_benchmark": "helpers.run_benchmark / run_experiment",
+    "= PendingSteps.read": "helpers.count_step_reads",
+    "def tiny_base": "helpers.tiny_tune_base",
+    "def wait_for": "helpers.wait_for",
 }
 
 
