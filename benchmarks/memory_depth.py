@@ -81,6 +81,7 @@ from benchmarks.common import (
     write_json_atomic,
 )
 from eqloop.backward import BACKWARD_MODES, Phantom
+from eqloop.files import write_figure_atomic
 from eqloop.implicit import fixed_point
 from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.plotting import pyplot
@@ -423,8 +424,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    write_figure_atomic(path, fig, dpi=120)
     plt.close(fig)
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "staged_directory",
     "umask_mode",
     "write_bytes_atomic",
+    "write_figure_atomic",
     "write_json_atomic",
     "write_text_atomic",
 ]
@@ -86,6 +87,20 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented, key-sorted JSON (with a final newline) atomically."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_figure_atomic(path: str | os.PathLike[str], figure: Any, **options: Any) -> None:
+    """Save a matplotlib figure to ``path`` atomically (the caller still closes it).
+
+    Args:
+        path: the image file; its suffix picks the format (``.png`` unless another one is
+            given, e.g. ``.svg``; a path without a suffix is written as PNG).
+        figure: a ``matplotlib.figure.Figure``.
+        **options: keywords of ``Figure.savefig`` (``dpi``, ``bbox_inches``, ...).
+    """
+    options.setdefault("format", Path(path).suffix.lstrip(".") or "png")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, **options)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

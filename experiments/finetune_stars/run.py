@@ -62,6 +62,7 @@ from benchmarks.common import (
 from benchmarks.memory_depth import saved_bytes
 from eqloop import pretrained
 from eqloop.data import make_arithmetic_dataset
+from eqloop.files import write_figure_atomic
 from eqloop.finetune.config import FinetuneConfig
 from eqloop.finetune.data import PromptTemplate, encode_examples, load_jsonl, write_jsonl
 from eqloop.finetune.evaluate import accuracy_vs_loops
@@ -372,10 +373,7 @@ def plot(per_seed: list[dict[str, Any]], path: str) -> None:
     ax.set_title("exact match vs loops (star: Anderson equilibrium); trained at 4 loops")
     style_axis(ax, "loops at test time", "exact match (%)")
     fig.tight_layout()
-    from eqloop.files import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130)
+    write_figure_atomic(path, fig, dpi=130)
     plt.close(fig)
 
 

@@ -110,7 +110,7 @@ from eqloop.evaluate import (
     make_test_set,
     unrolled,
 )
-from eqloop.files import write_json_atomic
+from eqloop.files import write_figure_atomic, write_json_atomic
 from eqloop.plotting import pyplot, style_axis
 from eqloop.train import check_resumable, penalty_overhead, train
 from eqloop.trajectory import checkpoint_pca, plot_trajectories
@@ -757,7 +757,7 @@ def plot_accuracy(results: Sequence[dict[str, Any]], path: str | Path) -> None:
     style_axis(ax_norm, "loops at test time", "state norm ||z_t||", legend=False)
     ax_norm.set_title("hidden-state norm vs loops")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure_atomic(path, fig, dpi=120)
     plt.close(fig)
 
 
@@ -920,7 +920,7 @@ def plot_scaling(runs: Sequence[dict[str, Any]], path: str | Path) -> None:
         style_axis(ax, "loops at test time (dotted: training depth)", "exact match")
         ax.set_title(split)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure_atomic(path, fig, dpi=120)
     plt.close(fig)
 
 

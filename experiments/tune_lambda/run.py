@@ -50,7 +50,7 @@ from optuna.trial import TrialState
 from benchmarks.common import format_table, machine_info, print_written
 from eqloop.checkpoint import CHECKPOINT_DIR, step_dir_name
 from eqloop.config import TrainConfig
-from eqloop.files import write_json_atomic
+from eqloop.files import write_figure_atomic, write_json_atomic
 from eqloop.plotting import pyplot, style_axis
 from eqloop.train import train
 from eqloop.tune import TuneConfig, load_study, run_study
@@ -215,7 +215,7 @@ def plot(
     ax_obj.set_title("objective vs lam, seed as nuisance")
     ax_acc.set_title("per test-time loop count")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure_atomic(path, fig, dpi=120)
     plt.close(fig)
 
 
