@@ -151,13 +151,13 @@ def same_weights(a: Path, b: Path) -> bool:
 
 # -------------------------------------------------- a contractive LoopLM, no injection
 
-#: The LoopLM of :func:`contractive_model`, without injection (the STARS paper's loop).
+#: The LoopLM of :func:`contractive_no_injection_model` (no injection: the STARS loop).
 TINY_NO_INJECTION = dict(
     vocab_size=19, d_model=8, n_heads=2, d_ff=16, max_seq_len=8, injection="none"
 )
 
 
-def contractive_model(placement: str = "post_sandwich", seed: int = 0) -> LoopLM:
+def contractive_no_injection_model(placement: str = "post_sandwich", seed: int = 0) -> LoopLM:
     """A float64 LoopLM without injection whose core is a contraction.
 
     Every core sublayer ends in ``g * N(u) + b`` with a small gain ``g`` and a bias ``b``

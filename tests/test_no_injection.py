@@ -2,11 +2,11 @@
 
 Without injection the core is ``f(z) = core(z)`` and the input reaches the loop only
 through ``z0 = x``. The tests build a core that is a contraction by construction (large
-biases and small gains on the sublayer output norms, see :func:`contractive_model`), so
-fixed points are unique and attracting and every backward mode has an exact answer to
-agree with. (A global contraction without injection has the same fixed point for every
-input; the STARS models rely on local contraction around input-dependent fixed points.
-The machinery is the same.)
+biases and small gains on the sublayer output norms, see
+``helpers.contractive_no_injection_model``), so fixed points are unique and attracting
+and every backward mode has an exact answer to agree with. (A global contraction without
+injection has the same fixed point for every input; the STARS models rely on local
+contraction around input-dependent fixed points. The machinery is the same.)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import (
     TINY_TRAIN_MODEL,
-    contractive_model,
+    contractive_no_injection_model,
     read_jsonl,
     tiny_train_config,
 )
@@ -39,7 +39,7 @@ F64 = torch.float64
 
 @pytest.fixture(scope="module")
 def model() -> LoopLM:
-    return contractive_model()
+    return contractive_no_injection_model()
 
 
 @pytest.fixture(scope="module")
