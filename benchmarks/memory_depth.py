@@ -66,7 +66,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -82,6 +82,7 @@ from benchmarks.common import (
 )
 from eqloop.core.backward import BACKWARD_MODES, Phantom
 from eqloop.core.implicit import fixed_point
+from eqloop.files import write_figure_atomic
 from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
 from eqloop.plotting import pyplot
 
@@ -167,9 +168,22 @@ def train_step(model: LoopLM, tokens: Tensor, targets: Tensor, options: dict[str
 # ------------------------------------------------------------------------- the meters
 
 
-def saved_bytes(model: LoopLM, forward: Callable[[], Any]) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves during ``forward()``."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def saved_bytes(model: nn.Module | None, forward: Callable[[], Any]) -> int:
+    """Bytes of the distinct storages autograd saves for the backward during ``forward()``.
+
+    Each storage counts once however many saved tensors view it.
+
+    Args:
+        model: its parameters are not counted (they exist whatever the depth); None
+            counts every saved storage.
+        forward: builds the graph, e.g. ``lambda: model(tokens)``; its result is dropped.
+
+    Returns:
+        The bytes saved, an int.
+    """
+    params = (
+        set() if model is None else {p.untyped_storage().data_ptr() for p in model.parameters()}
+    )
     storages: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
@@ -410,8 +424,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    write_figure_atomic(path, fig, dpi=120)
     plt.close(fig)
 
 

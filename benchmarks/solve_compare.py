@@ -48,6 +48,7 @@ from benchmarks.common import (
     print_written,
     write_json_atomic,
 )
+from eqloop.files import write_figure_atomic
 from eqloop.plotting import pyplot
 
 #: eqloop solver -> the torchdeq solver of the same kind, for wall-time ratios.
@@ -317,8 +318,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    write_figure_atomic(path, fig, dpi=120)
     plt.close(fig)
 
 

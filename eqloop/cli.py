@@ -216,21 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from eqloop.recipes.train import TrainingInterrupted, train
+    from eqloop.recipes.train import train
     from eqloop.training.config import load_config
-    from eqloop.training.run_dir import report_interrupt
+    from eqloop.training.run_dir import run_recipe
 
     config = load_config(args.config, args.overrides, flag_values(args))
-    if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
-        return 0
-    try:
-        result = train(config)
-    except TrainingInterrupted as stop:
-        return report_interrupt("eqloop train", stop, args.argv)
-    if result.get("checkpoint"):  # rank 0
-        print(json.dumps(result, indent=2))
-    return 0
+    return run_recipe("eqloop train", train, config, args, rank0_key="checkpoint")
 
 
 # --------------------------------------------------------------------------------- eval

@@ -29,6 +29,7 @@ __all__ = [
     "staged_directory",
     "umask_mode",
     "write_bytes_atomic",
+    "write_figure_atomic",
     "write_json_atomic",
     "write_text_atomic",
 ]
@@ -88,6 +89,20 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def write_figure_atomic(path: str | os.PathLike[str], figure: Any, **options: Any) -> None:
+    """Save a matplotlib figure to ``path`` atomically (the caller still closes it).
+
+    Args:
+        path: the image file; its suffix picks the format (``.png`` unless another one is
+            given, e.g. ``.svg``; a path without a suffix is written as PNG).
+        figure: a ``matplotlib.figure.Figure``.
+        **options: keywords of ``Figure.savefig`` (``dpi``, ``bbox_inches``, ...).
+    """
+    options.setdefault("format", Path(path).suffix.lstrip(".") or "png")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, **options)
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     """The parsed contents of a JSON file (UTF-8).
 
@@ -136,7 +151,8 @@ def staged_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     The block writes the whole directory into the staging one; on a clean exit it takes
     ``target``'s place with :func:`replace_directory`. On an exception (or a kill) it is
     removed (or left hidden) and ``target`` stays as it was. The parent directory is
-    created if needed, and the directory gets the user's umask permissions.
+    created if needed; the directory keeps the permissions of the one it replaces, or
+    gets the user's umask permissions.
 
     Example:
         >>> with staged_directory("out/model") as staging:    # doctest: +SKIP
@@ -146,7 +162,8 @@ def staged_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}-", dir=final.parent))
     try:
-        os.chmod(staging, umask_mode(directory=True))  # mkdtemp makes it private
+        mode = final.stat().st_mode & 0o7777 if final.is_dir() else umask_mode(directory=True)
+        os.chmod(staging, mode)  # mkdtemp makes it private
         yield staging
         replace_directory(staging, final)
     finally:

@@ -6,7 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import run_benchmark
+from torch import Tensor, nn
+
+from benchmarks.memory_depth import saved_bytes
 
 
 def test_memory_depth_quick_writes_json_and_plot(tmp_path: Path) -> None:
@@ -41,3 +45,16 @@ def test_memory_depth_rejects_unknown_mode() -> None:
     proc = run_benchmark("memory_depth.py", "--quick", "--modes", "ift,adjoint")
     assert proc.returncode != 0
     assert "unknown mode(s) ['adjoint']" in proc.stderr and "phantom" in proc.stderr
+
+
+def test_saved_bytes_counts_each_saved_storage_once_and_skips_parameters() -> None:
+    layer = nn.Linear(4, 5, bias=False).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+
+    def forward() -> Tensor:
+        t = layer(x).tanh()  # the matmul saves x and the weight, tanh saves t
+        return (t * t).sum()  # saves t twice more: one storage, counted once
+
+    activations = (x.numel() + 3 * 5) * 8  # x and t, float64
+    assert saved_bytes(layer, forward) == activations
+    assert saved_bytes(None, forward) == activations + layer.weight.numel() * 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -13,9 +14,11 @@ from eqloop.files import (
     atomic_path,
     jsonl_records,
     umask_mode,
+    write_figure_atomic,
     write_json_atomic,
     write_text_atomic,
 )
+from eqloop.plotting import pyplot
 from solvers import checks
 
 
@@ -94,3 +97,40 @@ def test_jsonl_records_name_the_line(tmp_path: Path) -> None:
     ):
         with pytest.raises(ValueError, match=message):
             list(jsonl_records(path, text))
+
+
+def test_write_figure_atomic_writes_the_suffix_format_or_nothing(tmp_path: Path) -> None:
+    plt = pyplot()
+    figure, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    write_figure_atomic(tmp_path / "new" / "a.png", figure, dpi=50)
+    write_figure_atomic(tmp_path / "new" / "a.svg", figure)
+    plt.close(figure)
+    assert (tmp_path / "new" / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in (tmp_path / "new" / "a.svg").read_bytes()[:400]
+
+    class Failing:
+        def savefig(self, path: Path, **options: object) -> None:
+            Path(path).write_bytes(b"half")
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_figure_atomic(tmp_path / "b.png", Failing())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]  # no file, no temp left
+
+
+def test_directories_are_staged_only_by_eqloop_files() -> None:
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("eqloop", "solvers", "benchmarks", "experiments"):
+        for path in sorted((root / folder).rglob("*.py")):
+            name = path.relative_to(root).as_posix()
+            if name == "eqloop/files.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), name)):
+                call = node.func if isinstance(node, ast.Call) else None
+                if isinstance(call, ast.Attribute) and isinstance(call.value, ast.Name):
+                    spelled = f"{call.value.id}.{call.attr}"
+                    assert spelled not in ("tempfile.mkdtemp", "os.replace", "os.rename"), (
+                        f"{name}:{node.lineno} calls {spelled}: write directories with "
+                        "eqloop.files.staged_directory and files with eqloop.files.atomic_path"
+                    )

@@ -21,6 +21,7 @@ from eqloop import cli
 from eqloop.cli import main
 from eqloop.evaluation import DECODES, DEFAULT_LOOPS
 from eqloop.training.checkpoint import load_checkpoint
+from eqloop.training.run_dir import TrainingInterrupted, run_recipe
 
 TINY = [
     "--set",
@@ -314,6 +315,39 @@ def test_ctrl_c_during_train_saves_and_prints_the_resume_command(tmp_path: Path)
     )
     assert resumed.returncode == 0, resumed.stderr
     assert load_checkpoint(run).step == step + 2
+
+
+def test_run_recipe_prints_the_config_the_result_or_the_resume_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The one tail of ``eqloop train`` and ``eqloop finetune``: what rank 0 prints."""
+    config = types.SimpleNamespace(to_dict=lambda: {"lam": 0.1})
+    argv = ["finetune", "--out-dir", "run", "--overwrite"]
+
+    def recipe(result: dict[str, object] | None) -> object:
+        def run(seen: object) -> dict[str, object]:
+            assert seen is config
+            if result is None:
+                raise TrainingInterrupted(7, Path("run/checkpoints/step_00000007"), signal.SIGTERM)
+            return result
+
+        return run
+
+    def call(result: dict[str, object] | None, print_config: bool = False) -> int:
+        args = argparse.Namespace(print_config=print_config, argv=argv)
+        return run_recipe("eqloop finetune", recipe(result), config, args, rank0_key="model")
+
+    assert call(None, print_config=True) == 0  # printed, never run
+    assert json.loads(capsys.readouterr().out) == {"lam": 0.1}
+    assert call({"model": "run/model", "step": 3}) == 0
+    assert json.loads(capsys.readouterr().out) == {"model": "run/model", "step": 3}
+    assert call({"step": 3}) == 0  # another rank: silent
+    assert capsys.readouterr().out == ""
+    assert call(None) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == (
+        "eqloop finetune: SIGTERM at step 7: saved run/checkpoints/step_00000007; "
+        "resume with: eqloop finetune --out-dir run --resume\n"
+    )
 
 
 # -------------------------------------------------------------------------- train, tune

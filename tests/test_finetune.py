@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import count_step_reads
 from ranks import run_ranks
 
 from eqloop import pretrained
@@ -33,10 +35,10 @@ from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
 from eqloop.recipes.finetune.config import FinetuneConfig, LoraOptions, load_finetune_config
 from eqloop.recipes.finetune.train import Objective, finetune, step_time_ratio
 from eqloop.training.checkpoint import load_checkpoint, load_model, save_checkpoint
+from eqloop.training.config import TrainConfig
 from eqloop.training.depth import make_depth_sampler
 from eqloop.training.lora import attach_lora, lora_module_names, merge_lora
 from eqloop.training.run_dir import NonFiniteLoss
-from eqloop.training.step_stats import PendingSteps
 
 TRAINED_LOOPS = 3
 
@@ -428,14 +430,7 @@ def test_finetune_reads_step_statistics_every_log_every_steps(
     # Issue 22 row 5: the same records as a read per step; a NaN between reads is named.
     options = {"mode": "stars", "steps": 5, "checkpoint_every": 0, "penalty_start": 1}
     finetune(_config(files, tmp_path / "every", **options, log_every=1))
-    reads: list[int] = []
-    original = PendingSteps.read
-
-    def counted(self: PendingSteps, signum: int = 0) -> Any:
-        reads.append(len(self))
-        return original(self, signum)
-
-    monkeypatch.setattr(PendingSteps, "read", counted)
+    reads = count_step_reads(monkeypatch)
     spaced = finetune(_config(files, tmp_path / "spaced", **options, log_every=2))
     assert reads == [2, 2, 1]  # steps 2, 4 and the end (5)
 
@@ -652,6 +647,39 @@ def test_fsdp_two_ranks_gloo(files: dict[str, Path], tmp_path: Path) -> None:
     assert not lora_module_names(load_model(lora0["model"])[0])
     with pytest.raises(ValueError, match="penalty_product='vjp'.*FSDP"):
         dataclasses.replace(stars, penalty_product="vjp").validate()
+
+
+@pytest.mark.parametrize(
+    ("device", "error", "match"),
+    [
+        ("cpu0", ValueError, "device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', got 'cpu0'"),
+        ("cudax", ValueError, "device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', got 'cudax'"),
+        (5, TypeError, "device must be a non-empty string, got 5"),
+    ],
+)
+def test_finetune_checks_the_run_options_as_train_does(
+    device: object, error: type[Exception], match: str
+) -> None:
+    # One check (eqloop.config.check_run_options): finetune accepted any "cpu*"/"cuda*".
+    finetune_config = FinetuneConfig(init_from="base", train_file="train.jsonl", device=device)
+    for config in (finetune_config, TrainConfig(device=device)):
+        with pytest.raises(error, match=re.escape(match)):
+            config.validate()
+
+
+def test_finetune_builds_the_sampler_and_backward_as_train_does() -> None:
+    # One implementation (eqloop.config.TrainingConfigMixin) for both configs.
+    depth = {"kind": "lognormal", "mu": 1.5, "sigma": 0.6, "lo": 1, "hi": 12}
+    shared = dict(depth=depth, seed=3, backward="unroll")
+    finetune_config = FinetuneConfig(init_from="base", train_file="train.jsonl", **shared)
+    train_config = TrainConfig(**shared)
+    a, b = finetune_config.make_sampler(), train_config.make_sampler()
+    assert [a.sample() for _ in range(20)] == [b.sample() for _ in range(20)]
+    assert type(finetune_config.make_backward()) is type(train_config.make_backward())
+    for config in (finetune_config, train_config):
+        config.depth = {"mu": 1.0}
+        with pytest.raises(TypeError, match="depth must be a dict with a 'kind' key"):
+            config.validate()
 
 
 # -------------------------------------------------------------------------------- CLI

@@ -3,6 +3,7 @@ its own copy of them."""
 
 from __future__ import annotations
 
+import ast
 import math
 from pathlib import Path
 
@@ -19,6 +20,9 @@ SHARED = {
     '"torch.distributed.run"': "helpers.run_torchrun",
     'mktemp("data-cache")': "the data_cache fixture of conftest.py",
     "def run_benchmark": "helpers.run_benchmark / run_experiment",
+    "= PendingSteps.read": "helpers.count_step_reads",
+    "def tiny_base": "helpers.tiny_tune_base",
+    "def wait_for": "helpers.wait_for",
 }
 
 
@@ -54,3 +58,21 @@ def test_shared_helpers_are_written_once() -> None:
         text = path.read_text(encoding="utf-8")
         for copy, helper in SHARED.items():
             assert copy not in text, f"{path.name} writes {copy!r} again: use {helper}"
+
+
+def test_no_test_file_imports_another_test_file() -> None:
+    for path in sorted(TESTS.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+                if node.module in (None, "tests"):  # from tests import test_x; from . import
+                    modules += [alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                assert not module.split(".")[-1].startswith("test_"), (
+                    f"{path.name}:{node.lineno} imports {module}: move what it shares "
+                    "into tests/helpers.py or conftest.py"
+                )

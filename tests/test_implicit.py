@@ -22,6 +22,7 @@ from torch import Tensor
 
 import eqloop
 import solvers
+from benchmarks.memory_depth import saved_bytes
 from eqloop.core.backward import IFT, Backward, Phantom, Truncated, Unroll, make_backward
 from eqloop.core.implicit import (
     BACKWARD_MODES,
@@ -104,19 +105,6 @@ def tiny_looplm() -> LoopLM:
         model.injection.adapter.weight[:, :16] *= 0.3
         model.tok_emb.weight *= 50.0
     return model
-
-
-def saved_bytes(fn: Callable[[], Tensor]) -> int:
-    """Bytes of the distinct storages autograd saves while ``fn`` builds its graph."""
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 # ---------------------------------------------------------------------------------------
@@ -417,7 +405,7 @@ def test_saved_bytes_do_not_grow_with_depth(mode: str) -> None:
 
     def run(loops: int) -> int:
         return saved_bytes(
-            lambda: fixed_point(f, z0, args=(x,), backward=mode, max_iter=loops, tol=0)
+            None, lambda: fixed_point(f, z0, args=(x,), backward=mode, max_iter=loops, tol=0)
         )
 
     assert run(64) <= 1.1 * run(8)  # truncated keeps its k=8 loops either way
@@ -430,9 +418,10 @@ def test_saved_bytes_grow_linearly_when_unrolled() -> None:
 
     def run(loops: int) -> int:
         return saved_bytes(
+            None,
             lambda: fixed_point(
                 f, z0, args=(x,), backward="unroll", solver="fixed_point", max_iter=loops, tol=0
-            )
+            ),
         )
 
     per_loop = (run(8) - run(4)) / 4

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import eqloop.models.looped
@@ -26,6 +27,7 @@ from eqloop.models.looplm.modeling import (
     NORM_PLACEMENTS,
     NORMS,
     POSITIONS,
+    CausalSelfAttention,
     LoopLM,
     LoopLMConfig,
     Sublayer,
@@ -170,6 +172,23 @@ def test_rotary_scores_depend_only_on_relative_position() -> None:
         torch.testing.assert_close(scores[shift:, shift:], scores[:-shift, :-shift])
     torch.testing.assert_close(qs.norm(dim=-1), q.norm().expand(seq))  # rotations
     torch.testing.assert_close(qs[0], q)  # position 0 is not rotated
+
+
+def test_qkv_heads_are_what_the_layer_attends_with() -> None:
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(tiny_model_config(positions="rope")).double().eval()
+    x = torch.randn(3, SEQ, D, dtype=torch.float64)
+    rope = rotary_tables(SEQ, D // HEADS, 10000.0, device=x.device, dtype=x.dtype)
+    q0, k0, v0 = layer.qkv_heads(x)
+    q, k, v = layer.qkv_heads(x, rope)
+    assert q.shape == k.shape == v.shape == (3, HEADS, SEQ, D // HEADS)
+    heads = layer.qkv(x).view(3, SEQ, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(q0, heads[0])
+    torch.testing.assert_close(v, heads[2])  # values are never rotated
+    torch.testing.assert_close(q, apply_rotary(q0, *rope))
+    torch.testing.assert_close(k, apply_rotary(k0, *rope))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(layer(x, rope), layer.proj(y.transpose(1, 2).reshape(3, SEQ, D)))
 
 
 def test_rotary_tables_are_buffers_that_follow_the_module() -> None:

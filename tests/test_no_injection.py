@@ -2,21 +2,26 @@
 
 Without injection the core is ``f(z) = core(z)`` and the input reaches the loop only
 through ``z0 = x``. The tests build a core that is a contraction by construction (large
-biases and small gains on the sublayer output norms, see :func:`contractive_model`), so
-fixed points are unique and attracting and every backward mode has an exact answer to
-agree with. (A global contraction without injection has the same fixed point for every
-input; the STARS models rely on local contraction around input-dependent fixed points.
-The machinery is the same.)
+biases and small gains on the sublayer output norms, see
+``helpers.contractive_no_injection_model``), so fixed points are unique and attracting
+and every backward mode has an exact answer to agree with. (A global contraction without
+injection has the same fixed point for every input; the STARS models rely on local
+contraction around input-dependent fixed points. The machinery is the same.)
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import (
+    TINY_TRAIN_MODEL,
+    contractive_no_injection_model,
+    read_jsonl,
+    tiny_train_config,
+)
 from torch import Tensor
 
 import eqloop
@@ -24,36 +29,17 @@ import solvers
 from eqloop.core.backward import IFT, Phantom, Truncated, Unroll
 from eqloop.core.stars import jacobian_eigvals, jsrr_penalty, spectral_radius
 from eqloop.evaluation import equilibrium, evaluate_checkpoint, exact_match, make_test_set
-from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
+from eqloop.models.looplm.modeling import LoopLM
 from eqloop.recipes.train import train
 from eqloop.training.checkpoint import load_model
 from eqloop.training.config import TrainConfig
 
 F64 = torch.float64
-TINY = dict(vocab_size=19, d_model=8, n_heads=2, d_ff=16, max_seq_len=8, injection="none")
-
-
-def contractive_model(placement: str = "post_sandwich", seed: int = 0) -> LoopLM:
-    """A float64 LoopLM without injection whose core is a contraction.
-
-    Every core sublayer ends in ``g * N(u) + b`` with a small gain ``g`` and a bias ``b``
-    of unit size: the next sublayer normalises ``b + O(g)``, whose spread is set by
-    ``b``, so each sublayer shrinks perturbations by about ``g``.
-    """
-    torch.manual_seed(seed)
-    model = LoopLM(LoopLMConfig(**TINY, norm_placement=placement, n_prelude=1)).to(F64)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for block in model.core:
-            for sub in (block.attn, block.mlp):
-                sub.norm_out.weight.fill_(0.3)
-                sub.norm_out.bias.copy_(torch.randn(8, generator=generator, dtype=F64))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def model() -> LoopLM:
-    return contractive_model()
+    return contractive_no_injection_model()
 
 
 @pytest.fixture(scope="module")
@@ -175,34 +161,26 @@ def test_jsrr_penalty_is_the_squared_vjp_and_trains_only_the_core(
 # --------------------------------------------------------------- train and evaluate
 
 
-def tiny_run(tmp_path: Path) -> TrainConfig:
-    return TrainConfig.from_dict(
-        dict(
-            model={**TINY, "d_model": 32, "d_ff": 64, "max_seq_len": 16, "n_prelude": 1},
-            digits=2,
-            n_train=256,
-            n_test=64,
-            batch_size=32,
-            steps=30,
-            lr=3e-3,
-            warmup_steps=3,
-            depth={"kind": "lognormal", "mu": 1.0, "sigma": 0.5, "lo": 1, "hi": 4},
-            lam=0.1,
-            penalty_start=5,
-            eval_every=0,
-            eval_loops=[2],
-            checkpoint_every=0,
-            out_dir=str(tmp_path / "run"),
-            data_cache_dir=str(tmp_path / "cache"),
-            progress=False,
-        )
+def tiny_run(tmp_path: Path, data_cache: Path) -> TrainConfig:
+    """The tiny training run of tests/helpers.py without injection, with a prelude block."""
+    return tiny_train_config(
+        tmp_path,
+        data_cache,
+        model={**TINY_TRAIN_MODEL, "injection": "none", "n_prelude": 1},
+        steps=30,
+        warmup_steps=3,
+        depth={"kind": "lognormal", "mu": 1.0, "sigma": 0.5, "lo": 1, "hi": 4},
+        lam=0.1,
+        penalty_start=5,
+        eval_every=0,
+        eval_loops=[2],
     )
 
 
-def test_train_and_evaluate_with_equilibrium(tmp_path: Path) -> None:
-    config = tiny_run(tmp_path)
+def test_train_and_evaluate_with_equilibrium(tmp_path: Path, data_cache: Path) -> None:
+    config = tiny_run(tmp_path, data_cache)
     result = train(config)
-    records = [json.loads(line) for line in (Path(config.out_dir) / "metrics.jsonl").open()]
+    records = read_jsonl(Path(config.out_dir) / "metrics.jsonl")
     steps = [r for r in records if "event" not in r]
     assert steps[2]["penalty"] is None and all(r["penalty"] > 0 for r in steps[5:])
     first = sum(r["ce"] for r in steps[:3]) / 3

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_no_injection import contractive_model
+from helpers import contractive_no_injection_model
 
 import solvers
 from eqloop.core.stars import jacobian_eigvals
@@ -22,7 +22,7 @@ def options(**fields: object) -> TrainConfig:
 
 
 def test_fixed_point_option_solves_from_the_trajectory_state() -> None:
-    model = contractive_model()
+    model = contractive_no_injection_model()
     f, z0 = model.core_map(TOKENS)
     z = model.unroll(TOKENS, 2)
     same, v = penalty_point(f, z, options())
@@ -36,7 +36,7 @@ def test_fixed_point_option_solves_from_the_trajectory_state() -> None:
 
 
 def test_arnoldi_option_starts_along_the_dominant_direction() -> None:
-    model = contractive_model()
+    model = contractive_no_injection_model()
     f, _ = model.core_map(TOKENS)
     z = model.unroll(TOKENS, 30).detach()
     generator = torch.Generator().manual_seed(0)
@@ -51,7 +51,7 @@ def test_arnoldi_option_starts_along_the_dominant_direction() -> None:
 
 @pytest.mark.parametrize("fields", [{"penalty_at": "fixed_point"}, {"penalty_arnoldi": 8}])
 def test_train_step_with_the_options(fields: dict) -> None:
-    model = contractive_model()
+    model = contractive_no_injection_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     targets = TOKENS.roll(-1, dims=1)
     stats = train_step(

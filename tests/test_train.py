@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from helpers import (
     TINY_TRAIN_MODEL,
+    count_step_reads,
     read_jsonl,
     run_torchrun,
     same_weights,
@@ -38,7 +39,6 @@ from eqloop.recipes.train import (
 )
 from eqloop.training.checkpoint import CheckpointError, load_checkpoint
 from eqloop.training.config import TrainConfig, load_config
-from eqloop.training.step_stats import PendingSteps
 
 
 class Stop(Exception):
@@ -427,14 +427,7 @@ def test_step_statistics_are_read_every_log_every_steps_with_the_same_values(
     train(config)
     every_step = read_jsonl(Path(config.out_dir) / "metrics.jsonl")
 
-    reads: list[int] = []
-    original = PendingSteps.read
-
-    def counted(self: PendingSteps, signum: int = 0) -> Any:
-        reads.append(len(self))
-        return original(self, signum)
-
-    monkeypatch.setattr(PendingSteps, "read", counted)
+    reads = count_step_reads(monkeypatch)
     spaced = dataclasses.replace(config, out_dir=str(tmp_path / "spaced"), log_every=3)
     result = train(spaced)
     assert reads == [3, 3, 2]  # steps 3, 6 and the end (8)

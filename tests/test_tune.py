@@ -9,17 +9,15 @@ Worker processes run the real ``eqloop tune`` command.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import finish_worker, retried_from, tiny_tune_base, tune_worker, wait_for
 
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
@@ -38,30 +36,9 @@ from eqloop.recipes.tune import (  # noqa: E402
 )
 from eqloop.training.config import TrainConfig  # noqa: E402
 
-TINY_MODEL = {"d_model": 16, "n_heads": 2, "d_ff": 32}
-
-
-def tiny_base(data_cache: Path, **changes: Any) -> dict[str, Any]:
-    """A TrainConfig override dict for runs of a few CPU seconds."""
-    base = {
-        "steps": 12,
-        "n_train": 256,
-        "n_test": 32,
-        "batch_size": 32,
-        "eval_every": 4,
-        "checkpoint_every": 0,
-        "warmup_steps": 2,
-        "penalty_start": 2,
-        "model": dict(TINY_MODEL),
-        "depth": {"kind": "lognormal", "mu": 1.0, "sigma": 0.5, "lo": 1, "hi": 4},
-        "data_cache_dir": str(data_cache),
-    }
-    base.update(changes)
-    return base
-
 
 def tiny_tune_config(tmp_path: Path, data_cache: Path, **changes: Any) -> TuneConfig:
-    base = tiny_base(data_cache, **changes.pop("base", {}))
+    base = tiny_tune_base(data_cache, **changes.pop("base", {}))
     fields = {
         "study_dir": str(tmp_path / "study"),
         "n_trials": 3,
@@ -494,25 +471,11 @@ def test_unknown_tune_keys_are_rejected_naming_the_key(tmp_path: Path) -> None:
 
 
 def write_tune_config(path: Path, data_cache: Path, **changes: Any) -> Path:
-    base = tiny_base(data_cache, **changes.pop("base", {}))
+    base = tiny_tune_base(data_cache, **changes.pop("base", {}))
     data = {"n_trials": 4, "loops": [2, 4], "base": base, "pruner": "none", "progress": False}
     data.update(changes)
     path.write_text(json.dumps(data))
     return path
-
-
-def worker(config: Path, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "eqloop.cli", "tune", "--config", str(config), *args]
-    return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def finish(proc: subprocess.Popen[str], timeout: float = 240) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out
-    return out
 
 
 def storage_args(kind: str, tmp_path: Path) -> list[str]:
@@ -536,8 +499,8 @@ def test_two_workers_run_n_trials_in_total(tmp_path: Path, data_cache: Path, kin
     config = write_tune_config(
         tmp_path / "tune.json", data_cache, n_trials=5, study_dir=str(tmp_path / "study")
     )
-    procs = [worker(config, *storage_args(kind, tmp_path)) for _ in range(2)]
-    outputs = [finish(p) for p in procs]
+    procs = [tune_worker(config, *storage_args(kind, tmp_path)) for _ in range(2)]
+    outputs = [finish_worker(p) for p in procs]
     study = open_study(kind, tmp_path)
     trials = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
     assert len(trials) == 5, outputs
@@ -550,23 +513,6 @@ def test_two_workers_run_n_trials_in_total(tmp_path: Path, data_cache: Path, kin
     assert len({t.params["lam"] for t in trials}) == 5
     pids = {t.user_attrs["worker"]["pid"] for t in trials}
     assert pids == {p.pid for p in procs}, "both workers ran trials"
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 120, what: str = "") -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with_errors_ignored = _safe(condition)
-        if with_errors_ignored:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _safe(condition: Callable[[], bool]) -> bool:
-    try:
-        return condition()
-    except Exception:  # the storage may not exist yet
-        return False
 
 
 def running_trial_with_steps(kind: str, tmp_path: Path, number: int, steps: int) -> bool:
@@ -591,7 +537,7 @@ def start_and_kill_in_trial_1(
         base={"steps": 400, "eval_every": 20, "checkpoint_every": 20},
         **changes,
     )
-    proc = worker(config, *storage_args(kind, tmp_path))
+    proc = tune_worker(config, *storage_args(kind, tmp_path))
     procs.append(proc)
     wait_for(lambda: running_trial_with_steps(kind, tmp_path, 1, 40), what="trial 1 to train")
     first = open_study(kind, tmp_path).get_trials()[0]
@@ -615,7 +561,7 @@ def test_killed_worker_is_detected_and_its_trial_retried(
     assert killed.state == TrialState.RUNNING  # SIGKILL: nobody could mark it
     time.sleep(3)  # past the grace period
     requeue = ["--requeue", "1"] if kind == "journal" else []
-    finish(worker(config, *storage_args(kind, tmp_path), *requeue))
+    finish_worker(tune_worker(config, *storage_args(kind, tmp_path), *requeue))
     trials = open_study(kind, tmp_path).get_trials()
     assert trials[0].datetime_start == first.datetime_start and trials[0].value == first.value
     assert trials[1].state == TrialState.FAIL
@@ -633,15 +579,6 @@ def test_killed_worker_is_detected_and_its_trial_retried(
     assert steps == list(range(1, 401))
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 3
     assert len(trials) == 4
-
-
-def retried_from(trial: Any) -> int | None:
-    """The trial a retry repeats, as Optuna's retry callback recorded it."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-    with warnings.catch_warnings():  # marked experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
 
 
 def _logged_steps(metrics: Path) -> list[int]:
@@ -674,7 +611,7 @@ def test_sigterm_fails_the_trial_and_queues_it(
     assert trials[1].state == TrialState.FAIL
     assert trials[1].user_attrs["error"] == "interrupted"
     assert trials[2].state == TrialState.WAITING and trials[2].params == trials[1].params
-    finish(worker(config, *storage_args("journal", tmp_path)))
+    finish_worker(tune_worker(config, *storage_args("journal", tmp_path)))
     trials = open_study("journal", tmp_path).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL] + [
         TrialState.COMPLETE

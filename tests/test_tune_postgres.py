@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import finish_worker, retried_from, tiny_tune_base, tune_worker, wait_for
 
 optuna = pytest.importorskip("optuna")
 
 from optuna.trial import TrialState  # noqa: E402
-from test_tune import finish, retried_from, tiny_base, wait_for, worker  # noqa: E402
 
 from eqloop.recipes.tune.storage import parse as parse_storage  # noqa: E402
 
@@ -113,7 +113,7 @@ def test_killed_worker_on_postgres_is_retried_from_its_heartbeat(
     study_name = f"pg-{uuid.uuid4().hex[:12]}"  # the CI database outlives the test
     n_trials = 4
     config = tmp_path / "tune.json"
-    base = tiny_base(data_cache, steps=60, eval_every=20, checkpoint_every=20)
+    base = tiny_tune_base(data_cache, steps=60, eval_every=20, checkpoint_every=20)
     settings = {"study_name": study_name, "study_dir": str(tmp_path / "study"), "base": base}
     settings.update(storage=postgres_url, n_trials=n_trials, loops=[2, 4], pruner="none")
     settings.update(progress=False, heartbeat_interval=1, grace_period=GRACE)
@@ -123,7 +123,7 @@ def test_killed_worker_on_postgres_is_retried_from_its_heartbeat(
     def trials() -> list[Any]:
         return optuna.load_study(study_name=study_name, storage=storage).get_trials()
 
-    first, second = worker(config), worker(config)
+    first, second = tune_worker(config), tune_worker(config)
     processes.extend([first, second])
 
     def first_is_training() -> bool:
@@ -135,9 +135,9 @@ def test_killed_worker_on_postgres_is_retried_from_its_heartbeat(
     killed_at = time.time()
     (killed,) = [t for t in trials() if t.state == TrialState.RUNNING and owner(t) == first.pid]
     time.sleep(GRACE + 1)  # the heartbeat is stale now
-    restarted = worker(config)
+    restarted = tune_worker(config)
     processes.append(restarted)
-    outputs = [finish(restarted, timeout=180), finish(second, timeout=180)]
+    outputs = [finish_worker(restarted, timeout=180), finish_worker(second, timeout=180)]
 
     final = trials()
     complete = [t for t in final if t.state == TrialState.COMPLETE]

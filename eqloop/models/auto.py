@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from eqloop.data.tokenizers import CharTokenizer, TextTokenizer, as_text_tokenizer
-from eqloop.files import umask_mode
+from eqloop.files import staged_directory
 from eqloop.models.io import is_pretrained_dir  # raises on a malformed config.json
 from eqloop.models.looplm.modeling import LoopLM
 from eqloop.training.checkpoint import load_model, save_checkpoint
@@ -166,10 +165,7 @@ def save_model(
     target = Path(path)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ValueError(f"{target} exists and is not empty; choose another output directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written into a hidden sibling and renamed, so a crash never leaves a partial model.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staged_directory(target) as staging:  # a crash never leaves a partial model
         if isinstance(model, LoopLM):
             save_checkpoint(
                 staging,
@@ -184,10 +180,6 @@ def save_model(
             for name in TOKENIZER_FILES:
                 if (Path(source) / name).is_file() and not (staging / name).exists():
                     shutil.copy2(Path(source) / name, staging / name)
-        os.chmod(staging, umask_mode(directory=True))
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

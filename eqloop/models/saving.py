@@ -15,14 +15,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from eqloop.files import STAGING_PREFIX, replace_directory, umask_mode, write_json_atomic
+from eqloop.files import staged_directory, write_json_atomic
 from eqloop.models.base import PretrainedLoopedLM
 from eqloop.models.config import config_to_dict
 from eqloop.models.keys import check_keys
@@ -182,13 +181,7 @@ def save_pretrained(
         )
     tensors = _tensors_to_save(model)
     shards = _shards(tensors, limit)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(
-        tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{directory.name}-", dir=directory.parent)
-    )
-    try:
-        mode = directory.stat().st_mode if directory.is_dir() else umask_mode(directory=True)
-        os.chmod(staging, mode & 0o7777)  # mkdtemp makes it private
+    with staged_directory(directory) as staging:
         generation = getattr(model, "generation_config", None)
         _carry_over(directory, staging, keep_generation=not generation)
         metadata = {"format": "pt"}
@@ -207,9 +200,6 @@ def save_pretrained(
         write_json_atomic(staging / CONFIG_FILE, _config_json(model))
         if generation:
             write_json_atomic(staging / GENERATION_CONFIG_FILE, generation)
-        replace_directory(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

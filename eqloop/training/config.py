@@ -46,10 +46,12 @@ __all__ = [
     "SOLVE_BACKWARDS",
     "SolveConfig",
     "TrainConfig",
+    "TrainingConfigMixin",
     "apply_overrides",
     "check_backward",
     "check_device",
     "check_penalty_start",
+    "check_run_options",
     "load_config",
     "penalty_start_step",
 ]
@@ -190,8 +192,39 @@ def _model_type_names() -> dict[str, Any]:
     return {"LoopLMConfig": LoopLMConfig}
 
 
+class TrainingConfigMixin:
+    """What a training config builds from the fields ``TrainConfig`` and ``FinetuneConfig``
+    share: the backward mode (``backward``, ``backward_options``) and the depth sampler
+    (``depth``, ``seed``)."""
+
+    backward: str
+    backward_options: dict[str, Any]
+    depth: dict[str, Any]
+    seed: int
+
+    def make_backward(self) -> Backward:
+        """The backward mode object (``eqloop.core.backward``) of ``backward`` and its options."""
+        from eqloop.core.backward import make_backward
+
+        return make_backward(self.backward, **self.backward_options)
+
+    def make_sampler(self) -> DepthSampler:
+        """A fresh depth sampler (seeded with ``seed``) from the ``depth`` dict.
+
+        Raises:
+            TypeError: ``depth`` is not a dict with a ``"kind"`` key.
+            ValueError: an unknown kind or bad parameters (:func:`make_depth_sampler`).
+        """
+        from eqloop.training.depth import make_depth_sampler
+
+        if not isinstance(self.depth, Mapping) or "kind" not in self.depth:
+            raise TypeError(f"depth must be a dict with a 'kind' key, got {self.depth!r}")
+        params = {k: v for k, v in self.depth.items() if k != "kind"}
+        return make_depth_sampler(self.depth["kind"], seed=self.seed, **params)
+
+
 @dataclass
-class TrainConfig(ConfigBase, type_names=_model_type_names):
+class TrainConfig(TrainingConfigMixin, ConfigBase, type_names=_model_type_names):
     """Everything that defines a training run (see ``eqloop.recipes.train``)."""
 
     # -- model and data ------------------------------------------------------------------
@@ -320,44 +353,19 @@ class TrainConfig(ConfigBase, type_names=_model_type_names):
             )
         for t in self.eval_loops:
             checks.integer("eval_loops entries", t, low=0)
-        if not isinstance(self.depth, Mapping) or "kind" not in self.depth:
-            raise TypeError(f"depth must be a dict with a 'kind' key, got {self.depth!r}")
-        self.make_sampler()  # raises ValueError on bad kinds and parameters
+        self.make_sampler()  # raises TypeError/ValueError on a bad depth dict
         self._check_backward()
-        for name in ("out_dir", "device"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise TypeError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise TypeError(f"out_dir must be a non-empty string, got {self.out_dir!r}")
         for name in ("data_cache_dir", "init_from"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a path or None, got {getattr(self, name)!r}")
-        if not _DEVICE.fullmatch(self.device):
-            raise ValueError(
-                f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', got {self.device!r}"
-            )
-        for name in ("reverse_operands", "resume", "overwrite", "progress", "compile"):
-            checks.boolean(name, getattr(self, name))
-        if self.resume and self.overwrite:
-            raise ValueError(
-                "resume and overwrite exclude each other: resume continues the run in "
-                "out_dir, overwrite deletes it"
-            )
+        checks.boolean("reverse_operands", self.reverse_operands)
+        check_run_options(self)
 
     def _check_backward(self) -> None:
         """Check ``backward``, ``backward_options`` and ``solve`` before any step."""
         check_backward(self.backward, self.backward_options, self.solve)
-
-    def make_backward(self) -> Backward:
-        """The backward mode object (``eqloop.core.backward``) of ``backward`` and its options."""
-        from eqloop.core.backward import make_backward
-
-        return make_backward(self.backward, **self.backward_options)
-
-    def make_sampler(self) -> DepthSampler:
-        """A fresh depth sampler (seeded with ``seed``) from the ``depth`` dict."""
-        from eqloop.training.depth import make_depth_sampler
-
-        params = {k: v for k, v in self.depth.items() if k != "kind"}
-        return make_depth_sampler(self.depth["kind"], seed=self.seed, **params)
 
     def make_examples(self, split: str) -> Examples:
         """The run's ``"train"`` (``n_train`` rows) or ``"test"`` split.
@@ -418,6 +426,33 @@ def penalty_start_step(penalty_start: float | int, steps: int, *, lam: float = 0
             stacklevel=4,  # the caller of train() / finetune()
         )
     return int(start)
+
+
+def check_run_options(config: Any) -> None:
+    """Check the run options every training config has (``TrainConfig``, ``FinetuneConfig``).
+
+    Args:
+        config: a config with ``device`` (a name :func:`check_device` accepts; whether
+            this machine has it is checked when the run starts) and the flags ``resume``,
+            ``overwrite``, ``progress`` and ``compile``.
+
+    Raises:
+        TypeError: ``device`` is not a non-empty string, or a flag is not a bool.
+        ValueError: an unknown device name, or ``resume`` together with ``overwrite``.
+    """
+    if not isinstance(config.device, str) or not config.device:
+        raise TypeError(f"device must be a non-empty string, got {config.device!r}")
+    if not _DEVICE.fullmatch(config.device):
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', got {config.device!r}"
+        )
+    for name in ("resume", "overwrite", "progress", "compile"):
+        checks.boolean(name, getattr(config, name))
+    if config.resume and config.overwrite:
+        raise ValueError(
+            "resume and overwrite exclude each other: resume continues the run in "
+            "out_dir, overwrite deletes it"
+        )
 
 
 def check_device(name: str) -> str:

@@ -16,7 +16,7 @@ A run directory (``out_dir``) belongs to one run:
 
 A run ends cleanly on SIGINT (Ctrl-C) and SIGTERM (:func:`stop_signals`): the step in
 progress finishes, a checkpoint is written and :class:`TrainingInterrupted` says where;
-:func:`report_interrupt` prints the command that resumes. A step whose loss or gradient
+:func:`run_recipe` prints the command that resumes. A step whose loss or gradient
 norm is not finite stops the run with :class:`NonFiniteLoss` (:func:`check_finite`, at the
 next read of the step statistics) before anything after that step is saved, so the newest
 checkpoint stays the last finite one.
@@ -24,6 +24,7 @@ checkpoint stays the last finite one.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -34,7 +35,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,8 @@ __all__ = [
     "check_resumable",
     "plan_run_dir",
     "read_metrics",
-    "report_interrupt",
     "resume_command",
+    "run_recipe",
     "stop_signals",
 ]
 
@@ -215,24 +216,48 @@ def resume_command(argv: Sequence[str]) -> str:
     return shlex.join(["eqloop", *args])
 
 
-def report_interrupt(prefix: str, stop: TrainingInterrupted, argv: Sequence[str]) -> int:
-    """Print where the interrupted run's checkpoint is and how to resume (rank 0).
+def run_recipe(
+    prefix: str,
+    recipe: Callable[[Any], Mapping[str, Any]],
+    config: Any,
+    args: argparse.Namespace,
+    *,
+    rank0_key: str,
+) -> int:
+    """Run a training command's recipe as ``eqloop train`` and ``eqloop finetune`` do.
+
+    ``--print-config`` prints the config as JSON instead of running. Otherwise the recipe
+    runs; its result is printed as JSON by rank 0 (the process whose result holds
+    ``rank0_key``). A run stopped by SIGINT or SIGTERM prints, on rank 0, where its
+    checkpoint is and the command that resumes it.
 
     Args:
         prefix: the command, e.g. ``"eqloop finetune"``.
-        stop: the exception the training loop raised.
-        argv: the command's arguments (without the program name).
+        recipe: the training function, e.g. :func:`eqloop.train.train`.
+        config: its config (with ``to_dict()``).
+        args: the parsed command line, with ``print_config`` and ``argv`` (the command's
+            arguments without the program name).
+        rank0_key: the result entry only rank 0's result holds (a non-empty value).
 
     Returns:
-        The exit status: 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+        The exit status: 0, or 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
     """
-    if stop.checkpoint is not None:  # rank 0
-        print(
-            f"{prefix}: {signal.Signals(stop.signum).name} at step {stop.step}: saved "
-            f"{stop.checkpoint}; resume with: {resume_command(argv)}",
-            file=sys.stderr,
-        )
-    return 128 + stop.signum
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    try:
+        result = recipe(config)
+    except TrainingInterrupted as stop:
+        if stop.checkpoint is not None:  # rank 0
+            print(
+                f"{prefix}: {signal.Signals(stop.signum).name} at step {stop.step}: saved "
+                f"{stop.checkpoint}; resume with: {resume_command(args.argv)}",
+                file=sys.stderr,
+            )
+        return 128 + stop.signum
+    if result.get(rank0_key):
+        print(json.dumps(result, indent=2))
+    return 0
 
 
 # ----------------------------------------------------------------------------- metrics

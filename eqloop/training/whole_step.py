@@ -58,8 +58,8 @@ class WholeStep:
             compiling the function.
         **compile_kwargs: passed to :func:`eqloop.core.compiling.compile_function`
             (``fullgraph=True`` and ``dynamic=False`` unless given: a static loop count per
-            graph; under inductor without a ``mode``, ``options`` gets ``max_autotune=True`` unless it says
-            otherwise).
+            graph; under inductor without a ``mode``, ``options`` gets
+            ``max_autotune=True`` unless it says otherwise).
     """
 
     def __init__(

@@ -90,7 +90,7 @@ from eqloop.evaluation import (
     make_test_set,
     unrolled,
 )
-from eqloop.files import write_json_atomic
+from eqloop.files import write_figure_atomic, write_json_atomic
 from eqloop.models.looplm.modeling import LoopLM
 from eqloop.plotting import pyplot, style_axis
 from eqloop.recipes.train import batch_rows, make_train_tensors, train_step
@@ -657,7 +657,7 @@ def plot(results: Sequence[dict[str, Any]], args: argparse.Namespace, path: str 
     )
     ax_nfe.set_title("cost of finding z* (dots: seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure_atomic(path, fig, dpi=120)
     plt.close(fig)
 
 

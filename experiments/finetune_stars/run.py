@@ -59,10 +59,12 @@ from benchmarks.common import (
     print_written,
     write_json_atomic,
 )
+from benchmarks.memory_depth import saved_bytes
 from eqloop import pretrained
 from eqloop.data import make_arithmetic_dataset
 from eqloop.data.qa import PromptTemplate, encode_examples, load_jsonl, write_jsonl
 from eqloop.evaluation import accuracy_vs_loops
+from eqloop.files import write_figure_atomic
 from eqloop.models.auto import load_for_finetuning
 from eqloop.plotting import pyplot, style_axis
 from eqloop.recipes.finetune.config import FinetuneConfig
@@ -371,32 +373,11 @@ def plot(per_seed: list[dict[str, Any]], path: str) -> None:
     ax.set_title("exact match vs loops (star: Anderson equilibrium); trained at 4 loops")
     style_axis(ax, "loops at test time", "exact match (%)")
     fig.tight_layout()
-    from eqloop.files import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130)
+    write_figure_atomic(path, fig, dpi=130)
     plt.close(fig)
 
 
 # ------------------------------------------------------------------ memory of Ouro-1.4B
-
-
-def _saved_bytes(objective: Any, tokens: torch.Tensor, loops: int, penalty: bool) -> int:
-    """Bytes of the tensors autograd saves for the backward (parameters excluded)."""
-    from torch.autograd.graph import saved_tensors_hooks
-
-    params = {p.untyped_storage().data_ptr() for p in objective.model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with saved_tensors_hooks(pack, lambda t: t):
-        objective(tokens, tokens, loops, penalty, torch.Generator().manual_seed(0))
-    return sum(seen.values())
 
 
 def memory_estimate(path: str, tokens: int = 64) -> dict[str, Any]:
@@ -427,17 +408,23 @@ def memory_estimate(path: str, tokens: int = 64) -> dict[str, Any]:
     model = pretrained.load(layer)
     ids = torch.randint(4, 100, (1, tokens))
     per_token: dict[str, float] = {}
+
+    def saved(objective: Objective, loops: int, penalty: bool) -> int:
+        """Bytes one objective call at ``loops`` saves for the backward (fixed noise seed)."""
+        gen = torch.Generator().manual_seed(0)
+        return saved_bytes(objective.model, lambda: objective(ids, ids, loops, penalty, gen))
+
     for name, options in (
         ("fp32", {}),
         ("bf16", {"autocast": True}),
         ("bf16_checkpointed", {"autocast": True, "grad_checkpointing": True}),
     ):
         objective = Objective(model, lam=0.1, **options)
-        four, eight = (_saved_bytes(objective, ids, t, False) for t in (4, 8))
+        four, eight = (saved(objective, t, False) for t in (4, 8))
         key = f"{name}_per_loop" if "checkpointed" in name else f"{name}_per_loop_layer"
         per_token[key] = (eight - four) / 4 / tokens
         if name == "bf16":
-            per_token["penalty_per_layer"] = (_saved_bytes(objective, ids, 4, True) - four) / tokens
+            per_token["penalty_per_layer"] = (saved(objective, 4, True) - four) / tokens
     d, f, v, n = c["hidden"], c["ffn"], c["vocab"], c["layers"]
     per_layer = 4 * d * d + 3 * d * f + 4 * d
     params = n * per_layer + 2 * v * d + d + (d + 1)  # layers, embeddings + head, norm, gate

@@ -36,14 +36,16 @@ from torch import Tensor, nn
 
 from benchmarks.common import format_table, machine_info, print_written, write_json_atomic
 from eqloop.evaluation import make_test_set
-from eqloop.models.looplm.modeling import CausalSelfAttention, apply_rotary
+from eqloop.models.looplm.modeling import CausalSelfAttention
 from eqloop.training.checkpoint import load_model
 from eqloop.training.config import TrainConfig
 
 PROG = "experiments/plateau/run.py"  # the script in usage and error lines
 
 
-def attention_probabilities(module: CausalSelfAttention, x: Tensor, rope: Any) -> Tensor:
+def attention_probabilities(
+    module: CausalSelfAttention, x: Tensor, rope: tuple[Tensor, Tensor] | None
+) -> Tensor:
     """The causal attention weights that ``module`` computes for its input.
 
     Args:
@@ -54,13 +56,9 @@ def attention_probabilities(module: CausalSelfAttention, x: Tensor, rope: Any) -
     Returns:
         (B, heads, S, S) softmax weights; row ``q`` holds the weights of query ``q``.
     """
-    batch, seq, d = x.shape
-    heads = module.n_heads
-    q, k, _ = module.qkv(x).view(batch, seq, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-    if rope is not None:
-        cos, sin = (table.to(q.dtype) for table in rope)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    scores = q @ k.transpose(-1, -2) / (d // heads) ** 0.5
+    q, k, _ = module.qkv_heads(x, rope)  # (B, heads, S, e) each, rotated as in the layer
+    seq = q.shape[-2]
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
     future = torch.ones(seq, seq, dtype=torch.bool, device=x.device).triu(1)
     return scores.masked_fill(future, float("-inf")).softmax(-1)
 

@@ -104,7 +104,7 @@ from eqloop.evaluation import (
     plot_trajectories,
     unrolled,
 )
-from eqloop.files import write_json_atomic
+from eqloop.files import write_figure_atomic, write_json_atomic
 from eqloop.plotting import pyplot, style_axis
 from eqloop.recipes.train import check_resumable, penalty_overhead, train
 from eqloop.training.checkpoint import (
@@ -758,7 +758,7 @@ def plot_accuracy(results: Sequence[dict[str, Any]], path: str | Path) -> None:
     style_axis(ax_norm, "loops at test time", "state norm ||z_t||", legend=False)
     ax_norm.set_title("hidden-state norm vs loops")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure_atomic(path, fig, dpi=120)
     plt.close(fig)
 
 
@@ -921,7 +921,7 @@ def plot_scaling(runs: Sequence[dict[str, Any]], path: str | Path) -> None:
         style_axis(ax, "loops at test time (dotted: training depth)", "exact match")
         ax.set_title(split)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure_atomic(path, fig, dpi=120)
     plt.close(fig)
 
 

@@ -48,7 +48,7 @@ import torch
 from optuna.trial import TrialState
 
 from benchmarks.common import format_table, machine_info, print_written
-from eqloop.files import write_json_atomic
+from eqloop.files import write_figure_atomic, write_json_atomic
 from eqloop.plotting import pyplot, style_axis
 from eqloop.recipes.train import train
 from eqloop.recipes.tune import TuneConfig, load_study, run_study
@@ -215,7 +215,7 @@ def plot(
     ax_obj.set_title("objective vs lam, seed as nuisance")
     ax_acc.set_title("per test-time loop count")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure_atomic(path, fig, dpi=120)
     plt.close(fig)
 
 

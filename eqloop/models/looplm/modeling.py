@@ -260,12 +260,29 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """(B, S, d) -> (B, S, d); ``rope`` is ``(cos, sin)`` of shape (S, head_dim // 2)."""
+    def qkv_heads(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The per-head queries, keys and values this layer attends with.
+
+        Args:
+            x: (B, S, d) the layer's input.
+            rope: ``(cos, sin)`` rotary tables of shape (S, head_dim // 2), or None for
+                learned positions (then no rotation is applied).
+
+        Returns:
+            ``(q, k, v)``, each (B, heads, S, head_dim); ``q`` and ``k`` are rotated when
+            ``rope`` is given. Views of one projection, no copies.
+        """
         q, k, v = rearrange(self.qkv(x), "b s (qkv h e) -> qkv b h s e", qkv=3, h=self.n_heads)
         if rope is not None:
             cos, sin = (table.to(q.dtype) for table in rope)  # a no-op outside autocast
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k, v
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """(B, S, d) -> (B, S, d); ``rope`` is ``(cos, sin)`` of shape (S, head_dim // 2)."""
+        q, k, v = self.qkv_heads(x, rope)
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )

@@ -6,7 +6,6 @@ Building the parser imports neither torch nor peft, so ``eqloop --help`` stays f
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from eqloop.training.flags import add_run_arguments, flag_values
@@ -67,16 +66,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except TypeError as err:
         raise ValueError(str(err)) from None
-    if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
-        return 0
     from eqloop.recipes.finetune.train import finetune
-    from eqloop.training.run_dir import TrainingInterrupted, report_interrupt
+    from eqloop.training.run_dir import run_recipe
 
-    try:
-        result = finetune(config)
-    except TrainingInterrupted as stop:
-        return report_interrupt("eqloop finetune", stop, args.argv)
-    if "model" in result:  # rank 0
-        print(json.dumps(result, indent=2))
-    return 0
+    return run_recipe("eqloop finetune", finetune, config, args, rank0_key="model")

@@ -12,21 +12,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from eqloop.config import load_config_data
+from eqloop.config import ConfigBase, load_config_data
 from eqloop.training.config import (
     SCHEDULES,
-    ConfigBase,
     SolveConfig,
+    TrainingConfigMixin,
     check_backward,
     check_penalty_start,
+    check_run_options,
 )
-from eqloop.training.depth import make_depth_sampler
 from solvers import checks
-
-if TYPE_CHECKING:
-    from eqloop.core.backward import Backward
 
 __all__ = [
     "BACKWARDS",
@@ -74,7 +71,7 @@ class LoraOptions(ConfigBase):
 
 
 @dataclass
-class FinetuneConfig(ConfigBase):
+class FinetuneConfig(TrainingConfigMixin, ConfigBase):
     """Everything that defines a fine-tuning run (see ``eqloop.recipes.finetune.train``).
 
     ``from_dict(data, complete=...)`` passes ``complete`` to :meth:`validate`.
@@ -156,20 +153,9 @@ class FinetuneConfig(ConfigBase):
         """
         self._check_paths_and_choices(complete)
         self._check_numbers()
-        for name in (
-            "grad_checkpointing",
-            "resume",
-            "overwrite",
-            "progress",
-            "compile",
-            "eval_equilibrium",
-        ):
+        for name in ("grad_checkpointing", "eval_equilibrium"):
             checks.boolean(name, getattr(self, name))
-        if self.resume and self.overwrite:
-            raise ValueError(
-                "resume and overwrite exclude each other: resume continues the run in "
-                "out_dir, overwrite deletes it"
-            )
+        check_run_options(self)
         for name in ("prompt", "delimiter"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
@@ -187,10 +173,8 @@ class FinetuneConfig(ConfigBase):
                 raise ValueError(f"lora must be null or an object, got {self.lora!r}")
             self.lora.validate()
         if self.mode == "stars":
-            self.make_stars_sampler()  # raises ValueError on bad kinds and parameters
+            self.make_sampler()  # raises TypeError/ValueError on a bad depth dict
         self._check_solve()
-        if not isinstance(self.device, str) or not self.device.startswith(("auto", "cpu", "cuda")):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}")
 
     def _check_paths_and_choices(self, complete: bool) -> None:
         """The paths (see :meth:`validate` on ``complete``) and the fields with a set of choices."""
@@ -267,19 +251,6 @@ class FinetuneConfig(ConfigBase):
                     f"{self.backward!r} keeps no loop): set {name} to its default, or "
                     "solve=null"
                 )
-
-    def make_backward(self) -> Backward:
-        """The backward mode object (``eqloop.core.backward``) of ``backward`` and its options."""
-        from eqloop.core.backward import make_backward
-
-        return make_backward(self.backward, **self.backward_options)
-
-    def make_stars_sampler(self) -> Any:
-        """A fresh STARS depth sampler (seeded with ``seed``) from the ``depth`` dict."""
-        if not isinstance(self.depth, Mapping) or "kind" not in self.depth:
-            raise ValueError(f"depth must be a dict with a 'kind' key, got {self.depth!r}")
-        params = {k: v for k, v in self.depth.items() if k != "kind"}
-        return make_depth_sampler(self.depth["kind"], seed=self.seed, **params)
 
 
 def load_finetune_config(

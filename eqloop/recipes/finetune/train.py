@@ -284,7 +284,7 @@ def make_sampler(config: FinetuneConfig, trained_loops: int) -> DepthSampler:
     """SFT: always ``config.loops`` (default: the trained depth); STARS: ``config.depth``."""
     if config.mode == "sft":
         return make_depth_sampler("fixed", t=config.loops or trained_loops, seed=config.seed)
-    return config.make_stars_sampler()
+    return config.make_sampler()
 
 
 def _autocast_on(config: FinetuneConfig, device: torch.device) -> bool:

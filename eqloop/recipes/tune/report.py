@@ -7,7 +7,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from eqloop.files import atomic_path, write_json_atomic
+from eqloop.files import atomic_path, write_figure_atomic, write_json_atomic
 from eqloop.plotting import pyplot
 from eqloop.recipes.tune.config import OBJECTIVES, TuneConfig, experimental_api
 from eqloop.recipes.tune.objective import count
@@ -90,6 +90,5 @@ def write_report(study: optuna.Study, config: TuneConfig, storage: str, base: Tr
         slices = plots.plot_slice(study, list(config.space), target=first, target_name=names[0])
     for key, axes in (("history_plot", history), ("objective_plot", slices)):
         figure = getattr(axes, "flat", [axes])[0].figure  # one Axes or an array of them
-        with atomic_path(paths[key]) as tmp:
-            figure.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
+        write_figure_atomic(paths[key], figure, dpi=110, format="png", bbox_inches="tight")
         pyplot().close(figure)
