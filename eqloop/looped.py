@@ -396,7 +396,8 @@ class LoopedLM(nn.Module, abc.ABC):
             backward: a backward mode object or name. Unrolled: ``None`` (every loop)
                 or ``eqloop.Truncated(k)``, the last k loops only (see :meth:`loop`).
                 Equilibrium: any mode (``eqloop.IFT(...)``, ...); ``"ift"`` by default.
-            tol: equilibrium mode only, like the next three: solver tolerance (default ``eqloop.defaults.EQUILIBRIUM_TOL``).
+            tol: equilibrium mode only, like the next three: solver tolerance (default
+                ``eqloop.defaults.EQUILIBRIUM_TOL``).
             max_iter: solver budget (default ``eqloop.defaults.EQUILIBRIUM_MAX_ITER``).
             stop_mode: ``"rel"`` or ``"abs"`` residual (default ``"rel"``).
             start_loops: plain loops run (with their graph) before the solver starts,
