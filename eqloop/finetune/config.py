@@ -266,10 +266,18 @@ class FinetuneConfig(ConfigBase):
                     "solve=null"
                 )
 
-    def make_backward(self) -> Backward:
-        """The backward mode object (``eqloop.backward``) of ``backward`` and its options."""
-        from eqloop.backward import make_backward
+    def make_backward(self) -> Backward | None:
+        """The backward mode object (``eqloop.backward``) of a training step.
 
+        With ``solve``: ``backward`` with its options (IFT or Phantom at the fixed point).
+        Without it, the mode of the unrolled loops (``backward="unroll"``) as
+        :meth:`eqloop.looped.LoopedLM.loop` takes it: ``eqloop.Truncated(backprop_loops)``
+        (the last ``backprop_loops`` loops with a graph), or ``None`` (every loop).
+        """
+        from eqloop.backward import Truncated, make_backward
+
+        if self.solve is None:
+            return None if self.backprop_loops is None else Truncated(self.backprop_loops)
         return make_backward(self.backward, **self.backward_options)
 
     def make_stars_sampler(self) -> Any:
