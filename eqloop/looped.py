@@ -253,8 +253,8 @@ class LoopedLM(nn.Module, abc.ABC):
         trajectories) runs it.
 
         Without options every sequence runs every loop, with no host read: ``result.z``
-        is ``f^loops(z0)``, differentiable through every loop when grad mode is on. The
-        options change the graph, never the values:
+        is ``f^loops(z0)``, differentiable through every loop when grad mode is on.
+        ``backward`` and ``grad_checkpointing`` change the graph, never the values:
 
         * ``backward=eqloop.Truncated(k)``: the first ``loops - k`` loops run without a
           graph, the last ``min(k, loops)`` with one (Huginn's truncated backprop).
@@ -267,8 +267,8 @@ class LoopedLM(nn.Module, abc.ABC):
         * ``exit_threshold`` (> 0): a sequence stops once the step it just took is small,
           ``||z_t - z_{t-1}|| / (||z_t|| + eps) <= exit_threshold``, and keeps ``z_t``;
           every ``exit_check_every`` loops one host read drops the stopped sequences from
-          the working batch (and ends the loop when none is left). Not with ``on_state``,
-          which sees the whole batch at every loop.
+          the working batch (and ends the loop when none is left); differentiable too.
+          Not with ``on_state``, which sees the whole batch at every loop.
 
         Args:
             f: the batch's map (from :meth:`core_map`).
