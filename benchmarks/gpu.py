@@ -102,12 +102,12 @@ from benchmarks.common import (
     write_json_atomic,
 )
 from eqloop.backward import ConvergenceWarning
-from eqloop.config import TrainConfig
 from eqloop.finetune.config import FinetuneConfig
 from eqloop.finetune.train import Objective
 from eqloop.implicit import fixed_point
 from eqloop.model import LoopLM
 from eqloop.pretrained import OuroConfig, OuroForCausalLM
+from eqloop.training.config import TrainConfig
 
 MiB = 2.0**20
 MODELS = ("ouro", "looplm")

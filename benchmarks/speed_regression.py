@@ -97,7 +97,7 @@ WORKER = r"""
 import dataclasses, json, sys, time
 start = time.perf_counter()
 import torch
-from eqloop.config import TrainConfig
+from eqloop.training.config import TrainConfig
 from eqloop.model import LoopLM
 from eqloop.train import train_step
 

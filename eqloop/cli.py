@@ -25,9 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from eqloop.config import add_config_arguments
 from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_TOL
 from eqloop.finetune import cli as finetune_cli
-from eqloop.overrides import add_config_arguments
 from eqloop.pretrained.cli import add_arguments as add_pretrained_arguments
 from eqloop.training.flags import add_flag, add_run_arguments, flag_values
 
@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from eqloop.config import load_config
     from eqloop.train import TrainingInterrupted, train
+    from eqloop.training.config import load_config
     from eqloop.training.run_dir import report_interrupt
 
     config = load_config(args.config, args.overrides, flag_values(args))
@@ -308,9 +308,9 @@ def _eval(args: argparse.Namespace) -> int:
 
         return run(args)
     from eqloop.checkpoint import CheckpointError, resolve_checkpoint
-    from eqloop.config import check_device
     from eqloop.evaluation import check_options, evaluate_checkpoint, format_result, plot_results
     from eqloop.files import write_text_atomic
+    from eqloop.training.config import check_device
     from solvers import checks
 
     solver_options = {"max_iter": args.max_iter, "tol": args.tol, "start_loops": args.solver_start}

@@ -74,7 +74,7 @@ class LoopLMConfig(ConfigBase):
     """Hyperparameters of a :class:`LoopLM`. Defaults follow the STARS addition setup.
 
     ``to_dict``/``from_dict`` (unknown keys are errors naming them) come from
-    :class:`eqloop.config.ConfigBase`; a config is validated when it is made.
+    :class:`eqloop.training.config.ConfigBase`; a config is validated when it is made.
     """
 
     # config.json's model_type in LoopLM.save_pretrained's directory (as OuroConfig's "ouro")

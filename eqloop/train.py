@@ -106,7 +106,6 @@ from eqloop.checkpoint import (
     save_checkpoint,
 )
 from eqloop.compiling import compile_model, eager_map
-from eqloop.config import TrainConfig, penalty_start_step
 from eqloop.data import IGNORE_INDEX, CharTokenizer, to_tensors
 from eqloop.defaults import (
     EQUILIBRIUM_MAX_ITER,
@@ -119,6 +118,7 @@ from eqloop.evaluation import EvalSet, evaluate_model, make_test_set
 from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.stars import PenaltySchedule, jsrr_penalty, spectral_radius
 from eqloop.training import run_dir
+from eqloop.training.config import TrainConfig, penalty_start_step
 from eqloop.training.env import (  # re-exported: they were defined here
     RunEnv,
     batch_rows,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from eqloop.checkpoint import load_checkpoint
-from eqloop.config import TrainConfig
+from eqloop.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

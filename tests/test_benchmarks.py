@@ -51,8 +51,8 @@ def test_solve_compare_rejects_unknown_problem(flag: str) -> None:
 
 
 def test_solve_compare_solves_a_trained_checkpoint(tmp_path: Path) -> None:
-    from eqloop.config import TrainConfig
     from eqloop.train import train
+    from eqloop.training.config import TrainConfig
 
     run = tmp_path / "run"
     config = TrainConfig.from_dict(

@@ -315,8 +315,8 @@ def whole_step_run(
 
     ``backend`` compiles the WholeStep (default: ``WHOLE_COUNTER``).
     """
-    from eqloop.config import TrainConfig
     from eqloop.train import train_step
+    from eqloop.training.config import TrainConfig
     from eqloop.training.whole_step import WholeStep
 
     model = looplm().train()
@@ -398,8 +398,8 @@ def test_whole_step_graphs_per_loop_count_are_bounded() -> None:
 def test_whole_step_only_for_fixed_depth_runs() -> None:
     # eqloop train --compile builds the whole loss only when every step fits it; random
     # depth keeps compile_model's per-loop step (bounded graphs for loop counts 1..32).
-    from eqloop.config import TrainConfig
     from eqloop.train import RunEnv, _build
+    from eqloop.training.config import TrainConfig
     from eqloop.training.whole_step import WholeStep
 
     fixed = {"kind": "fixed", "t": 4}
@@ -426,8 +426,8 @@ def test_fixed_depth_training_with_compile_runs_the_whole_step(
     # eqloop train --compile at a fixed depth with the jvp penalty: every step runs the
     # WholeStep (one graph per penalty on/off), and the run equals the eager run.
     import eqloop.compiling
-    from eqloop.config import TrainConfig
     from eqloop.train import train
+    from eqloop.training.config import TrainConfig
 
     made: list[Any] = []
     compile_function = eqloop.compiling.compile_function

@@ -26,11 +26,11 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import eqloop
 from eqloop.compiling import eager_map
-from eqloop.config import TrainConfig
 from eqloop.looped import CoreMap
 from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.stars import jsrr_penalty
 from eqloop.train import train_step
+from eqloop.training.config import TrainConfig
 
 SEQ, D = 4, 8
 

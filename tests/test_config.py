@@ -1,4 +1,4 @@
-"""eqloop.config.ConfigBase: the one to/from dict, unknown-key check and section rule of
+"""eqloop.training.config.ConfigBase: the one to/from dict, unknown-key check and section rule of
 every config dataclass (issue 19)."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from dataclasses import fields
 
 import pytest
 
-from eqloop.config import ConfigBase, SolveConfig, TrainConfig
+from eqloop.config import ConfigBase
 from eqloop.finetune.config import FinetuneConfig, LoraOptions
 from eqloop.model import LoopLMConfig
+from eqloop.training.config import SolveConfig, TrainConfig
 from eqloop.tune.config import TuneConfig
 
 # One valid instance of each config (FinetuneConfig needs its two paths to validate).

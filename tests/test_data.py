@@ -187,7 +187,7 @@ def test_operand_reversal_writes_the_same_problems_least_significant_digit_first
 
 
 def test_a_train_config_passes_the_operand_order_to_its_data(tmp_path: Path) -> None:
-    from eqloop.config import TrainConfig
+    from eqloop.training.config import TrainConfig
 
     settings = {"digits": 2, "n_train": 64, "n_test": 8, "data_cache_dir": str(tmp_path)}
     plain = TrainConfig.from_dict(settings).make_examples("test").columns()["question"]

@@ -22,7 +22,6 @@ from eqloop.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from eqloop.config import TrainConfig
 from eqloop.data import CharTokenizer
 from eqloop.data.tokenizers import TextTokenizer, as_text_tokenizer
 from eqloop.evaluation import (
@@ -47,6 +46,7 @@ from eqloop.evaluation import (
 )
 from eqloop.finetune.data import Example, PromptTemplate, encode_examples
 from eqloop.model import LoopLM, LoopLMConfig
+from eqloop.training.config import TrainConfig
 
 MODEL = LoopLMConfig(vocab_size=19, d_model=32, n_heads=2, d_ff=64, max_seq_len=16)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import run_experiment
 
-from eqloop.config import TrainConfig
 from eqloop.model import CausalSelfAttention, LoopLMConfig, rotary_tables
 from eqloop.train import train
+from eqloop.training.config import TrainConfig
 from experiments.plateau.run import attention_probabilities, diagnose
 
 

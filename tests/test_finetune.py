@@ -254,7 +254,7 @@ def test_the_solve_gradient_is_taken_at_the_solvers_point(files: dict[str, Path]
     # One phantom step (tau 1) from the detached z*: the gradient must be that of
     # CE(readout(f(z*))) at the point the solver returned, not at z0 or after some loops.
     from eqloop.backward import Phantom
-    from eqloop.config import SolveConfig
+    from eqloop.training.config import SolveConfig
 
     loaded = load_for_finetuning(files["injected"], dtype=torch.float64)
     model = loaded.model
@@ -785,7 +785,7 @@ def test_bf16_autocast_forward_with_a_float32_penalty(files: dict[str, Path]) ->
 
 
 def test_a_finetune_toml_and_set_merge_by_trains_rule(tmp_path: Path) -> None:
-    # Issue 19: load_finetune_config is eqloop.overrides.load_config_data, as train's loader:
+    # Issue 19: load_finetune_config is eqloop.config.load_config_data, as train's loader:
     # a file's section updates the defaults entry by entry, --set reaches one entry, and an
     # unknown key of a file's section is named with the file and section.
     file = tmp_path / "ft.toml"

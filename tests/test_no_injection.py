@@ -23,11 +23,11 @@ import eqloop
 import solvers
 from eqloop.backward import IFT, Phantom, Truncated, Unroll
 from eqloop.checkpoint import load_model
-from eqloop.config import TrainConfig
 from eqloop.evaluation import equilibrium, evaluate_checkpoint, exact_match, make_test_set
 from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.stars import jacobian_eigvals, jsrr_penalty, spectral_radius
 from eqloop.train import train
+from eqloop.training.config import TrainConfig
 
 F64 = torch.float64
 TINY = dict(vocab_size=19, d_model=8, n_heads=2, d_ff=16, max_seq_len=8, injection="none")

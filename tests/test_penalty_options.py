@@ -9,10 +9,10 @@ import torch
 from test_no_injection import contractive_model
 
 import solvers
-from eqloop.config import TrainConfig
 from eqloop.model import sdpa_math
 from eqloop.stars import jacobian_eigvals
 from eqloop.train import penalty_point, train_step
+from eqloop.training.config import TrainConfig
 
 TOKENS = torch.randint(3, 19, (4, 6), generator=torch.Generator().manual_seed(2))
 

@@ -425,7 +425,7 @@ def test_save_then_load_is_exact(models, dirs, name, tmp_path):
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     back = pretrained.load(sharded)
-    assert back._embedding().weight.dtype == torch.bfloat16
+    assert back.get_input_embeddings().weight.dtype == torch.bfloat16
     assert all(torch.equal(v, model16.state_dict()[k]) for k, v in back.state_dict().items())
     assert json.loads((sharded / "config.json").read_text())["torch_dtype"] == "bfloat16"
 

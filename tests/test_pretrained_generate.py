@@ -7,7 +7,7 @@ import torch
 
 from eqloop import pretrained
 from eqloop.pretrained import generation
-from eqloop.pretrained.generation import _ouro_call, adaptive_forward
+from eqloop.pretrained.generation import adaptive_forward
 from eqloop.pretrained.layers import KVCache
 
 OURO_VARIANT = dict(
@@ -135,13 +135,11 @@ def test_huginn_exited_tokens_keep_their_last_keys_in_later_slots(models):
     models, tok = models
     model = models["huginn"]
     ids = tok(["Hello"], return_tensors="pt")["input_ids"]
-    from eqloop.pretrained.generation import ExitCriterion, _huginn_call
-
     cache = KVCache(1, 16)
     with torch.no_grad():
-        _huginn_call(model, ids, None, cache, 12, ExitCriterion("none", None), 0.0, None)
-        _, used = _huginn_call(
-            model, ids[:, -1:], None, cache, 12, ExitCriterion("kl", 1e-2), 0.0, None
+        model.decode_call(ids, None, cache, 12, model.decode_options("none", init_scale=0.0))
+        _, used = model.decode_call(
+            ids[:, -1:], None, cache, 12, model.decode_options("kl", 1e-2, init_scale=0.0)
         )
     steps = int(used)
     assert steps < 12
@@ -186,7 +184,7 @@ def test_ouro_cache_has_one_slot_per_loop_and_layer(models):
     ids, mask = prompts(tok)
     cache = KVCache(ids.shape[0], ids.shape[1] + 4)
     with torch.no_grad():
-        _ouro_call(model, ids, mask, cache, 3, "last", None)
+        model.decode_call(ids, mask, cache, 3, model.decode_options("last"))
     assert sorted(cache.slots()) == [(t, layer) for t in range(3) for layer in range(3)]
     assert cache.length == ids.shape[1]
     k, _ = cache._slots[(0, 0)]
@@ -370,7 +368,7 @@ def test_non_finite_logits_are_an_error_not_token_zero(tmp_path, name):
     model = pretrained.load(pretrained.write_tiny_checkpoint(tmp_path / name, name, **untied))
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     with torch.no_grad():  # NaN in the embedding of a token only row 1 holds
-        model._embedding().weight[9] = float("nan")
+        model.get_input_embeddings().weight[9] = float("nan")
     kw = dict(max_new_tokens=3, **extra(name))
     with pytest.raises(ValueError, match=r"new token 0 are not finite .* batch rows \[1\]"):
         model.generate(ids, **kw)
@@ -433,13 +431,14 @@ def test_kv_cache_buffers_keep_shape_and_address_and_decode_reads_no_host_length
     cache = KVCache(ids.shape[0], ids.shape[1] + 4, max_length=ids.shape[1] + 40)
     token = ids[:, -1:]
     with torch.no_grad():
-        _ouro_call(model, ids, mask, cache, 3, "last", None)
+        model.decode_call(ids, mask, cache, 3, model.decode_options("last"))
         storage = {name: k.data_ptr() for name, (k, _) in cache._slots.items()}
         for _ in range(4):  # fills the reserved room: same buffers, written in place
-            _ouro_call(model, token, None, cache, 3, "last", None)
+            model.decode_call(token, None, cache, 3, model.decode_options("last"))
             assert {n: k.data_ptr() for n, (k, _) in cache._slots.items()} == storage
         assert cache.capacity == ids.shape[1] + 4 and int(cache.index) == cache.length
-        _ouro_call(model, token, None, cache, 3, "last", None)  # grows: doubled once
+        # The next call grows the cache: doubled once.
+        model.decode_call(token, None, cache, 3, model.decode_options("last"))
         assert cache.capacity == 2 * (ids.shape[1] + 4) == cache._slots[(0, 0)][0].shape[2]
         # A decode step takes its position from the index tensor, not from `length`.
         cache.reserve(1)

@@ -280,7 +280,7 @@ def test_eval_pretrained_on_a_truncated_file_is_one_line(root, tmp_path, capsys)
 
 
 def test_layer_count_is_checked_against_the_files_before_building(root, tmp_path, monkeypatch):
-    from eqloop.pretrained import ouro
+    from eqloop.pretrained.ouro import modeling as ouro
 
     path = _copy(root / "ouro", tmp_path / "model")
     _edit_json(path / "config.json", num_hidden_layers=10**6)

@@ -28,7 +28,6 @@ from ranks import run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
 from eqloop.checkpoint import CheckpointError, load_checkpoint
-from eqloop.config import TrainConfig, load_config
 from eqloop.train import (
     NonFiniteLoss,
     TrainingInterrupted,
@@ -38,6 +37,7 @@ from eqloop.train import (
     train,
     train_step,
 )
+from eqloop.training.config import TrainConfig, load_config
 from eqloop.training.step_stats import PendingSteps
 
 

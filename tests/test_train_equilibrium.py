@@ -14,8 +14,8 @@ from helpers import read_jsonl, same_weights, tiny_train_config
 
 from eqloop.backward import ConvergenceWarning
 from eqloop.checkpoint import load_checkpoint
-from eqloop.config import SolveConfig, TrainConfig, load_config
 from eqloop.train import train
+from eqloop.training.config import SolveConfig, TrainConfig, load_config
 
 SOLVE = {"solver": "anderson", "tol": 1e-3, "max_iter": 12}
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from eqloop.checkpoint import save_checkpoint
-from eqloop.config import TrainConfig
 from eqloop.evaluation import (
     checkpoint_pca,
     hidden_trajectory,
@@ -18,6 +17,7 @@ from eqloop.evaluation import (
     trajectory_pca,
 )
 from eqloop.model import LoopLM, LoopLMConfig
+from eqloop.training.config import TrainConfig
 
 MODEL = dict(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=8, injection="none")
 

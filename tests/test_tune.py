@@ -27,8 +27,8 @@ pytest.importorskip("pandas")
 
 from optuna.trial import TrialState  # noqa: E402
 
-from eqloop.config import TrainConfig  # noqa: E402
 from eqloop.train import train  # noqa: E402
+from eqloop.training.config import TrainConfig  # noqa: E402
 from eqloop.tune import (  # noqa: E402
     TuneConfig,
     load_study,
@@ -452,7 +452,7 @@ def test_tune_config_from_toml_equals_the_same_from_json(tmp_path: Path) -> None
 
 
 def test_set_on_a_nested_base_key_merges_like_train(tmp_path: Path) -> None:
-    from eqloop.config import load_config
+    from eqloop.training.config import load_config
     from eqloop.tune import load_tune_config
 
     sets = ["depth.mu=2.5", "model.d_model=48", "lr=0.002", "betas=0.9,0.95"]

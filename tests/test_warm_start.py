@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from eqloop.checkpoint import load_checkpoint
-from eqloop.config import TrainConfig
 from eqloop.train import train
+from eqloop.training.config import TrainConfig
 
 MODEL = dict(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=16, injection="none")
 

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from eqloop.checkpoint import load_model
 from eqloop.compiling import compile_model
-from eqloop.config import TrainConfig, check_device
 from eqloop.data.tokenizers import TextTokenizer
 from eqloop.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_SOLVER, EQUILIBRIUM_TOL
 from eqloop.evaluation import predictors
@@ -37,6 +36,7 @@ from eqloop.evaluation.predictors import check_solve_options, unrolled
 from eqloop.evaluation.scoring import EvalSet, answers_correct, exact_match, make_test_set
 from eqloop.finetune.data import Example, PromptTemplate
 from eqloop.looped import LoopedLM
+from eqloop.training.config import TrainConfig, check_device
 from solvers import checks
 
 __all__ = [

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eqloop.config import TrainConfig
 from eqloop.data import IGNORE_INDEX, CharTokenizer, Examples, eval_prompts
 from eqloop.data.tokenizers import TextTokenizer
 from eqloop.evaluation.decoding import (
@@ -32,6 +31,7 @@ from eqloop.evaluation.decoding import (
 )
 from eqloop.evaluation.predictors import Predictor, model_device
 from eqloop.finetune.data import Example, PromptTemplate, encode_examples, extract_answer
+from eqloop.training.config import TrainConfig
 
 __all__ = [
     "STOP_TEXT",

@@ -184,8 +184,8 @@ def checkpoint_pca(
         ValueError: bad ``problems``, ``loops`` or ``first_loop``, or a diverged trajectory.
     """
     from eqloop.checkpoint import load_model
-    from eqloop.config import TrainConfig
     from eqloop.evaluation.scoring import make_test_set
+    from eqloop.training.config import TrainConfig
 
     problems = checks.integer("problems", problems, low=1)
     model, ckpt = load_model(path, device=device)

@@ -16,7 +16,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: Any) -> None:
     """Add the ``finetune`` subcommand to the ``eqloop`` parser's subparsers."""
-    from eqloop.overrides import add_config_arguments
+    from eqloop.config import add_config_arguments
 
     p = sub.add_parser(
         "finetune",

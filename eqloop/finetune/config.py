@@ -14,15 +14,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from eqloop.config import (
+from eqloop.config import load_config_data
+from eqloop.depth import make_depth_sampler
+from eqloop.training.config import (
     SCHEDULES,
     ConfigBase,
     SolveConfig,
     check_backward,
     check_penalty_start,
 )
-from eqloop.depth import make_depth_sampler
-from eqloop.overrides import load_config_data
 from solvers import checks
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class FinetuneConfig(ConfigBase):
     grad_checkpointing: bool = False  # recompute each loop in the backward (memory ~ 1 loop)
     parallel: str = "ddp"  # with torchrun: "ddp" | "fsdp" (shards every layer list's blocks)
     # -- training at the fixed point -----------------------------------------------------
-    # Each step solves the loop to its equilibrium with these settings (eqloop.config.
+    # Each step solves the loop to its equilibrium with these settings (eqloop.training.config.
     # SolveConfig, as TrainConfig.solve; loops and the depth sampler are then not used)
     # and backward ("ift" or "phantom") takes the gradient there. Needs a model whose loop
     # sees its input (a LoopLM with injection, Huginn; not Ouro). None: run the loops.
@@ -298,7 +298,7 @@ def load_finetune_config(
     """A validated :class:`FinetuneConfig` from defaults, an optional file, overrides and
     typed values (the command line's flags, applied last).
 
-    Read as ``eqloop train`` reads its config (:func:`eqloop.overrides.load_config_data`): a
+    Read as ``eqloop train`` reads its config (:func:`eqloop.config.load_config_data`): a
     file's ``lora`` or ``solve`` section updates its defaults entry by entry, so
     ``lora.r=16`` (in the file or as an override) switches LoRA on with the other LoRA
     options at their defaults; ``lora=null`` switches it off. ``complete=False`` accepts an

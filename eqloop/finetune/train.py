@@ -75,7 +75,6 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from eqloop.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from eqloop.compiling import compile_model, eager_map
-from eqloop.config import penalty_start_step
 from eqloop.data import IGNORE_INDEX
 from eqloop.depth import DepthSampler, make_depth_sampler
 from eqloop.files import write_json_atomic
@@ -97,6 +96,7 @@ from eqloop.finetune.models import (
 )
 from eqloop.stars import PenaltySchedule, jsrr_penalty
 from eqloop.training import run_dir
+from eqloop.training.config import penalty_start_step
 from eqloop.training.env import RunEnv, batch_rows, mix_seed, run_env
 from eqloop.training.loop import OnStep, TrainingLoop  # OnStep: re-exported
 from eqloop.training.optim import make_optimizer, make_scheduler
@@ -105,8 +105,8 @@ from eqloop.training.timing import penalty_step_times
 
 if TYPE_CHECKING:
     from eqloop.backward import Backward
-    from eqloop.config import SolveConfig
     from eqloop.looped import CoreMap, LoopInfo
+    from eqloop.training.config import SolveConfig
 
 __all__ = [
     "Objective",

@@ -1,5 +1,11 @@
 """Public looped LMs (Ouro, Huginn) as eqloop fixed-point models, loaded offline.
 
+One folder per architecture (``ouro/``, ``huginn/``: config, modeling, exits and decode
+step); shared beside them: the base class and its decode-step interface (``base``), the
+layers, config.json reading/writing (``config``), loading (``io``), saving, keys, the
+transformers bridge (``hf``), generation and diagnostics, which never ask which
+architecture they have.
+
 Names are imported lazily: ``import eqloop.pretrained`` does not import transformers,
 tokenizers or safetensors until a function that needs them is called.
 
@@ -27,12 +33,13 @@ _EXPORTS: dict[str, str] = {
     "Diagnostics": "eqloop.pretrained.diagnostics",
     "diagnose_checkpoint": "eqloop.pretrained.diagnostics",
     "adaptive_forward": "eqloop.pretrained.generation",
-    "OuroConfig": "eqloop.pretrained.config",
-    "HuginnConfig": "eqloop.pretrained.config",
+    "OuroConfig": "eqloop.pretrained.ouro.config",
+    "HuginnConfig": "eqloop.pretrained.huginn.config",
     "ARCHITECTURES": "eqloop.pretrained.config",
-    "OuroForCausalLM": "eqloop.pretrained.ouro",
-    "HuginnForCausalLM": "eqloop.pretrained.huginn",
+    "OuroForCausalLM": "eqloop.pretrained.ouro.modeling",
+    "HuginnForCausalLM": "eqloop.pretrained.huginn.modeling",
     "PretrainedLoopedLM": "eqloop.pretrained.base",
+    "DecodeOptions": "eqloop.pretrained.base",
     "PretrainedLoopInfo": "eqloop.pretrained.base",
     "KVCache": "eqloop.pretrained.layers",
     "register_auto_classes": "eqloop.pretrained.hf",

@@ -15,8 +15,24 @@ and this class exposes them as the protocol's public stages (``inject``,
 ``initial_state``, ``core_step``, ``readout``), which take the ``attention_mask`` as a
 stage option; ``core_step(z, x, attention_mask)`` gets the mask as a per-sample argument,
 so a solver may drop converged sequences (``solvers.solve(f.step, z0, args=f.args,
-compact=True)``). Generation calls the private stages directly, with one context and a
-KV cache for a whole call.
+compact=True)``).
+
+Generation and diagnostics are generic: they never ask which architecture they have. What
+differs (Ouro's gate exits, Huginn's exit criteria, adaptive loop and random start) sits
+behind the public **decode-step interface** every model implements::
+
+    decode_options(exit, exit_threshold, init_scale=...) -> DecodeOptions   checked once
+    decode_start(tokens, mask, options, generator) -> start | None   host-side draws
+    decode_step(tokens, mask, cache, loops, options, start) -> (logits, loops_used)
+    decode_call(tokens, mask, cache, loops, options, generator)   reserve, step, advance
+    decode_recompute(sequences, mask, loops, options, generator)  no-cache reference
+    start_options(init_scale, generator) -> dict   stage options of a reproducible start
+    gate_logits(z) -> (B, S) | None                 a learned exit gate, if the model has one
+
+``decode_step`` is a pure tensor function of its arguments (no host reads, no random
+draws), so ``generate(compile=True)`` compiles it; ``decode_call`` may override the
+default (Huginn: a one-token call with an exit criterion loops on the host until every
+row exited).
 
 Beyond the base class: ``loops=(n, k)`` runs n loops without a graph and then k with one
 (Huginn's training split). The concrete models add ``generate`` and ``save_pretrained``
@@ -26,6 +42,7 @@ through the mixins of :mod:`eqloop.pretrained.generation` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +50,11 @@ import torch
 from torch import Tensor, nn
 
 from eqloop.looped import CoreMap, LoopedLM, LoopInfo, all_true
-from eqloop.pretrained.config import HuginnConfig, OuroConfig
+from eqloop.pretrained.config import PretrainedConfig
 from eqloop.pretrained.layers import Context, KVCache, make_context
 from solvers import checks
 
-__all__ = ["PretrainedLoopInfo", "PretrainedLoopedLM", "split_loops"]
+__all__ = ["DecodeOptions", "PretrainedLoopInfo", "PretrainedLoopedLM", "split_loops"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,24 @@ class PretrainedLoopInfo(LoopInfo):
 
     exit_pdf: Tensor | None = None
     exit_loop: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """The exit rule of one decoding call, as :meth:`PretrainedLoopedLM.decode_options`
+    checked it (defaults filled in).
+
+    Attributes:
+        exit: the architecture's exit mode (Ouro: ``"last" | "threshold" | "expected"``;
+            Huginn: ``"none"`` or an exit criterion).
+        exit_threshold: the threshold that mode uses, or ``None``.
+        init_scale: the initial-state scale of a model with a random start (Huginn), or
+            ``None`` (the model's default; always ``None`` for Ouro).
+    """
+
+    exit: str
+    exit_threshold: float | None = None
+    init_scale: float | None = None
 
 
 def split_loops(loops: Any, default: int) -> tuple[int, int]:
@@ -79,12 +114,14 @@ def split_loops(loops: Any, default: int) -> tuple[int, int]:
 class PretrainedLoopedLM(LoopedLM):
     """Base class of :class:`OuroForCausalLM` and :class:`HuginnForCausalLM`.
 
-    Subclasses set ``config`` and implement ``_inject``, ``_initial_state``, ``_core``,
-    ``_readout``, ``_embedding`` and ``_rope_base``. Parameter names are upstream's, so
-    ``state_dict()`` keys are the safetensors keys of the published checkpoints.
+    Subclasses set ``config`` and implement the private stages ``_inject``,
+    ``_initial_state``, ``_core``, ``_readout`` and ``_rope_base``,
+    :meth:`get_input_embeddings` and the decode-step interface (module docstring).
+    Parameter names are upstream's, so ``state_dict()`` keys are the safetensors keys of
+    the published checkpoints.
     """
 
-    config: OuroConfig | HuginnConfig
+    config: PretrainedConfig
     stage_options = ("attention_mask",)
 
     # ------------------------------------------------------------ subclass interface
@@ -103,7 +140,9 @@ class PretrainedLoopedLM(LoopedLM):
     def _readout(self, z: Tensor, ctx: Context) -> Tensor:
         raise NotImplementedError
 
-    def _embedding(self) -> nn.Embedding:
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding: weight (V, d), V = :attr:`vocab_size`, d the state width
+        (transformers' name for it)."""
         raise NotImplementedError
 
     def _rope_base(self) -> float:
@@ -133,7 +172,7 @@ class PretrainedLoopedLM(LoopedLM):
     @property
     def vocab_size(self) -> int:
         """Columns of the logits (Huginn: ``padded_vocab_size``)."""
-        return self._embedding().weight.shape[0]
+        return self.get_input_embeddings().weight.shape[0]
 
     def num_parameters(self) -> int:
         """Number of scalars in the parameters (a tied head counted once)."""
@@ -141,10 +180,16 @@ class PretrainedLoopedLM(LoopedLM):
 
     # ----------------------------------------------------------------- context, checks
 
-    def _check_tokens(self, tokens: Any) -> Tensor:
-        """``LoopedLM.check_tokens`` against the embedding's rows, and at least one
-        sequence (the stages reshape by batch size, which fails on an empty batch). On
-        the meta device, where values cannot be read, only the type and shape are checked."""
+    def check_input_ids(self, tokens: Any) -> Tensor:
+        """Token ids (B, S) checked for this model, returned unchanged.
+
+        ``LoopedLM.check_tokens`` against the embedding's rows, and at least one sequence
+        (the stages reshape by batch size, which fails on an empty batch). On the meta
+        device, where values cannot be read, only the type and shape are checked.
+
+        Raises:
+            TypeError, ValueError: not an integer (B, S) tensor of ids in [0, V), B >= 1.
+        """
         if isinstance(tokens, Tensor) and tokens.is_meta:
             self.check_tokens(torch.zeros(tokens.shape, dtype=tokens.dtype), self.vocab_size)
         else:
@@ -156,8 +201,9 @@ class PretrainedLoopedLM(LoopedLM):
             )
         return tokens
 
-    def _check_mask(self, attention_mask: Any, shape: tuple[int, ...]) -> Tensor | None:
-        """The padding mask as a (B, S) bool tensor (True at real tokens), or ``None``.
+    def check_attention_mask(self, attention_mask: Any, shape: tuple[int, ...]) -> Tensor | None:
+        """The padding mask (B, S) = ``shape`` as a bool tensor (True at real tokens), or
+        ``None`` for ``None``.
 
         A 0/1 mask of any dtype costs one host read to check its values; a bool mask is
         binary by construction and costs none, so the entry points (:meth:`_prepare`,
@@ -198,11 +244,11 @@ class PretrainedLoopedLM(LoopedLM):
         stages, the loop and ``forward``'s readout all receive it."""
         mask = options.get("attention_mask")
         if mask is not None and isinstance(inputs, Tensor) and inputs.dim() >= 2:
-            options["attention_mask"] = self._check_mask(mask, tuple(inputs.shape[:2]))
+            options["attention_mask"] = self.check_attention_mask(mask, tuple(inputs.shape[:2]))
         return super()._prepare(inputs, options, tokens_only=tokens_only)
 
     def _check_state(self, name: str, t: Any, like: Tensor | None = None) -> Tensor:
-        d = self._embedding().weight.shape[1]
+        d = self.get_input_embeddings().weight.shape[1]
         if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor")
         if t.dim() != 3 or t.shape[-1] != d:
@@ -228,7 +274,7 @@ class PretrainedLoopedLM(LoopedLM):
             head_dim=self.config.head_size,
             rope_base=self._rope_base(),
             device=like.device,
-            dtype=self._embedding().weight.dtype,
+            dtype=self.get_input_embeddings().weight.dtype,
             attention_mask=attention_mask,
             cache=cache,
             sliding_window=self._sliding_window(),
@@ -241,8 +287,8 @@ class PretrainedLoopedLM(LoopedLM):
 
         Other stage options (Huginn's ``init_scale``, ``generator``) do not concern it.
         """
-        tokens = self._check_tokens(tokens)
-        mask = self._check_mask(attention_mask, tokens.shape)
+        tokens = self.check_input_ids(tokens)
+        mask = self.check_attention_mask(attention_mask, tokens.shape)
         return self._inject(tokens, self._context(*tokens.shape, tokens, mask))
 
     def initial_state(
@@ -255,7 +301,7 @@ class PretrainedLoopedLM(LoopedLM):
     ) -> Tensor:
         """The state z0 (B, S, d) the loop starts from (Ouro: x; Huginn: see its class)."""
         x = self._check_state("x", x)
-        mask = self._check_mask(attention_mask, x.shape[:2])
+        mask = self.check_attention_mask(attention_mask, x.shape[:2])
         return self._initial_state(x, self._context(*x.shape[:2], x, mask), init_scale, generator)
 
     def step_args(
@@ -263,20 +309,20 @@ class PretrainedLoopedLM(LoopedLM):
     ) -> tuple[Tensor, ...]:
         """``(x,)``, or ``(x, attention_mask)`` for a padded batch: per-sample tensors
         (the mask as bool, so the loop's ``core_step`` calls never read it again)."""
-        mask = self._check_mask(attention_mask, x.shape[:2])
+        mask = self.check_attention_mask(attention_mask, x.shape[:2])
         return (x,) if mask is None else (x, mask)
 
     def core_step(self, z: Tensor, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """One loop ``f(z; x)``: (B, S, d) -> (B, S, d); sequences never mix."""
         z = self._check_state("z", z)
         x = self._check_state("x", x, like=z)
-        mask = self._check_mask(attention_mask, z.shape[:2])
+        mask = self.check_attention_mask(attention_mask, z.shape[:2])
         return self._core(z, x, self._context(*z.shape[:2], z, mask))
 
     def readout(self, z: Tensor, *, attention_mask: Tensor | None = None, **_: Any) -> Tensor:
         """Logits (B, S, V) decoded from a state z (B, S, d)."""
         z = self._check_state("z", z)
-        mask = self._check_mask(attention_mask, z.shape[:2])
+        mask = self.check_attention_mask(attention_mask, z.shape[:2])
         return self._readout(z, self._context(*z.shape[:2], z, mask))
 
     # ------------------------------------------------------------------------ forward
@@ -312,6 +358,141 @@ class PretrainedLoopedLM(LoopedLM):
             used = torch.full((z.shape[0],), no_grad + with_grad, device=z.device)
             return logits, PretrainedLoopInfo(z, x, f, used, result)
         return logits
+
+    # ---------------------------------------------------- the decode-step interface
+
+    def decode_options(
+        self,
+        exit: str | None = None,
+        exit_threshold: float | None = None,
+        *,
+        init_scale: float | None = None,
+        use_cache: bool = True,
+        compiled: bool = False,
+    ) -> DecodeOptions:
+        """Check the exit options of a decoding call and fill in their defaults.
+
+        Args:
+            exit: the architecture's exit mode, or ``None`` for its default.
+            exit_threshold: that mode's threshold, or ``None`` for its default.
+            init_scale: the initial-state scale (only models with a random start take one).
+            use_cache: whether the call decodes with a KV cache (some exits need one).
+            compiled: whether :meth:`decode_step` will be compiled (host-side exits
+                cannot be).
+
+        Raises:
+            TypeError, ValueError: an option this model does not take, or a bad value
+                (named in the message).
+        """
+        raise NotImplementedError
+
+    def decode_start(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None,
+        options: DecodeOptions,
+        generator: torch.Generator | None = None,
+    ) -> Tensor | None:
+        """The random draws :meth:`decode_step` needs, made on the host before it (a
+        compiled step cannot hold a draw from a generator); ``None`` when there are none.
+
+        Args:
+            tokens: (B, n) the new tokens of the call.
+            attention_mask: (B, n) bool, or ``None``.
+            options: from :meth:`decode_options`.
+            generator: random generator.
+
+        Returns:
+            ``None`` here; Huginn: its initial state (B, n, d).
+        """
+        return None
+
+    def decode_step(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None,
+        cache: KVCache,
+        loops: int,
+        options: DecodeOptions,
+        start: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """One cached forward pass over the new tokens, between ``cache.reserve`` and
+        ``cache.advance``: a pure tensor function (no host reads, no random draws), which
+        ``generate(compile=...)`` compiles.
+
+        Args:
+            tokens: (B, n) the new tokens (the prompt, then one token per row).
+            attention_mask: (B, n) bool for a padded prompt, else ``None``.
+            cache: the call's KV cache (its ``reserve(n)`` already made).
+            loops: loops per token (the most, for an adaptive exit).
+            options: from :meth:`decode_options`.
+            start: what :meth:`decode_start` returned.
+
+        Returns:
+            logits (B, V) at the last position, and (B,) int64 the loops behind them.
+        """
+        raise NotImplementedError
+
+    def decode_call(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None,
+        cache: KVCache,
+        loops: int,
+        options: DecodeOptions,
+        generator: torch.Generator | None = None,
+        step: Callable[..., tuple[Tensor, Tensor]] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """One cached call: :meth:`decode_start`, ``cache.reserve``, the step
+        (:meth:`decode_step`, or ``step``, its compiled form, with the same arguments),
+        ``cache.advance``. Arguments and result as in :meth:`decode_step`."""
+        start = self.decode_start(tokens, attention_mask, options, generator)
+        cache.reserve(tokens.shape[1])
+        run = self.decode_step if step is None else step
+        out = run(tokens, attention_mask, cache, loops, options, start)
+        cache.advance(tokens.shape[1])
+        return out
+
+    def decode_recompute(
+        self,
+        sequences: Tensor,
+        attention_mask: Tensor | None,
+        loops: int,
+        options: DecodeOptions,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The reference :meth:`decode_call` is tested against: a full forward pass over
+        ``sequences`` (B, S) with no cache. Returns the logits (B, V) at the last position
+        and (B,) int64 the loops behind them."""
+        raise NotImplementedError
+
+    def start_options(
+        self, init_scale: float | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """The stage options (of ``forward``/``core_map``) of a reproducible loop start:
+        ``{}`` for a model whose loop starts from its input (the default); Huginn: its
+        ``init_scale`` (0 by default: zeros) and ``generator``.
+
+        Raises:
+            TypeError: ``init_scale`` for a model without a random start.
+        """
+        if init_scale is not None:
+            raise TypeError(
+                f"init_scale is not an option of {type(self).__name__}: its loop starts from "
+                "its input, not from a random state"
+            )
+        return {}
+
+    def upstream_buffers(self) -> dict[str, Tensor]:
+        """Tensors upstream's files hold that eqloop recomputes rather than loads (the
+        config's ``RECOMPUTED_KEYS``), as upstream writes them; ``save_pretrained`` adds
+        them. ``{}`` by default; Huginn: its rotary table ``freqs_cis``."""
+        return {}
+
+    def gate_logits(self, z: Tensor) -> Tensor | None:
+        """The logits (B, S) of a learned exit gate at the state z (B, S, d), or ``None``
+        for a model without one (the default; Ouro has one)."""
+        return None
 
     def _cached_loops(
         self, z: Tensor, x: Tensor, ctx: Context, loops: int, on_state: Any = None

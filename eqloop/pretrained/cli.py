@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from eqloop.config import check_device
     from eqloop.pretrained.diagnostics import diagnose_checkpoint
+    from eqloop.training.config import check_device
 
     if args.max_loops is not None and args.max_loops < 1:
         raise ValueError(f"--max-loops must be >= 1, got {args.max_loops}")

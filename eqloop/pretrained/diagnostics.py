@@ -11,8 +11,9 @@ kl              mean over real tokens of ``KL(p_{t-1} || p_t)`` between the
                 distributions decoded from consecutive loops (from t = 2)
 entropy         mean over real tokens of the entropy of p_t (nats)
 argmax_changed  share of real tokens whose argmax differs from loop t - 1
-exit_pdf        Ouro only: mean exit probability of loop t (gate over the N loops)
-gate            Ouro only: mean gate ``sigmoid(early_exit_gate(z_t))``
+exit_pdf        models with an exit gate (Ouro): mean exit probability of loop t
+                (the gate over the N loops)
+gate            models with an exit gate (Ouro): mean gate ``sigmoid(gate_logits(z_t))``
 =============== ==============================================================
 
 Optionally (``solver=...``) the loop is also solved to its equilibrium from z_0 and the
@@ -36,6 +37,7 @@ from torch import Tensor
 
 from eqloop import defaults
 from eqloop.data.tokenizers import encode_prompts
+from eqloop.evaluation.report import format_cell, format_table
 from eqloop.files import write_json_atomic
 from eqloop.pretrained.base import PretrainedLoopedLM
 from eqloop.pretrained.exits import exit_distribution
@@ -90,27 +92,21 @@ class Diagnostics:
     def table(self) -> str:
         """A plain-text table, one row per loop; ``*`` marks the trained depth."""
         columns = [c for c in _COLUMNS if getattr(self, c[0]) is not None]
-        header = ["loop"] + [title for _, title, _ in columns]
-        rows = [header]
-        for i, loop in enumerate(self.loops):
-            mark = "*" if loop == self.trained_loops else " "
-            cells = [f"{loop}{mark}"]
-            for key, _, spec in columns:
-                value = getattr(self, key)[i]
-                cells.append(
-                    "-" if value is None or not math.isfinite(value) else format(value, spec)
-                )
-            rows.append(cells)
-        widths = [max(len(r[j]) for r in rows) for j in range(len(header))]
-        lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        text = "\n".join(lines)
+        rows = [
+            {
+                "loop": f"{loop}{'*' if loop == self.trained_loops else ' '}",
+                **{key: _finite(getattr(self, key)[i]) for key, _, _ in columns},
+            }
+            for i, loop in enumerate(self.loops)
+        ]
+        text = format_table(rows, [("loop", "loop", ""), *columns])
         if self.equilibrium is not None:
             eq = self.equilibrium
             text += (
                 f"\nequilibrium ({eq['solver']}): {eq['status']}, {eq['nfe']} f-evals, "
-                f"residual {eq['rel_residual']:.3e}, rho(J(z*)) {_fmt(eq.get('rho'))}, "
-                f"KL(loop {self.loops[-1]} || z*) {_fmt(eq.get('kl_from_last'))}"
+                f"residual {eq['rel_residual']:.3e}, "
+                f"rho(J(z*)) {format_cell(eq.get('rho'), '.4g')}, "
+                f"KL(loop {self.loops[-1]} || z*) {format_cell(eq.get('kl_from_last'), '.4g')}"
             )
         return text
 
@@ -155,10 +151,6 @@ class Diagnostics:
             fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
         plt.close(fig)
         return Path(path)
-
-
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.4g}"
 
 
 def _finite(data: Any) -> Any:
@@ -225,25 +217,20 @@ def diagnose(
     rho_iters = checks.integer("rho_iters", rho_iters, low=1)
     rho_every = checks.integer("rho_every", rho_every, low=1)
     rho_batch = checks.integer("rho_batch", rho_batch, low=1)
-    input_ids = model._check_tokens(input_ids)
-    # Checked once; the bool mask then costs no host read per loop (see _check_mask).
-    mask = model._check_mask(attention_mask, input_ids.shape)
-    stage: dict[str, Any] = {"attention_mask": mask}
-    if model.model_type == "huginn_raven":
-        init_scale = 0.0 if init_scale is None else init_scale
-        stage.update(init_scale=init_scale, generator=generator)
-    elif init_scale is not None:
-        raise TypeError("init_scale is a Huginn option: Ouro's loop starts from the embeddings")
+    input_ids = model.check_input_ids(input_ids)
+    # Checked once; the bool mask then costs no host read per loop (see check_attention_mask).
+    mask = model.check_attention_mask(attention_mask, input_ids.shape)
+    # The model's reproducible start: Huginn's init_scale (0 by default); none for Ouro.
+    stage: dict[str, Any] = {"attention_mask": mask, **model.start_options(init_scale, generator)}
     started = time.perf_counter()
     with torch.no_grad():
         f, z = model.core_map(input_ids, **stage)
     valid = (torch.ones(input_ids.shape) if mask is None else mask).to(z.device, torch.float32)
-    is_ouro = model.model_type == "ouro"
 
     per: dict[str, list[Any]] = {
         k: [] for k in ("residual", "state_norm", "rho", "kl", "entropy", "argmax_changed")
     }
-    gates: list[Tensor] = []
+    gates: list[Tensor] = []  # (B, S) per loop, for a model with an exit gate
     prev_log_p: Tensor | None = None
     prev_top: Tensor | None = None
     pending: list[tuple[int, Tensor]] = []  # (loop, state) waiting for the batched rho
@@ -273,8 +260,9 @@ def diagnose(
                     _masked_mean((top != prev_top).float(), valid).tolist()
                 )
             prev_log_p, prev_top = log_p, top
-            if is_ouro:
-                gates.append(model.gate_logits(z).float())
+            gate = model.gate_logits(z)
+            if gate is not None:
+                gates.append(gate.float())
             per["rho"].append(None)
             if rho and (t % rho_every == 0 or t == n):
                 pending.append((t, z))
@@ -294,7 +282,7 @@ def diagnose(
         return [None if r is None else float(sum(r) / len(r)) for r in rows]
 
     gate_mean = exit_mean = None
-    if is_ouro:
+    if gates:
         stacked = torch.stack(gates, dim=-1)  # (B, S, N)
         pdf = exit_distribution(stacked)
         lam = torch.sigmoid(stacked)
@@ -337,7 +325,7 @@ def diagnose(
             "rho_iters": rho_iters,
             "rho_every": rho_every,
             "rho_batch": rho_batch,
-            "init_scale": init_scale,
+            "init_scale": stage.get("init_scale"),
             "dtype": str(z.dtype).removeprefix("torch."),
             "seconds": time.perf_counter() - started,
         },
@@ -364,8 +352,7 @@ def _batched_rho(
     stage: dict[str, Any] = {}
     if attention_mask is not None:
         stage["attention_mask"] = attention_mask.repeat(k, 1)
-    if model.model_type == "huginn_raven":
-        stage["init_scale"] = 0.0  # the map does not depend on the start
+    stage.update(model.start_options())  # the map does not depend on the start
     with torch.no_grad():
         f, _ = model.core_map(input_ids.repeat(k, 1), **stage)
     stacked = torch.cat([z for _, z in states], dim=0)
@@ -388,22 +375,21 @@ def _equilibrium(
     last_log_p: Tensor | None,
     valid: Tensor,
 ) -> dict[str, Any]:
-    import solvers
+    from eqloop.evaluation.predictors import equilibrium
     from eqloop.stars import spectral_radius
 
+    predictor = equilibrium(
+        model,
+        solver,
+        max_iter=defaults.EQUILIBRIUM_MAX_ITER if max_iter is None else max_iter,
+        tol=defaults.EQUILIBRIUM_TOL if tol is None else tol,
+        compact=False,
+        stage=stage,
+    )
     with torch.no_grad():
-        f, z0 = model.core_map(input_ids, **stage)
-        result = solvers.solve(
-            f,
-            z0,
-            solver,
-            max_iter=defaults.EQUILIBRIUM_MAX_ITER if max_iter is None else max_iter,
-            tol=defaults.EQUILIBRIUM_TOL if tol is None else tol,
-            stop_mode=defaults.EQUILIBRIUM_STOP_MODE,
-        )
-        log_p = F.log_softmax(
-            model.readout(result.z, attention_mask=stage["attention_mask"]).float(), dim=-1
-        )
+        logits, info = predictor.run(input_ids)
+        log_p = F.log_softmax(logits.float(), dim=-1)
+    f, result = info.f, info.result
     out: dict[str, Any] = {
         "solver": solver,
         "status": result.status,
@@ -418,9 +404,7 @@ def _equilibrium(
         kl = (last_log_p.exp() * (last_log_p - log_p)).sum(-1)
         out["kl_from_last"] = float(_masked_mean(kl, valid).mean())
     if rho:
-        radius = spectral_radius(
-            f, result.z, method="arnoldi", iters=rho_iters, generator=generator
-        )
+        radius = spectral_radius(f, info.z, method="arnoldi", iters=rho_iters, generator=generator)
         out["rho"] = float(radius.mean())
         out["rho_per_sequence"] = radius.tolist()
     return out
@@ -472,7 +456,7 @@ def diagnose_checkpoint(
     if not texts or not all(isinstance(t, str) and t for t in texts):
         raise ValueError("prompts must be non-empty strings")
     ids, mask = encode_prompts(path, texts, model.vocab_size)
-    device = model._embedding().weight.device
+    device = model.get_input_embeddings().weight.device
     result = diagnose(
         model,
         ids.to(device),

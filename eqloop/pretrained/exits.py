@@ -1,4 +1,6 @@
-"""Ouro's exit gate: the per-token exit distribution over loops and threshold exits.
+"""Exit rules shared by the architectures: :func:`check_exit` (the one check of an
+``exit`` / ``exit_threshold`` pair) and the maths of a learned per-loop exit gate (Ouro's;
+diagnostics applies it to any model whose ``gate_logits`` is not ``None``).
 
 After each loop t = 1..T the gate gives ``lam_t = sigmoid(early_exit_gate(z_t))`` per
 token; the exit probabilities are ``p_t = lam_t prod_{j<t}(1 - lam_j)`` for t < T and the
@@ -14,10 +16,7 @@ from torch import Tensor
 
 from solvers import checks
 
-__all__ = ["EXIT_MODES", "check_exit", "exit_distribution", "threshold_exit"]
-
-EXIT_MODES = ("last", "threshold", "expected")
-"""Values of ``exit`` in :meth:`OuroForCausalLM.forward` and in Ouro's generation."""
+__all__ = ["check_exit", "exit_distribution", "threshold_exit"]
 
 
 def check_exit(
@@ -28,7 +27,7 @@ def check_exit(
     Args:
         exit: the exit mode the caller chose.
         exit_threshold: the threshold the caller passed, or ``None``.
-        modes: the valid modes (Ouro's :data:`EXIT_MODES`, Huginn's criteria).
+        modes: the valid modes (Ouro's ``EXIT_MODES``, Huginn's criteria).
         thresholded: the modes that take a threshold.
 
     Returns:

@@ -24,51 +24,37 @@ left, as ``load_tokenizer`` pads by default): every row's next token then sits a
 same index. Padded keys are masked and positions count real tokens only, so a padded
 row decodes as it would alone.
 
-Exits, per token and per row of the batch:
-
-* Ouro (``exit="last" | "threshold" | "expected"``): all loops run, as upstream; the
-  gate decides which loop's logits (or their expectation) pick the next token.
-* Huginn (``exit="latent-diff" | "kl" | "entropy-diff" | "argmax-stability"``): a
-  token stops looping once its criterion holds (upstream's adaptive compute); its
-  state stays fixed while the rest of the batch loops on, and the cache slots of the
-  loops it skipped get the keys/values of its last computed loop (upstream's "latest"
-  lookup rule), so later tokens attending to it see what it computed.
+Exits, per token and per row of the batch, are the model's (see its
+``decode_options``): Ouro's gate (``exit="last" | "threshold" | "expected"``: all loops
+run, the gate picks the logits) or Huginn's criteria (``exit="latent-diff" | "kl" |
+"entropy-diff" | "argmax-stability"``: a token stops looping once its criterion holds).
+This module never asks which architecture it has: it runs the decode-step interface of
+:class:`~eqloop.pretrained.base.PretrainedLoopedLM` (``decode_options``,
+``decode_call``, ``decode_step``, ``decode_recompute``).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from eqloop.pretrained.base import PretrainedLoopedLM
-from eqloop.pretrained.exits import check_exit, exit_distribution, threshold_exit
-from eqloop.pretrained.layers import Context, KVCache
+from eqloop.pretrained.layers import KVCache
 from solvers import checks
 
 __all__ = [
     "CACHE_RESERVE",
     "COMPILE_OPTIONS",
     "HOST_CHECK_EVERY",
-    "HUGINN_EXITS",
     "GenerateOutput",
     "GenerationMixin",
     "adaptive_forward",
     "generate",
 ]
-
-HUGINN_EXITS: dict[str, float] = {
-    "none": 0.0,
-    "latent-diff": 0.03,
-    "kl": 5e-4,
-    "entropy-diff": 1e-3,
-    "argmax-stability": 5,
-}
-"""Huginn's per-token exit criteria and their default thresholds (see ``ExitCriterion``)."""
 
 CACHE_RESERVE = 256
 """New tokens :func:`generate` reserves KV-cache room for before the cache first grows."""
@@ -99,250 +85,47 @@ class GenerateOutput:
     logits: Tensor
 
 
-# ------------------------------------------------------------------ exit criteria
-
-
-class ExitCriterion:
-    """Huginn's per-token exit test after every recurrent step (one new token per row).
-
-    ``latent-diff``: ``||s_t - s_{t-1}|| / ||s_t|| < threshold``;
-    ``kl``: ``KL(p_{t-1} || p_t) < threshold`` between the decoded distributions
-    (p_0 uniform); ``entropy-diff``: ``|H(p_t) - H(p_{t-1})| < threshold`` (H_0 = 100);
-    ``argmax-stability``: the argmax has not changed for ``threshold`` steps.
-    """
-
-    def __init__(self, name: str, threshold: float | None) -> None:
-        criteria = [exit for exit in HUGINN_EXITS if exit != "none"]
-        check_exit(name, threshold, HUGINN_EXITS, criteria)
-        self.name = name
-        default = HUGINN_EXITS[name]
-        if name == "argmax-stability":
-            value = default if threshold is None else threshold
-            self.threshold = float(checks.integer("exit_threshold", value, low=1))
-        else:
-            value = default if threshold is None else threshold
-            self.threshold = checks.number("exit_threshold", value, low=0.0)
-        self.prev: Any = None
-        self.count: Tensor | None = None
-
-    @property
-    def decodes(self) -> bool:
-        """Whether the criterion needs the logits of every step."""
-        return self.name in ("kl", "entropy-diff", "argmax-stability")
-
-    def start(self, z0: Tensor, vocab: int) -> None:
-        """Reset for a new token; ``z0``: (B, n, d) initial states."""
-        batch = z0.shape[0]
-        if self.name == "latent-diff":
-            self.prev = z0
-        elif self.name == "kl":
-            self.prev = torch.full((batch, vocab), -math.log(vocab), device=z0.device)
-        elif self.name == "entropy-diff":
-            self.prev = torch.full((batch,), 100.0, device=z0.device)
-        elif self.name == "argmax-stability":
-            self.prev = torch.full((batch,), -1, dtype=torch.long, device=z0.device)
-            self.count = torch.zeros(batch, dtype=torch.long, device=z0.device)
-
-    def check(self, z: Tensor, logits: Tensor | None) -> Tensor:
-        """(B,) bool: rows whose new token may stop. ``z``: (B, 1, d); ``logits``: (B, V)."""
-        if self.name == "none":
-            return torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
-        if self.name == "latent-diff":
-            change = (z - self.prev).norm(dim=-1) / z.norm(dim=-1).clamp_min(
-                torch.finfo(z.dtype).tiny
-            )
-            self.prev = z
-            return change.mean(dim=1) < self.threshold
-        log_p = F.log_softmax(logits.float(), dim=-1)
-        if self.name == "kl":
-            value = (self.prev.exp() * (self.prev - log_p)).sum(dim=-1)
-            self.prev = log_p
-            return value < self.threshold
-        if self.name == "entropy-diff":
-            entropy = -(log_p.exp() * log_p).sum(dim=-1)
-            value = (entropy - self.prev).abs()
-            self.prev = entropy
-            return value < self.threshold
-        top = logits.argmax(dim=-1)
-        self.count = torch.where(top == self.prev, self.count + 1, torch.zeros_like(self.count))
-        self.prev = top
-        return self.count >= self.threshold
-
-
-# ---------------------------------------------------------------- one cached call
-#
-# A cached call is host work around a step: ``cache.reserve(n)`` (grow the buffers if
-# needed), the step (a forward pass that reads the cache's positions from tensors only),
-# ``cache.advance(n)``. The steps are what ``generate(..., compile=True)`` compiles for
-# decoding: between two growths of the cache they see the same shapes every token.
-
-
-def _ouro_step(
-    model: Any,
-    tokens: Tensor,
-    mask: Tensor | None,
-    cache: KVCache,
-    loops: int,
-    exit: str,
-    threshold: float | None,
-) -> tuple[Tensor, Tensor]:
-    """Ouro's forward pass over the new tokens (B, n): last-position logits (B, V) and
-    the loop they came from (B,)."""
-    ctx = model._context(*tokens.shape, tokens, mask, cache)
-    x = model._inject(tokens, ctx)
-    states: list[Tensor] = []
-    model._cached_loops(x, x, ctx, loops, on_state=lambda t, s: states.append(s[:, -1]))
-    stacked = torch.stack(states, dim=1)  # (B, T, d): the last position after each loop
-    batch = tokens.shape[0]
-    if exit == "last":
-        return model.head(stacked[:, -1]), torch.full((batch,), loops, device=tokens.device)
-    pdf = exit_distribution(model.gate_logits(stacked)[:, None])[:, 0]  # (B, T)
-    if exit == "expected":
-        logits = (model.head(stacked) * pdf[..., None].to(stacked.dtype)).sum(dim=1)
-        return logits, torch.full((batch,), loops, device=tokens.device)
-    index = threshold_exit(pdf[:, None], threshold)[:, 0]
-    return model.head(stacked[torch.arange(batch, device=tokens.device), index]), index + 1
-
-
-def _ouro_call(
-    model: Any,
-    tokens: Tensor,
-    mask: Tensor | None,
-    cache: KVCache,
-    loops: int,
-    exit: str,
-    threshold: float | None,
-    step: Any = _ouro_step,
-) -> tuple[Tensor, Tensor]:
-    """A cached call of Ouro: :func:`_ouro_step` (or its compiled ``step``) between
-    ``cache.reserve`` and ``cache.advance``."""
-    cache.reserve(tokens.shape[1])
-    out = step(model, tokens, mask, cache, loops, exit, threshold)
-    cache.advance(tokens.shape[1])
-    return out
-
-
-def _huginn_step(
-    model: Any, tokens: Tensor, mask: Tensor | None, cache: KVCache, loops: int, z0: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Huginn's forward pass over the new tokens (B, n) from the initial state ``z0``
-    (B, n, d), every step run: last-position logits (B, V) and steps run (B,)."""
-    ctx = model._context(*tokens.shape, tokens, mask, cache)
-    x = model._inject(tokens, ctx)
-    z = model._cached_loops(z0, x, ctx, loops)
-    used = torch.full((tokens.shape[0],), loops, device=tokens.device)
-    return model._readout(z, ctx)[:, -1], used
-
-
-def _huginn_call(
-    model: Any,
-    tokens: Tensor,
-    mask: Tensor | None,
-    cache: KVCache,
-    loops: int,
-    criterion: ExitCriterion,
-    init_scale: float | None,
-    generator: torch.Generator | None,
-    step: Any = _huginn_step,
-) -> tuple[Tensor, Tensor]:
-    """Last-position logits (B, V) and steps run (B,) of a cached call.
-
-    A prefill (several tokens) runs every step; one new token per row may exit early
-    (host-side: the batch stops looping once every row exited). The initial state is
-    drawn here, outside ``step``: a compiled step then holds no random draw (which
-    ``torch.compile`` cannot capture with a generator) and draws the same numbers.
-    """
-    n = tokens.shape[1]
-    d = model._embedding().weight.shape[1]
-    like = model._embedding().weight.new_empty(*tokens.shape, d)
-    plain = model._context(*tokens.shape, tokens, mask)  # no cache: padding only
-    z0 = model._initial_state(like, plain, init_scale, generator)
-    cache.reserve(n)
-    if criterion.name == "none" or n > 1:
-        logits, used = step(model, tokens, mask, cache, loops, z0)
-    else:
-        ctx = model._context(*tokens.shape, tokens, mask, cache)
-        x = model._inject(tokens, ctx)
-        z, used = _adaptive_loop(model, z0, x, ctx, loops, criterion)
-        logits = model._readout(z, ctx)[:, -1]
-    cache.advance(n)
-    return logits, used
-
-
-def _adaptive_loop(
-    model: Any, z: Tensor, x: Tensor, ctx: Context, loops: int, criterion: ExitCriterion
-) -> tuple[Tensor, Tensor]:
-    """Steps for one new token per row until each row's criterion holds (see module doc)."""
-    core_layers = len(model.transformer.core_block)
-    active = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
-    used = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-    criterion.start(z, model.vocab_size)
-    for t in range(loops):
-        z_next = model._core(z, x, ctx, t)
-        if t > 0:
-            for j in range(core_layers):  # exited rows keep their last computed keys/values
-                ctx.cache.copy_rows((t, j), (t - 1, j), ~active, ctx.n_new)
-        z = torch.where(active[:, None, None], z_next, z)
-        used = used + active.long()
-        logits = model._readout(z, ctx)[:, -1] if criterion.decodes else None
-        active = active & ~criterion.check(z, logits)
-        if not bool(active.any()):  # one host read per step: stop once every row exited
-            everyone = torch.ones_like(active)
-            for s in range(t + 1, loops):
-                for j in range(core_layers):
-                    ctx.cache.copy_rows((s, j), (s - 1, j), everyone, ctx.n_new)
-            break
-    return z, used
-
-
 # ------------------------------------------------------------------- compilation
 
 COMPILE_OPTIONS = ("backend", "mode", "options", "dynamic")
 """Keys of a ``compile`` dict of :func:`generate`, passed on to ``torch.compile``."""
 
 
-def _compiled_step(
-    model: Any,
-    compile: Any,
-    is_huginn: bool,
-    use_cache: bool,
-    criterion: ExitCriterion | None,
-) -> Any:
-    """The decode step (:func:`_ouro_step` or :func:`_huginn_step`) compiled as
-    ``compile`` asks, or ``None`` for eager decoding.
-
-    ``compile=True`` uses ``torch.compile``'s defaults, with ``mode="reduce-overhead"``
-    (CUDA graphs) on CUDA; a dict sets the :data:`COMPILE_OPTIONS`. The step is compiled
-    with ``fullgraph=True``: one graph per cache capacity, or an error, never a silent
-    split.
-    """
+def _compile_options(compile: Any) -> dict[str, Any] | None:
+    """``generate``'s ``compile`` argument as ``torch.compile`` keywords, or ``None`` for
+    eager decoding (``True``: the defaults; a dict: the :data:`COMPILE_OPTIONS`)."""
     if compile is False:
         return None
     if compile is True:
-        options: dict[str, Any] = {}
-    elif isinstance(compile, dict):
+        return {}
+    if isinstance(compile, dict):
         unknown = sorted(set(compile) - set(COMPILE_OPTIONS))
         if unknown:
             raise ValueError(
                 f"compile options {unknown} are not supported; use keys from {COMPILE_OPTIONS} "
                 "(passed on to torch.compile)"
             )
-        options = dict(compile)
-    else:
-        raise TypeError(
-            f"compile must be True, False or a dict of torch.compile options, got "
-            f"{type(compile).__name__}"
-        )
-    if not use_cache:
-        raise ValueError("compile compiles the cached decode step: it needs use_cache=True")
-    if criterion is not None and criterion.name != "none":
-        raise ValueError(
-            f"compile does not apply to Huginn's exit={criterion.name!r}: the loop decides on "
-            "the host after every step whether to go on; use exit='none' to compile"
-        )
-    if model._embedding().weight.device.type == "cuda" and not {"mode", "backend"} & set(options):
-        options["mode"] = "reduce-overhead"
-    compiled = torch.compile(_huginn_step if is_huginn else _ouro_step, fullgraph=True, **options)
+        return dict(compile)
+    raise TypeError(
+        f"compile must be True, False or a dict of torch.compile options, got "
+        f"{type(compile).__name__}"
+    )
+
+
+def _compiled_step(
+    model: PretrainedLoopedLM, options: dict[str, Any]
+) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The model's ``decode_step`` compiled with the ``torch.compile`` keywords
+    ``options``, plus ``mode="reduce-overhead"`` (CUDA graphs) on CUDA unless a mode or
+    backend is given. The step is compiled with ``fullgraph=True``: one graph per cache
+    capacity, or an error, never a silent split.
+    """
+    if model.get_input_embeddings().weight.device.type == "cuda" and not {
+        "mode",
+        "backend",
+    } & set(options):
+        options = {**options, "mode": "reduce-overhead"}
+    compiled = torch.compile(model.decode_step, fullgraph=True, **options)
 
     def step(*args: Any) -> tuple[Tensor, Tensor]:
         torch.compiler.cudagraph_mark_step_begin()  # a new token: last outputs may be reused
@@ -474,11 +257,13 @@ def generate(
         stop_token_ids: a row stops after producing one of these ids (one id or a list;
             each must be one the model can generate).
         pad_token_id: id written after a row stopped (default: the first stop id, or 0).
-        exit: Ouro ``"last"`` (default) | ``"threshold"`` | ``"expected"``; Huginn
+        exit: the model's exit (its ``decode_options``): Ouro ``"last"`` (default) |
+            ``"threshold"`` | ``"expected"``; Huginn
             ``"none"`` (default) | ``"latent-diff"`` | ``"kl"`` | ``"entropy-diff"`` |
             ``"argmax-stability"``.
         exit_threshold: the exit's threshold (defaults: Ouro's config
-            ``early_exit_threshold``; Huginn's :data:`HUGINN_EXITS`).
+            ``early_exit_threshold``; Huginn's
+            :data:`~eqloop.pretrained.huginn.HUGINN_EXITS`).
         init_scale: Huginn's initial-state scale (0: zeros, deterministic).
         generator: random generator for sampling and Huginn's initial states.
         use_cache: ``False`` recomputes the whole sequence for every token (the
@@ -507,9 +292,9 @@ def generate(
     """
     if not isinstance(model, PretrainedLoopedLM):
         raise TypeError(f"model must be an eqloop pretrained looped LM, got {type(model).__name__}")
-    input_ids = model._check_tokens(input_ids)
+    input_ids = model.check_input_ids(input_ids)
     batch, prompt_len = input_ids.shape
-    mask = model._check_mask(attention_mask, input_ids.shape)
+    mask = model.check_attention_mask(attention_mask, input_ids.shape)
     if mask is not None:
         _check_left_padded(mask)
     max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, low=0)
@@ -530,18 +315,19 @@ def generate(
     pad_token_id = checks.integer("pad_token_id", pad_token_id, low=0, high=model.vocab_size - 1)
     checks.boolean("use_cache", use_cache)
 
-    is_huginn = model.model_type == "huginn_raven"
-    if is_huginn:
-        criterion = ExitCriterion("none" if exit is None else exit, exit_threshold)
-        if not use_cache and criterion.name != "none":
-            raise ValueError("Huginn's exit criteria need the cache (use_cache=True)")
-    else:
-        if init_scale is not None:
-            raise TypeError("init_scale is a Huginn option: Ouro's loop starts from the embeddings")
-        ouro_exit = "last" if exit is None else exit
-        threshold = model._exit_threshold(ouro_exit, exit_threshold)
-
-    step_fn = _compiled_step(model, compile, is_huginn, use_cache, criterion if is_huginn else None)
+    compile_options = _compile_options(compile)
+    # The model checks its own exit options (and which of them need the cache or
+    # cannot be compiled); everything below is the same for every architecture.
+    options = model.decode_options(
+        exit,
+        exit_threshold,
+        init_scale=init_scale,
+        use_cache=use_cache,
+        compiled=compile_options is not None,
+    )
+    if compile_options is not None and not use_cache:
+        raise ValueError("compile compiles the cached decode step: it needs use_cache=True")
+    step_fn = None if compile_options is None else _compiled_step(model, compile_options)
     # Host reads (stop ids, finite logits) every `every` tokens: each token eagerly, and
     # every HOST_CHECK_EVERY tokens when compiled, so a compiled decode loop queues its
     # steps without waiting for the device; the tokens past a stop are then dropped.
@@ -571,32 +357,17 @@ def generate(
     with torch.no_grad():
         for step in range(max_new_tokens):
             # The prompt (step 0) runs eagerly: only the one-token decode step is compiled.
-            decode = {} if step_fn is None or step == 0 else {"step": step_fn}
-            if use_cache and is_huginn:
-                logits, used = _huginn_call(
-                    model,
-                    step_tokens,
-                    step_mask,
-                    cache,
-                    loops,
-                    criterion,
-                    init_scale,
-                    generator,
-                    **decode,
-                )
-            elif use_cache:
-                logits, used = _ouro_call(
-                    model, step_tokens, step_mask, cache, loops, ouro_exit, threshold, **decode
+            compiled = None if step == 0 else step_fn
+            if use_cache:
+                logits, used = model.decode_call(
+                    step_tokens, step_mask, cache, loops, options, generator, compiled
                 )
             else:
-                logits, used = _recompute(
-                    model,
+                logits, used = model.decode_recompute(
                     torch.cat([input_ids, *(t[:, None] for t in new_tokens)], dim=1),
                     None if mask is None else torch.cat([mask, *new_masks], dim=1).bool(),
                     loops,
-                    None if is_huginn else ouro_exit,
-                    None if is_huginn else threshold,
-                    init_scale,
+                    options,
                     generator,
                 )
             logits = logits.float()
@@ -648,43 +419,8 @@ def generate(
     return sequences
 
 
-def _recompute(
-    model: Any,
-    sequences: Tensor,
-    mask: Tensor | None,
-    loops: int,
-    ouro_exit: str | None,
-    threshold: float | None,
-    init_scale: float | None,
-    generator: torch.Generator | None,
-) -> tuple[Tensor, Tensor]:
-    """Last-position logits of a full forward pass over ``sequences`` (no cache)."""
-    batch = sequences.shape[0]
-    if ouro_exit is None:  # Huginn
-        logits = model(
-            sequences, loops, attention_mask=mask, init_scale=init_scale, generator=generator
-        )
-        used = torch.full((batch,), loops, device=sequences.device)
-        return logits[:, -1], used
-    logits, info = model(
-        sequences,
-        loops,
-        attention_mask=mask,
-        exit=ouro_exit,
-        exit_threshold=threshold,
-        return_info=True,
-    )
-    exit_loop = getattr(info, "exit_loop", None)  # set by the threshold exit only
-    used = (
-        exit_loop[:, -1]
-        if exit_loop is not None
-        else torch.full((batch,), loops, device=sequences.device)
-    )
-    return logits[:, -1], used
-
-
 def adaptive_forward(
-    model: Any,
+    model: PretrainedLoopedLM,
     tokens: Tensor,
     *,
     exit: str,
@@ -694,27 +430,28 @@ def adaptive_forward(
     init_scale: float | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Huginn's adaptive-compute forward: token by token, each exiting on its criterion.
+    """The adaptive-compute forward: token by token, each exiting by the model's ``exit``.
 
-    Upstream's ``forward_with_adaptive_compute`` for a batch: position i runs its loop
-    with the KV cache of positions < i until the criterion holds (at most ``loops``
-    steps), exactly as :func:`generate` decodes a new token.
+    Upstream Huginn's ``forward_with_adaptive_compute`` for a batch: position i runs its
+    loop with the KV cache of positions < i until its exit criterion holds (at most
+    ``loops`` steps), exactly as :func:`generate` decodes a new token. For Ouro, whose
+    exits run every loop, it equals ``forward(exit=...)`` position by position.
 
     Returns:
-        logits (B, S, V) and the steps each position ran (B, S) int64.
+        logits (B, S, V) and the loops each position ran (B, S) int64.
     """
-    if model.model_type != "huginn_raven":
-        raise ValueError("adaptive_forward is Huginn's; Ouro exits through forward(exit=...)")
-    tokens = model._check_tokens(tokens)
-    mask = model._check_mask(attention_mask, tokens.shape)
-    criterion = ExitCriterion(exit, exit_threshold)
+    if not isinstance(model, PretrainedLoopedLM):
+        raise TypeError(f"model must be an eqloop pretrained looped LM, got {type(model).__name__}")
+    tokens = model.check_input_ids(tokens)
+    mask = model.check_attention_mask(attention_mask, tokens.shape)
+    options = model.decode_options(exit, exit_threshold, init_scale=init_scale)
     loops = model.trained_loops if loops is None else checks.integer("loops", loops, low=1)
     cache = KVCache(tokens.shape[0], tokens.shape[1])
     outputs, steps = [], []
     for i in range(tokens.shape[1]):
         column = None if mask is None else mask[:, i : i + 1]
-        logits, used = _huginn_call(
-            model, tokens[:, i : i + 1], column, cache, loops, criterion, init_scale, generator
+        logits, used = model.decode_call(
+            tokens[:, i : i + 1], column, cache, loops, options, generator
         )
         outputs.append(logits)
         steps.append(used)

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from functools import cache
 from typing import Any
 
@@ -31,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eqloop.pretrained.config import config_from_dict
-from eqloop.pretrained.io import _model_class, check_checkpoint
+from eqloop.pretrained.config import ARCHITECTURES, config_from_dict
+from eqloop.pretrained.io import check_checkpoint, model_class
 
 __all__ = ["register_auto_classes"]
 
@@ -49,8 +50,12 @@ def _eqloop_config(hf_config: Any) -> Any:
         )
     for key in _TRANSFORMERS_KEYS:
         data.pop(key, None)
-    if data.get("model_type") == "huginn_raven" and data.get("rope_scaling", 0) is None:
-        data.pop("rope_scaling")  # added by the config class above, not a Huginn key
+    # transformers' config class adds rope_scaling=None: drop it for an architecture
+    # without that key (Huginn), so strict reading does not see an unknown key.
+    cls = ARCHITECTURES.get(data.get("model_type"))
+    keys = set() if cls is None else {f.name for f in fields(cls)}
+    if cls is not None and data.get("rope_scaling", 0) is None and "rope_scaling" not in keys:
+        data.pop("rope_scaling")
     return config_from_dict(data, strict=False)
 
 
@@ -64,7 +69,8 @@ def register_auto_classes() -> dict[str, type]:
     from transformers.modeling_outputs import CausalLMOutput
 
     classes: dict[str, type] = {}
-    for model_type, prefix in (("ouro", "Ouro"), ("huginn_raven", "Huginn")):
+    for model_type, arch in ARCHITECTURES.items():
+        prefix = arch.__name__.removesuffix("Config")  # EqloopOuroConfig, ...
 
         def config_init(self: Any, rope_scaling: Any = None, **kwargs: Any) -> None:
             PretrainedConfig.__init__(self, **kwargs)
@@ -80,7 +86,7 @@ def register_auto_classes() -> dict[str, type]:
         def __init__(self: Any, config: Any) -> None:
             PreTrainedModel.__init__(self, config)
             eqloop_config = _eqloop_config(config)
-            inner = _model_class(eqloop_config)(eqloop_config)
+            inner = model_class(eqloop_config)(eqloop_config)
             for name, module in inner.named_children():
                 setattr(self, name, module)  # the same modules: upstream key names
             object.__setattr__(self, "_eqloop", inner)  # not a child: no duplicate keys
@@ -125,15 +131,16 @@ def register_auto_classes() -> dict[str, type]:
 
         body = {
             "config_class": config_cls,
-            "base_model_prefix": "model" if model_type == "ouro" else "transformer",
-            "_keys_to_ignore_on_load_unexpected": [r"^freqs_cis$"],
+            "base_model_prefix": arch.BASE_MODEL_PREFIX,
+            # Tensors upstream files carry that eqloop recomputes (Huginn's freqs_cis).
+            "_keys_to_ignore_on_load_unexpected": [f"^{key}$" for key in arch.RECOMPUTED_KEYS],
             "__init__": __init__,
             "forward": forward,
             "generate": torch.no_grad()(generate),
             "from_pretrained": classmethod(from_pretrained),
             "_init_weights": lambda self, module: None,  # weights come from the files
             "eqloop": property(lambda self: self._eqloop, doc="The eqloop model (same modules)."),
-            "get_input_embeddings": lambda self: self._eqloop._embedding(),
+            "get_input_embeddings": lambda self: self._eqloop.get_input_embeddings(),
         }
         model_cls = type(f"Eqloop{prefix}ForCausalLM", (PreTrainedModel,), body)
         AutoConfig.register(model_type, config_cls, exist_ok=True)

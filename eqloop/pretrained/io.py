@@ -34,13 +34,21 @@ from torch import Tensor
 from eqloop.files import STAGING_PREFIX, read_json
 from eqloop.model import LoopLM, LoopLMConfig
 from eqloop.pretrained.base import PretrainedLoopedLM
-from eqloop.pretrained.config import HuginnConfig, OuroConfig, config_from_dict
-from eqloop.pretrained.huginn import HuginnForCausalLM
-from eqloop.pretrained.keys import LISTED, RECOMPUTED, check_keys, listing
-from eqloop.pretrained.ouro import OuroForCausalLM
+from eqloop.pretrained.config import PretrainedConfig, config_from_dict
+from eqloop.pretrained.huginn.modeling import HuginnForCausalLM
+from eqloop.pretrained.keys import LISTED, check_keys, listing
+from eqloop.pretrained.ouro.modeling import OuroForCausalLM
 from eqloop.pretrained.saving import CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 
-__all__ = ["check_checkpoint", "is_pretrained_dir", "load", "load_config", "weight_files"]
+__all__ = [
+    "check_checkpoint",
+    "is_pretrained_dir",
+    "load",
+    "load_config",
+    "MODEL_CLASSES",
+    "model_class",
+    "weight_files",
+]
 
 # eqloop's own models in this layout (written by their save_pretrained), by model_type:
 # load() hands such a directory to the class's from_pretrained.
@@ -50,8 +58,16 @@ _OWN_MODELS: dict[str, type[LoopLM]] = {LoopLMConfig.model_type: LoopLM}
 _FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
-def _model_class(config: OuroConfig | HuginnConfig) -> type[PretrainedLoopedLM]:
-    return OuroForCausalLM if isinstance(config, OuroConfig) else HuginnForCausalLM
+MODEL_CLASSES: dict[str, type[PretrainedLoopedLM]] = {
+    "ouro": OuroForCausalLM,
+    "huginn_raven": HuginnForCausalLM,
+}
+"""The model class of each ``model_type`` of :data:`eqloop.pretrained.config.ARCHITECTURES`."""
+
+
+def model_class(config: PretrainedConfig) -> type[PretrainedLoopedLM]:
+    """The model class of a config (build it with ``model_class(config)(config)``)."""
+    return MODEL_CLASSES[config.model_type]
 
 
 def _directory(path: str | os.PathLike[str]) -> Path:
@@ -86,7 +102,7 @@ def is_pretrained_dir(path: str | os.PathLike[str]) -> bool:
     return isinstance(data, dict) and "model_type" in data
 
 
-def load_config(path: str | os.PathLike[str], *, strict: bool = True) -> OuroConfig | HuginnConfig:
+def load_config(path: str | os.PathLike[str], *, strict: bool = True) -> PretrainedConfig:
     """Read and check ``config.json`` of a checkpoint directory.
 
     Raises:
@@ -200,9 +216,7 @@ def _read_tensors(files: dict[str, Path]) -> dict[str, Tensor]:
     return tensors
 
 
-def _check_layer_counts(
-    directory: Path, config: OuroConfig | HuginnConfig, keys: Iterable[str]
-) -> None:
+def _check_layer_counts(directory: Path, config: PretrainedConfig, keys: Iterable[str]) -> None:
     """Config.json must not count more layers than the files hold.
 
     Runs before the model is built, so an absurd count fails at once rather than after
@@ -221,10 +235,10 @@ def _check_layer_counts(
 
 
 def _check_dtypes(
-    config: OuroConfig | HuginnConfig, headers: dict[str, tuple[str, tuple[int, ...], Path]]
+    config: PretrainedConfig, headers: dict[str, tuple[str, tuple[int, ...], Path]]
 ) -> None:
     """Every weight must be a float eqloop computes with (no int, bool or float8)."""
-    recomputed = set(RECOMPUTED.get(config.model_type, ()))
+    recomputed = set(config.RECOMPUTED_KEYS)
     bad = sorted(
         f"{key} ({dtype} in {file.name})"
         for key, (dtype, _, file) in headers.items()
@@ -238,18 +252,9 @@ def _check_dtypes(
         )
 
 
-def _tied_head(config: OuroConfig | HuginnConfig) -> tuple[str, str] | None:
-    """(head key, embedding key) when the config ties them, else None."""
-    if isinstance(config, OuroConfig):
-        return (
-            ("lm_head.weight", "model.embed_tokens.weight") if config.tie_word_embeddings else None
-        )
-    return ("lm_head.weight", "transformer.wte.weight") if config.tie_embeddings else None
-
-
 def check_checkpoint(
     path: str | os.PathLike[str], *, strict_config: bool = True
-) -> tuple[OuroConfig | HuginnConfig, dict[str, Path], PretrainedLoopedLM]:
+) -> tuple[PretrainedConfig, dict[str, Path], PretrainedLoopedLM]:
     """Everything loading checks before it reads the weights; shared by every loading path.
 
     Reads config.json and the safetensors headers (and, for a tied head stored in the
@@ -274,7 +279,7 @@ def check_checkpoint(
     _check_dtypes(config, headers)
     _check_layer_counts(directory, config, headers)
     shapes = {key: shape for key, (_, shape, _) in headers.items()}
-    tied = _tied_head(config)
+    tied = config.tied_head
     if tied is not None and tied[0] in shapes:
         head, embedding = tied
         pair = _read_tensors({key: files[key] for key in tied if key in files})
@@ -285,7 +290,7 @@ def check_checkpoint(
             )
         del shapes[head]
     with torch.device("meta"):
-        model = _model_class(config)(config)
+        model = model_class(config)(config)
     check_keys(model, shapes, config)
     return config, files, model
 
@@ -339,10 +344,10 @@ def load(
         return _OWN_MODELS[model_type].from_pretrained(directory, dtype=dtype, device=device)
     config, files, model = check_checkpoint(directory, strict_config=strict_config)
     tensors = _read_tensors(files)
-    tied = _tied_head(config)
+    tied = config.tied_head
     if tied is not None:
         tensors.pop(tied[0], None)  # checked equal to the embedding
-    for name in RECOMPUTED.get(config.model_type, ()):
+    for name in config.RECOMPUTED_KEYS:
         tensors.pop(name, None)
     target = _checkpoint_dtype(tensors) if dtype is None else dtype
     state = {

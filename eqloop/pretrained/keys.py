@@ -9,12 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from eqloop.pretrained.base import PretrainedLoopedLM
-from eqloop.pretrained.config import HuginnConfig, OuroConfig
+from eqloop.pretrained.config import PretrainedConfig
 
-__all__ = ["LISTED", "RECOMPUTED", "check_keys", "listing"]
+__all__ = ["LISTED", "check_keys", "listing"]
 
-# Tensors upstream files may carry that eqloop recomputes instead of loading.
-RECOMPUTED = {"huginn_raven": ("freqs_cis",)}
 # How many names an error message lists before it says how many more there are.
 LISTED = 20
 
@@ -29,13 +27,13 @@ def listing(names: Iterable[str]) -> str:
 def check_keys(
     model: PretrainedLoopedLM,
     shapes: dict[str, tuple[int, ...]],
-    config: OuroConfig | HuginnConfig,
+    config: PretrainedConfig,
     *,
     what: str = "checkpoint tensors",
 ) -> None:
     """Raise one ValueError listing every missing, unexpected or mis-shaped tensor."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    recomputed = set(RECOMPUTED.get(config.model_type, ()))
+    recomputed = set(config.RECOMPUTED_KEYS)
     missing = set(expected) - set(shapes)
     unexpected = set(shapes) - set(expected) - recomputed
     mis_shaped = sorted(

@@ -24,9 +24,8 @@ from torch import Tensor
 
 from eqloop.files import STAGING_PREFIX, replace_directory, umask_mode, write_json_atomic
 from eqloop.pretrained.base import PretrainedLoopedLM
-from eqloop.pretrained.config import HuginnConfig, config_to_dict
+from eqloop.pretrained.config import config_to_dict
 from eqloop.pretrained.keys import check_keys
-from eqloop.pretrained.layers import rotary_angles
 from solvers import checks
 
 __all__ = [
@@ -44,8 +43,6 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
-# Upstream's architecture names, written to config.json["architectures"] when absent.
-_ARCHITECTURE_NAMES = {"ouro": "OuroForCausalLM", "huginn_raven": "RavenForCausalLM"}
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 _UNITS = {
@@ -112,11 +109,7 @@ def _tensors_to_save(model: PretrainedLoopedLM) -> dict[str, Tensor]:
         what="the model's tensors",
     )
     tensors = {name: t.detach().contiguous() for name, t in state.items()}
-    if isinstance(model.config, HuginnConfig):
-        # Upstream registers its rotary table as a persistent buffer: write it as upstream does.
-        positions = torch.arange(model.config.block_size)[None]
-        cos, sin = rotary_angles(positions, model.config.head_size, model.config.rope_base)
-        tensors["freqs_cis"] = torch.stack((cos, sin), dim=-1)[:, :, None].contiguous()
+    tensors.update(model.upstream_buffers())  # e.g. Huginn's rotary table, as upstream writes it
     return tensors
 
 
@@ -266,8 +259,8 @@ def _carry_over(old: Path, staging: Path, *, keep_generation: bool) -> None:
 
 def _config_json(model: PretrainedLoopedLM) -> dict[str, Any]:
     data = config_to_dict(model.config)
-    data.setdefault("architectures", [_ARCHITECTURE_NAMES[model.config.model_type]])
-    dtype = str(model._embedding().weight.dtype).removeprefix("torch.")
+    data.setdefault("architectures", [model.config.UPSTREAM_ARCHITECTURE])
+    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     for key in ("torch_dtype", "dtype"):
         if key in data:
             data[key] = dtype

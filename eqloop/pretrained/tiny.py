@@ -11,7 +11,6 @@ newline (100 ids in all; unknown characters map to ``<|unk|>``).
 
 from __future__ import annotations
 
-import math
 import os
 import string
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from eqloop.files import atomic_path, write_json_atomic
-from eqloop.pretrained.config import HuginnConfig, OuroConfig, config_from_dict
+from eqloop.pretrained.config import ARCHITECTURES, PretrainedConfig, config_from_dict
 from solvers import checks
 
 __all__ = ["SPECIAL_TOKENS", "TINY_DEFAULTS", "write_tiny_checkpoint"]
@@ -36,53 +35,11 @@ SPECIAL_TOKENS = {
 _CHARACTERS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
 
 TINY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ouro": {
-        "vocab_size": 128,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "rope_theta": 10000.0,
-        "total_ut_steps": 4,
-        "early_exit_threshold": 1.0,
-        "tie_word_embeddings": False,
-        "initializer_range": 0.02,
-    },
-    "huginn_raven": {
-        "vocab_size": 128,
-        "padded_vocab_size": 128,
-        "n_embd": 32,
-        "n_heads": 4,
-        "num_key_value_heads": 4,
-        "n_layers": 4,
-        "n_layers_in_prelude": 1,
-        "n_layers_in_recurrent_block": 2,
-        "n_layers_in_coda": 1,
-        "intermediate_size": 48,
-        "block_size": 512,
-        "mean_recurrence": 4,
-        "mean_backprop_depth": 2,
-        "rope_base": 10000.0,
-        "qk_bias": True,
-        "tie_embeddings": True,
-    },
+    model_type: cls.TINY_DEFAULTS for model_type, cls in ARCHITECTURES.items()
 }
 """Architecture keys of the tiny configs; ``write_tiny_checkpoint`` overrides them."""
 
 _ARCH_ALIASES = {"ouro": "ouro", "huginn": "huginn_raven", "huginn_raven": "huginn_raven"}
-
-
-def _huginn_init_values(n_embd: int, depth: int) -> dict[str, float]:
-    """Upstream's "takase" scales for width d and expected depth."""
-    std = math.sqrt(2 / (5 * n_embd))
-    return {
-        "std": std,
-        "out_proj": std / math.sqrt(2 * depth),
-        "embedding": std,
-        "embed_scale": math.sqrt(n_embd),
-    }
 
 
 def _tokenizer_vocab() -> dict[str, int]:
@@ -151,22 +108,8 @@ def write_tiny_checkpoint(
     model_type = _ARCH_ALIASES.get(arch) if isinstance(arch, str) else None
     if model_type is None:
         raise ValueError(f"arch must be 'ouro' or 'huginn_raven', got {arch!r}")
-    data: dict[str, Any] = {
-        "model_type": model_type,
-        **TINY_DEFAULTS[model_type],
-        **config_overrides,
-    }
+    data = ARCHITECTURES[model_type].tiny_dict(config_overrides)
     data.update({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
-    if model_type == "huginn_raven":
-        if "init_values" not in config_overrides:
-            depth = (
-                data["n_layers_in_prelude"]
-                + data["n_layers_in_coda"]
-                + (data["n_layers_in_recurrent_block"] * data["mean_recurrence"])
-            )
-            data["init_values"] = _huginn_init_values(data["n_embd"], depth)
-        if "padded_vocab_size" not in config_overrides and "vocab_size" in config_overrides:
-            data["padded_vocab_size"] = data["vocab_size"]
     config = config_from_dict(data)
     tokens = len(_tokenizer_vocab())
     vocab = config.vocab_size
@@ -181,9 +124,9 @@ def write_tiny_checkpoint(
     return directory
 
 
-def _random_model(config: OuroConfig | HuginnConfig, seed: int) -> Any:
-    from eqloop.pretrained.io import _model_class
+def _random_model(config: PretrainedConfig, seed: int) -> Any:
+    from eqloop.pretrained.io import model_class
 
-    model = _model_class(config)(config)
+    model = model_class(config)(config)
     model.init_weights(torch.Generator().manual_seed(seed))
     return model

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from eqloop.config import check_device
+from eqloop.training.config import check_device
 
 __all__ = ["RunEnv", "batch_rows", "mix_seed", "run_env", "setup_run"]
 

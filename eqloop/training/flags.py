@@ -5,7 +5,7 @@ field it sets); ``eqloop train``, ``eqloop finetune``, ``eqloop eval`` and ``eql
 add the ones they take with :func:`add_flag` (a command may change a flag's default or help,
 never what it means), and :func:`flag_values` turns the given ones into config values,
 which the config loader applies after ``--config`` and ``--set``
-(:func:`eqloop.overrides.load_config_data`). The training commands take the same run flags
+(:func:`eqloop.config.load_config_data`). The training commands take the same run flags
 (:func:`add_run_arguments`): the run directory and its policy (``--out-dir``, ``--resume``,
 ``--overwrite``), the length and seed of the run, the device, the progress bar,
 ``--compile`` and ``--print-config``. Importing this module does not import torch.

@@ -35,7 +35,7 @@ from eqloop.training.solve import warn_unconverged
 from eqloop.training.step_stats import PendingSteps
 
 if TYPE_CHECKING:
-    from eqloop.config import SolveConfig
+    from eqloop.training.config import SolveConfig
     from eqloop.training.env import RunEnv
 
 __all__ = ["LoopConfig", "LoopState", "OnEval", "OnStep", "StepFn", "TrainingLoop"]

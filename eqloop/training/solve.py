@@ -1,6 +1,6 @@
 """Training at the fixed point, shared by ``eqloop train`` and ``eqloop finetune``.
 
-With a :class:`~eqloop.config.SolveConfig` (the configs' ``solve``), a training forward
+With a :class:`~eqloop.training.config.SolveConfig` (the configs' ``solve``), a training forward
 solves the model's loop to its equilibrium z* with the configured solver, tolerance and
 budget, from z0 after ``start_loops`` plain loops, and the backward mode (``ift`` or
 ``phantom``) takes its gradient at the point the solver returned
@@ -26,8 +26,8 @@ from eqloop.backward import ConvergenceWarning
 
 if TYPE_CHECKING:
     from eqloop.backward import Backward
-    from eqloop.config import SolveConfig
     from eqloop.looped import LoopInfo
+    from eqloop.training.config import SolveConfig
 
 __all__ = [
     "merge_solve_stats",

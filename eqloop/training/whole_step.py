@@ -22,7 +22,7 @@ from eqloop.model import LoopLM
 from eqloop.stars import jsrr_penalty, random_unit
 
 if TYPE_CHECKING:  # config imports the models' configs only; kept out of the import graph
-    from eqloop.config import TrainConfig
+    from eqloop.training.config import TrainConfig
 
 __all__ = ["WholeStep"]
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import optuna
 
-from eqloop.overrides import add_config_arguments
+from eqloop.config import add_config_arguments
 from eqloop.training.flags import add_flag, flag_values
 from eqloop.tune.config import DEFAULT_RANGES, OBJECTIVES, TuneConfig, load_tune_config
 from eqloop.tune.report import REPORT_FILES

@@ -15,8 +15,8 @@ import optuna
 from optuna import distributions as od
 from optuna import pruners, samplers
 
-from eqloop.config import ConfigBase, TrainConfig, load_config
-from eqloop.overrides import apply_overrides, load_config_data, merge_config
+from eqloop.config import ConfigBase, apply_overrides, load_config_data, merge_config
+from eqloop.training.config import TrainConfig, load_config
 from solvers import checks
 
 OBJECTIVES = {
@@ -133,7 +133,7 @@ class TuneConfig(ConfigBase):
 
     def train_data(self) -> dict[str, Any]:
         """``base_config`` with ``base`` merged in as a train config file would be
-        (:func:`eqloop.overrides.merge_config`), as a dict."""
+        (:func:`eqloop.config.merge_config`), as a dict."""
         data = load_config(self.base_config).to_dict()
         return merge_config(data, self.base, schema=TrainConfig, where="base")
 
@@ -209,7 +209,7 @@ def load_tune_config(
     """A :class:`TuneConfig` from defaults, an optional file, ``key=value`` overrides and
     typed ``values`` (the command line's flags, applied last).
 
-    Read as ``eqloop train`` reads its config (:func:`eqloop.overrides.load_config_data`:
+    Read as ``eqloop train`` reads its config (:func:`eqloop.config.load_config_data`:
     JSON or TOML by suffix, one merge rule, unknown keys are errors). An override
     ``base.<key>=<value>`` is train's ``--set <key>=<value>`` on the base config
     (``base_config`` with ``base``): parsed by TrainConfig's field types, and a dotted key

@@ -14,7 +14,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from eqloop.checkpoint import CHECKPOINT_DIR
-from eqloop.config import TrainConfig
+from eqloop.training.config import TrainConfig
 from eqloop.tune.config import TuneConfig, experimental_api, suggest, trial_train_config
 from eqloop.tune.storage import retry_callback
 

@@ -7,9 +7,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from eqloop.config import TrainConfig
 from eqloop.files import atomic_path, write_json_atomic
 from eqloop.plotting import pyplot
+from eqloop.training.config import TrainConfig
 from eqloop.tune.config import OBJECTIVES, TuneConfig, experimental_api
 from eqloop.tune.objective import count
 from eqloop.tune.storage import redact

@@ -13,7 +13,7 @@ import optuna
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from eqloop.config import TrainConfig
+from eqloop.training.config import TrainConfig
 from eqloop.tune.config import OBJECTIVES, PRUNERS, SAMPLERS, TuneConfig, experimental_api
 from eqloop.tune.objective import BUDGET_STATES, Objective, TrainFn, count, stored_trial
 from eqloop.tune.report import write_report

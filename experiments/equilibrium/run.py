@@ -82,7 +82,6 @@ import solvers
 from benchmarks.common import format_table, interleaved_times, machine_info, print_written
 from benchmarks.memory_depth import saved_bytes
 from eqloop.checkpoint import latest_checkpoint, load_model
-from eqloop.config import TrainConfig
 from eqloop.evaluation import (
     EvalSet,
     PredictFn,
@@ -96,6 +95,7 @@ from eqloop.files import write_json_atomic
 from eqloop.model import LoopLM
 from eqloop.plotting import pyplot, style_axis
 from eqloop.train import batch_rows, make_train_tensors, train_step
+from eqloop.training.config import TrainConfig
 from eqloop.training.optim import make_optimizer
 from eqloop.training.run_dir import read_metrics
 from experiments.stars_scaling.run import (

@@ -36,9 +36,9 @@ from torch import Tensor, nn
 
 from benchmarks.common import format_table, machine_info, print_written, write_json_atomic
 from eqloop.checkpoint import load_model
-from eqloop.config import TrainConfig
 from eqloop.evaluation import make_test_set
 from eqloop.model import CausalSelfAttention, apply_rotary
+from eqloop.training.config import TrainConfig
 
 PROG = "experiments/plateau/run.py"  # the script in usage and error lines
 

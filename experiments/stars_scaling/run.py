@@ -100,7 +100,6 @@ from eqloop.checkpoint import (
     load_model,
     step_dir_name,
 )
-from eqloop.config import TrainConfig, apply_overrides
 from eqloop.data import make_arithmetic_dataset
 from eqloop.evaluation import (
     checkpoint_pca,
@@ -115,6 +114,7 @@ from eqloop.evaluation import (
 from eqloop.files import write_json_atomic
 from eqloop.plotting import pyplot, style_axis
 from eqloop.train import check_resumable, penalty_overhead, train
+from eqloop.training.config import TrainConfig, apply_overrides
 
 PROG = "experiments/stars_scaling/run.py"  # the script in usage and error lines
 

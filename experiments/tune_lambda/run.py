@@ -49,10 +49,10 @@ from optuna.trial import TrialState
 
 from benchmarks.common import format_table, machine_info, print_written
 from eqloop.checkpoint import CHECKPOINT_DIR, step_dir_name
-from eqloop.config import TrainConfig
 from eqloop.files import write_json_atomic
 from eqloop.plotting import pyplot, style_axis
 from eqloop.train import train
+from eqloop.training.config import TrainConfig
 from eqloop.tune import TuneConfig, load_study, run_study
 from eqloop.tune.storage import connect
 from experiments.stars_scaling.run import FINETUNE, RANDOM, RECIPE, WARM_STEPS, config_dict

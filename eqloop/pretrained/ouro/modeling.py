@@ -38,15 +38,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eqloop.pretrained.base import PretrainedLoopedLM, PretrainedLoopInfo, split_loops
-from eqloop.pretrained.config import OuroConfig
-from eqloop.pretrained.exits import EXIT_MODES, check_exit, exit_distribution, threshold_exit
+from eqloop.pretrained.base import (
+    DecodeOptions,
+    PretrainedLoopedLM,
+    PretrainedLoopInfo,
+    split_loops,
+)
+from eqloop.pretrained.exits import check_exit, exit_distribution, threshold_exit
 from eqloop.pretrained.generation import GenerationMixin
-from eqloop.pretrained.layers import Context, RMSNorm, attend, rotate_half_pairs
+from eqloop.pretrained.layers import Context, KVCache, RMSNorm, attend, rotate_half_pairs
+from eqloop.pretrained.ouro.config import OuroConfig
 from eqloop.pretrained.saving import SaveMixin
 from solvers import checks
 
-__all__ = ["OuroForCausalLM"]
+__all__ = ["EXIT_MODES", "OuroForCausalLM"]
+
+EXIT_MODES = ("last", "threshold", "expected")
+"""Values of ``exit`` in :meth:`OuroForCausalLM.forward` and in Ouro's generation."""
 
 
 class OuroAttention(nn.Module):
@@ -180,7 +188,7 @@ class OuroForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
 
     # ------------------------------------------------------------------- the stages
 
-    def _embedding(self) -> nn.Embedding:
+    def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
     def _rope_base(self) -> float:
@@ -197,8 +205,7 @@ class OuroForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
     def _initial_state(
         self, x: Tensor, ctx: Context, init_scale: float | None, generator: torch.Generator | None
     ) -> Tensor:
-        if init_scale is not None:
-            raise TypeError("init_scale is a Huginn option: Ouro's loop starts from the embeddings")
+        self.start_options(init_scale)  # refuses init_scale
         return x
 
     def _core(self, z: Tensor, x: Tensor, ctx: Context, loop: int | None = None) -> Tensor:
@@ -220,7 +227,8 @@ class OuroForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
         return self.head(z)
 
     def gate_logits(self, z: Tensor) -> Tensor:
-        """Exit-gate logits ``early_exit_gate(z)``: (B, S, d) -> (B, S)."""
+        """Exit-gate logits ``early_exit_gate(z)``: (B, S, d) -> (B, S) (any leading
+        dimensions)."""
         return self.model.early_exit_gate(z).squeeze(-1)
 
     def _exit_threshold(self, exit: str, exit_threshold: float | None) -> float | None:
@@ -233,6 +241,83 @@ class OuroForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
         if threshold is None:
             raise ValueError("exit='threshold' needs exit_threshold (the config sets none)")
         return checks.number("exit_threshold", threshold, low=0.0, high=1.0)
+
+    # ----------------------------------------------------------- decode-step interface
+
+    def start_options(
+        self, init_scale: float | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """``{}``: Ouro's loop starts from the embeddings (see the base class)."""
+        if init_scale is not None:
+            raise TypeError("init_scale is a Huginn option: Ouro's loop starts from the embeddings")
+        return {}
+
+    def decode_options(
+        self,
+        exit: str | None = None,
+        exit_threshold: float | None = None,
+        *,
+        init_scale: float | None = None,
+        use_cache: bool = True,
+        compiled: bool = False,
+    ) -> DecodeOptions:
+        """Ouro's exits (``"last"`` by default, ``"threshold"``, ``"expected"``): all loops
+        run, the gate picks the logits; every exit works with and without the cache and
+        compiles (see the base class)."""
+        self.start_options(init_scale)
+        exit = "last" if exit is None else exit
+        return DecodeOptions(exit, self._exit_threshold(exit, exit_threshold))
+
+    def decode_step(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None,
+        cache: KVCache,
+        loops: int,
+        options: DecodeOptions,
+        start: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """All ``loops`` loops over the new tokens (B, n); the gate picks each row's logits
+        (B, V) at the last position and the loop (B,) they came from (see the base class)."""
+        ctx = self._context(*tokens.shape, tokens, attention_mask, cache)
+        x = self._inject(tokens, ctx)
+        states: list[Tensor] = []
+        self._cached_loops(x, x, ctx, loops, on_state=lambda t, s: states.append(s[:, -1]))
+        stacked = torch.stack(states, dim=1)  # (B, T, d): the last position after each loop
+        batch = tokens.shape[0]
+        if options.exit == "last":
+            return self.head(stacked[:, -1]), torch.full((batch,), loops, device=tokens.device)
+        pdf = exit_distribution(self.gate_logits(stacked)[:, None])[:, 0]  # (B, T)
+        if options.exit == "expected":
+            logits = (self.head(stacked) * pdf[..., None].to(stacked.dtype)).sum(dim=1)
+            return logits, torch.full((batch,), loops, device=tokens.device)
+        index = threshold_exit(pdf[:, None], options.exit_threshold)[:, 0]
+        return self.head(stacked[torch.arange(batch, device=tokens.device), index]), index + 1
+
+    def decode_recompute(
+        self,
+        sequences: Tensor,
+        attention_mask: Tensor | None,
+        loops: int,
+        options: DecodeOptions,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` with the exit of ``options`` over the whole ``sequences``."""
+        logits, info = self(
+            sequences,
+            loops,
+            attention_mask=attention_mask,
+            exit=options.exit,
+            exit_threshold=options.exit_threshold,
+            return_info=True,
+        )
+        exit_loop = getattr(info, "exit_loop", None)  # set by the threshold exit only
+        used = (
+            exit_loop[:, -1]
+            if exit_loop is not None
+            else torch.full((sequences.shape[0],), loops, device=sequences.device)
+        )
+        return logits[:, -1], used
 
     # ---------------------------------------------------------------------- forward
 
