@@ -28,6 +28,7 @@ from ranks import run_ranks
 
 from eqloop import pretrained
 from eqloop.cli import main
+from eqloop.core.backward import Truncated
 from eqloop.data import CharTokenizer
 from eqloop.data.qa import PromptTemplate, encode_examples, load_jsonl, write_jsonl
 from eqloop.models.auto import load_for_finetuning
@@ -760,6 +761,36 @@ def test_evaluating_on_the_training_examples_is_warned(
             _config(files, tmp_path / "run3", steps=1, eval_file=str(files["test"]), eval_loops=[1])
         )
     assert not [w for w in caught if "training prompts" in str(w.message)]
+
+
+def test_backprop_loops_is_truncated_backprop_through_the_model_loop(
+    files: dict[str, Path],
+) -> None:
+    # Issue 19: the config's backprop_loops is eqloop.Truncated(k) (FinetuneConfig.
+    # make_backward), which the objective hands to the model's one loop: the gradient is
+    # that of a loop whose first loops - k steps are detached.
+    config = _config(files, Path("unused"), backprop_loops=2)
+    assert config.make_backward() == Truncated(k=2)
+    assert dataclasses.replace(config, backprop_loops=None).make_backward() is None
+    model = load_for_finetuning(files["base"], dtype=torch.float64).model.eval()
+    inputs = torch.randint(0, 8, (3, 10), generator=torch.Generator().manual_seed(0))
+    targets = inputs.roll(-1, dims=1)
+
+    def grads(loss: torch.Tensor) -> torch.Tensor:
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    objective = Objective(model, lam=0.0, backward=config.make_backward())
+    truncated = grads(objective(inputs, targets, 5)[0])
+    f, z = model.core_map(inputs)
+    for t in range(5):
+        z = f(z) if t >= 3 else f(z).detach()
+    logits = model.readout(z).float()  # as the objective takes the CE
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(truncated, grads(ce), rtol=1e-12, atol=0)
+    full = grads(Objective(model, lam=0.0)(inputs, targets, 5)[0])
+    assert truncated.shape != full.shape or not torch.allclose(truncated, full)
 
 
 def test_bf16_autocast_forward_with_a_float32_penalty(files: dict[str, Path]) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 import eqloop.models.looped
 import eqloop.models.looplm.modeling
 import solvers
-from eqloop.core.backward import ConvergenceWarning, Phantom
+from eqloop.core.backward import IFT, ConvergenceWarning, Phantom, Truncated
 from eqloop.core.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_STOP_MODE, EQUILIBRIUM_TOL
 from eqloop.models.looped import CoreMap, LoopedLM, LoopInfo
 from eqloop.models.looplm.modeling import (
@@ -378,6 +378,154 @@ def test_unrolled_gradient_equals_the_hand_loop_gradient() -> None:
     torch.testing.assert_close(via_driver, by_hand, rtol=1e-13, atol=0)
 
 
+def _param_grads(model: nn.Module, loss: Tensor) -> Tensor:
+    """Every parameter's gradient of ``loss``, flattened into one vector (zeros where none)."""
+    model.zero_grad()
+    loss.backward()
+    return torch.cat(
+        [
+            torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()
+            for p in model.parameters()
+        ]
+    )
+
+
+def test_truncated_loops_keep_the_values_and_train_only_the_last_k() -> None:
+    """backward=Truncated(k) with loops=T: the values of T loops, the gradient of a loop
+    whose first T - k steps are detached."""
+    torch.manual_seed(0)
+    model = LoopLM(tiny_model_config(injection="concat", n_prelude=1)).double().eval()
+    tokens = tokens_for()
+
+    def loss(logits: Tensor) -> Tensor:
+        return logits.logsumexp(-1).sum()
+
+    full_logits = model(tokens, loops=5)
+    logits, info = model(tokens, loops=5, backward=Truncated(k=2), return_info=True)
+    torch.testing.assert_close(logits, full_logits, rtol=0, atol=0)
+    assert info.loops_used.tolist() == [5, 5, 5] and info.result.nfe == 5
+    truncated = _param_grads(model, loss(logits))
+    x = model.inject(tokens)
+    z = model.initial_state(x)
+    for t in range(5):
+        z = model.core_step(z, x)
+        if t < 3:
+            z = z.detach()
+    reference = _param_grads(model, loss(model.readout(z)))
+    torch.testing.assert_close(truncated, reference, rtol=1e-13, atol=0)
+    full = _param_grads(model, loss(full_logits))
+    assert not torch.allclose(truncated, full)  # the first 3 loops' terms are missing
+    # unroll takes it too; k >= T is every loop, and its name means Truncated(k=8)
+    z_unroll = model.unroll(tokens, 5, backward=Truncated(k=2))
+    torch.testing.assert_close(
+        _param_grads(model, loss(model.readout(z_unroll))), reference, rtol=1e-13, atol=0
+    )
+    for backward in (Truncated(k=5), Truncated(k=9), "truncated"):
+        grads = _param_grads(model, loss(model(tokens, loops=5, backward=backward)))
+        torch.testing.assert_close(grads, full, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("backward", [None, Truncated(k=2)], ids=["every-loop", "truncated"])
+def test_grad_checkpointing_recomputes_each_loop_and_keeps_the_gradients(
+    backward: Truncated | None,
+) -> None:
+    torch.manual_seed(0)
+    model = LoopLM(tiny_model_config(injection="add", positions="rope")).double().eval()
+    tokens = tokens_for()
+    calls = []
+    step = model.core_step
+
+    def counted(z: Tensor, *args: Tensor) -> Tensor:
+        calls.append(z.shape)
+        return step(z, *args)
+
+    model.core_step = counted  # type: ignore[method-assign]
+    grads = {}
+    for checkpointed in (False, True):
+        calls.clear()
+        z = model.unroll(tokens, 4, backward=backward, grad_checkpointing=checkpointed)
+        grads[checkpointed] = _param_grads(model, model.readout(z).logsumexp(-1).sum())
+        tracked = 4 if backward is None else 2
+        assert len(calls) == 4 + (tracked if checkpointed else 0)  # the backward recomputes
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-13, atol=0)
+    with torch.no_grad():  # nothing to recompute without grad
+        calls.clear()
+        model.unroll(tokens, 4, grad_checkpointing=True)
+        assert len(calls) == 4
+
+
+def test_on_state_sees_every_state_of_the_loop() -> None:
+    torch.manual_seed(0)
+    model = LoopLM(tiny_model_config(injection="concat")).double().eval()
+    tokens = tokens_for()
+    seen: list[tuple[int, Tensor]] = []
+    z = model.unroll(tokens, 4, on_state=lambda t, state: seen.append((t, state)))
+    assert [t for t, _ in seen] == [0, 1, 2, 3, 4]
+    x = model.inject(tokens)
+    hand = [model.initial_state(x)]
+    for _ in range(4):
+        hand.append(model.core_step(hand[-1], x))
+    for (_, state), expected in zip(seen, hand, strict=True):
+        assert state.shape == (3, SEQ, D)
+        torch.testing.assert_close(state, expected, rtol=0, atol=0)
+    torch.testing.assert_close(z, hand[-1], rtol=0, atol=0)
+    states = model.unroll(tokens, 4, return_states=True)
+    assert len(states) == 5
+    for state, (_, hooked) in zip(states, seen, strict=True):
+        torch.testing.assert_close(state, hooked, rtol=0, atol=0)
+    # with truncation the hook still sees every state; with 0 loops only z_0
+    seen.clear()
+    model.unroll(tokens, 4, backward=Truncated(k=1), on_state=lambda t, s: seen.append((t, s)))
+    assert [t for t, _ in seen] == [0, 1, 2, 3, 4]
+    assert [s.requires_grad for _, s in seen[1:]] == [False, False, False, True]
+    seen.clear()
+    f, z0 = model.core_map(tokens)
+    assert model.loop(f, z0, 0, on_state=lambda t, s: seen.append((t, s))) is None
+    assert [t for t, _ in seen] == [0] and seen[0][1] is z0
+
+
+def test_loop_options_are_checked() -> None:
+    model = LoopLM(tiny_model_config())
+    tokens = tokens_for()
+    f, z0 = model.core_map(tokens)
+    with pytest.raises(
+        ValueError,
+        match=r"backward=IFT\(.*\) does not apply to unrolled loops.*"
+        r"Truncated\(k\)",
+    ):
+        model(tokens, loops=3, backward=IFT())
+    with pytest.raises(ValueError, match=r"does not apply to unrolled loops.*'phantom'"):
+        model.unroll(tokens, 3, backward="phantom")
+    with pytest.raises(TypeError, match=r"backward must be a mode name"):
+        model.loop(f, z0, 3, backward=2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Truncated.k must be an integer >= 1"):
+        model(tokens, loops=3, backward=Truncated(k=-1))
+    with pytest.raises(TypeError, match=r"grad_checkpointing must be true or false"):
+        model.unroll(tokens, 3, grad_checkpointing=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"on_state must be a function"):
+        model.loop(f, z0, 3, on_state=[])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"on_state .* exit_threshold .*: pass one of them"):
+        model.loop(f, z0, 3, on_state=lambda t, z: None, exit_threshold=0.1)
+
+
+def test_loop_options_never_read_the_host() -> None:
+    """Truncation, checkpointing and the hook add no host read to the loop (meta device)."""
+    model = LoopLM(tiny_model_config(positions="rope", injection="concat")).to("meta")
+    x = torch.randn(3, SEQ, D, device="meta")
+    f, z0 = model.core_map(x)
+    seen = []
+    result = model.loop(
+        f,
+        z0,
+        5,
+        backward=Truncated(k=2),
+        grad_checkpointing=True,
+        on_state=lambda t, z: seen.append(t),
+    )
+    assert result.z.device.type == "meta" and result.z.requires_grad and result.nfe == 5
+    assert seen == [0, 1, 2, 3, 4, 5]
+
+
 def test_core_map_matches_core_step_and_never_mixes_sequences() -> None:
     model = LoopLM(tiny_model_config(positions="rope", init_state="random")).double().eval()
     tokens = tokens_for(batch=5)
@@ -387,9 +535,11 @@ def test_core_map_matches_core_step_and_never_mixes_sequences() -> None:
     torch.testing.assert_close(f(z0), model.core_step(z0, x))
     rows = torch.tensor([4, 1])  # what a compacting solver does
     torch.testing.assert_close(model.core_step(z0[rows], x[rows]), f(z0)[rows])
-    # the gradient of one sequence's output reaches no other sequence's state
+    # the gradient of one sequence's output reaches no other sequence's state (weighted:
+    # the plain sum of a normalised output is constant, its gradient only rounding noise)
     z = z0.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(f(z)[2].sum(), z)
+    weights = torch.randn(z0.shape[1:], dtype=z0.dtype)
+    (g,) = torch.autograd.grad((f(z)[2] * weights).sum(), z)
     assert g[2].abs().sum() > 0
     assert not g[[0, 1, 3, 4]].any()
 

@@ -75,24 +75,31 @@ def loop_diagnostics(
         raise ValueError("loops must hold at least one loop count")
     out = []
     with torch.no_grad():
-        f, z = model.core_map(inputs)
-        for t in range(1, wanted[-1] + 1):
-            previous, z = z, f(z)
-            if t not in wanted:
-                continue
-            step, size = _seq_norm(z - previous), _seq_norm(z)
-            rho = spectral_radius(f, z, rho_method, rho_iters, generator=generator)
-            out.append(
-                {
-                    "loops": t,
-                    "step_norm": float(step.mean()),
-                    "rel_step": float((step / size.clamp_min(1e-30)).mean()),
-                    "state_norm": float(size.mean()),
-                    "rho": {**quantiles(rho), "share_below_1": float((rho < 1).float().mean())},
-                }
-            )
-            if on_record is not None:
-                on_record(t)
+        f, previous = model.core_map(inputs)
+
+        def record(t: int, z: Tensor) -> None:
+            """The loop's per-state hook: a record at each wanted loop count."""
+            nonlocal previous
+            if t in wanted:
+                step, size = _seq_norm(z - previous), _seq_norm(z)
+                rho = spectral_radius(f, z, rho_method, rho_iters, generator=generator)
+                out.append(
+                    {
+                        "loops": t,
+                        "step_norm": float(step.mean()),
+                        "rel_step": float((step / size.clamp_min(1e-30)).mean()),
+                        "state_norm": float(size.mean()),
+                        "rho": {
+                            **quantiles(rho),
+                            "share_below_1": float((rho < 1).float().mean()),
+                        },
+                    }
+                )
+                if on_record is not None:
+                    on_record(t)
+            previous = z
+
+        model.loop(f, previous, wanted[-1], on_state=record)
     return out
 
 

@@ -48,6 +48,9 @@ FEATURES: tuple[str, ...] = ("sequence", "last")
 def hidden_trajectory(model: LoopedLM, tokens: Tensor, loops: int) -> Tensor:
     """The states ``z_0 .. z_T`` of the unrolled loop, without gradients.
 
+    The model's loop (:meth:`eqloop.models.looped.LoopedLM.loop`) hands each state to its
+    ``on_state`` hook, which writes it into one preallocated tensor.
+
     Args:
         model: the looped LM (eval mode for a deterministic trajectory).
         tokens: (B, S) token ids.
@@ -62,7 +65,10 @@ def hidden_trajectory(model: LoopedLM, tokens: Tensor, loops: int) -> Tensor:
     """
     loops = checks.integer("loops", loops, low=1)
     with torch.no_grad():
-        return torch.stack(model.unroll(tokens, loops, return_states=True))
+        f, z0 = model.core_map(tokens)
+        states = z0.new_empty((loops + 1, *z0.shape))
+        model.loop(f, z0, loops, on_state=states.__setitem__)  # states[t] = z_t
+    return states
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,12 @@ A looped language model (B = batch, S = sequence length, d = state width)::
 
 :class:`LoopedLM` holds the shared part: :meth:`~LoopedLM.core_map` hands out the map
 ``f`` that solvers, backward modes, spectral-radius estimates and the STARS penalty all
-use; :meth:`~LoopedLM.unroll` and :meth:`~LoopedLM.forward` run it, unrolled through the
-solvers driver (plain iteration, optional per-sequence early exit) or to equilibrium
-through :func:`eqloop.fixed_point` with a backward mode. eqloop's own
+use; :meth:`~LoopedLM.loop` runs it unrolled through the solvers driver (plain
+iteration; optional truncated backprop ``backward=eqloop.Truncated(k)``, per-loop gradient
+checkpointing, a per-state hook, per-sequence early exit), and every unrolled caller
+(:meth:`~LoopedLM.unroll`, :meth:`~LoopedLM.forward`, fine-tuning, diagnostics) goes
+through it; :meth:`~LoopedLM.forward` also solves it to equilibrium through
+:func:`eqloop.fixed_point` with a backward mode. eqloop's own
 :class:`~eqloop.models.looplm.modeling.LoopLM` and the pretrained architectures subclass it.
 
 Subclass-specific keywords (an attention mask, an initial-state scale) are declared in
@@ -32,9 +35,10 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 import solvers
-from eqloop.core.backward import Backward, FixedPointInfo, plain_loops
+from eqloop.core.backward import Backward, FixedPointInfo, Truncated, make_backward, plain_loops
 from eqloop.core.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_STOP_MODE, EQUILIBRIUM_TOL
 from eqloop.core.implicit import fixed_point
 from solvers import FixedPointIteration, Solver, SolveResult, checks
@@ -55,6 +59,57 @@ def all_true(ok: Tensor, message: str) -> bool:
         torch._assert_async(ok.all(), message)
         return True
     return bool(ok.all())
+
+
+def _tracked_loops(loops: int, backward: str | Backward | None) -> int:
+    """How many of ``loops`` unrolled loops run with a graph under ``backward``.
+
+    ``None``: every loop; ``Truncated(k)`` (or ``"truncated"``): the last ``min(k, loops)``.
+    """
+    if backward is None:
+        return loops
+    mode = make_backward(backward)  # a name or a mode object; TypeError for anything else
+    if not isinstance(mode, Truncated):
+        raise ValueError(
+            f"backward={mode!r} does not apply to unrolled loops: pass "
+            "backward=eqloop.Truncated(k) to backpropagate through the last k loops only, "
+            f"backward=None for every loop, or solver=... to take the {mode.name!r} "
+            "gradient at a fixed point"
+        )
+    return min(mode.k, loops)
+
+
+class _LoopStep:
+    """``core_step`` as :meth:`LoopedLM.loop` runs it when an option is on.
+
+    The driver calls it once per loop, in order; it counts the loops t = 1..T, runs the
+    first ``free`` without a graph, checkpoints the others when asked (while grad mode is
+    on), and hands each new state to ``on_state``.
+    """
+
+    def __init__(
+        self,
+        step: Callable[..., Tensor],
+        free: int,
+        checkpointed: bool,
+        on_state: Callable[[int, Tensor], None] | None,
+    ) -> None:
+        self.step, self.free, self.checkpointed, self.on_state = step, free, checkpointed, on_state
+        self.t = 0
+
+    def __call__(self, z: Tensor, *args: Tensor) -> Tensor:
+        """(B, S, d) state and ``step_args`` -> the next state (B, S, d)."""
+        self.t += 1
+        if self.t <= self.free:
+            with torch.no_grad():
+                z = self.step(z, *args)
+        elif self.checkpointed and torch.is_grad_enabled():
+            z = checkpoint(self.step, z, *args, use_reentrant=False)
+        else:
+            z = self.step(z, *args)
+        if self.on_state is not None:
+            self.on_state(self.t, z)
+        return z
 
 
 @dataclass(frozen=True)
@@ -183,27 +238,80 @@ class LoopedLM(nn.Module, abc.ABC):
         )
 
     def loop(
-        self, f: CoreMap, z0: Tensor, loops: int, *, exit_threshold: float | None = None
+        self,
+        f: CoreMap,
+        z0: Tensor,
+        loops: int,
+        *,
+        exit_threshold: float | None = None,
+        backward: str | Backward | None = None,
+        grad_checkpointing: bool = False,
+        on_state: Callable[[int, Tensor], None] | None = None,
     ) -> SolveResult | None:
-        """Run ``loops`` iterations of ``f`` from ``z0`` through the solvers driver.
+        """THE unrolled loop: ``loops`` iterations of ``f`` from ``z0`` through the solvers
+        driver. Every unrolled caller (``forward``, ``unroll``, fine-tuning, diagnostics,
+        trajectories) runs it.
 
-        Without ``exit_threshold`` (or with 0) every sequence runs every loop, with no
-        host read: ``result.z`` is ``f^loops(z0)``. With it, a sequence stops once the
-        step it just took is small, ``||z_t - z_{t-1}|| / (||z_t|| + eps) <=
-        exit_threshold``, and keeps ``z_t``; every ``exit_check_every`` loops one host
-        read drops the stopped sequences from the working batch (and ends the loop when
-        none is left). Differentiable either way.
+        Without options every sequence runs every loop, with no host read: ``result.z``
+        is ``f^loops(z0)``, differentiable through every loop when grad mode is on.
+        ``backward`` and ``grad_checkpointing`` change the graph, never the values:
+
+        * ``backward=eqloop.Truncated(k)``: the first ``loops - k`` loops run without a
+          graph, the last ``min(k, loops)`` with one (Huginn's truncated backprop).
+        * ``grad_checkpointing``: each loop with a graph is recomputed in the backward
+          (``torch.utils.checkpoint``), so activation memory holds one loop's, not
+          ``loops``'; only while grad mode is on.
+        * ``on_state(t, z_t)`` is called for t = 0 (``z0``, before the first loop) and
+          after every loop t = 1..T with the (B, S, d) state as the loop produced it (with
+          its graph when it has one: ``detach()`` what you keep without training on it).
+        * ``exit_threshold`` (> 0): a sequence stops once the step it just took is small,
+          ``||z_t - z_{t-1}|| / (||z_t|| + eps) <= exit_threshold``, and keeps ``z_t``;
+          every ``exit_check_every`` loops one host read drops the stopped sequences from
+          the working batch (and ends the loop when none is left); differentiable too.
+          Not with ``on_state``, which sees the whole batch at every loop.
+
+        Args:
+            f: the batch's map (from :meth:`core_map`).
+            z0: (B, S, d) starting state.
+            loops: number of loops T >= 0.
+            exit_threshold: per-sequence early exit; ``None`` or 0 runs every loop.
+            backward: ``None`` (backprop through every loop) or ``eqloop.Truncated(k)``
+                (or its name ``"truncated"`` for k = 8).
+            grad_checkpointing: recompute each loop in the backward.
+            on_state: per-state hook ``(t, z_t) -> None`` for diagnostics.
 
         Returns:
-            The driver's result (``z``, ``nstep`` = loops per sequence, residuals), or
-            ``None`` when ``loops`` is 0.
+            The driver's result (``z``, ``nstep`` = loops per sequence, the residual of
+            every loop), or ``None`` when ``loops`` is 0.
+
+        Raises:
+            TypeError: ``backward`` is not a backward mode, ``grad_checkpointing`` not a
+                bool, or ``on_state`` not callable.
+            ValueError: a backward mode other than ``Truncated``, or ``on_state`` together
+                with ``exit_threshold``.
         """
+        free = loops - _tracked_loops(loops, backward)
+        checks.boolean("grad_checkpointing", grad_checkpointing)
+        if on_state is not None:
+            if not callable(on_state):
+                raise TypeError(
+                    f"on_state must be a function (t, z_t) -> None, got {type(on_state).__name__}"
+                )
+            if exit_threshold:
+                raise ValueError(
+                    "on_state sees the whole batch after every loop, but exit_threshold drops "
+                    "finished sequences from it: pass one of them"
+                )
+            on_state(0, z0)
         if loops == 0:
             return None
+        step = f.step
+        if free or grad_checkpointing or on_state is not None:
+            step = _LoopStep(f.step, free, grad_checkpointing, on_state)
         if not exit_threshold:
-            return plain_loops(f.step, z0, loops, f.args)
+            return plain_loops(step, z0, loops, f.args)
         return solvers.solve(
-            f.step,
+            step,
             z0,
             FixedPointIteration(),
             max_iter=loops,
@@ -217,28 +325,46 @@ class LoopedLM(nn.Module, abc.ABC):
         )
 
     def unroll(
-        self, inputs: Tensor, loops: int, *, return_states: bool = False, **options: Any
+        self,
+        inputs: Tensor,
+        loops: int,
+        *,
+        return_states: bool = False,
+        backward: str | Backward | None = None,
+        grad_checkpointing: bool = False,
+        on_state: Callable[[int, Tensor], None] | None = None,
+        **options: Any,
     ) -> Tensor | list[Tensor]:
-        """Apply the core ``loops`` times from z0.
+        """Apply the core ``loops`` times from z0 (through :meth:`loop`).
 
         Args:
             inputs: (B, S) token ids, or a (B, S, d) injection ``x``.
             loops: number of core applications T >= 0.
             return_states: return the whole trajectory instead of the last state.
+            backward, grad_checkpointing, on_state: see :meth:`loop`.
             **options: the model's ``stage_options``.
 
         Returns:
             z_T of shape (B, S, d), or the list ``[z_0, z_1, ..., z_T]`` (T + 1 tensors).
         """
         loops = checks.integer("loops", loops, low=0)
-        f, z = self.core_map(inputs, **options)
+        checks.boolean("return_states", return_states)
+        f, z0 = self.core_map(inputs, **options)
+        states: list[Tensor] = []
+        hook = on_state
         if return_states:
-            states = [z]
-            for _ in range(loops):
-                states.append(f(states[-1]))
+
+            def hook(t: int, z: Tensor) -> None:
+                states.append(z)
+                if on_state is not None:
+                    on_state(t, z)
+
+        result = self.loop(
+            f, z0, loops, backward=backward, grad_checkpointing=grad_checkpointing, on_state=hook
+        )
+        if return_states:
             return states
-        result = self.loop(f, z, loops)
-        return z if result is None else result.z
+        return z0 if result is None else result.z
 
     def forward(
         self,
@@ -267,9 +393,11 @@ class LoopedLM(nn.Module, abc.ABC):
             loops: number of core applications (unrolled mode only).
             solver: a registered solver name (e.g. ``"anderson"``) or a solver object;
                 switches on equilibrium mode.
-            backward: equilibrium mode only, like the next three: a backward mode object
-                (``eqloop.IFT(...)``, ...) or name; ``"ift"`` by default.
-            tol: solver tolerance (default ``eqloop.core.defaults.EQUILIBRIUM_TOL``).
+            backward: a backward mode object or name. Unrolled: ``None`` (every loop)
+                or ``eqloop.Truncated(k)``, the last k loops only (see :meth:`loop`).
+                Equilibrium: any mode (``eqloop.IFT(...)``, ...); ``"ift"`` by default.
+            tol: equilibrium mode only, like the next three: solver tolerance (default
+                ``eqloop.core.defaults.EQUILIBRIUM_TOL``).
             max_iter: solver budget (default ``eqloop.core.defaults.EQUILIBRIUM_MAX_ITER``).
             stop_mode: ``"rel"`` or ``"abs"`` residual (default ``"rel"``).
             start_loops: plain loops run (with their graph) before the solver starts,
@@ -290,14 +418,14 @@ class LoopedLM(nn.Module, abc.ABC):
             TypeError: bad token dtype, unknown keywords, or equilibrium options without
                 a solver.
             ValueError: bad token values or shape, ``loops < 0``, or options that do not
-                belong to the chosen mode.
+                belong to the chosen mode (a backward mode other than ``Truncated``
+                with unrolled loops).
         """
         stage = {k: options.pop(k) for k in self.stage_options if k in options}
         checks.boolean("return_info", return_info)
         if solver is None:
             self._check_unrolled_options(
                 dict(
-                    backward=backward,
                     tol=tol,
                     max_iter=max_iter,
                     stop_mode=stop_mode,
@@ -309,7 +437,7 @@ class LoopedLM(nn.Module, abc.ABC):
             if exit_threshold is not None:
                 exit_threshold = checks.number("exit_threshold", exit_threshold, low=0.0)
             x, f, z0 = self._prepare(tokens, stage, tokens_only=True)
-            result = self.loop(f, z0, loops, exit_threshold=exit_threshold)
+            result = self.loop(f, z0, loops, exit_threshold=exit_threshold, backward=backward)
             if result is None:
                 z, loops_used = z0, torch.zeros(z0.shape[0], dtype=torch.long, device=z0.device)
             else:
@@ -382,7 +510,7 @@ class LoopedLM(nn.Module, abc.ABC):
         if options:
             raise TypeError(
                 f"unknown argument(s) {sorted(options)} for {type(self).__name__}.forward "
-                "with unrolled loops (it takes loops, exit_threshold, return_info"
+                "with unrolled loops (it takes loops, backward, exit_threshold, return_info"
                 + "".join(f", {name}" for name in self.stage_options)
                 + "); solver hyperparameters and driver options need solver=..."
             )

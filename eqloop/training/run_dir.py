@@ -233,7 +233,7 @@ def run_recipe(
 
     Args:
         prefix: the command, e.g. ``"eqloop finetune"``.
-        recipe: the training function, e.g. :func:`eqloop.train.train`.
+        recipe: the training function, e.g. :func:`eqloop.recipes.train.train`.
         config: its config (with ``to_dict()``).
         args: the parsed command line, with ``print_config`` and ``argv`` (the command's
             arguments without the program name).

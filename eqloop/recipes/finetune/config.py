@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eqloop.config import ConfigBase, load_config_data
 from eqloop.training.config import (
@@ -24,6 +24,9 @@ from eqloop.training.config import (
     check_run_options,
 )
 from solvers import checks
+
+if TYPE_CHECKING:
+    from eqloop.core.backward import Backward
 
 __all__ = [
     "BACKWARDS",
@@ -251,6 +254,20 @@ class FinetuneConfig(TrainingConfigMixin, ConfigBase):
                     f"{self.backward!r} keeps no loop): set {name} to its default, or "
                     "solve=null"
                 )
+
+    def make_backward(self) -> Backward | None:
+        """The backward mode object (``eqloop.core.backward``) of a training step.
+
+        With ``solve``: ``backward`` with its options (IFT or Phantom at the fixed point).
+        Without it, the mode of the unrolled loops (``backward="unroll"``) as
+        :meth:`eqloop.models.looped.LoopedLM.loop` takes it: ``eqloop.Truncated(backprop_loops)``
+        (the last ``backprop_loops`` loops with a graph), or ``None`` (every loop).
+        """
+        from eqloop.core.backward import Truncated, make_backward
+
+        if self.solve is None:
+            return None if self.backprop_loops is None else Truncated(self.backprop_loops)
+        return make_backward(self.backward, **self.backward_options)
 
 
 def load_finetune_config(

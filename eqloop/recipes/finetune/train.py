@@ -72,7 +72,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.checkpoint import checkpoint
 
 from eqloop.core.compiling import compile_model, eager_map
 from eqloop.core.stars import PenaltySchedule, jsrr_penalty
@@ -145,15 +144,18 @@ class Objective(nn.Module):
         lam: penalty weight in [0, 1].
         power_steps, target, product: passed to :func:`eqloop.jsrr_penalty`.
         penalty_rows: sequences of the micro-batch used by the penalty (None: all).
-        backprop_loops: backpropagate through the last this many loops only (Huginn's
-            truncated backprop, k=8); None: through every loop (the STARS paper).
         grad_checkpointing: recompute each loop in the backward.
         autocast: bf16 autocast of the forward (not of the penalty).
         solve: train at the fixed point: the forward solves the loop with these settings
-            (``loops`` is then not used, nor ``backprop_loops``/``grad_checkpointing``)
-            through :func:`eqloop.training.solve.solve_forward`; None: run the loops.
+            (``loops`` is then not used, nor ``grad_checkpointing``) through
+            :func:`eqloop.training.solve.solve_forward`; None: run the loops.
         backward: with ``solve``, the backward mode (``IFT``/``Phantom``) that takes the
-            gradient at the point the solver returned.
+            gradient at the point the solver returned (required); without it, ``None``
+            (backprop through every loop, the STARS paper) or ``eqloop.Truncated(k)``
+            (the last k loops only, Huginn's truncated backprop), as
+            :meth:`eqloop.models.looped.LoopedLM.loop` takes it
+            (:meth:`~eqloop.recipes.finetune.config.FinetuneConfig.make_backward` maps the
+            config's ``backprop_loops`` to it).
 
     Attributes:
         solve_info: with ``solve``, the LoopInfo of the last forward (its solves' records,
@@ -170,22 +172,20 @@ class Objective(nn.Module):
         target: float | None = None,
         product: str = "vjp",
         penalty_rows: int | None = None,
-        backprop_loops: int | None = None,
         grad_checkpointing: bool = False,
         autocast: bool = False,
         solve: SolveConfig | None = None,
         backward: Backward | None = None,
     ) -> None:
         super().__init__()
-        if (solve is None) != (backward is None):
-            raise ValueError("solve and backward go together: pass both or neither")
+        if solve is not None and backward is None:
+            raise ValueError("solve needs a backward mode (eqloop.IFT() or eqloop.Phantom())")
         self.model = model
         self.lam = lam
         self.power_steps = power_steps
         self.target = target
         self.product = product
         self.penalty_rows = penalty_rows
-        self.backprop_loops = backprop_loops
         self.grad_checkpointing = grad_checkpointing
         self.autocast = autocast
         self.solve = solve
@@ -259,21 +259,18 @@ class Objective(nn.Module):
         return loss, ce, result.penalty.detach(), result.rho.mean()
 
     def _unrolled(self, inputs: Tensor, loops: int) -> tuple[Tensor, CoreMap, Tensor]:
-        """``loops`` loops of the map from z0 (the last ``backprop_loops`` with a graph).
+        """``loops`` loops of the map from z0 through the model's one loop
+        (:meth:`eqloop.models.looped.LoopedLM.loop`, with ``backward`` and ``grad_checkpointing``).
 
         Returns:
             ``(logits, f, z)``: logits (B, S, V), the batch's map and the (B, S, d) state.
         """
         f, z = self.model.core_map(inputs)
-        detached = 0 if self.backprop_loops is None else max(0, loops - self.backprop_loops)
-        with torch.no_grad():
-            for _ in range(detached):
-                z = f(z)
-        for _ in range(loops - detached):
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                z = checkpoint(f, z, use_reentrant=False)
-            else:
-                z = f(z)
+        result = self.model.loop(
+            f, z, loops, backward=self.backward, grad_checkpointing=self.grad_checkpointing
+        )
+        if result is not None:
+            z = result.z
         return self.model.readout(z), f, z
 
 
@@ -485,11 +482,10 @@ def _build(
         target=config.penalty_target,
         product=_product(config, env.world),
         penalty_rows=config.penalty_rows,
-        backprop_loops=config.backprop_loops,
         grad_checkpointing=config.grad_checkpointing,
         autocast=_autocast_on(config, env.device),
         solve=config.solve,
-        backward=config.make_backward() if config.solve is not None else None,
+        backward=config.make_backward(),
     )
     # What the objective never reaches (Ouro's exit gate) does not train: DDP needs a
     # gradient for every trainable parameter. Probed on one 2-token sequence, 1 loop.
@@ -777,8 +773,8 @@ def step_time_ratio(
         target=config.penalty_target,
         product=_product(config, 1),
         penalty_rows=config.penalty_rows,
-        backprop_loops=config.backprop_loops,
         grad_checkpointing=config.grad_checkpointing,
+        backward=config.make_backward(),
     )
     optimizer = make_optimizer(loaded.model, config)
 
