@@ -239,42 +239,46 @@ def diagnose(
         from tqdm import tqdm
 
         bar = tqdm(total=n, desc="diagnose", unit="loop")
+    previous: Tensor | None = None  # z_t, recorded once the loop hands over z_{t+1}
+
+    def record(s: int, z_next: Tensor) -> None:
+        """The loop's per-state hook: loop t = s - 1 >= 1 is recorded at state s."""
+        nonlocal previous, prev_log_p, prev_top, pending
+        z, previous, t = previous, z_next, s - 1
+        if z is None or t < 1:
+            return
+        step = (z_next - z).flatten(1).norm(dim=1)
+        size = z.flatten(1).norm(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
+        per["residual"].append((step / size).tolist())
+        per["state_norm"].append(_masked_mean(z.float().norm(dim=-1), valid).tolist())
+        log_p = F.log_softmax(model.readout(z, attention_mask=mask).float(), dim=-1)
+        per["entropy"].append(_masked_mean(-(log_p.exp() * log_p).sum(-1), valid).tolist())
+        top = log_p.argmax(dim=-1)
+        if prev_log_p is None:
+            per["kl"].append(None)
+            per["argmax_changed"].append(None)
+        else:
+            kl = (prev_log_p.exp() * (prev_log_p - log_p)).sum(-1)
+            per["kl"].append(_masked_mean(kl, valid).tolist())
+            per["argmax_changed"].append(_masked_mean((top != prev_top).float(), valid).tolist())
+        prev_log_p, prev_top = log_p, top
+        gate = model.gate_logits(z)
+        if gate is not None:
+            gates.append(gate.float())
+        per["rho"].append(None)
+        if rho and (t % rho_every == 0 or t == n):
+            pending.append((t, z))
+            if len(pending) == rho_batch or t == n:
+                for loop, radius in _batched_rho(
+                    model, input_ids, mask, pending, rho_iters, generator
+                ):
+                    per["rho"][loop - 1] = radius
+                pending = []
+        if bar is not None:
+            bar.update(1)
+
     with torch.no_grad():
-        z = f(z)  # z_1
-        for t in range(1, n + 1):
-            z_next = f(z)
-            step = (z_next - z).flatten(1).norm(dim=1)
-            size = z.flatten(1).norm(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
-            per["residual"].append((step / size).tolist())
-            per["state_norm"].append(_masked_mean(z.float().norm(dim=-1), valid).tolist())
-            log_p = F.log_softmax(model.readout(z, attention_mask=mask).float(), dim=-1)
-            per["entropy"].append(_masked_mean(-(log_p.exp() * log_p).sum(-1), valid).tolist())
-            top = log_p.argmax(dim=-1)
-            if prev_log_p is None:
-                per["kl"].append(None)
-                per["argmax_changed"].append(None)
-            else:
-                kl = (prev_log_p.exp() * (prev_log_p - log_p)).sum(-1)
-                per["kl"].append(_masked_mean(kl, valid).tolist())
-                per["argmax_changed"].append(
-                    _masked_mean((top != prev_top).float(), valid).tolist()
-                )
-            prev_log_p, prev_top = log_p, top
-            gate = model.gate_logits(z)
-            if gate is not None:
-                gates.append(gate.float())
-            per["rho"].append(None)
-            if rho and (t % rho_every == 0 or t == n):
-                pending.append((t, z))
-                if len(pending) == rho_batch or t == n:
-                    for loop, radius in _batched_rho(
-                        model, input_ids, mask, pending, rho_iters, generator
-                    ):
-                        per["rho"][loop - 1] = radius
-                    pending = []
-            z = z_next
-            if bar is not None:
-                bar.update(1)
+        model.loop(f, z, n + 1, on_state=record)
     if bar is not None:
         bar.close()
 

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from eqloop.core.backward import Truncated
 from eqloop.models.config import PretrainedConfig
 from eqloop.models.layers import Context, KVCache, make_context
 from eqloop.models.looped import CoreMap, LoopedLM, LoopInfo, all_true
@@ -340,22 +341,21 @@ class PretrainedLoopedLM(LoopedLM):
         if not isinstance(loops, (tuple, list)):
             return super().forward(tokens, loops, **options)
         no_grad, with_grad = split_loops(loops, self.default_loops)
+        if with_grad:  # the loop's truncated backprop: the last k loops with a graph
+            return super().forward(
+                tokens, no_grad + with_grad, backward=Truncated(with_grad), **options
+            )
+        # (n, 0), upstream's int num_steps: no loop keeps a graph, the readout does
         stage = {k: options.pop(k) for k in self.stage_options if k in options}
         return_info = checks.boolean("return_info", options.pop("return_info", False))
         self._check_unrolled_options({}, options)
-        x, f, z = self._prepare(tokens, stage, tokens_only=True)
+        x, f, z0 = self._prepare(tokens, stage, tokens_only=True)
         with torch.no_grad():
-            first = self.loop(f, z, no_grad)
-        if first is not None:
-            z = first.z
-        result = self.loop(f, z, with_grad)
-        if result is None:
-            result = first
-        else:
-            z = result.z
+            result = self.loop(f, z0, no_grad)
+        z = z0 if result is None else result.z
         logits = self.readout(z, **stage)
         if return_info:
-            used = torch.full((z.shape[0],), no_grad + with_grad, device=z.device)
+            used = torch.full((z.shape[0],), no_grad, device=z.device)
             return logits, PretrainedLoopInfo(z, x, f, used, result)
         return logits
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eqloop.core.backward import Truncated
 from eqloop.models.base import (
     DecodeOptions,
     PretrainedLoopedLM,
@@ -364,12 +365,17 @@ class OuroForCausalLM(GenerationMixin, SaveMixin, PretrainedLoopedLM):
         no_grad, with_grad = split_loops(loops, self.default_loops)
         if no_grad + with_grad < 1:
             raise ValueError(f"exit={exit!r} needs at least one loop")
-        x, f, z = self._prepare(tokens, {"attention_mask": attention_mask}, tokens_only=True)
-        states = []  # z_1 .. z_T: every loop is decoded or weighted
-        for t in range(no_grad + with_grad):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= no_grad):
-                z = f(z)
-            states.append(z)
+        x, f, z0 = self._prepare(tokens, {"attention_mask": attention_mask}, tokens_only=True)
+        states: list[Tensor] = []  # z_1 .. z_T: every loop is decoded or weighted
+
+        def keep(t: int, z: Tensor) -> None:
+            if t:
+                states.append(z)
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and with_grad > 0):
+            backward = Truncated(with_grad) if with_grad else None
+            self.loop(f, z0, no_grad + with_grad, backward=backward, on_state=keep)
+        z = states[-1]
         stacked = torch.stack(states, dim=2)  # (B, S, T, d)
         pdf = exit_distribution(self.gate_logits(stacked))
         exit_loop = None
