@@ -97,9 +97,14 @@ WORKER = r"""
 import dataclasses, json, sys, time
 start = time.perf_counter()
 import torch
-from eqloop.training.config import TrainConfig
-from eqloop.models.looplm.modeling import LoopLM
-from eqloop.recipes.train import train_step
+try:
+    from eqloop.training.config import TrainConfig
+    from eqloop.models.looplm.modeling import LoopLM
+    from eqloop.recipes.train import train_step
+except ImportError:  # a baseline revision from before the package layout of 2026-12-06
+    from eqloop.config import TrainConfig
+    from eqloop.model import LoopLM
+    from eqloop.train import train_step
 
 settings = json.loads(sys.argv[1])
 torch.set_num_threads(settings["threads"])
@@ -116,6 +121,7 @@ elif settings["compile"] == "model":
 if settings["compile"] == "whole":
     from eqloop.training.whole_step import WholeStep
     whole = WholeStep(model, lam=config.lam, backend=settings["backend"])
+step_options = {} if whole is None else {"whole": whole}  # older trees lack the keyword
 optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
 g = torch.Generator().manual_seed(1)
 inputs = torch.randint(0, config.model.vocab_size, (settings["batch"], 13), generator=g)
@@ -131,7 +137,7 @@ pen_gen = torch.Generator().manual_seed(2)
 
 def train():
     train_step(net, model, optimizer, inputs, targets, settings["loops"], config,
-               penalty_on=False, whole=whole)
+               penalty_on=False, **step_options)
 
 def solve():
     with torch.no_grad():
@@ -139,7 +145,7 @@ def solve():
 
 def stars():
     train_step(net, model, optimizer, inputs, targets, settings["loops"], stars_config,
-               penalty_on=True, generator=pen_gen, whole=whole)
+               penalty_on=True, generator=pen_gen, **step_options)
 
 work = {"train": train, "solve": solve, "stars": stars}
 first_call = {}

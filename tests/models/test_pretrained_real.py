@@ -3,7 +3,7 @@
 Run with, e.g.::
 
     EQLOOP_OURO_DIR=/models/Ouro-1.4B EQLOOP_HUGINN_DIR=/models/huginn-0125 \\
-        python -m pytest -m slow tests/test_pretrained_real.py
+        python -m pytest -m slow tests/models/test_pretrained_real.py
 
 Each test is skipped unless its environment variable names a directory.
 """

@@ -26,6 +26,7 @@ from experiments.stars_scaling.run import (
 )
 
 
+@pytest.mark.slow  # 33 s; test_runs_start_in_the_order_asked_for stays in the default run
 def test_quick_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     args = ("--quick", "--variants", "headline", "--out-dir", str(out), "--jobs", "2")

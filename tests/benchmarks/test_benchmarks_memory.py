@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from benchmarks.memory_depth import saved_bytes
 
 
+@pytest.mark.slow  # 13 s; saved_bytes and the mode check stay in the default run
 def test_memory_depth_quick_writes_json_and_plot(tmp_path: Path) -> None:
     out_json, out_png = tmp_path / "memory.json", tmp_path / "memory.png"
     proc = run_benchmark(

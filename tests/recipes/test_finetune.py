@@ -462,7 +462,7 @@ def test_compiled_finetuning_equals_eager(
 ) -> None:
     # Issue 22 row 7: compile=True (eqloop finetune --compile) compiles the model's step;
     # SFT and STARS steps (the penalty on the eager step) give the eager results. aot_eager
-    # checks the plumbing in seconds (tests/test_train.py also runs inductor, slow).
+    # checks the plumbing in seconds (tests/training/test_train.py also runs inductor, slow).
     import eqloop.core.compiling
     import eqloop.recipes.finetune.train
 
@@ -608,6 +608,7 @@ def _assert_same_model(a: str, b: str) -> None:
         torch.testing.assert_close(model_b[key], value, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow  # 11 s; .ci/run runs it (-k ddp); train's DDP test stays in the default run
 def test_ddp_two_ranks_gloo_match_one_process(files: dict[str, Path], tmp_path: Path) -> None:
     # Without the penalty 2 ranks x 4 rows compute the gradient of 1 process x 8 rows (the CE
     # is normalised by the target tokens of the global batch); with it, the run goes through.
@@ -676,7 +677,13 @@ def test_finetune_builds_the_sampler_and_backward_as_train_does() -> None:
     train_config = TrainConfig(**shared)
     a, b = finetune_config.make_sampler(), train_config.make_sampler()
     assert [a.sample() for _ in range(20)] == [b.sample() for _ in range(20)]
-    assert type(finetune_config.make_backward()) is type(train_config.make_backward())
+    # With a training solve both build the backward mode at the fixed point the same way;
+    # unrolled, fine-tuning's is the loop's (None: every loop, or Truncated(backprop_loops)).
+    solve = {"solver": "anderson", "tol": 1e-4, "max_iter": 10}
+    at_fixed_point = {**shared, "backward": "phantom", "solve": solve}
+    assert type(
+        FinetuneConfig(init_from="base", train_file="train.jsonl", **at_fixed_point).make_backward()
+    ) is type(TrainConfig(**at_fixed_point).make_backward())
     for config in (finetune_config, train_config):
         config.depth = {"mu": 1.0}
         with pytest.raises(TypeError, match="depth must be a dict with a 'kind' key"):

@@ -17,7 +17,7 @@ from eqloop.models.base import DecodeOptions, PretrainedLoopedLM
 from eqloop.models.generation import GenerationMixin
 from eqloop.models.layers import KVCache
 
-EQLOOP = Path(__file__).resolve().parents[1] / "eqloop"
+EQLOOP = Path(__file__).resolve().parents[2] / "eqloop"
 PACKAGE = EQLOOP / "models"
 SHARED = ("models/generation.py", "evaluation/diagnostics.py")
 ARCH_NAMES = {"ouro", "huginn", "huginn_raven", "OuroForCausalLM", "HuginnForCausalLM"}

@@ -56,6 +56,7 @@ def check_rows(rows: list[dict], repeats: int) -> None:
             assert row["adjoint_vjps"] >= 1, where
 
 
+@pytest.mark.slow  # 13 s on a CPU
 def test_quick_run_writes_a_row_per_measurement(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     proc = run_benchmark("gpu.py", "--quick", "--compile-backend", "none", "--json", str(out))

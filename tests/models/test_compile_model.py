@@ -342,7 +342,7 @@ def whole_step_run(
     return stats, model
 
 
-@pytest.mark.parametrize("penalty_on", [False, True])
+@pytest.mark.parametrize("penalty_on", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_whole_step_equals_eager_train_step(penalty_on: bool) -> None:
     # Issue 22 CPU target: at a fixed depth the forward, CE and jvp penalty compile as one
     # graph; the step's statistics and updated weights equal the eager step's (float64).
@@ -370,6 +370,7 @@ def test_whole_step_equals_eager_train_step_inductor() -> None:
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.slow  # 11 s of compiling
 def test_whole_step_graphs_per_loop_count_are_bounded() -> None:
     # One graph per loop count (and per penalty on/off), reused; past max_counts a new
     # count is not covered, and train_step runs the ordinary path for it.

@@ -44,8 +44,9 @@ def test_public_exports() -> None:
 
 
 def test_every_tokenizer_lives_in_one_module() -> None:
-    from eqloop import finetune, pretrained
+    from eqloop import pretrained
     from eqloop.data import tokenizers
+    from eqloop.recipes import finetune
 
     assert pretrained.load_tokenizer is tokenizers.load_tokenizer
     assert finetune.as_text_tokenizer is tokenizers.as_text_tokenizer

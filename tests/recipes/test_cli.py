@@ -281,7 +281,7 @@ def test_eval_help_describes_what_is_written() -> None:
 
 
 def test_ctrl_c_during_train_saves_and_prints_the_resume_command(tmp_path: Path) -> None:
-    sig = signal.SIGINT  # SIGTERM takes the same path (tests/test_train.py covers both)
+    sig = signal.SIGINT  # SIGTERM takes the same path (tests/training/test_train.py covers both)
     run = tmp_path / "run"
     args = ["train", *TINY, "--set", f"data_cache_dir={tmp_path / 'cache'}", "--steps", "400"]
     args += ["--set", "checkpoint_every=0", "--out-dir", str(run), "--no-progress"]
@@ -442,7 +442,7 @@ def test_train_and_eval_work_without_the_extras(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_fresh_venv_without_extras_trains(tmp_path: Path) -> None:
     """The check of issue 9 for real: install eqloop with no extras into a new venv."""
-    venv, root = tmp_path / "venv", Path(__file__).resolve().parents[1]
+    venv, root = tmp_path / "venv", Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     torch_pin = f"torch=={torch.__version__.split('+')[0]}"  # the CPU build already here

@@ -107,6 +107,7 @@ def _throwaway_cluster(bindir: Path) -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow  # 22 s; .ci/run runs it (-k postgres)
 def test_killed_worker_on_postgres_is_retried_from_its_heartbeat(
     postgres_url: str, tmp_path: Path, data_cache: Path, processes: list[subprocess.Popen[str]]
 ) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import run_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0,
@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # 13 s: two worker processes
 def test_speed_regression_quick_against_head(tmp_path: Path) -> None:
     out = tmp_path / "speed.json"
     proc = run_benchmark("speed_regression.py", "--quick", "--baseline", "HEAD", "--json", str(out))

@@ -23,7 +23,7 @@ def eqloop(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("arch", ["ouro", "huginn_raven"])
+@pytest.mark.parametrize("arch", ["ouro", pytest.param("huginn_raven", marks=pytest.mark.slow)])
 def test_eval_pretrained_prints_and_writes(tmp_path, arch):
     path = pretrained.write_tiny_checkpoint(tmp_path / "ckpt", arch)
     out_json, out_png = tmp_path / "d.json", tmp_path / "d.png"

@@ -626,7 +626,7 @@ def test_tune_lambda_benchmark_quick(
 ) -> None:
     import importlib.util
 
-    script = Path(__file__).resolve().parents[1] / "experiments" / "tune_lambda" / "run.py"
+    script = Path(__file__).resolve().parents[2] / "experiments" / "tune_lambda" / "run.py"
     spec = importlib.util.spec_from_file_location("tune_lambda_benchmark", script)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
