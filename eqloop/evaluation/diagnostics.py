@@ -1,7 +1,9 @@
 """Loop-by-loop dynamics of a pretrained looped LM, past its trained depth.
 
-:func:`diagnose` runs the loop ``z_{t+1} = f(z_t)`` for t = 0..N and reports, for the
-state z_t after every loop t = 1..N (per sequence, then averaged in tables):
+:func:`diagnose` runs the loop ``z_{t+1} = f(z_t)`` for t = 0..N once, through
+:func:`eqloop.evaluation.dynamics.loop_dynamics` (the per-loop computation ``eqloop eval``
+uses too), and reports, for the state z_t after every loop t = 1..N (per sequence, then
+averaged in tables):
 
 =============== ==============================================================
 residual        ``||f(z_t) - z_t|| / ||z_t||`` over the sequence's whole (S, d) state
@@ -264,7 +266,8 @@ def diagnose(
     if bar is not None:
         bar.close()
 
-    def rows(values: list[Tensor | None]) -> list[Any]:
+    def rows(values: list[Tensor | None]) -> list[list[float] | None]:
+        """Per loop: the (B,) values as a list, or None where undefined."""
         return [None if v is None else v.tolist() for v in values]
 
     tiny = torch.finfo(z0.dtype).tiny
@@ -280,8 +283,8 @@ def diagnose(
         "argmax_changed": rows([r.argmax_changed for r in records[:n]]),
     }
 
-    def mean(rows: list[Any]) -> list[float | None]:
-        return [None if r is None else float(sum(r) / len(r)) for r in rows]
+    def mean(per_loop: list[Any]) -> list[float | None]:
+        return [None if r is None else float(sum(r) / len(r)) for r in per_loop]
 
     gate_mean = exit_mean = None
     if gates:

@@ -137,7 +137,8 @@ def loop_dynamics(
         One :class:`LoopRecord` per loop count, in increasing order.
 
     Raises:
-        ValueError: no loop count, a count < 1, or a ``rho_loops`` count not in ``loops``.
+        ValueError: no loop count, a count < 1, a ``rho_loops`` count not in ``loops``,
+            or a ``mask`` of another shape than z0's (B, S).
     """
     wanted = sorted({checks.integer("loops", t, low=1) for t in loops})
     if not wanted:
@@ -146,6 +147,11 @@ def loop_dynamics(
     if not rho_at <= set(wanted):
         raise ValueError(
             f"rho_loops {sorted(rho_at - set(wanted))} are not recorded: pass them in loops too"
+        )
+    if mask is not None and tuple(mask.shape) != tuple(z0.shape[:2]):
+        raise ValueError(
+            f"mask must be (B, S) = {tuple(z0.shape[:2])} like z0's first two dimensions, "
+            f"got shape {tuple(mask.shape)}"
         )
     checks.boolean("readout", readout)
     rho_batch = checks.integer("rho_batch", rho_batch, low=1)

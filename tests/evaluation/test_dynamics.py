@@ -65,6 +65,8 @@ def test_loop_dynamics_gives_the_norms_of_both_reports(tmp_path: Path) -> None:
         assert diag.per_sequence["state_norm"][t - 1] == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match=r"rho_loops \[3\] are not recorded"):
         loop_dynamics(ouro, f, z0, [1, 2], rho_loops=[3])
+    with pytest.raises(ValueError, match=r"mask must be \(B, S\) = \(2, 6\)"):
+        loop_dynamics(ouro, f, z0, [1], mask=mask[:, 1:])
 
 
 def test_the_per_loop_reports_run_the_loop_in_one_place() -> None:
