@@ -8,7 +8,9 @@ One path for eqloop's LoopLM, Ouro and Huginn (anything implementing
 * ``decoding``: the decode vocabulary :data:`DECODES` (``"greedy"``, ``"forced"``), the
   teacher-forced check, the greedy decoder and KV-cached generation;
 * ``scoring``: exact match of :class:`EvalSet` (fixed-format answers) and free-text answers;
-* ``dynamics``: step and state norms, spectral radius per loop, contraction at z*;
+* ``dynamics``: :func:`loop_dynamics`, the one per-loop computation (step and state
+  norms, spectral radius, readout entropy / KL) behind both per-loop reports;
+  contraction at z*;
 * ``accuracy``: the drivers :func:`evaluate_model`, :func:`evaluate_checkpoint`
   (``eqloop eval``) and :func:`accuracy_vs_loops` (``eqloop finetune``);
 * ``trajectory``: hidden-state trajectories projected on principal components;
@@ -44,8 +46,10 @@ _EXPORTS: dict[str, str] = {
     "exact_match": "eqloop.evaluation.scoring",
     "make_eval_set": "eqloop.evaluation.scoring",
     "make_test_set": "eqloop.evaluation.scoring",
+    "LoopRecord": "eqloop.evaluation.dynamics",
     "equilibrium_diagnostics": "eqloop.evaluation.dynamics",
     "loop_diagnostics": "eqloop.evaluation.dynamics",
+    "loop_dynamics": "eqloop.evaluation.dynamics",
     "quantiles": "eqloop.evaluation.dynamics",
     "DEFAULT_LOOPS": "eqloop.evaluation.accuracy",
     "accuracy_vs_loops": "eqloop.evaluation.accuracy",

@@ -1,7 +1,9 @@
 """Loop-by-loop dynamics of a pretrained looped LM, past its trained depth.
 
-:func:`diagnose` runs the loop ``z_{t+1} = f(z_t)`` for t = 0..N and reports, for the
-state z_t after every loop t = 1..N (per sequence, then averaged in tables):
+:func:`diagnose` runs the loop ``z_{t+1} = f(z_t)`` for t = 0..N once, through
+:func:`eqloop.evaluation.dynamics.loop_dynamics` (the per-loop computation ``eqloop eval``
+uses too), and reports, for the state z_t after every loop t = 1..N (per sequence, then
+averaged in tables):
 
 =============== ==============================================================
 residual        ``||f(z_t) - z_t|| / ||z_t||`` over the sequence's whole (S, d) state
@@ -37,6 +39,7 @@ from torch import Tensor
 
 from eqloop.core import defaults
 from eqloop.data.tokenizers import encode_prompts
+from eqloop.evaluation.dynamics import loop_dynamics, masked_mean, token_kl
 from eqloop.evaluation.report import format_cell, format_table
 from eqloop.files import write_json_atomic
 from eqloop.models.base import PretrainedLoopedLM
@@ -164,11 +167,6 @@ def _finite(data: Any) -> Any:
     return data
 
 
-def _masked_mean(values: Tensor, valid: Tensor) -> Tensor:
-    """(B, S) values, (B, S) 0/1 -> (B,) mean over real tokens."""
-    return (values * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
-
-
 def diagnose(
     model: PretrainedLoopedLM,
     input_ids: Tensor,
@@ -187,6 +185,10 @@ def diagnose(
     progress: bool = False,
 ) -> Diagnostics:
     """Per-loop diagnostics of ``model`` on a batch, for loops 1..N.
+
+    The per-loop values come from :func:`eqloop.evaluation.dynamics.loop_dynamics` (one
+    run of the loop, to N + 1 for the residual of loop N); this adds the exit gate and
+    the equilibrium.
 
     Args:
         model: an Ouro or Huginn model.
@@ -224,89 +226,78 @@ def diagnose(
     stage: dict[str, Any] = {"attention_mask": mask, **model.start_options(init_scale, generator)}
     started = time.perf_counter()
     with torch.no_grad():
-        f, z = model.core_map(input_ids, **stage)
-    valid = (torch.ones(input_ids.shape) if mask is None else mask).to(z.device, torch.float32)
+        f, z0 = model.core_map(input_ids, **stage)
 
-    per: dict[str, list[Any]] = {
-        k: [] for k in ("residual", "state_norm", "rho", "kl", "entropy", "argmax_changed")
-    }
     gates: list[Tensor] = []  # (B, S) per loop, for a model with an exit gate
-    prev_log_p: Tensor | None = None
-    prev_top: Tensor | None = None
-    pending: list[tuple[int, Tensor]] = []  # (loop, state) waiting for the batched rho
+    last: list[Tensor] = []  # z_N, for the KL between loop N and the equilibrium
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=n, desc="diagnose", unit="loop")
-    previous: Tensor | None = None  # z_t, recorded once the loop hands over z_{t+1}
 
-    def record(s: int, z_next: Tensor) -> None:
-        """The loop's per-state hook: loop t = s - 1 >= 1 is recorded at state s."""
-        nonlocal previous, prev_log_p, prev_top, pending
-        z, previous, t = previous, z_next, s - 1
-        if z is None or t < 1:
+    def on_record(t: int, z: Tensor) -> None:
+        """Ouro's exit gate at loops 1..N (the record of loop N + 1 is the residual's)."""
+        if t > n:
             return
-        step = (z_next - z).flatten(1).norm(dim=1)
-        size = z.flatten(1).norm(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
-        per["residual"].append((step / size).tolist())
-        per["state_norm"].append(_masked_mean(z.float().norm(dim=-1), valid).tolist())
-        log_p = F.log_softmax(model.readout(z, attention_mask=mask).float(), dim=-1)
-        per["entropy"].append(_masked_mean(-(log_p.exp() * log_p).sum(-1), valid).tolist())
-        top = log_p.argmax(dim=-1)
-        if prev_log_p is None:
-            per["kl"].append(None)
-            per["argmax_changed"].append(None)
-        else:
-            kl = (prev_log_p.exp() * (prev_log_p - log_p)).sum(-1)
-            per["kl"].append(_masked_mean(kl, valid).tolist())
-            per["argmax_changed"].append(_masked_mean((top != prev_top).float(), valid).tolist())
-        prev_log_p, prev_top = log_p, top
         gate = model.gate_logits(z)
         if gate is not None:
             gates.append(gate.float())
-        per["rho"].append(None)
-        if rho and (t % rho_every == 0 or t == n):
-            pending.append((t, z))
-            if len(pending) == rho_batch or t == n:
-                for loop, radius in _batched_rho(
-                    model, input_ids, mask, pending, rho_iters, generator
-                ):
-                    per["rho"][loop - 1] = radius
-                pending = []
+        if t == n:
+            last.append(z)
         if bar is not None:
             bar.update(1)
 
-    with torch.no_grad():
-        model.loop(f, z, n + 1, on_state=record)
+    records = loop_dynamics(
+        model,
+        f,
+        z0,
+        range(1, n + 2),
+        mask=mask,
+        readout=True,
+        stage={"attention_mask": mask},
+        rho_loops=[t for t in range(1, n + 1) if t % rho_every == 0 or t == n] if rho else (),
+        rho_method="arnoldi",
+        rho_iters=rho_iters,
+        rho_batch=rho_batch,
+        generator=generator,
+        on_record=on_record,
+    )
     if bar is not None:
         bar.close()
 
-    def mean(rows: list[Any]) -> list[float | None]:
-        return [None if r is None else float(sum(r) / len(r)) for r in rows]
+    def rows(values: list[Tensor | None]) -> list[list[float] | None]:
+        """Per loop: the (B,) values as a list, or None where undefined."""
+        return [None if v is None else v.tolist() for v in values]
+
+    tiny = torch.finfo(z0.dtype).tiny
+    per: dict[str, list[Any]] = {
+        "residual": [
+            (nxt.step_norm / r.state_norm.clamp_min(tiny)).tolist()
+            for r, nxt in zip(records, records[1:], strict=False)
+        ],
+        "state_norm": rows([r.token_norm for r in records[:n]]),
+        "rho": rows([r.rho for r in records[:n]]),
+        "kl": rows([r.kl for r in records[:n]]),
+        "entropy": rows([r.entropy for r in records[:n]]),
+        "argmax_changed": rows([r.argmax_changed for r in records[:n]]),
+    }
+
+    def mean(per_loop: list[Any]) -> list[float | None]:
+        return [None if r is None else float(sum(r) / len(r)) for r in per_loop]
 
     gate_mean = exit_mean = None
     if gates:
         stacked = torch.stack(gates, dim=-1)  # (B, S, N)
         pdf = exit_distribution(stacked)
         lam = torch.sigmoid(stacked)
-        per["gate"] = [_masked_mean(lam[..., i], valid).tolist() for i in range(n)]
-        per["exit_pdf"] = [_masked_mean(pdf[..., i], valid).tolist() for i in range(n)]
+        per["gate"] = [masked_mean(lam[..., i], mask).tolist() for i in range(n)]
+        per["exit_pdf"] = [masked_mean(pdf[..., i], mask).tolist() for i in range(n)]
         gate_mean, exit_mean = mean(per["gate"]), mean(per["exit_pdf"])
     equilibrium = None
     if solver is not None:
         equilibrium = _equilibrium(
-            model,
-            input_ids,
-            stage,
-            solver,
-            max_iter,
-            tol,
-            rho,
-            rho_iters,
-            generator,
-            prev_log_p,
-            valid,
+            model, input_ids, stage, solver, max_iter, tol, rho, rho_iters, generator, last[0]
         )
     return Diagnostics(
         model_type=model.model_type,
@@ -330,40 +321,10 @@ def diagnose(
             "rho_every": rho_every,
             "rho_batch": rho_batch,
             "init_scale": stage.get("init_scale"),
-            "dtype": str(z.dtype).removeprefix("torch."),
+            "dtype": str(z0.dtype).removeprefix("torch."),
             "seconds": time.perf_counter() - started,
         },
     )
-
-
-def _batched_rho(
-    model: PretrainedLoopedLM,
-    input_ids: Tensor,
-    attention_mask: Tensor | None,
-    states: list[tuple[int, Tensor]],
-    iters: int,
-    generator: torch.Generator | None,
-) -> list[tuple[int, list[float]]]:
-    """rho(J(z_t)) per sequence for several loops t in one Arnoldi run.
-
-    f treats sequences independently, so the states of k loops stacked along the batch
-    are k x B independent problems of the same map (built for the tokens repeated k
-    times; Huginn's x does not depend on the initial state, which is ignored here).
-    """
-    from eqloop.core.stars import spectral_radius
-
-    k, batch = len(states), input_ids.shape[0]
-    stage: dict[str, Any] = {}
-    if attention_mask is not None:
-        stage["attention_mask"] = attention_mask.repeat(k, 1)
-    stage.update(model.start_options())  # the map does not depend on the start
-    with torch.no_grad():
-        f, _ = model.core_map(input_ids.repeat(k, 1), **stage)
-    stacked = torch.cat([z for _, z in states], dim=0)
-    radius = spectral_radius(f, stacked, method="arnoldi", iters=iters, generator=generator)
-    return [
-        (loop, radius[i * batch : (i + 1) * batch].tolist()) for i, (loop, _) in enumerate(states)
-    ]
 
 
 def _equilibrium(
@@ -376,9 +337,10 @@ def _equilibrium(
     rho: bool,
     rho_iters: int,
     generator: torch.Generator | None,
-    last_log_p: Tensor | None,
-    valid: Tensor,
+    last: Tensor,
 ) -> dict[str, Any]:
+    """The solve to equilibrium from z_0 (with ``stage``'s start), its ``rho(J(z*))`` and
+    the KL from the last loop's state ``last`` (B, S, d) to it."""
     from eqloop.core.stars import spectral_radius
     from eqloop.evaluation.predictors import equilibrium
 
@@ -404,9 +366,10 @@ def _equilibrium(
         "rel_residual": float(result.rel_residual.float().mean()),
         "rel_residual_per_sequence": result.rel_residual.tolist(),
     }
-    if last_log_p is not None:
-        kl = (last_log_p.exp() * (last_log_p - log_p)).sum(-1)
-        out["kl_from_last"] = float(_masked_mean(kl, valid).mean())
+    mask = stage["attention_mask"]
+    with torch.no_grad():
+        last_log_p = F.log_softmax(model.readout(last, attention_mask=mask).float(), dim=-1)
+    out["kl_from_last"] = float(masked_mean(token_kl(last_log_p, log_p), mask).mean())
     if rho:
         radius = spectral_radius(f, info.z, method="arnoldi", iters=rho_iters, generator=generator)
         out["rho"] = float(radius.mean())
