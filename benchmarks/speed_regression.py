@@ -130,9 +130,10 @@ targets[:, :8] = -100
 eval_model = LoopLM(config.model).eval()
 # STARS: eagerly the paper's vjp penalty; compiled the jvp penalty, compiled as a whole.
 compiled = settings["compile"] is not None
-stars_config = dataclasses.replace(
-    config, penalty_product="jvp" if compiled else "vjp", compile=compiled
-)
+if "stars" in settings["workloads"]:  # older trees lack penalty_product
+    stars_config = dataclasses.replace(
+        config, penalty_product="jvp" if compiled else "vjp", compile=compiled
+    )
 pen_gen = torch.Generator().manual_seed(2)
 
 def train():
