@@ -278,7 +278,13 @@ def _dest(flag: str) -> str:
     return flag.removeprefix("--").replace("-", "_")
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _check_eval_outputs(args: argparse.Namespace) -> None:
+    """Refuse ``--json`` / ``--plot`` / ``--pca`` files that cannot be written.
+
+    Raises:
+        ValueError: an output that is a directory or in a missing one, ``--json`` and
+            ``--plot`` naming the same file, or a plot without matplotlib.
+    """
     _check_output("--json", args.json)
     _check_output("--plot", args.plot)
     _check_output("--pca", args.pca)
@@ -291,6 +297,15 @@ def _eval(args: argparse.Namespace) -> int:
     for flag in ("plot", "pca"):
         if getattr(args, flag) is not None and importlib.util.find_spec("matplotlib") is None:
             raise ValueError(f"--{flag} needs matplotlib: pip install 'eqloop[plots]'")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """``eqloop eval``: diagnose ``--pretrained`` or evaluate every ``--checkpoint``.
+
+    Returns:
+        The exit code: 0, 2 when a checkpoint failed, 130 when interrupted.
+    """
+    _check_eval_outputs(args)
     if (args.checkpoint is None) == (args.pretrained is None):
         raise ValueError("give --checkpoint (eqloop runs) or --pretrained DIR (Ouro, Huginn)")
     _check_eval_flags(args)
@@ -298,9 +313,8 @@ def _eval(args: argparse.Namespace) -> int:
         from eqloop.recipes.pretrained import run
 
         return run(args)
-    from eqloop.evaluation import check_options, evaluate_checkpoint, format_result, plot_results
-    from eqloop.files import write_text_atomic
-    from eqloop.training.checkpoint import CheckpointError, resolve_checkpoint
+    from eqloop.evaluation import check_options
+    from eqloop.training.checkpoint import resolve_checkpoint
     from eqloop.training.config import check_device
     from solvers import checks
 
@@ -321,10 +335,42 @@ def _eval(args: argparse.Namespace) -> int:
         checks.integer("--pca-loops", args.pca_loops, low=1)
     device = check_device(args.device)
     paths = [resolve_checkpoint(path) for path in args.checkpoint]
+    results, failures, interrupted = _evaluate_checkpoints(args, paths, settings, device)
+    _write_eval_outputs(args, results, failures, device)
+    if interrupted:
+        print(f"eqloop eval: interrupted; {len(results)} results kept", file=sys.stderr)
+        return 130
+    if failures:
+        if len(paths) > 1:
+            written = f"; the other results are in {args.json}" if args.json and results else ""
+            print(
+                f"eqloop eval: error: {len(failures)} of {len(paths)} checkpoints failed{written}",
+                file=sys.stderr,
+            )
+        return 2
+    return 0
+
+
+def _evaluate_checkpoints(
+    args: argparse.Namespace, paths: list[Path], settings: dict[str, Any], device: str
+) -> tuple[list[dict[str, Any]], list[dict[str, str]], bool]:
+    """Evaluate each checkpoint in turn, printing its table; a failure skips to the next.
+
+    Args:
+        args: the parsed ``eqloop eval`` flags.
+        paths: the resolved checkpoint files.
+        settings: the checked evaluation options (``evaluate_checkpoint``'s keywords).
+        device: the checked ``--device``.
+
+    Returns:
+        The results, the failures (checkpoint and error message) and whether Ctrl-C
+        stopped the evaluation (the checkpoints after it are not evaluated).
+    """
+    from eqloop.evaluation import evaluate_checkpoint, format_result
+    from eqloop.training.checkpoint import CheckpointError
 
     results: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
-    interrupted = False
     for path in paths:
         try:
             result = evaluate_checkpoint(
@@ -342,10 +388,22 @@ def _eval(args: argparse.Namespace) -> int:
             continue
         except KeyboardInterrupt:
             failures.append({"checkpoint": str(path), "error": "interrupted"})
-            interrupted = True
-            break
+            return results, failures, True
         print(format_result(result))
         results.append(result)
+    return results, failures, False
+
+
+def _write_eval_outputs(
+    args: argparse.Namespace,
+    results: list[dict[str, Any]],
+    failures: list[dict[str, str]],
+    device: str,
+) -> None:
+    """Write ``--json`` (results and failures), ``--plot`` and ``--pca`` (results only)."""
+    from eqloop.evaluation import plot_results
+    from eqloop.files import write_text_atomic
+
     if args.json is not None:
         write_text_atomic(args.json, json.dumps([*results, *failures], indent=2) + "\n")
     if args.plot is not None and results:
@@ -357,18 +415,6 @@ def _eval(args: argparse.Namespace) -> int:
         plot_checkpoint_trajectories(
             done, args.pca, problems=args.pca_problems, loops=args.pca_loops, device=device
         )
-    if interrupted:
-        print(f"eqloop eval: interrupted; {len(results)} results kept", file=sys.stderr)
-        return 130
-    if failures:
-        if len(paths) > 1:
-            written = f"; the other results are in {args.json}" if args.json and results else ""
-            print(
-                f"eqloop eval: error: {len(failures)} of {len(paths)} checkpoints failed{written}",
-                file=sys.stderr,
-            )
-        return 2
-    return 0
 
 
 # --------------------------------------------------------------------------------- tune

@@ -177,15 +177,42 @@ def test_no_module_imports_a_recipe_or_cli() -> None:
     assert "eqloop.recipes.train" not in graph["eqloop.recipes.finetune.train"]
 
 
-def test_no_training_function_is_longer_than_80_lines() -> None:
-    # Issue 19: the recipes and the shared training pieces are short named steps.
-    files = [ROOT / "eqloop/recipes/train.py", ROOT / "eqloop/recipes/finetune/train.py"]
-    files += sorted((ROOT / "eqloop/training").glob("*.py"))
+_PARSER_CALLS = {"add_argument", "add_parser"}
+
+
+def _code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of a function from ``def`` to its end, without its docstring."""
+    lines = node.end_lineno - node.lineno + 1
+    first = node.body[0]
+    if (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    ):
+        lines -= first.end_lineno - first.lineno + 1
+    return lines
+
+
+def _builds_parser(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Whether a function builds an argparse parser: it calls ``.add_argument`` or
+    ``.add_parser`` (a flag table is one long list of calls, not a procedure)."""
+    return any(
+        isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and call.func.attr in _PARSER_CALLS
+        for call in ast.walk(node)
+    )
+
+
+def test_no_function_is_longer_than_80_lines() -> None:
+    # Issue 19: every function in eqloop is short named steps: at most 80 lines from `def`
+    # to its end, not counting the docstring. Only argparse set-up is exempt.
     long = [
-        f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
-        for path in files
+        f"{path.relative_to(ROOT)}:{node.name} ({_code_lines(node)} lines)"
+        for path in sorted((ROOT / "eqloop").rglob("*.py"))
         for node in ast.walk(ast.parse(path.read_text(), str(path)))
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-        and node.end_lineno - node.lineno + 1 > 80
+        and _code_lines(node) > 80
+        and not _builds_parser(node)
     ]
     assert not long, long

@@ -39,11 +39,12 @@ from torch import Tensor
 
 from eqloop.core import defaults
 from eqloop.data.tokenizers import encode_prompts
-from eqloop.evaluation.dynamics import loop_dynamics, masked_mean, token_kl
+from eqloop.evaluation.dynamics import LoopRecord, loop_dynamics, masked_mean, token_kl
 from eqloop.evaluation.report import format_cell, format_table
 from eqloop.files import write_json_atomic
 from eqloop.models.base import PretrainedLoopedLM
 from eqloop.models.exits import exit_distribution
+from eqloop.models.looped import CoreMap
 from solvers import checks
 
 __all__ = ["Diagnostics", "diagnose"]
@@ -227,7 +228,75 @@ def diagnose(
     started = time.perf_counter()
     with torch.no_grad():
         f, z0 = model.core_map(input_ids, **stage)
+    rho_loops = [t for t in range(1, n + 1) if t % rho_every == 0 or t == n] if rho else []
+    records, gates, last = _run_loops(
+        model, f, z0, n, mask, rho_loops, rho_iters, rho_batch, generator, progress
+    )
+    per = _per_sequence(records, n, torch.finfo(z0.dtype).tiny, gates, mask)
+    gate_mean = exit_mean = None
+    if gates:
+        gate_mean, exit_mean = _mean(per["gate"]), _mean(per["exit_pdf"])
+    equilibrium = None
+    if solver is not None:
+        equilibrium = _equilibrium(
+            model, input_ids, stage, solver, max_iter, tol, rho, rho_iters, generator, last[0]
+        )
+    return Diagnostics(
+        model_type=model.model_type,
+        trained_loops=model.trained_loops,
+        loops=list(range(1, n + 1)),
+        residual=_mean(per["residual"]),
+        state_norm=_mean(per["state_norm"]),
+        rho=_mean(per["rho"]),
+        kl=_mean(per["kl"]),
+        entropy=_mean(per["entropy"]),
+        argmax_changed=_mean(per["argmax_changed"]),
+        gate=gate_mean,
+        exit_pdf=exit_mean,
+        per_sequence=per,
+        equilibrium=equilibrium,
+        settings={
+            "batch": int(input_ids.shape[0]),
+            "seq_len": int(input_ids.shape[1]),
+            "rho_method": "arnoldi",
+            "rho_iters": rho_iters,
+            "rho_every": rho_every,
+            "rho_batch": rho_batch,
+            "init_scale": stage.get("init_scale"),
+            "dtype": str(z0.dtype).removeprefix("torch."),
+            "seconds": time.perf_counter() - started,
+        },
+    )
 
+
+def _run_loops(
+    model: PretrainedLoopedLM,
+    f: CoreMap,
+    z0: Tensor,
+    n: int,
+    mask: Tensor | None,
+    rho_loops: list[int],
+    rho_iters: int,
+    rho_batch: int,
+    generator: torch.Generator | None,
+    progress: bool,
+) -> tuple[list[LoopRecord], list[Tensor], list[Tensor]]:
+    """Run the loop from ``z0`` to N + 1 once, recording each loop (see :func:`diagnose`).
+
+    Args:
+        model: the model diagnosed.
+        f: its core map z -> f(z) on (B, S, d) states (from ``model.core_map``).
+        z0: (B, S, d) the start state.
+        n: N, the last loop diagnosed (loop N + 1 gives loop N's residual).
+        mask: (B, S) bool attention mask, or ``None``.
+        rho_loops: the loops whose ``rho(J)`` is estimated (Arnoldi).
+        rho_iters, rho_batch, generator: as in :func:`diagnose`.
+        progress: show a tqdm bar over the loops.
+
+    Returns:
+        The records of loops 1..N + 1; (B, S) float exit-gate logits at loops 1..N (empty
+        for a model without an exit gate); and ``[z_N]``, the (B, S, d) state of loop N.
+    """
     gates: list[Tensor] = []  # (B, S) per loop, for a model with an exit gate
     last: list[Tensor] = []  # z_N, for the KL between loop N and the equilibrium
     bar = None
@@ -256,7 +325,7 @@ def diagnose(
         mask=mask,
         readout=True,
         stage={"attention_mask": mask},
-        rho_loops=[t for t in range(1, n + 1) if t % rho_every == 0 or t == n] if rho else (),
+        rho_loops=rho_loops,
         rho_method="arnoldi",
         rho_iters=rho_iters,
         rho_batch=rho_batch,
@@ -265,66 +334,53 @@ def diagnose(
     )
     if bar is not None:
         bar.close()
+    return records, gates, last
 
-    def rows(values: list[Tensor | None]) -> list[list[float] | None]:
-        """Per loop: the (B,) values as a list, or None where undefined."""
-        return [None if v is None else v.tolist() for v in values]
 
-    tiny = torch.finfo(z0.dtype).tiny
+def _rows(values: list[Tensor | None]) -> list[list[float] | None]:
+    """Per loop: the (B,) values as a list, or None where undefined."""
+    return [None if v is None else v.tolist() for v in values]
+
+
+def _mean(per_loop: list[Any]) -> list[float | None]:
+    """Per loop: the mean over the batch of the per-sequence values, or None where undefined."""
+    return [None if r is None else float(sum(r) / len(r)) for r in per_loop]
+
+
+def _per_sequence(
+    records: list[LoopRecord], n: int, tiny: float, gates: list[Tensor], mask: Tensor | None
+) -> dict[str, list[Any]]:
+    """The per-sequence values of each loop 1..N (:attr:`Diagnostics.per_sequence`).
+
+    Args:
+        records: the records of loops 1..N + 1 (from :func:`_run_loops`).
+        n: N.
+        tiny: the smallest positive value of the states' dtype (guards the division).
+        gates: (B, S) exit-gate logits per loop 1..N, or empty.
+        mask: (B, S) bool attention mask, or ``None``.
+
+    Returns:
+        Name -> per loop, a list of B values (or None where undefined); ``"gate"`` and
+        ``"exit_pdf"`` only with gates.
+    """
     per: dict[str, list[Any]] = {
         "residual": [
             (nxt.step_norm / r.state_norm.clamp_min(tiny)).tolist()
             for r, nxt in zip(records, records[1:], strict=False)
         ],
-        "state_norm": rows([r.token_norm for r in records[:n]]),
-        "rho": rows([r.rho for r in records[:n]]),
-        "kl": rows([r.kl for r in records[:n]]),
-        "entropy": rows([r.entropy for r in records[:n]]),
-        "argmax_changed": rows([r.argmax_changed for r in records[:n]]),
+        "state_norm": _rows([r.token_norm for r in records[:n]]),
+        "rho": _rows([r.rho for r in records[:n]]),
+        "kl": _rows([r.kl for r in records[:n]]),
+        "entropy": _rows([r.entropy for r in records[:n]]),
+        "argmax_changed": _rows([r.argmax_changed for r in records[:n]]),
     }
-
-    def mean(per_loop: list[Any]) -> list[float | None]:
-        return [None if r is None else float(sum(r) / len(r)) for r in per_loop]
-
-    gate_mean = exit_mean = None
     if gates:
         stacked = torch.stack(gates, dim=-1)  # (B, S, N)
         pdf = exit_distribution(stacked)
         lam = torch.sigmoid(stacked)
         per["gate"] = [masked_mean(lam[..., i], mask).tolist() for i in range(n)]
         per["exit_pdf"] = [masked_mean(pdf[..., i], mask).tolist() for i in range(n)]
-        gate_mean, exit_mean = mean(per["gate"]), mean(per["exit_pdf"])
-    equilibrium = None
-    if solver is not None:
-        equilibrium = _equilibrium(
-            model, input_ids, stage, solver, max_iter, tol, rho, rho_iters, generator, last[0]
-        )
-    return Diagnostics(
-        model_type=model.model_type,
-        trained_loops=model.trained_loops,
-        loops=list(range(1, n + 1)),
-        residual=mean(per["residual"]),
-        state_norm=mean(per["state_norm"]),
-        rho=mean(per["rho"]),
-        kl=mean(per["kl"]),
-        entropy=mean(per["entropy"]),
-        argmax_changed=mean(per["argmax_changed"]),
-        gate=gate_mean,
-        exit_pdf=exit_mean,
-        per_sequence=per,
-        equilibrium=equilibrium,
-        settings={
-            "batch": int(input_ids.shape[0]),
-            "seq_len": int(input_ids.shape[1]),
-            "rho_method": "arnoldi",
-            "rho_iters": rho_iters,
-            "rho_every": rho_every,
-            "rho_batch": rho_batch,
-            "init_scale": stage.get("init_scale"),
-            "dtype": str(z0.dtype).removeprefix("torch."),
-            "seconds": time.perf_counter() - started,
-        },
-    )
+    return per
 
 
 def _equilibrium(

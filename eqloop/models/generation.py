@@ -36,7 +36,7 @@ This module never asks which architecture it has: it runs the decode-step interf
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -293,20 +293,12 @@ def generate(
     if not isinstance(model, PretrainedLoopedLM):
         raise TypeError(f"model must be an eqloop pretrained looped LM, got {type(model).__name__}")
     input_ids = model.check_input_ids(input_ids)
-    batch, prompt_len = input_ids.shape
     mask = model.check_attention_mask(attention_mask, input_ids.shape)
     if mask is not None:
         _check_left_padded(mask)
     max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, low=0)
     loops = model.trained_loops if loops is None else checks.integer("loops", loops, low=1)
-    checks.boolean("do_sample", do_sample)
-    temperature = checks.number("temperature", temperature, low=0.0, low_open=True)
-    if top_k is not None:
-        top_k = checks.integer("top_k", top_k, low=1)
-    if top_p is not None:
-        top_p = checks.number("top_p", top_p, low=0.0, high=1.0, low_open=True)
-    if not do_sample and (top_k is not None or top_p is not None or temperature != 1.0):
-        raise ValueError("temperature, top_k and top_p need do_sample=True")
+    sampling = _check_sampling(do_sample, temperature, top_k, top_p)
     # Ids the tokenizer cannot produce (Huginn's padded vocabulary) are never generated.
     usable = getattr(model.config, "vocab_size", model.vocab_size)
     stops = _check_stop_ids(stop_token_ids, usable)
@@ -328,95 +320,277 @@ def generate(
     if compile_options is not None and not use_cache:
         raise ValueError("compile compiles the cached decode step: it needs use_cache=True")
     step_fn = None if compile_options is None else _compiled_step(model, compile_options)
+    decode = _Decode(
+        model=model,
+        input_ids=input_ids,
+        mask=mask,
+        loops=loops,
+        options=options,
+        generator=generator,
+        step_fn=step_fn,
+        use_cache=use_cache,
+        sampling=sampling,
+        usable=usable,
+        stops=stops,
+        pad_token_id=pad_token_id,
+    )
+    with torch.no_grad():
+        steps = _decode_loop(decode, max_new_tokens)
+    return _generate_result(decode, steps, return_dict)
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """How the next token is picked from a step's logits (checked by :func:`_check_sampling`).
+
+    Attributes:
+        do_sample: sample from the softmax instead of taking the argmax.
+        temperature: softmax temperature (> 0).
+        top_k: keep only the ``top_k`` largest logits (``None``: all).
+        top_p: nucleus sampling mass in (0, 1] (``None``: no nucleus filter).
+    """
+
+    do_sample: bool
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+
+
+def _check_sampling(
+    do_sample: bool, temperature: float, top_k: int | None, top_p: float | None
+) -> _Sampling:
+    """Check :func:`generate`'s sampling arguments.
+
+    Args:
+        do_sample, temperature, top_k, top_p: as in :func:`generate`.
+
+    Returns:
+        The checked arguments.
+
+    Raises:
+        TypeError, ValueError: a bad argument, or a sampling filter without ``do_sample``.
+    """
+    checks.boolean("do_sample", do_sample)
+    temperature = checks.number("temperature", temperature, low=0.0, low_open=True)
+    if top_k is not None:
+        top_k = checks.integer("top_k", top_k, low=1)
+    if top_p is not None:
+        top_p = checks.number("top_p", top_p, low=0.0, high=1.0, low_open=True)
+    if not do_sample and (top_k is not None or top_p is not None or temperature != 1.0):
+        raise ValueError("temperature, top_k and top_p need do_sample=True")
+    return _Sampling(do_sample, temperature, top_k, top_p)
+
+
+@dataclass(frozen=True)
+class _Decode:
+    """The checked inputs of one :func:`generate` call that every decode step reads.
+
+    Attributes:
+        model: the model decoding.
+        input_ids: (B, S) the prompts.
+        mask: (B, S) the prompts' attention mask, or ``None`` (no padding).
+        loops: loops per token.
+        options: the model's checked :meth:`~PretrainedLoopedLM.decode_options`.
+        generator: random generator for sampling and Huginn's initial states.
+        step_fn: the compiled one-token decode step, or ``None`` (eager).
+        use_cache: decode with a KV cache (else recompute the whole sequence per token).
+        sampling: how the next token is picked.
+        usable: the ids below this one are the ones the model can generate.
+        stops: the stop ids (may be empty).
+        pad_token_id: id written after a row stopped.
+    """
+
+    model: PretrainedLoopedLM
+    input_ids: Tensor
+    mask: Tensor | None
+    loops: int
+    options: Any
+    generator: torch.Generator | None
+    step_fn: Callable[..., Any] | None
+    use_cache: bool
+    sampling: _Sampling
+    usable: int
+    stops: list[int]
+    pad_token_id: int
+
+
+@dataclass
+class _Steps:
+    """What the decode steps produced, one entry per step, concatenated once at the end.
+
+    Attributes:
+        finished: (B,) the rows that have produced a stop id.
+        tokens: (B,) per step: the token (``pad_token_id`` for rows that had stopped).
+        masks: (B, 1) per step: 1 while the row had not stopped.
+        loops_used: (B,) per step: loops run (0 for rows that had stopped).
+        logits: (B, V) per step: float logits (``-inf`` past the usable ids).
+        all_done: () per step: every row has stopped after it (only with stop ids).
+    """
+
+    finished: Tensor
+    tokens: list[Tensor] = field(default_factory=list)
+    masks: list[Tensor] = field(default_factory=list)
+    loops_used: list[Tensor] = field(default_factory=list)
+    logits: list[Tensor] = field(default_factory=list)
+    all_done: list[Tensor] = field(default_factory=list)
+
+
+def _new_cache(decode: _Decode, max_new_tokens: int) -> KVCache | None:
+    """The KV cache of a :func:`generate` call (``None`` without ``use_cache``).
+
+    Room for the prompt and :data:`CACHE_RESERVE` new tokens; the cache doubles from there
+    as tokens arrive (up to prompt + ``max_new_tokens``), so a large ``max_new_tokens``
+    costs nothing until the tokens are generated.
+    """
+    if not decode.use_cache:
+        return None
+    batch, prompt_len = decode.input_ids.shape
+    return KVCache(
+        batch,
+        prompt_len + min(max_new_tokens, CACHE_RESERVE),
+        max_length=prompt_len + max_new_tokens,
+    )
+
+
+def _step_logits(
+    decode: _Decode,
+    steps: _Steps,
+    step: int,
+    step_tokens: Tensor,
+    step_mask: Tensor | None,
+    cache: KVCache | None,
+) -> tuple[Tensor, Tensor]:
+    """Run the model for one decode step.
+
+    Args:
+        decode: the call's checked inputs.
+        steps: the steps so far (read only without a cache, to rebuild the sequence).
+        step: the step's index (0: the prompt, which runs eagerly).
+        step_tokens: (B, S) the prompt at step 0, then (B, 1) the last token.
+        step_mask: (B, S) the prompt's mask at step 0, then ``None``.
+        cache: the KV cache, or ``None`` (recompute the whole sequence).
+
+    Returns:
+        (B, V) the logits of the next token and (B,) the loops run.
+    """
+    if cache is not None:
+        # The prompt (step 0) runs eagerly: only the one-token decode step is compiled.
+        compiled = None if step == 0 else decode.step_fn
+        return decode.model.decode_call(
+            step_tokens,
+            step_mask,
+            cache,
+            decode.loops,
+            decode.options,
+            decode.generator,
+            compiled,
+        )
+    mask = decode.mask
+    return decode.model.decode_recompute(
+        torch.cat([decode.input_ids, *(t[:, None] for t in steps.tokens)], dim=1),
+        None if mask is None else torch.cat([mask, *steps.masks], dim=1).bool(),
+        decode.loops,
+        decode.options,
+        decode.generator,
+    )
+
+
+def _decode_loop(decode: _Decode, max_new_tokens: int) -> _Steps:
+    """Generate up to ``max_new_tokens`` tokens per row (the loop of :func:`generate`).
+
+    Args:
+        decode: the call's checked inputs.
+        max_new_tokens: the most steps.
+
+    Returns:
+        The steps run, without those after every row had stopped.
+
+    Raises:
+        ValueError: the logits of a row still generating are NaN or infinite.
+    """
+    input_ids, usable, sampling = decode.input_ids, decode.usable, decode.sampling
     # Host reads (stop ids, finite logits) every `every` tokens: each token eagerly, and
     # every HOST_CHECK_EVERY tokens when compiled, so a compiled decode loop queues its
     # steps without waiting for the device; the tokens past a stop are then dropped.
-    every = 1 if step_fn is None else HOST_CHECK_EVERY
-    prompt_mask = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.dtype)
-    stop_ids = torch.tensor(stops, dtype=input_ids.dtype, device=input_ids.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    new_tokens: list[Tensor] = []  # (B,) per step, concatenated once at the end
-    new_masks: list[Tensor] = []  # (B,) 1 while the row had not stopped
-    loops_used: list[Tensor] = []  # (B,) per step
-    step_logits: list[Tensor] = []  # (B, V) per step
+    every = 1 if decode.step_fn is None else HOST_CHECK_EVERY
+    stop_ids = torch.tensor(decode.stops, dtype=input_ids.dtype, device=input_ids.device)
+    steps = _Steps(torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device))
     broken: list[Tensor] = []  # (B,) per step: non-finite logits in a row still generating
-    all_done: list[Tensor] = []  # () per step: every row has stopped after it
-    # Room for the prompt and CACHE_RESERVE new tokens; the cache doubles from there as
-    # tokens arrive (up to prompt + max_new_tokens), so a large max_new_tokens costs
-    # nothing until the tokens are generated.
-    cache = (
-        KVCache(
-            batch,
-            prompt_len + min(max_new_tokens, CACHE_RESERVE),
-            max_length=prompt_len + max_new_tokens,
+    cache = _new_cache(decode, max_new_tokens)
+    step_tokens, step_mask = input_ids, decode.mask
+    for step in range(max_new_tokens):
+        logits, used = _step_logits(decode, steps, step, step_tokens, step_mask, cache)
+        logits = logits.float()
+        finished = steps.finished
+        nonfinite = ~torch.isfinite(logits[:, :usable]).all(dim=-1)  # (B,)
+        broken.append(nonfinite & ~finished)
+        if usable < logits.shape[-1]:
+            logits[:, usable:] = float("-inf")
+        steps.logits.append(logits)
+        # Rows with NaN logits pick from zeros, so sampling goes on to the host check
+        # below, which refuses them (finished rows are padded anyway).
+        choose = torch.where(nonfinite[:, None], torch.zeros_like(logits), logits)
+        token = _next_token(
+            choose,
+            sampling.do_sample,
+            sampling.temperature,
+            sampling.top_k,
+            sampling.top_p,
+            decode.generator,
         )
-        if use_cache
-        else None
-    )
-    step_tokens, step_mask = input_ids, mask
-    with torch.no_grad():
-        for step in range(max_new_tokens):
-            # The prompt (step 0) runs eagerly: only the one-token decode step is compiled.
-            compiled = None if step == 0 else step_fn
-            if use_cache:
-                logits, used = model.decode_call(
-                    step_tokens, step_mask, cache, loops, options, generator, compiled
-                )
-            else:
-                logits, used = model.decode_recompute(
-                    torch.cat([input_ids, *(t[:, None] for t in new_tokens)], dim=1),
-                    None if mask is None else torch.cat([mask, *new_masks], dim=1).bool(),
-                    loops,
-                    options,
-                    generator,
-                )
-            logits = logits.float()
-            nonfinite = ~torch.isfinite(logits[:, :usable]).all(dim=-1)  # (B,)
-            broken.append(nonfinite & ~finished)
-            if usable < logits.shape[-1]:
-                logits[:, usable:] = float("-inf")
-            step_logits.append(logits)
-            # Rows with NaN logits pick from zeros, so sampling goes on to the host check
-            # below, which refuses them (finished rows are padded anyway).
-            choose = torch.where(nonfinite[:, None], torch.zeros_like(logits), logits)
-            token = _next_token(choose, do_sample, temperature, top_k, top_p, generator)
-            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-            loops_used.append(torch.where(finished, torch.zeros_like(used), used))
-            new_masks.append((~finished).to(prompt_mask.dtype)[:, None])
-            new_tokens.append(token)
-            if stops:
-                finished = finished | torch.isin(token, stop_ids)
-                all_done.append(finished.all())
-            if (step + 1) % every == 0 or step + 1 == max_new_tokens:
-                _check_finite(broken, step + 1 - len(broken))
-                broken = []
-                if stops and bool(all_done[-1]):
-                    break
-            step_tokens, step_mask = token[:, None], None
-    if all_done and bool(all_done[-1]):  # drop the steps after every row had stopped
-        keep = int(torch.stack(all_done).int().argmax()) + 1
-        del new_tokens[keep:], new_masks[keep:], loops_used[keep:], step_logits[keep:]
-    sequences = torch.cat([input_ids, *(t[:, None] for t in new_tokens)], dim=1)
+        token = torch.where(finished, torch.full_like(token, decode.pad_token_id), token)
+        steps.loops_used.append(torch.where(finished, torch.zeros_like(used), used))
+        steps.masks.append((~finished).to(input_ids.dtype)[:, None])
+        steps.tokens.append(token)
+        if decode.stops:
+            steps.finished = finished | torch.isin(token, stop_ids)
+            steps.all_done.append(steps.finished.all())
+        if (step + 1) % every == 0 or step + 1 == max_new_tokens:
+            _check_finite(broken, step + 1 - len(broken))
+            broken = []
+            if decode.stops and bool(steps.all_done[-1]):
+                break
+        step_tokens, step_mask = token[:, None], None
+    if steps.all_done and bool(steps.all_done[-1]):  # drop the steps after every row stopped
+        keep = int(torch.stack(steps.all_done).int().argmax()) + 1
+        del steps.tokens[keep:], steps.masks[keep:], steps.loops_used[keep:], steps.logits[keep:]
+    return steps
+
+
+def _generate_result(decode: _Decode, steps: _Steps, return_dict: bool) -> Tensor | GenerateOutput:
+    """Concatenate the steps into :func:`generate`'s result.
+
+    Args:
+        decode: the call's checked inputs.
+        steps: the steps run.
+        return_dict: return a :class:`GenerateOutput` instead of the sequences.
+
+    Returns:
+        (B, S + n) token ids, or a :class:`GenerateOutput`.
+    """
+    input_ids, mask = decode.input_ids, decode.mask
+    batch, device = input_ids.shape[0], input_ids.device
+    sequences = torch.cat([input_ids, *(t[:, None] for t in steps.tokens)], dim=1)
+    if not return_dict:
+        return sequences
+    prompt_mask = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.dtype)
     used_all = (
-        torch.stack(loops_used, dim=1)
-        if loops_used
-        else torch.zeros(batch, 0, dtype=torch.long, device=input_ids.device)
+        torch.stack(steps.loops_used, dim=1)
+        if steps.loops_used
+        else torch.zeros(batch, 0, dtype=torch.long, device=device)
     )
-    if return_dict:
-        vocab = model.vocab_size
-        logits_all = (
-            torch.stack(step_logits, dim=1)
-            if step_logits
-            else torch.zeros(batch, 0, vocab, device=input_ids.device)
-        )
-        return GenerateOutput(
-            sequences=sequences,
-            attention_mask=torch.cat([prompt_mask, *new_masks], dim=1),
-            loops_used=used_all,
-            finished=finished,
-            logits=logits_all,
-        )
-    return sequences
+    logits_all = (
+        torch.stack(steps.logits, dim=1)
+        if steps.logits
+        else torch.zeros(batch, 0, decode.model.vocab_size, device=device)
+    )
+    return GenerateOutput(
+        sequences=sequences,
+        attention_mask=torch.cat([prompt_mask, *steps.masks], dim=1),
+        loops_used=used_all,
+        finished=steps.finished,
+        logits=logits_all,
+    )
 
 
 def adaptive_forward(

@@ -65,85 +65,112 @@ def register_auto_classes() -> dict[str, type]:
 
     Idempotent. Returns ``{model_type: model class}``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-    from transformers.modeling_outputs import CausalLMOutput
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     classes: dict[str, type] = {}
     for model_type, arch in ARCHITECTURES.items():
         prefix = arch.__name__.removesuffix("Config")  # EqloopOuroConfig, ...
-
-        def config_init(self: Any, rope_scaling: Any = None, **kwargs: Any) -> None:
-            PretrainedConfig.__init__(self, **kwargs)
-            # Kept out of transformers' rope handling (it would warn and rewrite the key).
-            self.__dict__["rope_scaling"] = rope_scaling
-
-        config_cls = type(
-            f"Eqloop{prefix}Config",
-            (PretrainedConfig,),
-            {"model_type": model_type, "__init__": config_init},
-        )
-
-        def __init__(self: Any, config: Any) -> None:
-            PreTrainedModel.__init__(self, config)
-            eqloop_config = _eqloop_config(config)
-            inner = model_class(eqloop_config)(eqloop_config)
-            for name, module in inner.named_children():
-                setattr(self, name, module)  # the same modules: upstream key names
-            object.__setattr__(self, "_eqloop", inner)  # not a child: no duplicate keys
-            self.post_init()
-
-        def forward(
-            self: Any,
-            input_ids: Tensor,
-            attention_mask: Tensor | None = None,
-            labels: Tensor | None = None,
-            **options: Any,
-        ) -> Any:
-            logits = self._eqloop(input_ids, attention_mask=attention_mask, **options)
-            loss = None
-            if labels is not None:
-                loss = F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-                )
-            return CausalLMOutput(loss=loss, logits=logits)
-
-        def generate(self: Any, input_ids: Tensor, **options: Any) -> Any:
-            return self._eqloop.generate(input_ids, **options)
-
-        def from_pretrained(
-            cls: type[Any],
-            pretrained_model_name_or_path: str | os.PathLike[str],
-            *args: Any,
-            strict_config: bool = True,
-            **kwargs: Any,
-        ) -> Any:
-            """Check the directory as :func:`eqloop.models.load` does, then load it.
-
-            Args:
-                pretrained_model_name_or_path: a local checkpoint directory.
-                strict_config: reject config.json keys eqloop does not know.
-                *args, **kwargs: passed on to ``PreTrainedModel.from_pretrained``.
-            """
-            check_checkpoint(pretrained_model_name_or_path, strict_config=strict_config)
-            return PreTrainedModel.from_pretrained.__func__(
-                cls, pretrained_model_name_or_path, *args, **kwargs
-            )
-
-        body = {
-            "config_class": config_cls,
-            "base_model_prefix": arch.BASE_MODEL_PREFIX,
-            # Tensors upstream files carry that eqloop recomputes (Huginn's freqs_cis).
-            "_keys_to_ignore_on_load_unexpected": [f"^{key}$" for key in arch.RECOMPUTED_KEYS],
-            "__init__": __init__,
-            "forward": forward,
-            "generate": torch.no_grad()(generate),
-            "from_pretrained": classmethod(from_pretrained),
-            "_init_weights": lambda self, module: None,  # weights come from the files
-            "eqloop": property(lambda self: self._eqloop, doc="The eqloop model (same modules)."),
-            "get_input_embeddings": lambda self: self._eqloop.get_input_embeddings(),
-        }
-        model_cls = type(f"Eqloop{prefix}ForCausalLM", (PreTrainedModel,), body)
+        config_cls = _config_class(model_type, prefix)
+        model_cls = _model_class(arch, config_cls, prefix)
         AutoConfig.register(model_type, config_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
         classes[model_type] = model_cls
     return classes
+
+
+def _config_class(model_type: str, prefix: str) -> type:
+    """The transformers config class of one architecture (e.g. ``EqloopOuroConfig``).
+
+    Args:
+        model_type: the architecture's ``model_type`` (``"ouro"``, ``"huginn_raven"``).
+        prefix: the class name's stem (``"Ouro"``, ...).
+    """
+    from transformers import PretrainedConfig
+
+    def config_init(self: Any, rope_scaling: Any = None, **kwargs: Any) -> None:
+        PretrainedConfig.__init__(self, **kwargs)
+        # Kept out of transformers' rope handling (it would warn and rewrite the key).
+        self.__dict__["rope_scaling"] = rope_scaling
+
+    return type(
+        f"Eqloop{prefix}Config",
+        (PretrainedConfig,),
+        {"model_type": model_type, "__init__": config_init},
+    )
+
+
+def _model_class(arch: type, config_cls: type, prefix: str) -> type:
+    """The ``PreTrainedModel`` around the eqloop model of one architecture.
+
+    Args:
+        arch: the architecture's eqloop config class (from ``ARCHITECTURES``).
+        config_cls: its transformers config class (from :func:`_config_class`).
+        prefix: the class name's stem (``"Ouro"``, ...).
+
+    Returns:
+        The class (e.g. ``EqloopOuroForCausalLM``): ``forward`` takes (B, S) token ids
+        and returns a ``CausalLMOutput`` with (B, S, V) logits.
+    """
+    from transformers import PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+
+    def __init__(self: Any, config: Any) -> None:
+        PreTrainedModel.__init__(self, config)
+        eqloop_config = _eqloop_config(config)
+        inner = model_class(eqloop_config)(eqloop_config)
+        for name, module in inner.named_children():
+            setattr(self, name, module)  # the same modules: upstream key names
+        object.__setattr__(self, "_eqloop", inner)  # not a child: no duplicate keys
+        self.post_init()
+
+    def forward(
+        self: Any,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        **options: Any,
+    ) -> Any:
+        logits = self._eqloop(input_ids, attention_mask=attention_mask, **options)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def generate(self: Any, input_ids: Tensor, **options: Any) -> Any:
+        return self._eqloop.generate(input_ids, **options)
+
+    def from_pretrained(
+        cls: type[Any],
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        *args: Any,
+        strict_config: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """Check the directory as :func:`eqloop.models.load` does, then load it.
+
+        Args:
+            pretrained_model_name_or_path: a local checkpoint directory.
+            strict_config: reject config.json keys eqloop does not know.
+            *args, **kwargs: passed on to ``PreTrainedModel.from_pretrained``.
+        """
+        check_checkpoint(pretrained_model_name_or_path, strict_config=strict_config)
+        return PreTrainedModel.from_pretrained.__func__(
+            cls, pretrained_model_name_or_path, *args, **kwargs
+        )
+
+    body = {
+        "config_class": config_cls,
+        "base_model_prefix": arch.BASE_MODEL_PREFIX,
+        # Tensors upstream files carry that eqloop recomputes (Huginn's freqs_cis).
+        "_keys_to_ignore_on_load_unexpected": [f"^{key}$" for key in arch.RECOMPUTED_KEYS],
+        "__init__": __init__,
+        "forward": forward,
+        "generate": torch.no_grad()(generate),
+        "from_pretrained": classmethod(from_pretrained),
+        "_init_weights": lambda self, module: None,  # weights come from the files
+        "eqloop": property(lambda self: self._eqloop, doc="The eqloop model (same modules)."),
+        "get_input_embeddings": lambda self: self._eqloop.get_input_embeddings(),
+    }
+    return type(f"Eqloop{prefix}ForCausalLM", (PreTrainedModel,), body)

@@ -16,6 +16,8 @@ from solvers import checks
 
 __all__ = ["OuroConfig"]
 
+_NAME = "OuroConfig"  # how the error messages name this config
+
 
 @dataclass
 class OuroConfig:
@@ -87,7 +89,29 @@ class OuroConfig:
 
     def validate(self) -> None:
         """Check every field; raise ``ValueError``/``TypeError`` naming the key."""
-        name = "OuroConfig"
+        name = _NAME
+        self._validate_sizes()
+        checks.choice(f"{name}.hidden_act", self.hidden_act, ("silu",))
+        checks.number(f"{name}.rms_norm_eps", self.rms_norm_eps, low=0.0, low_open=True)
+        checks.number(f"{name}.rope_theta", self.rope_theta, low=1.0, low_open=True)
+        checks.number(
+            f"{name}.attention_dropout", self.attention_dropout, low=0.0, high=1.0, high_open=True
+        )
+        self._validate_rope_scaling()
+        checks.boolean(f"{name}.tie_word_embeddings", self.tie_word_embeddings)
+        self._validate_attention_kinds()
+        if self.early_exit_threshold is not None:
+            checks.number(
+                f"{name}.early_exit_threshold", self.early_exit_threshold, low=0.0, high=1.0
+            )
+        if self.early_exit_step is not None:
+            checks.integer(
+                f"{name}.early_exit_step", self.early_exit_step, low=0, high=self.total_ut_steps - 1
+            )
+
+    def _validate_sizes(self) -> None:
+        """Check the sizes and head counts (and that they fit together) of :meth:`validate`."""
+        name = _NAME
         for key in (
             "vocab_size",
             "hidden_size",
@@ -115,12 +139,10 @@ class OuroConfig:
             raise ValueError(
                 f"{name}: rotary embeddings need an even head_dim, got {self.head_size}"
             )
-        checks.choice(f"{name}.hidden_act", self.hidden_act, ("silu",))
-        checks.number(f"{name}.rms_norm_eps", self.rms_norm_eps, low=0.0, low_open=True)
-        checks.number(f"{name}.rope_theta", self.rope_theta, low=1.0, low_open=True)
-        checks.number(
-            f"{name}.attention_dropout", self.attention_dropout, low=0.0, high=1.0, high_open=True
-        )
+
+    def _validate_rope_scaling(self) -> None:
+        """Check ``rope_scaling`` of :meth:`validate`: only plain rotary embeddings."""
+        name = _NAME
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, Mapping):
             raise TypeError(
                 f"{name}.rope_scaling must be null or an object such as "
@@ -135,39 +157,33 @@ class OuroConfig:
                 "(only plain rotary embeddings, rope_scaling=null); loading it would give a "
                 "different model"
             )
-        checks.boolean(f"{name}.tie_word_embeddings", self.tie_word_embeddings)
+
+    def _validate_attention_kinds(self) -> None:
+        """Check the sliding-window keys and ``layer_types`` of :meth:`validate`."""
+        name = _NAME
         checks.boolean(f"{name}.use_sliding_window", self.use_sliding_window)
         if self.sliding_window is not None:
             checks.integer(f"{name}.sliding_window", self.sliding_window, low=1)
         checks.integer(f"{name}.max_window_layers", self.max_window_layers, low=0)
-        if self.layer_types is not None:
-            if (
-                not isinstance(self.layer_types, list)
-                or len(self.layer_types) != self.num_hidden_layers
-            ):
-                raise ValueError(
-                    f"{name}.layer_types must be a list of num_hidden_layers="
-                    f"{self.num_hidden_layers} entries, got {self.layer_types!r}"
-                )
-            for i, kind in enumerate(self.layer_types):
-                checks.choice(
-                    f"{name}.layer_types[{i}]", kind, ("full_attention", "sliding_attention")
-                )
-            if "sliding_attention" in self.layer_types and not (
-                self.use_sliding_window and self.sliding_window is not None
-            ):
-                raise ValueError(
-                    f"{name}.layer_types marks sliding-attention layers but use_sliding_window="
-                    f"{self.use_sliding_window} and sliding_window={self.sliding_window}: set both "
-                    "or mark every layer 'full_attention'"
-                )
-        if self.early_exit_threshold is not None:
-            checks.number(
-                f"{name}.early_exit_threshold", self.early_exit_threshold, low=0.0, high=1.0
+        if self.layer_types is None:
+            return
+        if (
+            not isinstance(self.layer_types, list)
+            or len(self.layer_types) != self.num_hidden_layers
+        ):
+            raise ValueError(
+                f"{name}.layer_types must be a list of num_hidden_layers="
+                f"{self.num_hidden_layers} entries, got {self.layer_types!r}"
             )
-        if self.early_exit_step is not None:
-            checks.integer(
-                f"{name}.early_exit_step", self.early_exit_step, low=0, high=self.total_ut_steps - 1
+        for i, kind in enumerate(self.layer_types):
+            checks.choice(f"{name}.layer_types[{i}]", kind, ("full_attention", "sliding_attention"))
+        if "sliding_attention" in self.layer_types and not (
+            self.use_sliding_window and self.sliding_window is not None
+        ):
+            raise ValueError(
+                f"{name}.layer_types marks sliding-attention layers but use_sliding_window="
+                f"{self.use_sliding_window} and sliding_window={self.sliding_window}: set both "
+                "or mark every layer 'full_attention'"
             )
 
     @property
