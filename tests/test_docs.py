@@ -65,7 +65,7 @@ def test_readme_is_a_front_door_that_ci_can_read() -> None:
     # .ci/run reads these two lines; they must not change.
     lines = text.splitlines()
     assert 'pip install torch==2.13.0 && pip install -e ".[all]"   # setup' in lines
-    assert "python -m pytest                                          # tests" in lines
+    assert "python -m pytest -n 2                                     # tests" in lines
     for page in DOC_FILES[1:]:
         assert f"docs/{page.name}" in text, f"the README does not link docs/{page.name}"
     for reference in (
