@@ -6,8 +6,7 @@ tuning modules pull in ``datasets`` and ``optuna`` only when they are used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from eqloop.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -40,14 +39,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'eqloop' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

@@ -24,8 +24,7 @@ Names are imported lazily, so that importing the package stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from eqloop.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "Predictor": "eqloop.evaluation.predictors",
@@ -71,14 +70,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'eqloop.evaluation' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -20,8 +20,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from eqloop.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "LoopedLM": "eqloop.models.looped",
@@ -53,14 +52,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'eqloop.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
