@@ -486,13 +486,10 @@ def warn_if_failed(result: SolveResult, stage: str, mode: str, tol: float) -> No
 
 # The packages whose frames a warning skips: eqloop (two levels up from eqloop/core/),
 # solvers and torch.
-_PACKAGE_DIRS = tuple(
-    os.path.dirname(os.path.abspath(path)) + os.sep
-    for path in (
-        os.path.dirname(os.path.dirname(__file__)) + os.sep + "__init__.py",
-        solvers.__file__,
-        torch.__file__,
-    )
+_PACKAGE_DIRS = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # eqloop/
+    os.path.dirname(os.path.abspath(solvers.__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
 )
 
 

@@ -38,8 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from eqloop.core import defaults
+from eqloop.core.stars import spectral_radius
 from eqloop.data.tokenizers import encode_prompts
 from eqloop.evaluation.dynamics import LoopRecord, loop_dynamics, masked_mean, token_kl
+from eqloop.evaluation.predictors import equilibrium
 from eqloop.evaluation.report import format_cell, format_table
 from eqloop.files import write_json_atomic
 from eqloop.models.base import PretrainedLoopedLM
@@ -397,9 +399,6 @@ def _equilibrium(
 ) -> dict[str, Any]:
     """The solve to equilibrium from z_0 (with ``stage``'s start), its ``rho(J(z*))`` and
     the KL from the last loop's state ``last`` (B, S, d) to it."""
-    from eqloop.core.stars import spectral_radius
-    from eqloop.evaluation.predictors import equilibrium
-
     predictor = equilibrium(
         model,
         solver,
