@@ -263,11 +263,11 @@ class FinetuneConfig(TrainingConfigMixin, ConfigBase):
         :meth:`eqloop.models.looped.LoopedLM.loop` takes it: ``eqloop.Truncated(backprop_loops)``
         (the last ``backprop_loops`` loops with a graph), or ``None`` (every loop).
         """
-        from eqloop.core.backward import Truncated, make_backward
+        from eqloop.core.backward import Truncated
 
         if self.solve is None:
             return None if self.backprop_loops is None else Truncated(self.backprop_loops)
-        return make_backward(self.backward, **self.backward_options)
+        return super().make_backward()
 
 
 def load_finetune_config(
