@@ -81,7 +81,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _loop_counts(text: str) -> list[int]:
+def loop_counts(text: str) -> list[int]:
     """``--loops 1,2,4`` -> [1, 2, 4]."""
     try:
         counts = [int(item) for item in text.split(",")]
@@ -134,7 +134,7 @@ def _add_eval(sub: Any) -> None:
     loops = p.add_argument_group("loops and equilibrium")
     loops.add_argument(
         "--loops",
-        type=_loop_counts,
+        type=loop_counts,
         help=f"comma-separated loop counts (default {','.join(map(str, _DEFAULT_LOOPS))}); "
         "with --pretrained one count N: diagnose loops 1..N (as --max-loops N)",
     )

@@ -11,9 +11,15 @@ per answer digit ``j`` (least significant first):
   over test problems). A model that adds digit by digit needs a head near 1.0 here in some
   loop; a uniform head over the prompt gives about ``2 / (prompt length)``.
 
+With ``--loops`` it also reads why a run that learned the task loses it at depth: per
+loop count, the teacher-forced accuracy of every answer digit and the share of its
+wrong predictions that are one off (``|predicted - true| = 1`` modulo 10, a carry in the
+wrong state) rather than another digit.
+
 Usage:
     python experiments/plateau/run.py runs/stars_scaling/baseline/seed4 runs/.../seed5 \
         --json experiments/plateau/results/plateau.json
+    python experiments/plateau/run.py runs/seeds10/stars/seed4 --loops 32,64,128 --problems 1000
 
 The runs must be LoopLMs trained on the ``addition`` task with zero-padded operands
 (TrainConfig's defaults), in either operand order (``reverse_operands``). Runs on one
@@ -35,6 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.common import format_table, machine_info, print_written, write_json_atomic
+from eqloop.cli import loop_counts
+from eqloop.data.tokenizers import CharTokenizer
 from eqloop.evaluation import make_test_set
 from eqloop.models.looplm.modeling import CausalSelfAttention
 from eqloop.training.checkpoint import load_model
@@ -127,13 +135,75 @@ def diagnose(run: str, problems: int = 256) -> dict[str, Any]:
     }
 
 
+def one_off_share(predicted: Tensor, target: Tensor) -> Tensor:
+    """Per digit, the share of wrong predictions that are one off from the true digit.
+
+    Args:
+        predicted: (N, D) predicted digit values 0-9 (another token counts as wrong, not
+            one off: pass -10 or any value more than one away).
+        target: (N, D) the true digit values.
+
+    Returns:
+        (D,) for each digit position, among the problems it is wrong on, the share with
+        ``(predicted - target) mod 10`` in {1, 9}; NaN for a position never wrong.
+    """
+    wrong = predicted != target
+    off = (predicted - target).remainder(10)
+    one_off = wrong & ((off == 1) | (off == 9))
+    return one_off.sum(0).double() / wrong.sum(0).double()
+
+
+def digit_errors(run: str, loops: Sequence[int], problems: int = 256) -> dict[str, Any]:
+    """Per loop count, each answer digit's accuracy and how its errors are off.
+
+    Args:
+        run: a run directory or checkpoint of an ``addition`` LoopLM.
+        loops: loop counts to read out at.
+        problems: test problems to average over.
+
+    Returns:
+        ``{"run", "digits": {loops: {"accuracy": [per digit], "one_off": [per digit]}}}``,
+        digits least significant first; ``one_off`` as :func:`one_off_share` (None for a
+        digit with no error).
+    """
+    model, checkpoint = load_model(run)
+    config = TrainConfig.from_dict(checkpoint.config)
+    if config.task != "addition":
+        raise ValueError(f"run {run!r} trained task {config.task!r}; {PROG} reads 'addition'")
+    data = make_test_set(config)
+    inputs, targets = data.inputs[:problems], data.targets[:problems, : config.digits]
+    prompt = data.prompts.shape[1]
+    zero = CharTokenizer().encode("0")[0]
+    out: dict[str, Any] = {"run": str(run), "digits": {}}
+    for t in loops:
+        with torch.no_grad():
+            logits = model(inputs, loops=t)[:, prompt - 1 : prompt - 1 + config.digits]
+        predicted, true = logits.argmax(-1) - zero, targets - zero
+        predicted = torch.where((predicted >= 0) & (predicted <= 9), predicted, -10)
+        shares = one_off_share(predicted, true)
+        out["digits"][str(t)] = {
+            "accuracy": [round(float(a), 3) for a in (predicted == true).double().mean(0)],
+            "one_off": [None if s.isnan() else round(float(s), 3) for s in shares],
+        }
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run directories (or checkpoints) to diagnose")
     p.add_argument("--problems", type=int, default=256, help="test problems to average over")
+    p.add_argument(
+        "--loops",
+        type=loop_counts,
+        default=None,
+        help="comma-separated loop counts: per-digit accuracy and one-off errors at each "
+        "(why a run that learned the task loses it at depth)",
+    )
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.loops:
+        return _print_depth_errors(args)
     results = [diagnose(run, args.problems) for run in args.runs]
     rows = []
     for r in results:
@@ -144,6 +214,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     loops = max(len(r["alignment"]) for r in results)
     columns = [("run", "run", "s"), ("digit", "digit", "d"), ("acc", "acc", ".3f")]
     columns += [(f"t{t}", f"align@{t}", ".2f") for t in range(1, loops + 1)]
+    print(format_table(rows, columns))
+    if args.json:
+        payload = {"machine": machine_info(), "command": " ".join(sys.argv), "results": results}
+        write_json_atomic(args.json, payload)
+        print_written(args.json)
+    return 0
+
+
+def _print_depth_errors(args: argparse.Namespace) -> int:
+    """``--loops``: the per-digit table at each loop count, and the JSON."""
+    results = [digit_errors(run, args.loops, args.problems) for run in args.runs]
+    rows = []
+    for r in results:
+        for t, entry in r["digits"].items():
+            for j, (acc, one_off) in enumerate(
+                zip(entry["accuracy"], entry["one_off"], strict=True)
+            ):
+                rows.append(
+                    {
+                        "run": Path(r["run"]).name,
+                        "loops": int(t),
+                        "digit": j,
+                        "acc": acc,
+                        "one_off": "-" if one_off is None else f"{one_off:.2f}",
+                    }
+                )
+    columns = [
+        ("run", "run", "s"),
+        ("loops", "loops", "d"),
+        ("digit", "digit", "d"),
+        ("acc", "acc", ".3f"),
+        ("one_off", "errors one off", "s"),
+    ]
     print(format_table(rows, columns))
     if args.json:
         payload = {"machine": machine_info(), "command": " ".join(sys.argv), "results": results}

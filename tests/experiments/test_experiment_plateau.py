@@ -12,7 +12,7 @@ from helpers import run_experiment
 from eqloop.models.looplm.modeling import CausalSelfAttention, LoopLMConfig, rotary_tables
 from eqloop.recipes.train import train
 from eqloop.training.config import TrainConfig
-from experiments.plateau.run import attention_probabilities, diagnose
+from experiments.plateau.run import attention_probabilities, diagnose, digit_errors, one_off_share
 
 
 @pytest.mark.parametrize("positions", ["learned", "rope"])
@@ -66,6 +66,27 @@ def test_diagnose_reports_every_digit_and_loop(tmp_path: Path) -> None:
     assert result["uniform"] == round(2 / 7, 3)  # prompt "ab+cd=" after BOS: 7 tokens
 
 
+def test_one_off_share_counts_carry_errors_among_the_wrong_digits() -> None:
+    target = torch.tensor([[3, 0, 5], [3, 9, 5], [3, 9, 5], [3, 2, 5]])
+    predicted = torch.tensor([[4, 9, 5], [2, 0, 5], [7, 9, 5], [-10, 2, 5]])
+    shares = one_off_share(predicted, target)
+    # digit 0: wrong 4 times, one off twice (4 vs 3, 2 vs 3); digit 1: 0 vs 9 and 9 vs 0
+    # wrap around modulo 10; digit 2 is never wrong.
+    assert shares[0] == 0.5
+    assert shares[1] == 1.0
+    assert shares[2].isnan()
+
+
+def test_digit_errors_agree_with_diagnose_at_the_training_depth(tmp_path: Path) -> None:
+    run = str(_run(tmp_path))
+    errors = digit_errors(run, [3, 5], problems=8)
+    assert list(errors["digits"]) == ["3", "5"]
+    assert errors["digits"]["3"]["accuracy"] == diagnose(run, problems=8)["digit_accuracy"]
+    for entry in errors["digits"].values():
+        for acc, one_off in zip(entry["accuracy"], entry["one_off"], strict=True):
+            assert (one_off is None) == (acc == 1.0)
+
+
 def test_diagnose_refuses_other_tasks(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="trained task 'multiplication'"):
         diagnose(str(_run(tmp_path, "multiplication")), problems=8)
@@ -79,3 +100,9 @@ def test_the_script_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "align@3" in proc.stdout
     assert json.loads(out.read_text())["results"][0]["digit_accuracy"]
+    proc = run_experiment("plateau", str(run), "--problems", "8", "--loops", "2,3")
+    assert proc.returncode == 0, proc.stderr
+    assert "errors one off" in proc.stdout
+    proc = run_experiment("plateau", str(run), "--loops", "two")
+    assert proc.returncode == 2
+    assert "expected comma-separated loop counts" in proc.stderr
