@@ -43,8 +43,8 @@ from torch import Tensor, nn
 from benchmarks.common import format_table, machine_info, print_written, write_json_atomic
 from eqloop.cli import loop_counts
 from eqloop.data.tokenizers import CharTokenizer
-from eqloop.evaluation import make_test_set
-from eqloop.models.looplm.modeling import CausalSelfAttention
+from eqloop.evaluation import EvalSet, make_test_set
+from eqloop.models.looplm.modeling import CausalSelfAttention, LoopLM
 from eqloop.training.checkpoint import load_model
 from eqloop.training.config import TrainConfig
 
@@ -71,6 +71,19 @@ def attention_probabilities(
     return scores.masked_fill(future, float("-inf")).softmax(-1)
 
 
+def load_addition_run(run: str) -> tuple[LoopLM, TrainConfig, EvalSet]:
+    """The final model of ``run``, its config and its test set.
+
+    Raises:
+        ValueError: the run did not train the ``addition`` task.
+    """
+    model, checkpoint = load_model(run)
+    config = TrainConfig.from_dict(checkpoint.config)
+    if config.task != "addition":
+        raise ValueError(f"run {run!r} trained task {config.task!r}; {PROG} reads 'addition'")
+    return model, config, make_test_set(config)
+
+
 def diagnose(run: str, problems: int = 256) -> dict[str, Any]:
     """Per-answer-digit accuracy and attention alignment of one run's final checkpoint.
 
@@ -85,11 +98,7 @@ def diagnose(run: str, problems: int = 256) -> dict[str, Any]:
     Raises:
         ValueError: the run is not an addition run with zero-padded, equal-length rows.
     """
-    model, checkpoint = load_model(run)
-    config = TrainConfig.from_dict(checkpoint.config)
-    if config.task != "addition":
-        raise ValueError(f"run {run!r} trained task {config.task!r}; {PROG} reads 'addition'")
-    data = make_test_set(config)
+    model, config, data = load_addition_run(run)
     inputs, targets = data.inputs[:problems], data.targets[:problems]
     prompt = data.prompts.shape[1]
     digits = config.digits
@@ -166,11 +175,7 @@ def digit_errors(run: str, loops: Sequence[int], problems: int = 256) -> dict[st
         digits least significant first; ``one_off`` as :func:`one_off_share` (None for a
         digit with no error).
     """
-    model, checkpoint = load_model(run)
-    config = TrainConfig.from_dict(checkpoint.config)
-    if config.task != "addition":
-        raise ValueError(f"run {run!r} trained task {config.task!r}; {PROG} reads 'addition'")
-    data = make_test_set(config)
+    model, config, data = load_addition_run(run)
     inputs, targets = data.inputs[:problems], data.targets[:problems, : config.digits]
     prompt = data.prompts.shape[1]
     zero = CharTokenizer().encode("0")[0]
@@ -203,8 +208,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.loops:
-        return _print_depth_errors(args)
-    results = [diagnose(run, args.problems) for run in args.runs]
+        results = [digit_errors(run, args.loops, args.problems) for run in args.runs]
+        rows, columns = depth_error_table(results)
+    else:
+        results = [diagnose(run, args.problems) for run in args.runs]
+        rows, columns = alignment_table(results)
+    print(format_table(rows, columns))
+    if args.json:
+        payload = {"machine": machine_info(), "command": " ".join(sys.argv), "results": results}
+        write_json_atomic(args.json, payload)
+        print_written(args.json)
+    return 0
+
+
+def alignment_table(results: Sequence[dict[str, Any]]) -> tuple[list[dict], list[tuple]]:
+    """Rows and columns of :func:`diagnose`'s table: a row per (run, digit)."""
     rows = []
     for r in results:
         for j, acc in enumerate(r["digit_accuracy"]):
@@ -214,17 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     loops = max(len(r["alignment"]) for r in results)
     columns = [("run", "run", "s"), ("digit", "digit", "d"), ("acc", "acc", ".3f")]
     columns += [(f"t{t}", f"align@{t}", ".2f") for t in range(1, loops + 1)]
-    print(format_table(rows, columns))
-    if args.json:
-        payload = {"machine": machine_info(), "command": " ".join(sys.argv), "results": results}
-        write_json_atomic(args.json, payload)
-        print_written(args.json)
-    return 0
+    return rows, columns
 
 
-def _print_depth_errors(args: argparse.Namespace) -> int:
-    """``--loops``: the per-digit table at each loop count, and the JSON."""
-    results = [digit_errors(run, args.loops, args.problems) for run in args.runs]
+def depth_error_table(results: Sequence[dict[str, Any]]) -> tuple[list[dict], list[tuple]]:
+    """Rows and columns of :func:`digit_errors`' table: a row per (run, loops, digit)."""
     rows = []
     for r in results:
         for t, entry in r["digits"].items():
@@ -247,12 +259,7 @@ def _print_depth_errors(args: argparse.Namespace) -> int:
         ("acc", "acc", ".3f"),
         ("one_off", "errors one off", "s"),
     ]
-    print(format_table(rows, columns))
-    if args.json:
-        payload = {"machine": machine_info(), "command": " ".join(sys.argv), "results": results}
-        write_json_atomic(args.json, payload)
-        print_written(args.json)
-    return 0
+    return rows, columns
 
 
 if __name__ == "__main__":
