@@ -15,6 +15,7 @@ _EXPORTS: dict[str, str] = {
     "LoopLM": "eqloop.models.looplm.modeling",
     "LoopLMConfig": "eqloop.models.looplm.modeling",
     "LoopedLM": "eqloop.models.looped",
+    "random_start": "eqloop.models.looped",
     "compile_model": "eqloop.core.compiling",
     # differentiable fixed points and their backward modes
     "fixed_point": "eqloop.core.implicit",

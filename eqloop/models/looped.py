@@ -43,7 +43,7 @@ from eqloop.core.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_STOP_MODE, EQ
 from eqloop.core.implicit import fixed_point
 from solvers import FixedPointIteration, Solver, SolveResult, checks
 
-__all__ = ["CoreMap", "LoopInfo", "LoopedLM", "all_true"]
+__all__ = ["CoreMap", "LoopInfo", "LoopedLM", "all_true", "random_start"]
 
 
 def all_true(ok: Tensor, message: str) -> bool:
@@ -59,6 +59,44 @@ def all_true(ok: Tensor, message: str) -> bool:
         torch._assert_async(ok.all(), message)
         return True
     return bool(ok.all())
+
+
+def random_start(
+    f: Callable[[Tensor], Tensor],
+    z0: Tensor,
+    generator: torch.Generator | None = None,
+    share: float = 1.0,
+) -> Tensor:
+    """A random state at the scale of the loop's states, for a share of the sequences.
+
+    The state is Gaussian with the per-token RMS of one loop from z0, ``g * rms(f(z0))``
+    (``g`` standard normal, ``rms`` over the features of each token, computed without a
+    graph): a start far from z0 but on the scale the map works at. A map whose fixed point
+    is a function of its input reaches the same z*(x) from it; training on such starts
+    (``TrainConfig.random_start``) asks the map for that (path independence, Anil et al.,
+    NeurIPS 2022).
+
+    Args:
+        f: the batch's core map, (B, S, d) -> (B, S, d).
+        z0: (B, S, d) the loop's initial state.
+        generator: seeds the draws (on z0's device); the global RNG if None.
+        share: probability, per sequence, of a random start; the others keep z0.
+
+    Returns:
+        (B, S, d) the start: the random state where drawn, z0 elsewhere.
+
+    Raises:
+        ValueError: ``share`` outside [0, 1].
+    """
+    share = checks.number("share", share, low=0.0, high=1.0)
+    with torch.no_grad():
+        z1 = f(z0)
+    rms = z1.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    if share == 1.0:
+        return noise * rms
+    drawn = torch.rand(z0.shape[0], generator=generator, device=z0.device) < share
+    return torch.where(drawn[:, None, None], noise * rms, z0)
 
 
 def _tracked_loops(loops: int, backward: str | Backward | None) -> int:
@@ -377,6 +415,7 @@ class LoopedLM(nn.Module, abc.ABC):
         max_iter: int | None = None,
         stop_mode: str | None = None,
         start_loops: int | None = None,
+        start: Callable[[CoreMap, Tensor], Tensor] | None = None,
         exit_threshold: float | None = None,
         return_info: bool = False,
         **options: Any,
@@ -404,6 +443,9 @@ class LoopedLM(nn.Module, abc.ABC):
                 default 0. Without input injection the core does not see the input, so
                 the start selects which fixed point the solver finds: a few loops put
                 it in the basin of the loop's own limit.
+            start: ``(f, z0) -> z`` replaces the model's initial state by ``z`` (B, S, d)
+                before the loops or the solve, e.g. ``functools.partial(random_start,
+                share=0.5)``; None keeps z0.
             exit_threshold: unrolled mode only; per-sequence early exit (see
                 :meth:`loop`); ``info.loops_used`` has the counts.
             return_info: also return a :class:`LoopInfo`.
@@ -437,6 +479,7 @@ class LoopedLM(nn.Module, abc.ABC):
             if exit_threshold is not None:
                 exit_threshold = checks.number("exit_threshold", exit_threshold, low=0.0)
             x, f, z0 = self._prepare(tokens, stage, tokens_only=True)
+            z0 = self._start(start, f, z0)
             result = self.loop(f, z0, loops, exit_threshold=exit_threshold, backward=backward)
             if result is None:
                 z, loops_used = z0, torch.zeros(z0.shape[0], dtype=torch.long, device=z0.device)
@@ -454,6 +497,7 @@ class LoopedLM(nn.Module, abc.ABC):
                 0 if start_loops is None else checks.integer("start_loops", start_loops, low=0)
             )
             x, f, z0 = self._prepare(tokens, stage, tokens_only=True)
+            z0 = self._start(start, f, z0)
             if start_loops:
                 z0 = self.loop(f, z0, start_loops).z
             z, solve_info = fixed_point(
@@ -474,6 +518,26 @@ class LoopedLM(nn.Module, abc.ABC):
         return logits
 
     # -- argument checks -----------------------------------------------------------------
+
+    def _start(
+        self, start: Callable[[CoreMap, Tensor], Tensor] | None, f: CoreMap, z0: Tensor
+    ) -> Tensor:
+        """The state the loop starts from: ``start(f, z0)``, checked, or z0 itself."""
+        if start is None:
+            return z0
+        if not callable(start):
+            raise TypeError(
+                f"start must be a function (f, z0) -> z such as eqloop.random_start, got "
+                f"{type(start).__name__}"
+            )
+        z = start(f, z0)
+        if not isinstance(z, Tensor) or z.shape != z0.shape or z.dtype != z0.dtype:
+            raise ValueError(
+                f"start(f, z0) must return a tensor shaped and typed like z0 "
+                f"{tuple(z0.shape)} {z0.dtype}, got "
+                + (f"{tuple(z.shape)} {z.dtype}" if isinstance(z, Tensor) else type(z).__name__)
+            )
+        return z
 
     @staticmethod
     def check_tokens(tokens: Tensor, vocab_size: int, max_seq_len: int | None = None) -> None:

@@ -84,6 +84,7 @@ checkpoint (and a torn last line left by a crash, with a warning).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -108,6 +109,7 @@ from eqloop.core.defaults import (
 from eqloop.core.stars import PenaltySchedule, jsrr_penalty, spectral_radius
 from eqloop.data import IGNORE_INDEX, CharTokenizer, to_tensors
 from eqloop.evaluation import EvalSet, evaluate_model, make_test_set
+from eqloop.models.looped import random_start
 from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
 from eqloop.training import run_dir
 from eqloop.training.checkpoint import (
@@ -181,7 +183,11 @@ def make_train_tensors(config: TrainConfig) -> tuple[Tensor, Tensor]:
 
 
 def _forward(
-    net: nn.Module, inputs: Tensor, loops: int | None, config: TrainConfig
+    net: nn.Module,
+    inputs: Tensor,
+    loops: int | None,
+    config: TrainConfig,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Any]:
     """Logits (B, S, V) and the LoopInfo of one training forward.
 
@@ -194,17 +200,24 @@ def _forward(
     ``solve.solver`` from z0 after ``solve.start_loops`` loops, converged sequences
     leaving the working batch (``compact=True``), and the backward mode (``ift`` or
     ``phantom``) takes its gradient at the point the solver returned.
+
+    With ``config.random_start``, that share of the sequences starts from
+    :func:`eqloop.random_start` (drawn with ``generator``) instead of z0.
     """
+    start = None
+    if config.random_start:
+        start = functools.partial(random_start, generator=generator, share=config.random_start)
     if config.solve is not None:
-        return solve_forward(net, inputs, config.solve, config.make_backward())
+        return solve_forward(net, inputs, config.solve, config.make_backward(), start=start)
     if config.backward == "unroll":
-        return net(inputs, loops=loops, return_info=True)
+        return net(inputs, loops=loops, start=start, return_info=True)
     return net(
         inputs,
         solver="fixed_point",
         max_iter=loops,
         tol=0.0,
         backward=config.make_backward(),
+        start=start,
         return_info=True,
     )
 
@@ -296,7 +309,7 @@ def train_step(
         # fixed depth, compiled: forward, CE and the jvp penalty as one graph per count
         loss, ce, penalty, rho = whole(inputs, targets, loops, penalty_on, generator)
     else:
-        logits, info = _forward(net, inputs, loops, config)
+        logits, info = _forward(net, inputs, loops, config, generator)
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         loss, penalty, rho = ce, None, None
         if penalty_on:
@@ -533,7 +546,7 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
 
     def one_step(step: int) -> tuple[dict[str, Any], int | None, float]:
         """Optimisation step ``step`` on this rank's rows of its global batch."""
-        generator = env.seed_step(config.seed, step)  # dropout, penalty vectors
+        generator = env.seed_step(config.seed, step)  # penalty vectors, random starts
         rows = batch_rows(step, len(train_x), config.batch_size, config.seed)
         rows = rows[env.rank :: env.world].to(env.device)
         # Training at the fixed point runs no sampled depth: the sampler is not drawn.

@@ -259,6 +259,10 @@ class TrainConfig(TrainingConfigMixin, ConfigBase, type_names=_model_type_names)
     # settings (the depth sampler is then not drawn) and backward ("ift" or "phantom")
     # takes the gradient there. None: run the sampled loop count (the paper).
     solve: SolveConfig | None = None
+    # Share of each batch's sequences whose loop starts from a random state
+    # (eqloop.random_start: Gaussian at the per-token RMS of one loop) instead of z0, so the
+    # map learns to reach the same fixed point from any start (needs input injection).
+    random_start: float = 0.0
     # -- STARS penalty -------------------------------------------------------------------
     lam: float = 0.1  # loss = (1 - lam) * CE + lam * JSRR once the penalty is on; in [0, 1]
     # First step with the penalty: a fraction of ``steps`` in (0, 1) (paper: after 20% of
@@ -338,6 +342,13 @@ class TrainConfig(TrainingConfigMixin, ConfigBase, type_names=_model_type_names)
         checks.number("weight_decay", self.weight_decay, low=0)
         checks.number("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
         checks.number("grad_clip", self.grad_clip, low=0)
+        checks.number("random_start", self.random_start, low=0, high=1)
+        if self.random_start and self.model.injection == "none":
+            raise ValueError(
+                "random_start > 0 needs input injection (model.injection 'add' or 'concat'): "
+                "with injection='none' the input reaches the loop only through z0, which a "
+                "random start replaces"
+            )
         if self.penalty_target is not None:
             checks.number("penalty_target", self.penalty_target, low=0)
         checks.choice("penalty_at", self.penalty_at, PENALTY_POINTS)

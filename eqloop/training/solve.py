@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,7 +26,7 @@ from eqloop.core.backward import ConvergenceWarning
 
 if TYPE_CHECKING:
     from eqloop.core.backward import Backward
-    from eqloop.models.looped import LoopInfo
+    from eqloop.models.looped import CoreMap, LoopInfo
     from eqloop.training.config import SolveConfig
 
 __all__ = [
@@ -39,7 +39,11 @@ __all__ = [
 
 
 def solve_forward(
-    net: nn.Module, inputs: Tensor, solve: SolveConfig, backward: Backward
+    net: nn.Module,
+    inputs: Tensor,
+    solve: SolveConfig,
+    backward: Backward,
+    start: Callable[[CoreMap, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, LoopInfo]:
     """Logits at the fixed point of the loop, and the forward's LoopInfo.
 
@@ -53,6 +57,8 @@ def solve_forward(
         inputs: (B, S) token ids.
         solve: the solve's settings.
         backward: the backward mode (``IFT`` or ``Phantom``).
+        start: ``(f, z0) -> z``, the state the solve starts from instead of z0 (see
+            ``LoopedLM.forward``); None keeps z0.
 
     Returns:
         ``(logits, info)``: logits (B, S, V) and the LoopInfo, whose ``z`` is the (B, S, d)
@@ -66,6 +72,7 @@ def solve_forward(
         max_iter=solve.max_iter,
         stop_mode=solve.stop_mode,
         start_loops=solve.start_loops,
+        start=start,
         backward=backward,
         return_info=True,
         compact=True,

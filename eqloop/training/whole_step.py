@@ -99,7 +99,8 @@ class WholeStep:
         """The whole loss of a run, or None when its steps do not fit one.
 
         A run fits when it trains at a fixed depth (``depth`` of kind ``"fixed"``), through
-        the unrolled loops (``backward="unroll"``, no ``solve``), with the penalty (if any)
+        the unrolled loops from z0 (``backward="unroll"``, no ``solve``, no
+        ``random_start``), with the penalty (if any)
         at the trajectory's end from a random vector (``penalty_at="trajectory"``,
         ``penalty_arnoldi=0``). Steps with the paper's vjp penalty stay on the ordinary
         path (``penalty=False``); random depth keeps :func:`compile_model`'s per-loop step,
@@ -112,6 +113,7 @@ class WholeStep:
         fits = (
             config.depth.get("kind") == "fixed"
             and config.solve is None
+            and not config.random_start
             and config.backward == "unroll"
             and config.penalty_at == "trajectory"
             and not config.penalty_arnoldi

@@ -91,6 +91,7 @@ from eqloop.evaluation import (
     unrolled,
 )
 from eqloop.files import write_figure_atomic, write_json_atomic
+from eqloop.models.looped import random_start
 from eqloop.models.looplm.modeling import LoopLM
 from eqloop.plotting import pyplot, style_axis
 from eqloop.recipes.train import batch_rows, make_train_tensors, train_step
@@ -124,24 +125,6 @@ MiB = 2.0**20
 
 
 # --------------------------------------------------------------------------- equilibria
-
-
-def random_start(f: Callable[[Tensor], Tensor], z0: Tensor, generator: torch.Generator) -> Tensor:
-    """A Gaussian state with the per-token RMS of the state after one loop.
-
-    Args:
-        f: the batch's core map, (B, S, d) -> (B, S, d).
-        z0: (B, S, d) the loop's initial state.
-        generator: seeds the draw (on z0's device).
-
-    Returns:
-        (B, S, d) ``g * rms(f(z0))``: ``g`` standard normal, ``rms`` over the features of
-        each token.
-    """
-    z1 = f(z0)
-    rms = z1.pow(2).mean(dim=-1, keepdim=True).sqrt()
-    noise = torch.randn(z1.shape, generator=generator, device=z1.device, dtype=z1.dtype)
-    return noise * rms
 
 
 def solve_predictor(

@@ -20,7 +20,7 @@ import eqloop.models.looplm.modeling
 import solvers
 from eqloop.core.backward import IFT, ConvergenceWarning, Phantom, Truncated
 from eqloop.core.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_STOP_MODE, EQUILIBRIUM_TOL
-from eqloop.models.looped import CoreMap, LoopedLM, LoopInfo
+from eqloop.models.looped import CoreMap, LoopedLM, LoopInfo, random_start
 from eqloop.models.looplm.modeling import (
     INIT_STATES,
     INJECTIONS,
@@ -326,6 +326,47 @@ def test_loop_counts_and_stages_compose() -> None:
     torch.testing.assert_close(info.z, states[-1])
     torch.testing.assert_close(info.x, x)
     assert info.loops_used.tolist() == [4, 4, 4]
+
+
+def test_random_start_has_the_per_token_scale_of_one_loop() -> None:
+    z0 = torch.randn(2, 3, 4096)
+    scale = torch.tensor([1.0, 2.0, 5.0]).view(1, 3, 1)
+
+    def f(z: Tensor) -> Tensor:
+        return scale * z / z.pow(2).mean(-1, keepdim=True).sqrt()  # per-token RMS 1, 2, 5
+
+    z = random_start(f, z0, torch.Generator().manual_seed(0))
+    rms = z.pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, scale.view(1, 3).expand(2, 3), rtol=0.05, atol=0)
+    again = random_start(f, z0, torch.Generator().manual_seed(0))
+    assert torch.equal(z, again) and not torch.allclose(z, f(z0), atol=0.5)
+
+
+def test_random_start_share_draws_per_sequence() -> None:
+    z0 = torch.randn(400, 2, 8)
+    f = torch.tanh
+    assert torch.equal(random_start(f, z0, share=0.0), z0)
+    z = random_start(f, z0, torch.Generator().manual_seed(1), share=0.25)
+    kept = (z == z0).flatten(1).all(dim=1)
+    assert (z != z0).flatten(1).all(dim=1).eq(~kept).all()  # whole sequences, not tokens
+    assert 0.18 < 1 - kept.float().mean().item() < 0.32  # about a quarter drawn
+    with pytest.raises(ValueError, match="share"):
+        random_start(f, z0, share=1.5)
+
+
+def test_forward_start_replaces_the_initial_state() -> None:
+    torch.manual_seed(0)
+    model = LoopLM(tiny_model_config(injection="add")).double().eval()
+    tokens = tokens_for()
+    one_loop = lambda f, z0: f(z0)  # noqa: E731 - a start one loop on
+    torch.testing.assert_close(model(tokens, loops=2, start=one_loop), model(tokens, loops=3))
+    options = dict(start_loops=1, max_iter=3, tol=0.0, output="last")
+    solved = model(tokens, solver="fixed_point", start=one_loop, **options)
+    torch.testing.assert_close(solved, model(tokens, loops=5))  # 1 + 1 + 3 evaluations
+    with pytest.raises(TypeError, match="start must be a function"):
+        model(tokens, loops=2, start=3)
+    with pytest.raises(ValueError, match=r"start\(f, z0\) must return a tensor shaped"):
+        model(tokens, loops=2, start=lambda f, z0: z0[:1])
 
 
 def test_loops_run_through_the_driver_and_equal_a_hand_loop() -> None:

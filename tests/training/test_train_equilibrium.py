@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import read_jsonl, same_weights, tiny_train_config
+from helpers import TINY_TRAIN_MODEL, read_jsonl, same_weights, tiny_train_config
 
 from eqloop.core.backward import ConvergenceWarning
 from eqloop.recipes.train import train
@@ -148,6 +148,27 @@ def test_solve_config_from_overrides() -> None:
     assert TrainConfig().solve is None  # default: the sampled loops of the paper
 
 
+def test_random_start_trains_from_other_states(tmp_path: Path, data_cache: Path) -> None:
+    def run(name: str, share: float, **overrides: Any) -> Path:
+        config = tiny_train_config(
+            tmp_path / name, data_cache, steps=2, eval_every=0, random_start=share, **overrides
+        )
+        train(config)
+        return Path(config.out_dir)
+
+    plain, drawn = run("plain", 0.0), run("drawn", 1.0)
+    assert not same_weights(plain, drawn)  # the starts reach the gradient
+    assert same_weights(drawn, run("again", 1.0))  # and are seeded by (seed, step)
+    at_equilibrium = run("solve", 1.0, backward="phantom", solve=SOLVE, lam=0.0)
+    assert all(0.0 <= r["fwd_converged"] <= 1.0 for r in step_rows(str(at_equilibrium)))
+    with pytest.raises(ValueError, match="random_start > 0 needs input injection"):
+        tiny_train_config(
+            tmp_path, data_cache, random_start=0.5, model={**TINY_TRAIN_MODEL, "injection": "none"}
+        )
+    with pytest.raises(ValueError, match="random_start"):
+        tiny_train_config(tmp_path, data_cache, random_start=1.5)
+
+
 def test_resume_with_solve_config_is_bit_identical(tmp_path: Path, data_cache: Path) -> None:
     config = tiny_train_config(
         tmp_path / "a",
@@ -160,6 +181,7 @@ def test_resume_with_solve_config_is_bit_identical(tmp_path: Path, data_cache: P
         lam=0.1,
         penalty_start=1,
         penalty_at="fixed_point",
+        random_start=0.5,
     )
     train(config)
     interrupted = dataclasses.replace(config, out_dir=str(tmp_path / "b"))
