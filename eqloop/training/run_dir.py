@@ -109,6 +109,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         where = f"checkpoint {checkpoint}" if checkpoint is not None else "a checkpoint"
         super().__init__(f"{signal.Signals(signum).name} at step {step}; saved {where}")
 
+    def __reduce__(self) -> tuple[type, tuple[int, Path | None, int]]:
+        # Rebuilt from its fields, so it crosses process boundaries (a worker's result).
+        return type(self), (self.step, self.checkpoint, self.signum)
+
 
 class NonFiniteLoss(ValueError):
     """A training step produced a non-finite loss or gradient norm; the run stopped.
@@ -118,11 +122,12 @@ class NonFiniteLoss(ValueError):
 
     Attributes:
         step: the step (1-based, as in ``metrics.jsonl``) whose statistics are not finite.
+        values: the statistics that were not finite, by name.
         checkpoint: the run's newest checkpoint, or None if none was written yet.
     """
 
     def __init__(self, step: int, values: Mapping[str, float], checkpoint: Path | None) -> None:
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.values, self.checkpoint = step, dict(values), checkpoint
         shown = ", ".join(f"{k} {v}" for k, v in values.items())
         kept = (
             f"the last finite checkpoint is {checkpoint}"
@@ -133,6 +138,9 @@ class NonFiniteLoss(ValueError):
             f"training diverged at step {step} ({shown}); stopped without saving that step, "
             f"{kept}; lower lr or lam, or raise warmup_steps, and start again"
         )
+
+    def __reduce__(self) -> tuple[type, tuple[int, dict[str, float], Path | None]]:
+        return type(self), (self.step, self.values, self.checkpoint)
 
 
 def check_finite(stats: Mapping[str, Any], step: int, out_dir: str | os.PathLike[str]) -> None:

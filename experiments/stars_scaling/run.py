@@ -76,13 +76,15 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import shutil
+import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -589,24 +591,73 @@ def _run_jobs(
         return done
     waiting = list(pairs)
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        running: dict[concurrent.futures.Future, tuple[str, int]] = {}
-        while True:
-            ready = [p for p in waiting if waits_for(p) is None or waits_for(p) in done]
-            for v, s in ready[: args.jobs - len(running)]:  # the pool queues nothing itself
-                waiting.remove((v, s))
-                running[pool.submit(job, v, s, args)] = (v, s)
-            if not running:
-                return done
-            finished, _ = concurrent.futures.wait(
-                running, return_when=concurrent.futures.FIRST_COMPLETED
-            )
-            for future in finished:
-                v, s = running.pop(future)
-                if future.exception() is not None:
-                    raise future.exception()
-                done[v, s] = future.result()
-                print(f"done {job.__name__} {v} seed {s}", flush=True)
+    running: dict[concurrent.futures.Future, tuple[str, int]] = {}
+    with (
+        concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool,
+        _signals_raise_stopped(),
+    ):
+        try:
+            while True:
+                ready = [p for p in waiting if waits_for(p) is None or waits_for(p) in done]
+                for v, s in ready[: args.jobs - len(running)]:  # the pool queues nothing
+                    waiting.remove((v, s))
+                    running[pool.submit(job, v, s, args)] = (v, s)
+                if not running:
+                    return done
+                finished, _ = concurrent.futures.wait(
+                    running, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                for future in finished:
+                    v, s = running.pop(future)
+                    if future.exception() is not None:
+                        raise future.exception()
+                    done[v, s] = future.result()
+                    print(f"done {job.__name__} {v} seed {s}", flush=True)
+        except _Stopped as stopped:
+            _stop_workers(running)
+            raise SystemExit(
+                f"{stopped}: stopped {len(running)} running job(s) (a training run saves the "
+                "step it is at); the same command resumes"
+            ) from None
+
+
+WORKER_GRACE = 120.0  # seconds a worker gets to save its run after SIGTERM, then SIGKILL
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM reached the process that runs the jobs."""
+
+
+@contextlib.contextmanager
+def _signals_raise_stopped() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`_Stopped` in the main thread (handlers restored)."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _stop_workers(running: dict[concurrent.futures.Future, Any]) -> None:
+    """End the pool's workers before the parent exits (else they train on, unseen).
+
+    Every worker gets SIGTERM, on which a training run saves the step it is at and stops
+    (eqloop's training loop); the running jobs get ``WORKER_GRACE`` seconds to end, then
+    the workers still running one are killed. (No new job starts: the pool holds only
+    the jobs it runs.)
+    """
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        worker.terminate()
+    concurrent.futures.wait(running, timeout=WORKER_GRACE)
+    for worker in workers:
+        if worker.is_alive() and not all(f.done() for f in running):
+            worker.kill()
 
 
 # ------------------------------------------------------------------------------ tables

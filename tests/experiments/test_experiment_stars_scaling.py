@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import run_experiment
+from helpers import ROOT, run_experiment
 
 from experiments.stars_scaling.run import (
     FINETUNE,
@@ -235,3 +239,29 @@ def test_overwrite_retrains_a_run_of_another_recipe(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr
     saved = json.loads((out / "baseline" / "seed0" / "config.json").read_text())
     assert saved["lr"] == 0.01
+
+
+@pytest.mark.slow  # ~30 s: two 2-digit baselines started, then stopped
+def test_sigterm_ends_the_workers_which_save_their_runs(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    script = [sys.executable, "experiments/stars_scaling/run.py", "--variants", "baseline"]
+    options = ["--seeds", "0,1", "--jobs", "2", "--out-dir", str(out), "--no-progress"]
+    recipe = ["digits=2", "n_train=512", "n_test=32", "batch_size=32", "log_every=1"]
+    sets = [part for value in recipe for part in ("--set", value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen(
+        [*script, *options, *sets], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
+    metrics = [out / "baseline" / f"seed{s}" / "metrics.jsonl" for s in (0, 1)]
+    deadline = time.monotonic() + 240
+    while not all(m.is_file() and '"step"' in m.read_text() for m in metrics):
+        assert parent.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.5)
+    parent.send_signal(signal.SIGTERM)
+    _, stderr = parent.communicate(timeout=180)
+    assert parent.returncode != 0 and "SIGTERM: stopped 2 running job(s)" in stderr
+    sizes = [m.stat().st_size for m in metrics]
+    time.sleep(3)
+    assert [m.stat().st_size for m in metrics] == sizes  # no worker trains on unseen
+    for m in metrics:  # each run saved the step it was stopped at
+        assert list((m.parent / "checkpoints").glob("step_*")), m.parent

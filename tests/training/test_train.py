@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import stat
@@ -372,6 +373,13 @@ def test_a_signal_checkpoints_the_step_and_resume_is_exact(
     assert isinstance(stop.value, KeyboardInterrupt)
     assert (stop.value.step, stop.value.signum) == (4, sig)
     assert stop.value.checkpoint == Path(interrupted.out_dir) / "checkpoints" / "step_00000004"
+    # A worker process hands it to its parent pickled (experiments' --jobs).
+    again = pickle.loads(pickle.dumps(stop.value))
+    assert (type(again), str(again), again.checkpoint) == (
+        TrainingInterrupted,
+        str(stop.value),
+        stop.value.checkpoint,
+    )
     assert load_checkpoint(interrupted.out_dir).step == 4
     resumed = train(dataclasses.replace(interrupted, resume=True))
     assert resumed["step"] == 8 and resumed["eval"]["accuracy"] == reference["eval"]["accuracy"]
@@ -406,6 +414,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(
     ckpt = load_checkpoint(config.out_dir)
     assert stop.value.step == 2 and ckpt.step == 1 and stop.value.checkpoint == ckpt.path
     assert f"the last finite checkpoint is {ckpt.path}" in str(stop.value)
+    again = pickle.loads(pickle.dumps(stop.value))
+    assert (type(again), str(again), again.step) == (NonFiniteLoss, str(stop.value), 2)
     assert all(torch.isfinite(w).all() for w in ckpt.weights.values())
     assert sorted(p.name for p in ckpt.path.parent.iterdir()) == ["latest", "step_00000001"]
 
