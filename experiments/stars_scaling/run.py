@@ -40,6 +40,10 @@ Variants (``--variants`` takes names or the group names in brackets):
                on stars_add (stars_add_arnoldi)
   [fixed_point] stars with the penalty at the solver's fixed point (a solve every step:
                about 8x the cost of a stars step)
+  [path]       input injection and random starts: the loop is trained from z0 and, for
+               half the sequences, from a random state (TrainConfig.random_start), so
+               every start reaches the same fixed point z*(x) (path independence)
+    stars_path             stars_add's recipe, warm from baseline_add, random starts
   [equilibrium] trained AT the fixed point (TrainConfig.solve, recipe in :data:`DEQ`):
                input injection, warm from stars_add, every step solves the core with
                Anderson and takes the gradient there, penalty at z*
@@ -156,6 +160,9 @@ FINETUNE = {"lr": 1e-3, "warmup_steps": 50}  # a run that starts warm (before --
 FIXED = {"depth": {"kind": "fixed", "t": 4}, "lam": 0.0}
 RANDOM = {"depth": {"kind": "lognormal", "mu": 2.0, "sigma": 0.7, "lo": 1, "hi": 100}}
 PENALTY = {"lam": 0.1}
+# Half of each batch's sequences start the loop from a random state at the states' scale
+# (eqloop.random_start) instead of z0: the loop then reaches the same z*(x) from any start.
+PATH = {"random_start": 0.5}
 # Training at the fixed point (the "equilibrium" group): edit here to retune both
 # variants; each adds only its "backward". Input injection makes z*(x) a function of the
 # input, the forward solve replaces the sampled depth (depth is then not drawn). They
@@ -237,6 +244,13 @@ def _variants() -> dict[str, Variant]:
         Variant("baseline_add", "injection", "baseline with input injection", {**FIXED, **add}),
         Variant(
             "stars_add", "injection", "STARS with input injection", {**stars, **add}, "baseline_add"
+        ),
+        Variant(
+            "stars_path",
+            "path",
+            "STARS with input injection, half the sequences from a random start",
+            {**stars, **add, **PATH},
+            "baseline_add",
         ),
         Variant(
             "stars_pre", "internal", "STARS on a pre-norm block", {**stars, **pre}, "baseline_pre"
@@ -336,6 +350,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
             "internal",
             "options",
             "fixed_point",
+            "path",
             "equilibrium",
         )
     },
