@@ -46,7 +46,10 @@ at the end (PASS/MISS with the numbers); with fewer than 10 seeds the "9 of 10 s
 targets become "90% of the seeds".
 
 Variants are stars_scaling's (``--variants`` takes names or its groups, e.g.
-``equilibrium``); the fixed-point recipe is its ``DEQ`` dict. The runs are shared with
+``equilibrium``); the default: ``stars`` (the paper's recipe), ``stars_path`` (input
+injection, trained unrolled from z0 and from random starts) and the two trained at the
+fixed point from it, ``deq_ift`` and ``deq_phantom`` (the recipe is stars_scaling's
+``DEQ`` dict). The runs are shared with
 experiments/stars_scaling/run.py: same default ``--out-dir`` (runs/stars_scaling, with ``--quick``
 runs/stars_scaling_quick), so a stars run trained there is reused here and vice versa.
 
@@ -119,7 +122,7 @@ PROG = "experiments/equilibrium/run.py"  # the script in usage and error lines
 
 REFERENCE = "stars"  # the unrolled recipe every step time is compared with
 STARTS = ("z0", "random")
-DEFAULT_VARIANTS = "stars,deq_ift,deq_phantom"
+DEFAULT_VARIANTS = "stars,stars_path,deq_ift,deq_phantom"
 CACHE = "equilibrium.json"  # the cached evaluation in each run directory
 MiB = 2.0**20
 

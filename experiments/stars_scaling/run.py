@@ -45,8 +45,8 @@ Variants (``--variants`` takes names or the group names in brackets):
                every start reaches the same fixed point z*(x) (path independence)
     stars_path             stars_add's recipe, warm from baseline_add, random starts
   [equilibrium] trained AT the fixed point (TrainConfig.solve, recipe in :data:`DEQ`):
-               input injection, warm from stars_add, every step solves the core with
-               Anderson and takes the gradient there, penalty at z*
+               warm from stars_path (random starts kept), every step solves the core
+               with Anderson and takes the gradient there, penalty at z*
     deq_ift                implicit-function-theorem backward
     deq_phantom            phantom gradient (a few damped steps with a graph)
                (experiments/equilibrium/run.py evaluates them against stars)
@@ -164,23 +164,25 @@ PENALTY = {"lam": 0.1}
 # (eqloop.random_start) instead of z0: the loop then reaches the same z*(x) from any start.
 PATH = {"random_start": 0.5}
 # Training at the fixed point (the "equilibrium" group): edit here to retune both
-# variants; each adds only its "backward". Input injection makes z*(x) a function of the
-# input, the forward solve replaces the sampled depth (depth is then not drawn). They
-# start from stars_add, whose map the penalty already made a contraction (seed 0: every
-# plain-iteration solve converged, median rho(J(z*)) 0.66): started from baseline_add
-# (rho > 1) the first solves all ran out of budget and a step cost 10 s. The forward
-# runs 4 plain loops before Anderson: from z0 itself Anderson converged on 13-24% of the
-# sequences of the first steps (30 evaluations) and the loss rose from 0.0003 to 0.6-0.8,
-# while Anderson after 4 loops finds stars_add's answer on all of them. They train
-# DEQ_SHARE of the STARS phase's steps; from a contractive warm start the 2-digit probe
-# was exact after about 500 steps.
+# variants; each adds only its "backward". They start from stars_path, a loop that
+# reaches its z*(x) from z0 and from random starts (seed 0: every solver from either
+# start >= 0.99), and keep its random starts; the forward solve (Anderson from the start
+# itself) replaces the sampled depth. From stars_add instead (a contraction near its own
+# trajectory only) with 4 plain loops before Anderson, lr 1e-3 and the penalty from step
+# 100, both diverged within 30-100 steps: the share of converged solves fell to 0 as the
+# learning rate rose. With the path-independent start, lr 3e-4 and the penalty at z*
+# from step 0, phantom kept CE ~1e-3 and 99-100% of the solves converged. They train
+# DEQ_SHARE of the STARS phase's steps.
 DEQ_SHARE = 0.125
 DEQ: dict[str, Any] = {
     "model.injection": "add",
     "model.init_state": None,
-    "solve": {"solver": "anderson", "tol": 1e-4, "max_iter": 30, "start_loops": 4},
+    **PATH,
+    "solve": {"solver": "anderson", "tol": 1e-4, "max_iter": 30, "start_loops": 0},
     "lam": 0.1,
     "penalty_at": "fixed_point",
+    "penalty_start": 0,
+    "lr": 3e-4,
 }
 
 
@@ -316,7 +318,7 @@ def _variants() -> dict[str, Variant]:
             "equilibrium",
             "input injection, trained at the Anderson fixed point, IFT backward",
             {**DEQ, "backward": "ift"},
-            "stars_add",
+            "stars_path",
             DEQ_SHARE,
         ),
         Variant(
@@ -324,7 +326,7 @@ def _variants() -> dict[str, Variant]:
             "equilibrium",
             "input injection, trained at the Anderson fixed point, phantom backward",
             {**DEQ, "backward": "phantom"},
-            "stars_add",
+            "stars_path",
             DEQ_SHARE,
         ),
     ]

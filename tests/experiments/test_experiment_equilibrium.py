@@ -102,7 +102,7 @@ def test_unknown_variants_are_refused(capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_groups_and_defaults() -> None:
     args = parse_args([])
-    assert args.variants == ["stars", "deq_ift", "deq_phantom"]
+    assert args.variants == ["stars", "stars_path", "deq_ift", "deq_phantom"]
     assert args.out_dir == "runs/stars_scaling" and args.depths == [8, 32]
     assert parse_args(["--quick"]).out_dir == "runs/stars_scaling_quick"
     assert parse_args(["--variants", "equilibrium"]).variants == ["deq_ift", "deq_phantom"]
@@ -116,6 +116,7 @@ def test_equilibrium_variants_train_at_the_fixed_point(tmp_path: Path) -> None:
         config = run_config(variant, 2, args)
         config.validate()
         assert config.backward == backward and config.model.injection == "add"
+        assert config.random_start == 0.5 and config.solve.start_loops == 0
         assert (config.solve.solver, config.solve.tol, config.solve.max_iter) == (
             "anderson",
             1e-4,
@@ -124,11 +125,11 @@ def test_equilibrium_variants_train_at_the_fixed_point(tmp_path: Path) -> None:
         steps = round(DEQ_SHARE * args.steps)
         assert (config.lam, config.penalty_at, config.steps) == (0.1, "fixed_point", steps)
         assert config.checkpoint_every == steps // 4
-        # From stars_add's last step, which itself starts from baseline_add's.
+        # From stars_path's last step, which itself starts from baseline_add's.
         assert config.init_from == str(
-            tmp_path / "stars_add" / "seed2" / "checkpoints" / f"step_{args.steps:08d}"
+            tmp_path / "stars_path" / "seed2" / "checkpoints" / f"step_{args.steps:08d}"
         )
-        assert warm_chain(variant) == ["baseline_add", "stars_add"]
+        assert warm_chain(variant) == ["baseline_add", "stars_path"]
 
 
 def test_the_measured_step_runs_exactly_depth_f_evaluations(tmp_path: Path) -> None:
