@@ -194,6 +194,14 @@ class Backward(abc.ABC):
     def run(self, problem: FixedPointProblem) -> tuple[Tensor, FixedPointInfo]:
         """The output (shape of ``z0``) and the :class:`FixedPointInfo` of the solve."""
 
+    def reaches_start(self, max_iter: int) -> bool:
+        """Whether the gradient flows back to ``z0`` in a solve of budget ``max_iter``.
+
+        Loops run before the solve (``LoopedLM.forward(start_loops=...)``) need their
+        graph only then.
+        """
+        return True
+
 
 @dataclass(frozen=True)
 class IFT(Backward):
@@ -210,6 +218,10 @@ class IFT(Backward):
     """
 
     name: ClassVar[str] = "ift"
+
+    def reaches_start(self, max_iter: int) -> bool:
+        """Never: the gradient is taken at z* alone."""
+        return False
     solver: str | Solver | None = None
     max_iter: int = 100
     tol: float | None = None
@@ -327,6 +339,10 @@ class Phantom(Backward):
     """
 
     name: ClassVar[str] = "phantom"
+
+    def reaches_start(self, max_iter: int) -> bool:
+        """Never: the gradient is taken at z* alone."""
+        return False
     steps: int = 5
     tau: float = 1.0
 
@@ -363,6 +379,10 @@ class Truncated(Backward):
 
     name: ClassVar[str] = "truncated"
     k: int = 8
+
+    def reaches_start(self, max_iter: int) -> bool:
+        """Only when every loop of the solve has a graph (``max_iter <= k``)."""
+        return max_iter <= self.k
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "k", checks.integer("Truncated.k", self.k, low=1))

@@ -439,8 +439,10 @@ class LoopedLM(nn.Module, abc.ABC):
                 ``eqloop.core.defaults.EQUILIBRIUM_TOL``).
             max_iter: solver budget (default ``eqloop.core.defaults.EQUILIBRIUM_MAX_ITER``).
             stop_mode: ``"rel"`` or ``"abs"`` residual (default ``"rel"``).
-            start_loops: plain loops run (with their graph) before the solver starts,
-                default 0. Without input injection the core does not see the input, so
+            start_loops: plain loops run before the solver starts, default 0; with a
+                graph only when the backward's gradient reaches the solve's start
+                (``Unroll``; ``Truncated`` with ``k >= max_iter``), not for IFT or
+                phantom. Without input injection the core does not see the input, so
                 the start selects which fixed point the solver finds: a few loops put
                 it in the basin of the loop's own limit.
             start: ``(f, z0) -> z`` replaces the model's initial state by ``z`` (B, S, d)
@@ -499,7 +501,13 @@ class LoopedLM(nn.Module, abc.ABC):
             x, f, z0 = self._prepare(tokens, stage, tokens_only=True)
             z0 = self._start(start, f, z0)
             if start_loops:
-                z0 = self.loop(f, z0, start_loops).z
+                # Their graph only where the backward's gradient reaches the solve's start.
+                budget = EQUILIBRIUM_MAX_ITER if max_iter is None else max_iter
+                mode = make_backward(options.get("backward", "ift"))
+                with torch.set_grad_enabled(
+                    torch.is_grad_enabled() and mode.reaches_start(budget)
+                ):
+                    z0 = self.loop(f, z0, start_loops).z
             z, solve_info = fixed_point(
                 f.step,
                 z0,

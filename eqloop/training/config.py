@@ -80,7 +80,7 @@ class SolveConfig(ConfigBase):
     solver: str = "anderson"  # a registered solver (solvers.available())
     tol: float = 1e-4  # tolerance on the residual chosen by stop_mode; > 0
     max_iter: int = 30  # budget of f-evaluations of the solve (after start_loops)
-    start_loops: int = 0  # plain loops (with their graph) run before the solver starts
+    start_loops: int = 0  # plain loops run before the solver starts (no graph under ift/phantom)
     stop_mode: str = "rel"  # "rel" (||f(z) - z|| / ||f(z)||) | "abs" (||f(z) - z||)
     solver_options: dict[str, Any] = field(default_factory=dict)  # hyperparameters, e.g. {"m": 5}
 

@@ -369,6 +369,39 @@ def test_forward_start_replaces_the_initial_state() -> None:
         model(tokens, loops=2, start=lambda f, z0: z0[:1])
 
 
+@pytest.mark.parametrize(
+    ("backward", "graph"),
+    [(IFT(), False), (Phantom(), False), (Truncated(k=3), False), (Truncated(k=8), True)],
+)
+def test_start_loops_keep_a_graph_only_where_the_gradient_reaches_them(
+    backward: Any, graph: bool
+) -> None:
+    torch.manual_seed(0)
+    model = LoopLM(tiny_model_config(injection="add")).double().train()
+    tokens = tokens_for()
+
+    def saved(start_loops: int) -> int:
+        count = [0]
+
+        def pack(t: Tensor) -> Tensor:
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(
+                tokens,
+                solver="fixed_point",
+                max_iter=6,
+                tol=0.0,
+                backward=backward,
+                start_loops=start_loops,
+            ).sum().backward()
+        return count[0]
+
+    assert (saved(4) > saved(0)) == graph  # 4 more loops' activations, or none
+    assert backward.reaches_start(6) == graph
+
+
 def test_loops_run_through_the_driver_and_equal_a_hand_loop() -> None:
     """loops=T is exactly T applications of core_step, and the driver reports them."""
     torch.manual_seed(0)
