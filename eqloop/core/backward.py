@@ -218,10 +218,6 @@ class IFT(Backward):
     """
 
     name: ClassVar[str] = "ift"
-
-    def reaches_start(self, max_iter: int) -> bool:
-        """Never: the gradient is taken at z* alone."""
-        return False
     solver: str | Solver | None = None
     max_iter: int = 100
     tol: float | None = None
@@ -237,6 +233,10 @@ class IFT(Backward):
         object.__setattr__(self, "max_iter", checks.integer("IFT.max_iter", self.max_iter, low=1))
         if self.tol is not None:
             object.__setattr__(self, "tol", checks.number("IFT.tol", self.tol, low=0.0))
+
+    def reaches_start(self, max_iter: int) -> bool:
+        """Never: the gradient is taken at z* alone."""
+        return False
 
     def run(self, problem: FixedPointProblem) -> tuple[Tensor, FixedPointInfo]:
         """Solve without a graph; attach the implicit gradient to one application of f.
@@ -339,10 +339,6 @@ class Phantom(Backward):
     """
 
     name: ClassVar[str] = "phantom"
-
-    def reaches_start(self, max_iter: int) -> bool:
-        """Never: the gradient is taken at z* alone."""
-        return False
     steps: int = 5
     tau: float = 1.0
 
@@ -350,6 +346,10 @@ class Phantom(Backward):
         object.__setattr__(self, "steps", checks.integer("Phantom.steps", self.steps, low=1))
         tau = checks.number("Phantom.tau", self.tau, low=0.0, high=1.0, low_open=True)
         object.__setattr__(self, "tau", tau)
+
+    def reaches_start(self, max_iter: int) -> bool:
+        """Never: the gradient is taken at z* alone."""
+        return False
 
     def run(self, problem: FixedPointProblem) -> tuple[Tensor, FixedPointInfo]:
         result = problem.solve(problem.max_iter)

@@ -504,9 +504,7 @@ class LoopedLM(nn.Module, abc.ABC):
                 # Their graph only where the backward's gradient reaches the solve's start.
                 budget = EQUILIBRIUM_MAX_ITER if max_iter is None else max_iter
                 mode = make_backward(options.get("backward", "ift"))
-                with torch.set_grad_enabled(
-                    torch.is_grad_enabled() and mode.reaches_start(budget)
-                ):
+                with torch.set_grad_enabled(torch.is_grad_enabled() and mode.reaches_start(budget)):
                     z0 = self.loop(f, z0, start_loops).z
             z, solve_info = fixed_point(
                 f.step,
