@@ -121,6 +121,7 @@ from eqloop.training.checkpoint import (
     step_dir_name,
 )
 from eqloop.training.config import TrainConfig, apply_overrides
+from eqloop.training.run_dir import TrainingInterrupted
 
 PROG = "experiments/stars_scaling/run.py"  # the script in usage and error lines
 
@@ -603,8 +604,11 @@ def _run_jobs(
     """
     done: dict[tuple[str, int], dict[str, Any]] = {}
     if args.jobs == 1 or len(pairs) <= 1:
-        for v, s in sorted(pairs, key=lambda p: len(warm_chain(p[0]))):
-            done[v, s] = job(v, s, args)
+        try:
+            for v, s in sorted(pairs, key=lambda p: len(warm_chain(p[0]))):
+                done[v, s] = job(v, s, args)
+        except TrainingInterrupted as stopped:
+            raise SystemExit(f"{stopped}; the same command resumes") from None
         return done
     waiting = list(pairs)
     context = multiprocessing.get_context("spawn")
@@ -626,8 +630,11 @@ def _run_jobs(
                 )
                 for future in finished:
                     v, s = running.pop(future)
-                    if future.exception() is not None:
-                        raise future.exception()
+                    error = future.exception()
+                    if isinstance(error, TrainingInterrupted):  # a worker signalled alone
+                        raise SystemExit(f"{error}; the same command resumes")
+                    if error is not None:
+                        raise error
                     done[v, s] = future.result()
                     print(f"done {job.__name__} {v} seed {s}", flush=True)
         except _Stopped as stopped:

@@ -241,27 +241,31 @@ def test_overwrite_retrains_a_run_of_another_recipe(tmp_path: Path) -> None:
     assert saved["lr"] == 0.01
 
 
-@pytest.mark.slow  # ~30 s: two 2-digit baselines started, then stopped
-def test_sigterm_ends_the_workers_which_save_their_runs(tmp_path: Path) -> None:
+@pytest.mark.slow  # ~30 s each: 2-digit baselines started, then stopped
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigterm_stops_the_runs_which_save_their_step(tmp_path: Path, jobs: int) -> None:
     out = tmp_path / "runs"
     script = [sys.executable, "experiments/stars_scaling/run.py", "--variants", "baseline"]
-    options = ["--seeds", "0,1", "--jobs", "2", "--out-dir", str(out), "--no-progress"]
+    options = ["--seeds", "0,1", "--jobs", str(jobs), "--out-dir", str(out), "--no-progress"]
     recipe = ["digits=2", "n_train=512", "n_test=32", "batch_size=32", "log_every=1"]
     sets = [part for value in recipe for part in ("--set", value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     parent = subprocess.Popen(
         [*script, *options, *sets], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
     )
-    metrics = [out / "baseline" / f"seed{s}" / "metrics.jsonl" for s in (0, 1)]
+    running = [out / "baseline" / f"seed{s}" / "metrics.jsonl" for s in range(jobs)]
     deadline = time.monotonic() + 240
-    while not all(m.is_file() and '"step"' in m.read_text() for m in metrics):
+    while not all(m.is_file() and '"step"' in m.read_text() for m in running):
         assert parent.poll() is None and time.monotonic() < deadline, "training did not start"
         time.sleep(0.5)
     parent.send_signal(signal.SIGTERM)
     _, stderr = parent.communicate(timeout=180)
-    assert parent.returncode != 0 and "SIGTERM: stopped 2 running job(s)" in stderr
-    sizes = [m.stat().st_size for m in metrics]
+    assert parent.returncode != 0 and "Traceback" not in stderr, stderr
+    assert "the same command resumes" in stderr
+    if jobs == 2:
+        assert "SIGTERM: stopped 2 running job(s)" in stderr
+    sizes = [m.stat().st_size for m in running]
     time.sleep(3)
-    assert [m.stat().st_size for m in metrics] == sizes  # no worker trains on unseen
-    for m in metrics:  # each run saved the step it was stopped at
+    assert [m.stat().st_size for m in running] == sizes  # no worker trains on unseen
+    for m in running:  # each run saved the step it was stopped at
         assert list((m.parent / "checkpoints").glob("step_*")), m.parent
