@@ -713,7 +713,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             apply_quick(args)
             args.n_test, args.loops, args.max_iter = 32, "1,2,4,8", 20
             args.diagnostic_samples, args.rho_iters, args.time_repeats = 8, 4, 1
-            args.depths = "12,16"  # solves past start_loops (4) and a full Anderson window (6)
+            args.depths = "12,16"  # solves longer than a full Anderson window (6)
             if args.seeds == "0,1,2":
                 args.seeds = "0"
         args.seeds = _ints(args.seeds, "--seeds", 0)

@@ -608,7 +608,7 @@ def _run_jobs(
             for v, s in sorted(pairs, key=lambda p: len(warm_chain(p[0]))):
                 done[v, s] = job(v, s, args)
         except TrainingInterrupted as stopped:
-            raise SystemExit(f"{stopped}; the same command resumes") from None
+            raise _resumable_exit(stopped) from None
         return done
     waiting = list(pairs)
     context = multiprocessing.get_context("spawn")
@@ -632,7 +632,7 @@ def _run_jobs(
                     v, s = running.pop(future)
                     error = future.exception()
                     if isinstance(error, TrainingInterrupted):  # a worker signalled alone
-                        raise SystemExit(f"{error}; the same command resumes")
+                        raise _resumable_exit(error)
                     if error is not None:
                         raise error
                     done[v, s] = future.result()
@@ -643,6 +643,11 @@ def _run_jobs(
                 f"{stopped}: stopped {len(running)} running job(s) (a training run saves the "
                 "step it is at); the same command resumes"
             ) from None
+
+
+def _resumable_exit(stopped: TrainingInterrupted) -> SystemExit:
+    """The exit of a run stopped by a signal: its save line, and how to resume."""
+    return SystemExit(f"{stopped}; the same command resumes")
 
 
 WORKER_GRACE = 120.0  # seconds a worker gets to save its run after SIGTERM, then SIGKILL
@@ -678,10 +683,11 @@ def _stop_workers(running: dict[concurrent.futures.Future, Any]) -> None:
     workers = multiprocessing.active_children()
     for worker in workers:
         worker.terminate()
-    concurrent.futures.wait(running, timeout=WORKER_GRACE)
-    for worker in workers:
-        if worker.is_alive() and not all(f.done() for f in running):
-            worker.kill()
+    _, unfinished = concurrent.futures.wait(running, timeout=WORKER_GRACE)
+    if unfinished:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
 
 
 # ------------------------------------------------------------------------------ tables
