@@ -15,7 +15,15 @@ from eqloop.models.looplm.modeling import LoopLM
 from eqloop.recipes.train import make_train_tensors, train_step
 from eqloop.training.optim import make_optimizer
 from experiments.equilibrium.run import STARTS, main, parse_args, step_config
-from experiments.stars_scaling.run import DEQ, DEQ_SHARE, GROUPS, VARIANTS, run_config, warm_chain
+from experiments.stars_scaling.run import (
+    DEQ,
+    DEQ_SHARE,
+    DEQ_TOL,
+    GROUPS,
+    VARIANTS,
+    run_config,
+    warm_chain,
+)
 from experiments.stars_scaling.run import parse_args as stars_args
 
 
@@ -109,8 +117,9 @@ def test_groups_and_defaults() -> None:
 
 def test_equilibrium_variants_train_at_the_fixed_point(tmp_path: Path) -> None:
     args = stars_args(["--out-dir", str(tmp_path)])
-    for variant, backward in (("deq_ift", "ift"), ("deq_phantom", "phantom")):
-        assert VARIANTS[variant].overrides == {**DEQ, "backward": backward}
+    adjoint = {"backward_options": {"tol": DEQ_TOL}}
+    for variant, backward, extra in (("deq_ift", "ift", adjoint), ("deq_phantom", "phantom", {})):
+        assert VARIANTS[variant].overrides == {**DEQ, "backward": backward, **extra}
         config = run_config(variant, 2, args)
         config.validate()
         assert config.backward == backward and config.model.injection == "add"
@@ -122,6 +131,9 @@ def test_equilibrium_variants_train_at_the_fixed_point(tmp_path: Path) -> None:
         )
         steps = round(DEQ_SHARE * args.steps)
         assert (config.lam, config.penalty_at, config.steps) == (0.1, "fixed_point", steps)
+        assert config.penalty_start == steps // 5
+        if backward == "ift":  # the adjoint solved to the forward's tolerance
+            assert config.make_backward().tol == config.solve.tol == DEQ_TOL
         assert config.checkpoint_every == steps // 4
         # From stars_path's last step, which itself starts from baseline_add's.
         assert config.init_from == str(
