@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from helpers import run_experiment
 from eqloop.models.looplm.modeling import LoopLM
 from eqloop.recipes.train import make_train_tensors, train_step
 from eqloop.training.optim import make_optimizer
-from experiments.equilibrium.run import STARTS, main, parse_args, step_config
+from experiments.equilibrium.run import STARTS, check_targets, main, parse_args, step_config
 from experiments.stars_scaling.run import (
     DEQ,
     DEQ_SHARE,
@@ -179,3 +180,47 @@ def test_script_runs_two_jobs_and_refuses_bad_input(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "experiments/equilibrium/run.py: error: cannot resume the run in" in proc.stderr
+
+
+def _result(variant: str, seed: int, trained_at: str, acc: float, nfe: float) -> dict[str, Any]:
+    """A results entry with every loop count at ``acc`` and every z* at ``acc``, the plain
+    iteration at 10 f-evaluations and Anderson at ``nfe``; memory 1 MiB at depth 8."""
+    args = parse_args([])
+    eq = {
+        f"{solver}@{start}": {
+            "accuracy": acc,
+            "converged": 1.0,
+            "median_nfe": nfe if solver == "anderson" else 10.0,
+        }
+        for solver in args.solvers
+        for start in STARTS
+    }
+    return {
+        "variant": variant,
+        "seed": seed,
+        "trained_at": trained_at,
+        "accuracy": {str(t): acc for t in args.loops},
+        "equilibria": eq,
+        "memory": {"8": 2**20, "32": 1.2 * 2**20},
+        "step_ratio": {"8": 1.4, "32": 0.8},
+    }
+
+
+def test_targets_count_seeds_and_name_the_worst() -> None:
+    args = parse_args([])
+    results = [_result("deq_ift", s, "fixed_point", 1.0 if s else 0.96, 4.0) for s in range(10)]
+    results += [_result("stars_path", s, "unrolled", 0.9 if s < 2 else 1.0, 10) for s in range(10)]
+    lines = {(t["variant"], t["target"]): t for t in check_targets(results, args)}
+    every = lines["deq_ift", "mean exact match >= 0.99 at z* of every solver@start"]
+    assert every["passed"] and every["value"].startswith("lowest mean 0.9960")
+    # Seed 0 is at 0.96 < 0.97: 9 of 10 seeds still pass.
+    nine = lines["deq_ift", ">= 9 of 10 seeds at >= 0.97 on every solver@start"]
+    assert nine["passed"] and nine["value"] == "9 seeds ([1, 2, 3, 4, 5, 6, 7, 8, 9])"
+    assert lines["deq_ift", "anderson median f-evals <= 0.5x fixed_point (from z0)"]["passed"]
+    memory = lines["deq_ift", "saved bytes at depth 32 <= 1.1x at 8"]
+    assert not memory["passed"] and memory["value"] == "1.200x"
+    step = lines["deq_ift", "step time <= 1.5x stars at equal mean depth"]
+    assert step["passed"] and step["value"] == "1.40x at 8, 0.80x at 32"
+    # Every unrolled variant gets the headline's loop-count target: 8 of 10 is a miss.
+    loops = lines["stars_path", ">= 9 of 10 seeds at >= 0.95 at every loop count 4..128"]
+    assert not loops["passed"] and loops["value"].startswith("8 seeds ([2, 3")
