@@ -21,6 +21,7 @@ __all__ = [
     "PeakMemory",
     "extra_peak_bytes",
     "format_table",
+    "int_list",
     "interleaved_times",
     "machine_info",
     "median_time",
@@ -38,6 +39,26 @@ def print_written(*paths: str | os.PathLike[str] | None) -> None:
     for path in paths:
         if path is not None:
             print(f"wrote {path}", flush=True)
+
+
+def int_list(text: str, name: str, low: int) -> list[int]:
+    """A command-line list like ``"1,2,4"`` -> ``[1, 2, 4]``, in the order given.
+
+    Args:
+        text: comma-separated integers (empty items are skipped).
+        name: the option, for the error (``"--seeds"``).
+        low: the smallest value allowed.
+
+    Raises:
+        ValueError: an item that is not an integer, no item, or one below ``low``.
+    """
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"{name} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < low:
+        raise ValueError(f"{name} needs at least one integer, each >= {low}, got {text!r}")
+    return values
 
 
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:

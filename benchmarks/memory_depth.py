@@ -75,6 +75,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from benchmarks.common import (
     PeakMemory,
     format_table,
+    int_list,
     machine_info,
     median_time,
     print_written,
@@ -476,11 +477,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown mode(s) {unknown}; valid: {', '.join(BACKWARD_MODES)}")
     try:
-        args.loops = sorted({int(n) for n in args.loops.split(",") if n})
-    except ValueError:
-        p.error(f"--loops must be comma-separated integers, got {args.loops!r}")
-    if not args.loops or args.loops[0] < 1:
-        p.error("--loops must list integers >= 1")
+        args.loops = sorted(set(int_list(args.loops, "--loops", 1)))
+    except ValueError as error:
+        p.error(str(error))
     args.dtype = getattr(torch, args.dtype)
     args.device = torch.device(args.device)
     if args.agree_tol is None:

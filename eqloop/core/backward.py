@@ -59,6 +59,7 @@ from solvers import FixedPointIteration, Solver, SolveResult, Status, checks
 __all__ = [
     "BACKWARDS",
     "BACKWARD_MODES",
+    "DEFAULT_BACKWARD",
     "IFT",
     "Backward",
     "ConvergenceWarning",
@@ -439,6 +440,9 @@ BACKWARDS: dict[str, type[Backward]] = {
 
 BACKWARD_MODES: tuple[str, ...] = tuple(BACKWARDS)
 """The names accepted as ``backward=``: ``("ift", "phantom", "truncated", "unroll")``."""
+
+DEFAULT_BACKWARD = IFT.name
+"""The backward mode of :func:`eqloop.fixed_point` (and of a model's solve) when none is given."""
 
 
 def make_backward(backward: str | Backward, **options: Any) -> Backward:

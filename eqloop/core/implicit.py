@@ -24,6 +24,7 @@ from torch import Tensor
 import solvers
 from eqloop.core.backward import (
     BACKWARD_MODES,
+    DEFAULT_BACKWARD,
     IFT,
     Backward,
     ConvergenceWarning,
@@ -56,7 +57,7 @@ def fixed_point(
     z0: Tensor,
     *,
     solver: str | Solver = "anderson",
-    backward: str | Backward = "ift",
+    backward: str | Backward = DEFAULT_BACKWARD,
     max_iter: int = 50,
     tol: float = 1e-5,
     stop_mode: str = "rel",

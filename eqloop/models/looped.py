@@ -38,7 +38,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import solvers
-from eqloop.core.backward import Backward, FixedPointInfo, Truncated, make_backward, plain_loops
+from eqloop.core.backward import (
+    DEFAULT_BACKWARD,
+    Backward,
+    FixedPointInfo,
+    Truncated,
+    make_backward,
+    plain_loops,
+)
 from eqloop.core.defaults import EQUILIBRIUM_MAX_ITER, EQUILIBRIUM_STOP_MODE, EQUILIBRIUM_TOL
 from eqloop.core.implicit import fixed_point
 from solvers import FixedPointIteration, Solver, SolveResult, checks
@@ -503,7 +510,7 @@ class LoopedLM(nn.Module, abc.ABC):
             if start_loops:
                 # Their graph only where the backward's gradient reaches the solve's start.
                 budget = EQUILIBRIUM_MAX_ITER if max_iter is None else max_iter
-                mode = make_backward(options.get("backward", "ift"))
+                mode = make_backward(options.get("backward", DEFAULT_BACKWARD))
                 with torch.set_grad_enabled(torch.is_grad_enabled() and mode.reaches_start(budget)):
                     z0 = self.loop(f, z0, start_loops).z
             z, solve_info = fixed_point(

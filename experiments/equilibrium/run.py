@@ -82,7 +82,13 @@ import torch
 from torch import Tensor
 
 import solvers
-from benchmarks.common import format_table, interleaved_times, machine_info, print_written
+from benchmarks.common import (
+    format_table,
+    int_list,
+    interleaved_times,
+    machine_info,
+    print_written,
+)
 from benchmarks.memory_depth import saved_bytes
 from eqloop.evaluation import (
     EvalSet,
@@ -651,16 +657,6 @@ def plot(results: Sequence[dict[str, Any]], args: argparse.Namespace, path: str 
 # ------------------------------------------------------------------------------ CLI
 
 
-def _ints(text: str, name: str, low: int) -> list[int]:
-    try:
-        values = [int(s) for s in text.split(",") if s]
-    except ValueError:
-        raise ValueError(f"{name} takes comma-separated integers, got {text!r}") from None
-    if not values or min(values) < low:
-        raise ValueError(f"{name} needs at least one integer, each >= {low}, got {text!r}")
-    return values
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     p = argparse.ArgumentParser(
@@ -717,9 +713,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.depths = "12,16"  # solves longer than a full Anderson window (6)
             if args.seeds == "0,1,2":
                 args.seeds = "0"
-        args.seeds = _ints(args.seeds, "--seeds", 0)
-        args.loops = sorted(set(_ints(args.loops, "--loops", 1)))
-        args.depths = sorted(set(_ints(args.depths, "--depths", 1)))
+        args.seeds = int_list(args.seeds, "--seeds", 0)
+        args.loops = sorted(set(int_list(args.loops, "--loops", 1)))
+        args.depths = sorted(set(int_list(args.depths, "--depths", 1)))
         args.solvers = [s for s in args.solvers.split(",") if s]
         unknown = [s for s in args.solvers if s not in solvers.available()]
         if unknown or not args.solvers:

@@ -98,7 +98,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from benchmarks.common import format_table, machine_info, print_written
+from benchmarks.common import format_table, int_list, machine_info, print_written
 from eqloop.data import make_arithmetic_dataset
 from eqloop.evaluation import (
     checkpoint_pca,
@@ -1171,14 +1171,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.pca_variants = variant_names(args.pca_variants, check=False)
     args.scaling_variants = variant_names(args.scaling_variants, check=False)
     try:
-        args.seeds = [int(s) for s in args.seeds.split(",") if s]
-        args.loops = [int(t) for t in args.loops.split(",") if t]
-    except ValueError:
-        p.error("--seeds and --loops take comma-separated integers")
-    if not args.seeds or min(args.seeds) < 0:
-        p.error("--seeds needs at least one seed >= 0")
-    if not args.loops or min(args.loops) < 1:
-        p.error("--loops needs loop counts >= 1")
+        args.seeds = int_list(args.seeds, "--seeds", 0)
+        args.loops = int_list(args.loops, "--loops", 1)
+    except ValueError as error:
+        p.error(str(error))
     if not 1 <= args.jobs <= 8:
         p.error("--jobs must be between 1 and 8")
     if args.solver:

@@ -9,6 +9,7 @@ import pytest
 from helpers import run_benchmark
 
 import solvers
+from benchmarks.common import int_list
 
 
 def test_solve_compare_quick_writes_json_and_plot(tmp_path: Path) -> None:
@@ -89,3 +90,14 @@ def test_solve_compare_solves_a_trained_checkpoint(tmp_path: Path) -> None:
     rows = json.loads(out_json.read_text())["results"]
     assert {r["problem"] for r in rows} == {"looplm"}
     assert {r["solver"] for r in rows} == {"fixed_point", "anderson"}
+
+
+def test_int_list_parses_in_order_and_names_the_option() -> None:
+    assert int_list("8,4, 16,", "--loops", 1) == [8, 4, 16]
+    assert int_list("0", "--seeds", 0) == [0]
+    with pytest.raises(ValueError, match=r"--seeds takes comma-separated integers, got '1,x'"):
+        int_list("1,x", "--seeds", 0)
+    with pytest.raises(ValueError, match=r"--loops needs at least one integer, each >= 1"):
+        int_list("4,0", "--loops", 1)
+    with pytest.raises(ValueError, match=r"--depths needs at least one integer"):
+        int_list(",", "--depths", 1)
