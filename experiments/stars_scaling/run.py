@@ -161,6 +161,8 @@ FINETUNE = {"lr": 1e-3, "warmup_steps": 50}  # a run that starts warm (before --
 FIXED = {"depth": {"kind": "fixed", "t": 4}, "lam": 0.0}
 RANDOM = {"depth": {"kind": "lognormal", "mu": 2.0, "sigma": 0.7, "lo": 1, "hi": 100}}
 PENALTY = {"lam": 0.1}
+# Input injection, z <- block(z + x); with it the state starts from zeros, not from x.
+ADD = {"model.injection": "add"}
 # Half of each batch's sequences start the loop from a random state at the states' scale
 # (eqloop.random_start) instead of z0: the loop then reaches the same z*(x) from any start.
 PATH = {"random_start": 0.5}
@@ -180,8 +182,7 @@ PATH = {"random_start": 0.5}
 DEQ_SHARE = 0.125
 DEQ_TOL = 1e-4
 DEQ: dict[str, Any] = {
-    "model.injection": "add",
-    "model.init_state": None,
+    **ADD,
     **PATH,
     "solve": {"solver": "anderson", "tol": DEQ_TOL, "max_iter": 30, "start_loops": 0},
     "lam": 0.1,
@@ -209,7 +210,6 @@ class Variant:
 
 def _variants() -> dict[str, Variant]:
     stars = {**RANDOM, **PENALTY}
-    add = {"model.injection": "add", "model.init_state": None}
     pre, pre_sandwich = ({"model.norm_placement": p} for p in ("pre", "pre_sandwich"))
     table = [
         Variant("baseline", "norms", "post-sandwich, fixed 4 loops", FIXED),
@@ -247,15 +247,15 @@ def _variants() -> dict[str, Variant]:
             stars,
             "baseline",
         ),
-        Variant("baseline_add", "injection", "baseline with input injection", {**FIXED, **add}),
+        Variant("baseline_add", "injection", "baseline with input injection", {**FIXED, **ADD}),
         Variant(
-            "stars_add", "injection", "STARS with input injection", {**stars, **add}, "baseline_add"
+            "stars_add", "injection", "STARS with input injection", {**stars, **ADD}, "baseline_add"
         ),
         Variant(
             "stars_path",
             "path",
             "STARS with input injection, half the sequences from a random start",
-            {**stars, **add, **PATH},
+            {**stars, **ADD, **PATH},
             "baseline_add",
         ),
         Variant(
@@ -314,7 +314,7 @@ def _variants() -> dict[str, Variant]:
             "stars_add_arnoldi",
             "options",
             "stars_add, product along an 8-step Ritz vector",
-            {**stars, **add, "penalty_arnoldi": 8},
+            {**stars, **ADD, "penalty_arnoldi": 8},
             "baseline_add",
         ),
         Variant(
