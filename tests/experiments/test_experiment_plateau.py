@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_experiment
+from helpers import run_experiment, tiny_train_config
 
 from eqloop.models.looplm.modeling import CausalSelfAttention, LoopLMConfig, rotary_tables
 from eqloop.recipes.train import train
-from eqloop.training.config import TrainConfig
 from experiments.plateau.run import attention_probabilities, diagnose, digit_errors, one_off_share
 
 
@@ -33,28 +32,23 @@ def test_attention_probabilities_reproduce_the_layer(positions: str) -> None:
 
 
 def _run(tmp_path: Path, task: str = "addition") -> Path:
-    out = tmp_path / task
-    config = TrainConfig.from_dict(
-        dict(
-            model=dict(vocab_size=19, d_model=16, n_heads=2, d_ff=32, max_seq_len=16),
-            task=task,
-            digits=2,
-            n_train=64,
-            n_test=16,
-            batch_size=16,
-            steps=2,
-            warmup_steps=1,
-            depth={"kind": "fixed", "t": 3},
-            lam=0.0,
-            eval_every=0,
-            eval_loops=[3],
-            out_dir=str(out),
-            data_cache_dir=str(tmp_path / "cache"),
-            progress=False,
-        )
+    """A 2-step run of ``task`` at a fixed 3 loops; returns its run directory."""
+    config = tiny_train_config(
+        tmp_path / task,
+        tmp_path / "cache",
+        task=task,
+        n_train=64,
+        n_test=16,
+        batch_size=16,
+        steps=2,
+        warmup_steps=1,
+        depth={"kind": "fixed", "t": 3},
+        lam=0.0,
+        eval_every=0,
+        eval_loops=[3],
     )
     train(config)
-    return out
+    return Path(config.out_dir)
 
 
 def test_diagnose_reports_every_digit_and_loop(tmp_path: Path) -> None:
