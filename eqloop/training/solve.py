@@ -169,14 +169,14 @@ def warn_unconverged(
             "fwd_converged",
             "forward solve",
             "trained at the solver's best iterate, not at a fixed point",
-            f"raise solve.max_iter or loosen solve.tol (solve={solve})",
+            f"raise solve.max_iter or loosen solve.tol (now: {solve})",
         ),
         (
             "bwd_converged",
             "IFT adjoint solve",
             "given the adjoint's best iterate, not the implicit gradient",
-            "raise backward_options max_iter or loosen its tol "
-            f"(backward_options={dict(backward_options)})",
+            "raise max_iter or loosen tol in backward_options "
+            f"(now: {dict(backward_options) or 'the defaults'})",
         ),
     ):
         share = stats.get(key)

@@ -68,6 +68,9 @@ def test_unconverged_forward_is_counted_and_warned_once(tmp_path: Path, data_cac
     assert len(forward) == 1, [str(w.message) for w in caught]
     assert "did not converge on 100.0% of the sequences" in str(forward[0].message)
     assert "'fwd_converged'" in str(forward[0].message)
+    assert "loosen solve.tol (now: SolveConfig(solver='anderson', tol=1e-12" in str(
+        forward[0].message
+    )
     assert not [w for w in caught if "eqloop.fixed_point" in str(w.message)]  # not per step
     rows = step_rows(config.out_dir)
     assert [r["fwd_converged"] for r in rows] == [0.0, 0.0, 0.0]
