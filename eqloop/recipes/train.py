@@ -137,7 +137,7 @@ from eqloop.training.run_dir import (  # re-exported: they were defined here
     changed_fields,
     read_metrics,
 )
-from eqloop.training.solve import quiet_solves, solve_forward, solve_stats
+from eqloop.training.solve import converged_targets, quiet_solves, solve_forward, solve_stats
 from eqloop.training.timing import penalty_step_times
 from eqloop.training.whole_step import WholeStep
 
@@ -310,7 +310,13 @@ def train_step(
         loss, ce, penalty, rho = whole(inputs, targets, loops, penalty_on, generator)
     else:
         logits, info = _forward(net, inputs, loops, config, generator)
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        kept = converged_targets(targets, info, config.solve)
+        if kept is targets:
+            ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        else:  # skipped sequences' tokens weigh zero; the mean stays over every target token
+            ce = F.cross_entropy(
+                logits.flatten(0, 1), kept.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            ) / (targets != IGNORE_INDEX).sum().clamp_min(1)
         loss, penalty, rho = ce, None, None
         if penalty_on:
             f = eager_map(model, info.f)  # second-order/forward-mode AD needs the eager step

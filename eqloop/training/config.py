@@ -74,7 +74,9 @@ class SolveConfig(ConfigBase):
     sampled loop count, and the backward mode (``ift`` or ``phantom``) takes its gradient
     at the point the solver returned. Sequences whose solve ends without meeting ``tol``
     are counted in the step's metrics (``fwd_converged``), never silently treated as
-    fixed points.
+    fixed points; with ``skip_unconverged`` they also add nothing to the step's CE, so no
+    implicit gradient is taken at a point that is not a fixed point (the penalty still
+    sees them).
     """
 
     solver: str = "anderson"  # a registered solver (solvers.available())
@@ -83,6 +85,7 @@ class SolveConfig(ConfigBase):
     start_loops: int = 0  # plain loops run before the solver starts (no graph under ift/phantom)
     stop_mode: str = "rel"  # "rel" (||f(z) - z|| / ||f(z)||) | "abs" (||f(z) - z||)
     solver_options: dict[str, Any] = field(default_factory=dict)  # hyperparameters, e.g. {"m": 5}
+    skip_unconverged: bool = False  # unconverged sequences add no CE (their tokens weigh 0)
 
     config_name: ClassVar[str] = "solve"  # as its messages name its fields: solve.<field>
 
@@ -102,6 +105,10 @@ class SolveConfig(ConfigBase):
         checks.integer("solve.max_iter", self.max_iter, low=1)
         checks.integer("solve.start_loops", self.start_loops, low=0)
         checks.choice("solve.stop_mode", self.stop_mode, ("rel", "abs"))
+        if not isinstance(self.skip_unconverged, bool):
+            raise TypeError(
+                f"solve.skip_unconverged must be true or false, got {self.skip_unconverged!r}"
+            )
         if not isinstance(self.solver_options, dict):
             raise TypeError(
                 f'solve.solver_options must be a dict such as {{"m": 5}}, got '

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from eqloop.core.backward import ConvergenceWarning
+from eqloop.data import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from eqloop.core.backward import Backward
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from eqloop.training.config import SolveConfig
 
 __all__ = [
+    "converged_targets",
     "merge_solve_stats",
     "quiet_solves",
     "solve_forward",
@@ -78,6 +80,27 @@ def solve_forward(
         compact=True,
         **solve.solver_options,
     )
+
+
+def converged_targets(targets: Tensor, info: LoopInfo, solve: SolveConfig | None) -> Tensor:
+    """``targets`` with the sequences whose forward solve did not converge ignored.
+
+    Only with ``solve.skip_unconverged``; otherwise ``targets`` itself. Device-side (no
+    host read).
+
+    Args:
+        targets: (B, S) next tokens, ``IGNORE_INDEX`` where no loss is taken.
+        info: the forward's LoopInfo (its ``fixed_point.forward.converged`` is (B,)).
+        solve: the run's ``solve`` settings (None: the forward ran loops).
+
+    Returns:
+        (B, S) targets, every position of an unconverged sequence set to ``IGNORE_INDEX``.
+    """
+    fixed = info.fixed_point
+    if solve is None or not solve.skip_unconverged or fixed is None or fixed.forward is None:
+        return targets
+    converged = fixed.forward.converged.to(targets.device)
+    return targets.masked_fill(~converged[:, None], IGNORE_INDEX)
 
 
 def solve_stats(info: LoopInfo, solve: SolveConfig | None) -> dict[str, Tensor | int]:

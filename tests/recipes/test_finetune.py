@@ -28,7 +28,7 @@ from ranks import run_ranks
 
 from eqloop import pretrained
 from eqloop.cli import main
-from eqloop.core.backward import Truncated
+from eqloop.core.backward import ConvergenceWarning, Truncated
 from eqloop.data import CharTokenizer
 from eqloop.data.qa import PromptTemplate, encode_examples, load_jsonl, write_jsonl
 from eqloop.models.auto import load_for_finetuning
@@ -250,6 +250,28 @@ def test_solve_finetunes_at_the_fixed_point_and_logs_the_forward(
     assert (rows[-1]["penalty"] is not None) == (mode == "stars")
     saved = load_checkpoint(tmp_path / "run").config
     assert saved["solve"]["max_iter"] == 12 and saved["backward"] == backward
+
+
+def test_skip_unconverged_finetunes_on_converged_sequences_only(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    # No sequence converges within one evaluation at tol 1e-12: no CE, no gradient.
+    config = _config(
+        files,
+        tmp_path / "none",
+        init_from=str(files["injected"]),
+        solve={**SOLVE, "tol": 1e-12, "max_iter": 1, "skip_unconverged": True},
+        backward="phantom",
+        mode="sft",
+        grad_accum=2,
+        steps=2,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        finetune(FinetuneConfig.from_dict(config.to_dict()))
+    rows = _step_rows(tmp_path / "none")
+    assert [r["fwd_converged"] for r in rows] == [0.0, 0.0]
+    assert all(r["ce"] == 0.0 and r["grad_norm"] == 0.0 for r in rows)
 
 
 def test_the_solve_gradient_is_taken_at_the_solvers_point(files: dict[str, Path]) -> None:

@@ -7,15 +7,19 @@ import dataclasses
 import math
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 from helpers import TINY_TRAIN_MODEL, read_jsonl, same_weights, tiny_train_config
 
 from eqloop.core.backward import ConvergenceWarning
+from eqloop.data import IGNORE_INDEX
 from eqloop.recipes.train import train
 from eqloop.training.checkpoint import load_checkpoint
 from eqloop.training.config import SolveConfig, TrainConfig, load_config
+from eqloop.training.solve import converged_targets
 
 SOLVE = {"solver": "anderson", "tol": 1e-3, "max_iter": 12}
 
@@ -206,3 +210,44 @@ def test_resume_with_solve_config_is_bit_identical(tmp_path: Path, data_cache: P
     strip = [{k: v for k, v in r.items() if "time" not in k} for r in step_rows(config.out_dir)]
     again = step_rows(interrupted.out_dir)
     assert strip == [{k: v for k, v in r.items() if "time" not in k} for r in again]
+
+
+def test_skip_unconverged_drops_those_sequences_from_the_ce(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    solve = {"solver": "anderson", "tol": 1e-12, "max_iter": 1, "skip_unconverged": True}
+    common = dict(steps=2, eval_every=0, backward="ift", lam=0.0)
+    # No sequence converges: no CE, so no gradient at all.
+    none = tiny_train_config(tmp_path / "none", data_cache, solve=solve, **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        train(none)
+    rows = step_rows(none.out_dir)
+    assert [r["fwd_converged"] for r in rows] == [0.0, 0.0]
+    assert all(r["ce"] == 0.0 and r["grad_norm"] == 0.0 for r in rows)
+    # Every sequence converges: the same steps as without the option.
+    loose = {**solve, "tol": 1e3}
+    runs = [
+        tiny_train_config(tmp_path / name, data_cache, solve=s, **common)
+        for name, s in (("skip", loose), ("keep", {**loose, "skip_unconverged": False}))
+    ]
+    for config in runs:
+        with warnings.catch_warnings():  # at tol 1e3 the adjoint is not at a fixed point
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            train(config)
+    skip, keep = (step_rows(c.out_dir) for c in runs)
+    assert all(r["fwd_converged"] == 1.0 for r in skip)
+    for a, b in zip(skip, keep, strict=True):
+        assert a["ce"] == pytest.approx(b["ce"], rel=1e-6) and a["ce"] > 0
+
+
+def test_converged_targets_ignores_whole_unconverged_sequences() -> None:
+    targets = torch.tensor([[1, 2, IGNORE_INDEX], [3, 4, 5], [6, IGNORE_INDEX, 7]])
+    forward = SimpleNamespace(converged=torch.tensor([True, False, True]))
+    info = SimpleNamespace(fixed_point=SimpleNamespace(forward=forward))
+    kept = converged_targets(targets, info, SolveConfig(skip_unconverged=True))  # type: ignore[arg-type]
+    assert kept.tolist() == [[1, 2, IGNORE_INDEX], [IGNORE_INDEX] * 3, [6, IGNORE_INDEX, 7]]
+    assert converged_targets(targets, info, SolveConfig()) is targets  # type: ignore[arg-type]
+    assert converged_targets(targets, info, None) is targets  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="solve.skip_unconverged must be true or false"):
+        SolveConfig(skip_unconverged="yes").validate()  # type: ignore[arg-type]

@@ -100,7 +100,13 @@ from eqloop.training.env import RunEnv, batch_rows, mix_seed, run_env
 from eqloop.training.loop import OnStep, TrainingLoop  # OnStep: re-exported
 from eqloop.training.lora import DEFAULT_TARGETS, attach_lora, merge_lora
 from eqloop.training.optim import make_optimizer, make_scheduler
-from eqloop.training.solve import merge_solve_stats, quiet_solves, solve_forward, solve_stats
+from eqloop.training.solve import (
+    converged_targets,
+    merge_solve_stats,
+    quiet_solves,
+    solve_forward,
+    solve_stats,
+)
 from eqloop.training.timing import penalty_step_times
 
 if TYPE_CHECKING:
@@ -227,14 +233,19 @@ class Objective(nn.Module):
                 f, z = self.solve_info.f, self.solve_info.z
             else:
                 logits, f, z = self._unrolled(inputs, loops)
+        kept = targets
+        if self.solve is not None:
+            kept = converged_targets(targets, self.solve_info, self.solve)
         ce = F.cross_entropy(
             logits.float().flatten(0, 1),
-            targets.flatten(),
+            kept.flatten(),
             ignore_index=IGNORE_INDEX,
-            reduction="mean" if ce_scale is None else "sum",
+            reduction="mean" if ce_scale is None and kept is targets else "sum",
         )
         if ce_scale is not None:
             ce = ce * ce_scale
+        elif kept is not targets:  # skipped sequences' tokens weigh zero in the mean
+            ce = ce / (targets != IGNORE_INDEX).sum().clamp_min(1)
         if not penalty_on:
             return ce, ce, None, None
         with torch.autocast(device, enabled=False):
