@@ -191,7 +191,9 @@ def warn_unconverged(
         (
             "fwd_converged",
             "forward solve",
-            "trained at the solver's best iterate, not at a fixed point",
+            "left out of the CE (solve.skip_unconverged)"
+            if solve is not None and solve.skip_unconverged
+            else "trained at the solver's best iterate, not at a fixed point",
             f"raise solve.max_iter or loosen solve.tol (now: {solve})",
         ),
         (

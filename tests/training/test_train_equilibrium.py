@@ -219,9 +219,10 @@ def test_skip_unconverged_drops_those_sequences_from_the_ce(
     common = dict(steps=2, eval_every=0, backward="ift", lam=0.0)
     # No sequence converges: no CE, so no gradient at all.
     none = tiny_train_config(tmp_path / "none", data_cache, solve=solve, **common)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         train(none)
+    assert any("left out of the CE (solve.skip_unconverged)" in str(w.message) for w in caught)
     rows = step_rows(none.out_dir)
     assert [r["fwd_converged"] for r in rows] == [0.0, 0.0]
     assert all(r["ce"] == 0.0 and r["grad_norm"] == 0.0 for r in rows)
