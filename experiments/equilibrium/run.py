@@ -197,7 +197,8 @@ def step_config(config: TrainConfig, depth: int) -> tuple[TrainConfig, int | Non
     """The training step of ``config`` at mean depth ``depth``: (config, loops argument).
 
     Trained at the fixed point: exactly ``depth`` f-evaluations (``start_loops`` plain
-    loops, then the solver with tol 0 and ``max_iter = depth - start_loops``; loops None),
+    loops, then the solver with tol 0 and ``max_iter = depth - start_loops``, every
+    sequence kept in the CE; loops None),
     and the penalty at the point that forward returned (``penalty_at="fixed_point"``
     would solve again from it: about one f-evaluation from the converged z* of a
     training step, up to a whole budget from a tol-0 forward, which would not be the
@@ -213,7 +214,9 @@ def step_config(config: TrainConfig, depth: int) -> tuple[TrainConfig, int | Non
         raise ValueError(
             f"--depths {depth} must exceed solve.start_loops ({config.solve.start_loops})"
         )
-    solve = dataclasses.replace(config.solve, tol=0.0, max_iter=budget)
+    # tol 0 leaves every sequence unconverged: skip_unconverged would drop the whole CE
+    # (and with it IFT's adjoint solve) from the step being timed.
+    solve = dataclasses.replace(config.solve, tol=0.0, max_iter=budget, skip_unconverged=False)
     return dataclasses.replace(config, solve=solve, penalty_at="trajectory"), None
 
 

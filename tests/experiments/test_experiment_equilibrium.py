@@ -155,6 +155,12 @@ def test_the_measured_step_runs_exactly_depth_f_evaluations(tmp_path: Path) -> N
     optimizer = make_optimizer(model, measured)
     stats = train_step(model, model, optimizer, x[:4], y[:4], loops, measured, penalty_on=True)
     assert stats["fwd_nfe"] == budget and float(stats["fwd_converged"]) == 0.0
+    # A recipe that skips unconverged sequences is timed with its whole CE (and adjoint).
+    config.solve.skip_unconverged = True
+    skipping, _ = step_config(config, 8)
+    assert not skipping.solve.skip_unconverged
+    stats = train_step(model, model, optimizer, x[:4], y[:4], None, skipping, penalty_on=False)
+    assert float(stats["ce"]) > 0 and stats["bwd_nfe"] > 0
     stars = run_config("stars", 0, args)
     assert step_config(stars, 6) == (stars, 6)
     started = run_config("deq_ift", 0, args)
