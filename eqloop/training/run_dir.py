@@ -324,6 +324,10 @@ class MetricsLog:
 # ------------------------------------------------------------------------ the directory
 
 
+CONFIG_SECTIONS = ("model", "solve")
+"""Fields of the training configs that are configs themselves (a dict of every field)."""
+
+
 def changed_fields(
     saved: Mapping[str, Any],
     current: Mapping[str, Any],
@@ -332,12 +336,18 @@ def changed_fields(
 ) -> list[str]:
     """The config fields, outside ``may_change``, whose values differ (sorted).
 
-    A top-level field that ``saved`` lacks but ``defaults`` has was added to the config
-    after that run was saved: the run was trained with its default, so the field counts
-    as changed only if ``current`` sets another value.
+    A field that ``saved`` lacks but ``defaults`` has was added to the config after that
+    run was saved: the run was trained with its default, so the field counts as changed
+    only if ``current`` sets another value. The same holds one level down, in the
+    sections that are configs themselves (:data:`CONFIG_SECTIONS`), where ``saved`` and
+    ``defaults`` both have them (free-form dicts such as ``depth`` are compared whole).
     """
     if defaults is not None:
         saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+        for key in CONFIG_SECTIONS:
+            default, section = defaults.get(key), saved.get(key)
+            if isinstance(default, Mapping) and isinstance(section, Mapping):
+                saved[key] = {**default, **section}
     keys = set(saved) | set(current)
     return sorted(k for k in keys - may_change if saved.get(k) != current.get(k))
 

@@ -16,7 +16,7 @@ from helpers import TINY_TRAIN_MODEL, read_jsonl, same_weights, tiny_train_confi
 
 from eqloop.core.backward import ConvergenceWarning
 from eqloop.data import IGNORE_INDEX
-from eqloop.recipes.train import train
+from eqloop.recipes.train import check_resumable, train
 from eqloop.training.checkpoint import load_checkpoint
 from eqloop.training.config import SolveConfig, TrainConfig, load_config
 from eqloop.training.solve import converged_targets
@@ -252,3 +252,19 @@ def test_converged_targets_ignores_whole_unconverged_sequences() -> None:
     assert converged_targets(targets, info, None) is targets  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="solve.skip_unconverged must be true or false"):
         SolveConfig(skip_unconverged="yes").validate()  # type: ignore[arg-type]
+
+
+def test_a_run_saved_before_a_solve_field_existed_still_resumes(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    solve = {"solver": "anderson", "tol": 1e-3, "max_iter": 8}
+    config = tiny_train_config(tmp_path, data_cache, backward="phantom", solve=solve)
+    saved = config.to_dict()
+    del saved["solve"]["skip_unconverged"]  # as saved before the field was added
+    source = tmp_path / "step_00000001"
+    check_resumable(saved, config, source)  # trained with the default: the same run
+    changed = dataclasses.replace(
+        config, solve=dataclasses.replace(config.solve, skip_unconverged=True)
+    )
+    with pytest.raises(ValueError, match=r"the config differs from .* in \['solve'\]"):
+        check_resumable(saved, changed, source)
