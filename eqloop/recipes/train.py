@@ -361,9 +361,7 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig, source: Path) ->
         config: the config that would continue (or reuse) that run.
         source: the checkpoint, named in the message.
     """
-    run_dir.check_resumable(
-        saved, config.to_dict(), _RESUME_MAY_CHANGE, source, TrainConfig.resume_defaults()
-    )
+    run_dir.check_resumable(saved, config.to_dict(), _RESUME_MAY_CHANGE, source, TrainConfig)
 
 
 # -------------------------------------------------------------------------------- train
@@ -528,9 +526,7 @@ def _train(config: TrainConfig, env: RunEnv, on_eval: OnEval | None) -> dict[str
     vocab = CharTokenizer().vocab_size
     if config.model.vocab_size < vocab:
         raise ValueError(f"model.vocab_size must be >= {vocab} (the tokenizer's vocabulary)")
-    plan = run_dir.plan_run_dir(
-        config.to_dict(), may_change=_RESUME_MAY_CHANGE, defaults=TrainConfig.resume_defaults()
-    )
+    plan = run_dir.plan_run_dir(config.to_dict(), may_change=_RESUME_MAY_CHANGE, schema=TrainConfig)
     if env.world > 1:
         dist.barrier()  # every rank has looked at out_dir before rank 0 changes it
     train_x, train_y = make_train_tensors(config)

@@ -209,12 +209,6 @@ class TrainingConfigMixin:
     depth: dict[str, Any]
     seed: int
 
-    @classmethod
-    def resume_defaults(cls) -> dict[str, Any]:
-        """Every field's default, the ``solve`` section's fields included (its default is
-        None): what a field added since a run was saved compares as when it resumes."""
-        return {**cls().to_dict(), "solve": SolveConfig().to_dict()}  # type: ignore[attr-defined]
-
     def make_backward(self) -> Backward:
         """The backward mode object (``eqloop.core.backward``) of ``backward`` and its options."""
         from eqloop.core.backward import make_backward

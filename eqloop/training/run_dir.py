@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from eqloop.config import config_section, field_types
 from eqloop.files import write_json_atomic, write_text_atomic
 from eqloop.training.checkpoint import (
     Checkpoint,
@@ -324,32 +325,35 @@ class MetricsLog:
 # ------------------------------------------------------------------------ the directory
 
 
-CONFIG_SECTIONS = ("model", "solve")
-"""Fields of the training configs that are configs themselves (a dict of every field)."""
-
-
 def changed_fields(
     saved: Mapping[str, Any],
     current: Mapping[str, Any],
     may_change: frozenset[str],
-    defaults: Mapping[str, Any] | None = None,
+    schema: type | None = None,
 ) -> list[str]:
     """The config fields, outside ``may_change``, whose values differ (sorted).
 
-    A field that ``saved`` lacks but ``defaults`` has was added to the config after that
-    run was saved: the run was trained with its default, so the field counts as changed
-    only if ``current`` sets another value. The same holds one level down, in the
-    sections that are configs themselves (:data:`CONFIG_SECTIONS`), where ``saved`` and
-    ``defaults`` both have them (free-form dicts such as ``depth`` are compared whole).
+    With ``schema`` (the config class), a field that ``saved`` lacks was added to the
+    config after that run was saved: the run was trained with its default, so the field
+    counts as changed only if ``current`` sets another value. The same holds inside every
+    section (a field holding a config, such as ``model``, ``solve`` or ``lora``), at any
+    depth; other dicts, such as ``depth``, are compared whole.
     """
-    if defaults is not None:
-        saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-        for key in CONFIG_SECTIONS:
-            default, section = defaults.get(key), saved.get(key)
-            if isinstance(default, Mapping) and isinstance(section, Mapping):
-                saved[key] = {**default, **section}
+    if schema is not None:
+        saved = _with_defaults(saved, schema)
     keys = set(saved) | set(current)
     return sorted(k for k in keys - may_change if saved.get(k) != current.get(k))
+
+
+def _with_defaults(saved: Mapping[str, Any], schema: type) -> dict[str, Any]:
+    """``saved`` with the fields of ``schema`` it lacks set to their defaults, in its
+    sections too (an unset optional section stays None)."""
+    out = {**schema().to_dict(), **saved}
+    for name, kind in field_types(schema).items():
+        section = config_section(kind)
+        if section is not None and isinstance(out.get(name), Mapping):
+            out[name] = _with_defaults(out[name], section)
+    return out
 
 
 def check_resumable(
@@ -357,7 +361,7 @@ def check_resumable(
     current: Mapping[str, Any],
     may_change: frozenset[str],
     source: Path,
-    defaults: Mapping[str, Any] | None = None,
+    schema: type | None = None,
 ) -> None:
     """Raise ``ValueError`` if ``current`` changes fields a resumed run must keep.
 
@@ -366,11 +370,11 @@ def check_resumable(
         current: the config (as a dict) that would continue (or reuse) that run.
         may_change: the fields a resumed run may change.
         source: the checkpoint or config file, named in the message.
-        defaults: the config class's defaults (``Config().to_dict()``): a field added
-            since the run was saved then compares as its default (see
-            :func:`changed_fields`). None: every missing field counts as changed.
+        schema: the config class: a field added since the run was saved then compares
+            as its default (see :func:`changed_fields`). None: every missing field
+            counts as changed.
     """
-    changed = changed_fields(saved, current, may_change, defaults)
+    changed = changed_fields(saved, current, may_change, schema)
     if changed:
         raise ValueError(
             f"cannot resume the run in {current.get('out_dir')}: the config differs from "
@@ -447,7 +451,7 @@ def plan_run_dir(
     *,
     may_change: frozenset[str],
     outputs: Sequence[str] = (),
-    defaults: Mapping[str, Any] | None = None,
+    schema: type | None = None,
 ) -> RunPlan:
     """Decide, before any work, how the run uses its directory; nothing is changed yet.
 
@@ -457,8 +461,8 @@ def plan_run_dir(
         may_change: the config fields a resumed run may change.
         outputs: names of the final outputs the recipe writes into ``out_dir`` besides
             ``config.json``, ``metrics.jsonl`` and ``checkpoints/`` (e.g. ``model``).
-        defaults: the config class's defaults, for fields added since the run was saved
-            (see :func:`changed_fields`).
+        schema: the config class, for fields added since the run was saved (see
+            :func:`changed_fields`).
 
     Raises:
         ValueError: ``out_dir`` is not a usable directory, it is, contains or lies inside
@@ -485,7 +489,7 @@ def plan_run_dir(
         )
     if latest is not None:
         ckpt = load_checkpoint(latest)
-        check_resumable(ckpt.config, config, may_change, ckpt.path, defaults)
+        check_resumable(ckpt.config, config, may_change, ckpt.path, schema)
         log = out_dir / "metrics.jsonl"
         records = read_metrics(log) if log.is_file() else []
         kept = tuple(r for r in records if r.get("step", 0) <= ckpt.step)
@@ -503,5 +507,5 @@ def plan_run_dir(
         saved_config = json.loads(saved.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read {saved}: {err}") from None
-    check_resumable(saved_config, config, may_change, saved, defaults)
+    check_resumable(saved_config, config, may_change, saved, schema)
     return RunPlan(out_dir, None, clear=tuple(present))

@@ -662,7 +662,7 @@ def _finetune(
         config.to_dict(),
         may_change=_RESUME_MAY_CHANGE,
         outputs=(MODEL_DIR, EVAL_FILE),
-        defaults=FinetuneConfig.resume_defaults(),
+        schema=FinetuneConfig,
     )
     if env.world > 1:
         dist.barrier()  # every rank has looked at out_dir before rank 0 changes it
