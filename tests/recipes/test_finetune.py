@@ -35,6 +35,7 @@ from eqloop.models.auto import load_for_finetuning
 from eqloop.models.looplm.modeling import LoopLM, LoopLMConfig
 from eqloop.recipes.finetune.config import FinetuneConfig, LoraOptions, load_finetune_config
 from eqloop.recipes.finetune.train import Objective, finetune, step_time_ratio
+from eqloop.training import run_dir
 from eqloop.training.checkpoint import load_checkpoint, load_model, save_checkpoint
 from eqloop.training.config import TrainConfig
 from eqloop.training.depth import make_depth_sampler
@@ -859,3 +860,17 @@ def test_a_finetune_toml_and_set_merge_by_trains_rule(tmp_path: Path) -> None:
     saved = tmp_path / "ft.json"
     saved.write_text(json.dumps(config.to_dict()))
     assert load_finetune_config(saved).to_dict() == config.to_dict()
+
+
+def test_a_lora_field_added_after_a_run_was_saved_counts_as_its_default() -> None:
+    config = FinetuneConfig(lora=LoraOptions(r=4)).to_dict()
+    saved = json.loads(json.dumps(config))
+    del saved["lora"]["dropout"]  # as saved before the field existed
+    assert run_dir.changed_fields(saved, config, frozenset(), schema=FinetuneConfig) == []
+    # Without the schema the missing field reads as a change; set differently, it is one.
+    assert run_dir.changed_fields(saved, config, frozenset()) == ["lora"]
+    other = FinetuneConfig(lora=LoraOptions(r=4, dropout=0.1)).to_dict()
+    assert run_dir.changed_fields(saved, other, frozenset(), schema=FinetuneConfig) == ["lora"]
+    # A run saved without LoRA keeps its section unset: switching LoRA on is a change.
+    full = FinetuneConfig().to_dict()
+    assert run_dir.changed_fields(full, config, frozenset(), schema=FinetuneConfig) == ["lora"]
