@@ -53,10 +53,10 @@ def test_quick_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     data = json.loads(files["json"].read_text())
     results = data["results"]
     assert [(r["variant"], r["seed"]) for r in results] == [
-        ("baseline", 0),
-        ("baseline", 1),
-        ("stars", 0),
-        ("stars", 1),
+        ("baseline_add", 0),
+        ("baseline_add", 1),
+        ("stars_path", 0),
+        ("stars_path", 1),
     ]
     for res in results:
         assert res["digits"] == 2 and set(res["accuracy"]) == {"1", "2", "4", "8"}
@@ -69,14 +69,16 @@ def test_quick_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
         runs = [r for r in results if r["variant"] == row["variant"]]
         values = [r["accuracy"]["8"] for r in runs]
         assert row["L8"] == pytest.approx([sum(values) / len(values), min(values)])
-    assert data["variants"]["stars"]["overrides"]["lam"] == 0.1
-    assert data["pca"]["stars"]["explained"][0] > 0
+    assert data["variants"]["stars_path"]["overrides"]["lam"] == 0.1
+    assert data["variants"]["stars_path"]["overrides"]["random_start"] == 0.5
+    assert data["penalty_overhead"]["variant"] == "stars_path"
+    assert data["pca"]["stars_path"]["explained"][0] > 0
     scaling = data["scaling"]["table"]
     assert [(r["variant"], r["split"]) for r in scaling] == [
-        ("baseline", "long_carry"),
-        ("baseline", "ood"),
-        ("stars", "long_carry"),
-        ("stars", "ood"),
+        ("baseline_add", "long_carry"),
+        ("baseline_add", "ood"),
+        ("stars_path", "long_carry"),
+        ("stars_path", "ood"),
     ]
     assert scaling[0]["depth"] == 4.0 and 0 <= scaling[0]["x2"][0] <= 1
     for key in ("plot", "pca", "scaling"):
@@ -108,7 +110,8 @@ def test_solver_spec_names_the_start() -> None:
 
 
 def test_groups_name_known_variants() -> None:
-    assert GROUPS["headline"] == ("baseline", "stars")
+    assert GROUPS["headline"] == ("baseline_add", "stars_path")
+    assert GROUPS["paper"] == ("baseline", "stars")
     assert set(GROUPS["all"]) == set(VARIANTS)
     assert all(name in VARIANTS for names in GROUPS.values() for name in names)
 
