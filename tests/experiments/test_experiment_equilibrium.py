@@ -17,9 +17,9 @@ from eqloop.recipes.train import make_train_tensors, train_step
 from eqloop.training.optim import make_optimizer
 from experiments.equilibrium.run import STARTS, check_targets, main, parse_args, step_config
 from experiments.stars_scaling.run import (
+    ADJOINT_TOL,
     DEQ,
     DEQ_SHARE,
-    DEQ_TOL,
     GROUPS,
     VARIANTS,
     run_config,
@@ -118,7 +118,7 @@ def test_groups_and_defaults() -> None:
 
 def test_equilibrium_variants_train_at_the_fixed_point(tmp_path: Path) -> None:
     args = stars_args(["--out-dir", str(tmp_path)])
-    adjoint = {"backward_options": {"tol": DEQ_TOL}}
+    adjoint = {"backward_options": {"tol": ADJOINT_TOL}}
     for variant, backward, extra in (("deq_ift", "ift", adjoint), ("deq_phantom", "phantom", {})):
         assert VARIANTS[variant].overrides == {**DEQ, "backward": backward, **extra}
         config = run_config(variant, 2, args)
@@ -133,8 +133,8 @@ def test_equilibrium_variants_train_at_the_fixed_point(tmp_path: Path) -> None:
         steps = round(DEQ_SHARE * args.steps)
         assert (config.lam, config.penalty_at, config.steps) == (0.1, "fixed_point", steps)
         assert config.penalty_start == steps // 5
-        if backward == "ift":  # the adjoint solved to the forward's tolerance
-            assert config.make_backward().tol == config.solve.tol == DEQ_TOL
+        if backward == "ift":  # the adjoint solved looser than the forward
+            assert config.make_backward().tol == ADJOINT_TOL > config.solve.tol
         assert config.checkpoint_every == steps // 4
         # From stars_path's last step, which itself starts from baseline_add's.
         assert config.init_from == str(
