@@ -353,13 +353,11 @@ def _members(*groups: str) -> tuple[str, ...]:
     return tuple(v.name for v in VARIANTS.values() if v.group in groups)
 
 
-# eqloop's recipe: the collapse of an injected loop and its rescue by STARS with random
-# starts. Chosen over the paper's recipe (PAPER) on 10 seeds: see docs/benchmarks.md.
-HEADLINE = ("baseline_add", "stars_path")
-PAPER = ("baseline", "stars")
 GROUPS: dict[str, tuple[str, ...]] = {
-    "headline": HEADLINE,
-    "paper": PAPER,
+    # eqloop's recipe: the collapse of an injected loop and its rescue by STARS with
+    # random starts, chosen over the paper's recipe on 10 seeds (docs/benchmarks.md).
+    "headline": ("baseline_add", "stars_path"),
+    "paper": ("baseline", "stars"),
     **{
         g: _members(g)
         for g in (
@@ -1213,17 +1211,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print_tables(results, args.loops, _solvers(args))
     print(f"\n{len(pairs)} runs, {wall:.0f} s wall ({args.jobs} at a time)")
     extra: dict[str, Any] = {}
-    penalised = [v for v in args.variants if run_config(v, args.seeds[0], args).lam > 0]
-    if penalised:
-        overhead = penalty_overhead(
-            run_config(penalised[0], args.seeds[0], args), steps=3, warmup=1
-        )
+    configs = ((v, run_config(v, args.seeds[0], args)) for v in args.variants)
+    penalised = next(((v, c) for v, c in configs if c.lam > 0), None)
+    if penalised is not None:
+        variant, config = penalised
+        overhead = penalty_overhead(config, steps=3, warmup=1)
         with_penalty, without = overhead["step_time_stars"], overhead["step_time_ce"]
         print(
-            f"penalty overhead per step ({penalised[0]}): {overhead['ratio']:.2f}x "
+            f"penalty overhead per step ({variant}): {overhead['ratio']:.2f}x "
             f"({with_penalty * 1e3:.0f} ms vs {without * 1e3:.0f} ms at {overhead['loops']} loops)"
         )
-        extra["penalty_overhead"] = {"variant": penalised[0], **overhead}
+        extra["penalty_overhead"] = {"variant": variant, **overhead}
     if args.plot:
         plot_accuracy(results, args.plot)
     if args.pca:
