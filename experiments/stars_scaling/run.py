@@ -68,13 +68,14 @@ trains them again. ``out_dir`` is ``runs/stars_scaling`` (``runs/stars_scaling_q
 with ``--quick``, so a smoke run never meets a full run's directory). ``--jobs 2``
 trains two runs at a time, one thread each.
 
-Outputs: the tables (stdout), ``--json`` (a top-level ``results`` list, one entry per
-(variant, seed) with ``variant``, ``seed``, ``digits``, ``accuracy`` (loops -> exact
-match), ``equilibrium`` (exact match at the solver's fixed point) and the dynamics),
-``--plot`` (accuracy vs loops with a band over seeds, and the state norm), ``--pca``
-(hidden-state trajectories of a few test problems on their first two principal
-components, a collapsing variant next to STARS), ``--scaling`` (test-time scaling on a
-harder split, see :func:`scaling_study`).
+Outputs: the tables (stdout), ``--json`` (the command, its date and machine,
+``wall_seconds`` of the runs and ``total_seconds`` with the figures, and a top-level
+``results`` list, one entry per (variant, seed) with ``variant``, ``seed``, ``digits``,
+``accuracy`` (loops -> exact match), ``equilibrium`` (exact match at the solver's fixed
+point) and the dynamics), ``--plot`` (accuracy vs loops with a band over seeds, and the
+state norm), ``--pca`` (hidden-state trajectories of a few test problems on their first
+two principal components, a collapsing variant next to STARS), ``--scaling`` (test-time
+scaling on a harder split, see :func:`scaling_study`).
 
 Usage:
     python experiments/stars_scaling/run.py --variants headline --jobs 2 --json r.json --plot r.png
@@ -89,6 +90,7 @@ import concurrent.futures
 import contextlib
 import json
 import multiprocessing
+import shlex
 import shutil
 import signal
 import statistics
@@ -1204,6 +1206,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Train and evaluate every (variant, seed); print the tables; write JSON and figures."""
     args = parse_args(argv)
+    command = shlex.join(["python", PROG, *(sys.argv[1:] if argv is None else argv)])
+    date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     start = time.perf_counter()
     pairs = [(v, s) for v in args.variants for s in args.seeds]
     results = run_all(pairs, args)
@@ -1253,13 +1257,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         )
         plot_scaling(runs, args.scaling)
         extra["scaling"] = {"table": table, "runs": runs}
+    total = time.perf_counter() - start
+    print(f"{total:.0f} s in all (runs, then the penalty overhead and the figures)")
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "recipe_overrides"}
         write_json_atomic(
             args.json,
             {
                 "machine": machine_info(),
+                "date": date,
+                "command": command,
                 "wall_seconds": wall,
+                "total_seconds": total,
                 "settings": settings,
                 "recipe": {**RECIPE, **args.recipe_overrides},
                 "variants": {

@@ -51,6 +51,8 @@ def test_quick_run_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "exact match at t loops and at the equilibrium" in proc.stdout
     data = json.loads(files["json"].read_text())
+    assert data["command"].startswith("python experiments/stars_scaling/run.py --quick")
+    assert data["total_seconds"] >= data["wall_seconds"] > 0
     results = data["results"]
     assert [(r["variant"], r["seed"]) for r in results] == [
         ("baseline_add", 0),
