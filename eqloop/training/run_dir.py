@@ -56,6 +56,7 @@ from eqloop.training.checkpoint import (
 __all__ = [
     "MetricsLog",
     "NonFiniteLoss",
+    "PATH_FIELDS",
     "RESUME_MAY_CHANGE",
     "RunPlan",
     "TrainingInterrupted",
@@ -72,6 +73,10 @@ __all__ = [
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FINITE_STATS = ("loss", "grad_norm")  # a step with either non-finite has damaged the weights
+PATH_FIELDS = frozenset({"init_from", "train_file", "eval_file"})
+"""Config fields that name a file or directory: a resumed run compares them by the file
+they name, not by how the path is written (see :func:`changed_fields`)."""
+
 RESUME_MAY_CHANGE = frozenset(
     {
         "steps",
@@ -337,12 +342,23 @@ def changed_fields(
     config after that run was saved: the run was trained with its default, so the field
     counts as changed only if ``current`` sets another value. The same holds inside every
     section (a field holding a config, such as ``model``, ``solve`` or ``lora``), at any
-    depth; other dicts, such as ``depth``, are compared whole.
+    depth; other dicts, such as ``depth``, are compared whole. The fields of
+    :data:`PATH_FIELDS` compare by the file they name.
     """
     if schema is not None:
         saved = _with_defaults(saved, schema)
     keys = set(saved) | set(current)
-    return sorted(k for k in keys - may_change if saved.get(k) != current.get(k))
+    return sorted(k for k in keys - may_change if not _same_value(k, saved.get(k), current.get(k)))
+
+
+def _same_value(name: str, saved: Any, current: Any) -> bool:
+    """Whether a field kept its value; a field of :data:`PATH_FIELDS` compares by the file
+    it names, so ``runs/a`` and ``/home/me/runs/a``, or a path through a symlink to the
+    same file, are the same value (relative paths resolve against the working directory)."""
+    named = name in PATH_FIELDS and isinstance(saved, str) and isinstance(current, str)
+    if named and saved and current:
+        return Path(saved).resolve() == Path(current).resolve()
+    return saved == current
 
 
 def _with_defaults(saved: Mapping[str, Any], schema: type) -> dict[str, Any]:

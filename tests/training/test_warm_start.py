@@ -64,3 +64,16 @@ def test_a_warm_start_needs_the_same_model(tmp_path: Path) -> None:
     assert not (tmp_path / "wider").exists()  # nothing written
     with pytest.raises(TypeError, match="init_from must be a path or None"):
         config(tmp_path, "bad", init_from=3)
+
+
+def test_a_resumed_warm_start_compares_init_from_by_the_file_it_names(tmp_path: Path) -> None:
+    train(config(tmp_path, "source"))
+    train(config(tmp_path, "other"))
+    (tmp_path / "alias").symlink_to(tmp_path / "source")
+    train(config(tmp_path, "warm", init_from=str(tmp_path / "source"), steps=2))
+    # The same source through a symlink: the run resumes and finishes its steps.
+    train(config(tmp_path, "warm", init_from=str(tmp_path / "alias"), steps=4, resume=True))
+    assert load_checkpoint(tmp_path / "warm").step == 4
+    other = config(tmp_path, "warm", init_from=str(tmp_path / "other"), steps=6, resume=True)
+    with pytest.raises(ValueError, match=r"differs from .* in \['init_from'\]"):
+        train(other)
