@@ -4,7 +4,9 @@ output, model shapes."""
 from __future__ import annotations
 
 import os
+import shlex
 import statistics
+import sys
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -19,6 +21,7 @@ from eqloop.files import write_json_atomic
 __all__ = [
     "OURO_14B",
     "PeakMemory",
+    "command_line",
     "extra_peak_bytes",
     "format_table",
     "int_list",
@@ -179,6 +182,12 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, (tuple, list)):
         return [t for o in out for t in _tensors(o)]
     return []
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The shell command that ran ``script`` (its path from the repository root) with
+    ``argv`` (None: this process's own arguments), as recorded in a benchmark's JSON."""
+    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
 
 
 def machine_info() -> dict[str, Any]:

@@ -72,7 +72,6 @@ import argparse
 import copy
 import dataclasses
 import gc
-import shlex
 import signal
 import statistics
 import sys
@@ -94,6 +93,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from benchmarks.common import (
     OURO_14B,
+    command_line,
     extra_peak_bytes,
     format_table,
     interleaved_times,
@@ -705,9 +705,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json,
             {
                 "machine": machine,
-                "command": shlex.join(
-                    ["python", "benchmarks/gpu.py", *(sys.argv[1:] if argv is None else argv)]
-                ),
+                "command": command_line("benchmarks/gpu.py", argv),
                 "wall_seconds": wall,
                 "settings": {k: v for k, v in vars(args).items() if k != "json"},
                 "models": models,

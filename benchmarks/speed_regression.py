@@ -70,7 +70,13 @@ from typing import IO, Any, cast
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import format_table, machine_info, print_written, write_json_atomic
+from benchmarks.common import (
+    command_line,
+    format_table,
+    machine_info,
+    print_written,
+    write_json_atomic,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = ("train", "solve")
@@ -370,14 +376,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dirty = bool(git("status", "--porcelain", "--", "eqloop", "solvers"))
     result = {
         "machine": machine_info(),
-        "command": shlex.join(
-            [
-                f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}",
-                "python",
-                "benchmarks/speed_regression.py",
-                *(sys.argv[1:] if argv is None else argv),
-            ]
-        ),
+        "command": shlex.quote(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}")
+        + " "
+        + command_line("benchmarks/speed_regression.py", argv),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "baseline_commit": baseline_commit,
         "current_commit": git("rev-parse", "HEAD") + ("+uncommitted" if dirty else ""),

@@ -67,7 +67,6 @@ import copy
 import dataclasses
 import json
 import math
-import shlex
 import statistics
 import sys
 import time
@@ -83,6 +82,7 @@ from torch import Tensor
 
 import solvers
 from benchmarks.common import (
+    command_line,
     format_table,
     int_list,
     interleaved_times,
@@ -738,7 +738,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train and evaluate every (variant, seed); print the tables and targets; write outputs."""
     args = parse_args(argv)
-    command = shlex.join(["python", PROG, *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(PROG, argv)
     start = time.perf_counter()
     pairs = [(v, s) for v in args.variants for s in args.seeds]
     results = run_all(pairs, args, measure_one)

@@ -90,7 +90,6 @@ import concurrent.futures
 import contextlib
 import json
 import multiprocessing
-import shlex
 import shutil
 import signal
 import statistics
@@ -106,7 +105,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from benchmarks.common import format_table, int_list, machine_info, print_written
+from benchmarks.common import (
+    command_line,
+    format_table,
+    int_list,
+    machine_info,
+    print_written,
+)
 from eqloop.data import make_arithmetic_dataset
 from eqloop.evaluation import (
     checkpoint_pca,
@@ -1206,7 +1211,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Train and evaluate every (variant, seed); print the tables; write JSON and figures."""
     args = parse_args(argv)
-    command = shlex.join(["python", PROG, *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(PROG, argv)
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     start = time.perf_counter()
     pairs = [(v, s) for v in args.variants for s in args.seeds]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 from helpers import run_benchmark
 
 import solvers
-from benchmarks.common import int_list
+from benchmarks.common import command_line, int_list
 
 
 def test_solve_compare_quick_writes_json_and_plot(tmp_path: Path) -> None:
@@ -101,3 +102,9 @@ def test_int_list_parses_in_order_and_names_the_option() -> None:
         int_list("4,0", "--loops", 1)
     with pytest.raises(ValueError, match=r"--depths needs at least one integer"):
         int_list(",", "--depths", 1)
+
+
+def test_command_line_quotes_the_arguments_a_shell_would_split() -> None:
+    line = command_line("benchmarks/x.py", ["--set", "depth={'t': 8}", "--seeds", "0,1"])
+    assert line == "python benchmarks/x.py --set 'depth={'\"'\"'t'\"'\"': 8}' --seeds 0,1"
+    assert shlex.split(line)[2:] == ["--set", "depth={'t': 8}", "--seeds", "0,1"]
